@@ -1,0 +1,1 @@
+"""Benchmark drivers and pytest-benchmark suites, installed as ``fastdpo.benchmarks``."""

@@ -1,0 +1,42 @@
+"""fastdpo: fast, lean Direct Preference Optimization.
+
+Public names are resolved lazily so that ``import fastdpo`` stays cheap (no transformers import until the engine
+or collator is used).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "sequence_logprobs": "fastdpo.logprobs",
+    "token_logprobs": "fastdpo.logprobs",
+    "naive_sequence_logprobs": "fastdpo.logprobs",
+    "linear_sequence_logprobs": "fastdpo.linear_logprobs",
+    "linear_token_logprobs": "fastdpo.linear_logprobs",
+    "naive_linear_token_logprobs": "fastdpo.linear_logprobs",
+    "TokenStats": "fastdpo.linear_logprobs",
+    "preference_loss": "fastdpo.losses",
+    "LOSS_TYPES": "fastdpo.losses",
+    "PreferenceCollator": "fastdpo.collator",
+    "DPOEngine": "fastdpo.engine",
+    "nn": "fastdpo.nn",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastdpo' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module.endswith("." + name) else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,59 @@
+"""Input checks run before any kernel launch: bad input becomes a Python exception naming the argument."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Raise ``TypeError`` unless ``t`` is a floating tensor of a supported dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_index(name: str, t: torch.Tensor) -> None:
+    """Raise ``TypeError`` unless ``t`` is an integer tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` when the given tensors do not all live on one device."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int, name: str = "labels") -> None:
+    """Raise ``ValueError`` when a label is neither ``ignore_index`` nor in ``[0, vocab_size)``.
+
+    One device sync (a reduction) — pass ``validate=False`` to the public ops to skip it in hot loops.
+    """
+    check_index(name, labels)
+    if labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        value = int(labels[bad].flatten()[0])
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}{list(where)} = {value} is out of range: labels must be {ignore_index} (ignore_index) "
+            f"or in [0, {vocab_size})"
+        )
+
+
+def check_finite_warn(name: str, t: torch.Tensor) -> bool:
+    """Warn (and return False) when ``t`` holds NaN or inf; results will then carry NaN, never a wrong finite value."""
+    import warnings
+
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        warnings.warn(f"{name} contains NaN or inf; the result will be NaN", RuntimeWarning, stacklevel=3)
+        return False
+    return True
