@@ -1,0 +1,415 @@
+"""Log-probabilities of label tokens from logits, without materializing ``log_softmax``.
+
+For a token row ``x`` (``V`` logits) and label ``y``: ``logp = x_y - logsumexp(x)`` and
+``dlogp/dx = onehot(y) - softmax(x)``. Forward saves only the per-token ``logsumexp`` (``[N]`` fp32) besides the
+logits; backward forms ``g * (onehot - softmax)`` in one pass, optionally in place into the logits buffer.
+
+Backends (see :mod:`fastdpo._dispatch`):
+- ``"triton"``: :mod:`fastdpo.kernels.logprobs`, one program per token row, looping over ``V`` in blocks.
+- ``"torch"``: the same math chunked over rows, so no ``[N, V]`` fp32 temporary exists beyond one chunk.
+
+Public functions: :func:`sequence_logprobs`, :func:`token_logprobs` and the naive oracle
+:func:`naive_sequence_logprobs` (``log_softmax`` + ``gather``; the benchmark baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from fastdpo._dispatch import Backend, resolve_backend
+from fastdpo._validation import check_float, check_index, check_labels, check_same_device
+from fastdpo.segments import check_segments, segment_sum
+
+# Default elements of one torch-path fp32 chunk ([rows, V]): 16 Mi elements = 64 MiB.
+_TORCH_CHUNK_ELEMENTS = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _triton_config(vocab: int, block_v: int | None) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab``: 4096-wide blocks by default (fewer for small V)."""
+    if block_v is None:
+        block_v = min(4096, _next_power_of_2(vocab))
+    if block_v < 16 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    num_warps = 8 if block_v >= 4096 else 4 if block_v >= 1024 else 2
+    return block_v, num_warps
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
+    if chunk_rows is None:
+        return max(1, _TORCH_CHUNK_ELEMENTS // vocab)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return chunk_rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton path
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _triton_forward(
+    logits3: torch.Tensor, labels: torch.Tensor, ignore_index: int, block_v: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits3 [B, T, V]`` (any strides), ``labels [B*T]`` int64 -> ``(lse [B*T] fp32, logp [B*T] fp32)``."""
+    from fastdpo.kernels.logprobs import logprobs_fwd_kernel
+
+    B, T, V = logits3.shape
+    n = B * T
+    block, warps = _triton_config(V, block_v)
+    lse = torch.empty(n, dtype=torch.float32, device=logits3.device)
+    logp = torch.empty(n, dtype=torch.float32, device=logits3.device)
+    logprobs_fwd_kernel[(n,)](
+        logits3, labels, lse, logp, T, V, *logits3.stride(), ignore_index, BLOCK_V=block, num_warps=warps
+    )
+    return lse, logp
+
+
+def _triton_backward(
+    logits3: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad3: torch.Tensor,
+    ignore_index: int,
+    block_v: int | None,
+) -> None:
+    """Write ``grad_logp[r] * (onehot - softmax)`` of every row into ``grad3 [B, T, V]`` (may be ``logits3``)."""
+    from fastdpo.kernels.logprobs import logprobs_bwd_kernel
+
+    B, T, V = logits3.shape
+    block, warps = _triton_config(V, block_v)
+    logprobs_bwd_kernel[(B * T,)](
+        logits3,
+        labels,
+        lse,
+        grad_logp,
+        grad3,
+        T,
+        V,
+        *logits3.stride(),
+        *grad3.stride(),
+        ignore_index,
+        BLOCK_V=block,
+        num_warps=warps,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Torch path (chunked over rows)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _row_chunks(tensors: tuple[torch.Tensor, ...], rows: int) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+    """Walk same-shaped ``[B, T, V]`` tensors in row chunks: yield ``(first_row, ([r, V] view of each))``.
+
+    Views only, never copies: when some tensor's rows are not evenly strided across batch entries (e.g. the slice
+    ``logits[:, :-1]``), chunks stay inside one batch entry.
+    """
+    B, T, V = tensors[0].shape
+    try:
+        flats = tuple(t.view(B * T, V) for t in tensors)
+    except RuntimeError:
+        for b in range(B):
+            for t0 in range(0, T, rows):
+                yield b * T + t0, tuple(t[b, t0 : t0 + rows] for t in tensors)
+        return
+    for r0 in range(0, B * T, rows):
+        yield r0, tuple(f[r0 : r0 + rows] for f in flats)
+
+
+def _torch_forward(
+    logits3: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk_rows: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`_triton_forward`; float64 logits give float64 outputs."""
+    B, T, V = logits3.shape
+    acc = torch.float64 if logits3.dtype == torch.float64 else torch.float32
+    lse = torch.empty(B * T, dtype=acc, device=logits3.device)
+    logp = torch.empty(B * T, dtype=acc, device=logits3.device)
+    for r0, (chunk,) in _row_chunks((logits3,), _chunk_rows(V, chunk_rows)):
+        r1 = r0 + chunk.shape[0]
+        lbl = labels[r0:r1]
+        valid = lbl != ignore_index
+        x = chunk.to(acc)  # the chunk's fp32 temporary
+        row_lse = torch.logsumexp(x, dim=-1)
+        target = x.gather(1, torch.where(valid, lbl, 0).unsqueeze(1)).squeeze(1)
+        lse[r0:r1] = row_lse
+        logp[r0:r1] = torch.where(valid, target - row_lse, 0.0)
+    return lse, logp
+
+
+def _torch_backward(
+    logits3: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad3: torch.Tensor,
+    ignore_index: int,
+    chunk_rows: int | None,
+) -> None:
+    """Same contract as :func:`_triton_backward` (``grad3`` may be ``logits3``: each chunk is read, then written)."""
+    V = logits3.shape[2]
+    valid = labels != ignore_index
+    g_all = torch.where(valid, grad_logp.to(lse.dtype), 0.0)  # ignored rows: exactly zero gradient
+    safe_labels = torch.where(valid, labels, 0)
+    for r0, (chunk, dest) in _row_chunks((logits3, grad3), _chunk_rows(V, chunk_rows)):
+        r1 = r0 + chunk.shape[0]
+        g = g_all[r0:r1].unsqueeze(1)
+        # d = g * (onehot - exp(x - lse)), with one accumulate-dtype temporary per chunk (x - lse promotes to it).
+        d = chunk - lse[r0:r1].unsqueeze(1)
+        d.exp_().mul_(-g)
+        d.scatter_add_(1, safe_labels[r0:r1].unsqueeze(1), g)
+        dest.copy_(d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd op
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _as_3d(t: torch.Tensor) -> torch.Tensor:
+    """``[N, V] -> [1, N, V]`` view; ``[B, T, V]`` unchanged."""
+    return t.unsqueeze(0) if t.dim() == 2 else t
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """``logits [N, V] or [B, T, V]`` (any strides), ``labels [N or B*T]`` int64 -> ``logp [N or B*T]`` fp32.
+
+    Saved for backward: the logits (by reference, no copy), the labels and the per-token logsumexp — O(N) besides
+    the logits.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        ignore_index: int,
+        inplace_backward: bool,
+        backend: str,
+        block_v: int | None,
+        chunk_rows: int | None,
+    ) -> torch.Tensor:
+        logits3 = _as_3d(logits)
+        if backend == "triton":
+            lse, logp = _triton_forward(logits3, labels, ignore_index, block_v)
+        else:
+            lse, logp = _torch_forward(logits3, labels, ignore_index, chunk_rows)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.config = (ignore_index, inplace_backward, backend, block_v, chunk_rows)
+        return logp
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_logp: torch.Tensor):  # type: ignore[override]
+        logits, labels, lse = ctx.saved_tensors
+        ignore_index, inplace_backward, backend, block_v, chunk_rows = ctx.config
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = (
+                logits if inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            )
+            logits3, grad3 = _as_3d(logits), _as_3d(grad_logits)
+            grad_logp = grad_logp.contiguous()
+            if backend == "triton":
+                _triton_backward(logits3, labels, lse, grad_logp, grad3, ignore_index, block_v)
+                if inplace_backward:  # the kernel wrote behind autograd's back: later reads of the old values fail
+                    torch.autograd.graph.increment_version(logits)
+            else:
+                _torch_backward(logits3, labels, lse, grad_logp, grad3, ignore_index, chunk_rows)
+        return grad_logits, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _prepare(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    validate: bool,
+    backend: Backend,
+    inplace_backward: bool = False,
+) -> str:
+    """Check inputs (before any launch) and return the concrete backend."""
+    check_float("logits", logits)
+    check_index("labels", labels)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_same_device(logits=logits, labels=labels)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape [..., V], got {list(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have the shape of logits without the vocabulary dim: logits {list(logits.shape)} "
+            f"needs labels {list(logits.shape[:-1])}, got {list(labels.shape)}"
+        )
+    if labels.numel() == 0:
+        raise ValueError(f"empty batch: logits has shape {list(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    if inplace_backward and logits.requires_grad and logits.is_leaf:
+        raise ValueError(
+            "inplace_backward=True would overwrite a leaf tensor (its .grad would alias its data); pass logits "
+            "produced by an op (e.g. the lm head's matmul) or use inplace_backward=False"
+        )
+    if validate:
+        check_labels(labels, logits.shape[-1], ignore_index)
+    chosen = resolve_backend(backend, logits.device)
+    if logits.dtype == torch.float64:
+        if backend == "triton":
+            raise ValueError("backend='triton' supports float16/bfloat16/float32 logits; float64 needs backend='torch'")
+        chosen = "torch"
+    return chosen
+
+
+def _token_logprobs_flat(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    inplace_backward: bool,
+    backend: str,
+    block_v: int | None,
+    chunk_rows: int | None,
+) -> torch.Tensor:
+    """Checked inputs -> per-token log-probs ``[labels.numel()]``."""
+    if logits.dim() > 3:  # [..., T, V] -> [-1, T, V] (a view whenever strides allow)
+        logits = logits.reshape(-1, *logits.shape[-2:])
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    return _TokenLogprobs.apply(logits, flat_labels, ignore_index, inplace_backward, backend, block_v, chunk_rows)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    inplace_backward: bool = False,
+    validate: bool = True,
+    backend: Backend = "auto",
+    block_v: int | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-token log-probabilities ``log softmax(logits)[..., labels]``.
+
+    Args:
+        logits: ``[..., V]`` float16/bfloat16/float32 (float64 on the torch path), any strides.
+        labels: ``[...]`` integer token ids in ``[0, V)`` or ``ignore_index``.
+        ignore_index: label value of positions that are not scored (log-prob 0, zero gradient).
+        inplace_backward: write the logits gradient into the logits buffer itself (saves one ``[.., V]`` tensor).
+            The logits are then CLOBBERED by the backward pass; only allow it when nothing else reads them later.
+        validate: check label values (one device sync); ``False`` skips it for hot loops.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see :mod:`fastdpo._dispatch`).
+        block_v: Triton columns per loop step (power of two; default ``min(4096, next_pow2(V))``).
+        chunk_rows: torch-path rows per chunk (default: ``16Mi / V``).
+
+    Returns:
+        float32 (float64 for float64 logits) of ``labels.shape``; 0 at ignored positions; differentiable wrt logits.
+    """
+    chosen = _prepare(logits, labels, ignore_index, validate, backend, inplace_backward)
+    tok = _token_logprobs_flat(logits, labels, ignore_index, inplace_backward, chosen, block_v, chunk_rows)
+    return tok.view(labels.shape)
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    average: bool = False,
+    segment_ids: torch.Tensor | None = None,
+    num_segments: int | None = None,
+    inplace_backward: bool = False,
+    validate: bool = True,
+    backend: Backend = "auto",
+    block_v: int | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-sequence sums (or means) of label log-probabilities, without materializing ``log_softmax``.
+
+    Two layouts:
+    - padded: ``logits [B, T, V]`` aligned with ``labels [B, T]`` (``logits[b, t]`` scores ``labels[b, t]``; shift
+      before calling) -> ``[B]``;
+    - packed: ``logits [N, V]``, ``labels [N]``, ``segment_ids [N]`` in ``[0, S)`` -> ``[S]`` (``S = num_segments``,
+      default ``max(segment_ids) + 1``). Segment sums are deterministic (no atomics).
+
+    Args:
+        average: divide each sum by its count of non-ignored tokens (clamped to >= 1).
+        Others: as in :func:`token_logprobs` (``inplace_backward=True`` clobbers the logits during backward).
+
+    Returns:
+        ``[B]`` or ``[S]`` float32 (float64 for float64 logits), differentiable wrt ``logits``. Sequences with no
+        scored token give 0 and zero gradient.
+    """
+    if segment_ids is None:
+        if isinstance(logits, torch.Tensor) and logits.dim() != 3:
+            raise ValueError(f"logits must be [B, T, V] (or [N, V] with segment_ids), got shape {list(logits.shape)}")
+    elif isinstance(logits, torch.Tensor) and logits.dim() != 2:
+        raise ValueError(f"with segment_ids, logits must be [N, V], got shape {list(logits.shape)}")
+    chosen = _prepare(logits, labels, ignore_index, validate, backend, inplace_backward)
+    if segment_ids is not None:
+        check_index("segment_ids", segment_ids)
+        check_same_device(logits=logits, segment_ids=segment_ids)
+        num_segments = check_segments(segment_ids, labels.shape[0], num_segments, validate=validate)
+    elif num_segments is not None:
+        raise ValueError("num_segments is only meaningful together with segment_ids")
+
+    tok = _token_logprobs_flat(logits, labels, ignore_index, inplace_backward, chosen, block_v, chunk_rows)
+    valid = labels != ignore_index
+    if segment_ids is None:
+        out = tok.view(labels.shape).sum(dim=1)  # per-row sums: deterministic, fp32
+        counts = valid.sum(dim=1)
+    else:
+        out = segment_sum(tok, segment_ids, num_segments, validate=False, backend=chosen)
+        counts = torch.bincount(segment_ids.to(torch.int64)[valid], minlength=num_segments)
+    if average:
+        out = out / counts.clamp(min=1).to(out.dtype)
+    return out
+
+
+def naive_sequence_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    average: bool = False,
+    segment_ids: torch.Tensor | None = None,
+    num_segments: int | None = None,
+) -> torch.Tensor:
+    """Reference implementation: ``log_softmax`` (in the logits dtype) + ``gather`` + masked sum.
+
+    Materializes the full ``[.., V]`` log-softmax: the benchmark baseline and the test oracle (call it on
+    ``logits.double()`` for a float64 reference). Same layouts and outputs as :func:`sequence_logprobs`.
+    """
+    check_float("logits", logits)
+    check_index("labels", labels)
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"labels shape {list(labels.shape)} does not match logits {list(logits.shape)}")
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    valid = labels != ignore_index
+    logps = torch.log_softmax(logits, dim=-1)
+    tok = logps.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1).to(acc)
+    tok = torch.where(valid, tok, 0.0)  # not tok * valid: a masked (-inf) logit at index 0 would give NaN
+    if segment_ids is None:
+        out = tok.sum(dim=-1)
+        counts = valid.sum(dim=-1)
+    else:
+        ids = segment_ids.long()
+        if num_segments is None:
+            num_segments = int(ids.max()) + 1
+        out = torch.zeros(num_segments, dtype=acc, device=logits.device).index_add(0, ids, tok)
+        counts = torch.zeros(num_segments, dtype=torch.int64, device=logits.device).index_add(0, ids, valid.long())
+    if average:
+        out = out / counts.clamp(min=1).to(acc)
+    return out

@@ -1,0 +1,148 @@
+"""Deterministic, differentiable segment sums: ``out[s] = sum of values[i] with segment_ids[i] == s``.
+
+Used to reduce per-token log-probabilities to per-sequence ones in packed layouts. No atomics anywhere: element
+indices are stable-sorted by segment and each segment's run is summed in a fixed order (Triton kernel
+``fastdpo.kernels.segment_sum`` on CUDA, ``torch.segment_reduce`` on the torch path), so reruns are bit-identical.
+The backward is a gather: ``grad_values[i] = grad_out[segment_ids[i]]``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from fastdpo._dispatch import Backend, resolve_backend
+from fastdpo._validation import check_float, check_index, check_same_device
+
+
+def check_segments(segment_ids: torch.Tensor, n: int, num_segments: int | None, *, validate: bool) -> int:
+    """Validate ``segment_ids`` (``[n]`` integers) and return the number of segments ``S``.
+
+    ``num_segments=None`` means ``max(segment_ids) + 1`` (one device sync). With ``validate=True`` every id must lie
+    in ``[0, S)`` (``ValueError`` naming the first bad value otherwise).
+    """
+    check_index("segment_ids", segment_ids)
+    if segment_ids.dim() != 1 or segment_ids.shape[0] != n:
+        raise ValueError(f"segment_ids must have shape [{n}], got {list(segment_ids.shape)}")
+    if num_segments is None:
+        if n == 0:
+            raise ValueError("num_segments is required when there are no elements")
+        num_segments = int(segment_ids.max()) + 1
+    if isinstance(num_segments, bool):
+        raise TypeError("num_segments must be an int, got bool")
+    try:
+        num_segments = operator.index(num_segments)  # int, numpy or 0-dim integer tensor
+    except TypeError:
+        raise TypeError(f"num_segments must be an int, got {type(num_segments).__name__}") from None
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    if validate and n:
+        bad = (segment_ids < 0) | (segment_ids >= num_segments)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"segment_ids[{i}] = {int(segment_ids[i])} is out of range: segment ids must be in "
+                f"[0, {num_segments}) (num_segments={num_segments})"
+            )
+    return num_segments
+
+
+def segment_layout(segment_ids: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(order [N] int64, counts [S] int64, offsets [S+1] int64)``.
+
+    ``order`` lists element indices stable-sorted by segment; segment ``s`` is ``order[offsets[s]:offsets[s+1]]``.
+    """
+    ids = segment_ids.to(torch.int64)
+    order = torch.sort(ids, stable=True).indices
+    counts = torch.bincount(ids, minlength=num_segments)
+    offsets = torch.zeros(num_segments + 1, dtype=torch.int64, device=ids.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, counts, offsets
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _segment_sum_triton(values: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, block: int) -> torch.Tensor:
+    from fastdpo.kernels.segment_sum import segment_sum_kernel
+
+    num_segments = offsets.shape[0] - 1
+    out = torch.empty(num_segments, dtype=torch.float32, device=values.device)
+    segment_sum_kernel[(num_segments,)](values, order, offsets, out, BLOCK=block, num_warps=4)
+    return out
+
+
+def _segment_sum_torch(values: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    acc = _accumulate_dtype(values.dtype)
+    # segment_reduce sums each run sequentially (one loop per segment): deterministic on CPU and CUDA.
+    return torch.segment_reduce(values.index_select(0, order).to(acc), "sum", lengths=counts, unsafe=True)
+
+
+class _SegmentSum(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        values: torch.Tensor,
+        segment_ids: torch.Tensor,
+        num_segments: int,
+        backend: str,
+        block: int,
+    ) -> torch.Tensor:
+        order, counts, offsets = segment_layout(segment_ids, num_segments)
+        if backend == "triton":
+            out = _segment_sum_triton(values.contiguous(), order, offsets, block)
+        else:
+            out = _segment_sum_torch(values, order, counts)
+        ctx.save_for_backward(segment_ids)
+        ctx.values_dtype = values.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor):  # type: ignore[override]
+        (segment_ids,) = ctx.saved_tensors
+        grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_values = grad_out.index_select(0, segment_ids.to(torch.int64)).to(ctx.values_dtype)
+        return grad_values, None, None, None, None
+
+
+def segment_sum(
+    values: torch.Tensor,
+    segment_ids: torch.Tensor,
+    num_segments: int | None = None,
+    *,
+    validate: bool = True,
+    backend: Backend = "auto",
+    block: int = 128,
+) -> torch.Tensor:
+    """Sum ``values`` per segment, deterministically.
+
+    Args:
+        values: ``[N]`` float16/bfloat16/float32/float64.
+        segment_ids: ``[N]`` integer ids in ``[0, num_segments)``, any order.
+        num_segments: ``S``; ``None`` means ``max(segment_ids) + 1`` (a device sync).
+        validate: check the id range (a device sync); ``False`` skips it for hot loops.
+        backend: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``; float64 values always use the torch path.
+        block: elements per Triton loop step.
+
+    Returns:
+        ``[S]`` float32 (float64 for float64 values); empty segments give 0. Differentiable wrt ``values``.
+    """
+    check_float("values", values)
+    if values.dim() != 1:
+        raise ValueError(f"values must be 1-D [N], got shape {list(values.shape)}")
+    check_index("segment_ids", segment_ids)
+    check_same_device(values=values, segment_ids=segment_ids)
+    num_segments = check_segments(segment_ids, values.shape[0], num_segments, validate=validate)
+    chosen = resolve_backend(backend, values.device)
+    if values.dtype == torch.float64:
+        if backend == "triton":
+            raise ValueError(
+                "backend='triton' supports float16/bfloat16/float32 values; use backend='torch' for float64"
+            )
+        chosen = "torch"
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"block must be a power of two, got {block}")
+    return _SegmentSum.apply(values, segment_ids, num_segments, chosen, block)
