@@ -75,9 +75,10 @@ def _segment_sum_triton(values: torch.Tensor, order: torch.Tensor, offsets: torc
 
 
 def _segment_sum_torch(values: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    acc = _accumulate_dtype(values.dtype)
-    # segment_reduce sums each run sequentially (one loop per segment): deterministic on CPU and CUDA.
-    return torch.segment_reduce(values.index_select(0, order).to(acc), "sum", lengths=counts, unsafe=True)
+    # segment_reduce sums each run sequentially (one loop per segment): deterministic on CPU and CUDA. A sequential
+    # fp32 sum of thousands of log-probs loses ~5x the accuracy of a pairwise sum, so accumulate in fp64 (O(N) work).
+    sums = torch.segment_reduce(values.index_select(0, order).to(torch.float64), "sum", lengths=counts, unsafe=True)
+    return sums.to(_accumulate_dtype(values.dtype))
 
 
 class _SegmentSum(torch.autograd.Function):

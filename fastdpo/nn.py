@@ -1,0 +1,586 @@
+"""Drop-in loss modules: :class:`DPOLoss` over precomputed log-probs, and fused LM-head preference losses.
+
+The fused modules take the same constructor options and call as Liger 0.8.5's chunked losses
+(``LigerFusedLinearDPOLoss``, ``...SimPOLoss``, ``...CPOLoss``, ``...ORPOLoss``) and return the same structure, so
+swapping the import is the whole migration::
+
+    loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
+           chosen_rewards, rejected_rewards, *extra) = module(lin_weight, _input, target, bias, ...)
+
+``_input`` is ``[2B, T, D]`` with the B chosen rows first, ``target`` ``[2B, T]``; ``_input[b, t]`` scores
+``target[b, t]`` (no shift, as in Liger: shift before calling). Only positions whose target is not ``ignore_index``
+reach the head (:func:`fastdpo.linear_logprobs.linear_sequence_logprobs`), which tiles tokens x vocabulary, so no
+``[2B, T, V]`` (or ``[2, T, V]``) logits block ever exists. ``*_logits_mean`` (mean logit over every position and the
+vocabulary, padding included, as Liger defines it) is computed exactly by linearity, ``sum(h) . sum_v W_v``, without
+logits.
+
+Differences from Liger (documented, deliberate): a row without any target token has log-prob 0 (Liger: NaN with
+``average_log_prob``), and an NLL term over zero chosen tokens is 0 (Liger: NaN). The ``compiled`` and
+``chunk_size`` options are accepted for signature compatibility only: the fused head picks its own tiling and needs
+no ``torch.compile``.
+
+``grad_in_forward=True`` forms the head's gradients during the forward (3 GEMMs instead of 4) for every pair-local
+loss (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`, one group per pair); the batch-coupled
+``aot``/``aot_unpaired`` use the recompute path.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastdpo._validation import check_float, check_index, check_same_device
+from fastdpo.losses import (
+    BATCH_COUPLED_LOSS_TYPES,
+    _log1mexp,
+    _smoothed_sigmoid,
+    dpo_loss_sum,
+    normalize_loss_config,
+    preference_loss,
+)
+
+__all__ = [
+    "DPOLoss",
+    "FusedLinearCPOLoss",
+    "FusedLinearDPOLoss",
+    "FusedLinearORPOLoss",
+    "FusedLinearSimPOLoss",
+]
+
+
+class DPOLoss(torch.nn.Module):
+    """:func:`fastdpo.losses.preference_loss` as a module: the configuration is fixed (and validated) at construction.
+
+    ``forward(policy_chosen_logps [P], policy_rejected_logps [P], ref_chosen_logps [P] | None = None,
+    ref_rejected_logps [P] | None = None, **per_batch)`` -> ``(loss, metrics)``, where ``per_batch`` are the
+    per-batch tensors of :func:`~fastdpo.losses.preference_loss` (``chosen_lengths``, ``rejected_lengths``,
+    ``policy_chosen_nll_sum``, ``wpo_chosen_weights``, ...).
+    """
+
+    _PER_BATCH = frozenset({
+        "chosen_lengths", "rejected_lengths", "policy_chosen_nll_sum", "policy_rejected_nll_sum",
+        "wpo_chosen_weights", "wpo_rejected_weights", "policy_chosen_log_sum_p2", "policy_rejected_log_sum_p2",
+    })
+
+    def __init__(
+        self,
+        loss_type: str | Sequence[str] = "sigmoid",
+        *,
+        loss_weights: Sequence[float] | None = None,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = 0.05,
+        use_weighting: bool = False,
+    ) -> None:
+        super().__init__()
+        self.loss_types, self.loss_weights = normalize_loss_config(
+            loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, use_weighting=use_weighting,
+        )
+        self.beta = float(beta)
+        self.label_smoothing = float(label_smoothing)
+        self.f_divergence_type = f_divergence_type
+        self.f_alpha_divergence_coef = float(f_alpha_divergence_coef)
+        self.discopop_tau = float(discopop_tau)
+        self.use_weighting = bool(use_weighting)
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+        **per_batch: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        unknown = set(per_batch) - self._PER_BATCH
+        if unknown:
+            raise TypeError(
+                f"unexpected keyword arguments {sorted(unknown)}; per-batch inputs are {sorted(self._PER_BATCH)}"
+            )
+        return preference_loss(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+            loss_type=list(self.loss_types), loss_weights=list(self.loss_weights), beta=self.beta,
+            label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau,
+            use_weighting=self.use_weighting, **per_batch,
+        )
+
+    def extra_repr(self) -> str:
+        return f"loss_type={list(self.loss_types)}, loss_weights={list(self.loss_weights)}, beta={self.beta}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fused LM-head preference losses
+# ----------------------------------------------------------------------------------------------------------------
+class _Batch:
+    """Completion tokens of a ``[2B, T]`` target compacted for the head (one host sync for the count)."""
+
+    def __init__(self, _input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
+        rows, t = target.shape
+        flat = target.reshape(-1)
+        self.index = (flat != ignore_index).nonzero().squeeze(1)  # [M] flat positions r * T + t
+        self.labels = flat.index_select(0, self.index)
+        self.seq_ids = torch.div(self.index, t, rounding_mode="floor")  # row = sequence id (chosen i = i)
+        self.num_seqs = rows
+        self.num_pairs = rows // 2
+        self.counts = torch.bincount(self.seq_ids, minlength=rows)  # [2B] int64
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+
+
+def _logits_mean(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Mean logit over all positions of ``x [R, T, D]`` and the vocabulary, without logits (fp32, no grad)."""
+    with torch.no_grad():
+        r, t, _ = x.shape
+        v = weight.shape[0]
+        # fp32 accumulation without fp32 copies of the input or the weight
+        total = x.sum(dim=(0, 1), dtype=torch.float32) @ weight.sum(dim=0, dtype=torch.float32)
+        if bias is not None:
+            total = total + (r * t) * bias.sum(dtype=torch.float32)
+        return total * scale / max(r * t * v, 1)
+
+
+class _FusedLinearPreferenceBase(torch.nn.Module):
+    """Shared machinery: compaction, policy/reference head passes, NLL, logits means, grad-in-forward groups.
+
+    Subclasses define :meth:`_pair_terms` — the loss contribution of a subset of pairs given batch totals — and may
+    define :meth:`_extra_outputs`.
+
+    Keyword-only head options shared by every fused module (``**head_options`` of the subclasses):
+    ``logit_scale``, ``temperature`` (logits ``(h @ W.T + b) * logit_scale / temperature``), ``grad_in_forward``
+    (gradients formed in the forward pass; pair-local losses only), ``head_chunk_size`` (the head's tile),
+    ``keep_logits_bytes`` (raw logits the head may keep for its backward, default the head's bounded budget; 0 keeps
+    none), ``validate`` (label range check, one sync), ``backend`` (``"auto"``, ``"triton"``, ``"torch"``).
+    """
+
+    use_ref_model: bool = False
+    average_log_prob: bool = False
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int,
+        beta: float,
+        alpha: float,
+        compute_nll_loss: bool,
+        compiled: bool,
+        chunk_size: int,
+        logit_scale: float = 1.0,
+        temperature: float = 1.0,
+        grad_in_forward: bool = False,
+        head_chunk_size: int | tuple[int, int] | None = None,
+        keep_logits_bytes: int | None = None,
+        validate: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        for name, value in (("beta", beta), ("alpha", alpha), ("logit_scale", logit_scale),
+                            ("temperature", temperature)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if logit_scale <= 0 or temperature <= 0:
+            raise ValueError(f"logit_scale and temperature must be > 0, got {logit_scale}, {temperature}")
+        self.ignore_index = ignore_index
+        self.beta = float(beta)
+        self.alpha = float(alpha)
+        self.compute_nll_loss = bool(compute_nll_loss)
+        self.compiled = bool(compiled)  # accepted for Liger compatibility; nothing to compile
+        self.chunk_size = chunk_size  # Liger's pairs-per-chunk; the fused head tiles on its own (head_chunk_size)
+        self.logit_scale = float(logit_scale)
+        self.temperature = float(temperature)
+        self.grad_in_forward = bool(grad_in_forward)
+        self.head_chunk_size = head_chunk_size
+        self.keep_logits_bytes = keep_logits_bytes
+        self.validate = bool(validate)
+        self.backend = backend
+
+    # -- subclass hooks ----------------------------------------------------------------------------------------
+    def _pair_terms(
+        self,
+        c: torch.Tensor,
+        r: torch.Tensor,
+        ref_c: torch.Tensor | None,
+        ref_r: torch.Tensor | None,
+        cnt_c: torch.Tensor,
+        cnt_r: torch.Tensor,
+        nll_c: torch.Tensor,
+        num_pairs: int,
+        num_chosen_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Preference-loss contribution of the given pairs (``c``, ``r`` as the loss sees them: averaged when
+        ``average_log_prob``); the total over disjoint subsets is the batch loss for pair-local losses."""
+        raise NotImplementedError
+
+    def _pair_local(self) -> bool:
+        return True
+
+    def _extra_outputs(self, c: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return ()
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def _check(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
+               bias: torch.Tensor | None) -> None:
+        check_float("_input", _input)
+        check_float("lin_weight", lin_weight)
+        check_index("target", target)
+        if _input.dim() != 3:
+            raise ValueError(f"_input must be [2B, T, D] (chosen rows first), got {list(_input.shape)}")
+        if target.shape != _input.shape[:2]:
+            raise ValueError(f"target must have shape {list(_input.shape[:2])} (= _input.shape[:2]), got "
+                             f"{list(target.shape)}")
+        if _input.shape[0] == 0 or _input.shape[0] % 2:
+            raise ValueError(f"_input must stack B chosen then B rejected rows (even, > 0), got {_input.shape[0]} rows")
+        if lin_weight.dim() != 2 or lin_weight.shape[1] != _input.shape[2]:
+            raise ValueError(f"lin_weight must be [V, {_input.shape[2]}], got {list(lin_weight.shape)}")
+        check_same_device(lin_weight=lin_weight, _input=_input, target=target, bias=bias)
+
+    def _head_kwargs(self) -> dict:
+        return dict(ignore_index=self.ignore_index, logit_scale=self.logit_scale, temperature=self.temperature,
+                    validate=self.validate, backend=self.backend)
+
+    def _seq_sums(
+        self, batch: _Batch, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        from fastdpo.linear_logprobs import linear_sequence_logprobs
+
+        return linear_sequence_logprobs(
+            batch.hidden(x), weight, batch.labels, bias=bias, segment_ids=batch.seq_ids, num_segments=batch.num_seqs,
+            chunk_size=self.head_chunk_size, keep_logits_bytes=self.keep_logits_bytes, **self._head_kwargs(),
+        )
+
+    def _as_loss_logps(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return sums / counts.clamp(min=1).to(sums.dtype) if self.average_log_prob else sums
+
+    def _run(
+        self,
+        lin_weight: torch.Tensor,
+        _input: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None,
+        ref_input: torch.Tensor | None,
+        ref_weight: torch.Tensor | None,
+        ref_bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        self._check(lin_weight, _input, target, bias)
+        if self.use_ref_model:
+            if ref_input is None or ref_weight is None:
+                raise ValueError("use_ref_model=True needs ref_input and ref_weight")
+            check_float("ref_input", ref_input)
+            if ref_input.shape != _input.shape:
+                raise ValueError(f"ref_input must have shape {list(_input.shape)}, got {list(ref_input.shape)}")
+            check_same_device(_input=_input, ref_input=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
+        batch = _Batch(_input, target, self.ignore_index)
+        p = batch.num_pairs
+        counts = batch.counts
+        cnt_c, cnt_r = counts[:p], counts[p:]
+        n_tok = cnt_c.sum().clamp(min=1).to(torch.float32)
+
+        ref_c = ref_r = None
+        if self.use_ref_model:
+            assert ref_input is not None and ref_weight is not None
+            with torch.no_grad():
+                ref = self._as_loss_logps(self._seq_sums(batch, ref_input, ref_weight, ref_bias), counts)
+            ref_c, ref_r = ref[:p], ref[p:]
+
+        if self.grad_in_forward and self._pair_local():
+            loss, sums = self._grad_in_forward(batch, lin_weight, _input, bias, ref_c, ref_r, n_tok)
+        else:
+            sums = self._seq_sums(batch, _input, lin_weight, bias)
+            logps = self._as_loss_logps(sums, counts)
+            loss = self._pair_terms(logps[:p], logps[p:], ref_c, ref_r, cnt_c, cnt_r, -sums[:p], p, n_tok)
+            if self.compute_nll_loss:
+                loss = loss + self.alpha * (-sums[:p].sum() / n_tok)
+            sums = sums.detach()
+
+        with torch.no_grad():
+            logps = self._as_loss_logps(sums, counts)
+            c, r = logps[:p], logps[p:]
+            nll = -sums[:p].sum() / n_tok if self.compute_nll_loss else torch.zeros((), device=_input.device)
+            rc = c - ref_c if ref_c is not None else c
+            rr = r - ref_r if ref_r is not None else r
+            scale = self.logit_scale / self.temperature
+            aux = (
+                c, r,
+                _logits_mean(_input[:p], lin_weight, bias, scale),
+                _logits_mean(_input[p:], lin_weight, bias, scale),
+                nll, self.beta * rc, self.beta * rr,
+                *self._extra_outputs(c, r),
+            )
+        return loss, aux
+
+    def _grad_in_forward(
+        self,
+        batch: _Batch,
+        weight: torch.Tensor,
+        _input: torch.Tensor,
+        bias: torch.Tensor | None,
+        ref_c: torch.Tensor | None,
+        ref_r: torch.Tensor | None,
+        n_tok: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from fastdpo.linear_logprobs import linear_logprobs_loss_grad_in_forward
+
+        p = batch.num_pairs
+        counts = batch.counts
+
+        def loss_fn(seq_logps: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            is_c = ids < p
+            pairs = ids[is_c]
+            c_sum, r_sum = seq_logps[is_c], seq_logps[~is_c]  # one pair per group: [i, P + i]
+            cnt_c, cnt_r = counts.index_select(0, pairs), counts.index_select(0, pairs + p)
+            c, r = self._as_loss_logps(c_sum, cnt_c), self._as_loss_logps(r_sum, cnt_r)
+            rc = ref_c.index_select(0, pairs) if ref_c is not None else None
+            rr = ref_r.index_select(0, pairs) if ref_r is not None else None
+            out = self._pair_terms(c, r, rc, rr, cnt_c, cnt_r, -c_sum, p, n_tok)
+            if self.compute_nll_loss:
+                out = out + self.alpha * (-c_sum.sum() / n_tok)
+            return out
+
+        ar = torch.arange(p, device=_input.device)
+        groups = list(torch.stack([ar, ar + p], dim=1).cpu())
+        return linear_logprobs_loss_grad_in_forward(
+            batch.hidden(_input), weight, batch.labels, batch.seq_ids, batch.num_seqs, loss_fn, bias=bias,
+            groups=groups, **self._head_kwargs(),
+        )
+
+
+class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
+    """Drop-in for Liger 0.8.5's ``LigerFusedLinearDPOLoss`` (same positional constructor options and call).
+
+    ``forward(lin_weight [V, D], _input [2B, T, D], target [2B, T], bias [V] = None, ref_input [2B, T, D] = None,
+    ref_weight [V, D] = None, ref_bias [V] = None)`` ->
+    ``(loss, (chosen_logps [B], rejected_logps [B], chosen_logits_mean, rejected_logits_mean, nll_loss,
+    chosen_rewards [B], rejected_rewards [B]))``; aux outputs are fp32 and detached.
+
+    ``loss = alpha * NLL(chosen) (if compute_nll_loss) + preference loss``, the preference loss being
+    :func:`fastdpo.preference_loss` with every TRL 1.16 loss type (Liger's ten plus ``ipo``, ``sigmoid_norm`` and
+    ``sft``, which use the rows' target token counts as completion lengths, and ``aot``/``aot_unpaired``), loss
+    mixtures (``loss_type`` list + ``loss_weights``) and f-divergences. ``use_ref_model=False``: reference log-probs
+    are 0. Keyword-only head options as in :class:`_FusedLinearPreferenceBase` (``grad_in_forward``, ...).
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        compute_nll_loss: bool = False,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        loss_type: str | Sequence[str] = "sigmoid",
+        label_smoothing: float = 0.0,
+        discopop_tau: float = 0.05,
+        *,
+        loss_weights: Sequence[float] | None = None,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        **head_options: object,
+    ) -> None:
+        super().__init__(
+            ignore_index=ignore_index, beta=beta, alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled,
+            chunk_size=chunk_size, **head_options,
+        )
+        self.loss_types, self.loss_weights = normalize_loss_config(
+            loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
+        )
+        self.loss_type = loss_type
+        self.use_ref_model = bool(use_ref_model)
+        self.average_log_prob = bool(average_log_prob)
+        self.label_smoothing = float(label_smoothing)
+        self.discopop_tau = float(discopop_tau)
+        self.f_divergence_type = f_divergence_type
+        self.f_alpha_divergence_coef = float(f_alpha_divergence_coef)
+
+    def _pair_local(self) -> bool:
+        return not set(self.loss_types) & BATCH_COUPLED_LOSS_TYPES
+
+    def _pair_terms(
+        self,
+        c: torch.Tensor,
+        r: torch.Tensor,
+        ref_c: torch.Tensor | None,
+        ref_r: torch.Tensor | None,
+        cnt_c: torch.Tensor,
+        cnt_r: torch.Tensor,
+        nll_c: torch.Tensor,
+        num_pairs: int,
+        num_chosen_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        return dpo_loss_sum(
+            c, r, ref_c, ref_r, loss_types=self.loss_types, loss_weights=self.loss_weights, beta=self.beta,
+            label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau,
+            input_dtype=c.dtype, chosen_lengths=cnt_c, rejected_lengths=cnt_r, chosen_nll_sum=nll_c,
+            pair_weights=None, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
+        )
+
+    def forward(
+        self,
+        lin_weight: torch.Tensor,
+        _input: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        ref_input: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        return self._run(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias)
+
+
+class FusedLinearSimPOLoss(_FusedLinearPreferenceBase):
+    """Drop-in for Liger 0.8.5's ``LigerFusedLinearSimPOLoss``: ``forward(lin_weight, _input, target, bias=None)``.
+
+    Loss: ``alpha * NLL(chosen) (if compute_nll_loss) + mean(-(1-eps) log sigma(z) - eps log sigma(-z))`` with
+    ``z = beta * (avg_logp_c - avg_logp_r) - gamma`` (average log-probs, as Liger and the SimPO paper; ``gamma`` is
+    the absolute margin). Outputs as :class:`FusedLinearDPOLoss`, rewards ``beta * avg_logp``.
+    """
+
+    average_log_prob = True
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        gamma: float = 0.5,
+        chunk_size: int = 1,
+        **head_options: object,
+    ) -> None:
+        super().__init__(
+            ignore_index=ignore_index, beta=beta, alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled,
+            chunk_size=chunk_size, **head_options,
+        )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+        self.gamma = float(gamma)
+
+    def _pair_terms(
+        self,
+        c: torch.Tensor,
+        r: torch.Tensor,
+        ref_c: torch.Tensor | None,
+        ref_r: torch.Tensor | None,
+        cnt_c: torch.Tensor,
+        cnt_r: torch.Tensor,
+        nll_c: torch.Tensor,
+        num_pairs: int,
+        num_chosen_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        return _smoothed_sigmoid(self.beta * (c - r) - self.gamma, self.label_smoothing).sum() / num_pairs
+
+    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        return self._run(lin_weight, _input, target, bias, None, None, None)
+
+
+class FusedLinearCPOLoss(_FusedLinearPreferenceBase):
+    """Drop-in for Liger 0.8.5's ``LigerFusedLinearCPOLoss``: ``forward(lin_weight, _input, target, bias=None)``.
+
+    Loss: ``alpha * NLL(chosen) (if compute_nll_loss) + mean(-(1-eps) log sigma(z) - eps log sigma(-z))``,
+    ``z = beta * (logp_c - logp_r)`` (summed log-probs unless ``average_log_prob``). Outputs as
+    :class:`FusedLinearDPOLoss`, rewards ``beta * logp``.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        **head_options: object,
+    ) -> None:
+        super().__init__(
+            ignore_index=ignore_index, beta=beta, alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled,
+            chunk_size=chunk_size, **head_options,
+        )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+        self.average_log_prob = bool(average_log_prob)
+
+    def _pair_terms(
+        self,
+        c: torch.Tensor,
+        r: torch.Tensor,
+        ref_c: torch.Tensor | None,
+        ref_r: torch.Tensor | None,
+        cnt_c: torch.Tensor,
+        cnt_r: torch.Tensor,
+        nll_c: torch.Tensor,
+        num_pairs: int,
+        num_chosen_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        return _smoothed_sigmoid(self.beta * (c - r), self.label_smoothing).sum() / num_pairs
+
+    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        return self._run(lin_weight, _input, target, bias, None, None, None)
+
+
+class FusedLinearORPOLoss(_FusedLinearPreferenceBase):
+    """Drop-in for Liger 0.8.5's ``LigerFusedLinearORPOLoss``: ``forward(lin_weight, _input, target, bias=None)``.
+
+    Loss: ``NLL(chosen) (if compute_nll_loss) - beta * mean(log sigma(log odds_c - log odds_r))`` on average
+    log-probs, ``log odds = a - log(1 - e^a)``. Outputs as :class:`FusedLinearDPOLoss` plus ``log_odds_ratio`` (mean
+    ``log sigma``) and ``log_odds_chosen`` (mean log-odds difference); rewards ``beta * avg_logp``. Liger's separate
+    ``nll_target`` is not supported (the NLL uses ``target``).
+    """
+
+    average_log_prob = True
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        chunk_size: int = 1,
+        **head_options: object,
+    ) -> None:
+        super().__init__(
+            ignore_index=ignore_index, beta=beta, alpha=1.0, compute_nll_loss=compute_nll_loss, compiled=compiled,
+            chunk_size=chunk_size, **head_options,
+        )
+
+    @staticmethod
+    def _log_odds(c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return (c - r) - (_log1mexp(c) - _log1mexp(r))
+
+    def _pair_terms(
+        self,
+        c: torch.Tensor,
+        r: torch.Tensor,
+        ref_c: torch.Tensor | None,
+        ref_r: torch.Tensor | None,
+        cnt_c: torch.Tensor,
+        cnt_r: torch.Tensor,
+        nll_c: torch.Tensor,
+        num_pairs: int,
+        num_chosen_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        return -self.beta * F.logsigmoid(self._log_odds(c, r)).sum() / num_pairs
+
+    def _extra_outputs(self, c: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        log_odds = self._log_odds(c, r)
+        return F.logsigmoid(log_odds).mean(), log_odds.mean()
+
+    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        return self._run(lin_weight, _input, target, bias, None, None, None)
