@@ -57,3 +57,18 @@ def check_finite_warn(name: str, t: torch.Tensor) -> bool:
         warnings.warn(f"{name} contains NaN or inf; the result will be NaN", RuntimeWarning, stacklevel=3)
         return False
     return True
+
+
+def warn_nonfinite_output(out: torch.Tensor, source: str) -> None:
+    """Warn when a result carries NaN/inf (from NaN/inf in ``source``); O(output) check instead of scanning inputs.
+
+    NaN is propagated, never replaced by a finite value: the warning is how the caller learns about it.
+    """
+    import warnings
+
+    if out.numel() and not bool(torch.isfinite(out).all()):
+        warnings.warn(
+            f"non-finite result: {source} contain NaN or inf, which propagate to the output (NaN/inf log-probs)",
+            RuntimeWarning,
+            stacklevel=3,
+        )

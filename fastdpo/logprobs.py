@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from fastdpo._dispatch import Backend, resolve_backend
-from fastdpo._validation import check_float, check_index, check_labels, check_same_device
+from fastdpo._validation import check_float, check_index, check_labels, check_same_device, warn_nonfinite_output
 from fastdpo.segments import check_segments, segment_sum
 
 # Default elements of one torch-path fp32 chunk ([rows, V]): 16 Mi elements = 64 MiB.
@@ -319,6 +319,8 @@ def token_logprobs(
     """
     chosen = _prepare(logits, labels, ignore_index, validate, backend, inplace_backward)
     tok = _token_logprobs_flat(logits, labels, ignore_index, inplace_backward, chosen, block_v, chunk_rows)
+    if validate:
+        warn_nonfinite_output(tok, "logits")
     return tok.view(labels.shape)
 
 
@@ -375,6 +377,8 @@ def sequence_logprobs(
         counts = torch.bincount(segment_ids.to(torch.int64)[valid], minlength=num_segments)
     if average:
         out = out / counts.clamp(min=1).to(out.dtype)
+    if validate:
+        warn_nonfinite_output(out, "logits")
     return out
 
 

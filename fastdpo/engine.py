@@ -1,0 +1,485 @@
+"""``DPOEngine``: one DPO step on a collated batch — reference forward, policy forward, preference loss, metrics.
+
+Both forwards go through the model's *backbone* only (see :mod:`fastdpo.models`): the last hidden states of the
+positions that predict completion tokens (``batch["logp_index"]``) are fed with the output-embedding weight to the
+fused head :func:`fastdpo.linear_logprobs.linear_token_logprobs`, so ``[tokens, V]`` logits never exist and prompt
+positions never reach the head. Per-token log-probs are reduced per sequence with the deterministic
+:func:`fastdpo.segments.segment_sum` (or LD-DPO's :func:`fastdpo.losses.ld_logps`), then
+:func:`fastdpo.losses.preference_loss` gives the loss and TRL's reward metrics; the engine adds ``logits/chosen``,
+``logits/rejected``, ``entropy`` and ``mean_token_accuracy`` from the head's no-grad token statistics.
+
+Reference modes:
+
+* ``"model"``: a separate frozen model (any causal LM; also a bitsandbytes 8/4-bit copy from
+  :func:`fastdpo.models.quantize_model`, or ``ref_quantization=8|4`` to have the engine make one from the policy);
+* ``"adapter"``: the policy is a PEFT model, the reference is the same model under ``disable_adapter()``;
+* ``"precomputed"``: log-probs read from a :class:`fastdpo.ref_cache.RefLogpCache` (built once with
+  :meth:`DPOEngine.precompute_reference`), no reference weights needed at all.
+
+``step`` returns the loss (with a grad_fn when grad is enabled) and leaves ``backward`` and the optimizer to the
+caller, like a ``compute_loss``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fastdpo.models import (
+    LMParts,
+    disable_dropout as _disable_dropout,
+    enable_gradient_checkpointing,
+    is_peft_model,
+    quantize_model,
+    resolve_lm,
+)
+from fastdpo.ref_cache import RefLogpCache, model_fingerprint
+
+__all__ = ["DPOEngine", "REFERENCE_MODES"]
+
+REFERENCE_MODES: tuple[str, ...] = ("model", "adapter", "precomputed")
+
+_BATCH_KEYS = ("input_ids", "position_ids", "attention_mask", "logp_index", "logp_labels", "logp_seq",
+               "chosen_lengths", "rejected_lengths", "num_pairs")
+
+# preference losses whose value is a sum of per-pair terms (what grad_in_forward needs: gradients pair by pair)
+_PAIR_LOCAL_LOSSES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                                "apo_zero", "apo_down", "discopop", "sigmoid_norm"})
+
+
+class DPOEngine:
+    """Policy + reference DPO step on batches from :class:`fastdpo.collator.PreferenceCollator`.
+
+    Args:
+        model: the policy, any Hugging Face causal LM (PEFT-wrapped too).
+        ref_model: the reference model for ``reference="model"``; for ``"precomputed"`` optionally the model the cache
+            must have been built from (checked, then not kept).
+        reference: ``"model"``, ``"adapter"`` or ``"precomputed"`` (see the module docstring).
+        loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+        use_weighting: forwarded to :func:`fastdpo.losses.preference_loss` (TRL 1.16 semantics).
+        ld_alpha: LD-DPO — tokens beyond the shorter completion of a pair weigh ``ld_alpha`` (policy and reference).
+        temperature: logits are divided by it before the softmax (policy and reference; TRL's DPO uses 1).
+        attn_impl: attention implementation passed to :func:`fastdpo.attention.build_attention_kwargs`.
+        grad_in_forward: compute the head's gradients during the forward pass
+            (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`, 3 GEMMs instead of 4). Needs a
+            loss of plain sequence sums (no WPO, no LD-DPO); pair-local losses are processed pair by pair, the
+            batch-coupled ones (aot, aot_unpaired, sft) as one group. Token metrics (``logits/*``, ``entropy``,
+            ``mean_token_accuracy``) are then not reported.
+        ref_cache: for ``"precomputed"``: a :class:`~fastdpo.ref_cache.RefLogpCache` or a path to one; ``None``
+            reads ``batch["ref_chosen_logps"]``/``batch["ref_rejected_logps"]`` (rows carrying TRL-style
+            precomputed columns, which the collator passes through).
+        ref_quantization: ``8`` or ``4`` with ``reference="model"`` and no ``ref_model``: the reference becomes a
+            bitsandbytes copy of the policy's current weights (:func:`fastdpo.models.quantize_model`).
+        gradient_checkpointing: enable non-reentrant activation checkpointing on the policy.
+        disable_dropout: set dropout probabilities to 0 in policy and reference (TRL's default).
+        compute_token_metrics: compute ``logits/*``, ``entropy``, ``mean_token_accuracy`` (cheap, no grad).
+        chunk_size, backend, validate: forwarded to the fused head.
+
+    Raises:
+        ValueError / TypeError: inconsistent reference mode and arguments, invalid loss configuration.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ref_model: nn.Module | None = None,
+        *,
+        reference: Literal["model", "adapter", "precomputed"] = "model",
+        loss_type: str | Sequence[str] = "sigmoid",
+        loss_weights: Sequence[float] | None = None,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = 0.05,
+        use_weighting: bool = False,
+        ld_alpha: float | None = None,
+        temperature: float = 1.0,
+        attn_impl: str = "auto",
+        grad_in_forward: bool = False,
+        ref_cache: RefLogpCache | str | os.PathLike[str] | None = None,
+        ref_quantization: Literal[4, 8] | None = None,
+        gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
+        compute_token_metrics: bool = True,
+        chunk_size: int | None = None,
+        backend: str = "auto",
+        validate: bool = True,
+    ) -> None:
+        from fastdpo.losses import normalize_loss_config
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {list(REFERENCE_MODES)}, got {reference!r}")
+        types, weights = normalize_loss_config(
+            loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, use_weighting=use_weighting,
+        )
+        if ld_alpha is not None and not (isinstance(ld_alpha, (int, float)) and 0.0 <= float(ld_alpha) <= 1.0):
+            raise ValueError(f"ld_alpha must be None or a number in [0, 1], got {ld_alpha!r}")
+        if not (isinstance(temperature, (int, float)) and float(temperature) > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if grad_in_forward and (use_weighting or ld_alpha is not None):
+            reason = ("WPO weights need the policy's own token statistics first" if use_weighting else
+                      "LD-DPO re-weights tokens inside a sequence")
+            raise ValueError(f"grad_in_forward=True needs losses of plain sequence sums: {reason}")
+        self.model = model
+        self.reference = reference
+        self.loss_types, self.loss_weights = types, weights
+        self.loss_kwargs: dict[str, Any] = dict(
+            loss_type=list(types), loss_weights=list(weights), beta=float(beta), label_smoothing=float(label_smoothing),
+            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=float(f_alpha_divergence_coef),
+            discopop_tau=float(discopop_tau), use_weighting=bool(use_weighting),
+        )
+        self.beta = float(beta)
+        self.use_weighting = bool(use_weighting)
+        self.ld_alpha = None if ld_alpha is None else float(ld_alpha)
+        self.temperature = float(temperature)
+        self.attn_impl = attn_impl
+        self.grad_in_forward = bool(grad_in_forward)
+        self.compute_token_metrics = bool(compute_token_metrics) and not self.grad_in_forward
+        self.chunk_size = chunk_size
+        self.backend = backend
+        self.validate = bool(validate)
+        self.policy_parts: LMParts = resolve_lm(model)
+        self.ref_model: nn.Module | None = None
+        self.ref_parts: LMParts | None = None
+        self.ref_cache: RefLogpCache | None = None
+        # (input_ids tensor, format key, kwargs) shared by the two forwards of one step, dropped when it ends
+        self._kwargs_cache: tuple[torch.Tensor, Any, dict[str, Any]] | None = None
+        self._in_step = False
+
+        if reference == "model":
+            if ref_cache is not None:
+                raise ValueError("ref_cache is only used with reference='precomputed'")
+            if ref_quantization is not None:
+                if ref_quantization not in (4, 8):
+                    raise ValueError(f"ref_quantization must be 4, 8 or None, got {ref_quantization!r}")
+                ref_model = quantize_model(ref_model if ref_model is not None else model, ref_quantization)
+            if ref_model is None:
+                raise ValueError(
+                    "reference='model' needs ref_model (or ref_quantization=8|4 to build a quantized copy of the "
+                    "policy); use reference='adapter' for a PEFT policy or 'precomputed' with ref_cache"
+                )
+            if ref_model is model:
+                raise ValueError("ref_model must be a separate model (the policy changes during training)")
+            ref_model.eval()
+            ref_model.requires_grad_(False)
+            self.ref_model = ref_model
+            self.ref_parts = resolve_lm(ref_model)
+        elif reference == "adapter":
+            if ref_model is not None or ref_cache is not None or ref_quantization is not None:
+                raise ValueError("reference='adapter' takes no ref_model, ref_cache or ref_quantization")
+            if not is_peft_model(model) or not hasattr(model, "disable_adapter"):
+                raise ValueError(
+                    f"reference='adapter' needs a PEFT model (with disable_adapter()), got {type(model).__name__}"
+                )
+        else:  # precomputed
+            if ref_quantization is not None:
+                raise ValueError("ref_quantization is only used with reference='model'")
+            if ref_cache is None:
+                if ref_model is not None:
+                    raise ValueError("reference='precomputed' without ref_cache reads the batch's ref_*_logps; "
+                                     "ref_model is only used to check a ref_cache")
+            elif isinstance(ref_cache, (str, os.PathLike)):
+                ref_cache = RefLogpCache.load(ref_cache, model=ref_model, settings=self.ref_settings)
+            elif isinstance(ref_cache, RefLogpCache):
+                ref_cache.check(model=ref_model, settings=self.ref_settings)
+            else:
+                raise TypeError(f"ref_cache must be a RefLogpCache or a path, got {type(ref_cache).__name__}")
+            self.ref_cache = ref_cache
+
+        if disable_dropout:
+            _disable_dropout(model)
+            if self.ref_model is not None:
+                _disable_dropout(self.ref_model)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def ref_settings(self) -> dict[str, float | None]:
+        """The engine settings that change reference log-probs (stamped into a reference cache)."""
+        return {"ld_alpha": self.ld_alpha, "temperature": self.temperature}
+
+    def _parts_for(self, model: nn.Module) -> LMParts:
+        if model is self.model:
+            return self.policy_parts
+        if self.ref_model is not None and model is self.ref_model:
+            assert self.ref_parts is not None
+            return self.ref_parts
+        return resolve_lm(model)
+
+    @staticmethod
+    def _check_batch(batch: Mapping[str, Any]) -> int:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch must be a dict from PreferenceCollator, got {type(batch).__name__}")
+        missing = [k for k in _BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"batch is missing {missing}; pass a batch made by fastdpo.PreferenceCollator")
+        num_pairs = int(batch["num_pairs"])
+        if num_pairs < 1:
+            raise ValueError(f"batch['num_pairs'] must be >= 1, got {num_pairs}")
+        m = batch["logp_index"].shape[0]
+        for key in ("logp_labels", "logp_seq"):
+            if batch[key].shape != (m,):
+                raise ValueError(f"batch[{key!r}] must have shape [{m}] like batch['logp_index'], "
+                                 f"got {list(batch[key].shape)}")
+        if batch["input_ids"].dim() != 2:
+            raise ValueError(f"batch['input_ids'] must be [rows, length], got {list(batch['input_ids'].shape)}")
+        return num_pairs
+
+    def _forward_kwargs(self, parts: LMParts, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Backbone kwargs (position ids + attention mask) for ``batch``; within one :meth:`step` the reference and
+        policy forwards share them when both models take the same mask format, dtype and device."""
+        from fastdpo.attention import build_attention_kwargs, model_attn_implementation
+
+        param = next((p for p in parts.hf_model.parameters() if p.is_floating_point()), None)
+        key = (model_attn_implementation(parts.hf_model), None if param is None else (param.dtype, param.device))
+        cached = self._kwargs_cache
+        if cached is not None and cached[0] is batch["input_ids"] and cached[1] == key:
+            return cached[2]
+        kwargs: dict[str, Any] = {"position_ids": batch["position_ids"]}
+        kwargs.update(build_attention_kwargs(batch if isinstance(batch, dict) else dict(batch), parts.hf_model,
+                                             impl=self.attn_impl))
+        if self._in_step:
+            self._kwargs_cache = (batch["input_ids"], key, kwargs)
+        return kwargs
+
+    def _completion_hidden(self, parts: LMParts, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Backbone forward, then the hidden states that predict completion tokens: ``[M, D]``."""
+        kwargs = self._forward_kwargs(parts, batch)
+        hidden = parts.hidden_states(batch["input_ids"], **kwargs)
+        return hidden.flatten(0, 1).index_select(0, batch["logp_index"])
+
+    def _sequence_logps(self, token_logps: torch.Tensor, batch: Mapping[str, Any], num_pairs: int) -> torch.Tensor:
+        """``[2P]`` fp32 sequence log-probs (LD-weighted when ``ld_alpha`` is set) from ``[M]`` token log-probs."""
+        from fastdpo.losses import ld_logps
+        from fastdpo.segments import segment_sum
+
+        if self.ld_alpha is None:
+            return segment_sum(token_logps, batch["logp_seq"], 2 * num_pairs, validate=self.validate)
+        return ld_logps(token_logps, batch["logp_pos"], batch["logp_seq"], batch["chosen_lengths"],
+                        batch["rejected_lengths"], self.ld_alpha, validate=self.validate)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def compute_logps(self, model: nn.Module, batch: Mapping[str, Any], with_grad: bool,
+                      *, token_stats: bool = False) -> dict[str, Any]:
+        """Per-sequence log-probs of ``model`` on ``batch`` through backbone + fused head.
+
+        Returns a dict with ``chosen_logps``, ``rejected_logps`` (``[P]`` fp32; LD-weighted under LD-DPO),
+        ``token_logps`` (``[M]`` fp32), ``nll_sum`` (``[2P]`` fp32 plain ``-sum log p``) and, with
+        ``token_stats=True``, the head's ``entropy``, ``mean_logit``, ``argmax_hit`` (``[M]``) and ``log_sum_p2``
+        (``[M]``, only with WPO) — ``None`` when not computed. ``with_grad=False`` runs under ``torch.no_grad``.
+        """
+        from fastdpo.linear_logprobs import linear_token_logprobs
+        from fastdpo.segments import segment_sum
+
+        num_pairs = self._check_batch(batch)
+        parts = self._parts_for(model)
+        ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
+        with ctx, _quiet_bnb():
+            hidden = self._completion_hidden(parts, batch)
+            weight, bias = parts.head_weight_bias()
+            stats = linear_token_logprobs(
+                hidden, weight, batch["logp_labels"], bias=bias, softcap=parts.softcap,
+                logit_scale=parts.logit_scale, temperature=self.temperature,
+                return_entropy=token_stats, return_mean_logit=token_stats, return_argmax_hit=token_stats,
+                return_log_sum_p2=token_stats and self.use_weighting,
+                chunk_size=self.chunk_size, validate=self.validate, backend=self.backend,
+            )
+            seq = self._sequence_logps(stats.logprobs, batch, num_pairs)
+            if self.ld_alpha is None:
+                nll_sum = -seq.detach()
+            else:
+                nll_sum = -segment_sum(stats.logprobs.detach(), batch["logp_seq"], 2 * num_pairs,
+                                       validate=False)
+        return {
+            "chosen_logps": seq[:num_pairs],
+            "rejected_logps": seq[num_pairs:],
+            "token_logps": stats.logprobs,
+            "nll_sum": nll_sum,
+            "entropy": stats.entropy,
+            "mean_logit": stats.mean_logit,
+            "argmax_hit": stats.argmax_hit,
+            "log_sum_p2": stats.log_sum_p2,
+        }
+
+    @contextlib.contextmanager
+    def _reference_context(self) -> Iterator[nn.Module]:
+        if self.reference == "adapter":
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            assert self.ref_model is not None
+            yield self.ref_model
+
+    def reference_logps(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference ``(chosen_logps [P], rejected_logps [P])`` fp32, without gradient, in the engine's mode."""
+        if self.reference == "precomputed":
+            num_pairs = self._check_batch(batch)
+            if self.ref_cache is not None:
+                return self.ref_cache.lookup(batch)
+            if "ref_chosen_logps" not in batch or "ref_rejected_logps" not in batch:
+                raise ValueError("reference='precomputed' without ref_cache needs batch['ref_chosen_logps'] and "
+                                 "batch['ref_rejected_logps'] (rows with those columns, or pass ref_cache)")
+            device = batch["input_ids"].device
+            out = []
+            for key in ("ref_chosen_logps", "ref_rejected_logps"):
+                t = torch.as_tensor(batch[key], dtype=torch.float32, device=device)
+                if t.shape != (num_pairs,):
+                    raise ValueError(f"batch[{key!r}] must have shape [{num_pairs}], got {list(t.shape)}")
+                out.append(t)
+            return out[0], out[1]
+        with self._reference_context() as ref:
+            out = self.compute_logps(ref, batch, with_grad=False)
+        return out["chosen_logps"], out["rejected_logps"]
+
+    def reference_fingerprint(self) -> str:
+        """Fingerprint of the reference (for cache stamps): the ref model, or the PEFT base under adapter mode."""
+        if self.reference == "adapter":
+            return model_fingerprint(self.model, exclude_adapters=True)
+        if self.reference == "model":
+            assert self.ref_model is not None
+            return model_fingerprint(self.ref_model)
+        if self.ref_cache is None:
+            raise ValueError("reference log-probs come from the batch: there is no reference model to fingerprint")
+        return self.ref_cache.model_hash
+
+    def precompute_reference(self, batches: Iterable[Mapping[str, Any]],
+                             path: str | os.PathLike[str] | None = None) -> RefLogpCache:
+        """Reference log-probs of every pair in ``batches`` as a :class:`RefLogpCache` (saved atomically to ``path``
+        when given). Use it later with ``DPOEngine(model, reference="precomputed", ref_cache=path)``.
+        """
+        if self.reference == "precomputed":
+            raise ValueError("precompute_reference needs a live reference (reference='model' or 'adapter')")
+        cache = RefLogpCache.build(self.reference_logps, batches, model_hash=self.reference_fingerprint(),
+                                   settings=self.ref_settings)
+        if path is not None:
+            cache.save(path)
+        return cache
+
+    # ------------------------------------------------------------------------------------------------------------
+    def step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One DPO step's loss and metrics on a collated batch (``backward`` and the optimizer are the caller's).
+
+        Returns ``(loss, metrics)``: 0-dim fp32 loss (with a grad_fn when grad is enabled) and TRL-named detached
+        0-dim tensors ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+        ``logps/chosen``, ``logps/rejected``, and (unless ``grad_in_forward``) ``logits/chosen``, ``logits/rejected``,
+        ``entropy``, ``mean_token_accuracy``.
+        """
+        num_pairs = self._check_batch(batch)
+        self._in_step = True
+        try:
+            ref_c, ref_r = self.reference_logps(batch)
+            if self.grad_in_forward and torch.is_grad_enabled():
+                return self._step_grad_in_forward(batch, num_pairs, ref_c, ref_r)
+            return self._step(batch, num_pairs, ref_c, ref_r)
+        finally:
+            self._in_step = False
+            self._kwargs_cache = None
+
+    def _step(self, batch: Mapping[str, Any], num_pairs: int, ref_c: torch.Tensor,
+              ref_r: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from fastdpo.losses import preference_loss, wpo_weights
+
+        pol = self.compute_logps(self.model, batch, with_grad=True, token_stats=self.compute_token_metrics
+                                 or self.use_weighting)
+        extra: dict[str, Any] = {}
+        if self.use_weighting:
+            w = wpo_weights(pol["token_logps"], pol["log_sum_p2"], batch["logp_seq"], 2 * num_pairs,
+                            validate=self.validate)
+            extra = {"wpo_chosen_weights": w[:num_pairs], "wpo_rejected_weights": w[num_pairs:]}
+        if self.ld_alpha is not None:
+            extra["policy_chosen_nll_sum"] = pol["nll_sum"][:num_pairs]
+            extra["policy_rejected_nll_sum"] = pol["nll_sum"][num_pairs:]
+        loss, metrics = preference_loss(
+            pol["chosen_logps"], pol["rejected_logps"], ref_c, ref_r,
+            chosen_lengths=batch["chosen_lengths"], rejected_lengths=batch["rejected_lengths"],
+            **self.loss_kwargs, **extra,
+        )
+        if self.compute_token_metrics:
+            metrics.update(token_metrics(pol, batch["logp_seq"], num_pairs))
+        return loss, metrics
+
+    def _step_grad_in_forward(self, batch: Mapping[str, Any], num_pairs: int, ref_c: torch.Tensor,
+                              ref_r: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from fastdpo.linear_logprobs import linear_logprobs_loss_grad_in_forward
+        from fastdpo.losses import preference_loss
+
+        parts = self.policy_parts
+        hidden = self._completion_hidden(parts, batch)
+        weight, bias = parts.head_weight_bias()
+        lengths_c, lengths_r = batch["chosen_lengths"], batch["rejected_lengths"]
+        kwargs = self.loss_kwargs
+
+        def pair_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
+            # seg_ids == [i, P + i]: one pair's contribution to the batch-mean loss
+            i = seg_ids[:1].to(ref_c.device)
+            loss, _ = preference_loss(seq_logps[0:1], seq_logps[1:2], ref_c.index_select(0, i),
+                                      ref_r.index_select(0, i), chosen_lengths=lengths_c.index_select(0, i),
+                                      rejected_lengths=lengths_r.index_select(0, i), **kwargs)
+            return loss / num_pairs
+
+        def batch_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
+            ordered = torch.empty_like(seq_logps).index_copy(0, seg_ids.to(seq_logps.device), seq_logps)
+            loss, _ = preference_loss(ordered[:num_pairs], ordered[num_pairs:], ref_c, ref_r,
+                                      chosen_lengths=lengths_c, rejected_lengths=lengths_r, **kwargs)
+            return loss
+
+        if set(self.loss_types) <= _PAIR_LOCAL_LOSSES:
+            loss_fn = pair_loss
+            groups: list[torch.Tensor] | None = [
+                torch.tensor([i, num_pairs + i], dtype=torch.long, device=hidden.device) for i in range(num_pairs)
+            ]
+        else:  # batch-coupled terms (sorting over the batch, token-mean SFT): one group of all sequences
+            loss_fn, groups = batch_loss, None
+        loss, seq = linear_logprobs_loss_grad_in_forward(
+            hidden, weight, batch["logp_labels"], batch["logp_seq"], 2 * num_pairs, loss_fn, bias=bias,
+            softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
+            validate=self.validate, backend=self.backend,
+        )
+        with torch.no_grad():
+            _, metrics = preference_loss(seq[:num_pairs], seq[num_pairs:], ref_c, ref_r, chosen_lengths=lengths_c,
+                                         rejected_lengths=lengths_r, **kwargs)
+        return loss, metrics
+
+
+def token_metrics(logps: Mapping[str, Any], logp_seq: torch.Tensor, num_pairs: int) -> dict[str, torch.Tensor]:
+    """TRL's token-level metrics from the head's statistics (detached 0-dim fp32 tensors, no host sync).
+
+    ``logits/chosen`` / ``logits/rejected``: token-weighted mean over chosen / rejected completion tokens of the
+    vocabulary-mean logit; ``entropy``: token-weighted mean over all completion tokens; ``mean_token_accuracy``:
+    fraction of chosen completion tokens whose argmax is the label. Empty selections give 0 (as TRL).
+    """
+    chosen = logp_seq < num_pairs
+    rejected = ~chosen
+
+    def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        values = values.detach().float()
+        total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+        return total / mask.sum().clamp(min=1).to(values.dtype)
+
+    out: dict[str, torch.Tensor] = {}
+    if logps.get("mean_logit") is not None:
+        out["logits/chosen"] = masked_mean(logps["mean_logit"], chosen)
+        out["logits/rejected"] = masked_mean(logps["mean_logit"], rejected)
+    if logps.get("entropy") is not None:
+        out["entropy"] = masked_mean(logps["entropy"], torch.ones_like(chosen))
+    if logps.get("argmax_hit") is not None:
+        out["mean_token_accuracy"] = masked_mean(logps["argmax_hit"].float(), chosen)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_bnb() -> Iterator[None]:
+    """Silence bitsandbytes' per-call fp32->fp16 cast notice of 8-bit matmuls (expected for a reference model)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+        yield

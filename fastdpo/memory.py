@@ -1,0 +1,532 @@
+"""``fastdpo memory``: the memory of one DPO training step, computed from shapes, for three ways of getting the log-probs.
+
+Variants (same model, optimizer and reference; they differ in the LM head / log-prob part):
+
+* ``naive`` — the HF model's forward materializes logits ``[R·L, V]`` for every position, then
+  ``log_softmax(logits.float())`` + gather (the textbook DPO step).
+* ``trl`` — TRL 1.16's DPOTrainer: ``ChunkedLogProbFunction`` over the positions that reach the head (every position
+  on CPU, completion positions on CUDA), with ``[min(n, 4096), min(V, 32768)]`` tiles, fp32 gradient accumulators.
+* ``fastdpo`` — only completion tokens reach the head; fused chunked head, no ``[n, V]`` tensor.
+
+Batch: ``pairs`` preference pairs → ``R = 2·pairs`` rows of ``L = prompt_len + completion_len`` tokens (no padding).
+Peak = weights + reference + optimizer state (resident all step) + the largest of the phases: reference forward,
+end of the policy forward / start of backward (activations + head), end of backward (gradients), optimizer update.
+
+``--measure`` builds the model from the config (random weights, optionally fewer layers with ``--layers``) and runs
+each variant's step in its own process on CPU, reporting peak RSS over the process's pre-model baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("naive", "trl", "fastdpo")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TRL_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
+TRL_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+TRL_TILE_TEMPS_CPU = 7  # fp32 tile temporaries alive in TRL's torch backward fold (y, z, log_p, p, grad, mask, product)
+FASTDPO_KEEP_LOGITS_BYTES = 160 * 2**20  # fastdpo.linear_logprobs.DEFAULT_KEEP_LOGITS_BYTES
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of a decoder-only causal LM (names follow HF configs)."""
+
+    name: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # q/k/v (and o for llama-style attention_bias) biases
+    final_logit_softcapping: float | None = None
+
+    @property
+    def norms_per_layer(self) -> int:
+        return 4 if self.model_type in ("gemma2", "gemma3_text") else 2
+
+    @property
+    def eager_attention(self) -> bool:
+        """Gemma-2 soft-caps attention scores, which needs the eager (materialized scores) attention."""
+        return self.model_type == "gemma2"
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "Llama-3-8B": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       max_position_embeddings=8192),
+    "Llama-3.2-1B": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         max_position_embeddings=131072),
+    "Qwen2.5-0.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+                         tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         max_position_embeddings=32768),
+    "Gemma-2-2B": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                       num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                       tie_word_embeddings=True, rms_norm_eps=1e-6, final_logit_softcapping=30.0,
+                       attn_logit_softcapping=50.0, query_pre_attn_scalar=256, sliding_window=4096,
+                       max_position_embeddings=8192),
+}
+
+
+def shape_from_config(config: dict[str, Any], name: str = "custom") -> ModelShape:
+    """A :class:`ModelShape` from an HF ``config.json`` dict (``text_config`` of multimodal configs is used)."""
+    cfg = config.get("text_config", config)
+    try:
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        shape = ModelShape(
+            name=name, model_type=str(cfg.get("model_type", "llama")), vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden, intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", cfg.get("model_type") in ("gemma2", "qwen2"))),
+            attention_bias=bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2",
+            final_logit_softcapping=cfg.get("final_logit_softcapping"))
+    except KeyError as exc:
+        raise ValueError(f"config {name!r} lacks {exc.args[0]!r} (need vocab_size, hidden_size, intermediate_size, "
+                         "num_hidden_layers, num_attention_heads)") from None
+    return shape
+
+
+def load_model(spec: str) -> tuple[ModelShape, dict[str, Any]]:
+    """``spec``: a preset name (case-insensitive) or a path to a ``config.json`` (or a folder holding one)."""
+    for name, cfg in PRESETS.items():
+        if spec.lower() == name.lower():
+            return shape_from_config(cfg, name), dict(cfg)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
+    cfg = json.loads(path.read_text())
+    return shape_from_config(cfg, str(spec)), cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# parameter counts
+
+
+def param_counts(m: ModelShape) -> dict[str, int]:
+    """Parameter counts: ``embed`` (V·D), ``layers`` (all decoder layers), ``final_norm``, ``lm_head`` (0 if tied),
+    ``total``, and ``largest`` (the largest single tensor: the embedding)."""
+    d, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    attn = d * q + 2 * d * kv + q * d
+    if m.attention_bias:
+        attn += q + 2 * kv + (d if m.model_type != "qwen2" else 0)
+    mlp = 3 * d * m.intermediate_size
+    layer = attn + mlp + m.norms_per_layer * d
+    embed = m.vocab_size * d
+    lm_head = 0 if m.tie_word_embeddings else m.vocab_size * d
+    total = embed + m.num_hidden_layers * layer + d + lm_head
+    return {"embed": embed, "layer": layer, "layers": m.num_hidden_layers * layer, "final_norm": d,
+            "lm_head": lm_head, "total": total, "largest": embed}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the step
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """One DPO step: ``pairs`` pairs of ``prompt_len`` + ``completion_len`` tokens, parameters in ``dtype``
+    (``fp32``/``bf16``/``fp16``), AdamW states in the parameter dtype (torch's default), ``reference`` ``"model"``
+    (a frozen copy) or ``"precomputed"`` (no reference weights), ``device`` (``cpu`` → TRL's torch fold over every
+    position; ``cuda`` → TRL's Triton fold over completion positions)."""
+
+    pairs: int = 4
+    prompt_len: int = 512
+    completion_len: int = 512
+    dtype: str = "bf16"
+    optimizer: str = "adamw"
+    reference: str = "model"
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        for name in ("pairs", "prompt_len", "completion_len"):
+            if int(getattr(self, name)) < (0 if name == "prompt_len" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.reference not in ("model", "precomputed"):
+            raise ValueError(f"reference must be 'model' or 'precomputed', got {self.reference!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+
+    @property
+    def rows(self) -> int:
+        return 2 * self.pairs
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.completion_len
+
+
+def activation_bytes(m: ModelShape, step: StepConfig) -> int:
+    """Bytes the policy backbone saves for backward (HF Llama/Qwen2 decoder layers with SDPA attention, Gemma-2 with
+    eager attention), per token and layer, with ``b`` the dtype's bytes, ``q = heads·head_dim``,
+    ``kv = kv_heads·head_dim``:
+
+    * Llama/Qwen2 RMSNorm: fp32 input, normalized tensor and weighted output in ``b`` bytes, fp32 rsqrt:
+      ``4·D + 2·b·D + 4``. Gemma RMSNorm: fp32 input and fp32 normalized ``8·D + 4``, plus the ``b``-byte output
+      when it feeds a projection (input and pre-feed-forward norms).
+    * SDPA attention: rotated q and k, v, output (the ``o_proj`` input is a view of it), fp32 log-sum-exp per head:
+      ``b·(2q + 2kv) + 4·H``. Eager (Gemma-2): q, repeated k and v, ``o_proj`` input ``4·b·q`` and per row the
+      ``[H, L, L]`` soft-capped scores (``b``), fp32 softmax and its ``b`` copy.
+    * MLP: gate, up, act(gate), their product: ``4·b·I``.
+
+    Plus the final norm (without its output: the head's input, counted by :func:`head_bytes`) and the rotary tables.
+    Matches ``saved_tensors_hooks`` counts on tiny HF models (tests/test_memory.py).
+    """
+    b = DTYPE_BYTES[step.dtype]
+    d, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    tokens = step.rows * step.seq_len
+    if m.norms_per_layer == 4:  # gemma2: input, post-attention, pre-feed-forward, post-feed-forward norms
+        norm_in = 8 * d + 4 + b * d
+        norms = 2 * norm_in + 2 * (8 * d + 4)
+    else:
+        norm_in = 4 * d + 2 * b * d + 4
+        norms = 2 * norm_in
+    per_token = norms + 4 * b * m.intermediate_size
+    if m.eager_attention:
+        per_token += 4 * b * q
+        scores = step.rows * m.num_attention_heads * step.seq_len**2 * (b + 4 + (b if b != 4 else 0))
+    else:
+        per_token += b * (2 * q + 2 * kv) + 4 * m.num_attention_heads
+        scores = 0
+    rotary = 2 * step.seq_len * m.head_dim * b
+    final_norm = norm_in - b * d  # its output is the head's input, counted by head_bytes
+    return m.num_hidden_layers * (tokens * per_token + scores) + tokens * final_norm + rotary
+
+
+def head_bytes(variant: str, m: ModelShape, step: StepConfig) -> dict[str, int]:
+    """The LM-head / log-prob part of one model's step, in bytes: ``saved`` (kept from forward to backward, including
+    the head's copy of its input hidden states), ``fwd_peak`` and ``bwd_peak`` (the head's peak on top of the
+    backbone's activations, in the forward and at the start of backward; ``bwd_peak`` includes the output-embedding
+    and hidden-state gradient buffers the head allocates) and ``ref_peak`` (the head run forward-only, no grad).
+
+    With ``b`` the dtype's bytes, ``R`` rows of ``L`` tokens, ``C`` completion tokens per row:
+
+    * naive: the HF forward projects ``n = R·L`` positions: logits ``[n, V]`` (``b``), their fp32 copy when
+      ``b != 4``, ``log_softmax`` of the ``n' = R·(L−1)`` shifted rows (fp32, saved), the lm_head's saved input
+      ``n·D·b``. Backward: the gathered gradient, the saved output and the input gradient, ``12·n'·V``, then the
+      ``[V, D]`` weight gradient.
+    * trl: TRL 1.16's ``ChunkedLogProbFunction`` on ``n`` positions (``R·(L−1)``, all of them, on CPU; ``R·C`` on CUDA
+      where TRL compacts) from a ``[n, D]`` copy; ``[min(n, 4096), min(V, 32768)]`` tiles; its torch fold (CPU) keeps
+      ~3 fp32 tile temporaries in forward and ~7 in backward (none with the Triton fold); fp32 ``[n, D]`` and
+      ``[V, D]`` gradient accumulators, cast to ``b`` when ``b != 4``.
+    * fastdpo: ``n = R·C`` completion tokens compacted to a ``[n, D]`` copy; fp32 tiles of ``min(n, 4096)`` ×
+      (512 on CPU; ``clamp(64 MiB / rows / 4, 1024, 8192)`` on CUDA), two (forward) / one (backward) of them; up to
+      ``DEFAULT_KEEP_LOGITS_BYTES`` (160 MiB) of logits tiles kept for backward; fp32 gradient accumulators.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    b = DTYPE_BYTES[step.dtype]
+    v, d = m.vocab_size, m.hidden_size
+    r, seq, c = step.rows, step.seq_len, step.completion_len
+    half = b != 4
+    if variant == "naive":
+        n, n1 = r * seq, r * (seq - 1)
+        logp = 4 * n1 * v
+        saved = logp + n * d * b
+        fwd = n * v * b + (4 * n * v if half else 0) + saved
+        bwd = saved + 2 * logp
+        ref = n * v * b + (4 * n * v if half else 0) + logp
+        return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
+    if variant == "trl":
+        n = r * (seq - 1) if step.device == "cpu" else r * c
+        tile = min(n, TRL_TOKEN_TILE) * min(v, TRL_VOCAB_TILE)
+        cpu = step.device == "cpu"
+        saved = n * d * b + 4 * n + 8 * n  # hidden copy, log_z, targets
+        fwd = saved + tile * (b + 4 * (3 if cpu else 0)) + 7 * 4 * n
+        grads = 4 * (n * d + v * d) + (b * (n * d + v * d) if half else 0)
+        bwd = saved + tile * (b + 4 * (TRL_TILE_TEMPS_CPU if cpu else 0)) + grads
+        ref = n * d * b + tile * (b + 4 * (3 if cpu else 0)) + 7 * 4 * n
+        return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
+    n = r * c
+    tok = min(n, 4096 if step.device == "cpu" else 8192)
+    voc = 512 if step.device == "cpu" else max(1024, min(8192, (64 * MIB) // max(tok, 1)))
+    tile = 4 * tok * min(v, voc)
+    kept = min(FASTDPO_KEEP_LOGITS_BYTES, 4 * n * v)
+    saved = n * d * b + 12 * n + kept
+    fwd = saved + 2 * tile + 8 * 4 * n
+    grads = 4 * (n * d + v * d) + (b * (n * d + v * d) if half else 0)
+    bwd = saved + tile + grads
+    ref = n * d * b + 2 * tile + 8 * 4 * n
+    return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
+
+
+def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
+    """Memory breakdown (bytes) of one DPO step with ``variant``'s log-prob head.
+
+    Keys: ``weights``, ``grads``, ``optimizer``, ``reference`` (resident), ``activations`` (policy backbone, saved for
+    backward), ``logits`` (the head's peak on top of the activations), ``peak`` (total), ``peak_phase`` (where it
+    happens) and ``phases`` (each phase's total)."""
+    b = DTYPE_BYTES[step.dtype]
+    p = param_counts(m)
+    weights = p["total"] * b
+    grads = p["total"] * b
+    optimizer = 2 * p["total"] * b if step.optimizer == "adamw" else 0
+    reference = weights if step.reference == "model" else 0
+    act = activation_bytes(m, step)
+    head = head_bytes(variant, m, step)
+    resident = weights + optimizer + reference
+    # the reference forward keeps one layer's working set and its head's forward-only peak
+    ref_phase = resident + (head["ref_peak"] if step.reference == "model" else 0)
+    fwd_phase = resident + act + head["fwd_peak"]
+    bwd_phase = resident + act + head["bwd_peak"]
+    end_phase = resident + grads
+    opt_phase = end_phase + (2 * p["largest"] * b if step.optimizer == "adamw" else 0)
+    phases = {"reference forward": ref_phase, "policy forward": fwd_phase, "backward start": bwd_phase,
+              "backward end": end_phase, "optimizer step": opt_phase}
+    peak_phase = max(phases, key=phases.__getitem__)
+    return {"variant": variant, "weights": weights, "grads": grads, "optimizer": optimizer, "reference": reference,
+            "activations": act, "logits": max(head["fwd_peak"], head["bwd_peak"]), "logits_saved": head["saved"],
+            "head_positions": head["positions"], "peak": phases[peak_phase], "peak_phase": peak_phase,
+            "phases": phases, "params": p["total"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# measurement (CPU): each variant's real step in its own process
+
+
+def hf_config(cfg: dict[str, Any], layers: int | None, dtype: str) -> Any:
+    """An HF ``PretrainedConfig`` from a config dict (``layers`` overrides ``num_hidden_layers``)."""
+    from transformers import AutoConfig
+
+    cfg = {k: v for k, v in cfg.get("text_config", cfg).items() if k not in ("architectures", "auto_map")}
+    model_type = cfg.pop("model_type", "llama")
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+        cfg.pop("layer_types", None)
+    config = AutoConfig.for_model(model_type, **cfg)
+    config.use_cache = False
+    config.torch_dtype = TORCH_DTYPES[dtype]
+    return config
+
+
+def _rss_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one variant's DPO step and return its peak RSS over the process's baseline (bytes).
+
+    The baseline is taken after the same step ran once on a tiny model of the same architecture (so library
+    initialisation — kernels, thread pools, lazily imported modules — is not charged to the step); the measured step
+    follows one warm-up step that allocates the optimizer state, as in training."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    variant, dtype = spec["variant"], getattr(torch, TORCH_DTYPES[spec["dtype"]])
+    if variant == "fastdpo":
+        from fastdpo.linear_logprobs import linear_sequence_logprobs
+    if variant == "trl":
+        from trl.kernels import ChunkedLogProbFunction
+    pairs, p_len, c_len = spec["pairs"], spec["prompt_len"], spec["completion_len"]
+    rows, seq = 2 * pairs, p_len + c_len
+
+    def build(cfg: dict[str, Any], layers: int | None) -> tuple[Any, Any, Any, Any]:
+        config = hf_config(cfg, layers, spec["dtype"])
+        attn = "eager" if config.model_type == "gemma2" else "sdpa"
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).train()
+        ref = None
+        if spec["reference"] == "model":
+            ref = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).eval()
+            ref.requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
+        return config, model, ref, opt
+
+    def run_step(config: Any, model: Any, ref: Any, opt: Any) -> None:
+        ids = torch.randint(0, config.vocab_size, (rows, seq))
+        labels = ids.clone()
+        labels[:, :p_len] = -100
+        softcap = getattr(config, "final_logit_softcapping", None)
+
+        def seq_logps(lm: Any) -> torch.Tensor:
+            if variant == "naive":
+                logits = lm(input_ids=ids).logits[:, :-1]
+                tgt = labels[:, 1:]
+                lp = torch.log_softmax(logits.float(), -1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                return (lp * (tgt != -100)).sum(-1)
+            hidden = lm.model(input_ids=ids).last_hidden_state
+            weight = lm.get_output_embeddings().weight
+            if variant == "trl":
+                h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+                tgt = labels[:, 1:]
+                lp = ChunkedLogProbFunction.apply(h, weight, None, tgt.clamp(min=0).reshape(-1), 1.0,
+                                                  TRL_VOCAB_TILE, softcap, 1.0, ("log_probs",))[0]
+                return (lp.view(rows, seq - 1) * (tgt != -100)).sum(-1)
+            return linear_sequence_logprobs(hidden[:, p_len - 1: seq - 1], weight, ids[:, p_len:], softcap=softcap)
+
+        with torch.no_grad():
+            ref_lp = seq_logps(ref) if ref is not None else torch.zeros(rows)
+        pol = seq_logps(model)
+        margin = (pol[:pairs] - ref_lp[:pairs]) - (pol[pairs:] - ref_lp[pairs:])
+        loss = -F.logsigmoid(0.1 * margin).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.manual_seed(0)
+    tiny = dict(spec["config"].get("text_config", spec["config"]), vocab_size=997, hidden_size=64,
+                intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    run_step(*build(tiny, 1))
+    gc.collect()
+    rss0 = _rss_kb("VmRSS") * 1024
+    parts = build(spec["config"], spec.get("layers"))
+    run_step(*parts)  # warm-up: optimizer state exists from here on, as in training
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    setup = _rss_kb("VmRSS") * 1024 - rss0
+    run_step(*parts)
+    peak = _rss_kb("VmHWM") * 1024 - rss0
+    return {"variant": variant, "peak": peak, "resident_after_setup": setup}
+
+
+def measure(cfg: dict[str, Any], step: StepConfig, variants: list[str], layers: int | None,
+            timeout: float = 900.0) -> dict[str, dict[str, Any]]:
+    """Run :func:`measure_worker` for each variant in a fresh process (fixed glibc mmap threshold, so freed tensors
+    leave the resident set); ``{variant: result or {"error": ...}}``."""
+    from fastdpo.benchmarks.measure import MALLOC_ENV
+
+    out: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        spec = {"variant": variant, "config": cfg, "layers": layers, "dtype": step.dtype, "pairs": step.pairs,
+                "prompt_len": step.prompt_len, "completion_len": step.completion_len, "reference": step.reference}
+        with tempfile.TemporaryDirectory(prefix="fastdpo-mem-") as tmp:
+            spec_path, res_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+            Path(spec_path).write_text(json.dumps(spec))
+            proc = subprocess.run([sys.executable, "-m", "fastdpo.memory", "_worker", spec_path, res_path],
+                                  env={**os.environ, **MALLOC_ENV}, capture_output=True, text=True, timeout=timeout)
+            if proc.returncode == 0 and os.path.exists(res_path):
+                out[variant] = json.loads(Path(res_path).read_text())
+            else:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+                out[variant] = {"variant": variant, "error": tail[0][:300]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _gb(x: float) -> str:
+    return f"{x / 2**30:,.2f}" if x >= 2**30 / 100 else f"{x / MIB:,.1f} MiB"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastdpo memory", description="Memory of one DPO step, broken down, for "
+                                "naive, TRL-style and fastdpo log-prob heads (GiB unless marked).")
+    p.add_argument("--model", default="Llama-3.2-1B",
+                   help=f"preset ({', '.join(PRESETS)}) or path to a config.json (default Llama-3.2-1B)")
+    p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (default 4)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--completion-len", type=int, default=512)
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None, help="default bf16 (fp32 with --measure)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--reference", choices=("model", "precomputed"), default="model")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="step device (default cuda; cpu with "
+                   "--measure)")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (scaled model)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--measure", action="store_true", help="also run each variant's step on CPU and compare")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fastdpo memory``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_worker"]:  # internal: one measured variant (see measure())
+        spec = json.loads(Path(argv[1]).read_text())
+        Path(argv[2]).write_text(json.dumps(measure_worker(spec)))
+        return 0
+    args = build_parser().parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"fastdpo memory: unknown variant(s) {bad}; choices: {list(VARIANTS)}")
+    try:
+        shape, cfg = load_model(args.model)
+        if args.layers is not None:
+            if args.layers < 1:
+                raise ValueError(f"--layers must be >= 1, got {args.layers}")
+            shape = replace(shape, num_hidden_layers=args.layers)
+        step = StepConfig(pairs=args.pairs, prompt_len=args.prompt_len, completion_len=args.completion_len,
+                          dtype=args.dtype or ("fp32" if args.measure else "bf16"), optimizer=args.optimizer,
+                          reference=args.reference, device=args.device or ("cpu" if args.measure else "cuda"))
+    except ValueError as exc:
+        raise SystemExit(f"fastdpo memory: {exc}") from None
+    if args.measure and step.device != "cpu":
+        raise SystemExit("fastdpo memory: --measure runs on CPU; use --device cpu")
+    estimates = {v: estimate(shape, step, v) for v in variants}
+    measured = measure(cfg, step, variants, args.layers) if args.measure else {}
+    for v, res in measured.items():
+        if "peak" in res:
+            res["estimate_error_pct"] = 100.0 * (estimates[v]["peak"] - res["peak"]) / res["peak"]
+    report = {"model": asdict(shape), "step": asdict(step), "estimates": estimates, "measured": measured}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    _print_report(shape, step, estimates, measured)
+    return 0
+
+
+def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict[str, Any]],
+                  measured: dict[str, dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    p = next(iter(estimates.values()))["params"]
+    console.print(f"[bold]{shape.name}[/] ({shape.model_type}, {p / 1e9:.3f} B params, {shape.num_hidden_layers} "
+                  f"layers, V={shape.vocab_size}, D={shape.hidden_size}); {step.pairs} pairs × ({step.prompt_len} "
+                  f"prompt + {step.completion_len} completion) tokens, {step.dtype}, {step.optimizer}, reference "
+                  f"{step.reference}, {step.device}")
+    table = Table(title="DPO step memory (GiB)")
+    table.add_column("part")
+    for v in estimates:
+        table.add_column(v, justify="right")
+    for key in ("weights", "grads", "optimizer", "reference", "activations", "logits", "peak"):
+        table.add_row(key if key != "logits" else "logits / log-probs", *(_gb(e[key]) for e in estimates.values()))
+    table.add_row("peak phase", *(e["peak_phase"] for e in estimates.values()))
+    table.add_row("head positions", *(f"{e['head_positions']:,}" for e in estimates.values()))
+    if measured:
+        table.add_row("measured peak", *(_gb(measured[v]["peak"]) if "peak" in measured[v] else
+                                         measured[v].get("error", "-") for v in estimates))
+        table.add_row("estimate error", *(f"{measured[v]['estimate_error_pct']:+.1f}%" if "peak" in measured[v]
+                                          else "-" for v in estimates))
+    console.print(table)
+    console.print("weights/grads/optimizer/reference are resident; activations = saved for backward by the policy "
+                  "backbone; logits = the head's transient peak on top; peak = largest phase total.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

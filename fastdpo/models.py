@@ -1,0 +1,329 @@
+"""Model glue: split any Hugging Face causal LM into a backbone and an LM head the fused kernels can use.
+
+The engine never calls a model's full ``forward`` (that would materialize ``[B, T, V]`` logits). It calls the
+*backbone* (the decoder stack, final norm included) for the last hidden states, picks the completion positions, and
+hands them with the output-embedding weight to :func:`fastdpo.linear_logprobs.linear_token_logprobs`. For that to give
+the model's own log-probs, the head's extras have to be honoured too:
+
+* ``final_logit_softcapping`` (Gemma-2/3): ``z = cap * tanh(z / cap)``;
+* Cohere-style ``logit_scale`` (``logits * model.logit_scale``), ``output_multiplier``/``lm_head_multiplier``, and
+  Granite's ``logits_scaling`` (``logits / config.logits_scaling``);
+* a bias on the output projection, tied input/output embeddings (nothing to do: the head weight *is* the embedding
+  parameter, so gradients reach it);
+* PEFT wrappers: LoRA layers inside the backbone work unchanged; a LoRA adapter or ``modules_to_save`` copy on the LM
+  head itself is folded into an effective ``(weight, bias)`` at call time, so ``disable_adapter()`` is respected.
+
+Also here: :func:`quantize_model`, a bitsandbytes 8-bit / 4-bit copy of a model for use as a frozen reference (the
+output head stays dense, the fused head needs its weight), and :func:`max_logit_error`, a check that the split
+reproduces the model's own logits.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LMParts",
+    "resolve_lm",
+    "unwrap_peft",
+    "is_peft_model",
+    "head_weight_bias",
+    "max_logit_error",
+    "quantize_model",
+    "enable_gradient_checkpointing",
+    "disable_dropout",
+]
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a ``peft.PeftModel`` (anything exposing ``get_base_model`` and ``peft_config``)."""
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """Return the Hugging Face model inside a PEFT wrapper (LoRA layers stay injected), or ``model`` itself."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def _is_modules_to_save(module: nn.Module) -> bool:
+    return hasattr(module, "original_module") and hasattr(module, "modules_to_save")
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "lora_B")
+
+
+def head_weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Effective ``(weight [V, D], bias [V] or None)`` of an output projection, as it acts right now.
+
+    Handles ``nn.Linear`` (and subclasses), PEFT ``ModulesToSaveWrapper`` (the active copy, or the original when
+    adapters are disabled) and PEFT LoRA layers (``W + scaling * B @ A`` summed over active adapters, differentiable
+    wrt the LoRA factors). Raises ``TypeError`` for a quantized or non-linear head and ``ValueError`` for a LoRA
+    variant that cannot be folded (DoRA etc., or active LoRA dropout in training mode).
+    """
+    if _is_modules_to_save(module):
+        if module.disable_adapters or not module.active_adapters:
+            return head_weight_bias(module.original_module)
+        return head_weight_bias(module.modules_to_save[module.active_adapter])
+    if _is_lora_layer(module):
+        weight, bias = head_weight_bias(module.base_layer)
+        if module.disable_adapters or getattr(module, "merged", False):
+            return weight, bias
+        for name in module.active_adapters:
+            if name not in module.lora_A:
+                continue
+            if name in getattr(module, "lora_variant", {}):
+                raise ValueError(
+                    f"the LM head carries a LoRA variant ({type(module.lora_variant[name]).__name__}) for adapter "
+                    f"{name!r}; only plain LoRA on the output embedding can be folded into the fused head"
+                )
+            dropout = module.lora_dropout[name]
+            if module.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+                raise ValueError(
+                    f"LoRA adapter {name!r} on the LM head has lora_dropout={dropout.p} in training mode; dropout "
+                    "on the head input cannot be folded into the fused head (use lora_dropout=0 for the head, or "
+                    "DPOEngine(disable_dropout=True))"
+                )
+            lora_a, lora_b = module.lora_A[name].weight, module.lora_B[name].weight
+            delta = lora_b @ lora_a
+            if getattr(module, "fan_in_fan_out", False):
+                delta = delta.T
+            weight = weight + (delta * module.scaling[name]).to(weight.dtype)
+            if getattr(module.lora_B[name], "bias", None) is not None:
+                extra = module.lora_B[name].bias * module.scaling[name]
+                bias = extra.to(weight.dtype) if bias is None else bias + extra.to(bias.dtype)
+        return weight, bias
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(
+            f"cannot use {type(module).__name__} as an LM head: expected a linear layer with a 2-D weight [V, D]"
+        )
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"the LM head weight is {weight.dtype} ({type(weight).__name__}); the fused head needs a dense floating "
+            "weight — keep the output embedding unquantized (quantize_model does)"
+        )
+    bias = getattr(module, "bias", None)
+    return weight, bias if isinstance(bias, torch.Tensor) else None
+
+
+def _text_config(config: Any) -> Any:
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+@dataclass
+class LMParts:
+    """A causal LM split into what the fused head needs.
+
+    Attributes:
+        model: the model as given (possibly a ``PeftModel``).
+        hf_model: the Hugging Face ``*ForCausalLM`` inside (LoRA layers still injected).
+        backbone: module mapping ``input_ids`` (+ attention kwargs) to ``last_hidden_state [B, T, D]`` — the final
+            norm included, the output projection excluded.
+        head: the output-embedding module (``get_output_embeddings()``).
+        softcap: final-logit soft-capping value or None.
+        logit_scale: multiplier applied to the logits before soft-capping (Cohere ``logit_scale``, Granite
+            ``1 / logits_scaling``); 1.0 for most models.
+    """
+
+    model: nn.Module
+    hf_model: nn.Module
+    backbone: nn.Module
+    head: nn.Module
+    softcap: float | None
+    logit_scale: float
+
+    def head_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Effective ``(weight [V, D], bias [V] | None)`` now (respects PEFT ``disable_adapter()``)."""
+        return head_weight_bias(self.head)
+
+    def hidden_states(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Backbone forward: ``input_ids [R, L]`` (+ ``attention_mask``/``position_ids``/...) -> ``[R, L, D]``.
+
+        Never materializes logits. ``use_cache`` is forced off (training/scoring never needs a KV cache).
+        """
+        out = self.backbone(input_ids=input_ids, use_cache=False, **kwargs)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            hidden = out[0]
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits from hidden states exactly as the fused head defines them (for checks; materializes ``V``)."""
+        weight, bias = self.head_weight_bias()
+        z = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias) * self.logit_scale
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+
+def _find_backbone(hf_model: nn.Module) -> nn.Module:
+    getter = getattr(hf_model, "get_decoder", None)
+    backbone = None
+    if callable(getter):
+        try:
+            backbone = getter()
+        except (AttributeError, NotImplementedError, ValueError):
+            backbone = None
+    if backbone is None or backbone is hf_model:
+        prefix = getattr(hf_model, "base_model_prefix", "") or ""
+        backbone = getattr(hf_model, prefix, None) if prefix else None
+    if not isinstance(backbone, nn.Module) or backbone is hf_model:
+        raise ValueError(
+            f"cannot find the backbone of {type(hf_model).__name__}: neither get_decoder() nor base_model_prefix "
+            f"({getattr(hf_model, 'base_model_prefix', None)!r}) names a submodule distinct from the model"
+        )
+    return backbone
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    return None
+
+
+def _logit_scale(hf_model: nn.Module, config: Any) -> float:
+    """Multiplier applied to the head's output before soft-capping, from the first source that is set:
+    ``config.logit_scale`` (Cohere) or the model's ``logit_scale`` attribute, ``config.output_multiplier``,
+    ``config.lm_head_multiplier`` (Falcon-H1), ``config.logits_scaling`` (divides: Granite, MiniCPM3; multiplies:
+    HyperCLOVA X) — the same sources TRL's fused LM head reads."""
+    for value in (getattr(config, "logit_scale", None), getattr(hf_model, "logit_scale", None),
+                  getattr(config, "output_multiplier", None), getattr(config, "lm_head_multiplier", None)):
+        number = _number(value)
+        if number is not None:
+            return number
+    scaling = _number(getattr(config, "logits_scaling", None))
+    if scaling is not None:
+        return scaling if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / scaling
+    return 1.0
+
+
+def resolve_lm(model: nn.Module) -> LMParts:
+    """Split a Hugging Face causal LM (optionally PEFT-wrapped) into backbone, head and logit transforms.
+
+    Raises ``TypeError`` when ``model`` has no output embedding, ``ValueError`` when no backbone can be found or a
+    logit transform is invalid.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    hf_model = unwrap_peft(model)
+    get_head = getattr(hf_model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        raise TypeError(
+            f"model ({type(hf_model).__name__}) has no output embedding (get_output_embeddings() is None); "
+            "pass a *ForCausalLM model"
+        )
+    backbone = _find_backbone(hf_model)
+    config = _text_config(getattr(hf_model, "config", None))
+
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        softcap = float(softcap)
+        if not (softcap > 0 and math.isfinite(softcap)):
+            raise ValueError(f"model config final_logit_softcapping must be a positive number, got {softcap}")
+
+    scale = _logit_scale(hf_model, config)
+    if not (math.isfinite(scale) and scale != 0):
+        raise ValueError(f"model logit scale must be finite and non-zero, got {scale}")
+    return LMParts(model=model, hf_model=hf_model, backbone=backbone, head=head, softcap=softcap, logit_scale=scale)
+
+
+@torch.no_grad()
+def max_logit_error(model: nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> float:
+    """Max |model(input_ids).logits - head(backbone(input_ids))| — 0 up to rounding when the split is faithful.
+
+    ``input_ids`` LongTensor ``[B, T]``; extra ``kwargs`` go to both forwards. Use it once per new architecture.
+    """
+    parts = resolve_lm(model)
+    full = model(input_ids=input_ids, use_cache=False, **kwargs).logits.float()
+    ours = parts.logits(parts.hidden_states(input_ids, **kwargs)).float()
+    return float((full - ours).abs().max())
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on non-reentrant activation checkpointing (``use_reentrant=False``: works with frozen embeddings/PEFT).
+
+    Calls ``model.activation_checkpointing_enable`` (transformers >= 5.2x) or, on older versions,
+    ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``. Like every HF
+    checkpointing it is active only while the model is in training mode.
+    """
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs=kwargs)
+        return
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(enable):
+        raise TypeError(f"{type(model).__name__} does not support gradient checkpointing")
+    enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set ``p = 0`` on every ``nn.Dropout`` in ``model`` (as TRL's ``disable_dropout=True`` does)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: Literal[4, 8] = 8,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    quant_type: Literal["nf4", "fp4"] = "nf4",
+    threshold: float = 0.0,
+) -> nn.Module:
+    """A frozen bitsandbytes copy of ``model`` for use as the reference: every ``nn.Linear`` of the backbone becomes
+    ``Linear8bitLt`` (``bits=8``, LLM.int8 with outlier ``threshold``) or ``Linear4bit`` (``bits=4``, ``quant_type``
+    nf4/fp4, computing in ``compute_dtype``). The output embedding stays dense (the fused head reads its weight).
+
+    The copy is in eval mode with ``requires_grad=False``; quantization happens on the model's current device
+    (bitsandbytes >= 0.45 runs both on CPU). ``model`` itself is left untouched. Raises ``ImportError`` without
+    bitsandbytes and ``ValueError`` for other ``bits``.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    import bitsandbytes as bnb
+
+    quantized = copy.deepcopy(model)
+    head = resolve_lm(quantized).head
+    skip = {id(m) for m in head.modules()}
+    targets = [
+        (name, module)
+        for name, module in quantized.named_modules()
+        if isinstance(module, nn.Linear) and id(module) not in skip
+    ]
+    for name, lin in targets:
+        device = lin.weight.device
+        has_bias = lin.bias is not None
+        weight = lin.weight.detach().to(torch.float32)
+        if bits == 8:
+            new = bnb.nn.Linear8bitLt(
+                lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False, threshold=threshold
+            )
+            new.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(
+                lin.in_features, lin.out_features, bias=has_bias, compute_dtype=compute_dtype, quant_type=quant_type
+            )
+            new.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type=quant_type)
+        if has_bias:
+            new.bias = nn.Parameter(lin.bias.detach().to(compute_dtype).clone(), requires_grad=False)
+        new = new.to(device)  # bitsandbytes quantizes on the move to the device
+        parent_name, _, child = name.rpartition(".")
+        parent = quantized.get_submodule(parent_name) if parent_name else quantized
+        setattr(parent, child, new)
+    quantized.eval()
+    quantized.requires_grad_(False)
+    return quantized

@@ -1,0 +1,308 @@
+"""On-disk cache of reference log-probs (``DPOEngine(reference="precomputed")``).
+
+The reference model is frozen, so its per-sequence log-probs for a dataset can be computed once and reused: training
+then runs only the policy (no reference weights in memory, no reference forward). The cache is
+
+* keyed per pair by a content hash of the tokens the collator produced (prompt ids, chosen and rejected completion
+  ids), so it is independent of batch composition, order and packing;
+* stamped with the reference model's fingerprint (a hash of its parameter values) and the dataset's fingerprint
+  (a hash of the set of pair keys), plus the settings that change reference log-probs (``ld_alpha``,
+  ``temperature``); :meth:`RefLogpCache.load` refuses a cache made for another model, dataset or settings with a
+  ``ValueError`` saying which;
+* written atomically (temporary file in the target directory, fsync, ``os.replace``): a crash never leaves a
+  truncated cache behind, and concurrent readers see either the old or the new file.
+
+File format: a ``torch.save`` dict of plain types and tensors, loaded with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "RefLogpCache",
+    "pair_keys",
+    "dataset_fingerprint",
+    "model_fingerprint",
+    "CACHE_FORMAT",
+]
+
+CACHE_FORMAT = "fastdpo-ref-logps-v1"
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach()
+    if t.device.type == "meta":
+        raise ValueError("cannot fingerprint a model with parameters on the meta device")
+    t = t.cpu().contiguous()
+    if t.dim() == 0:
+        t = t.reshape(1)
+    return t.view(torch.uint8).numpy().tobytes()
+
+
+def model_fingerprint(model: nn.Module, *, exclude_adapters: bool = False) -> str:
+    """SHA-256 (hex) of a model's class and every parameter and buffer (name, shape, dtype, values).
+
+    A PEFT model is fingerprinted through its inner Hugging Face model. With ``exclude_adapters=True`` adapter
+    tensors (names containing ``lora_`` or ``modules_to_save``) are skipped and PEFT's wrapper names
+    (``.base_layer``, ``.original_module``) dropped, which fingerprints the frozen base a PEFT model falls back to
+    under ``disable_adapter()`` — equal to the fingerprint of the plain base model. Reads every byte of the weights
+    once (about a second per GB).
+    """
+    h = hashlib.sha256()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    h.update(type(inner).__name__.encode())
+    named = list(inner.named_parameters(remove_duplicate=True)) + list(inner.named_buffers(remove_duplicate=True))
+    for name, tensor in sorted(named, key=lambda kv: kv[0]):
+        if exclude_adapters and ("lora_" in name or "modules_to_save" in name):
+            continue
+        if exclude_adapters:  # PEFT renames wrapped layers `x.base_layer.weight`; key by the original name
+            name = name.replace(".base_layer", "").replace(".original_module", "")
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        h.update(_tensor_bytes(tensor))
+    return h.hexdigest()
+
+
+def _pair_token_ids(batch: Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per pair ``(prompt_ids, chosen_completion_ids, rejected_completion_ids)`` (1-D int64 CPU tensors)."""
+    for key in ("input_ids", "token_role", "token_pair", "logp_labels", "logp_seq", "num_pairs"):
+        if key not in batch:
+            raise ValueError(f"batch is missing {key!r}; pass a batch made by fastdpo.PreferenceCollator")
+    num_pairs = int(batch["num_pairs"])
+    input_ids = batch["input_ids"].reshape(-1).cpu().long()
+    role = batch["token_role"].reshape(-1).cpu()
+    pair = batch["token_pair"].reshape(-1).cpu()
+    prompt_mask = role == 0
+    if batch.get("packing", "pad") != "prefix_shared":
+        # every sequence repeats its prompt; take the copy in the chosen sequence (sequence id == pair id)
+        if "token_seq" not in batch:
+            raise ValueError("batch is missing 'token_seq'; pass a batch made by fastdpo.PreferenceCollator")
+        prompt_mask = prompt_mask & (batch["token_seq"].reshape(-1).cpu() == pair)
+    labels = batch["logp_labels"].cpu().long()
+    seq = batch["logp_seq"].cpu()
+    out = []
+    for i in range(num_pairs):
+        prompt = input_ids[prompt_mask & (pair == i)]
+        out.append((prompt, labels[seq == i], labels[seq == num_pairs + i]))
+    return out
+
+
+def pair_keys(batch: Mapping[str, Any]) -> list[str]:
+    """Content hash (32 hex chars) of each pair of a collated batch: prompt ids, chosen ids, rejected ids.
+
+    The same pair gives the same key whatever its batch, position or packing ("pad", "padding_free",
+    "prefix_shared"); a different tokenization or truncation gives a different key.
+    """
+    keys = []
+    for prompt, chosen, rejected in _pair_token_ids(batch):
+        h = hashlib.sha256()
+        for part in (prompt, chosen, rejected):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part.numpy().tobytes())
+        keys.append(h.hexdigest()[:32])
+    return keys
+
+
+def dataset_fingerprint(keys: Iterable[str]) -> str:
+    """SHA-256 (hex) of the set of pair keys: independent of order, batching and duplicates."""
+    h = hashlib.sha256()
+    for key in sorted(set(keys)):
+        h.update(key.encode())
+    return h.hexdigest()
+
+
+def _normalize_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {str(k): (None if v is None else float(v)) for k, v in sorted((settings or {}).items())}
+
+
+class RefLogpCache:
+    """Reference log-probs per pair: ``key -> (chosen_logp, rejected_logp)`` fp32, with model/dataset stamps.
+
+    Build with :meth:`build` (or ``DPOEngine.precompute_reference``), persist with :meth:`save`, reopen with
+    :meth:`load`; :meth:`lookup` returns the reference log-probs for a collated batch.
+    """
+
+    def __init__(
+        self,
+        keys: list[str],
+        values: torch.Tensor,
+        *,
+        model_hash: str,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[1] != 2:
+            raise ValueError(f"values must be a [N, 2] tensor, got {getattr(values, 'shape', type(values))}")
+        if len(keys) != values.shape[0]:
+            raise ValueError(f"got {len(keys)} keys for {values.shape[0]} value rows")
+        self.keys = list(keys)
+        self.values = values.detach().to(torch.float32).cpu()
+        self.model_hash = str(model_hash)
+        self.settings = _normalize_settings(settings)
+        self.data_hash = dataset_fingerprint(self.keys)
+        self._index = {k: i for i, k in enumerate(self.keys)}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __repr__(self) -> str:
+        return (
+            f"RefLogpCache({len(self)} pairs, model={self.model_hash[:12]}, data={self.data_hash[:12]}, "
+            f"settings={self.settings})"
+        )
+
+    @classmethod
+    def build(
+        cls,
+        compute_fn: Callable[[Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]],
+        batches: Iterable[Mapping[str, Any]],
+        *,
+        model_hash: str,
+        settings: Mapping[str, Any] | None = None,
+    ) -> RefLogpCache:
+        """Run ``compute_fn(batch) -> (ref_chosen [P], ref_rejected [P])`` over ``batches`` and collect the results.
+
+        A pair seen twice keeps its first value.
+        """
+        keys: list[str] = []
+        rows: list[torch.Tensor] = []
+        seen: set[str] = set()
+        for batch in batches:
+            chosen, rejected = compute_fn(batch)
+            batch_keys = pair_keys(batch)
+            if chosen.shape != (len(batch_keys),) or rejected.shape != (len(batch_keys),):
+                raise ValueError(
+                    f"compute_fn returned shapes {tuple(chosen.shape)}, {tuple(rejected.shape)} for a batch of "
+                    f"{len(batch_keys)} pairs"
+                )
+            pair_values = torch.stack([chosen.detach().float().cpu(), rejected.detach().float().cpu()], dim=1)
+            for j, key in enumerate(batch_keys):
+                if key not in seen:
+                    seen.add(key)
+                    keys.append(key)
+                    rows.append(pair_values[j])
+        values = torch.stack(rows) if rows else torch.zeros(0, 2)
+        return cls(keys, values, model_hash=model_hash, settings=settings)
+
+    def check(
+        self,
+        *,
+        model: nn.Module | None = None,
+        model_hash: str | None = None,
+        exclude_adapters: bool = False,
+        data_hash: str | None = None,
+        batches: Iterable[Mapping[str, Any]] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Raise ``ValueError`` unless the cache was made for this reference model / dataset / settings.
+
+        Each of the checks runs only when its argument is given: ``model`` (fingerprinted with
+        :func:`model_fingerprint`) or ``model_hash``; ``data_hash`` or ``batches`` (collated batches of the
+        dataset); ``settings``.
+        """
+        if model is not None:
+            model_hash = model_fingerprint(model, exclude_adapters=exclude_adapters)
+        if model_hash is not None and model_hash != self.model_hash:
+            raise ValueError(
+                f"reference cache was made for another model (cache model fingerprint {self.model_hash[:16]}…, "
+                f"this reference model {model_hash[:16]}…); rebuild it with DPOEngine.precompute_reference"
+            )
+        if batches is not None:
+            data_hash = dataset_fingerprint(k for batch in batches for k in pair_keys(batch))
+        if data_hash is not None and data_hash != self.data_hash:
+            raise ValueError(
+                f"reference cache was made for another dataset (cache data fingerprint {self.data_hash[:16]}…, "
+                f"this dataset {data_hash[:16]}…): different rows, tokenizer or truncation settings; rebuild it"
+            )
+        if settings is not None:
+            wanted = _normalize_settings(settings)
+            if wanted != self.settings:
+                raise ValueError(
+                    f"reference cache was made with settings {self.settings}, the engine uses {wanted}; rebuild it"
+                )
+
+    def lookup(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference ``(chosen_logps [P], rejected_logps [P])`` fp32 for a collated batch, on its device.
+
+        Raises ``ValueError`` naming the first pair that is not in the cache.
+        """
+        keys = pair_keys(batch)
+        idx = []
+        for i, key in enumerate(keys):
+            j = self._index.get(key)
+            if j is None:
+                raise ValueError(
+                    f"pair {i} of the batch (key {key}) is not in the reference cache ({len(self)} pairs, data "
+                    f"fingerprint {self.data_hash[:16]}…): the cache was built for another dataset, tokenizer or "
+                    "truncation setting"
+                )
+            idx.append(j)
+        vals = self.values[torch.tensor(idx, dtype=torch.long)] if idx else torch.zeros(0, 2)
+        device = batch["input_ids"].device
+        return vals[:, 0].to(device), vals[:, 1].to(device)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the cache to ``path`` atomically (temporary file in the same directory, fsync, ``os.replace``)."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        payload = {
+            "format": CACHE_FORMAT,
+            "model_hash": self.model_hash,
+            "data_hash": self.data_hash,
+            "settings": self.settings,
+            "keys": self.keys,
+            "values": self.values,
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".refcache-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        model: nn.Module | None = None,
+        model_hash: str | None = None,
+        exclude_adapters: bool = False,
+        data_hash: str | None = None,
+        batches: Iterable[Mapping[str, Any]] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> RefLogpCache:
+        """Read a cache written by :meth:`save` and :meth:`check` it against the given model/dataset/settings."""
+        try:
+            payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a fastdpo reference cache ({CACHE_FORMAT}): unreadable "
+                f"({type(err).__name__})"
+            ) from err
+        if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} is not a fastdpo reference cache ({CACHE_FORMAT})")
+        cache = cls(payload["keys"], payload["values"], model_hash=payload["model_hash"], settings=payload["settings"])
+        if cache.data_hash != payload["data_hash"]:
+            raise ValueError(f"reference cache {os.fspath(path)!r} is corrupt: its keys do not match its data hash")
+        cache.check(
+            model=model,
+            model_hash=model_hash,
+            exclude_adapters=exclude_adapters,
+            data_hash=data_hash,
+            batches=batches,
+            settings=settings,
+        )
+        return cache

@@ -1,0 +1,105 @@
+"""Shapes with more than 2**31 logits: offsets must be int64 everywhere (``N * V`` overflows int32 at real sizes).
+
+- CPU, torch path: the fused head on ``N = 16400`` tokens x ``V = 131072`` (``N * V = 2.15e9 > 2**31``) with a tiny
+  hidden size (``D = 4``) so the GEMMs are cheap; forward only (the backward sweep costs ~3x more and the same
+  offsets are exercised on GPU below). Rows on both sides of the 2**31 boundary are checked against float64.
+- CUDA (skipped without a GPU): the Triton kernels, forward and backward — the log-prob kernel on bf16 logits
+  ``[17000, 131072]`` and the fused head — compared with float64 on rows beyond the boundary. The upstream gradient
+  is non-zero only on the checked rows, so the float64 weight gradient is cheap to form exactly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+V = 131072
+BOUNDARY_ROW = 2**31 // V  # first row whose flat offset row * V reaches 2**31
+
+
+def _check_rows(n: int, seed: int) -> torch.Tensor:
+    """Rows to compare: the first, both sides of the int32 boundary, the last, and a few random ones."""
+    g = torch.Generator().manual_seed(seed)
+    fixed = torch.tensor([0, 1, BOUNDARY_ROW - 1, BOUNDARY_ROW, BOUNDARY_ROW + 1, n - 2, n - 1])
+    return torch.unique(torch.cat([fixed, torch.randint(0, n, (9,), generator=g)]))
+
+
+def _ref_rows(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """float64 log-prob of ``labels[rows]`` under ``hidden[rows] @ weight.T``."""
+    z = hidden[rows].double() @ weight.double().T
+    return torch.log_softmax(z, dim=-1).gather(1, labels[rows].unsqueeze(1)).squeeze(1)
+
+
+def test_fused_head_beyond_int32_cpu() -> None:
+    from fastdpo import linear_token_logprobs
+
+    n, d = 16400, 4
+    assert n * V > 2**31
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=g) * 2
+    weight = torch.randn(V, d, generator=g)
+    labels = torch.randint(0, V, (n,), generator=g)
+    rows = _check_rows(n, 1)
+    # make the checked rows' labels the most likely tokens of a few rows so that errors are not hidden by tiny probs
+    labels[rows[::2]] = torch.argmax(hidden[rows[::2]] @ weight.T, dim=1)
+    with torch.no_grad():
+        out = linear_token_logprobs(hidden, weight, labels, backend="torch").logprobs
+    assert out.shape == (n,) and out.dtype == torch.float32
+    assert torch.isfinite(out).all() and (out <= 0).all()
+    ref = _ref_rows(hidden, weight, labels, rows)
+    torch.testing.assert_close(out[rows].double(), ref, rtol=1e-5, atol=2e-4)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels)")
+
+
+@cuda
+@pytest.mark.gpu
+def test_logprob_kernel_beyond_int32_cuda() -> None:
+    from fastdpo import sequence_logprobs
+
+    n = 17000
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    logits = (torch.randn(n, V, generator=g, device=dev) * 3).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, V, (n,), generator=g, device=dev)
+    rows = _check_rows(n, 2).to(dev)
+    seg = torch.arange(n, device=dev)  # one segment per row: per-row log-probs
+    gout = torch.zeros(n, device=dev)
+    gout[rows] = torch.linspace(-1, 1, rows.numel(), device=dev)
+    out = sequence_logprobs(logits, labels, segment_ids=seg, num_segments=n, backend="triton")
+    out.backward(gout)
+    x64 = logits.detach()[rows].double().requires_grad_(True)
+    ref = torch.log_softmax(x64, dim=-1).gather(1, labels[rows].unsqueeze(1)).squeeze(1)
+    ref.backward(gout[rows].double())
+    # loose tolerances: this checks addressing (an int32 wrap gives O(1) errors), kernel accuracy is tested elsewhere
+    torch.testing.assert_close(out[rows].double(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(logits.grad[rows].double(), x64.grad, rtol=2e-2, atol=1e-2)
+    others = torch.ones(n, dtype=torch.bool, device=dev)
+    others[rows] = False
+    assert (logits.grad[others] == 0).all()
+
+
+@cuda
+@pytest.mark.gpu
+def test_fused_head_beyond_int32_cuda() -> None:
+    from fastdpo import linear_token_logprobs
+
+    n, d = 17000, 64
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    hidden = (torch.randn(n, d, generator=g, device=dev) * 0.3).requires_grad_(True)
+    weight = (torch.randn(V, d, generator=g, device=dev) * 0.3).requires_grad_(True)
+    labels = torch.randint(0, V, (n,), generator=g, device=dev)
+    rows = _check_rows(n, 3).to(dev)
+    gout = torch.zeros(n, device=dev)
+    gout[rows] = torch.linspace(-1, 1, rows.numel(), device=dev)
+    out = linear_token_logprobs(hidden, weight, labels, backend="triton").logprobs
+    out.backward(gout)
+    h64 = hidden.detach()[rows].double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    ref = torch.log_softmax(h64 @ w64.T, dim=-1).gather(1, labels[rows].unsqueeze(1)).squeeze(1)
+    ref.backward(gout[rows].double())
+    # loose tolerances (TF32 GEMMs allowed): an int32 wrap gives O(1) errors; accuracy is tested elsewhere
+    torch.testing.assert_close(out[rows].double(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(hidden.grad[rows].double(), h64.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-2, atol=1e-3)
