@@ -27,7 +27,12 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from fastdpo import DPOEngine, PreferenceCollator
-from fastdpo.train import build_tiny_model, demo_data_files, load_preference_file, train_tokenizer
+from fastdpo.train import (
+    build_tiny_model,
+    demo_data_files,
+    load_preference_file,
+    train_tokenizer,
+)
 
 
 class EngineDPOTrainer(Trainer):

@@ -24,7 +24,12 @@ import argparse
 import torch
 
 from fastdpo import DPOEngine, PreferenceCollator
-from fastdpo.train import build_tiny_model, demo_data_files, load_preference_file, train_tokenizer
+from fastdpo.train import (
+    build_tiny_model,
+    demo_data_files,
+    load_preference_file,
+    train_tokenizer,
+)
 
 
 def held_out_metrics(engine: DPOEngine, collator: PreferenceCollator, rows: list[dict], batch_size: int = 64
@@ -77,8 +82,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == args.steps:
-            print(f"step {step:4d}  loss {loss.item():.4f}  rewards/accuracies {float(metrics['rewards/accuracies']):.3f}"
-                  f"  rewards/margins {float(metrics['rewards/margins']):.4f}")
+            accuracy, margin = float(metrics["rewards/accuracies"]), float(metrics["rewards/margins"])
+            print(f"step {step:4d}  loss {loss.item():.4f}  rewards/accuracies {accuracy:.3f}  "
+                  f"rewards/margins {margin:.4f}")
 
     # 5. held-out evaluation
     after = held_out_metrics(engine, collator, eval_rows)

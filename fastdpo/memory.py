@@ -359,7 +359,10 @@ def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["reference"] == "model":
             ref = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).eval()
             ref.requires_grad_(False)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
+        if spec["optimizer"] == "adamw":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=1e-6, foreach=False)
         return config, model, ref, opt
 
     def run_step(config: Any, model: Any, ref: Any, opt: Any) -> None:
@@ -419,7 +422,8 @@ def measure(cfg: dict[str, Any], step: StepConfig, variants: list[str], layers: 
     out: dict[str, dict[str, Any]] = {}
     for variant in variants:
         spec = {"variant": variant, "config": cfg, "layers": layers, "dtype": step.dtype, "pairs": step.pairs,
-                "prompt_len": step.prompt_len, "completion_len": step.completion_len, "reference": step.reference}
+                "prompt_len": step.prompt_len, "completion_len": step.completion_len, "reference": step.reference,
+                "optimizer": step.optimizer}
         with tempfile.TemporaryDirectory(prefix="fastdpo-mem-") as tmp:
             spec_path, res_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
             Path(spec_path).write_text(json.dumps(spec))

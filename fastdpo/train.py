@@ -134,25 +134,30 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
 def build_tiny_model(tokenizer, arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
     """A small randomly initialized causal LM (``arch`` in llama/qwen2/gemma2) sized to ``tokenizer``, fp32, eager
     attention. The same seed gives the same weights."""
-    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma2Config,
+        LlamaConfig,
+        Qwen2Config,
+    )
 
     if arch not in TINY_ARCHS:
         raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
     if hidden_size % 16:
         raise ValueError(f"hidden_size must be a multiple of 16 (4 heads of even size), got {hidden_size}")
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=True,
-    )
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "tie_word_embeddings": True,
+    }
     if arch == "llama":
         config = LlamaConfig(**common)
     elif arch == "qwen2":
@@ -378,7 +383,7 @@ def _resolve_device(name: str) -> torch.device:
 def _split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"--eval-fraction must be in (0, 1), got {fraction}")
-    n_eval = max(1, int(round(len(rows) * fraction)))
+    n_eval = max(1, round(len(rows) * fraction))
     if n_eval >= len(rows):
         raise ValueError(f"--data has {len(rows)} rows: too few to hold out {fraction:.0%} for evaluation")
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 10_007)).tolist()
@@ -399,7 +404,7 @@ class _LogWriter:
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step:
                     kept.append(line)
             path.write_text("".join(line + "\n" for line in kept))
-        self._f = open(path, "a", encoding="utf-8")
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the whole run, closed by close()
 
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record) + "\n")
@@ -509,8 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
 
-    engine_kwargs: dict[str, Any] = dict(loss_type=args.loss_type if len(args.loss_type) > 1 else args.loss_type[0],
-                                         beta=args.beta, label_smoothing=args.label_smoothing)
+    engine_kwargs: dict[str, Any] = {"loss_type": args.loss_type if len(args.loss_type) > 1 else args.loss_type[0],
+                                         "beta": args.beta, "label_smoothing": args.label_smoothing}
     if args.loss_weights is not None:
         engine_kwargs["loss_weights"] = args.loss_weights
     try:
@@ -565,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     interrupted = False
 
-    def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
+    def on_signal(signum, frame):
         nonlocal interrupted
         if interrupted:  # a second Ctrl-C: stop now, without the checkpoint
             raise KeyboardInterrupt

@@ -122,10 +122,17 @@ _KILL_CHILD = textwrap.dedent(
     real_save = torch.save
     calls = []
 
+    def should_pause(obj):
+        # argv[2]: "call:N" pauses the (N+1)-th save; "step:S" pauses the save of a dict whose "step" is S
+        kind, value = sys.argv[2].split(":")
+        if kind == "call":
+            calls.append(1)
+            return len(calls) > int(value)
+        return isinstance(obj, dict) and obj.get("step") == int(value)
+
     def paused_save(obj, f, *args, **kwargs):
-        # let the first `allow` saves through; on the next one write half the bytes, say so, and hang
-        calls.append(1)
-        if len(calls) <= int(sys.argv[2]):
+        # saves go through until should_pause(obj); that one writes half its bytes, says so, and hangs
+        if not should_pause(obj):
             return real_save(obj, f, *args, **kwargs)
         buf = io.BytesIO()
         real_save(obj, buf, *args, **kwargs)
@@ -192,7 +199,7 @@ def test_ref_cache_survives_sigkill_mid_write(tmp_path: Path) -> None:
             print("SAVED", version, flush=True)
         """
     )
-    proc = _run_until_midwrite(code, [str(path), "1"])
+    proc = _run_until_midwrite(code, [str(path), "call:1"])
     before = _sha(path)
     _sigkill(proc)
     assert _sha(path) == before, "killing the writer changed the existing cache file"
@@ -350,9 +357,8 @@ def test_train_killed_mid_checkpoint_resumes(tmp_path: Path) -> None:
         sys.exit(main(sys.argv[3:]))
         """
     )
-    # torch.save calls before the step-4 checkpoint: only the step-2 checkpoint (the reference model and tokenizer
-    # are written with save_pretrained/safetensors)
-    proc = _run_until_midwrite(code, ["-", "1", "--output-dir", str(out), *_TRAIN_ARGS], timeout=240)
+    # the step-2 checkpoint is written normally; the step-4 one hangs half-written until the SIGKILL
+    proc = _run_until_midwrite(code, ["-", "step:4", "--output-dir", str(out), *_TRAIN_ARGS], timeout=240)
     ckpt = out / "checkpoint.pt"
     before = _sha(ckpt)
     _sigkill(proc)

@@ -13,11 +13,11 @@ pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 datasets.disable_progress_bars()
 
-from peft import LoraConfig, PromptTuningConfig  # noqa: E402
-from tiny import make_model, make_tokenizer, preference_rows  # noqa: E402
-from trl import DPOConfig, DPOTrainer  # noqa: E402
+from peft import LoraConfig, PromptTuningConfig
+from tiny import make_model, make_tokenizer, preference_rows
+from trl import DPOConfig, DPOTrainer
 
-from fastdpo.integrations.trl import FastDPOTrainer  # noqa: E402
+from fastdpo.integrations.trl import FastDPOTrainer
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -40,12 +40,12 @@ def _dataset(n: int = 12, seed: int = 3):
 
 
 def _config(tmp_path, **overrides) -> DPOConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=3,
-        logging_steps=1, optim="sgd", learning_rate=0.02, lr_scheduler_type="constant", seed=0, report_to="none",
-        save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-        dataloader_num_workers=0, beta=0.5,
-    )
+    kwargs = {
+        "output_dir": str(tmp_path), "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+        "max_steps": 3, "logging_steps": 1, "optim": "sgd", "learning_rate": 0.02, "lr_scheduler_type": "constant",
+        "seed": 0, "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "use_cpu": True, "bf16": False,
+        "fp16": False, "gradient_checkpointing": False, "dataloader_num_workers": 0, "beta": 0.5,
+    }
     kwargs.update(overrides)
     return DPOConfig(**kwargs)
 
@@ -115,9 +115,10 @@ def test_matches_trl_with_peft_lora(tmp_path, loss_type):
         {"args_kw": {"gradient_checkpointing": True, "max_length": 24}},
         {"args_kw": {"padding_free": True}},  # TRL ignores it (pads); fastdpo packs -- the numbers must not change
         {"trainer_kw": {"packing": "prefix_shared"}},
+        {"args_kw": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}},
     ],
     ids=["mpo-weights", "alpha-div", "js-robust", "ld-alpha", "wpo", "precompute", "grad-ckpt-trunc",
-         "padding-free", "prefix-shared"],
+         "padding-free", "prefix-shared", "grad-accum"],
 )
 def test_matches_trl_options(tmp_path, case):
     fast, fast_eval = _run(FastDPOTrainer, tmp_path, peft=False, evaluate=True, args_kw=case.get("args_kw"),
@@ -137,6 +138,32 @@ def test_grad_in_forward_same_loss(tmp_path):
         for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/chosen", "num_tokens"):
             assert f[key] == pytest.approx(r[key], rel=2e-4, abs=2e-5), key
     assert "entropy" not in fast[0]  # token metrics are not computed on that path
+
+
+def test_matches_trl_retraining_an_existing_adapter(tmp_path):
+    """A PeftModel passed without peft_config: TRL copies its adapter to a frozen "ref" adapter (the reference is
+    the pre-trained adapter, not the bare base model); FastDPOTrainer must use the same reference."""
+    from peft import get_peft_model
+
+    def run(trainer_cls):
+        tok = make_tokenizer()
+        base = make_model("llama", tok, attn_implementation="eager", seed=0)
+        torch.manual_seed(7)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"],
+                                                task_type="CAUSAL_LM"))
+        with torch.no_grad():  # a "pre-trained" adapter: B != 0
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
+        args = _config(tmp_path / trainer_cls.__name__, learning_rate=0.5)
+        trainer = trainer_cls(model=model, args=args, train_dataset=_dataset(), processing_class=tok)
+        torch.manual_seed(1234)
+        trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+
+    fast, ref = run(FastDPOTrainer), run(DPOTrainer)
+    _assert_same(fast, ref)
+    assert ref[-1]["rewards/margins"] != 0.0
 
 
 def _trainer(tmp_path, **kw):

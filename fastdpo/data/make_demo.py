@@ -85,8 +85,7 @@ def generate(n_train: int = 2000, n_eval: int = 256, seed: int = 0) -> tuple[lis
 def write_jsonl(rows: list[dict], path: Path) -> None:
     """Write ``rows`` as JSON lines (UTF-8, one object per line)."""
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def main(argv: list[str] | None = None) -> int:
