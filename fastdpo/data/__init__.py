@@ -1,0 +1,1 @@
+"""Bundled demo preference data (see make_demo.py)."""
