@@ -487,6 +487,20 @@ def test_head_mixed_devices(fn: str) -> None:
     assert "bias" in msg, msg
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CPU/CUDA mixes need a GPU (meta covers CPU runs)")
+def test_mixed_cpu_cuda_devices() -> None:
+    from fastdpo import linear_sequence_logprobs, preference_loss, sequence_logprobs
+
+    logits, labels = _logits_case()
+    _raises(ValueError, "device", lambda: sequence_logprobs(logits.cuda(), labels))
+    hidden, weight, bias, labels = _head_case()
+    msg = _raises(ValueError, "device", lambda: linear_sequence_logprobs(hidden.cuda(), weight, labels.cuda()))
+    assert "weight" in msg, msg
+    pc, pr, rc, rr = _pl_inputs()
+    _raises(ValueError, "device", lambda: preference_loss(pc.cuda(), pr.cuda(), rc, rr.cuda()))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # preference_loss
 # ---------------------------------------------------------------------------------------------------------------
