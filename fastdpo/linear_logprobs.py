@@ -49,6 +49,7 @@ from fastdpo._validation import (
     check_index,
     check_labels,
     check_same_device,
+    warn_nonfinite_output,
 )
 from fastdpo.segments import segment_sum
 
@@ -208,11 +209,32 @@ def _resolve(backend: Backend, hidden: torch.Tensor) -> str:
     return "torch" if hidden.dtype == torch.float64 else resolved
 
 
+class _GatherDTensor(torch.autograd.Function):
+    """All-gather a sharded DTensor parameter; backward reduce-scatters the gradient, averaged over the mesh.
+
+    Each data-parallel rank projects its own tokens with the full weight, so the full-weight gradients differ per rank
+    and are partial contributions: backward marks them ``Partial("avg")`` and redistributes them to the parameter's
+    placement (a reduce-scatter for ``Shard(0)``), which is what FSDP2 does with the gradients of its own params.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.mesh = weight.device_mesh
+        ctx.placements = weight.placements
+        return weight.full_tensor()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        from torch.distributed.tensor import DTensor, Partial
+
+        partial = DTensor.from_local(grad.contiguous(), ctx.mesh, [Partial("avg")] * ctx.mesh.ndim)
+        return partial.redistribute(ctx.mesh, ctx.placements)
+
+
 def _gather_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A DTensor (FSDP2) weight is gathered once per call; autograd redistributes its gradient to the placement."""
-    full_tensor = getattr(weight, "full_tensor", None)
-    if full_tensor is not None and type(weight).__name__ == "DTensor":
-        return full_tensor()
+    """A DTensor (FSDP2) weight is gathered once per call; its gradient is reduce-scattered (averaged) back."""
+    if type(weight).__name__ == "DTensor":
+        return _GatherDTensor.apply(weight)
     return weight
 
 
@@ -836,7 +858,7 @@ def linear_token_logprobs(
     if gather_context is not None and not callable(gather_context):
         raise TypeError("gather_context must be a callable returning a context manager")
     with _enter(gather_context):
-        return _token_logprobs_impl(
+        stats = _token_logprobs_impl(
             hidden,
             weight,
             labels,
@@ -852,6 +874,9 @@ def linear_token_logprobs(
             gather_context,
             keep_logits_bytes,
         )
+    if validate:
+        warn_nonfinite_output(stats.logprobs, "hidden states or weight")
+    return stats
 
 
 def _token_logprobs_impl(
@@ -960,6 +985,10 @@ def linear_sequence_logprobs(
     ``segment_ids [N]`` (+ ``num_segments``; ids of ignored positions are not used) -> ``[S]``. A sequence without
     any label has log-prob 0 (and zero gradient). Other arguments as :func:`linear_token_logprobs`.
     """
+    if segment_ids is None and labels.dim() != 2:
+        raise ValueError(f"without segment_ids labels must be [B, T], got {list(labels.shape)}")
+    if segment_ids is not None and labels.dim() != 1:
+        raise ValueError(f"with segment_ids labels must be [N], got {list(labels.shape)}")
     tok = linear_token_logprobs(
         hidden,
         weight,
@@ -1130,7 +1159,7 @@ def linear_logprobs_loss_grad_in_forward(
     if gather_context is not None and not callable(gather_context):
         raise TypeError("gather_context must be a callable returning a context manager")
     with _enter(gather_context):
-        return _grad_in_forward_impl(
+        loss, seq_logps = _grad_in_forward_impl(
             hidden,
             weight,
             labels,
@@ -1148,6 +1177,9 @@ def linear_logprobs_loss_grad_in_forward(
             backend,
             logits_budget_bytes,
         )
+    if validate:
+        warn_nonfinite_output(seq_logps, "hidden states or weight")
+    return loss, seq_logps
 
 
 def _grad_in_forward_impl(

@@ -10,7 +10,8 @@ Variants (same model, optimizer and reference; they differ in the LM head / log-
 
 Batch: ``pairs`` preference pairs → ``R = 2·pairs`` rows of ``L = prompt_len + completion_len`` tokens (no padding).
 Peak = weights + reference + optimizer state (resident all step) + the largest of the phases: reference forward,
-end of the policy forward / start of backward (activations + head), end of backward (gradients), optimizer update.
+end of the policy forward / start of backward (activations + head), end of backward (gradients; with tied embeddings
+the embedding's dense gradient briefly exists next to the lm_head's), optimizer update.
 
 ``--measure`` builds the model from the config (random weights, optionally fewer layers with ``--layers``) and runs
 each variant's step in its own process on CPU, reporting peak RSS over the process's pre-model baseline.
@@ -227,10 +228,10 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig) -> dict[str, int]:
 
     With ``b`` the dtype's bytes, ``R`` rows of ``L`` tokens, ``C`` completion tokens per row:
 
-    * naive: the HF forward projects ``n = R·L`` positions: logits ``[n, V]`` (``b``), their fp32 copy when
-      ``b != 4``, ``log_softmax`` of the ``n' = R·(L−1)`` shifted rows (fp32, saved), the lm_head's saved input
-      ``n·D·b``. Backward: the gathered gradient, the saved output and the input gradient, ``12·n'·V``, then the
-      ``[V, D]`` weight gradient.
+    * naive: the HF forward projects ``n = R·L`` positions: logits ``[n, V]`` (``b``), an fp32 copy of the
+      ``n' = R·(L−1)`` shifted rows (the ``.float()`` cast, or the contiguous copy ``log_softmax`` makes of the
+      shifted view), ``log_softmax`` of them (fp32, saved), the lm_head's saved input ``n·D·b``. Backward: the
+      gathered gradient, the saved output and the input gradient, ``12·n'·V``, then the ``[V, D]`` weight gradient.
     * trl: TRL 1.16's ``ChunkedLogProbFunction`` on ``n`` positions (``R·(L−1)``, all of them, on CPU; ``R·C`` on CUDA
       where TRL compacts) from a ``[n, D]`` copy; ``[min(n, 4096), min(V, 32768)]`` tiles; its torch fold (CPU) keeps
       ~3 fp32 tile temporaries in forward and ~7 in backward (none with the Triton fold); fp32 ``[n, D]`` and
@@ -249,9 +250,13 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig) -> dict[str, int]:
         n, n1 = r * seq, r * (seq - 1)
         logp = 4 * n1 * v
         saved = logp + n * d * b
-        fwd = n * v * b + (4 * n * v if half else 0) + saved
-        bwd = saved + 2 * logp
-        ref = n * v * b + (4 * n * v if half else 0) + logp
+        # the shifted fp32 logits log_softmax reads: the .float() copy (b != 4) or a contiguous copy of the
+        # non-contiguous [:, :-1] view (fp32) — one fp32 [n', V] either way
+        fwd = n * v * b + logp + saved
+        # log_softmax backward: saved output + gathered gradient + input gradient; then the lm_head's backward: the
+        # [n, V] logits gradient and the [V, D] weight gradient
+        bwd = max(saved + 2 * logp, n * d * b + n * v * b + v * d * b)
+        ref = n * v * b + 2 * logp
         return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
     if variant == "trl":
         n = r * (seq - 1) if step.device == "cpu" else r * c
@@ -295,8 +300,11 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
     ref_phase = resident + (head["ref_peak"] if step.reference == "model" else 0)
     fwd_phase = resident + act + head["fwd_peak"]
     bwd_phase = resident + act + head["bwd_peak"]
-    end_phase = resident + grads
-    opt_phase = end_phase + (2 * p["largest"] * b if step.optimizer == "adamw" else 0)
+    # tied embeddings: the embedding's dense gradient exists next to the lm_head's before they are summed; with the
+    # naive head (F.linear's weight gradient) autograd sums them out of place, a third [V, D] (measured on CPU)
+    tied_extra = (2 if variant == "naive" else 1) * p["embed"] * b if m.tie_word_embeddings else 0
+    end_phase = resident + grads + tied_extra
+    opt_phase = resident + grads + (2 * p["largest"] * b if step.optimizer == "adamw" else 0)
     phases = {"reference forward": ref_phase, "policy forward": fwd_phase, "backward start": bwd_phase,
               "backward end": end_phase, "optimizer step": opt_phase}
     peak_phase = max(phases, key=phases.__getitem__)
