@@ -1,9 +1,12 @@
 """``DPOEngine``: one DPO step on a collated batch — reference forward, policy forward, preference loss, metrics.
 
-Both forwards go through the model's *backbone* only (see :mod:`fastdpo.models`): the last hidden states of the
-positions that predict completion tokens (``batch["logp_index"]``) are fed with the output-embedding weight to the
-fused head :func:`fastdpo.linear_logprobs.linear_token_logprobs`, so ``[tokens, V]`` logits never exist and prompt
-positions never reach the head. Per-token log-probs are reduced per sequence with the deterministic
+Both forwards run the model's own forward (through DDP / FSDP2 / PEFT wrappers, so their hooks fire) with the output
+projection restricted to zero positions, capturing the backbone's last hidden states (see :mod:`fastdpo.models`): the
+hidden states of the positions that predict completion tokens (``batch["logp_index"]``) are fed with the
+output-embedding weight to the fused head :func:`fastdpo.linear_logprobs.linear_token_logprobs`, so ``[tokens, V]``
+logits never exist and prompt positions never reach the head. Policy and reference ask the head for the same token
+statistics, so they take the identical fold path: equal weights give bitwise-equal log-probs (rewards exactly 0).
+Per-token log-probs are reduced per sequence with the deterministic
 :func:`fastdpo.segments.segment_sum` (or LD-DPO's :func:`fastdpo.losses.ld_logps`), then
 :func:`fastdpo.losses.preference_loss` gives the loss and TRL's reward metrics; the engine adds ``logits/chosen``,
 ``logits/rejected``, ``entropy`` and ``mean_token_accuracy`` from the head's no-grad token statistics.
@@ -37,6 +40,7 @@ from fastdpo.models import (
     is_peft_model,
     quantize_model,
     resolve_lm,
+    unwrap_ddp,
 )
 from fastdpo.ref_cache import RefLogpCache, model_fingerprint
 
@@ -46,6 +50,9 @@ REFERENCE_MODES: tuple[str, ...] = ("model", "adapter", "precomputed")
 
 _BATCH_KEYS = ("input_ids", "position_ids", "attention_mask", "logp_index", "logp_labels", "logp_seq",
                "chosen_lengths", "rejected_lengths", "num_pairs")
+# batch tensors the forwards and the head consume: they must live on the model's device
+_DEVICE_KEYS = ("input_ids", "position_ids", "attention_mask", "token_seq", "token_role", "token_pair", "logp_index",
+                "logp_labels", "logp_seq", "logp_pos", "chosen_lengths", "rejected_lengths")
 
 # preference losses whose value is a sum of per-pair terms (what grad_in_forward needs: gradients pair by pair)
 _PAIR_LOCAL_LOSSES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -56,7 +63,8 @@ class DPOEngine:
     """Policy + reference DPO step on batches from :class:`fastdpo.collator.PreferenceCollator`.
 
     Args:
-        model: the policy, any Hugging Face causal LM (PEFT-wrapped too).
+        model: the policy, any Hugging Face causal LM (PEFT-wrapped too; also inside ``DistributedDataParallel`` or
+            sharded with FSDP2 ``fully_shard`` — the forward runs through the wrapper, so gradients are reduced).
         ref_model: the reference model for ``reference="model"``; for ``"precomputed"`` optionally the model the cache
             must have been built from (checked, then not kept).
         reference: ``"model"``, ``"adapter"`` or ``"precomputed"`` (see the module docstring).
@@ -161,7 +169,8 @@ class DPOEngine:
             if ref_quantization is not None:
                 if ref_quantization not in (4, 8):
                     raise ValueError(f"ref_quantization must be 4, 8 or None, got {ref_quantization!r}")
-                ref_model = quantize_model(ref_model if ref_model is not None else model, ref_quantization)
+                ref_model = quantize_model(ref_model if ref_model is not None else unwrap_ddp(model),
+                                           ref_quantization)
             if ref_model is None:
                 raise ValueError(
                     "reference='model' needs ref_model (or ref_quantization=8|4 to build a quantized copy of the "
@@ -176,7 +185,7 @@ class DPOEngine:
         elif reference == "adapter":
             if ref_model is not None or ref_cache is not None or ref_quantization is not None:
                 raise ValueError("reference='adapter' takes no ref_model, ref_cache or ref_quantization")
-            if not is_peft_model(model) or not hasattr(model, "disable_adapter"):
+            if not is_peft_model(unwrap_ddp(model)) or not hasattr(unwrap_ddp(model), "disable_adapter"):
                 raise ValueError(
                     f"reference='adapter' needs a PEFT model (with disable_adapter()), got {type(model).__name__}"
                 )
@@ -200,7 +209,7 @@ class DPOEngine:
             if self.ref_model is not None:
                 _disable_dropout(self.ref_model)
         if gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(unwrap_ddp(model))
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -215,6 +224,31 @@ class DPOEngine:
             assert self.ref_parts is not None
             return self.ref_parts
         return resolve_lm(model)
+
+    @property
+    def policy_token_stats(self) -> bool:
+        """Whether the policy's head pass returns token statistics — the reference pass asks for the same ones, so
+        both take the identical fold (bitwise-equal log-probs for equal weights)."""
+        return self.compute_token_metrics or self.use_weighting
+
+    @staticmethod
+    def _check_device(parts: LMParts, batch: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming the key when a batch tensor is not on the model's device (before any work).
+
+        The device is the first plain (non-``DTensor``) parameter's; FSDP2-sharded parameters are skipped (with CPU
+        offloading they live on the host while the batch belongs on the accelerator), so a fully sharded model is
+        not checked here."""
+        param = next((p for p in parts.hf_model.parameters() if type(p).__name__ != "DTensor"), None)
+        if param is None:
+            return
+        device = param.device
+        for key in _DEVICE_KEYS:
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor) and value.device != device:
+                raise ValueError(
+                    f"batch[{key!r}] is on device {value.device} but the model ({type(parts.hf_model).__name__}) is "
+                    f"on {device}; move the batch to the model's device first"
+                )
 
     @staticmethod
     def _check_batch(batch: Mapping[str, Any]) -> int:
@@ -252,11 +286,14 @@ class DPOEngine:
             self._kwargs_cache = (batch["input_ids"], key, kwargs)
         return kwargs
 
-    def _completion_hidden(self, parts: LMParts, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Backbone forward, then the hidden states that predict completion tokens: ``[M, D]``."""
+    def _completion_hidden(self, parts: LMParts,
+                           batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Model forward, then the hidden states that predict completion tokens: ``([M, D], anchor)`` where
+        ``anchor`` (exactly 0, or None) must be added to whatever the head's output feeds (see
+        :meth:`fastdpo.models.LMParts.forward`: it keeps the wrapper's output hooks in the backward graph)."""
         kwargs = self._forward_kwargs(parts, batch)
-        hidden = parts.hidden_states(batch["input_ids"], **kwargs)
-        return hidden.flatten(0, 1).index_select(0, batch["logp_index"])
+        hidden, anchor = parts.forward(batch["input_ids"], **kwargs)
+        return hidden.flatten(0, 1).index_select(0, batch["logp_index"]), anchor
 
     def _sequence_logps(self, token_logps: torch.Tensor, batch: Mapping[str, Any], num_pairs: int) -> torch.Tensor:
         """``[2P]`` fp32 sequence log-probs (LD-weighted when ``ld_alpha`` is set) from ``[M]`` token log-probs."""
@@ -283,9 +320,10 @@ class DPOEngine:
 
         num_pairs = self._check_batch(batch)
         parts = self._parts_for(model)
+        self._check_device(parts, batch)
         ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
         with ctx, _quiet_bnb():
-            hidden = self._completion_hidden(parts, batch)
+            hidden, anchor = self._completion_hidden(parts, batch)
             weight, bias = parts.head_weight_bias()
             stats = linear_token_logprobs(
                 hidden, weight, batch["logp_labels"], bias=bias, softcap=parts.softcap,
@@ -295,6 +333,8 @@ class DPOEngine:
                 chunk_size=self.chunk_size, validate=self.validate, backend=self.backend,
             )
             seq = self._sequence_logps(stats.logprobs, batch, num_pairs)
+            if anchor is not None and anchor.requires_grad:
+                seq = seq + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
             if self.ld_alpha is None:
                 nll_sum = -seq.detach()
             else:
@@ -314,7 +354,7 @@ class DPOEngine:
     @contextlib.contextmanager
     def _reference_context(self) -> Iterator[nn.Module]:
         if self.reference == "adapter":
-            with self.model.disable_adapter():
+            with unwrap_ddp(self.model).disable_adapter():
                 yield self.model
         else:
             assert self.ref_model is not None
@@ -338,13 +378,13 @@ class DPOEngine:
                 out.append(t)
             return out[0], out[1]
         with self._reference_context() as ref:
-            out = self.compute_logps(ref, batch, with_grad=False)
+            out = self.compute_logps(ref, batch, with_grad=False, token_stats=self.policy_token_stats)
         return out["chosen_logps"], out["rejected_logps"]
 
     def reference_fingerprint(self) -> str:
         """Fingerprint of the reference (for cache stamps): the ref model, or the PEFT base under adapter mode."""
         if self.reference == "adapter":
-            return model_fingerprint(self.model, exclude_adapters=True)
+            return model_fingerprint(unwrap_ddp(self.model), exclude_adapters=True)
         if self.reference == "model":
             assert self.ref_model is not None
             return model_fingerprint(self.ref_model)
@@ -375,6 +415,7 @@ class DPOEngine:
         ``entropy``, ``mean_token_accuracy``.
         """
         num_pairs = self._check_batch(batch)
+        self._check_device(self.policy_parts, batch)
         self._in_step = True
         try:
             ref_c, ref_r = self.reference_logps(batch)
@@ -389,8 +430,7 @@ class DPOEngine:
               ref_r: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from fastdpo.losses import preference_loss, wpo_weights
 
-        pol = self.compute_logps(self.model, batch, with_grad=True, token_stats=self.compute_token_metrics
-                                 or self.use_weighting)
+        pol = self.compute_logps(self.model, batch, with_grad=True, token_stats=self.policy_token_stats)
         extra: dict[str, Any] = {}
         if self.use_weighting:
             w = wpo_weights(pol["token_logps"], pol["log_sum_p2"], batch["logp_seq"], 2 * num_pairs,
@@ -414,7 +454,7 @@ class DPOEngine:
         from fastdpo.losses import preference_loss
 
         parts = self.policy_parts
-        hidden = self._completion_hidden(parts, batch)
+        hidden, anchor = self._completion_hidden(parts, batch)
         weight, bias = parts.head_weight_bias()
         lengths_c, lengths_r = batch["chosen_lengths"], batch["rejected_lengths"]
         kwargs = self.loss_kwargs
@@ -445,6 +485,8 @@ class DPOEngine:
             softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
             validate=self.validate, backend=self.backend,
         )
+        if anchor is not None and anchor.requires_grad:
+            loss = loss + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
         with torch.no_grad():
             _, metrics = preference_loss(seq[:num_pairs], seq[num_pairs:], ref_c, ref_r, chosen_lengths=lengths_c,
                                          rejected_lengths=lengths_r, **kwargs)

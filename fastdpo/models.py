@@ -1,9 +1,11 @@
 """Model glue: split any Hugging Face causal LM into a backbone and an LM head the fused kernels can use.
 
-The engine never calls a model's full ``forward`` (that would materialize ``[B, T, V]`` logits). It calls the
-*backbone* (the decoder stack, final norm included) for the last hidden states, picks the completion positions, and
-hands them with the output-embedding weight to :func:`fastdpo.linear_logprobs.linear_token_logprobs`. For that to give
-the model's own log-probs, the head's extras have to be honoured too:
+The engine never materializes the ``[B, T, V]`` logits. It runs the model's *own* forward (through any DDP / FSDP2
+wrapper, so their hooks fire: DDP's gradient reducer, FSDP2's root unshard and reduce-scatter) with
+``logits_to_keep`` an empty index tensor, so the output projection runs on zero positions; a forward hook on the
+*backbone* (the decoder stack, final norm included) captures the last hidden states. The engine picks the completion
+positions and hands them with the output-embedding weight to :func:`fastdpo.linear_logprobs.linear_token_logprobs`.
+For that to give the model's own log-probs, the head's extras have to be honoured too:
 
 * ``final_logit_softcapping`` (Gemma-2/3): ``z = cap * tanh(z / cap)``;
 * Cohere-style ``logit_scale`` (``logits * model.logit_scale``), ``output_multiplier``/``lm_head_multiplier``, and
@@ -20,6 +22,7 @@ reproduces the model's own logits.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,6 +34,7 @@ __all__ = [
     "LMParts",
     "resolve_lm",
     "unwrap_peft",
+    "unwrap_ddp",
     "is_peft_model",
     "head_weight_bias",
     "max_logit_error",
@@ -48,6 +52,31 @@ def is_peft_model(model: nn.Module) -> bool:
 def unwrap_peft(model: nn.Module) -> nn.Module:
     """Return the Hugging Face model inside a PEFT wrapper (LoRA layers stay injected), or ``model`` itself."""
     return model.get_base_model() if is_peft_model(model) else model
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (``.module``), or ``model``."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _accepts_logits_to_keep(hf_model: nn.Module) -> bool:
+    try:
+        params = inspect.signature(hf_model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "logits_to_keep" in params
 
 
 def _is_modules_to_save(module: nn.Module) -> bool:
@@ -122,14 +151,18 @@ class LMParts:
     """A causal LM split into what the fused head needs.
 
     Attributes:
-        model: the model as given (possibly a ``PeftModel``).
-        hf_model: the Hugging Face ``*ForCausalLM`` inside (LoRA layers still injected).
+        model: the model as given (possibly a ``PeftModel``, possibly inside ``DistributedDataParallel``); its
+            ``__call__`` runs the forward, so the wrappers' hooks fire.
+        hf_model: the Hugging Face ``*ForCausalLM`` inside (DDP and PEFT wrappers removed, LoRA layers still
+            injected).
         backbone: module mapping ``input_ids`` (+ attention kwargs) to ``last_hidden_state [B, T, D]`` — the final
             norm included, the output projection excluded.
         head: the output-embedding module (``get_output_embeddings()``).
         softcap: final-logit soft-capping value or None.
         logit_scale: multiplier applied to the logits before soft-capping (Cohere ``logit_scale``, Granite
             ``1 / logits_scaling``); 1.0 for most models.
+        through_model: True when :meth:`forward` runs ``model``'s own forward with ``logits_to_keep`` empty (the
+            model accepts ``logits_to_keep``); False when it calls the backbone directly (only for unwrapped models).
     """
 
     model: nn.Module
@@ -138,21 +171,51 @@ class LMParts:
     head: nn.Module
     softcap: float | None
     logit_scale: float
+    through_model: bool = True
 
     def head_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Effective ``(weight [V, D], bias [V] | None)`` now (respects PEFT ``disable_adapter()``)."""
         return head_weight_bias(self.head)
 
-    def hidden_states(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Backbone forward: ``input_ids [R, L]`` (+ ``attention_mask``/``position_ids``/...) -> ``[R, L, D]``.
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``input_ids [R, L]`` (+ ``attention_mask``/``position_ids``/...) -> ``(hidden [R, L, D], anchor)``.
 
-        Never materializes logits. ``use_cache`` is forced off (training/scoring never needs a KV cache).
+        Runs ``model(...)`` — through the DDP / FSDP2 / PEFT wrappers, so their forward hooks fire — with
+        ``logits_to_keep`` an empty index tensor (the output projection sees zero positions, no logits are
+        materialized) and captures the backbone's last hidden state with a forward hook. ``anchor`` is a 0-dim
+        tensor equal to exactly 0 (the sum of the empty logits) that carries the model output's autograd edge: add it
+        to the loss so hooks registered on the model's outputs (FSDP2's root pre-backward) run in backward. It is
+        ``None`` when the model does not accept ``logits_to_keep`` and the backbone is called directly.
+        ``use_cache`` is forced off (training/scoring never needs a KV cache).
         """
-        out = self.backbone(input_ids=input_ids, use_cache=False, **kwargs)
-        hidden = getattr(out, "last_hidden_state", None)
-        if hidden is None:
-            hidden = out[0]
-        return hidden
+        if not self.through_model:
+            return _last_hidden(self.backbone(input_ids=input_ids, use_cache=False, **kwargs)), None
+        captured: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            captured.append(_last_hidden(output))
+
+        handle = self.backbone.register_forward_hook(hook)
+        try:
+            keep = torch.empty(0, dtype=torch.long, device=input_ids.device)
+            out = self.model(input_ids=input_ids, use_cache=False, logits_to_keep=keep, **kwargs)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(
+                f"the backbone ({type(self.backbone).__name__}) ran {len(captured)} times in one forward of "
+                f"{type(self.hf_model).__name__}; expected exactly once"
+            )
+        logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            logits = out[0]
+        anchor = logits.sum() if isinstance(logits, torch.Tensor) and logits.numel() == 0 else None
+        return captured[0], anchor
+
+    def hidden_states(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Last hidden states ``[R, L, D]`` for ``input_ids [R, L]`` (see :meth:`forward`; never materializes
+        logits)."""
+        return self.forward(input_ids, **kwargs)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits from hidden states exactly as the fused head defines them (for checks; materializes ``V``)."""
@@ -161,6 +224,13 @@ class LMParts:
         if self.softcap is not None:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z
+
+
+def _last_hidden(out: Any) -> torch.Tensor:
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0]
+    return hidden
 
 
 def _find_backbone(hf_model: nn.Module) -> nn.Module:
@@ -209,14 +279,16 @@ def _logit_scale(hf_model: nn.Module, config: Any) -> float:
 
 
 def resolve_lm(model: nn.Module) -> LMParts:
-    """Split a Hugging Face causal LM (optionally PEFT-wrapped) into backbone, head and logit transforms.
+    """Split a Hugging Face causal LM (optionally PEFT-wrapped, in ``DistributedDataParallel`` or sharded with FSDP2
+    ``fully_shard``) into backbone, head and logit transforms.
 
-    Raises ``TypeError`` when ``model`` has no output embedding, ``ValueError`` when no backbone can be found or a
-    logit transform is invalid.
+    Raises ``TypeError`` when ``model`` has no output embedding, ``ValueError`` when no backbone can be found, a
+    logit transform is invalid, or a wrapped (DDP/FSDP2) model's forward does not accept ``logits_to_keep``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    hf_model = unwrap_peft(model)
+    inner = unwrap_ddp(model)
+    hf_model = unwrap_peft(inner)
     get_head = getattr(hf_model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None:
@@ -236,7 +308,15 @@ def resolve_lm(model: nn.Module) -> LMParts:
     scale = _logit_scale(hf_model, config)
     if not (math.isfinite(scale) and scale != 0):
         raise ValueError(f"model logit scale must be finite and non-zero, got {scale}")
-    return LMParts(model=model, hf_model=hf_model, backbone=backbone, head=head, softcap=softcap, logit_scale=scale)
+    through_model = _accepts_logits_to_keep(hf_model)
+    if not through_model and (inner is not model or any(_is_fsdp2(m) for m in hf_model.modules())):
+        raise ValueError(
+            f"{type(hf_model).__name__}.forward does not accept logits_to_keep, so fastdpo cannot run it through the "
+            f"{type(model).__name__}/FSDP wrapper without materializing the logits; wrapped models need a causal LM "
+            "whose forward takes logits_to_keep (transformers >= 4.50 models do)"
+        )
+    return LMParts(model=model, hf_model=hf_model, backbone=backbone, head=head, softcap=softcap, logit_scale=scale,
+                   through_model=through_model)
 
 
 @torch.no_grad()

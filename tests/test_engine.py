@@ -342,6 +342,33 @@ def test_reference_modes_give_the_same_loss(tok, tmp_path) -> None:
     assert not any(p.grad is not None for p in ref_copy.parameters())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_reference_equal_to_policy_gives_exactly_zero_rewards(arch: str, tok) -> None:
+    """Policy and reference with equal weights (TRL's step 0; every fresh LoRA run): the reference pass takes the
+    same fused-head path as the policy (same token statistics requested), so the log-probs are bitwise equal, every
+    reward is exactly 0 and ``rewards/accuracies`` is 0 (as TRL logs) — not ties broken by fp32 rounding."""
+    policy = _model(arch, tok, seed=4)
+    ref = copy.deepcopy(policy)
+    rows = _rows(5, seed=29)
+    for packing in PACKINGS:
+        batch = _batch(tok, rows, packing)
+        for kw in ({}, {"use_weighting": True}, {"compute_token_metrics": False}):
+            engine = DPOEngine(policy, ref, **kw)
+            pol = engine.compute_logps(policy, batch, with_grad=False, token_stats=engine.policy_token_stats)
+            ref_c, ref_r = engine.reference_logps(batch)
+            assert torch.equal(ref_c, pol["chosen_logps"]) and torch.equal(ref_r, pol["rejected_logps"]), (packing, kw)
+            loss, metrics = engine.step(batch)
+            for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+                assert float(metrics[name]) == 0.0, (packing, kw, name, float(metrics[name]))
+            if not kw.get("use_weighting"):  # WPO scales the per-pair terms by weights < 1
+                assert float(loss) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-6)  # -log sigmoid(0)
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(copy.deepcopy(policy), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                      lora_dropout=0.0))  # B = 0: adapter is a no-op
+    _, metrics = DPOEngine(lora, reference="adapter").step(_batch(tok, rows, "prefix_shared"))
+    assert float(metrics["rewards/margins"]) == 0.0 and float(metrics["rewards/accuracies"]) == 0.0
+
+
 def test_ref_cache_refuses_other_model_dataset_or_settings(tok, tmp_path) -> None:
     rows = _rows(4, seed=29)
     policy, ref = _model("qwen2", tok), _model("qwen2", tok, seed=1)

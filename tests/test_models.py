@@ -142,6 +142,74 @@ def test_bad_models() -> None:
         head_weight_bias(torch.nn.ReLU())
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_through_model_keeps_no_logits(arch: str) -> None:
+    """``LMParts.forward`` runs the model's own forward (so wrapper hooks fire) with the head on zero positions: the
+    captured hidden states equal the backbone's bitwise, the head's output is empty, and the anchor is exactly 0 and
+    carries the model output's autograd edge."""
+    model = _model(arch).train()
+    parts = resolve_lm(model)
+    assert parts.through_model
+    ids = _ids(3, 13, seed=5)
+    head_outputs: list[torch.Tensor] = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: head_outputs.append(out))
+    try:
+        hidden, anchor = parts.forward(ids)
+    finally:
+        handle.remove()
+    assert [tuple(o.shape) for o in head_outputs] == [(3, 0, V)]
+    assert anchor is not None and anchor.requires_grad and float(anchor.detach()) == 0.0
+    with torch.no_grad():
+        direct = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    assert torch.equal(hidden.detach(), direct)
+    (hidden.square().mean() + anchor).backward()
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+class _NoKeepLM(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (the backbone is then called directly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _model("llama")
+        self.model = self.inner.model
+        self.lm_head = self.inner.lm_head
+        self.config = self.inner.config
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self.model
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids=input_ids, **kwargs).last_hidden_state)
+
+
+def test_resolve_lm_unwraps_ddp_and_refuses_wrapped_models_without_logits_to_keep(tmp_path) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    plain = _NoKeepLM()
+    parts = resolve_lm(plain)
+    assert not parts.through_model
+    hidden, anchor = parts.forward(_ids())
+    assert anchor is None and torch.equal(hidden, plain.model(input_ids=_ids()).last_hidden_state)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = _model("llama")
+        wrapped = DistributedDataParallel(model)
+        parts = resolve_lm(wrapped)
+        assert parts.model is wrapped and parts.hf_model is model and parts.backbone is model.model
+        assert parts.through_model
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            resolve_lm(DistributedDataParallel(_NoKeepLM()))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_gradient_checkpointing_flag() -> None:
     model = _model("llama")
     enable_gradient_checkpointing(model)

@@ -41,27 +41,6 @@ _METRIC_ORDER = ("entropy", "num_tokens", "logits/chosen", "logits/rejected", "m
                  "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
-class _SamePathEngine(DPOEngine):
-    """:class:`DPOEngine` whose live reference runs the fused head with the same outputs as the policy.
-
-    Asking the head for its token statistics (entropy, mean logit, argmax) changes the fp32 rounding of the
-    log-probs (~1e-7 relative). TRL computes policy and PEFT reference through one path, so where policy ==
-    reference (step 1 of every LoRA run) its rewards are exactly 0 and ``rewards/accuracies`` is 0; a reference
-    computed without the statistics would log ties broken by rounding instead.
-    """
-
-    @property
-    def reference_token_stats(self) -> bool:
-        return self.compute_token_metrics or self.use_weighting
-
-    def reference_logps(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.reference == "precomputed":
-            return super().reference_logps(batch)
-        with self._reference_context() as ref:
-            out = self.compute_logps(ref, batch, with_grad=False, token_stats=self.reference_token_stats)
-        return out["chosen_logps"], out["rejected_logps"]
-
-
 class _TrainerCollator:
     """Data collator for the trainer: a :class:`PreferenceCollator` built on first use from the trainer's tokenizer
     (TRL resolves the processing class inside ``DPOTrainer.__init__``) and the ``DPOConfig`` truncation options.
@@ -153,7 +132,7 @@ class FastDPOTrainer(DPOTrainer):
             packing = "padding_free" if args.padding_free else "pad"
         if packing not in _PACKINGS:
             raise ValueError(f"packing must be one of {_PACKINGS}, got {packing!r}")
-        self._fast_engine: _SamePathEngine | None = None
+        self._fast_engine: DPOEngine | None = None
         self._engine_options = {"grad_in_forward": bool(grad_in_forward), "attn_impl": attn_impl,
                                 "chunk_size": chunk_size, "backend": backend}
         self._ref_adapter: str | None = None  # a PEFT "ref" adapter (re-training an existing adapter), see below
@@ -176,8 +155,9 @@ class FastDPOTrainer(DPOTrainer):
         if self.accelerator.num_processes > 1:
             raise NotImplementedError(
                 f"FastDPOTrainer runs in a single process for now ({self.accelerator.num_processes} processes "
-                f"launched, distributed type {self.accelerator.distributed_type}): the engine calls the model's "
-                "backbone directly, outside the DDP/FSDP/DeepSpeed wrapper. Use trl.DPOTrainer for multi-process runs."
+                f"launched, distributed type {self.accelerator.distributed_type}): DPOEngine itself trains DDP and FSDP2 "
+                "models (see tests/test_distributed.py), but the trainer's multi-process wiring (accelerate-prepared "
+                "wrappers, DeepSpeed) is not validated yet. Use DPOEngine in your own loop, or trl.DPOTrainer."
             )
         if self.aux_loss_enabled:
             raise NotImplementedError(
@@ -226,7 +206,7 @@ class FastDPOTrainer(DPOTrainer):
                                       "loss is not supported by FastDPOTrainer")
 
     # ------------------------------------------------------------------------------------------------ engine
-    def _engine(self) -> _SamePathEngine:
+    def _engine(self) -> DPOEngine:
         """The engine (built on first use: TRL's ``__init__`` may need reference log-probs before it returns)."""
         if self._fast_engine is not None:
             return self._fast_engine
@@ -251,7 +231,7 @@ class FastDPOTrainer(DPOTrainer):
         else:  # pragma: no cover - DPOTrainer always builds a reference for full fine-tuning
             raise ValueError("no reference: pass ref_model, a PEFT model, or precompute_ref_log_probs=True")
         opts = self._engine_options
-        self._fast_engine = _SamePathEngine(
+        self._fast_engine = DPOEngine(
             model, ref_model, reference=reference, loss_type=list(args.loss_type), loss_weights=args.loss_weights,
             beta=args.beta, label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
             f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
@@ -279,7 +259,7 @@ class FastDPOTrainer(DPOTrainer):
         """Reference ``(chosen_logps [P], rejected_logps [P])`` fp32 of one collated batch (TRL's precompute hook)."""
         engine = self._engine()
         with self._no_grad_reference(model) as ref:
-            out = engine.compute_logps(ref, inputs, with_grad=False, token_stats=engine.reference_token_stats)
+            out = engine.compute_logps(ref, inputs, with_grad=False, token_stats=engine.policy_token_stats)
         return out["chosen_logps"], out["rejected_logps"]
 
     # ------------------------------------------------------------------------------------------------ loss path
@@ -295,7 +275,7 @@ class FastDPOTrainer(DPOTrainer):
         batch = dict(inputs)
         if self._ref_adapter is not None and not self.precompute_ref_logps:
             with self._no_grad_reference(self.model) as ref:
-                out = engine.compute_logps(ref, batch, with_grad=False, token_stats=engine.reference_token_stats)
+                out = engine.compute_logps(ref, batch, with_grad=False, token_stats=engine.policy_token_stats)
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = out["chosen_logps"], out["rejected_logps"]
         loss, metrics = engine.step(batch)
         self._record_metrics(mode, batch, metrics)
