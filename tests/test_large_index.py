@@ -1,8 +1,8 @@
 """Shapes with more than 2**31 logits: offsets must be int64 everywhere (``N * V`` overflows int32 at real sizes).
 
 - CPU, torch path: the fused head on ``N = 16400`` tokens x ``V = 131072`` (``N * V = 2.15e9 > 2**31``) with a tiny
-  hidden size (``D = 4``) so the GEMMs are cheap; forward only (the backward sweep costs ~3x more and the same
-  offsets are exercised on GPU below). Rows on both sides of the 2**31 boundary are checked against float64.
+  hidden size (``D = 4``) so the GEMMs are cheap; forward, and forward + backward with an upstream gradient that is
+  non-zero only on the checked rows. Rows on both sides of the 2**31 boundary are checked against float64.
 - CUDA (skipped without a GPU): the Triton kernels, forward and backward — the log-prob kernel on bf16 logits
   ``[17000, 131072]`` and the fused head — compared with float64 on rows beyond the boundary. The upstream gradient
   is non-zero only on the checked rows, so the float64 weight gradient is cheap to form exactly.
@@ -47,6 +47,44 @@ def test_fused_head_beyond_int32_cpu() -> None:
     assert torch.isfinite(out).all() and (out <= 0).all()
     ref = _ref_rows(hidden, weight, labels, rows)
     torch.testing.assert_close(out[rows].double(), ref, rtol=1e-5, atol=2e-4)
+
+
+def test_fused_head_beyond_int32_cpu_backward() -> None:
+    """Gradients through the torch path at N * V > 2**31: hidden rows and the whole weight gradient vs float64."""
+    from fastdpo import linear_token_logprobs
+
+    n, d = 16400, 4
+    g = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(n, d, generator=g) * 2).requires_grad_(True)
+    weight = torch.randn(V, d, generator=g).requires_grad_(True)
+    labels = torch.randint(0, V, (n,), generator=g)
+    rows = _check_rows(n, 3)
+    gout = torch.zeros(n)
+    gout[rows] = torch.linspace(-1.0, 1.0, rows.numel())
+    out = linear_token_logprobs(hidden, weight, labels, backend="torch", keep_logits_bytes=0).logprobs
+    out.backward(gout)
+
+    def naive_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log_softmax + gather on the checked rows only, in ``dtype``: (log-probs, hidden grad, weight grad)."""
+        h = hidden.detach()[rows].to(dtype).requires_grad_(True)
+        w = weight.detach().to(dtype).requires_grad_(True)
+        lp = torch.log_softmax(h @ w.T, dim=-1).gather(1, labels[rows].unsqueeze(1)).squeeze(1)
+        lp.backward(gout[rows].to(dtype))
+        assert h.grad is not None and w.grad is not None
+        return lp.detach().double(), h.grad.double(), w.grad.double()
+
+    ref, ref_h, ref_w = naive_rows(torch.float64)
+    _, naive_h, naive_w = naive_rows(torch.float32)
+    torch.testing.assert_close(out.detach()[rows].double(), ref, rtol=1e-5, atol=2e-4)
+    assert hidden.grad is not None and weight.grad is not None
+    others = torch.ones(n, dtype=torch.bool)
+    others[rows] = False
+    assert (hidden.grad[others] == 0).all()  # an int32 wrap would scatter gradient into other rows
+    # error vs float64 no larger than the naive fp32 path's (an offset bug gives O(1) errors)
+    err_h = (hidden.grad[rows].double() - ref_h).abs().max()
+    err_w = (weight.grad.double() - ref_w).abs().max()
+    assert err_h <= 2 * (naive_h - ref_h).abs().max() + 1e-6, err_h
+    assert err_w <= 2 * (naive_w - ref_w).abs().max() + 1e-6, err_w
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels)")
