@@ -13,3 +13,19 @@ import sys
 # Shared offline fixtures (tests/tiny.py) are imported as `import tiny` from every test file: --import-mode=importlib
 # does not put the tests directory on sys.path by itself.
 sys.path.insert(0, os.path.dirname(__file__))
+
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny-model ops run several times faster on one intra-op thread (no OpenMP hand-offs on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -26,20 +26,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_tiny() -> Any:
-    """``tests/tiny.py`` by path (the tests folder is not a package under ``--import-mode=importlib``)."""
-    import importlib.util
-
-    if "fastdpo_tests_tiny" in sys.modules:
-        return sys.modules["fastdpo_tests_tiny"]
-    spec = importlib.util.spec_from_file_location("fastdpo_tests_tiny", Path(__file__).with_name("tiny.py"))
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fastdpo_tests_tiny"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -249,7 +235,7 @@ def test_ref_cache_refuses_other_dataset_batches(tmp_path: Path) -> None:
     """Through collated batches: a cache built on one dataset refuses batches (and lookups) of another."""
     from fastdpo import PreferenceCollator
 
-    tiny = _load_tiny()
+    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
     make_tokenizer, preference_rows = tiny.make_tokenizer, tiny.preference_rows
     from fastdpo.ref_cache import RefLogpCache
 
@@ -288,7 +274,7 @@ def test_engine_precomputed_cache_refuses_mismatch(tmp_path: Path) -> None:
 
     from fastdpo import DPOEngine, PreferenceCollator
 
-    tiny = _load_tiny()
+    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0)
     ref = tiny.make_model("llama", tok, attn_implementation="eager", seed=1)

@@ -19,10 +19,7 @@ import copy
 import importlib.util
 import os
 import re
-import sys
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -43,28 +40,6 @@ BACKENDS = [
     ),
 ]
 NONFINITE = [float("nan"), float("inf")]
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny-model ops run several times faster on one intra-op thread (no OpenMP hand-offs on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _load_tiny() -> Any:
-    if "fastdpo_tests_tiny" in sys.modules:
-        return sys.modules["fastdpo_tests_tiny"]
-    spec = importlib.util.spec_from_file_location("fastdpo_tests_tiny", Path(__file__).with_name("tiny.py"))
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fastdpo_tests_tiny"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _raises(exc: type[BaseException] | tuple[type[BaseException], ...], names: str, fn: Callable[[], Any]) -> str:
@@ -674,7 +649,7 @@ def test_fused_dpo_loss_nonfinite_input(bad: float) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_parts() -> tuple[Any, torch.nn.Module, torch.nn.Module]:
-    tiny = _load_tiny()
+    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)

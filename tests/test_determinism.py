@@ -12,10 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import sys
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
@@ -35,29 +32,6 @@ BACKENDS = [
         ),
     ),
 ]
-
-
-def _load_tiny() -> Any:
-    if "fastdpo_tests_tiny" in sys.modules:
-        return sys.modules["fastdpo_tests_tiny"]
-    spec = importlib.util.spec_from_file_location("fastdpo_tests_tiny", Path(__file__).with_name("tiny.py"))
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fastdpo_tests_tiny"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny-model ops run several times faster on one intra-op thread (no OpenMP hand-offs on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 def _assert_bitwise_repeatable(
     run: Callable[[], dict[str, torch.Tensor]], runs: int = RUNS
@@ -201,7 +175,7 @@ def test_fused_linear_dpo_loss_deterministic(grad_in_forward: bool) -> None:
 def test_engine_step_deterministic(grad_in_forward: bool) -> None:
     from fastdpo import DPOEngine, PreferenceCollator
 
-    tiny = _load_tiny()
+    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)

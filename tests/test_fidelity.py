@@ -15,10 +15,6 @@ for which sequence) itself from ``token_role`` / ``token_seq``, independently of
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,29 +27,6 @@ NUM_ROWS = 16
 BETA = 0.1
 LR = 3e-3
 TOL = 1e-3
-
-
-def _load_tiny() -> Any:
-    if "fastdpo_tests_tiny" in sys.modules:
-        return sys.modules["fastdpo_tests_tiny"]
-    spec = importlib.util.spec_from_file_location("fastdpo_tests_tiny", Path(__file__).with_name("tiny.py"))
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fastdpo_tests_tiny"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny-model ops run several times faster on one intra-op thread (no OpenMP hand-offs on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 def naive_sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """``[2P]`` fp32 summed completion log-probs from the model's full logits (chosen 0..P-1, rejected P..2P-1)."""
@@ -112,7 +85,7 @@ def _short_rows(tiny: Any, n: int, seed: int) -> list[dict[str, str]]:
 def test_200_step_dpo_matches_naive() -> None:
     from fastdpo import DPOEngine, PreferenceCollator
 
-    tiny = _load_tiny()
+    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
     tok = tiny.make_tokenizer()
     base = _tiny_llama(tok, seed=0)
     ref = copy.deepcopy(base).eval().requires_grad_(False)
