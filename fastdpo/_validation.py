@@ -1,6 +1,8 @@
 """Input checks run before any kernel launch: bad input becomes a Python exception naming the argument."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -49,23 +51,11 @@ def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int, name:
         )
 
 
-def check_finite_warn(name: str, t: torch.Tensor) -> bool:
-    """Warn (and return False) when ``t`` holds NaN or inf; results will then carry NaN, never a wrong finite value."""
-    import warnings
-
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        warnings.warn(f"{name} contains NaN or inf; the result will be NaN", RuntimeWarning, stacklevel=3)
-        return False
-    return True
-
-
 def warn_nonfinite_output(out: torch.Tensor, source: str) -> None:
     """Warn when a result carries NaN/inf (from NaN/inf in ``source``); O(output) check instead of scanning inputs.
 
     NaN is propagated, never replaced by a finite value: the warning is how the caller learns about it.
     """
-    import warnings
-
     if out.numel() and not bool(torch.isfinite(out).all()):
         warnings.warn(
             f"non-finite result: {source} contain NaN or inf, which propagate to the output (NaN/inf log-probs)",

@@ -75,6 +75,14 @@ def _check_scalar(name: str, value: object) -> float:
     return value
 
 
+def check_label_smoothing(label_smoothing: object) -> float:
+    """``label_smoothing`` as a float in ``[0, 1)``; ``TypeError``/``ValueError`` naming it otherwise."""
+    eps = _check_scalar("label_smoothing", label_smoothing)
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {eps}")
+    return eps
+
+
 def normalize_loss_config(
     loss_type: str | Sequence[str],
     loss_weights: Sequence[float] | None,
@@ -111,9 +119,7 @@ def normalize_loss_config(
     beta = _check_scalar("beta", beta)
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    eps = _check_scalar("label_smoothing", label_smoothing)
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1), got {eps}")
+    eps = check_label_smoothing(label_smoothing)
     if "exo_pair" in types and eps == 0.0:
         raise ValueError(
             "loss_type 'exo_pair' needs label_smoothing > 0 (its target distribution is [1-eps, eps]); "

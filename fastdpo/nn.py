@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from fastdpo._validation import check_float, check_index, check_same_device
 from fastdpo.losses import (
     BATCH_COUPLED_LOSS_TYPES,
+    check_label_smoothing,
     _log1mexp,
     _smoothed_sigmoid,
     dpo_loss_sum,
@@ -462,9 +463,7 @@ class FusedLinearSimPOLoss(_FusedLinearPreferenceBase):
             ignore_index=ignore_index, beta=beta, alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled,
             chunk_size=chunk_size, **head_options,
         )
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.gamma = float(gamma)
 
     def _pair_terms(
@@ -510,9 +509,7 @@ class FusedLinearCPOLoss(_FusedLinearPreferenceBase):
             ignore_index=ignore_index, beta=beta, alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled,
             chunk_size=chunk_size, **head_options,
         )
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.average_log_prob = bool(average_log_prob)
 
     def _pair_terms(
