@@ -20,14 +20,17 @@ Reference modes:
   :meth:`DPOEngine.precompute_reference`), no reference weights needed at all.
 
 ``step`` returns the loss (with a grad_fn when grad is enabled) and leaves ``backward`` and the optimizer to the
-caller, like a ``compute_loss``.
+caller, like a ``compute_loss``. When something else owns the data-parallel wrapper (``accelerate`` / ``Trainer``
+prepare the model after the engine was built on it), ``step(batch, wrapped_model)`` runs the policy forward through that
+``DistributedDataParallel`` wrapper, and ``gather=`` / ``gather_totals=`` turn the metrics into global ones over the
+ranks (TRL's gathering).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -47,6 +50,9 @@ from fastdpo.ref_cache import RefLogpCache, model_fingerprint
 __all__ = ["DPOEngine", "REFERENCE_MODES"]
 
 REFERENCE_MODES: tuple[str, ...] = ("model", "adapter", "precomputed")
+
+#: all-gathers a tensor over data-parallel ranks along dim 0 (``accelerator.gather`` semantics), see DPOEngine.step
+MetricGather = Callable[[torch.Tensor], torch.Tensor]
 
 _BATCH_KEYS = ("input_ids", "position_ids", "attention_mask", "logp_index", "logp_labels", "logp_seq",
                "chosen_lengths", "rejected_lengths", "num_pairs")
@@ -74,8 +80,8 @@ class DPOEngine:
         temperature: logits are divided by it before the softmax (policy and reference; TRL's DPO uses 1).
         attn_impl: attention implementation passed to :func:`fastdpo.attention.build_attention_kwargs`.
         grad_in_forward: compute the head's gradients during the forward pass
-            (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`, 3 GEMMs instead of 4). Needs a
-            loss of plain sequence sums (no WPO, no LD-DPO); pair-local losses are processed pair by pair, the
+            (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`, 3 GEMMs instead of 4), for every
+            loss configuration (WPO and LD-DPO included); pair-local losses are processed pair by pair, the
             batch-coupled ones (aot, aot_unpaired, sft) as one group. Token metrics (``logits/*``, ``entropy``,
             ``mean_token_accuracy``) are then not reported.
         ref_cache: for ``"precomputed"``: a :class:`~fastdpo.ref_cache.RefLogpCache` or a path to one; ``None``
@@ -133,10 +139,6 @@ class DPOEngine:
             raise ValueError(f"ld_alpha must be None or a number in [0, 1], got {ld_alpha!r}")
         if not (isinstance(temperature, (int, float)) and float(temperature) > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if grad_in_forward and (use_weighting or ld_alpha is not None):
-            reason = ("WPO weights need the policy's own token statistics first" if use_weighting else
-                      "LD-DPO re-weights tokens inside a sequence")
-            raise ValueError(f"grad_in_forward=True needs losses of plain sequence sums: {reason}")
         self.model = model
         self.reference = reference
         self.loss_types, self.loss_weights = types, weights
@@ -162,6 +164,8 @@ class DPOEngine:
         # (input_ids tensor, format key, kwargs) shared by the two forwards of one step, dropped when it ends
         self._kwargs_cache: tuple[torch.Tensor, Any, dict[str, Any]] | None = None
         self._in_step = False
+        # parts of the last wrapper (e.g. accelerate's DDP) step() ran the policy through; see _policy_parts_for
+        self._wrapper_parts: LMParts | None = None
 
         if reference == "model":
             if ref_cache is not None:
@@ -223,7 +227,31 @@ class DPOEngine:
         if self.ref_model is not None and model is self.ref_model:
             assert self.ref_parts is not None
             return self.ref_parts
+        if self._wrapper_parts is not None and model is self._wrapper_parts.model:
+            return self._wrapper_parts
         return resolve_lm(model)
+
+    def _policy_parts_for(self, model: nn.Module | None) -> LMParts:
+        """Parts of the module :meth:`step` runs the policy forward through: the engine's model (``None``) or a
+        ``DistributedDataParallel`` wrapper of it, e.g. the one ``accelerate``/``Trainer`` prepared (resolved once and
+        kept until another wrapper is passed).
+
+        Raises ``TypeError`` for a non-module and ``ValueError`` for any other module (the head weight, the reference
+        and the metrics are the engine's model's, so a different model would silently train against the wrong graph).
+        """
+        if model is None or model is self.model:
+            return self.policy_parts
+        if self._wrapper_parts is not None and model is self._wrapper_parts.model:
+            return self._wrapper_parts
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        if unwrap_ddp(model) is not unwrap_ddp(self.model):
+            raise ValueError(
+                f"model must be the engine's policy or a DistributedDataParallel wrapper of it, got a "
+                f"{type(model).__name__} of another {type(unwrap_ddp(model)).__name__}"
+            )
+        self._wrapper_parts = resolve_lm(model)
+        return self._wrapper_parts
 
     @property
     def policy_token_stats(self) -> bool:
@@ -311,7 +339,7 @@ class DPOEngine:
         """Per-sequence log-probs of ``model`` on ``batch`` through backbone + fused head.
 
         Returns a dict with ``chosen_logps``, ``rejected_logps`` (``[P]`` fp32; LD-weighted under LD-DPO),
-        ``token_logps`` (``[M]`` fp32), ``nll_sum`` (``[2P]`` fp32 plain ``-sum log p``) and, with
+        ``token_logps`` (``[M]`` fp32), ``nll_sum`` (``[2P]`` fp32 plain ``-sum log p``, differentiable) and, with
         ``token_stats=True``, the head's ``entropy``, ``mean_logit``, ``argmax_hit`` (``[M]``) and ``log_sum_p2``
         (``[M]``, only with WPO) — ``None`` when not computed. ``with_grad=False`` runs under ``torch.no_grad``.
         """
@@ -335,11 +363,9 @@ class DPOEngine:
             seq = self._sequence_logps(stats.logprobs, batch, num_pairs)
             if anchor is not None and anchor.requires_grad:
                 seq = seq + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
-            if self.ld_alpha is None:
-                nll_sum = -seq.detach()
-            else:
-                nll_sum = -segment_sum(stats.logprobs.detach(), batch["logp_seq"], 2 * num_pairs,
-                                       validate=False)
+            # plain -sum log p, differentiable: the NLL ("sft") term of an LD-DPO loss trains on it (as TRL does)
+            nll_sum = -seq if self.ld_alpha is None else -segment_sum(
+                stats.logprobs, batch["logp_seq"], 2 * num_pairs, validate=False)
         return {
             "chosen_logps": seq[:num_pairs],
             "rejected_logps": seq[num_pairs:],
@@ -406,8 +432,24 @@ class DPOEngine:
         return cache
 
     # ------------------------------------------------------------------------------------------------------------
-    def step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def step(self, batch: Mapping[str, Any], model: nn.Module | None = None, *, gather: MetricGather | None = None,
+             gather_totals: MetricGather | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One DPO step's loss and metrics on a collated batch (``backward`` and the optimizer are the caller's).
+
+        Args:
+            batch: a :class:`~fastdpo.collator.PreferenceCollator` batch on the model's device.
+            model: the module the policy forward runs through: ``None`` (the engine's model) or a
+                ``DistributedDataParallel`` wrapper of the engine's model — e.g. the one ``accelerate`` prepared, which
+                ``Trainer.compute_loss`` receives — so that DDP's reducer sees the forward and averages the gradients
+                over ranks in backward. The reference forward runs the reference as the engine holds it (no gradient,
+                nothing to reduce). Any other module raises ``ValueError``.
+            gather: data-parallel metrics: all-gathers a tensor over the ranks along dim 0 (``[P, k] -> [sum P, k]``,
+                e.g. ``accelerator.gather``). The reward / log-prob metrics are then means over every rank's pairs.
+            gather_totals: the same for the token metrics' totals, a ``[1, 2k]`` tensor of (sum, count) per metric;
+                the gathered rows are summed before dividing (e.g. ``accelerator.gather_for_metrics``; default:
+                ``gather``). With either,
+                every rank must call ``step`` (they are collectives) and gets the same metrics; the loss stays this
+                rank's own.
 
         Returns ``(loss, metrics)``: 0-dim fp32 loss (with a grad_fn when grad is enabled) and TRL-named detached
         0-dim tensors ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
@@ -415,22 +457,29 @@ class DPOEngine:
         ``entropy``, ``mean_token_accuracy``.
         """
         num_pairs = self._check_batch(batch)
-        self._check_device(self.policy_parts, batch)
+        parts = self._policy_parts_for(model)
+        self._check_device(parts, batch)
         self._in_step = True
         try:
             ref_c, ref_r = self.reference_logps(batch)
             if self.grad_in_forward and torch.is_grad_enabled():
-                return self._step_grad_in_forward(batch, num_pairs, ref_c, ref_r)
-            return self._step(batch, num_pairs, ref_c, ref_r)
+                loss, metrics, pol_c, pol_r = self._step_grad_in_forward(batch, parts, num_pairs, ref_c, ref_r)
+            else:
+                loss, metrics, pol_c, pol_r = self._step(batch, parts, num_pairs, ref_c, ref_r, gather_totals or gather)
         finally:
             self._in_step = False
             self._kwargs_cache = None
+        if gather is not None:
+            metrics.update(_gathered_reward_metrics(pol_c, pol_r, ref_c, ref_r, self.beta, gather))
+        return loss, metrics
 
-    def _step(self, batch: Mapping[str, Any], num_pairs: int, ref_c: torch.Tensor,
-              ref_r: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _step(self, batch: Mapping[str, Any], parts: LMParts, num_pairs: int, ref_c: torch.Tensor,
+              ref_r: torch.Tensor, gather_totals: MetricGather | None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """``(loss, metrics, policy chosen logps [P], policy rejected logps [P])`` through ``parts.model``."""
         from fastdpo.losses import preference_loss, wpo_weights
 
-        pol = self.compute_logps(self.model, batch, with_grad=True, token_stats=self.policy_token_stats)
+        pol = self.compute_logps(parts.model, batch, with_grad=True, token_stats=self.policy_token_stats)
         extra: dict[str, Any] = {}
         if self.use_weighting:
             w = wpo_weights(pol["token_logps"], pol["log_sum_p2"], batch["logp_seq"], 2 * num_pairs,
@@ -445,32 +494,72 @@ class DPOEngine:
             **self.loss_kwargs, **extra,
         )
         if self.compute_token_metrics:
-            metrics.update(token_metrics(pol, batch["logp_seq"], num_pairs))
-        return loss, metrics
+            metrics.update(token_metrics(pol, batch["logp_seq"], num_pairs, gather_totals=gather_totals))
+        return loss, metrics, pol["chosen_logps"], pol["rejected_logps"]
 
-    def _step_grad_in_forward(self, batch: Mapping[str, Any], num_pairs: int, ref_c: torch.Tensor,
-                              ref_r: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from fastdpo.linear_logprobs import linear_logprobs_loss_grad_in_forward
-        from fastdpo.losses import preference_loss
+    def _step_grad_in_forward(self, batch: Mapping[str, Any], parts: LMParts, num_pairs: int, ref_c: torch.Tensor,
+                              ref_r: torch.Tensor
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Like :meth:`_step` with the head's gradients formed in the forward (no token metrics).
 
-        parts = self.policy_parts
+        LD-DPO enters as per-token weights of the sequence sums; WPO's weights and LD-DPO's plain NLL sums come from
+        the per-group :class:`~fastdpo.linear_logprobs.SegmentStats` the head hands the loss."""
+        from fastdpo.linear_logprobs import SegmentStats, linear_logprobs_loss_grad_in_forward
+        from fastdpo.losses import ld_token_weights, preference_loss
+
         hidden, anchor = self._completion_hidden(parts, batch)
         weight, bias = parts.head_weight_bias()
         lengths_c, lengths_r = batch["chosen_lengths"], batch["rejected_lengths"]
         kwargs = self.loss_kwargs
+        seg = batch["logp_seq"]
+        num_seqs = 2 * num_pairs
+        token_weights = None
+        if self.ld_alpha is not None:
+            token_weights = ld_token_weights(batch["logp_pos"], seg, lengths_c, lengths_r, self.ld_alpha,
+                                             validate=self.validate)
+        with_stats = self.use_weighting or self.ld_alpha is not None
+        counts = torch.bincount(seg.to(torch.int64), minlength=num_seqs)[:num_seqs].clamp(min=1).float()
+        # the per-sequence extras of preference_loss, filled group by group (detached) for the metrics call
+        plain_all = torch.zeros(num_seqs, device=hidden.device)
+        wpo_all = torch.ones(num_seqs, device=hidden.device)
 
-        def pair_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
+        def extras(ids: torch.Tensor, stats: SegmentStats | None, k: int) -> dict[str, torch.Tensor]:
+            """preference_loss kwargs of the sequences ``ids`` (``k`` chosen first, then their rejected)."""
+            if stats is None:
+                return {}
+            out: dict[str, torch.Tensor] = {}
+            plain_all[ids] = stats.logp_sum.detach()
+            if self.ld_alpha is not None:
+                out["policy_chosen_nll_sum"] = -stats.logp_sum[:k]
+                out["policy_rejected_nll_sum"] = -stats.logp_sum[k:]
+            if self.use_weighting:  # wpo_weights: exp(mean over the sequence of (log p - log sum p^2))
+                w = torch.exp((stats.logp_sum.detach() - stats.log_sum_p2_sum) / counts[ids])
+                wpo_all[ids] = w
+                out["wpo_chosen_weights"], out["wpo_rejected_weights"] = w[:k], w[k:]
+            return out
+
+        def pair_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor,
+                      stats: SegmentStats | None = None) -> torch.Tensor:
             # seg_ids == [i, P + i]: one pair's contribution to the batch-mean loss
             i = seg_ids[:1].to(ref_c.device)
             loss, _ = preference_loss(seq_logps[0:1], seq_logps[1:2], ref_c.index_select(0, i),
                                       ref_r.index_select(0, i), chosen_lengths=lengths_c.index_select(0, i),
-                                      rejected_lengths=lengths_r.index_select(0, i), **kwargs)
+                                      rejected_lengths=lengths_r.index_select(0, i), **kwargs,
+                                      **extras(seg_ids.to(hidden.device), stats, 1))
             return loss / num_pairs
 
-        def batch_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
-            ordered = torch.empty_like(seq_logps).index_copy(0, seg_ids.to(seq_logps.device), seq_logps)
-            loss, _ = preference_loss(ordered[:num_pairs], ordered[num_pairs:], ref_c, ref_r,
-                                      chosen_lengths=lengths_c, rejected_lengths=lengths_r, **kwargs)
+        def batch_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor,
+                       stats: SegmentStats | None = None) -> torch.Tensor:
+            ids = seg_ids.to(seq_logps.device)
+
+            def ordered(t: torch.Tensor) -> torch.Tensor:
+                return torch.empty_like(t).index_copy(0, ids, t)
+
+            if stats is not None:
+                stats = SegmentStats(ordered(stats.logp_sum), ordered(stats.log_sum_p2_sum))
+            loss, _ = preference_loss(*ordered(seq_logps).split(num_pairs), ref_c, ref_r, chosen_lengths=lengths_c,
+                                      rejected_lengths=lengths_r, **kwargs,
+                                      **extras(torch.arange(num_seqs, device=ids.device), stats, num_pairs))
             return loss
 
         if set(self.loss_types) <= _PAIR_LOCAL_LOSSES:
@@ -481,42 +570,74 @@ class DPOEngine:
         else:  # batch-coupled terms (sorting over the batch, token-mean SFT): one group of all sequences
             loss_fn, groups = batch_loss, None
         loss, seq = linear_logprobs_loss_grad_in_forward(
-            hidden, weight, batch["logp_labels"], batch["logp_seq"], 2 * num_pairs, loss_fn, bias=bias,
+            hidden, weight, batch["logp_labels"], seg, num_seqs, loss_fn, bias=bias,
             softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
-            validate=self.validate, backend=self.backend,
+            token_weights=token_weights, segment_stats=with_stats, validate=self.validate, backend=self.backend,
         )
         if anchor is not None and anchor.requires_grad:
             loss = loss + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
+        extra: dict[str, torch.Tensor] = {}
+        if self.ld_alpha is not None:
+            extra = {"policy_chosen_nll_sum": -plain_all[:num_pairs], "policy_rejected_nll_sum": -plain_all[num_pairs:]}
+        if self.use_weighting:
+            extra.update(wpo_chosen_weights=wpo_all[:num_pairs], wpo_rejected_weights=wpo_all[num_pairs:])
         with torch.no_grad():
             _, metrics = preference_loss(seq[:num_pairs], seq[num_pairs:], ref_c, ref_r, chosen_lengths=lengths_c,
-                                         rejected_lengths=lengths_r, **kwargs)
-        return loss, metrics
+                                         rejected_lengths=lengths_r, **kwargs, **extra)
+        return loss, metrics, seq[:num_pairs], seq[num_pairs:]
 
 
-def token_metrics(logps: Mapping[str, Any], logp_seq: torch.Tensor, num_pairs: int) -> dict[str, torch.Tensor]:
+def token_metric_totals(logps: Mapping[str, Any], logp_seq: torch.Tensor,
+                        num_pairs: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (sum, count)}`` behind :func:`token_metrics`: detached 0-dim fp32 sums of the head's statistics over
+    the selected completion tokens and the fp32 token counts (what data-parallel ranks add up before dividing)."""
+    chosen = logp_seq < num_pairs
+    rejected = ~chosen
+
+    def masked_total(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values = values.detach().float()
+        total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+        return total, mask.sum().to(values.dtype)
+
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if logps.get("mean_logit") is not None:
+        out["logits/chosen"] = masked_total(logps["mean_logit"], chosen)
+        out["logits/rejected"] = masked_total(logps["mean_logit"], rejected)
+    if logps.get("entropy") is not None:
+        out["entropy"] = masked_total(logps["entropy"], torch.ones_like(chosen))
+    if logps.get("argmax_hit") is not None:
+        out["mean_token_accuracy"] = masked_total(logps["argmax_hit"].float(), chosen)
+    return out
+
+
+def token_metrics(logps: Mapping[str, Any], logp_seq: torch.Tensor, num_pairs: int, *,
+                  gather_totals: MetricGather | None = None) -> dict[str, torch.Tensor]:
     """TRL's token-level metrics from the head's statistics (detached 0-dim fp32 tensors, no host sync).
 
     ``logits/chosen`` / ``logits/rejected``: token-weighted mean over chosen / rejected completion tokens of the
     vocabulary-mean logit; ``entropy``: token-weighted mean over all completion tokens; ``mean_token_accuracy``:
     fraction of chosen completion tokens whose argmax is the label. Empty selections give 0 (as TRL).
+    ``gather_totals`` (see :meth:`DPOEngine.step`) makes them token-weighted over every data-parallel rank: the
+    ``[1, 2k]`` (sum, count) totals are gathered in one call and their rows summed before dividing, as TRL does.
     """
-    chosen = logp_seq < num_pairs
-    rejected = ~chosen
+    totals = token_metric_totals(logps, logp_seq, num_pairs)
+    if gather_totals is not None and totals:
+        names = list(totals)
+        packed = torch.stack([t for name in names for t in totals[name]]).unsqueeze(0)
+        summed = gather_totals(packed).sum(0)
+        totals = {name: (summed[2 * i], summed[2 * i + 1]) for i, name in enumerate(names)}
+    return {name: total / count.clamp(min=1) for name, (total, count) in totals.items()}
 
-    def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        values = values.detach().float()
-        total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
-        return total / mask.sum().clamp(min=1).to(values.dtype)
 
-    out: dict[str, torch.Tensor] = {}
-    if logps.get("mean_logit") is not None:
-        out["logits/chosen"] = masked_mean(logps["mean_logit"], chosen)
-        out["logits/rejected"] = masked_mean(logps["mean_logit"], rejected)
-    if logps.get("entropy") is not None:
-        out["entropy"] = masked_mean(logps["entropy"], torch.ones_like(chosen))
-    if logps.get("argmax_hit") is not None:
-        out["mean_token_accuracy"] = masked_mean(logps["argmax_hit"].float(), chosen)
-    return out
+def _gathered_reward_metrics(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
+                             beta: float, gather: MetricGather) -> dict[str, torch.Tensor]:
+    """:func:`fastdpo.losses.dpo_metrics` over every rank's pairs: the four ``[P]`` log-prob vectors are gathered as
+    one ``[P, 4]`` tensor (one collective) into ``[sum P, 4]``."""
+    from fastdpo.losses import dpo_metrics
+
+    stacked = torch.stack([t.detach().float() for t in (pol_c, pol_r, ref_c, ref_r)], dim=1)
+    pc, pr, rc, rr = gather(stacked).unbind(1)
+    return dpo_metrics(pc, pr, rc, rr, beta)
 
 
 @contextlib.contextmanager

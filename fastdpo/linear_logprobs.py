@@ -55,6 +55,7 @@ from fastdpo.segments import segment_sum
 
 __all__ = [
     "DEFAULT_KEEP_LOGITS_BYTES",
+    "SegmentStats",
     "TokenStats",
     "linear_logprobs_loss_grad_in_forward",
     "linear_sequence_logprobs",
@@ -1093,6 +1094,19 @@ def naive_linear_token_logprobs(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class SegmentStats(NamedTuple):
+    """Per-segment sums handed to a grad-in-forward ``loss_fn`` (``[s]`` fp32, in the group's segment order).
+
+    ``logp_sum``: plain ``sum_t log p_t`` (without ``token_weights``: the NLL of an LD-weighted sequence); like the
+    ``seq_logps`` argument it requires grad, and its gradient reaches the head.
+    ``log_sum_p2_sum``: ``sum_t log sum_v p_v^2``, detached (WPO's weights take no gradient; see
+    :func:`fastdpo.losses.wpo_weights`).
+    """
+
+    logp_sum: torch.Tensor
+    log_sum_p2_sum: torch.Tensor
+
+
 class _StoredGradLoss(torch.autograd.Function):
     """Returns ``loss``; backward hands out gradients computed in the forward, scaled by ``grad_output``."""
 
@@ -1125,7 +1139,7 @@ def linear_logprobs_loss_grad_in_forward(
     labels: torch.Tensor,
     segment_ids: torch.Tensor,
     num_segments: int,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -1133,6 +1147,8 @@ def linear_logprobs_loss_grad_in_forward(
     logit_scale: float = 1.0,
     temperature: float = 1.0,
     groups: Sequence[torch.Tensor] | None = None,
+    token_weights: torch.Tensor | None = None,
+    segment_stats: bool = False,
     chunk_size: int | None = None,
     validate: bool = True,
     backend: Backend = "auto",
@@ -1148,6 +1164,11 @@ def linear_logprobs_loss_grad_in_forward(
             reference log-probs; gradients of anything else it touches are not propagated.
         groups: loss-local groups of segment ids (e.g. ``[tensor([i, P + i]) for i in range(P)]`` for pairs);
             ``None`` = one group of all segments. Segments in no group get log-probs but no loss.
+        token_weights: ``[M]`` float, constant (no gradient): a segment's log-prob is ``sum_t w_t log p_t``
+            (LD-DPO's length-desensitized sums); ``None`` = plain sums.
+        segment_stats: call ``loss_fn(seq_logps, group_segment_ids, stats)`` with a :class:`SegmentStats` of the
+            group (the fold then also computes ``log sum p^2``, for WPO weights). A token's gradient is then
+            ``dL/dseq_logps * w_t + dL/dlogp_sum``.
         chunk_size: max tokens per chunk of whole groups (default: as many as ``logits_budget_bytes`` of fp32 logits
             allow; a group larger than that is processed alone and recomputes the logits it could not keep).
         Others as :func:`linear_token_logprobs`.
@@ -1172,6 +1193,8 @@ def linear_logprobs_loss_grad_in_forward(
             logit_scale,
             temperature,
             groups,
+            token_weights,
+            segment_stats,
             chunk_size,
             validate,
             backend,
@@ -1188,13 +1211,15 @@ def _grad_in_forward_impl(
     labels: torch.Tensor,
     segment_ids: torch.Tensor,
     num_segments: int,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
     bias: torch.Tensor | None,
     ignore_index: int,
     softcap: float | None,
     logit_scale: float,
     temperature: float,
     groups: Sequence[torch.Tensor] | None,
+    token_weights: torch.Tensor | None,
+    segment_stats: bool,
     chunk_size: int | None,
     validate: bool,
     backend: Backend,
@@ -1215,6 +1240,11 @@ def _grad_in_forward_impl(
         raise ValueError(f"segment_ids must lie in [0, {num_segments})")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an int >= 1 (tokens per chunk of groups), got {chunk_size!r}")
+    if token_weights is not None:
+        check_float("token_weights", token_weights)
+        if token_weights.shape != labels.shape:
+            raise ValueError(f"token_weights must have shape {list(labels.shape)}, got {list(token_weights.shape)}")
+        check_same_device(labels=labels, token_weights=token_weights)
     budget = DEFAULT_GIF_LOGITS_BYTES if logits_budget_bytes is None else logits_budget_bytes
     device = hidden.device
     resolved = _resolve(backend, hidden)
@@ -1299,30 +1329,52 @@ def _grad_in_forward_impl(
                 resolved,
             )
             kept = _Kept(budget)
-            st = _forward_sweep(hc, w, b, labc, spec, False, False, kept)
-            lse, logp, *_ = _outputs_from_fold(st, labc, vocab)
-            seq_chunk = segment_sum(logp.float(), local_seg, len(seg_list), validate=False, backend=backend)
+            st = _forward_sweep(hc, w, b, labc, spec, segment_stats, False, kept)
+            lse, logp, _, log_sum_p2, _, _ = _outputs_from_fold(st, labc, vocab)
+            n_seg = len(seg_list)
+            logp = logp.float()
+            wc = None if token_weights is None else token_weights.index_select(0, rows).float()
+            seq_chunk = segment_sum(logp if wc is None else logp * wc, local_seg, n_seg, validate=False,
+                                    backend=backend)
             seq_logps[torch.tensor(seg_list, dtype=torch.int64, device=device)] = seq_chunk
+            stats_chunk = None
+            if segment_stats:
+                assert log_sum_p2 is not None
+                stats_chunk = SegmentStats(
+                    segment_sum(logp, local_seg, n_seg, validate=False, backend=backend),
+                    segment_sum(log_sum_p2.float(), local_seg, n_seg, validate=False, backend=backend),
+                )
             # d loss / d seq_logp per group, on leaf copies
-            dseq = torch.zeros(len(seg_list), dtype=torch.float32, device=device)
+            dseq = torch.zeros(n_seg, dtype=torch.float32, device=device)
+            dplain = torch.zeros(n_seg, dtype=torch.float32, device=device)  # d loss / d SegmentStats.logp_sum
             k0 = 0
             for gi in chunk:
                 ids = seg_groups[gi]
                 k1 = k0 + len(ids)
                 if gi < n_loss_groups:
-                    leaf = seq_chunk[k0:k1].detach().clone().requires_grad_(True)
+                    leaves = [seq_chunk[k0:k1].detach().clone().requires_grad_(True)]
+                    args: tuple[Any, ...] = (leaves[0], torch.tensor(ids, dtype=torch.int64, device=device))
+                    if stats_chunk is not None:
+                        leaves.append(stats_chunk.logp_sum[k0:k1].clone().requires_grad_(True))
+                        args += (SegmentStats(leaves[1], stats_chunk.log_sum_p2_sum[k0:k1]),)
                     with torch.enable_grad():
-                        loss_g = loss_fn(leaf, torch.tensor(ids, dtype=torch.int64, device=device))
+                        loss_g = loss_fn(*args)
                         if not isinstance(loss_g, torch.Tensor) or loss_g.numel() != 1:
                             raise ValueError("loss_fn must return a scalar tensor")
-                        (grad_leaf,) = torch.autograd.grad(loss_g.reshape(()), leaf, allow_unused=True)
+                        grads_g = torch.autograd.grad(loss_g.reshape(()), leaves, allow_unused=True)
                     total_loss += loss_g.detach().reshape(()).float()
-                    if grad_leaf is not None:
-                        dseq[k0:k1] = grad_leaf
+                    if grads_g[0] is not None:
+                        dseq[k0:k1] = grads_g[0]
+                    if len(grads_g) > 1 and grads_g[1] is not None:
+                        dplain[k0:k1] = grads_g[1]
                 k0 = k1
             if not (need_h or need_w or need_b) or n == 0:
                 continue
             g = dseq.index_select(0, local_seg)
+            if wc is not None:
+                g = g * wc
+            if stats_chunk is not None:
+                g = g + dplain.index_select(0, local_seg)
             gh_c, _, _ = _backward_sweep(
                 hc, w, b, labc, lse, g, spec, kept, need_h, need_w, need_b, grad_w, grad_b
             )

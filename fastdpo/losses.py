@@ -390,6 +390,47 @@ def wpo_weights(
         return torch.exp(sums / _length(counts, dtype))
 
 
+def ld_token_weights(
+    token_pos: torch.Tensor,
+    seq_ids: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    ld_alpha: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+    validate: bool = True,
+) -> torch.Tensor:
+    """LD-DPO token weights (TRL 1.16 ``ld_alpha``): ``1`` for the first ``min(|y_c|, |y_r|)`` completion tokens of
+    each pair, ``ld_alpha`` for the rest; ``[M]`` ``dtype``. ``sum_t w_t log p_t`` per sequence is :func:`ld_logps`.
+
+    Args:
+        token_pos: ``[M]`` integer 0-based index of each token within its completion (collator's ``logp_pos``).
+        seq_ids: ``[M]`` integer sequence id, chosen of pair i = i, rejected of pair i = P + i.
+        chosen_lengths, rejected_lengths: ``[P]`` integer completion token counts.
+        ld_alpha: weight of the tokens past the shared length (TRL: in [0, 1]).
+    """
+    check_index("token_pos", token_pos)
+    _check_token_inputs(seq_ids, token_pos=token_pos)
+    check_index("chosen_lengths", chosen_lengths)
+    check_index("rejected_lengths", rejected_lengths)
+    if chosen_lengths.dim() != 1 or chosen_lengths.shape != rejected_lengths.shape:
+        raise ValueError(
+            f"chosen_lengths and rejected_lengths must both be [P], got {list(chosen_lengths.shape)} and "
+            f"{list(rejected_lengths.shape)}"
+        )
+    check_same_device(token_pos=token_pos, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    alpha = _check_scalar("ld_alpha", ld_alpha)
+    p = chosen_lengths.shape[0]
+    seq = seq_ids.to(torch.int64)
+    if validate and seq.numel() and bool(((seq < 0) | (seq >= 2 * p)).any()):
+        raise ValueError(f"seq_ids must lie in [0, {2 * p}) (2 * number of pairs)")
+    shared = torch.minimum(chosen_lengths, rejected_lengths).to(torch.int64)
+    pair = torch.where(seq >= p, seq - p, seq)
+    in_shared = token_pos.to(torch.int64) < shared.index_select(0, pair)
+    return torch.where(in_shared, torch.ones((), dtype=dtype, device=token_pos.device),
+                       torch.full((), alpha, dtype=dtype, device=token_pos.device))
+
+
 def ld_logps(
     token_logps: torch.Tensor,
     token_pos: torch.Tensor,
@@ -401,14 +442,12 @@ def ld_logps(
     validate: bool = True,
 ) -> torch.Tensor:
     """LD-DPO sequence log-probs (TRL 1.16 ``ld_alpha``): the first ``min(|y_c|, |y_r|)`` completion tokens of each
-    pair count fully, the rest are scaled by ``ld_alpha``. Use the same call for policy and reference.
+    pair count fully, the rest are scaled by ``ld_alpha`` (:func:`ld_token_weights`). Use the same call for policy and
+    reference.
 
     Args:
         token_logps: ``[M]`` float log-prob of each completion token (differentiable).
-        token_pos: ``[M]`` integer 0-based index of each token within its completion (collator's ``logp_pos``).
-        seq_ids: ``[M]`` integer sequence id, chosen of pair i = i, rejected of pair i = P + i.
-        chosen_lengths, rejected_lengths: ``[P]`` integer completion token counts.
-        ld_alpha: weight of the tokens past the shared length (TRL: in [0, 1]).
+        token_pos, seq_ids, chosen_lengths, rejected_lengths, ld_alpha: as :func:`ld_token_weights`.
 
     Returns:
         ``[2P]`` float32 (float64 for float64 input) ``[chosen..., rejected...]``, differentiable wrt token_logps.
@@ -416,27 +455,12 @@ def ld_logps(
     from fastdpo.segments import segment_sum
 
     check_float("token_logps", token_logps)
-    check_index("token_pos", token_pos)
     _check_token_inputs(seq_ids, token_logps=token_logps, token_pos=token_pos)
-    check_index("chosen_lengths", chosen_lengths)
-    check_index("rejected_lengths", rejected_lengths)
-    if chosen_lengths.dim() != 1 or chosen_lengths.shape != rejected_lengths.shape:
-        raise ValueError(
-            f"chosen_lengths and rejected_lengths must both be [P], got {list(chosen_lengths.shape)} and "
-            f"{list(rejected_lengths.shape)}"
-        )
-    check_same_device(token_logps=token_logps, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    alpha = _check_scalar("ld_alpha", ld_alpha)
-    p = chosen_lengths.shape[0]
-    shared = torch.minimum(chosen_lengths, rejected_lengths).to(torch.int64)
-    seq = seq_ids.to(torch.int64)
-    pair = torch.where(seq >= p, seq - p, seq)
-    if validate and seq.numel() and bool(((seq < 0) | (seq >= 2 * p)).any()):
-        raise ValueError(f"seq_ids must lie in [0, {2 * p}) (2 * number of pairs)")
+    check_same_device(token_logps=token_logps, chosen_lengths=chosen_lengths)
     dtype = _compute_dtype(token_logps.dtype)
-    in_shared = token_pos.to(torch.int64) < shared.index_select(0, pair)
-    scale = torch.where(in_shared, torch.ones((), dtype=dtype, device=token_logps.device),
-                        torch.full((), alpha, dtype=dtype, device=token_logps.device))
+    scale = ld_token_weights(token_pos, seq_ids, chosen_lengths, rejected_lengths, ld_alpha, dtype=dtype,
+                             validate=validate)
+    p = chosen_lengths.shape[0]
     return segment_sum(token_logps.to(dtype) * scale, seq_ids, 2 * p, validate=validate).to(dtype)
 
 

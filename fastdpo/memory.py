@@ -8,19 +8,28 @@ Variants (same model, optimizer and reference; they differ in the LM head / log-
   on CPU, completion positions on CUDA), with ``[min(n, 4096), min(V, 32768)]`` tiles, fp32 gradient accumulators.
 * ``fastdpo`` — only completion tokens reach the head; fused chunked head, no ``[n, V]`` tensor.
 
-Batch: ``pairs`` preference pairs → ``R = 2·pairs`` rows of ``L = prompt_len + completion_len`` tokens (no padding).
+Batch: ``pairs`` preference pairs → ``R = 2·pairs`` rows of ``L = prompt_len + completion_len`` tokens (no padding,
+no attention mask: the layout of naive and TRL; memory-wise also fastdpo's ``packing="padding_free"`` under
+flash-attention varlen, the same tokens without a mask). fastdpo's ``packing="prefix_shared"`` instead packs each
+pair as one row ``[prompt, chosen, rejected]`` (``pairs_per_row`` pairs per row, as ``PreferenceCollator(
+max_tokens_per_row=pairs_per_row·(prompt_len + 2·completion_len))`` does), so the prompt passes the backbone once per
+pair; the price is the packed rows' 4-D attention mask (see :func:`activation_bytes`).
 Peak = weights + reference + optimizer state (resident all step) + the largest of the phases: reference forward,
 end of the policy forward / start of backward (activations + head), end of backward (gradients; with tied embeddings
-the embedding's dense gradient briefly exists next to the lm_head's), optimizer update.
+the embedding's dense gradient briefly exists next to the lm_head's), optimizer update; for the engine
+(``prefix_shared``) also the moment its lm_head weight gradient is summed with a dense zero one (see :func:`estimate`).
 
 ``--measure`` builds the model from the config (random weights, optionally fewer layers with ``--layers``) and runs
-each variant's step in its own process on CPU, reporting peak RSS over the process's pre-model baseline.
+each variant's step in its own process on CPU, reporting peak RSS over the process's pre-model baseline; the fastdpo
+variant with ``prefix_shared`` runs the real :class:`fastdpo.DPOEngine` step on a :class:`fastdpo.PreferenceCollator`
+batch.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,12 +39,12 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("naive", "trl", "fastdpo")
+PACKINGS = ("padding_free", "prefix_shared")  # fastdpo's; naive and TRL always run 2 rows per pair
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TRL_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 TRL_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 TRL_TILE_TEMPS_CPU = 7  # fp32 tile temporaries alive in TRL's torch backward fold (y, z, log_p, p, grad, mask, product)
-FASTDPO_KEEP_LOGITS_BYTES = 160 * 2**20  # fastdpo.linear_logprobs.DEFAULT_KEEP_LOGITS_BYTES
 MIB = 2**20
 
 
@@ -55,6 +64,7 @@ class ModelShape:
     tie_word_embeddings: bool
     attention_bias: bool = False  # q/k/v (and o for llama-style attention_bias) biases
     final_logit_softcapping: float | None = None
+    attention_layer_types: int = 1  # distinct attention layer types (full / sliding): one packed-row mask each
 
     @property
     def norms_per_layer(self) -> int:
@@ -100,11 +110,20 @@ def shape_from_config(config: dict[str, Any], name: str = "custom") -> ModelShap
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", cfg.get("model_type") in ("gemma2", "qwen2"))),
             attention_bias=bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2",
-            final_logit_softcapping=cfg.get("final_logit_softcapping"))
+            final_logit_softcapping=cfg.get("final_logit_softcapping"),
+            attention_layer_types=_attention_layer_types(cfg))
     except KeyError as exc:
         raise ValueError(f"config {name!r} lacks {exc.args[0]!r} (need vocab_size, hidden_size, intermediate_size, "
                          "num_hidden_layers, num_attention_heads)") from None
     return shape
+
+
+def _attention_layer_types(cfg: dict[str, Any]) -> int:
+    """Distinct attention layer types of a config: its ``layer_types`` when given, else 2 for Gemma-2/3 (HF builds
+    alternating sliding / full layers), else 1."""
+    if cfg.get("layer_types"):
+        return len(set(cfg["layer_types"]))
+    return 2 if cfg.get("model_type") in ("gemma2", "gemma3_text") else 1
 
 
 def load_model(spec: str) -> tuple[ModelShape, dict[str, Any]]:
@@ -150,7 +169,12 @@ class StepConfig:
     """One DPO step: ``pairs`` pairs of ``prompt_len`` + ``completion_len`` tokens, parameters in ``dtype``
     (``fp32``/``bf16``/``fp16``), AdamW states in the parameter dtype (torch's default), ``reference`` ``"model"``
     (a frozen copy) or ``"precomputed"`` (no reference weights), ``device`` (``cpu`` → TRL's torch fold over every
-    position; ``cuda`` → TRL's Triton fold over completion positions)."""
+    position; ``cuda`` → TRL's Triton fold over completion positions).
+
+    ``packing`` is the fastdpo variant's row layout (naive and TRL always run ``padding_free``'s): ``"padding_free"``
+    — ``2·pairs`` rows of ``prompt_len + completion_len`` tokens, no attention mask; ``"prefix_shared"`` —
+    ``pairs_per_row`` pairs ``[prompt, chosen, rejected]`` per row (the last row padded to the others' length), with
+    the engine's 4-D attention mask."""
 
     pairs: int = 4
     prompt_len: int = 512
@@ -159,6 +183,8 @@ class StepConfig:
     optimizer: str = "adamw"
     reference: str = "model"
     device: str = "cuda"
+    packing: str = "padding_free"
+    pairs_per_row: int = 1
 
     def __post_init__(self) -> None:
         for name in ("pairs", "prompt_len", "completion_len"):
@@ -172,20 +198,45 @@ class StepConfig:
             raise ValueError(f"reference must be 'model' or 'precomputed', got {self.reference!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
+        if int(self.pairs_per_row) < 1:
+            raise ValueError(f"pairs_per_row must be positive, got {self.pairs_per_row}")
+        if self.pairs_per_row != 1 and self.packing != "prefix_shared":
+            raise ValueError("pairs_per_row applies to packing='prefix_shared' only")
 
     @property
     def rows(self) -> int:
+        """Rows the backbone runs: ``2·pairs`` (padding_free), ``ceil(pairs / pairs_per_row)`` (prefix_shared)."""
+        if self.packing == "prefix_shared":
+            return math.ceil(self.pairs / min(self.pairs_per_row, self.pairs))
         return 2 * self.pairs
 
     @property
     def seq_len(self) -> int:
+        """Tokens per row (padding included): ``prompt_len + completion_len`` (padding_free),
+        ``min(pairs_per_row, pairs)·(prompt_len + 2·completion_len)`` (prefix_shared)."""
+        if self.packing == "prefix_shared":
+            return min(self.pairs_per_row, self.pairs) * (self.prompt_len + 2 * self.completion_len)
         return self.prompt_len + self.completion_len
+
+    @property
+    def scored_tokens(self) -> int:
+        """Completion tokens with a predicting position (fastdpo's head positions): ``2·pairs·completion_len``, one
+        fewer per sequence when ``prompt_len`` is 0 (its first token has nothing before it, as TRL's mask)."""
+        return 2 * self.pairs * (self.completion_len - (self.prompt_len == 0))
+
+    def for_variant(self, variant: str) -> StepConfig:
+        """The step ``variant`` runs: ``packing`` is fastdpo's; naive and TRL get ``padding_free``'s rows."""
+        if variant == "fastdpo":
+            return self
+        return replace(self, packing="padding_free", pairs_per_row=1)
 
 
 def activation_bytes(m: ModelShape, step: StepConfig) -> int:
     """Bytes the policy backbone saves for backward (HF Llama/Qwen2 decoder layers with SDPA attention, Gemma-2 with
-    eager attention), per token and layer, with ``b`` the dtype's bytes, ``q = heads·head_dim``,
-    ``kv = kv_heads·head_dim``:
+    eager attention) on ``step.rows`` rows of ``L = step.seq_len`` tokens (``step.packing``'s layout), per token and
+    layer, with ``b`` the dtype's bytes, ``q = heads·head_dim``, ``kv = kv_heads·head_dim``:
 
     * Llama/Qwen2 RMSNorm: fp32 input, normalized tensor and weighted output in ``b`` bytes, fp32 rsqrt:
       ``4·D + 2·b·D + 4``. Gemma RMSNorm: fp32 input and fp32 normalized ``8·D + 4``, plus the ``b``-byte output
@@ -195,8 +246,18 @@ def activation_bytes(m: ModelShape, step: StepConfig) -> int:
       ``[H, L, L]`` soft-capped scores (``b``), fp32 softmax and its ``b`` copy.
     * MLP: gate, up, act(gate), their product: ``4·b·I``.
 
-    Plus the final norm (without its output: the head's input, counted by :func:`head_bytes`) and the rotary tables.
-    Matches ``saved_tensors_hooks`` counts on tiny HF models (tests/test_memory.py).
+    Plus the final norm (without its output: the head's input, counted by :func:`head_bytes`) and the rotary cos/sin
+    tables: ``2·L·head_dim·b`` (no position ids), ``2·R·L·head_dim·b`` with prefix_shared's per-row position ids.
+
+    prefix_shared rows carry the engine's bool ``[R, 1, L, L]`` mask (:func:`fastdpo.attention.build_attention_kwargs`;
+    eager models get additive ``b``-byte masks, which eager attention adds to the scores without saving them). With
+    SDPA, torch converts the bool mask to an additive one in the query dtype inside every layer's call and the fused
+    CPU attention saves it for backward (``R·L²·b`` per layer); and HF repeats k and v to all heads when a mask is
+    given (no native GQA), so SDPA saves ``b·4q + 4·H`` per token. The masks themselves, alive during the forwards
+    only, are :func:`mask_bytes`.
+
+    Matches ``saved_tensors_hooks`` counts on tiny HF models, through the engine's forward for prefix_shared
+    (tests/test_memory.py).
     """
     b = DTYPE_BYTES[step.dtype]
     d, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
@@ -208,15 +269,26 @@ def activation_bytes(m: ModelShape, step: StepConfig) -> int:
         norm_in = 4 * d + 2 * b * d + 4
         norms = 2 * norm_in
     per_token = norms + 4 * b * m.intermediate_size
+    masked = step.packing == "prefix_shared"
     if m.eager_attention:
         per_token += 4 * b * q
         scores = step.rows * m.num_attention_heads * step.seq_len**2 * (b + 4 + (b if b != 4 else 0))
     else:
-        per_token += b * (2 * q + 2 * kv) + 4 * m.num_attention_heads
-        scores = 0
-    rotary = 2 * step.seq_len * m.head_dim * b
+        per_token += b * (4 * q if masked else 2 * q + 2 * kv) + 4 * m.num_attention_heads
+        scores = step.rows * step.seq_len**2 * b if masked else 0  # the per-layer additive copy of the mask
+    rotary = 2 * (step.rows if masked else 1) * step.seq_len * m.head_dim * b
     final_norm = norm_in - b * d  # its output is the head's input, counted by head_bytes
     return m.num_hidden_layers * (tokens * per_token + scores) + tokens * final_norm + rotary
+
+
+def mask_bytes(m: ModelShape, step: StepConfig) -> int:
+    """The attention masks the engine builds for ``step`` (bytes), alive through the reference and policy forwards
+    (not saved for backward): one ``[R, 1, L, L]`` per attention layer type, bool for SDPA, ``b``-byte additive for
+    eager attention; 0 for padding_free (no mask)."""
+    if step.packing != "prefix_shared":
+        return 0
+    per_mask = step.rows * step.seq_len**2 * (DTYPE_BYTES[step.dtype] if m.eager_attention else 1)
+    return m.attention_layer_types * per_mask
 
 
 def head_bytes(variant: str, m: ModelShape, step: StepConfig) -> dict[str, int]:
@@ -225,7 +297,8 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig) -> dict[str, int]:
     backbone's activations, in the forward and at the start of backward; ``bwd_peak`` includes the output-embedding
     and hidden-state gradient buffers the head allocates) and ``ref_peak`` (the head run forward-only, no grad).
 
-    With ``b`` the dtype's bytes, ``R`` rows of ``L`` tokens, ``C`` completion tokens per row:
+    With ``b`` the dtype's bytes, ``R = 2·pairs`` rows of ``L = prompt_len + completion_len`` tokens (naive and TRL
+    run this layout whatever ``step.packing`` says), ``C`` completion tokens per row:
 
     * naive: the HF forward projects ``n = R·L`` positions: logits ``[n, V]`` (``b``), an fp32 copy of the
       ``n' = R·(L−1)`` shifted rows (the ``.float()`` cast, or the contiguous copy ``log_softmax`` makes of the
@@ -235,12 +308,14 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig) -> dict[str, int]:
       where TRL compacts) from a ``[n, D]`` copy; ``[min(n, 4096), min(V, 32768)]`` tiles; its torch fold (CPU) keeps
       ~3 fp32 tile temporaries in forward and ~7 in backward (none with the Triton fold); fp32 ``[n, D]`` and
       ``[V, D]`` gradient accumulators, cast to ``b`` when ``b != 4``.
-    * fastdpo: ``n = R·C`` completion tokens compacted to a ``[n, D]`` copy; fp32 tiles of ``min(n, 4096)`` ×
-      (512 on CPU; ``clamp(64 MiB / rows / 4, 1024, 8192)`` on CUDA), two (forward) / one (backward) of them; up to
-      ``DEFAULT_KEEP_LOGITS_BYTES`` (160 MiB) of logits tiles kept for backward; fp32 gradient accumulators.
+    * fastdpo: ``n = step.scored_tokens`` completion tokens (the same for both packings) compacted to a ``[n, D]``
+      copy; fp32 tiles of the head's own plan (:func:`fastdpo.linear_logprobs._plan`), two (forward) / one
+      (backward) of them; up to ``DEFAULT_KEEP_LOGITS_BYTES`` of logits tiles kept for backward; fp32 gradient
+      accumulators.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    step = step.for_variant(variant)
     b = DTYPE_BYTES[step.dtype]
     v, d = m.vocab_size, m.hidden_size
     r, seq, c = step.rows, step.seq_len, step.completion_len
@@ -267,11 +342,15 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig) -> dict[str, int]:
         bwd = saved + tile * (b + 4 * (TRL_TILE_TEMPS_CPU if cpu else 0)) + grads
         ref = n * d * b + tile * (b + 4 * (3 if cpu else 0)) + 7 * 4 * n
         return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
-    n = r * c
-    tok = min(n, 4096 if step.device == "cpu" else 8192)
-    voc = 512 if step.device == "cpu" else max(1024, min(8192, (64 * MIB) // max(tok, 1)))
-    tile = 4 * tok * min(v, voc)
-    kept = min(FASTDPO_KEEP_LOGITS_BYTES, 4 * n * v)
+    import torch
+
+    from fastdpo.linear_logprobs import DEFAULT_KEEP_LOGITS_BYTES, _plan
+
+    n = step.scored_tokens
+    device = torch.device(step.device)
+    tok, voc = _plan(n, v, device, None, "triton" if device.type == "cuda" else "torch")
+    tile = 4 * tok * voc
+    kept = min(DEFAULT_KEEP_LOGITS_BYTES, 4 * n * v)
     saved = n * d * b + 12 * n + kept
     fwd = saved + 2 * tile + 8 * 4 * n
     grads = 4 * (n * d + v * d) + (b * (n * d + v * d) if half else 0)
@@ -284,8 +363,11 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
     """Memory breakdown (bytes) of one DPO step with ``variant``'s log-prob head.
 
     Keys: ``weights``, ``grads``, ``optimizer``, ``reference`` (resident), ``activations`` (policy backbone, saved for
-    backward), ``logits`` (the head's peak on top of the activations), ``peak`` (total), ``peak_phase`` (where it
-    happens) and ``phases`` (each phase's total)."""
+    backward), ``attention_mask`` (prefix_shared's masks, alive during the forwards), ``logits`` (the head's peak on
+    top of the activations), ``peak`` (total), ``peak_phase`` (where it happens) and ``phases`` (each phase's total).
+    ``step.packing`` applies to the fastdpo variant (see :meth:`StepConfig.for_variant`); with ``prefix_shared`` it is
+    :class:`fastdpo.DPOEngine`'s step."""
+    step = step.for_variant(variant)
     b = DTYPE_BYTES[step.dtype]
     p = param_counts(m)
     weights = p["total"] * b
@@ -293,11 +375,12 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
     optimizer = 2 * p["total"] * b if step.optimizer == "adamw" else 0
     reference = weights if step.reference == "model" else 0
     act = activation_bytes(m, step)
+    mask = mask_bytes(m, step)
     head = head_bytes(variant, m, step)
     resident = weights + optimizer + reference
     # the reference forward keeps one layer's working set and its head's forward-only peak
-    ref_phase = resident + (head["ref_peak"] if step.reference == "model" else 0)
-    fwd_phase = resident + act + head["fwd_peak"]
+    ref_phase = resident + (mask + head["ref_peak"] if step.reference == "model" else 0)
+    fwd_phase = resident + mask + act + head["fwd_peak"]
     bwd_phase = resident + act + head["bwd_peak"]
     # tied embeddings: the embedding's dense gradient exists next to the lm_head's before they are summed; with the
     # naive head (F.linear's weight gradient) autograd sums them out of place, a third [V, D] (measured on CPU)
@@ -308,9 +391,9 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
               "backward end": end_phase, "optimizer step": opt_phase}
     peak_phase = max(phases, key=phases.__getitem__)
     return {"variant": variant, "weights": weights, "grads": grads, "optimizer": optimizer, "reference": reference,
-            "activations": act, "logits": max(head["fwd_peak"], head["bwd_peak"]), "logits_saved": head["saved"],
-            "head_positions": head["positions"], "peak": phases[peak_phase], "peak_phase": peak_phase,
-            "phases": phases, "params": p["total"]}
+            "activations": act, "attention_mask": mask, "logits": max(head["fwd_peak"], head["bwd_peak"]),
+            "logits_saved": head["saved"], "head_positions": head["positions"], "peak": phases[peak_phase],
+            "peak_phase": peak_phase, "phases": phases, "params": p["total"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -340,23 +423,49 @@ def _rss_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
+def id_tokenizer(vocab_size: int) -> Any:
+    """A ``PreTrainedTokenizerFast`` of ``vocab_size`` word-level tokens (``<pad>`` = 0 is also the unknown token,
+    ``</s>`` = 1 is EOS, then ``t2``, ``t3``, ...): what :class:`fastdpo.PreferenceCollator` needs to collate
+    pre-tokenized rows of any ids below ``vocab_size`` (its length, pad and EOS ids)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be at least 2 (pad and EOS), got {vocab_size}")
+    vocab = {"<pad>": 0, "</s>": 1}
+    vocab.update((f"t{i}", i) for i in range(2, vocab_size))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
+
+
 def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one variant's DPO step and return its peak RSS over the process's baseline (bytes).
 
     The baseline is taken after the same step ran once on a tiny model of the same architecture (so library
     initialisation — kernels, thread pools, lazily imported modules — is not charged to the step); the measured step
-    follows one warm-up step that allocates the optimizer state, as in training."""
+    follows one warm-up step that allocates the optimizer state, as in training. The fastdpo variant with
+    ``packing="prefix_shared"`` collates random pre-tokenized pairs with :class:`fastdpo.PreferenceCollator`
+    (``pairs_per_row`` pairs per row) and runs :meth:`fastdpo.DPOEngine.step`; the other variants run their heads on
+    ``2·pairs`` unmasked rows."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     variant, dtype = spec["variant"], getattr(torch, TORCH_DTYPES[spec["dtype"]])
-    if variant == "fastdpo":
+    engine_step = variant == "fastdpo" and spec.get("packing", "padding_free") == "prefix_shared"
+    if engine_step:
+        from fastdpo.collator import PreferenceCollator
+        from fastdpo.engine import DPOEngine
+    elif variant == "fastdpo":
         from fastdpo.linear_logprobs import linear_sequence_logprobs
     if variant == "trl":
         from trl.kernels import ChunkedLogProbFunction
     pairs, p_len, c_len = spec["pairs"], spec["prompt_len"], spec["completion_len"]
     rows, seq = 2 * pairs, p_len + c_len
+    if engine_step:  # built before the baseline: its vocabulary covers the tiny and the measured model
+        tokenizer = id_tokenizer(max(997, int(spec["config"].get("text_config", spec["config"])["vocab_size"])))
+        collator = PreferenceCollator(tokenizer, packing="prefix_shared",
+                                      max_tokens_per_row=spec.get("pairs_per_row", 1) * (p_len + 2 * c_len))
 
     def build(cfg: dict[str, Any], layers: int | None) -> tuple[Any, Any, Any, Any]:
         config = hf_config(cfg, layers, spec["dtype"])
@@ -372,7 +481,22 @@ def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
             opt = torch.optim.SGD(model.parameters(), lr=1e-6, foreach=False)
         return config, model, ref, opt
 
+    def engine_loss(config: Any, model: Any, ref: Any) -> torch.Tensor:
+        def ids(n: int) -> list[int]:
+            return torch.randint(0, config.vocab_size, (n,)).tolist()
+
+        precomputed = {} if ref is not None else {"ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}
+        batch = collator([{"prompt_input_ids": ids(p_len), "chosen_input_ids": ids(c_len),
+                           "rejected_input_ids": ids(c_len), **precomputed} for _ in range(pairs)])
+        engine = DPOEngine(model, ref, reference=spec["reference"])
+        return engine.step(batch)[0]
+
     def run_step(config: Any, model: Any, ref: Any, opt: Any) -> None:
+        if engine_step:
+            engine_loss(config, model, ref).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return
         ids = torch.randint(0, config.vocab_size, (rows, seq))
         labels = ids.clone()
         labels[:, :p_len] = -100
@@ -392,7 +516,8 @@ def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 lp = ChunkedLogProbFunction.apply(h, weight, None, tgt.clamp(min=0).reshape(-1), 1.0,
                                                   TRL_VOCAB_TILE, softcap, 1.0, ("log_probs",))[0]
                 return (lp.view(rows, seq - 1) * (tgt != -100)).sum(-1)
-            return linear_sequence_logprobs(hidden[:, p_len - 1: seq - 1], weight, ids[:, p_len:], softcap=softcap)
+            first = max(p_len - 1, 0)  # an empty prompt's first completion token has no predictor
+            return linear_sequence_logprobs(hidden[:, first: seq - 1], weight, ids[:, first + 1:], softcap=softcap)
 
         with torch.no_grad():
             ref_lp = seq_logps(ref) if ref is not None else torch.zeros(rows)
@@ -430,7 +555,7 @@ def measure(cfg: dict[str, Any], step: StepConfig, variants: list[str], layers: 
     for variant in variants:
         spec = {"variant": variant, "config": cfg, "layers": layers, "dtype": step.dtype, "pairs": step.pairs,
                 "prompt_len": step.prompt_len, "completion_len": step.completion_len, "reference": step.reference,
-                "optimizer": step.optimizer}
+                "optimizer": step.optimizer, "packing": step.packing, "pairs_per_row": step.pairs_per_row}
         with tempfile.TemporaryDirectory(prefix="fastdpo-mem-") as tmp:
             spec_path, res_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
             Path(spec_path).write_text(json.dumps(spec))
@@ -465,6 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=("model", "precomputed"), default="model")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="step device (default cuda; cpu with "
                    "--measure)")
+    p.add_argument("--packing", choices=PACKINGS, default="padding_free",
+                   help="fastdpo's row layout: padding_free (2 rows per pair, no mask; default) or prefix_shared "
+                   "(one [prompt, chosen, rejected] row per pair, 4-D attention mask); naive and TRL always use 2 rows "
+                   "per pair")
+    p.add_argument("--pairs-per-row", type=int, default=1,
+                   help="prefix_shared: pairs packed per row (default 1; the collator's default max_tokens_per_row="
+                   "None packs all of them: --pairs-per-row PAIRS)")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (scaled model)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -492,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
             shape = replace(shape, num_hidden_layers=args.layers)
         step = StepConfig(pairs=args.pairs, prompt_len=args.prompt_len, completion_len=args.completion_len,
                           dtype=args.dtype or ("fp32" if args.measure else "bf16"), optimizer=args.optimizer,
-                          reference=args.reference, device=args.device or ("cpu" if args.measure else "cuda"))
+                          reference=args.reference, device=args.device or ("cpu" if args.measure else "cuda"),
+                          packing=args.packing, pairs_per_row=args.pairs_per_row)
     except ValueError as exc:
         raise SystemExit(f"fastdpo memory: {exc}") from None
     if args.measure and step.device != "cpu":
@@ -520,13 +653,16 @@ def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict
     console.print(f"[bold]{shape.name}[/] ({shape.model_type}, {p / 1e9:.3f} B params, {shape.num_hidden_layers} "
                   f"layers, V={shape.vocab_size}, D={shape.hidden_size}); {step.pairs} pairs × ({step.prompt_len} "
                   f"prompt + {step.completion_len} completion) tokens, {step.dtype}, {step.optimizer}, reference "
-                  f"{step.reference}, {step.device}")
+                  f"{step.reference}, {step.device}; fastdpo packing {step.packing}"
+                  + (f" ({step.pairs_per_row} pair{'s' if step.pairs_per_row != 1 else ''} per row)"
+                     if step.packing == "prefix_shared" else ""))
     table = Table(title="DPO step memory (GiB)")
     table.add_column("part")
     for v in estimates:
         table.add_column(v, justify="right")
-    for key in ("weights", "grads", "optimizer", "reference", "activations", "logits", "peak"):
-        table.add_row(key if key != "logits" else "logits / log-probs", *(_gb(e[key]) for e in estimates.values()))
+    for key in ("weights", "grads", "optimizer", "reference", "activations", "attention_mask", "logits", "peak"):
+        label = {"logits": "logits / log-probs", "attention_mask": "attention mask"}.get(key, key)
+        table.add_row(label, *(_gb(e[key]) for e in estimates.values()))
     table.add_row("peak phase", *(e["peak_phase"] for e in estimates.values()))
     table.add_row("head positions", *(f"{e['head_positions']:,}" for e in estimates.values()))
     if measured:
@@ -536,7 +672,8 @@ def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict
                                           else "-" for v in estimates))
     console.print(table)
     console.print("weights/grads/optimizer/reference are resident; activations = saved for backward by the policy "
-                  "backbone; logits = the head's transient peak on top; peak = largest phase total.")
+                  "backbone; attention mask = prefix_shared's packed-row masks during the forwards; logits = the "
+                  "head's transient peak on top; peak = largest phase total.")
 
 
 if __name__ == "__main__":

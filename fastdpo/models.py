@@ -163,6 +163,9 @@ class LMParts:
             ``1 / logits_scaling``); 1.0 for most models.
         through_model: True when :meth:`forward` runs ``model``'s own forward with ``logits_to_keep`` empty (the
             model accepts ``logits_to_keep``); False when it calls the backbone directly (only for unwrapped models).
+        needs_anchor: True when FSDP2 (``fully_shard``) manages the model: :meth:`forward` then returns the anchor
+            that keeps the root's output hooks in backward (see there); otherwise no anchor (it would cost a dense zero
+            ``[V, D]`` gradient of the output embedding in backward).
     """
 
     model: nn.Module
@@ -172,6 +175,7 @@ class LMParts:
     softcap: float | None
     logit_scale: float
     through_model: bool = True
+    needs_anchor: bool = False
 
     def head_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Effective ``(weight [V, D], bias [V] | None)`` now (respects PEFT ``disable_adapter()``)."""
@@ -182,10 +186,11 @@ class LMParts:
 
         Runs ``model(...)`` — through the DDP / FSDP2 / PEFT wrappers, so their forward hooks fire — with
         ``logits_to_keep`` an empty index tensor (the output projection sees zero positions, no logits are
-        materialized) and captures the backbone's last hidden state with a forward hook. ``anchor`` is a 0-dim
-        tensor equal to exactly 0 (the sum of the empty logits) that carries the model output's autograd edge: add it
-        to the loss so hooks registered on the model's outputs (FSDP2's root pre-backward) run in backward. It is
-        ``None`` when the model does not accept ``logits_to_keep`` and the backbone is called directly.
+        materialized) and captures the backbone's last hidden state with a forward hook. ``anchor`` (only when
+        ``needs_anchor``, i.e. under FSDP2) is a 0-dim tensor equal to exactly 0 (the sum of the empty logits) that
+        carries the model output's autograd edge: add it to the loss so hooks registered on the model's outputs
+        (FSDP2's root pre-backward) run in backward. It is ``None`` otherwise: its backward would form a dense zero
+        ``[V, D]`` output-embedding gradient next to the fused head's.
         ``use_cache`` is forced off (training/scoring never needs a KV cache).
         """
         if not self.through_model:
@@ -209,7 +214,9 @@ class LMParts:
         logits = getattr(out, "logits", None)
         if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             logits = out[0]
-        anchor = logits.sum() if isinstance(logits, torch.Tensor) and logits.numel() == 0 else None
+        anchor = None
+        if self.needs_anchor and isinstance(logits, torch.Tensor) and logits.numel() == 0:
+            anchor = logits.sum()
         return captured[0], anchor
 
     def hidden_states(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -316,7 +323,7 @@ def resolve_lm(model: nn.Module) -> LMParts:
             "whose forward takes logits_to_keep (transformers >= 4.50 models do)"
         )
     return LMParts(model=model, hf_model=hf_model, backbone=backbone, head=head, softcap=softcap, logit_scale=scale,
-                   through_model=through_model)
+                   through_model=through_model, needs_anchor=any(_is_fsdp2(m) for m in model.modules()))
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ loss (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`, one 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +134,23 @@ class _Batch:
         return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
 
 
+class _Pairs(NamedTuple):
+    """What a loss sees of a subset of pairs: ``c``/``r`` ``[k]`` fp32 log-probs as the loss uses them (averaged when
+    ``average_log_prob``), reference ``ref_c``/``ref_r`` ``[k]`` or None, target token counts ``cnt_c``/``cnt_r``
+    ``[k]`` int64, the chosen NLL sums ``nll_c`` ``[k]``, and the batch totals ``num_pairs`` and
+    ``num_chosen_tokens`` (0-dim fp32) that normalize the batch mean."""
+
+    c: torch.Tensor
+    r: torch.Tensor
+    ref_c: torch.Tensor | None
+    ref_r: torch.Tensor | None
+    cnt_c: torch.Tensor
+    cnt_r: torch.Tensor
+    nll_c: torch.Tensor
+    num_pairs: int
+    num_chosen_tokens: torch.Tensor
+
+
 def _logits_mean(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Mean logit over all positions of ``x [R, T, D]`` and the vocabulary, without logits (fp32, no grad)."""
     with torch.no_grad():
@@ -202,20 +220,9 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         self.backend = backend
 
     # -- subclass hooks ----------------------------------------------------------------------------------------
-    def _pair_terms(
-        self,
-        c: torch.Tensor,
-        r: torch.Tensor,
-        ref_c: torch.Tensor | None,
-        ref_r: torch.Tensor | None,
-        cnt_c: torch.Tensor,
-        cnt_r: torch.Tensor,
-        nll_c: torch.Tensor,
-        num_pairs: int,
-        num_chosen_tokens: torch.Tensor,
-    ) -> torch.Tensor:
-        """Preference-loss contribution of the given pairs (``c``, ``r`` as the loss sees them: averaged when
-        ``average_log_prob``); the total over disjoint subsets is the batch loss for pair-local losses."""
+    def _pair_terms(self, t: _Pairs) -> torch.Tensor:
+        """Preference-loss contribution of the pairs in ``t``; the total over disjoint subsets of pairs is the batch
+        loss for pair-local losses."""
         raise NotImplementedError
 
     def _pair_local(self) -> bool:
@@ -294,7 +301,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         else:
             sums = self._seq_sums(batch, _input, lin_weight, bias)
             logps = self._as_loss_logps(sums, counts)
-            loss = self._pair_terms(logps[:p], logps[p:], ref_c, ref_r, cnt_c, cnt_r, -sums[:p], p, n_tok)
+            loss = self._pair_terms(_Pairs(logps[:p], logps[p:], ref_c, ref_r, cnt_c, cnt_r, -sums[:p], p, n_tok))
             if self.compute_nll_loss:
                 loss = loss + self.alpha * (-sums[:p].sum() / n_tok)
             sums = sums.detach()
@@ -338,7 +345,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
             c, r = self._as_loss_logps(c_sum, cnt_c), self._as_loss_logps(r_sum, cnt_r)
             rc = ref_c.index_select(0, pairs) if ref_c is not None else None
             rr = ref_r.index_select(0, pairs) if ref_r is not None else None
-            out = self._pair_terms(c, r, rc, rr, cnt_c, cnt_r, -c_sum, p, n_tok)
+            out = self._pair_terms(_Pairs(c, r, rc, rr, cnt_c, cnt_r, -c_sum, p, n_tok))
             if self.compute_nll_loss:
                 out = out + self.alpha * (-c_sum.sum() / n_tok)
             return out
@@ -349,6 +356,14 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
             batch.hidden(_input), weight, batch.labels, batch.seq_ids, batch.num_seqs, loss_fn, bias=bias,
             groups=groups, **self._head_kwargs(),
         )
+
+
+class _ReferenceFreeBase(_FusedLinearPreferenceBase):
+    """Liger's call of the reference-free losses (SimPO, CPO, ORPO): ``forward(lin_weight, _input, target, bias)``."""
+
+    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        return self._run(lin_weight, _input, target, bias, None, None, None)
 
 
 class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
@@ -404,24 +419,13 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
     def _pair_local(self) -> bool:
         return not set(self.loss_types) & BATCH_COUPLED_LOSS_TYPES
 
-    def _pair_terms(
-        self,
-        c: torch.Tensor,
-        r: torch.Tensor,
-        ref_c: torch.Tensor | None,
-        ref_r: torch.Tensor | None,
-        cnt_c: torch.Tensor,
-        cnt_r: torch.Tensor,
-        nll_c: torch.Tensor,
-        num_pairs: int,
-        num_chosen_tokens: torch.Tensor,
-    ) -> torch.Tensor:
+    def _pair_terms(self, t: _Pairs) -> torch.Tensor:
         return dpo_loss_sum(
-            c, r, ref_c, ref_r, loss_types=self.loss_types, loss_weights=self.loss_weights, beta=self.beta,
+            t.c, t.r, t.ref_c, t.ref_r, loss_types=self.loss_types, loss_weights=self.loss_weights, beta=self.beta,
             label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
             f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau,
-            input_dtype=c.dtype, chosen_lengths=cnt_c, rejected_lengths=cnt_r, chosen_nll_sum=nll_c,
-            pair_weights=None, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
+            input_dtype=t.c.dtype, chosen_lengths=t.cnt_c, rejected_lengths=t.cnt_r, chosen_nll_sum=t.nll_c,
+            pair_weights=None, num_pairs=t.num_pairs, num_chosen_tokens=t.num_chosen_tokens,
         )
 
     def forward(
@@ -437,7 +441,7 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
         return self._run(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias)
 
 
-class FusedLinearSimPOLoss(_FusedLinearPreferenceBase):
+class FusedLinearSimPOLoss(_ReferenceFreeBase):
     """Drop-in for Liger 0.8.5's ``LigerFusedLinearSimPOLoss``: ``forward(lin_weight, _input, target, bias=None)``.
 
     Loss: ``alpha * NLL(chosen) (if compute_nll_loss) + mean(-(1-eps) log sigma(z) - eps log sigma(-z))`` with
@@ -466,26 +470,11 @@ class FusedLinearSimPOLoss(_FusedLinearPreferenceBase):
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.gamma = float(gamma)
 
-    def _pair_terms(
-        self,
-        c: torch.Tensor,
-        r: torch.Tensor,
-        ref_c: torch.Tensor | None,
-        ref_r: torch.Tensor | None,
-        cnt_c: torch.Tensor,
-        cnt_r: torch.Tensor,
-        nll_c: torch.Tensor,
-        num_pairs: int,
-        num_chosen_tokens: torch.Tensor,
-    ) -> torch.Tensor:
-        return _smoothed_sigmoid(self.beta * (c - r) - self.gamma, self.label_smoothing).sum() / num_pairs
-
-    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
-                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        return self._run(lin_weight, _input, target, bias, None, None, None)
+    def _pair_terms(self, t: _Pairs) -> torch.Tensor:
+        return _smoothed_sigmoid(self.beta * (t.c - t.r) - self.gamma, self.label_smoothing).sum() / t.num_pairs
 
 
-class FusedLinearCPOLoss(_FusedLinearPreferenceBase):
+class FusedLinearCPOLoss(_ReferenceFreeBase):
     """Drop-in for Liger 0.8.5's ``LigerFusedLinearCPOLoss``: ``forward(lin_weight, _input, target, bias=None)``.
 
     Loss: ``alpha * NLL(chosen) (if compute_nll_loss) + mean(-(1-eps) log sigma(z) - eps log sigma(-z))``,
@@ -512,26 +501,11 @@ class FusedLinearCPOLoss(_FusedLinearPreferenceBase):
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.average_log_prob = bool(average_log_prob)
 
-    def _pair_terms(
-        self,
-        c: torch.Tensor,
-        r: torch.Tensor,
-        ref_c: torch.Tensor | None,
-        ref_r: torch.Tensor | None,
-        cnt_c: torch.Tensor,
-        cnt_r: torch.Tensor,
-        nll_c: torch.Tensor,
-        num_pairs: int,
-        num_chosen_tokens: torch.Tensor,
-    ) -> torch.Tensor:
-        return _smoothed_sigmoid(self.beta * (c - r), self.label_smoothing).sum() / num_pairs
-
-    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
-                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        return self._run(lin_weight, _input, target, bias, None, None, None)
+    def _pair_terms(self, t: _Pairs) -> torch.Tensor:
+        return _smoothed_sigmoid(self.beta * (t.c - t.r), self.label_smoothing).sum() / t.num_pairs
 
 
-class FusedLinearORPOLoss(_FusedLinearPreferenceBase):
+class FusedLinearORPOLoss(_ReferenceFreeBase):
     """Drop-in for Liger 0.8.5's ``LigerFusedLinearORPOLoss``: ``forward(lin_weight, _input, target, bias=None)``.
 
     Loss: ``NLL(chosen) (if compute_nll_loss) - beta * mean(log sigma(log odds_c - log odds_r))`` on average
@@ -560,24 +534,9 @@ class FusedLinearORPOLoss(_FusedLinearPreferenceBase):
     def _log_odds(c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return (c - r) - (_log1mexp(c) - _log1mexp(r))
 
-    def _pair_terms(
-        self,
-        c: torch.Tensor,
-        r: torch.Tensor,
-        ref_c: torch.Tensor | None,
-        ref_r: torch.Tensor | None,
-        cnt_c: torch.Tensor,
-        cnt_r: torch.Tensor,
-        nll_c: torch.Tensor,
-        num_pairs: int,
-        num_chosen_tokens: torch.Tensor,
-    ) -> torch.Tensor:
-        return -self.beta * F.logsigmoid(self._log_odds(c, r)).sum() / num_pairs
+    def _pair_terms(self, t: _Pairs) -> torch.Tensor:
+        return -self.beta * F.logsigmoid(self._log_odds(t.c, t.r)).sum() / t.num_pairs
 
     def _extra_outputs(self, c: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
         log_odds = self._log_odds(c, r)
         return F.logsigmoid(log_odds).mean(), log_odds.mean()
-
-    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
-                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        return self._run(lin_weight, _input, target, bias, None, None, None)

@@ -9,6 +9,12 @@ if os.environ.get("FASTDPO_GPU_TESTS") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sys
+from pathlib import Path
+
+# `python -m pytest` puts the working directory (the repository root) first on sys.path, which would make `kernels/`
+# importable as a top-level module; the suite tests the installed layout (`fastdpo.kernels` only) however it is launched.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 # Shared offline fixtures (tests/tiny.py) are imported as `import tiny` from every test file: --import-mode=importlib
 # does not put the tests directory on sys.path by itself.

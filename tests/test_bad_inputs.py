@@ -16,29 +16,16 @@ Mixed devices cannot be built without a GPU except with the ``meta`` device, whi
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 import re
 import warnings
 from typing import Any, Callable
 
 import pytest
 import torch
+from tiny import BACKENDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# The Triton cases run the kernels on CPU tensors through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-# unless FASTDPO_GPU_TESTS=1, where CPU tensors cannot reach a compiled kernel).
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(
-            os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
-            reason="Triton on CPU tensors needs triton and TRITON_INTERPRET=1",
-        ),
-    ),
-]
 NONFINITE = [float("nan"), float("inf")]
 
 

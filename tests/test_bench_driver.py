@@ -112,3 +112,20 @@ def test_unavailable_impl_reports_reason():
     assert reason is not None and reason.startswith("unavailable:")
     with pytest.raises(ValueError, match="choices"):
         impls.get_impl("head", "nope")
+
+
+def test_head_bound_reports_consistent_figures(tmp_path, one_thread):
+    """``python -m fastdpo.benchmarks.head_bound``: the lower bound is (2 - kept) logits GEMMs + the two gradient
+    GEMMs, the kept fraction is the budget over the fp32 logits, and the JSON holds what was printed."""
+    from fastdpo.benchmarks import head_bound
+
+    out = tmp_path / "bound.json"
+    budget_mb = 0.05
+    assert head_bound.main(["--tokens", "96", "--hidden", "24", "--vocab", "1100", "--budget-mb", str(budget_mb),
+                            "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["kept_fraction"] == pytest.approx(budget_mb * 2**20 / (4 * 96 * 1100))
+    g = r["gemm_s"]
+    assert min(g.values()) > 0 and r["naive_s"] > 0 and r["fastdpo_s"] > 0
+    assert r["bound_s"] == pytest.approx(g["logits"] * (2 - r["kept_fraction"]) + g["grad_hidden"] + g["grad_weight"])
+    assert r["bound_over_naive"] == pytest.approx(r["bound_s"] / r["naive_s"])

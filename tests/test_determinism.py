@@ -10,28 +10,15 @@ model (plain and grad-in-forward).
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 from typing import Callable
 
 import pytest
 import torch
+from tiny import BACKENDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # determinism at a fixed thread count, fast on tiny ops
 
 RUNS = 3  # torch path; the Triton interpreter is slow, so its cases repeat twice (enough to catch run-to-run drift)
-# The Triton cases run the kernels on CPU tensors through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-# unless FASTDPO_GPU_TESTS=1, where CPU tensors cannot reach a compiled kernel).
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(
-            os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
-            reason="Triton on CPU tensors needs triton and TRITON_INTERPRET=1",
-        ),
-    ),
-]
 
 def _assert_bitwise_repeatable(
     run: Callable[[], dict[str, torch.Tensor]], runs: int = RUNS

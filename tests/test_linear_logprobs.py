@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny import BACKENDS
 
 from fastdpo.linear_logprobs import (
     TokenStats,
@@ -355,6 +356,50 @@ def test_grad_in_forward_triton_interpreter():
     torch.testing.assert_close(loss.detach(), loss_r.detach(), rtol=1e-5, atol=1e-4)
     for a, b in zip(torch.autograd.grad(loss, [hidden, weight]), torch.autograd.grad(loss_r, [hidden, weight])):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_in_forward_token_weights_and_segment_stats(backend):
+    """LD-style token weights and a loss that reads the plain NLL sums (differentiable) and WPO-style weights from
+    ``log sum p^2`` (detached): loss and gradients equal autograd through the recompute path."""
+    from fastdpo.linear_logprobs import SegmentStats
+    from fastdpo.segments import segment_sum
+
+    hidden, weight, bias, labels, seg, s, pairs, ref_logps = _pair_setup(16)
+    gen = torch.Generator().manual_seed(17)
+    tw = torch.where(torch.rand(labels.shape, generator=gen) < 0.5, 1.0, 0.35)
+
+    def loss_fn(seq: torch.Tensor, ids: torch.Tensor, st: SegmentStats) -> torch.Tensor:
+        assert not st.log_sum_p2_sum.requires_grad and st.logp_sum.requires_grad
+        wpo = torch.exp((st.logp_sum.detach() - st.log_sum_p2_sum) / 7.0).prod()
+        margin = (seq[0] - ref_logps[ids[0]]) - (seq[1] - ref_logps[ids[1]])
+        return (-wpo * torch.nn.functional.logsigmoid(0.4 * margin) - 0.05 * st.logp_sum[0]) / pairs
+
+    groups = [torch.tensor([i, pairs + i]) for i in range(pairs)]
+    loss, seq = linear_logprobs_loss_grad_in_forward(
+        hidden, weight, labels, seg, s, loss_fn, bias=bias, groups=groups, token_weights=tw, segment_stats=True,
+        chunk_size=20, backend=backend,
+    )
+    def reference(nll_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seq_logps, loss) by autograd through the recompute path; ``nll_coef`` weighs the plain-sum term."""
+        stats = linear_token_logprobs(hidden, weight, labels, bias=bias, return_log_sum_p2=True)
+        valid = labels != -100
+        lp = torch.where(valid, stats.logprobs, 0.0)
+        seq_r, plain = segment_sum(lp * tw, seg, s), segment_sum(lp, seg, s)
+        lsp2 = segment_sum(torch.where(valid, stats.log_sum_p2, 0.0), seg, s).detach()
+        loss_r = sum(loss_fn(seq_r[g], g, SegmentStats(plain[g], lsp2[g])) for g in groups)
+        return seq_r, loss_r + (0.05 - nll_coef) * plain[groups[0][0]] / pairs
+
+    seq_r, loss_r = reference(0.05)
+    torch.testing.assert_close(seq, seq_r.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.detach(), loss_r.detach(), rtol=1e-5, atol=1e-6)
+    g_a = torch.autograd.grad(loss, [hidden, weight, bias])
+    g_b = torch.autograd.grad(loss_r, [hidden, weight, bias])
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # the plain-sum term really carries gradient: without it pair 0's chosen tokens get another hidden-state gradient
+    g_c = torch.autograd.grad(reference(0.0)[1], hidden)[0]
+    assert float((g_a[0] - g_c).abs().max()) > 1e-4
 
 
 def test_grad_in_forward_no_grad_is_loss_only():

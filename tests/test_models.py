@@ -145,19 +145,23 @@ def test_bad_models() -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_through_model_keeps_no_logits(arch: str) -> None:
     """``LMParts.forward`` runs the model's own forward (so wrapper hooks fire) with the head on zero positions: the
-    captured hidden states equal the backbone's bitwise, the head's output is empty, and the anchor is exactly 0 and
-    carries the model output's autograd edge."""
+    captured hidden states equal the backbone's bitwise, the head's output is empty. An unwrapped model gets no anchor
+    (it would cost a dense zero lm_head gradient); where one is needed (FSDP2) it is exactly 0 and carries the model
+    output's autograd edge."""
+    import dataclasses
+
     model = _model(arch).train()
     parts = resolve_lm(model)
-    assert parts.through_model
+    assert parts.through_model and not parts.needs_anchor
     ids = _ids(3, 13, seed=5)
     head_outputs: list[torch.Tensor] = []
     handle = model.lm_head.register_forward_hook(lambda m, a, out: head_outputs.append(out))
     try:
-        hidden, anchor = parts.forward(ids)
+        assert parts.forward(ids)[1] is None
+        hidden, anchor = dataclasses.replace(parts, needs_anchor=True).forward(ids)
     finally:
         handle.remove()
-    assert [tuple(o.shape) for o in head_outputs] == [(3, 0, V)]
+    assert [tuple(o.shape) for o in head_outputs] == [(3, 0, V)] * 2
     assert anchor is not None and anchor.requires_grad and float(anchor.detach()) == 0.0
     with torch.no_grad():
         direct = model.model(input_ids=ids, use_cache=False).last_hidden_state

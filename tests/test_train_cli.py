@@ -28,14 +28,8 @@ FAST = ["--hidden-size", "32", "--batch-size", "4", "--eval-batch-size", "16", "
         "--threads", "1", "--no-progress", "--log-every", "0"]
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; one thread keeps the shared cores free for other workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models gain nothing from intra-op threads; one thread keeps the shared cores free for other workers
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

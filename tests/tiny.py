@@ -12,8 +12,25 @@ Usage from any test file (``tests/`` is put on ``sys.path`` by ``tests/conftest.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 
+import pytest
 import torch
+
+#: Backends of the kernel entry points for parametrized tests. The Triton cases run the kernels on CPU tensors through
+#: the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 unless FASTDPO_GPU_TESTS=1, where CPU tensors cannot
+#: reach a compiled kernel), and are reported as skipped where that is impossible.
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+            reason="Triton on CPU tensors needs triton and TRITON_INTERPRET=1",
+        ),
+    ),
+]
 
 CORPUS: tuple[str, ...] = (
     "The quick brown fox jumps over the lazy dog.",

@@ -14,10 +14,21 @@ losses (every ``loss_type``, ``loss_weights``, ``f_divergence_type``, ``label_sm
 * the reference is a separate model (``reference="model"``), the PEFT base with adapters disabled (``"adapter"``),
   or log-probs precomputed into the dataset (``precompute_ref_log_probs=True`` -> ``"precomputed"``).
 
+Multi-process data parallelism (``accelerate launch`` / ``torchrun``, accelerate's ``DistributedDataParallel``:
+``MULTI_CPU`` and ``MULTI_GPU``) is supported: the policy forward runs through the DDP wrapper ``compute_loss``
+receives (gradients are averaged over ranks), the reference runs as TRL prepared it (a separate model placed with
+``prepare_model(evaluation_mode=True)``, the adapter-disabled PEFT base, or precomputed log-probs gathered over the
+ranks), and the metrics are gathered exactly as TRL gathers them (token-weighted sums and counts with
+``gather_for_metrics``, per-pair rewards and log-probs with ``gather``, the ``num_tokens`` total), so every rank logs
+TRL's numbers (``tests/test_trl_distributed.py``: 2 gloo processes, same loss, grad norm, metrics and parameters as
+``DPOTrainer``).
+
 Options TRL has and fastdpo does not support raise ``NotImplementedError`` naming the option (never a silent
 fallback): vision-language models/datasets, ``compute_metrics`` (needs logits), Mixture-of-Experts auxiliary loss
-(``router_aux_loss_coef``), prompt-learning PEFT methods (virtual tokens), a custom non-fastdpo ``data_collator`` and
-multi-process (DDP/FSDP/DeepSpeed) training.
+(``router_aux_loss_coef``), prompt-learning PEFT methods (virtual tokens), a custom non-fastdpo ``data_collator``, and
+the multi-process setups that are not validated: DeepSpeed (any ZeRO stage), FSDP through accelerate (``DPOEngine``
+itself trains FSDP2 ``fully_shard`` models in a custom loop), tensor/context/sequence parallelism
+(``parallelism_config``), other distributed types (XLA, ...) and ``torch_compile`` with several processes.
 """
 from __future__ import annotations
 
@@ -26,6 +37,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
@@ -86,7 +98,7 @@ class FastDPOTrainer(DPOTrainer):
             when ``args.padding_free`` else ``"pad"``.
         grad_in_forward: form the LM-head gradients during the forward (3 GEMMs instead of 4; see
             :class:`~fastdpo.engine.DPOEngine`). The token metrics (``logits/*``, ``entropy``,
-            ``mean_token_accuracy``) are then not logged; not with ``use_weighting`` or ``ld_alpha``.
+            ``mean_token_accuracy``) are then not logged.
         attn_impl: attention path for packed batches (:func:`fastdpo.attention.build_attention_kwargs`).
         chunk_size, backend: forwarded to the fused head (``backend="auto"``: Triton on CUDA, PyTorch elsewhere).
 
@@ -152,13 +164,7 @@ class FastDPOTrainer(DPOTrainer):
         finally:
             args.padding_free = padding_free
         self.packing = packing
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError(
-                f"FastDPOTrainer runs in a single process for now ({self.accelerator.num_processes} processes "
-                f"launched, distributed type {self.accelerator.distributed_type}): DPOEngine itself trains DDP and FSDP2 "
-                "models (see tests/test_distributed.py), but the trainer's multi-process wiring (accelerate-prepared "
-                "wrappers, DeepSpeed) is not validated yet. Use DPOEngine in your own loop, or trl.DPOTrainer."
-            )
+        self._check_parallelism()
         if self.aux_loss_enabled:
             raise NotImplementedError(
                 "router_aux_loss_coef: the Mixture-of-Experts load-balancing loss is not supported by FastDPOTrainer "
@@ -204,6 +210,45 @@ class FastDPOTrainer(DPOTrainer):
                 args.model_init_kwargs.get("output_router_logits"):
             raise NotImplementedError("model_init_kwargs['output_router_logits']: the Mixture-of-Experts auxiliary "
                                       "loss is not supported by FastDPOTrainer")
+
+    def _check_parallelism(self) -> None:
+        """Refuse the multi-process setups that are not validated: only data parallelism through accelerate's
+        ``DistributedDataParallel`` (``MULTI_CPU``/``MULTI_GPU``) runs multi-process."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "DeepSpeed: FastDPOTrainer is validated with DDP data parallelism (MULTI_CPU/MULTI_GPU) only; "
+                "DeepSpeed (ZeRO stages, parameter gathering around the fused head) is not tested. Launch without a "
+                "DeepSpeed config, or use trl.DPOTrainer"
+            )
+        if self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "FSDP through accelerate: FastDPOTrainer is validated with DDP data parallelism only (the trainer's "
+                "FSDP wiring -- prepare_fsdp reference, sharded checkpoints -- is not tested); DPOEngine itself "
+                "trains FSDP2 fully_shard models in your own loop (tests/test_distributed.py), or use trl.DPOTrainer"
+            )
+        config = acc.parallelism_config
+        if config is not None:
+            sizes = {name: getattr(config, f"{name}_size", 1) or 1 for name in ("tp", "cp", "sp", "dp_shard")}
+            active = {name: size for name, size in sizes.items() if size > 1}
+            if active:
+                raise NotImplementedError(
+                    f"parallelism_config {active}: FastDPOTrainer supports data-parallel replication (DDP) only; "
+                    "tensor/context/sequence parallelism and sharding are not supported"
+                )
+        if acc.num_processes > 1:
+            if acc.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+                raise NotImplementedError(
+                    f"distributed type {acc.distributed_type} ({acc.num_processes} processes): FastDPOTrainer is "
+                    "validated with DDP on MULTI_CPU and MULTI_GPU only"
+                )
+            if self.args.torch_compile:
+                raise NotImplementedError(
+                    "torch_compile with several processes: the compiled wrapper around DDP is not validated with "
+                    "FastDPOTrainer; train multi-process without torch_compile"
+                )
 
     # ------------------------------------------------------------------------------------------------ engine
     def _engine(self) -> DPOEngine:
@@ -277,14 +322,33 @@ class FastDPOTrainer(DPOTrainer):
             with self._no_grad_reference(self.model) as ref:
                 out = engine.compute_logps(ref, batch, with_grad=False, token_stats=engine.policy_token_stats)
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = out["chosen_logps"], out["rejected_logps"]
-        loss, metrics = engine.step(batch)
+        # Under DDP the Trainer hands the accelerate-prepared wrapper: the policy forward must run through it so that
+        # DDP's reducer averages the gradients. Any other module (self.model; a torch.compile wrapper in a single
+        # process) leaves the engine running its own, unwrapped policy.
+        policy = model if isinstance(model, DistributedDataParallel) else None
+        if policy is None and mode == "train" and self.accelerator.num_processes > 1 and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"FastDPOTrainer.compute_loss got a {type(model).__name__} in a {self.accelerator.num_processes}-"
+                "process training step; expected the DistributedDataParallel wrapper accelerate prepared (running the "
+                "unwrapped policy would leave the gradients unreduced)"
+            )
+        gathers: dict[str, Any] = {}
+        if self.accelerator.num_processes > 1:  # metrics over all ranks, gathered like TRL's
+            gathers = {"gather": self.accelerator.gather, "gather_totals": self.accelerator.gather_for_metrics}
+        loss, metrics = engine.step(batch, policy, **gathers)
         self._record_metrics(mode, batch, metrics)
         return loss
 
     def _record_metrics(self, mode: str, batch: Mapping[str, Any], metrics: Mapping[str, torch.Tensor]) -> None:
+        """Append this step's metrics (already global over ranks, see :meth:`compute_loss`) to ``self._metrics``;
+        ``num_tokens`` is the running total of training tokens over all ranks (TRL gathers it the same way)."""
         store = self._metrics[mode]
         if mode == "train":
-            self._total_train_tokens += int(batch.get("num_tokens", int(batch["attention_mask"].sum())))
+            tokens = int(batch.get("num_tokens", int(batch["attention_mask"].sum())))
+            if self.accelerator.num_processes > 1:
+                local = torch.tensor(tokens, dtype=torch.long, device=self.accelerator.device)
+                tokens = int(self.accelerator.gather_for_metrics(local).sum().item())
+            self._total_train_tokens += tokens
         for key in _METRIC_ORDER:
             if key == "num_tokens":  # a running total, like TRL
                 store[key] = [self._total_train_tokens]
