@@ -502,10 +502,11 @@ class DPOEngine:
                               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Like :meth:`_step` with the head's gradients formed in the forward (no token metrics).
 
-        LD-DPO enters as per-token weights of the sequence sums; WPO's weights and LD-DPO's plain NLL sums come from
-        the per-group :class:`~fastdpo.linear_logprobs.SegmentStats` the head hands the loss."""
+        LD-DPO enters as per-token weights of the sequence sums; LD-DPO's plain NLL sums and WPO's ``log sum p^2`` sums
+        (from which :func:`~fastdpo.losses.preference_loss` forms the WPO weights) come from the per-group
+        :class:`~fastdpo.linear_logprobs.SegmentStats` the head hands the loss."""
         from fastdpo.linear_logprobs import SegmentStats, linear_logprobs_loss_grad_in_forward
-        from fastdpo.losses import ld_token_weights, preference_loss
+        from fastdpo.losses import dpo_metrics, ld_token_weights, preference_loss
 
         hidden, anchor = self._completion_hidden(parts, batch)
         weight, bias = parts.head_weight_bias()
@@ -518,24 +519,18 @@ class DPOEngine:
             token_weights = ld_token_weights(batch["logp_pos"], seg, lengths_c, lengths_r, self.ld_alpha,
                                              validate=self.validate)
         with_stats = self.use_weighting or self.ld_alpha is not None
-        counts = torch.bincount(seg.to(torch.int64), minlength=num_seqs)[:num_seqs].clamp(min=1).float()
-        # the per-sequence extras of preference_loss, filled group by group (detached) for the metrics call
-        plain_all = torch.zeros(num_seqs, device=hidden.device)
-        wpo_all = torch.ones(num_seqs, device=hidden.device)
 
-        def extras(ids: torch.Tensor, stats: SegmentStats | None, k: int) -> dict[str, torch.Tensor]:
-            """preference_loss kwargs of the sequences ``ids`` (``k`` chosen first, then their rejected)."""
+        def extras(stats: SegmentStats | None, k: int) -> dict[str, torch.Tensor]:
+            """preference_loss kwargs of a group's sequences (``k`` chosen first, then their rejected)."""
             if stats is None:
                 return {}
             out: dict[str, torch.Tensor] = {}
-            plain_all[ids] = stats.logp_sum.detach()
             if self.ld_alpha is not None:
                 out["policy_chosen_nll_sum"] = -stats.logp_sum[:k]
                 out["policy_rejected_nll_sum"] = -stats.logp_sum[k:]
-            if self.use_weighting:  # wpo_weights: exp(mean over the sequence of (log p - log sum p^2))
-                w = torch.exp((stats.logp_sum.detach() - stats.log_sum_p2_sum) / counts[ids])
-                wpo_all[ids] = w
-                out["wpo_chosen_weights"], out["wpo_rejected_weights"] = w[:k], w[k:]
+            if stats.log_sum_p2_sum is not None:  # WPO
+                out["policy_chosen_log_sum_p2"] = stats.log_sum_p2_sum[:k]
+                out["policy_rejected_log_sum_p2"] = stats.log_sum_p2_sum[k:]
             return out
 
         def pair_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor,
@@ -545,7 +540,7 @@ class DPOEngine:
             loss, _ = preference_loss(seq_logps[0:1], seq_logps[1:2], ref_c.index_select(0, i),
                                       ref_r.index_select(0, i), chosen_lengths=lengths_c.index_select(0, i),
                                       rejected_lengths=lengths_r.index_select(0, i), **kwargs,
-                                      **extras(seg_ids.to(hidden.device), stats, 1))
+                                      **extras(stats, 1))
             return loss / num_pairs
 
         def batch_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor,
@@ -556,10 +551,11 @@ class DPOEngine:
                 return torch.empty_like(t).index_copy(0, ids, t)
 
             if stats is not None:
-                stats = SegmentStats(ordered(stats.logp_sum), ordered(stats.log_sum_p2_sum))
+                lsp2 = stats.log_sum_p2_sum
+                stats = SegmentStats(ordered(stats.logp_sum), None if lsp2 is None else ordered(lsp2))
             loss, _ = preference_loss(*ordered(seq_logps).split(num_pairs), ref_c, ref_r, chosen_lengths=lengths_c,
                                       rejected_lengths=lengths_r, **kwargs,
-                                      **extras(torch.arange(num_seqs, device=ids.device), stats, num_pairs))
+                                      **extras(stats, num_pairs))
             return loss
 
         if set(self.loss_types) <= _PAIR_LOCAL_LOSSES:
@@ -572,18 +568,12 @@ class DPOEngine:
         loss, seq = linear_logprobs_loss_grad_in_forward(
             hidden, weight, batch["logp_labels"], seg, num_seqs, loss_fn, bias=bias,
             softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
-            token_weights=token_weights, segment_stats=with_stats, validate=self.validate, backend=self.backend,
+            token_weights=token_weights, segment_stats=with_stats, segment_log_sum_p2=self.use_weighting,
+            validate=self.validate, backend=self.backend,
         )
         if anchor is not None and anchor.requires_grad:
             loss = loss + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
-        extra: dict[str, torch.Tensor] = {}
-        if self.ld_alpha is not None:
-            extra = {"policy_chosen_nll_sum": -plain_all[:num_pairs], "policy_rejected_nll_sum": -plain_all[num_pairs:]}
-        if self.use_weighting:
-            extra.update(wpo_chosen_weights=wpo_all[:num_pairs], wpo_rejected_weights=wpo_all[num_pairs:])
-        with torch.no_grad():
-            _, metrics = preference_loss(seq[:num_pairs], seq[num_pairs:], ref_c, ref_r, chosen_lengths=lengths_c,
-                                         rejected_lengths=lengths_r, **kwargs, **extra)
+        metrics = dpo_metrics(seq[:num_pairs], seq[num_pairs:], ref_c, ref_r, self.beta)
         return loss, metrics, seq[:num_pairs], seq[num_pairs:]
 
 

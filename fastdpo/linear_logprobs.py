@@ -1100,11 +1100,11 @@ class SegmentStats(NamedTuple):
     ``logp_sum``: plain ``sum_t log p_t`` (without ``token_weights``: the NLL of an LD-weighted sequence); like the
     ``seq_logps`` argument it requires grad, and its gradient reaches the head.
     ``log_sum_p2_sum``: ``sum_t log sum_v p_v^2``, detached (WPO's weights take no gradient; see
-    :func:`fastdpo.losses.wpo_weights`).
+    :func:`fastdpo.losses.wpo_weights`); ``None`` unless ``segment_log_sum_p2=True``.
     """
 
     logp_sum: torch.Tensor
-    log_sum_p2_sum: torch.Tensor
+    log_sum_p2_sum: torch.Tensor | None
 
 
 class _StoredGradLoss(torch.autograd.Function):
@@ -1149,6 +1149,7 @@ def linear_logprobs_loss_grad_in_forward(
     groups: Sequence[torch.Tensor] | None = None,
     token_weights: torch.Tensor | None = None,
     segment_stats: bool = False,
+    segment_log_sum_p2: bool = False,
     chunk_size: int | None = None,
     validate: bool = True,
     backend: Backend = "auto",
@@ -1167,8 +1168,9 @@ def linear_logprobs_loss_grad_in_forward(
         token_weights: ``[M]`` float, constant (no gradient): a segment's log-prob is ``sum_t w_t log p_t``
             (LD-DPO's length-desensitized sums); ``None`` = plain sums.
         segment_stats: call ``loss_fn(seq_logps, group_segment_ids, stats)`` with a :class:`SegmentStats` of the
-            group (the fold then also computes ``log sum p^2``, for WPO weights). A token's gradient is then
-            ``dL/dseq_logps * w_t + dL/dlogp_sum``.
+            group. A token's gradient is then ``dL/dseq_logps * w_t + dL/dlogp_sum``.
+        segment_log_sum_p2: with ``segment_stats``, also fill ``SegmentStats.log_sum_p2_sum`` (for WPO weights; the
+            fold then computes the token statistics, more work per tile).
         chunk_size: max tokens per chunk of whole groups (default: as many as ``logits_budget_bytes`` of fp32 logits
             allow; a group larger than that is processed alone and recomputes the logits it could not keep).
         Others as :func:`linear_token_logprobs`.
@@ -1195,6 +1197,7 @@ def linear_logprobs_loss_grad_in_forward(
             groups,
             token_weights,
             segment_stats,
+            segment_log_sum_p2,
             chunk_size,
             validate,
             backend,
@@ -1220,6 +1223,7 @@ def _grad_in_forward_impl(
     groups: Sequence[torch.Tensor] | None,
     token_weights: torch.Tensor | None,
     segment_stats: bool,
+    segment_log_sum_p2: bool,
     chunk_size: int | None,
     validate: bool,
     backend: Backend,
@@ -1329,7 +1333,7 @@ def _grad_in_forward_impl(
                 resolved,
             )
             kept = _Kept(budget)
-            st = _forward_sweep(hc, w, b, labc, spec, segment_stats, False, kept)
+            st = _forward_sweep(hc, w, b, labc, spec, segment_stats and segment_log_sum_p2, False, kept)
             lse, logp, _, log_sum_p2, _, _ = _outputs_from_fold(st, labc, vocab)
             n_seg = len(seg_list)
             logp = logp.float()
@@ -1339,10 +1343,10 @@ def _grad_in_forward_impl(
             seq_logps[torch.tensor(seg_list, dtype=torch.int64, device=device)] = seq_chunk
             stats_chunk = None
             if segment_stats:
-                assert log_sum_p2 is not None
                 stats_chunk = SegmentStats(
                     segment_sum(logp, local_seg, n_seg, validate=False, backend=backend),
-                    segment_sum(log_sum_p2.float(), local_seg, n_seg, validate=False, backend=backend),
+                    None if log_sum_p2 is None else segment_sum(log_sum_p2.float(), local_seg, n_seg,
+                                                                validate=False, backend=backend),
                 )
             # d loss / d seq_logp per group, on leaf copies
             dseq = torch.zeros(n_seg, dtype=torch.float32, device=device)
@@ -1356,7 +1360,8 @@ def _grad_in_forward_impl(
                     args: tuple[Any, ...] = (leaves[0], torch.tensor(ids, dtype=torch.int64, device=device))
                     if stats_chunk is not None:
                         leaves.append(stats_chunk.logp_sum[k0:k1].clone().requires_grad_(True))
-                        args += (SegmentStats(leaves[1], stats_chunk.log_sum_p2_sum[k0:k1]),)
+                        lsp2 = stats_chunk.log_sum_p2_sum
+                        args += (SegmentStats(leaves[1], None if lsp2 is None else lsp2[k0:k1]),)
                     with torch.enable_grad():
                         loss_g = loss_fn(*args)
                         if not isinstance(loss_g, torch.Tensor) or loss_g.numel() != 1:

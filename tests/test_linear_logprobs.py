@@ -378,7 +378,7 @@ def test_grad_in_forward_token_weights_and_segment_stats(backend):
     groups = [torch.tensor([i, pairs + i]) for i in range(pairs)]
     loss, seq = linear_logprobs_loss_grad_in_forward(
         hidden, weight, labels, seg, s, loss_fn, bias=bias, groups=groups, token_weights=tw, segment_stats=True,
-        chunk_size=20, backend=backend,
+        segment_log_sum_p2=True, chunk_size=20, backend=backend,
     )
     def reference(nll_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq_logps, loss) by autograd through the recompute path; ``nll_coef`` weighs the plain-sum term."""
