@@ -170,21 +170,31 @@ def _engine_step_fn(args: argparse.Namespace, packing: str):
     return step
 
 
-def _trl_step_fn(args: argparse.Namespace):
+def make_trl_trainer(policy: torch.nn.Module, ref: torch.nn.Module, tok: Any, pairs: int, *, use_cpu: bool):
+    """TRL 1.16 ``DPOTrainer`` over ``policy``/``ref``: sigmoid loss, beta 0.1, no truncation, no logging or saving,
+    mixed precision off (the models run in their own dtype); a one-row dummy dataset, since the benchmark's batches
+    come from ``trainer.data_collator(trl_examples(rows))``."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    policy, ref = make_models(args)
-    tok = make_tokenizer(args.vocab)
     out_dir = tempfile.mkdtemp(prefix="fastdpo-bench-trl-")
-    config = DPOConfig(output_dir=out_dir, report_to="none", per_device_train_batch_size=args.pairs,
-                       max_length=None, beta=0.1, loss_type=["sigmoid"], use_cpu=True, bf16=False, save_strategy="no",
-                       logging_strategy="no", push_to_hub=False, dataloader_num_workers=0)
+    config = DPOConfig(output_dir=out_dir, report_to="none", per_device_train_batch_size=pairs,
+                       max_length=None, beta=0.1, loss_type=["sigmoid"], use_cpu=use_cpu, bf16=False,
+                       save_strategy="no", logging_strategy="no", push_to_hub=False, dataloader_num_workers=0)
     dummy = Dataset.from_list([{"prompt": "t3 t4", "chosen": " t5", "rejected": " t6"}])
-    trainer = DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=dummy, processing_class=tok)
-    examples = [{"prompt_ids": r["prompt_input_ids"], "chosen_ids": r["chosen_input_ids"],
-                 "rejected_ids": r["rejected_input_ids"]} for r in make_rows(args)]
-    batch = trainer.data_collator(examples)
+    return DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=dummy, processing_class=tok)
+
+
+def trl_examples(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """:func:`make_rows` rows in the keys TRL's ``DataCollatorForPreference`` reads."""
+    return [{"prompt_ids": r["prompt_input_ids"], "chosen_ids": r["chosen_input_ids"],
+             "rejected_ids": r["rejected_input_ids"]} for r in rows]
+
+
+def _trl_step_fn(args: argparse.Namespace):
+    policy, ref = make_models(args)
+    trainer = make_trl_trainer(policy, ref, make_tokenizer(args.vocab), args.pairs, use_cpu=True)
+    batch = trainer.data_collator(trl_examples(make_rows(args)))
     model = trainer.model
     model.train()
 

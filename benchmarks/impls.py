@@ -5,8 +5,9 @@ Three workloads, each a forward + backward with a random upstream gradient:
 * ``head`` — per-token log-probs of ``hidden @ weight.T``: ``hidden [N, D]`` and ``weight [V, D]`` (both requiring
   grad), ``labels [N]`` int64 in ``[0, V)``; output ``[N]`` fp32. Implementations: naive PyTorch (materialized logits,
   ``log_softmax`` in fp32, gather), ``fastdpo.linear_token_logprobs``, TRL 1.16's ``ChunkedLogProbFunction``, torch's
-  chunked ``F.linear_cross_entropy(reduction="none", options=LinearCrossEntropyOptions())`` (log-prob = −loss) and
-  Apple's Cut Cross-Entropy (CUDA only, where installed).
+  chunked ``F.linear_cross_entropy(reduction="none", options=LinearCrossEntropyOptions())`` (log-prob = −loss),
+  Apple's Cut Cross-Entropy and Liger's ``LigerFusedLinearCrossEntropyLoss(reduction="none")`` (CUDA only, where
+  installed).
 * ``logprobs`` — per-sequence log-probs from logits ``[B, T, V]`` (requiring grad) and labels ``[B, T]`` whose first
   quarter of each row is ``-100`` (the prompt); output ``[B]`` fp32. Naive PyTorch, ``fastdpo.sequence_logprobs`` and
   TRL's ``selective_log_softmax``.
@@ -234,6 +235,16 @@ def _head_cce(p: Problem, device: torch.device) -> Callable[[], torch.Tensor]:
     return lambda: -linear_cross_entropy(x["hidden"], x["weight"], x["labels"], reduction="none")
 
 
+def _head_liger(p: Problem, device: torch.device) -> Callable[[], torch.Tensor]:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    # reduction="none": per-token losses (= -log-prob) under any per-token upstream gradient, like the other heads;
+    # Liger then recomputes the logits in backward instead of forming their gradient in the forward pass.
+    x = p.inputs
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+    return lambda: -loss(x["weight"], x["hidden"], x["labels"])
+
+
 def _lp_naive(p: Problem, device: torch.device) -> Callable[[], torch.Tensor]:
     x = p.inputs
     return lambda: naive_seq_logprobs(x["logits"], x["labels"])
@@ -289,6 +300,8 @@ IMPLS: tuple[Impl, ...] = (
     Impl("head", "trl", _head_trl, requires=("trl",), attr=("trl.kernels", "ChunkedLogProbFunction")),
     Impl("head", "torch_lce", _head_torch_lce, attr=("torch.nn", "LinearCrossEntropyOptions")),
     Impl("head", "cce", _head_cce, requires=("cut_cross_entropy",), cuda_only=True),
+    Impl("head", "liger", _head_liger, requires=("liger_kernel",), cuda_only=True,
+         attr=("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")),
     Impl("logprobs", "naive", _lp_naive),
     Impl("logprobs", "fastdpo", _lp_fastdpo, attr=("fastdpo.logprobs", "sequence_logprobs")),
     Impl("logprobs", "trl", _lp_trl, requires=("trl",), attr=("trl.trainer.utils", "selective_log_softmax")),
