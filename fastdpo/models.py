@@ -469,7 +469,7 @@ def quantized_linear(
     return new
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_4bit_problem(compute_dtype: torch.dtype, quant_type: str) -> str | None:
     """``None`` when a CPU :func:`quantized_linear` 4-bit layer computes ``x @ dequantize(W).T`` and leaves its weight
     unchanged, else what went wrong (checked on a probe layer of odd size, once per process and setting)."""
