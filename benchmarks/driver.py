@@ -34,7 +34,7 @@ import torch
 from fastdpo.benchmarks.impls import IMPLS, WORKLOADS, Shape, flops, get_impl, impl_names, min_bytes
 from fastdpo.benchmarks.measure import MALLOC_ENV, is_finite, measure_ceilings
 
-from fastdpo.atomic import atomic_write
+from fastdpo.atomic import atomic_write, remove_stale_tmp_in
 from fastdpo.cli import ArgParser, UsageError, float_in, int_in, make_output_dir, output_dir, resolve_device, threads
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -357,7 +357,19 @@ def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, list[Shape]]],
     if not plan:
         raise UsageError(f"--impls {','.join(args.impls)}: none of them implements --workloads {','.join(workloads)}")
     plan.sort(key=lambda item: item[1] not in SUBJECTS)  # naive and fastdpo of every workload first, then peers
+    elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    need = max(2 * min_bytes(w, s, elem)["fwd"] for w, _, shapes in plan for s in shapes)  # inputs + their grads
+    if cuda:
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    if need > available:
+        raise UsageError(f"--tokens/--hidden/--vocab: the largest case's inputs and their gradients alone need "
+                         f"{need / 2**30:,.1f} GiB, {available / 2**30:,.1f} GiB available on {device.type}")
     make_output_dir("--out", args.out)
+    remove_stale_tmp_in(args.out)  # what killed earlier runs left half-written
     settings["plots"] = not args.no_plots
     if not args.no_plots:
         why = plotting_available()

@@ -34,6 +34,7 @@ __all__ = [
     "load_checksummed",
     "read_dict",
     "remove_stale_tmp",
+    "remove_stale_tmp_in",
     "save_checksummed",
     "verify_checksum",
 ]
@@ -83,6 +84,21 @@ def remove_stale_tmp(path: str | os.PathLike[str]) -> list[Path]:
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
             removed.append(entry)
+    return removed
+
+
+def remove_stale_tmp_in(directory: str | os.PathLike[str]) -> list[Path]:
+    """:func:`remove_stale_tmp` for every target in ``directory``: delete each ``.<name>.<pid>.tmp`` there whose
+    process no longer runs (for folders whose file names change from run to run, such as benchmark results)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    pattern = re.compile(r"^\.(.+)\.(\d+)\.tmp$")
+    removed = []
+    for entry in directory.iterdir():
+        m = pattern.match(entry.name)
+        if m:
+            removed += remove_stale_tmp(directory / m.group(1))
     return removed
 
 

@@ -52,6 +52,7 @@ from fastdpo.atomic import (
     atomic_write,
     load_checksummed,
     remove_stale_tmp,
+    remove_stale_tmp_in,
     save_checksummed,
 )
 from fastdpo.cli import (
@@ -671,8 +672,9 @@ def _train(args: argparse.Namespace, staged: list[Path]) -> int:
     device = resolve_device("--device", args.device)
     out = Path(args.output_dir)
     make_output_dir("--output-dir", out)
-    for name in _RUN_FILES:
+    for name in _RUN_FILES:  # killed writers' temporary files, including fastdpo <= 0.1's random names
         remove_stale_tmp(out / name)
+    remove_stale_tmp_in(out)
     earlier = [name for name in _RUN_FILES[:5] if (out / name).exists()]
     if earlier and not (args.resume or args.overwrite):
         raise UsageError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue "

@@ -258,6 +258,7 @@ def test_bench_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
         (["--total-seconds", "-1"], "--total-seconds"),
         (["--threads", "0"], "--threads"),
         (["--dtype", "fp64"], "--dtype"),
+        (["--tokens", str(10**9), "--vocab", str(10**7)], "--tokens/--hidden/--vocab"),
     ]
     for args, needle in cases:
         assert_usage_error(["bench", *out, *args], capsys, needle)
