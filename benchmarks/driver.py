@@ -3,6 +3,10 @@
 Every (workload, implementation) runs in its own worker process (see :mod:`fastdpo.benchmarks.measure`), over its
 shapes in ascending size. Results go to ``<out>/<device>-<timestamp>.json`` and ``.csv`` (with device, versions and
 configuration), a rich table on stdout, and PNG plots of time and memory against vocabulary size and token count.
+The JSON and CSV are rewritten (atomically) as results arrive, with ``meta.complete`` false until the run ends, so an
+interrupted or crashed run keeps every finished case. Arguments and the output folder are checked, and the optional
+plotting dependency (matplotlib) imported, before anything is measured: without matplotlib the plots are skipped with
+a warning at start.
 
 CPU defaults (fp32) finish in a few minutes on a 2-core machine; GPU defaults (bf16) sweep real sizes:
 D ∈ {896, 2048, 4096}, V ∈ {32000, 128256, 151936, 262144}, up to 32k tokens.
@@ -13,6 +17,7 @@ import argparse
 import csv
 import datetime as _dt
 import importlib.metadata
+import io
 import itertools
 import json
 import os
@@ -21,13 +26,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-
 from fastdpo.benchmarks.impls import IMPLS, WORKLOADS, Shape, flops, get_impl, impl_names, min_bytes
 from fastdpo.benchmarks.measure import MALLOC_ENV, is_finite, measure_ceilings
+
+from fastdpo.atomic import atomic_write, remove_stale_tmp_in
+from fastdpo.cli import ArgParser, UsageError, float_in, int_in, make_output_dir, output_dir, resolve_device, threads
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SUBJECTS = ("naive", "fastdpo")  # always measured; every other implementation is a peer that may be skipped
@@ -81,12 +89,15 @@ def _int_list(text: str) -> list[int]:
 
 
 def _name_list(text: str) -> list[str]:
-    return [v for v in text.replace(",", " ").split() if v]
+    values = list(dict.fromkeys(v for v in text.replace(",", " ").split() if v))
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one name")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastdpo bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="fastdpo bench", description=__doc__.split("\n\n")[0],
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on GPU")
     p.add_argument("--tokens", type=_int_list, default=None, help="token counts N, e.g. 2048,8192")
@@ -95,19 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", type=_name_list, default=None,
                    help=f"implementations (default all): {sorted({i.name for i in IMPLS})}")
     p.add_argument("--workloads", type=_name_list, default=None, help=f"workloads (default all): {list(WORKLOADS)}")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3 CPU, 10 GPU)")
-    p.add_argument("--time-budget", type=float, default=None,
+    p.add_argument("--repeats", type=int_in(1), default=None, help="timed repeats per case (default 3 CPU, 10 GPU)")
+    p.add_argument("--time-budget", type=float_in(0.0, low_open=True), default=None,
                    help="stop repeating a case once this many seconds are spent (default 12 CPU, 30 GPU; >=1 repeat)")
-    p.add_argument("--max-case-seconds", type=float, default=None,
+    p.add_argument("--max-case-seconds", type=float_in(0.0, low_open=True), default=None,
                    help="skip a peer's shape whose step, extrapolated from that peer's previous shape, would take "
                         "longer (default 40 CPU, 60 GPU; naive and fastdpo always run)")
-    p.add_argument("--total-seconds", type=float, default=None,
+    p.add_argument("--total-seconds", type=float_in(0.0), default=None,
                    help="wall-clock budget of the whole run: cases that would end later are skipped (default 540 on "
                         "CPU, 0 = none on GPU); naive and fastdpo run first, then the peers")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
+    p.add_argument("--out", type=output_dir, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat (smoke test)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in the workers (CPU)")
+    p.add_argument("--threads", type=threads, default=None, help="torch threads in the workers (CPU)")
     return p
 
 
@@ -136,8 +147,10 @@ def _device_name(device: torch.device) -> str:
     return f"{name} ({os.cpu_count()} cores)"
 
 
-def _run_worker(spec: dict[str, Any], timeout: float, progress: Any) -> list[dict[str, Any]]:
-    """Run one worker process; advance ``progress`` as it writes records; return its records."""
+def _run_worker(spec: dict[str, Any], timeout: float, progress: Any,
+                on_records: Any = None) -> list[dict[str, Any]]:
+    """Run one worker process; advance ``progress`` (and call ``on_records(records so far)``) as it writes records;
+    return its records."""
     with tempfile.TemporaryDirectory(prefix="fastdpo-bench-") as tmp:
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
         with open(spec_path, "w") as fh:
@@ -161,6 +174,8 @@ def _run_worker(spec: dict[str, Any], timeout: float, progress: Any) -> list[dic
             if len(records) > done:
                 progress.update(len(records) - done)
                 done = len(records)
+                if on_records is not None:
+                    on_records(records)
             if finished:
                 break
             if time.monotonic() - start > timeout:
@@ -213,17 +228,31 @@ CSV_FIELDS = ("workload", "impl", "impl_label", "status", "device", "dtype", "to
 
 
 def write_results(records: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path, stem: str) -> tuple[Path, Path]:
-    """Write ``<stem>.json`` ({"meta", "results"}) and ``<stem>.csv`` (one row per case) under ``out_dir``."""
+    """Write ``<stem>.json`` ({"meta", "results"}) and ``<stem>.csv`` (one row per case) under ``out_dir``, each
+    atomically (a reader, or a crash, never sees half a file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    with open(json_path, "w") as fh:
-        json.dump({"meta": meta, "results": records}, fh, indent=1)
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in records:
-            w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
+    text = json.dumps({"meta": meta, "results": records}, indent=1)
+    atomic_write(json_path, lambda fh: fh.write(text.encode()))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in records:
+        w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write(csv_path, lambda fh: fh.write(buf.getvalue().encode()))
     return json_path, csv_path
+
+
+def plotting_available() -> str | None:
+    """``None`` when the plots can be drawn (matplotlib imports, with its non-interactive Agg backend), else why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install failing in its own way
+        return f"matplotlib is not usable ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -281,24 +310,38 @@ WORKLOAD_TITLES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fastdpo bench``; returns the exit code (0 when every runnable case ran or was skipped)."""
+    """Entry point of ``fastdpo bench``; returns the exit code (0 when every runnable case ran or was skipped, 1 when
+    a case failed). A usage error prints one line on stderr and raises :class:`fastdpo.cli.UsageError` (a
+    ``SystemExit`` with code 2), as argparse does for a malformed argument."""
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"fastdpo bench: --device must be cpu or cuda, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastdpo bench: --device cuda but CUDA is not available")
+    try:
+        plan, device, dtype, settings = _plan(args)
+    except UsageError as exc:
+        print(f"fastdpo bench: {exc}", file=sys.stderr)
+        raise
+    return _run(args, argv, plan, device, dtype, settings)
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, list[Shape]]], torch.device, str, dict[str, Any]]:
+    """Everything checked before measuring: device, names, shapes, the output folder, plotting."""
+    device = resolve_device("--device", args.device)
     cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if cuda else "float32")
     workloads = args.workloads or list(WORKLOADS)
     for w in workloads:
         if w not in WORKLOADS:
-            raise SystemExit(f"fastdpo bench: unknown workload {w!r}; choices: {list(WORKLOADS)}")
-    repeats = args.repeats or (1 if args.quick else (10 if cuda else 3))
-    time_budget = args.time_budget if args.time_budget is not None else (30.0 if cuda else 12.0)
-    max_case = args.max_case_seconds if args.max_case_seconds is not None else (60.0 if cuda else 40.0)
-    total_s = args.total_seconds if args.total_seconds is not None else (0.0 if cuda else 540.0)
-
+            raise UsageError(f"--workloads: unknown workload {w!r}; choices: {list(WORKLOADS)}")
+    if args.impls:
+        unknown = [n for n in args.impls if n not in {i.name for i in IMPLS}]
+        if unknown:
+            raise UsageError(f"--impls: unknown implementation(s) {unknown}; choices: {sorted({i.name for i in IMPLS})}")
+    settings = {
+        "workloads": workloads,
+        "repeats": args.repeats or (1 if args.quick else (10 if cuda else 3)),
+        "time_budget": args.time_budget if args.time_budget is not None else (30.0 if cuda else 12.0),
+        "max_case": args.max_case_seconds if args.max_case_seconds is not None else (60.0 if cuda else 40.0),
+        "total_s": args.total_seconds if args.total_seconds is not None else (0.0 if cuda else 540.0),
+    }
     plan: list[tuple[str, str, list[Shape]]] = []
     for workload in workloads:
         shapes = default_shapes(workload, device.type, args.quick)
@@ -309,22 +352,46 @@ def main(argv: list[str] | None = None) -> int:
         shapes = _union([s.normalized(workload) for s in shapes])
         names = impl_names(workload)
         if args.impls:
-            unknown = [n for n in args.impls if n not in {i.name for i in IMPLS}]
-            if unknown:
-                raise SystemExit(f"fastdpo bench: unknown implementation(s) {unknown}; "
-                                 f"choices: {sorted({i.name for i in IMPLS})}")
             names = [n for n in names if n in args.impls]
         plan += [(workload, name, shapes) for name in names]
+    if not plan:
+        raise UsageError(f"--impls {','.join(args.impls)}: none of them implements --workloads {','.join(workloads)}")
     plan.sort(key=lambda item: item[1] not in SUBJECTS)  # naive and fastdpo of every workload first, then peers
+    elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    need = max(2 * min_bytes(w, s, elem)["fwd"] for w, _, shapes in plan for s in shapes)  # inputs + their grads
+    if cuda:
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
 
+        available = psutil.virtual_memory().available
+    if need > available:
+        raise UsageError(f"--tokens/--hidden/--vocab: the largest case's inputs and their gradients alone need "
+                         f"{need / 2**30:,.1f} GiB, {available / 2**30:,.1f} GiB available on {device.type}")
+    make_output_dir("--out", args.out)
+    remove_stale_tmp_in(args.out)  # what killed earlier runs left half-written
+    settings["plots"] = not args.no_plots
+    if not args.no_plots:
+        why = plotting_available()
+        if why is not None:
+            print(f"fastdpo bench: warning: {why}: results are written, plots skipped (pip install matplotlib, or "
+                  "pass --no-plots)", file=sys.stderr)
+            settings["plots"] = False
+    return plan, device, dtype, settings
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None, plan: list[tuple[str, str, list[Shape]]],
+         device: torch.device, dtype: str, settings: dict[str, Any]) -> int:
+    cuda = device.type == "cuda"
+    repeats, time_budget, max_case, total_s = (settings[k] for k in ("repeats", "time_budget", "max_case", "total_s"))
     started = _dt.datetime.now(_dt.timezone.utc)
     meta: dict[str, Any] = {
         "device": device.type, "device_name": _device_name(device), "dtype": dtype, "versions": _versions(),
         "started": started.isoformat(timespec="seconds"), "cpu_threads": args.threads or torch.get_num_threads(),
-        "timer": "CUDA events" if cuda else "time.perf_counter", "workloads": workloads,
+        "timer": "CUDA events" if cuda else "time.perf_counter", "workloads": settings["workloads"],
         "memory_method": "torch.cuda.max_memory_allocated - allocated after setup" if cuda else
         "peak RSS: VmHWM - VmRSS after setup, high-water mark reset via /proc/self/clear_refs, one process per impl",
-        "memory_note": MEMORY_NOTE, "grads_included": True,
+        "memory_note": MEMORY_NOTE, "grads_included": True, "complete": False,
         "config": {"repeats": repeats, "time_budget_s": time_budget, "max_case_seconds": max_case,
                    "total_seconds": total_s,
                    "quick": args.quick, "argv": list(argv) if argv is not None else sys.argv[1:],
@@ -333,10 +400,20 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         meta["ceilings"] = measure_ceilings(device, getattr(torch, dtype))
         torch.cuda.empty_cache()
+    stem = f"{'quick-' if args.quick else ''}{device.type}-{started.strftime('%Y%m%d-%H%M%S')}"
 
     from tqdm import tqdm
 
     records: list[dict[str, Any]] = []
+
+    def save(extra: Sequence[dict[str, Any]] = ()) -> None:
+        """Rewrite the JSON/CSV with every record so far (``extra``: the running worker's)."""
+        current = [dict(r) for r in [*records, *extra]]
+        for r in current:
+            _derive(r, meta.get("ceilings"))
+        _speedups(current)
+        write_results(current, meta, args.out, stem)
+
     total = sum(len(shapes) for _, _, shapes in plan)
     deadline = time.time() + total_s if total_s > 0 else None
     with tqdm(total=total, desc="fastdpo bench", unit="case", file=sys.stderr, dynamic_ncols=True) as progress:
@@ -351,25 +428,31 @@ def main(argv: list[str] | None = None) -> int:
                     records.append({"workload": workload, "impl": name, "tokens": s.tokens, "hidden": s.hidden,
                                     "vocab": s.vocab, "dtype": dtype, "device": device.type, "status": reason})
                 progress.update(len(shapes))
+                save()
                 continue
             spec = {"workload": workload, "impl": name, "device": str(device), "dtype": dtype,
                     "shapes": [[s.tokens, s.hidden, s.vocab] for s in shapes], "repeats": repeats,
                     "time_budget": time_budget, "max_case_seconds": max_case, "threads": args.threads,
                     "peer": name not in SUBJECTS, "deadline": deadline}
             timeout = 120.0 + len(shapes) * (max_case * (repeats + 2) + 30.0)
-            records += _run_worker(spec, timeout, progress)
+            records += _run_worker(spec, timeout, progress, on_records=save)
+            save()
 
     for r in records:
         _derive(r, meta.get("ceilings"))
     _speedups(records)
     meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     meta["wall_s"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)
-    stem = f"{'quick-' if args.quick else ''}{device.type}-{started.strftime('%Y%m%d-%H%M%S')}"
+    meta["complete"] = True
     plots: list[Path] = []
-    if not args.no_plots:
+    if settings["plots"]:
         from fastdpo.benchmarks.plots import plot_results
 
-        plots = plot_results(records, meta, args.out, stem)
+        try:
+            plots = plot_results(records, meta, args.out, stem)
+        except Exception as exc:  # noqa: BLE001 - a plotting failure must not cost the measurements
+            print(f"fastdpo bench: warning: plotting failed ({type(exc).__name__}: {exc}); results are in the JSON "
+                  "and CSV", file=sys.stderr)
     meta["plots"] = [str(p) for p in plots]
     json_path, csv_path = write_results(records, meta, args.out, stem)
     print_table(records, meta)

@@ -98,24 +98,40 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def shape_from_config(config: dict[str, Any], name: str = "custom") -> ModelShape:
-    """A :class:`ModelShape` from an HF ``config.json`` dict (``text_config`` of multimodal configs is used)."""
-    cfg = config.get("text_config", config)
-    try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        shape = ModelShape(
-            name=name, model_type=str(cfg.get("model_type", "llama")), vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden, intermediate_size=int(cfg["intermediate_size"]),
-            num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", cfg.get("model_type") in ("gemma2", "qwen2"))),
-            attention_bias=bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2",
-            final_logit_softcapping=cfg.get("final_logit_softcapping"),
-            attention_layer_types=_attention_layer_types(cfg))
-    except KeyError as exc:
-        raise ValueError(f"config {name!r} lacks {exc.args[0]!r} (need vocab_size, hidden_size, intermediate_size, "
-                         "num_hidden_layers, num_attention_heads)") from None
-    return shape
+    """A :class:`ModelShape` from an HF ``config.json`` dict (``text_config`` of multimodal configs is used).
+    ``ValueError`` naming the field for a missing, non-integer or non-positive size."""
+    cfg = config.get("text_config", config) if isinstance(config, dict) else config
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {name!r} is not a JSON object")
+    for key in ("hidden_size", "num_attention_heads", "vocab_size", "intermediate_size", "num_hidden_layers"):
+        if key not in cfg:
+            raise ValueError(f"config {name!r} lacks {key!r} (need vocab_size, hidden_size, intermediate_size, "
+                             "num_hidden_layers, num_attention_heads)")
+
+    def size(key: str, default: Any = None) -> int:
+        value = cfg.get(key) if cfg.get(key) is not None else default
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config {name!r}: {key} must be a positive integer, got {value!r}")
+        return value
+
+    hidden, heads = size("hidden_size"), size("num_attention_heads")
+    kv_heads = size("num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ValueError(f"config {name!r}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                         f"({kv_heads})")
+    softcap = cfg.get("final_logit_softcapping")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"config {name!r}: final_logit_softcapping must be a positive number or null, got {softcap!r}")
+    return ModelShape(
+        name=name, model_type=str(cfg.get("model_type", "llama")), vocab_size=size("vocab_size"),
+        hidden_size=hidden, intermediate_size=size("intermediate_size"),
+        num_hidden_layers=size("num_hidden_layers"), num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=size("head_dim", hidden // heads if hidden >= heads else None),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", cfg.get("model_type") in ("gemma2", "qwen2"))),
+        attention_bias=bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2",
+        final_logit_softcapping=softcap,
+        attention_layer_types=_attention_layer_types(cfg))
 
 
 def _attention_layer_types(cfg: dict[str, Any]) -> int:
@@ -127,7 +143,8 @@ def _attention_layer_types(cfg: dict[str, Any]) -> int:
 
 
 def load_model(spec: str) -> tuple[ModelShape, dict[str, Any]]:
-    """``spec``: a preset name (case-insensitive) or a path to a ``config.json`` (or a folder holding one)."""
+    """``spec``: a preset name (case-insensitive) or a path to a ``config.json`` (or a folder holding one).
+    ``ValueError`` naming ``spec`` when it is neither, unreadable or not valid JSON."""
     for name, cfg in PRESETS.items():
         if spec.lower() == name.lower():
             return shape_from_config(cfg, name), dict(cfg)
@@ -136,7 +153,12 @@ def load_model(spec: str) -> tuple[ModelShape, dict[str, Any]]:
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"model {spec!r}: cannot read {path} ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"model {spec!r}: {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
     return shape_from_config(cfg, str(spec)), cfg
 
 
@@ -189,7 +211,8 @@ class StepConfig:
     def __post_init__(self) -> None:
         for name in ("pairs", "prompt_len", "completion_len"):
             if int(getattr(self, name)) < (0 if name == "prompt_len" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be {'>= 0' if name == 'prompt_len' else 'positive'}, got "
+                                 f"{getattr(self, name)}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.optimizer not in ("adamw", "sgd"):
@@ -578,8 +601,10 @@ def _gb(x: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastdpo memory", description="Memory of one DPO step, broken down, for "
-                                "naive, TRL-style and fastdpo log-prob heads (GiB unless marked).")
+    from fastdpo.cli import ArgParser, int_in
+
+    p = ArgParser(prog="fastdpo memory", description="Memory of one DPO step, broken down, for naive, TRL-style and "
+                  "fastdpo log-prob heads (GiB unless marked).")
     p.add_argument("--model", default="Llama-3.2-1B",
                    help=f"preset ({', '.join(PRESETS)}) or path to a config.json (default Llama-3.2-1B)")
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (default 4)")
@@ -597,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs-per-row", type=int, default=1,
                    help="prefix_shared: pairs packed per row (default 1; the collator's default max_tokens_per_row="
                    "None packs all of them: --pairs-per-row PAIRS)")
-    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (scaled model)")
+    p.add_argument("--layers", type=int_in(1), default=None, help="override num_hidden_layers (scaled model)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--measure", action="store_true", help="also run each variant's step on CPU and compare")
@@ -605,39 +630,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fastdpo memory``; returns the exit code."""
+    """Entry point of ``fastdpo memory``; returns the exit code. A usage error prints one line on stderr and raises
+    :class:`fastdpo.cli.UsageError` (a ``SystemExit`` with code 2 whose text is the message), as argparse does."""
+    from fastdpo.cli import UsageError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_worker"]:  # internal: one measured variant (see measure())
         spec = json.loads(Path(argv[1]).read_text())
         Path(argv[2]).write_text(json.dumps(measure_worker(spec)))
         return 0
     args = build_parser().parse_args(argv)
-    variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise SystemExit(f"fastdpo memory: unknown variant(s) {bad}; choices: {list(VARIANTS)}")
     try:
-        shape, cfg = load_model(args.model)
+        variants = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))
+        if not variants:
+            raise UsageError(f"--variants: name at least one of {','.join(VARIANTS)}")
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad:
+            raise UsageError(f"--variants: unknown variant(s) {bad}; choices: {list(VARIANTS)}")
+        try:
+            shape, cfg = load_model(args.model)
+        except ValueError as exc:
+            raise UsageError(f"--model: {exc}") from None
         if args.layers is not None:
-            if args.layers < 1:
-                raise ValueError(f"--layers must be >= 1, got {args.layers}")
             shape = replace(shape, num_hidden_layers=args.layers)
-        step = StepConfig(pairs=args.pairs, prompt_len=args.prompt_len, completion_len=args.completion_len,
-                          dtype=args.dtype or ("fp32" if args.measure else "bf16"), optimizer=args.optimizer,
-                          reference=args.reference, device=args.device or ("cpu" if args.measure else "cuda"),
-                          packing=args.packing, pairs_per_row=args.pairs_per_row)
-    except ValueError as exc:
-        raise SystemExit(f"fastdpo memory: {exc}") from None
-    if args.measure and step.device != "cpu":
-        raise SystemExit("fastdpo memory: --measure runs on CPU; use --device cpu")
+        try:
+            step = StepConfig(pairs=args.pairs, prompt_len=args.prompt_len, completion_len=args.completion_len,
+                              dtype=args.dtype or ("fp32" if args.measure else "bf16"), optimizer=args.optimizer,
+                              reference=args.reference, device=args.device or ("cpu" if args.measure else "cuda"),
+                              packing=args.packing, pairs_per_row=args.pairs_per_row)
+        except ValueError as exc:
+            flag = {"pairs": "--pairs", "prompt_len": "--prompt-len", "completion_len": "--completion-len",
+                    "pairs_per_row": "--pairs-per-row"}.get(str(exc).split()[0], "")
+            raise UsageError(f"{flag + ': ' if flag else ''}{exc}") from None
+        if args.measure and step.device != "cpu":
+            raise UsageError("--measure runs on CPU; use --device cpu")
+    except UsageError as exc:
+        print(f"fastdpo memory: {exc}", file=sys.stderr)
+        raise
     estimates = {v: estimate(shape, step, v) for v in variants}
     measured = measure(cfg, step, variants, args.layers) if args.measure else {}
     for v, res in measured.items():
         if "peak" in res:
             res["estimate_error_pct"] = 100.0 * (estimates[v]["peak"] - res["peak"]) / res["peak"]
-    report = {"model": asdict(shape), "step": asdict(step), "estimates": estimates, "measured": measured}
+    report_ = {"model": asdict(shape), "step": asdict(step), "estimates": estimates, "measured": measured}
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(json.dumps(report_, indent=1))
         return 0
     _print_report(shape, step, estimates, measured)
     return 0

@@ -10,21 +10,28 @@ then runs only the policy (no reference weights in memory, no reference forward)
   ``temperature``); :meth:`RefLogpCache.load` refuses a cache made for another model, dataset or settings with a
   ``ValueError`` saying which;
 * written atomically (temporary file in the target directory, fsync, ``os.replace``): a crash never leaves a
-  truncated cache behind, and concurrent readers see either the old or the new file.
+  truncated cache behind, and concurrent readers see either the old or the new file;
+* checksummed: the file stores a SHA-256 of its whole content (keys, values, stamps); :meth:`RefLogpCache.load`
+  recomputes it, so a flipped bit in the values, a truncated or an empty file is an error naming the file, never a
+  silently different reference.
 
-File format: a ``torch.save`` dict of plain types and tensors, loaded with ``weights_only=True``.
+File format (``fastdpo-ref-logps-v2``): a ``torch.save`` dict of plain types and tensors (``format``, ``model_hash``,
+``data_hash``, ``settings``, ``keys``, ``values`` and ``sha256``), loaded with ``weights_only=True``
+(:mod:`fastdpo.atomic`). Files of the first format (``fastdpo-ref-logps-v1``, written by fastdpo 0.1 without a
+checksum) are refused with a message to rebuild them: their values cannot be verified, and rebuilding costs one
+reference pass over the data.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from fastdpo.atomic import CorruptFileError, read_dict, save_checksummed, verify_checksum
 
 __all__ = [
     "RefLogpCache",
@@ -34,7 +41,9 @@ __all__ = [
     "CACHE_FORMAT",
 ]
 
-CACHE_FORMAT = "fastdpo-ref-logps-v1"
+CACHE_FORMAT = "fastdpo-ref-logps-v2"
+_OLD_FORMATS = ("fastdpo-ref-logps-v1",)  # no checksum: refused, see the module docstring
+_FIELDS = ("model_hash", "data_hash", "settings", "keys", "values")
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -248,29 +257,15 @@ class RefLogpCache:
         return vals[:, 0].to(device), vals[:, 1].to(device)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the cache to ``path`` atomically (temporary file in the same directory, fsync, ``os.replace``)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        payload = {
+        """Write the cache to ``path`` atomically and checksummed (:func:`fastdpo.atomic.save_checksummed`)."""
+        save_checksummed(path, {
             "format": CACHE_FORMAT,
             "model_hash": self.model_hash,
             "data_hash": self.data_hash,
             "settings": self.settings,
             "keys": self.keys,
             "values": self.values,
-        }
-        fd, tmp = tempfile.mkstemp(prefix=".refcache-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        })
 
     @classmethod
     def load(
@@ -284,19 +279,46 @@ class RefLogpCache:
         batches: Iterable[Mapping[str, Any]] | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> RefLogpCache:
-        """Read a cache written by :meth:`save` and :meth:`check` it against the given model/dataset/settings."""
+        """Read a cache written by :meth:`save` and :meth:`check` it against the given model/dataset/settings.
+
+        ``FileNotFoundError`` when ``path`` does not exist; ``ValueError`` naming ``path`` when it is not a fastdpo
+        reference cache, misses fields, is of the old unchecksummed format, or is damaged
+        (:class:`fastdpo.atomic.CorruptFileError`: empty, truncated, or its content does not match its checksum).
+        """
+        name = os.fspath(path)
+        what = f"fastdpo reference cache ({CACHE_FORMAT})"
         try:
-            payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            payload = read_dict(path, what=what)
+        except CorruptFileError as err:
+            raise CorruptFileError(f"{err}; rebuild it with DPOEngine.precompute_reference") from None
+        fmt = payload.get("format")
+        if fmt in _OLD_FORMATS:
             raise ValueError(
-                f"{os.fspath(path)!r} is not a fastdpo reference cache ({CACHE_FORMAT}): unreadable "
-                f"({type(err).__name__})"
-            ) from err
-        if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a fastdpo reference cache ({CACHE_FORMAT})")
-        cache = cls(payload["keys"], payload["values"], model_hash=payload["model_hash"], settings=payload["settings"])
+                f"{name!r} is a reference cache of the old format {fmt!r}, written without a checksum, so its values "
+                "cannot be verified and it is not used; rebuild it with DPOEngine.precompute_reference"
+            )
+        if fmt != CACHE_FORMAT:
+            raise ValueError(f"{name!r} is not a fastdpo reference cache ({CACHE_FORMAT}): its 'format' entry is "
+                             f"{fmt!r}")
+        try:
+            payload = verify_checksum(payload, path, what=what)
+        except CorruptFileError as err:
+            raise CorruptFileError(f"{err}; rebuild it with DPOEngine.precompute_reference") from None
+        missing = [k for k in _FIELDS if k not in payload]
+        if missing:
+            raise ValueError(f"reference cache {name!r} lacks the field(s) {missing}; rebuild it")
+        keys, values = payload["keys"], payload["values"]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"reference cache {name!r}: 'keys' must be a list of strings")
+        if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[1] != 2 \
+                or values.shape[0] != len(keys) or not values.is_floating_point():
+            raise ValueError(f"reference cache {name!r}: 'values' must be a float [{len(keys)}, 2] tensor, got "
+                             f"{getattr(values, 'shape', type(values).__name__)}")
+        if not isinstance(payload["settings"], dict) or not isinstance(payload["model_hash"], str):
+            raise ValueError(f"reference cache {name!r}: 'settings' must be a dict and 'model_hash' a string")
+        cache = cls(keys, values, model_hash=payload["model_hash"], settings=payload["settings"])
         if cache.data_hash != payload["data_hash"]:
-            raise ValueError(f"reference cache {os.fspath(path)!r} is corrupt: its keys do not match its data hash")
+            raise ValueError(f"reference cache {name!r} is corrupt: its keys do not match its data hash")
         cache.check(
             model=model,
             model_hash=model_hash,

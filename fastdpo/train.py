@@ -7,9 +7,25 @@ Examples::
     fastdpo train --output-dir runs/a --resume      # continue an interrupted run exactly where it stopped
 
 Outputs under ``--output-dir``: ``metrics.jsonl`` (one JSON record per optimizer step and per evaluation),
-``checkpoint.pt`` (model, optimizer, scheduler, RNG states, step and data order; replaced atomically), ``reference/``
-(the frozen reference model and tokenizer; for a tiny model it is the initial weights) and ``model/`` (the final
-model and tokenizer, ``save_pretrained`` format). The last line printed says where the model was written.
+``checkpoint.pt`` (model, optimizer, scheduler, loss scaler, RNG states, step and data order; replaced atomically and
+checksummed) with the checkpoint before it kept as ``checkpoint.prev.pt``, ``reference/`` (the frozen reference model
+and tokenizer; for a tiny model it is the initial weights) and ``model/`` (the final model and tokenizer,
+``save_pretrained`` format; it appears only complete and finite). The last line printed says where the model was
+written.
+
+Reliability:
+
+* An output folder holding an earlier run is refused unless ``--resume`` (continue it) or ``--overwrite`` (start
+  over: the earlier run's files are deleted).
+* ``--resume`` verifies the checkpoint's checksum; a missing, empty, truncated or corrupt ``checkpoint.pt`` falls back
+  to ``checkpoint.prev.pt`` with a warning (the bad file is kept aside as ``checkpoint.pt.corrupt``). A partial last
+  line of ``metrics.jsonl`` (a crash mid-write) is dropped. Temporary files of killed writers are deleted at start.
+* A non-finite loss or gradient stops the run (exit code 1) before the optimizer step, so no NaN reaches the weights,
+  a checkpoint or ``model/``; ``--on-nonfinite skip`` instead skips such steps (logged with ``"skipped": true``).
+  ``--dtype float16`` trains with fp32 weights and optimizer under fp16 autocast with dynamic loss scaling
+  (``torch.amp.GradScaler``): pure fp16 AdamW underflows (its ``eps`` and squared gradients) and turns the loss NaN
+  from the second step.
+* Usage errors (bad arguments, missing or malformed files) are one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -19,9 +35,9 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from importlib import resources
@@ -30,8 +46,32 @@ from typing import Any
 
 import torch
 
+from fastdpo.atomic import (
+    CorruptFileError,
+    atomic_dir,
+    atomic_write,
+    load_checksummed,
+    remove_stale_tmp,
+    remove_stale_tmp_in,
+    save_checksummed,
+)
+from fastdpo.cli import (
+    ArgParser,
+    UsageError,
+    float_in,
+    int_in,
+    make_output_dir,
+    output_dir,
+    report,
+    resolve_device,
+    threads,
+)
+
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
 LOG_NAME = "metrics.jsonl"
+_RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, CHECKPOINT_NAME + ".corrupt", LOG_NAME, "model", "reference")
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "data_order", "step", "rng", "args")
 TINY_ARCHS = ("llama", "qwen2", "gemma2")
 _PAIR_KEYS = ("prompt", "chosen", "rejected")
 _TOKENIZED_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -48,42 +88,107 @@ def load_preference_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read preference rows from a ``.json`` / ``.jsonl`` / ``.parquet`` file.
 
     Each row needs ``prompt``, ``chosen`` and ``rejected`` (strings or chat message lists), or the pre-tokenized
-    ``prompt_input_ids``, ``chosen_input_ids`` and ``rejected_input_ids``. A ``.json`` file holds a list of rows
-    (or an object with a ``"data"`` / ``"train"`` list). Other keys are dropped.
+    ``prompt_input_ids``, ``chosen_input_ids`` and ``rejected_input_ids`` (lists of non-negative ints). A ``.json``
+    file holds a list of rows (or an object with a ``"data"`` / ``"train"`` list). Other keys are dropped.
+    ``FileNotFoundError`` for a missing file; ``ValueError`` naming the file and the row *as it is in the file*
+    (``line N`` of a JSONL file, ``item N`` of a JSON list, ``row N`` of a Parquet table) for malformed content.
     """
+    return read_preference_file(path)[0]
+
+
+def read_preference_file(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`load_preference_file` plus where each row is in the file (``"<path> line 7"``), for later messages."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a preference file")
     if not path.is_file():
         raise FileNotFoundError(f"preference file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-        if isinstance(obj, dict):
-            obj = obj.get("data", obj.get("train"))
-        if not isinstance(obj, list):
-            raise ValueError(f"{path}: a .json preference file must hold a list of rows (or {{'data': [...]}})")
-        rows = obj
-    elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:  # pragma: no cover - pyarrow ships with datasets
-            raise ImportError("reading .parquet preference files needs pyarrow (pip install pyarrow)") from exc
-        rows = pq.read_table(path).to_pylist()
-    else:
-        raise ValueError(f"unsupported preference file type {suffix!r} for {path}: use .json, .jsonl or .parquet")
-    if not rows:
+    try:
+        if suffix == ".jsonl":
+            raw, wheres = [], []
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        raw.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(
+                            f"{path} line {lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+                    wheres.append(f"{path} line {lineno}")
+        elif suffix == ".json":
+            with open(path, encoding="utf-8") as f:
+                try:
+                    obj = json.load(f)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(
+                        f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+            if isinstance(obj, dict):
+                obj = obj.get("data", obj.get("train"))
+            if not isinstance(obj, list):
+                raise ValueError(f"{path}: a .json preference file must hold a list of rows (or {{'data': [...]}})")
+            raw, wheres = obj, [f"{path} item {i}" for i in range(len(obj))]
+        elif suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as exc:  # pragma: no cover - pyarrow ships with datasets
+                raise ImportError("reading .parquet preference files needs pyarrow (pip install pyarrow)") from exc
+            try:
+                raw = pq.read_table(path).to_pylist()
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+                raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            wheres = [f"{path} row {i}" for i in range(len(raw))]
+        else:
+            raise ValueError(f"unsupported preference file type {suffix!r} for {path}: use .json, .jsonl or .parquet")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not raw:
         raise ValueError(f"{path} holds no preference rows")
-    keys = _TOKENIZED_KEYS if all(k in rows[0] for k in _TOKENIZED_KEYS) else _PAIR_KEYS
+    first = raw[0]
+    keys = _TOKENIZED_KEYS if isinstance(first, dict) and all(k in first for k in _TOKENIZED_KEYS) else _PAIR_KEYS
     cleaned = []
-    for i, row in enumerate(rows):
+    for row, where in zip(raw, wheres):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object with {list(keys)}, got {_json_type(row)}")
         missing = [k for k in keys if k not in row]
         if missing:
-            raise ValueError(f"{path}: row {i} lacks {missing}; every row needs {list(keys)}")
+            raise ValueError(f"{where}: lacks {missing}; every row needs {list(keys)}")
+        for key in keys:
+            problem = _id_list_problem(row[key]) if keys is _TOKENIZED_KEYS else _text_problem(row[key])
+            if problem:
+                raise ValueError(f"{where}: {key!r} {problem}")
+        if keys is _PAIR_KEYS and len({isinstance(row[k], str) for k in keys}) != 1:
+            raise ValueError(f"{where}: mixes strings and chat messages across prompt/chosen/rejected")
         cleaned.append({k: row[k] for k in keys})
-    return cleaned
+    return cleaned, wheres
+
+
+def _json_type(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _text_problem(value: Any) -> str | None:
+    if isinstance(value, str):
+        return None
+    if isinstance(value, list) and value:
+        for j, message in enumerate(value):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                return f"message {j} must be an object with string 'role' and 'content'"
+        return None
+    return f"must be a string or a non-empty list of chat messages, got {_json_type(value)}"
+
+
+def _id_list_problem(value: Any) -> str | None:
+    if not isinstance(value, list):
+        return f"must be a list of token ids, got {_json_type(value)}"
+    for t in value:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            return f"must hold non-negative integer token ids, got {t!r}"
+    return None
 
 
 def _row_texts(row: dict[str, Any]) -> Iterator[str]:
@@ -203,21 +308,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save(state)`` to a temporary file in the same folder, fsync, then ``os.replace`` (atomic): a crash
-    mid-save leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def save_checkpoint(path: Path, state: dict[str, Any], *, previous: Path | None = None) -> None:
+    """``torch.save(state)`` atomically and checksummed (:func:`fastdpo.atomic.save_checksummed`: temporary file in
+    the same folder, fsync, ``os.replace``; a crash mid-save leaves the previous checkpoint intact). With ``previous``,
+    the checkpoint being replaced is kept there (two generations)."""
+    save_checksummed(path, state, previous=previous)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`, its checksum verified. ``FileNotFoundError`` when missing,
+    :class:`fastdpo.atomic.CorruptFileError` (a ``ValueError`` naming the file) when empty, truncated, corrupt or
+    without a checksum (fastdpo <= 0.1 wrote none; such a checkpoint cannot be verified and is not used)."""
+    state = load_checksummed(path, what="fastdpo train checkpoint", weights_only=False)
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise CorruptFileError(f"{path} is not a fastdpo train checkpoint (lacks {missing})")
+    return state
 
 
 class DataOrder:
@@ -269,10 +375,21 @@ class DataOrder:
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def pretokenize(collator, rows: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
+def pretokenize(collator, rows: list[dict[str, Any]], wheres: Sequence[str] | None = None
+                ) -> list[dict[str, list[int]]]:
     """Rows tokenized once with ``collator.tokenize_row`` (EOS/BOS/chat template applied) as pre-tokenized rows
-    ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}``, which the collator uses verbatim."""
-    return [dict(zip(_TOKENIZED_KEYS, collator.tokenize_row(row, i))) for i, row in enumerate(rows)]
+    ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}``, which the collator uses verbatim. A row the
+    collator refuses (a token id outside the vocabulary, chat messages without a chat template) raises
+    ``ValueError`` naming it by ``wheres[i]`` (where it is in its file) when given."""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(dict(zip(_TOKENIZED_KEYS, collator.tokenize_row(row, i))))
+        except (ValueError, TypeError) as exc:
+            if wheres is None:
+                raise
+            raise ValueError(f"{wheres[i]}: {str(exc).replace(f'rows[{i}]', 'the row')}") from None
+    return out
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -284,9 +401,11 @@ def _scalar(value: Any) -> float:
 
 
 def evaluate(engine, model: torch.nn.Module, collator, rows: list[dict[str, Any]], batch_size: int,
-             device: torch.device, max_batches: int | None = None) -> dict[str, float]:
+             device: torch.device, max_batches: int | None = None,
+             autocast: torch.dtype | None = None) -> dict[str, float]:
     """Held-out metrics: every engine metric (rewards/accuracies, rewards/margins, ...) and the loss, averaged over
-    pairs (each batch weighted by its pair count). Runs under ``torch.no_grad`` with the model in eval mode."""
+    pairs (each batch weighted by its pair count). Runs under ``torch.no_grad`` with the model in eval mode (and
+    under ``torch.autocast(dtype=autocast)`` when given)."""
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
@@ -297,7 +416,8 @@ def evaluate(engine, model: torch.nn.Module, collator, rows: list[dict[str, Any]
                 if max_batches is not None and b >= max_batches:
                     break
                 chunk = rows[start : start + batch_size]
-                loss, metrics = engine.step(_to_device(collator(chunk), device))
+                with _autocast(device, autocast):
+                    loss, metrics = engine.step(_to_device(collator(chunk), device))
                 n = len(chunk)
                 seen += n
                 totals["loss"] = totals.get("loss", 0.0) + _scalar(loss) * n
@@ -306,6 +426,10 @@ def evaluate(engine, model: torch.nn.Module, collator, rows: list[dict[str, Any]
     finally:
         model.train(was_training)
     return {f"eval_{k}": v / max(seen, 1) for k, v in totals.items()}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int):
@@ -322,88 +446,108 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+_SPECIAL_TOKENS = 6  # train_tokenizer's <pad>, <eos>, <bos> and the three chat roles
+MIN_VOCAB = 256 + _SPECIAL_TOKENS  # the byte-level alphabet is always in the vocabulary
+_SEED_MAX = 2**63 - 1
+
+
+def build_parser() -> ArgParser:
+    p = ArgParser(
         prog="fastdpo train",
         description="Train a causal LM with DPO on a local preference file (JSON/JSONL/Parquet) or the bundled "
         "demo set, with fastdpo's engine (fused LM head, packing, reference modes).",
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="local model folder (save_pretrained format). Default: a tiny model built from a "
-                   "config, with a tokenizer trained in-process on the data")
+    g.add_argument("--model", help="local model folder (save_pretrained format; nothing is downloaded). Default: a "
+                   "tiny model built from a config, with a tokenizer trained in-process on the data")
     g.add_argument("--arch", choices=TINY_ARCHS, default="llama", help="tiny model architecture (no --model)")
-    g.add_argument("--hidden-size", type=int, default=64, help="tiny model width (no --model)")
-    g.add_argument("--layers", type=int, default=2, help="tiny model depth (no --model)")
-    g.add_argument("--vocab-size", type=int, default=512, help="in-process tokenizer vocabulary (no --model)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    g.add_argument("--hidden-size", type=int_in(16), default=64,
+                   help="tiny model width, a multiple of 16 (no --model)")
+    g.add_argument("--layers", type=int_in(1), default=2, help="tiny model depth (no --model)")
+    g.add_argument("--vocab-size", type=int_in(MIN_VOCAB), default=512,
+                   help=f"largest in-process tokenizer vocabulary (fewer when the data has fewer merges), at least "
+                   f"{MIN_VOCAB}: the 256 bytes and the special tokens (no --model)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="float32; bfloat16 (weights and optimizer in bf16); float16 (mixed precision: fp32 weights and "
+                   "optimizer, fp16 autocast, dynamic loss scaling)")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=threads, default=None, help="CPU threads for torch (default: torch's choice)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="training preference file (.json/.jsonl/.parquet). Default: bundled demo set")
     g.add_argument("--eval-data", help="held-out preference file. Default: the demo's held-out split with the demo "
                    "set, else --eval-fraction of --data")
-    g.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of --data without --eval-data")
-    g.add_argument("--max-length", type=int, default=None, help="truncate prompt+completion to this many tokens")
+    g.add_argument("--eval-fraction", type=float_in(0.0, 1.0, low_open=True, high_open=True), default=0.1,
+                   help="held-out share of --data without --eval-data")
+    g.add_argument("--max-length", type=int_in(1), default=None, help="truncate prompt+completion to this many tokens")
     g.add_argument("--packing", choices=("pad", "padding_free", "prefix_shared"), default="pad")
     g = p.add_argument_group("DPO")
     g.add_argument("--loss-type", nargs="+", default=["sigmoid"], help="one or more TRL loss types")
-    g.add_argument("--loss-weights", type=float, nargs="+", default=None)
-    g.add_argument("--beta", type=float, default=0.1)
-    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--loss-weights", type=float_in(), nargs="+", default=None)
+    g.add_argument("--beta", type=float_in(0.0, low_open=True), default=0.1)
+    g.add_argument("--label-smoothing", type=float_in(0.0, 1.0, high_open=True), default=0.0)
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=16, help="preference pairs per step")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--steps", type=int_in(1), default=300, help="optimizer steps")
+    g.add_argument("--batch-size", type=int_in(1), default=16, help="preference pairs per step")
+    g.add_argument("--lr", type=float_in(0.0, low_open=True), default=None,
                    help="peak learning rate (default: 3e-3 for the tiny in-process model, 1e-6 with --model)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-steps", type=int, default=10)
+    g.add_argument("--weight-decay", type=float_in(0.0), default=0.0)
+    g.add_argument("--warmup-steps", type=int_in(0), default=10)
     g.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="linear")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-grad-norm", type=float_in(0.0), default=1.0, help="0 disables clipping")
+    g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+                   help="a non-finite loss or gradient: stop the run (exit code 1, nothing non-finite is written; "
+                   "default) or skip that step (no optimizer step; logged with \"skipped\": true)")
+    g.add_argument("--seed", type=int_in(0, _SEED_MAX), default=0)
     g = p.add_argument_group("logging, evaluation, checkpoints")
-    g.add_argument("--output-dir", default="fastdpo-output")
-    g.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (0: only before and after)")
-    g.add_argument("--eval-batch-size", type=int, default=32)
-    g.add_argument("--eval-batches", type=int, default=None, help="cap on held-out batches per evaluation")
-    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--log-every", type=int, default=10, help="print a metrics line every N steps")
+    g.add_argument("--output-dir", type=output_dir, default=Path("fastdpo-output"))
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output-dir that holds an earlier run (its files are deleted)")
+    g.add_argument("--eval-every", type=int_in(0), default=50, help="evaluate every N steps (0: only before and "
+                   "after)")
+    g.add_argument("--eval-batch-size", type=int_in(1), default=32)
+    g.add_argument("--eval-batches", type=int_in(1), default=None, help="cap on held-out batches per evaluation")
+    g.add_argument("--save-every", type=int_in(0), default=50, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--log-every", type=int_in(0), default=10, help="print a metrics line every N steps (0: never)")
     g.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint.pt")
-    g.add_argument("--stop-after", type=int, default=None,
+    g.add_argument("--stop-after", type=int_in(1), default=None,
                    help="checkpoint and exit after N steps of this invocation (time-sliced jobs; resume later)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"--eval-fraction must be in (0, 1), got {fraction}")
+def _split_rows(rows: list[dict], wheres: list[str], fraction: float, seed: int
+                ) -> tuple[list[dict], list[str], list[dict], list[str]]:
     n_eval = max(1, round(len(rows) * fraction))
     if n_eval >= len(rows):
         raise ValueError(f"--data has {len(rows)} rows: too few to hold out {fraction:.0%} for evaluation")
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 10_007)).tolist()
-    return [rows[i] for i in perm[n_eval:]], [rows[i] for i in perm[:n_eval]]
+    train, held = perm[n_eval:], perm[:n_eval]
+    return [rows[i] for i in train], [wheres[i] for i in train], [rows[i] for i in held], [wheres[i] for i in held]
 
 
 class _LogWriter:
-    """Append-only JSONL metrics log; on resume, records past the checkpoint's step are dropped first so the log
-    reads like an uninterrupted run."""
+    """Append-only JSONL metrics log; on resume, records past the checkpoint's step are dropped first (atomically) so
+    the log reads like an uninterrupted run, and so is a partial or undecodable line (a crash mid-write)."""
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+        kept: list[str] = []
+        if resume_step is not None and path.exists():
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if lineno != len(lines):
+                        print(f"fastdpo train: warning: {path} line {lineno} is not valid JSON; dropped",
+                              file=sys.stderr)
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
                     kept.append(line)
-            path.write_text("".join(line + "\n" for line in kept))
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
         self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the whole run, closed by close()
 
     def write(self, record: dict[str, Any]) -> None:
@@ -422,92 +566,194 @@ def _format(record: dict[str, Any], keys: Sequence[str]) -> str:
     return " | ".join(parts)
 
 
-def _load_data(args: argparse.Namespace) -> tuple[list[dict], list[dict], str]:
-    """(train rows, held-out rows, description) from --data/--eval-data/--eval-fraction or the demo set."""
+def _load_data(args: argparse.Namespace) -> tuple[list[dict], list[str], list[dict], list[str], str]:
+    """(train rows, where each is, held-out rows, where each is, description) from --data/--eval-data/
+    --eval-fraction or the demo set; ``UsageError`` naming the flag, file and row for bad input."""
+
+    def read(flag: str, path: str | os.PathLike) -> tuple[list[dict], list[str]]:
+        try:
+            return read_preference_file(path)
+        except FileNotFoundError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+        except (ValueError, ImportError, OSError) as exc:
+            raise UsageError(f"{flag} {exc}") from None
+
     if args.data is None:
         train_file, eval_file = demo_data_files()
-        train_rows = load_preference_file(train_file)
-        eval_rows = load_preference_file(args.eval_data or eval_file)
+        train_rows, train_where = read("--data", train_file)
+        eval_rows, eval_where = read("--eval-data", args.eval_data or eval_file)
         data_desc = f"bundled demo set ({len(train_rows)} train / {len(eval_rows)} held-out pairs)"
     else:
-        train_rows = load_preference_file(args.data)
+        train_rows, train_where = read("--data", args.data)
         if args.eval_data:
-            eval_rows = load_preference_file(args.eval_data)
+            eval_rows, eval_where = read("--eval-data", args.eval_data)
         else:
-            train_rows, eval_rows = _split_rows(train_rows, args.eval_fraction, args.seed)
+            try:
+                train_rows, train_where, eval_rows, eval_where = _split_rows(train_rows, train_where,
+                                                                             args.eval_fraction, args.seed)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         data_desc = f"{args.data} ({len(train_rows)} train / {len(eval_rows)} held-out pairs)"
+    if ("prompt_input_ids" in train_rows[0]) != ("prompt_input_ids" in eval_rows[0]):
+        raise UsageError("--data and --eval-data must both be pre-tokenized or both text")
+    return train_rows, train_where, eval_rows, eval_where, data_desc
 
-    return train_rows, eval_rows, data_desc
+
+def _find_checkpoint(out: Path) -> dict[str, Any]:
+    """The newest usable checkpoint of ``out``: ``checkpoint.pt``, else (with a warning on stderr) the previous
+    generation ``checkpoint.prev.pt``. A damaged newest file is moved aside to ``checkpoint.pt.corrupt`` so that the
+    next save does not rotate it over the good previous one. ``UsageError`` when neither is usable."""
+    newest, previous = out / CHECKPOINT_NAME, out / PREVIOUS_CHECKPOINT_NAME
+    problems = []
+    for path in (newest, previous):
+        try:
+            state = load_checkpoint(path)
+        except FileNotFoundError:
+            problems.append(f"{path} does not exist")
+            continue
+        except CorruptFileError as exc:
+            problems.append(str(exc))
+            if path == newest:
+                os.replace(newest, out / (CHECKPOINT_NAME + ".corrupt"))
+            continue
+        if path == previous:
+            print(f"fastdpo train: warning: {problems[0]}; resuming from the previous checkpoint {previous} "
+                  f"(step {state['step']})" + (" (the damaged file is kept as checkpoint.pt.corrupt)"
+                                                if (out / (CHECKPOINT_NAME + ".corrupt")).exists() else ""),
+                  file=sys.stderr)
+        return state
+    if all("does not exist" in p for p in problems):
+        raise UsageError(f"--resume given but {newest} does not exist")
+    raise UsageError(f"--resume: no usable checkpoint in {out}: {'; '.join(problems)}")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight: the run stops (exit code 1) without writing it."""
+
+
+def _nonfinite(model: torch.nn.Module) -> list[str]:
+    """Names of ``model``'s parameters holding NaN or infinity."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+
+
+def _tiny_model_bytes(tokenizer, args: argparse.Namespace) -> int:
+    """Memory a tiny-model run needs for its weights: policy + reference + gradients + two AdamW states."""
+    with torch.device("meta"):
+        model = build_tiny_model(tokenizer, args.arch, hidden_size=args.hidden_size, num_layers=args.layers,
+                                 seed=args.seed)
+    params = sum(p.numel() for p in model.parameters())
+    return 5 * params * 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fastdpo train``; returns the process exit code (0 done, 130 interrupted, 2 usage error)."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    for name in ("steps", "batch_size", "eval_batch_size"):
-        if getattr(args, name) <= 0:
-            print(f"fastdpo train: --{name.replace('_', '-')} must be positive", file=sys.stderr)
-            return 2
+    """Entry point of ``fastdpo train``; returns the process exit code (0 done, 1 stopped on a non-finite loss,
+    130 interrupted, 2 usage error)."""
+    args = build_parser().parse(list(sys.argv[1:] if argv is None else argv))
+    if isinstance(args, int):
+        return args
+    staged: list[Path] = []  # temporary folders of this run, removed however it ends
+    try:
+        return _train(args, staged)
+    except UsageError as exc:
+        return report("fastdpo train", exc)
+    except NonFiniteError as exc:
+        print(f"fastdpo train: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for path in staged:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _train(args: argparse.Namespace, staged: list[Path]) -> int:
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --output-dir and --overwrite starts over: give one")
+    if args.model is None and args.hidden_size % 16:
+        raise UsageError(f"--hidden-size must be a multiple of 16 (4 heads of even size), got {args.hidden_size}")
+    device = resolve_device("--device", args.device)
+    out = Path(args.output_dir)
+    make_output_dir("--output-dir", out)
+    for name in _RUN_FILES:  # killed writers' temporary files, including fastdpo <= 0.1's random names
+        remove_stale_tmp(out / name)
+    remove_stale_tmp_in(out)
+    earlier = [name for name in _RUN_FILES[:5] if (out / name).exists()]
+    if earlier and not (args.resume or args.overwrite):
+        raise UsageError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue "
+                         "it or --overwrite to start over")
+    ckpt_path, prev_path = out / CHECKPOINT_NAME, out / PREVIOUS_CHECKPOINT_NAME
+    ref_dir = out / "reference"
+    staged_ref: Path | None = None
+    checkpoint = None
+    if args.resume:
+        checkpoint = _find_checkpoint(out)
+        saved = checkpoint["args"]
+        differ = [k for k in ("steps", "seed", "dtype") if k in saved and saved[k] != getattr(args, k)]
+        if differ:
+            raise UsageError("--resume needs the same --steps, --seed and --dtype as the interrupted run (checkpoint: "
+                             + ", ".join(f"{k}={saved[k]}" for k in ("steps", "seed", "dtype") if k in saved) + ")")
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from fastdpo.collator import PreferenceCollator
     from fastdpo.engine import DPOEngine
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT_NAME
-    ref_dir = out / "reference"
-    checkpoint = None
-    if args.resume:
-        if not ckpt_path.is_file():
-            print(f"fastdpo train: --resume given but {ckpt_path} does not exist", file=sys.stderr)
-            return 2
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if checkpoint["args"]["steps"] != args.steps or checkpoint["args"]["seed"] != args.seed:
-            print("fastdpo train: --resume needs the same --steps and --seed as the interrupted run "
-                  f"(checkpoint: steps={checkpoint['args']['steps']} seed={checkpoint['args']['seed']})",
-                  file=sys.stderr)
-            return 2
-
-    device = _resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # no per-load "Loading weights" bars: one progress bar, ours
-    dtype = getattr(torch, args.dtype)
+    amp = torch.float16 if args.dtype == "float16" else None  # fp16: fp32 master weights + autocast + loss scaling
+    dtype = torch.float32 if amp is not None else getattr(torch, args.dtype)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # data
-    try:
-        train_rows, eval_rows, data_desc = _load_data(args)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
-        print(f"fastdpo train: {exc}", file=sys.stderr)
-        return 2
+    train_rows, train_where, eval_rows, eval_where, data_desc = _load_data(args)
 
     # model, reference, tokenizer: the reference is the initial policy (for a tiny model, its initial weights are
     # saved under reference/ so that --resume rebuilds the very same reference)
     if args.model is not None:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        if not (Path(args.model) / "config.json").is_file():
+            raise UsageError(f"--model {args.model}: not a local model folder (no config.json there); fastdpo train "
+                             "loads save_pretrained folders and downloads nothing")
         ref_source = args.model
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--model {args.model}: cannot load its tokenizer ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     elif args.resume and (ref_dir / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(ref_dir)
         ref_source = str(ref_dir)
     else:
         if "prompt_input_ids" in train_rows[0]:
-            print("fastdpo train: pre-tokenized rows need --model (its tokenizer produced the ids)", file=sys.stderr)
-            return 2
+            raise UsageError("pre-tokenized rows need --model (its tokenizer produced the ids)")
         tokenizer = train_tokenizer([t for r in train_rows for t in _row_texts(r)], vocab_size=args.vocab_size)
+        need = _tiny_model_bytes(tokenizer, args)
+        import psutil
+
+        available = psutil.virtual_memory().available
+        if device.type == "cpu" and need > available:
+            raise UsageError(f"--hidden-size {args.hidden_size} --layers {args.layers}: the tiny model's weights, "
+                             f"gradients and optimizer need ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB "
+                             "available")
+        # staged under a temporary name and put in place only once the whole setup succeeded (with --overwrite, the
+        # earlier run stays intact until then)
+        staged_ref = out / f".reference.{os.getpid()}.tmp"
+        shutil.rmtree(staged_ref, ignore_errors=True)
+        staged.append(staged_ref)
         init = build_tiny_model(tokenizer, args.arch, hidden_size=args.hidden_size, num_layers=args.layers,
                                 seed=args.seed)
-        init.save_pretrained(ref_dir)
-        tokenizer.save_pretrained(ref_dir)
-        ref_source = str(ref_dir)
+        init.save_pretrained(staged_ref)
+        tokenizer.save_pretrained(staged_ref)
+        ref_source = str(staged_ref)
         del init
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    policy = AutoModelForCausalLM.from_pretrained(ref_source, dtype=dtype).to(device)
-    ref_model = AutoModelForCausalLM.from_pretrained(ref_source, dtype=dtype).to(device)
+    try:
+        policy = AutoModelForCausalLM.from_pretrained(ref_source, dtype=dtype).to(device)
+        ref_model = AutoModelForCausalLM.from_pretrained(ref_source, dtype=dtype).to(device)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--model {ref_source}: cannot load the model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     ref_model.eval().requires_grad_(False)
     policy.train()
     for module in list(policy.modules()) + list(ref_model.modules()):  # like TRL's disable_dropout default
@@ -515,51 +761,76 @@ def main(argv: Sequence[str] | None = None) -> int:
             module.p = 0.0
 
     engine_kwargs: dict[str, Any] = {"loss_type": args.loss_type if len(args.loss_type) > 1 else args.loss_type[0],
-                                         "beta": args.beta, "label_smoothing": args.label_smoothing}
+                                     "beta": args.beta, "label_smoothing": args.label_smoothing}
     if args.loss_weights is not None:
         engine_kwargs["loss_weights"] = args.loss_weights
     try:
         engine = DPOEngine(policy, ref_model, reference="model", **engine_kwargs)
     except (ValueError, TypeError) as exc:  # e.g. an unknown --loss-type, exo_pair without --label-smoothing
-        print(f"fastdpo train: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--loss-type {' '.join(args.loss_type)}: {exc}") from None
     collator = PreferenceCollator(tokenizer, max_length=args.max_length, packing=args.packing)
     # tokenize once up front (collating pre-tokenized rows gives the same batches, minus per-step tokenization)
-    train_rows = pretokenize(collator, train_rows)
-    eval_rows = pretokenize(collator, eval_rows)
+    try:
+        train_rows = pretokenize(collator, train_rows, train_where)
+        eval_rows = pretokenize(collator, eval_rows, eval_where)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    # setup done: only now is anything of an earlier run replaced
+    if args.overwrite:
+        _remove_run(out)
+    if staged_ref is not None:
+        shutil.rmtree(ref_dir, ignore_errors=True)
+        os.replace(staged_ref, ref_dir)
 
     lr = args.lr if args.lr is not None else (1e-6 if args.model is not None else 3e-3)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.lr_schedule, args.warmup_steps,
                                                                         args.steps))
+    scaler = torch.amp.GradScaler(device.type) if amp is not None else None
     order = DataOrder(len(train_rows), args.batch_size, args.seed)
     step = 0
     if checkpoint is not None:
-        policy.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            order.load_state_dict(checkpoint["data_order"])
+            policy.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise UsageError(f"--resume: the checkpoint does not fit this run ({str(exc).splitlines()[0]})") from None
         scheduler.load_state_dict(checkpoint["scheduler"])
-        order.load_state_dict(checkpoint["data_order"])
+        if scaler is not None and checkpoint.get("scaler") is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
         step = int(checkpoint["step"])
         set_rng_state(checkpoint["rng"])
 
+    saved_step = step if checkpoint is not None else -1
+
     def checkpoint_now() -> None:
-        save_checkpoint(ckpt_path, {
-            "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "data_order": order.state_dict(), "step": step, "rng": rng_state(), "args": vars(args),
-        })
+        bad = _nonfinite(policy)
+        if bad:  # the guarded step never applies a non-finite update; whatever the cause, never write such weights
+            raise NonFiniteError(f"the policy holds non-finite values at step {step} ({bad[0]}, ...); no checkpoint or "
+                                 "model written")
+        state = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "data_order": order.state_dict(), "step": step,
+                 "rng": rng_state(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        save_checkpoint(ckpt_path, state, previous=prev_path)
+        nonlocal saved_step
+        saved_step = step
 
     log = _LogWriter(out / LOG_NAME, step if checkpoint is not None else None)
     show = ("loss", "rewards/accuracies", "rewards/margins")
     eval_show = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
     print(f"fastdpo train: {type(policy).__name__} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
           f"params) on {device}, {data_desc}, loss {args.loss_type}, beta {args.beta}, packing {args.packing}, "
-          f"{args.steps} steps of {args.batch_size} pairs" + (f", resuming at step {step}" if step else ""))
+          f"{args.steps} steps of {args.batch_size} pairs" + (f", resuming at step {step}" if step else ""),
+          flush=True)
 
     def run_eval() -> dict[str, Any]:
         rng = rng_state()  # evaluation must not perturb the training RNG stream
         record = {"step": step, **evaluate(engine, policy, collator, eval_rows, args.eval_batch_size, device,
-                                           args.eval_batches)}
+                                           args.eval_batches, autocast=amp)}
         set_rng_state(rng)
         log.write(record)
         return record
@@ -586,25 +857,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     write = bar.write if bar is not None else print
     start_step, t0 = step, time.perf_counter()
     last_eval: dict[str, Any] | None = None
+    nonfinite_stop: str | None = None
     try:
         while step < args.steps:
             batch_rows = [train_rows[i] for i in order.next_batch()]
             batch = _to_device(collator(batch_rows), device)
-            loss, metrics = engine.step(batch)
-            loss.backward()
+            with _autocast(device, amp):
+                loss, metrics = engine.step(batch)
+            loss_value = _scalar(loss)
+            bad = None if math.isfinite(loss_value) else "loss"
             grad_norm = None
-            if args.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+            skipped = False
+            if bad is None:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")))
+                if not math.isfinite(grad_norm) and scaler is None:
+                    bad = "gradient"
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
+            if bad is None:
+                if scaler is not None:  # an fp16 overflow makes the scaler skip the step and lower the scale
+                    scale = scaler.get_scale()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    skipped = scaler.get_scale() < scale
+                else:
+                    optimizer.step()
+                if not skipped:
+                    scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            record = {"step": step, "epoch": order.epoch + order.cursor / order.num_rows, "loss": _scalar(loss),
+            record = {"step": step, "epoch": order.epoch + order.cursor / order.num_rows, "loss": loss_value,
                       "lr": lr, **{k: _scalar(v) for k, v in metrics.items()}}
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
+            if scaler is not None:
+                record["loss_scale"] = scaler.get_scale()
+            if bad is not None or skipped:
+                record["skipped"] = True
             log.write(record)
+            if bad is not None and args.on_nonfinite == "stop":
+                nonfinite_stop = f"non-finite {bad} ({loss_value if bad == 'loss' else grad_norm}) at step {step}"
+                break
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}",
@@ -625,13 +921,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+    if nonfinite_stop is not None:
+        log.close()
+        last = f"the last checkpoint ({ckpt_path}) is from before it" if ckpt_path.exists() else "no checkpoint"
+        hint = "lower --lr" + (", use --dtype float32" if args.dtype != "float32" else "")
+        print(f"fastdpo train: {nonfinite_stop}; stopped without an optimizer step or a model ({last}); {hint}, or "
+              "pass --on-nonfinite skip", file=sys.stderr)
+        return 1
     if step < args.steps:
         log.close()
         why = "interrupted" if interrupted else f"stopped after {args.stop_after} steps"
         print(f"{why} at step {step}/{args.steps}; checkpoint written to {ckpt_path} (continue with --resume)")
         return 130 if interrupted else 0
 
-    checkpoint_now()
+    if saved_step != step:
+        checkpoint_now()
     last_eval = run_eval()
     log.close()
     elapsed = time.perf_counter() - t0
@@ -642,16 +946,30 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{last_eval.get('eval_rewards/accuracies', float('nan')):.3f} after (chance: 0.5; before training "
               "policy == reference, rewards are ~0 and ties count as wrong, as in TRL)")
     model_dir = out / "model"
-    policy.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    with atomic_dir(model_dir) as tmp_model:  # model/ appears complete or not at all
+        policy.save_pretrained(tmp_model)
+        tokenizer.save_pretrained(tmp_model)
     print(f"model written to {model_dir.resolve()}")
     return 0
+
+
+def _remove_run(out: Path) -> None:
+    """Delete an earlier run's files from ``out`` (``--overwrite``): checkpoints, log, model/ and reference/."""
+    for name in _RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def _first_eval_accuracy(log_path: Path) -> float | None:
     with open(log_path, encoding="utf-8") as f:
         for line in f:
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
             if "eval_rewards/accuracies" in record:
                 return float(record["eval_rewards/accuracies"])
     return None

@@ -420,25 +420,30 @@ def test_ref_cache_refuses_other_model_dataset_or_settings(tok, tmp_path) -> Non
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_reference(bits: int, tok) -> None:
-    """bitsandbytes 0.50 runs Linear8bitLt / Linear4bit on CPU, so the quantized reference is tested for real."""
+    """bitsandbytes 0.50 runs Linear8bitLt / Linear4bit on CPU, so the quantized reference is tested for real. The
+    dequantized oracle is taken before the quantized reference first runs (on AVX512-BF16 CPUs bitsandbytes would
+    otherwise repack a 4-bit weight in place on that call; quantize_model turns that off, checked here too)."""
     pytest.importorskip("bitsandbytes")
     from test_models import dequantized_copy
 
     from fastdpo.models import quantize_model
+    from fastdpo.ref_cache import model_fingerprint
 
     rows = _rows(4, seed=37)
     beta = 0.1
     policy, ref = _model("llama", tok), _model("llama", tok, seed=1)
     qref = quantize_model(ref, bits)
+    deq = dequantized_copy(ref, qref)
+    fingerprint = model_fingerprint(qref)
     batch = _batch(tok, rows, "prefix_shared")
     loss_fp, _ = DPOEngine(policy, ref, beta=beta).step(batch)
     engine_q = DPOEngine(policy, qref, beta=beta)
     loss_q, _ = engine_q.step(batch)
     ref_fp = torch.cat(DPOEngine(policy, ref).reference_logps(batch))
     ref_q = torch.cat(engine_q.reference_logps(batch))
+    assert model_fingerprint(qref) == fingerprint  # running the reference did not change it
     assert (ref_q - ref_fp).abs().max() > 1e-4  # the reference really is quantized
     if bits == 4:  # 4-bit computes exactly with the dequantized weights
-        deq = dequantized_copy(ref, qref)
         loss_deq, _ = DPOEngine(policy, deq, beta=beta).step(batch)
         torch.testing.assert_close(loss_q, loss_deq, rtol=1e-5, atol=1e-6)
     else:
