@@ -50,19 +50,21 @@ MODES = {
 
 
 def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """CPU autocast (the CUDA case runs a bf16 model, no autocast)."""
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _naive_logps(model: torch.nn.Module, batch: dict[str, Any], autocast: torch.dtype | None = None) -> torch.Tensor:
     """``[2P]`` per-sequence log-probs from the model's full logits (its own dtype / autocast), ``log_softmax``,
-    gather at the batch's scored positions; float64 sums for a float64 model, fp32 otherwise."""
+    gather at the batch's scored positions; float64 sums for a float64 model, fp32 otherwise; on the CPU."""
     kwargs = build_attention_kwargs(batch, model)
     with _autocast(autocast):
         logits = model(input_ids=batch["input_ids"], **kwargs).logits
         logps = torch.log_softmax(logits.flatten(0, 1), dim=-1)
     picked = logps[batch["logp_index"], batch["logp_labels"]]
     acc = torch.float64 if picked.dtype == torch.float64 else torch.float32
-    return torch.zeros(2 * batch["num_pairs"], dtype=acc).index_add(0, batch["logp_seq"], picked.to(acc))
+    out = torch.zeros(2 * batch["num_pairs"], dtype=acc, device=picked.device)
+    return out.index_add(0, batch["logp_seq"], picked.to(acc)).cpu()
 
 
 def _sigmoid_dpo(pol: torch.Tensor, ref: torch.Tensor, beta: float = BETA) -> torch.Tensor:
@@ -73,7 +75,7 @@ def _sigmoid_dpo(pol: torch.Tensor, ref: torch.Tensor, beta: float = BETA) -> to
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {n: p.grad.double().cpu() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @contextlib.contextmanager
@@ -85,7 +87,7 @@ def _watch_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[torch.dt
 
         def spy(hidden: torch.Tensor, weight: torch.Tensor, *args: Any, _original: Any = original,
                 **kwargs: Any) -> Any:
-            seen.append((hidden.dtype, weight.dtype, torch.is_autocast_enabled("cpu")))
+            seen.append((hidden.dtype, weight.dtype, torch.is_autocast_enabled(hidden.device.type)))
             return _original(hidden, weight, *args, **kwargs)
 
         monkeypatch.setattr(linear_logprobs_module, name, spy)
@@ -103,14 +105,39 @@ def tok() -> Any:
 def test_engine_step_half_precision_vs_float64(tok: Any, monkeypatch: pytest.MonkeyPatch, mode: str,
                                                grad_in_forward: bool, packing: str) -> None:
     model_dtype, autocast = MODES[mode]
-    half = autocast or model_dtype
-    policy = make_model("llama", tok, attn_implementation="eager", seed=0).to(model_dtype).train()
-    ref = make_model("llama", tok, attn_implementation="eager", seed=1).to(model_dtype)
-    batch = PreferenceCollator(tok, packing=packing)(preference_rows(PAIRS, seed=5))
+    _check_engine_half(tok, monkeypatch, torch.device("cpu"), "eager", model_dtype, autocast, grad_in_forward,
+                       packing)
 
-    # float64 oracle (the same weights, exactly) and the naive path in the same precision
-    pol64, ref64 = copy.deepcopy(policy).double(), copy.deepcopy(ref).double()
-    o_pol, o_ref = _naive_logps(pol64, batch), _naive_logps(ref64, batch).detach()
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn,packing", [("sdpa", "pad"), ("sdpa", "padding_free"), ("sdpa", "prefix_shared"),
+                                          ("flash_attention_2", "padding_free")])
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["recompute", "grad_in_forward"])
+def test_engine_step_cuda_bf16_vs_float64(tok: Any, monkeypatch: pytest.MonkeyPatch, attn: str, packing: str,
+                                          grad_in_forward: bool) -> None:
+    """The first GPU step: a bf16 model on CUDA, the batch on CUDA, compiled Triton head (``backend="auto"``), every
+    packing with sdpa and flash-attention varlen padding-free (issue 19.1), against the CPU float64 oracle."""
+    if attn.startswith("flash"):
+        pytest.importorskip("flash_attn")
+    _check_engine_half(tok, monkeypatch, torch.device("cuda"), attn, torch.bfloat16, None, grad_in_forward, packing)
+
+
+def _check_engine_half(tok: Any, monkeypatch: pytest.MonkeyPatch, device: torch.device, attn: str,
+                       model_dtype: torch.dtype, autocast: torch.dtype | None, grad_in_forward: bool,
+                       packing: str) -> None:
+    """Engine step + backward on ``device`` against the float64 oracle (CPU, eager attention), within the naive
+    same-precision path's error (see the module docstring)."""
+    half = autocast or model_dtype
+    policy = make_model("llama", tok, attn_implementation=attn, seed=0).to(device, model_dtype).train()
+    ref = make_model("llama", tok, attn_implementation=attn, seed=1).to(device, model_dtype)
+    cpu_batch = PreferenceCollator(tok, packing=packing)(preference_rows(PAIRS, seed=5))
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cpu_batch.items()}
+
+    # float64 oracle (the same weights, exactly; CPU, eager attention) and the naive path in the same precision
+    pol64, ref64 = (copy.deepcopy(m).to("cpu", torch.float64) for m in (policy, ref))
+    for m in (pol64, ref64):
+        m.config._attn_implementation = "eager"
+    o_pol, o_ref = _naive_logps(pol64, cpu_batch), _naive_logps(ref64, cpu_batch).detach()
     o_loss = _sigmoid_dpo(o_pol, o_ref)
     o_loss.backward()
     g64 = _grads(pol64)
@@ -129,11 +156,11 @@ def test_engine_step_half_precision_vs_float64(tok: Any, monkeypatch: pytest.Mon
     assert head_calls and all(c == (half, half, False) for c in head_calls), head_calls
 
     def err(x: torch.Tensor, ref64_: torch.Tensor) -> float:
-        return float((x.double() - ref64_.detach()).abs().max())
+        return float((x.detach().double().cpu() - ref64_.detach()).abs().max())
 
     pol_lp = torch.cat([e_pol["chosen_logps"], e_pol["rejected_logps"]])
     ref_lp = torch.cat(e_ref)
-    scale = float(o_pol.abs().max())
+    scale = float(o_pol.detach().abs().max())
     naive_pol_err, naive_ref_err = err(n_pol, o_pol), err(n_ref, o_ref)
     assert err(pol_lp, o_pol) <= naive_pol_err + 2e-6 * scale, (err(pol_lp, o_pol), naive_pol_err)
     assert err(ref_lp, o_ref) <= naive_ref_err + 2e-6 * scale, (err(ref_lp, o_ref), naive_ref_err)
@@ -143,8 +170,9 @@ def test_engine_step_half_precision_vs_float64(tok: Any, monkeypatch: pytest.Mon
     loss_bound = 2 * BETA * (naive_pol_err + naive_ref_err) + 1e-6
     assert abs(float(loss) - float(o_loss)) <= loss_bound, (float(loss), float(o_loss), loss_bound)
     if not grad_in_forward:  # the step's loss is exactly the formula of the engine's own log-probs
-        assert float(loss) == pytest.approx(float(_sigmoid_dpo(pol_lp.double(), ref_lp.double())), rel=1e-6)
-    assert float(metrics["logps/chosen"]) == pytest.approx(float(o_pol[:PAIRS].mean()), abs=naive_pol_err)
+        own = _sigmoid_dpo(pol_lp.double().cpu(), ref_lp.double().cpu())
+        assert float(loss) == pytest.approx(float(own), rel=1e-6)
+    assert float(metrics["logps/chosen"]) == pytest.approx(float(o_pol[:PAIRS].detach().mean()), abs=naive_pol_err)
 
     g_engine = _grads(engine.model)
     assert g_engine.keys() == g64.keys()
