@@ -178,7 +178,8 @@ def test_head_bound_reports_consistent_figures(tmp_path, one_thread, capsys):
         assert r["tile"] == list(_plan(n, v, torch.device("cpu"), None, "torch"))
         assert r["shape"] == {"tokens": n, "hidden": d, "vocab": v} and r["threads"] == 1
         assert f"keeps {100 * r['kept_fraction']:.1f}% of the logits" in printed
-        assert f"= {r['bound_over_naive']:.2f}x naive" in printed and f"= {r['fastdpo_over_naive']:.2f}x naive" in printed
+        assert f"= {r['bound_over_naive']:.2f}x naive" in printed
+        assert f"= {r['fastdpo_over_naive']:.2f}x naive" in printed
     g0, g1 = figures[0.0]["gemm_s"], figures[1.0]["gemm_s"]
     assert figures[0.0]["kept_fraction"] == 0.0 and figures[1.0]["kept_fraction"] == 1.0
     assert figures[0.0]["bound_s"] == pytest.approx(2 * g0["logits"] + g0["grad_hidden"] + g0["grad_weight"])
