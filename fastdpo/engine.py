@@ -19,6 +19,10 @@ Reference modes:
 * ``"precomputed"``: log-probs read from a :class:`fastdpo.ref_cache.RefLogpCache` (built once with
   :meth:`DPOEngine.precompute_reference`), no reference weights needed at all.
 
+Mixed precision: a half-precision model runs the head in its dtype; under ``torch.autocast`` (an fp32 model, TRL's
+default bf16 mixed precision) the head runs in the autocast dtype, like the model's own ``nn.Linear`` head would
+(:func:`_head_operands`). Reductions and the returned log-probs, loss and metrics are fp32 either way.
+
 ``step`` returns the loss (with a grad_fn when grad is enabled) and leaves ``backward`` and the optimizer to the
 caller, like a ``compute_loss``. When something else owns the data-parallel wrapper (``accelerate`` / ``Trainer``
 prepare the model after the engine was built on it), ``step(batch, wrapped_model)`` runs the policy forward through that
