@@ -259,13 +259,25 @@ def test_compiled_kernels_deterministic_cuda() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("grad_in_forward", [False, True])
 def test_engine_step_deterministic_cuda(grad_in_forward: bool) -> None:
-    """The full engine step on CUDA (Triton head, bf16 model, padding-free batch) is bitwise repeatable."""
+    """The full engine step on CUDA (Triton head, bf16 model, padding-free batch) is bitwise repeatable. The model's
+    own ops are held to their deterministic CUDA implementations (eager attention, ``use_deterministic_algorithms``
+    in warn-only mode: SDPA's memory-efficient backward and plain ``index_add`` use atomics), so a difference points
+    at fastdpo."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _engine_step_cuda(grad_in_forward)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _engine_step_cuda(grad_in_forward: bool) -> None:
     from fastdpo import DPOEngine, PreferenceCollator
 
     import tiny
     tok = tiny.make_tokenizer()
-    policy = tiny.make_model("llama", tok, attn_implementation="sdpa", seed=0).to("cuda", torch.bfloat16).train()
-    ref = tiny.make_model("llama", tok, attn_implementation="sdpa", seed=1).to("cuda", torch.bfloat16)
+    policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).to("cuda", torch.bfloat16).train()
+    ref = tiny.make_model("llama", tok, attn_implementation="eager", seed=1).to("cuda", torch.bfloat16)
     batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v
              for k, v in PreferenceCollator(tok, packing="padding_free")(tiny.preference_rows(8, seed=5)).items()}
     engine = DPOEngine(policy, ref, grad_in_forward=grad_in_forward, backend="triton")
