@@ -1,8 +1,9 @@
 """pytest-benchmark suite: the fused LM head (per-token log-probs of hidden @ W.T, forward + backward) against naive
 PyTorch, TRL 1.16's ChunkedLogProbFunction and torch's chunked linear_cross_entropy, on small CPU shapes.
 
-Run with ``pytest benchmarks/`` (``--benchmark-disable`` to only check). Each case also checks the log-probs against a
-float64 recomputation, so the suite fails when an implementation is wrong, not only when it is slow.
+Run with ``pytest benchmarks/`` (``--benchmark-disable`` to only check, as CI does). Each case also checks the
+log-probs and both gradients against a float64 recomputation within the naive same-dtype error (``conftest.py``), so
+the suite fails when an implementation is wrong, not only when it is slow.
 """
 from __future__ import annotations
 
@@ -17,8 +18,19 @@ SHAPE = Shape(256, 64, 4093) if DEVICE.type == "cpu" else Shape(4096, 2048, 1282
 DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
 
 
+def _plain(problem: impls.Problem, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``log_softmax(hidden @ weight.T)[labels]`` entirely in ``dtype`` (the naive path, or float64 as the oracle):
+    ``(log-probs, hidden grad, weight grad)`` for the problem's upstream gradient."""
+    x = problem.inputs
+    h = x["hidden"].detach().to(dtype).requires_grad_(True)
+    w = x["weight"].detach().to(dtype).requires_grad_(True)
+    out = torch.log_softmax(h @ w.T, dim=-1).gather(-1, x["labels"][:, None])[:, 0]
+    out.backward(problem.upstream.to(dtype))
+    return out.detach(), h.grad, w.grad
+
+
 @pytest.mark.parametrize("name", impls.impl_names("head"))
-def test_bench_head_fwd_bwd(benchmark, name):
+def test_bench_head_fwd_bwd(benchmark, check_within_naive, name):
     impl = impls.get_impl("head", name)
     reason = impl.unavailable(DEVICE)
     if reason is not None:
@@ -34,10 +46,9 @@ def test_bench_head_fwd_bwd(benchmark, name):
         return out
 
     out = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
-    x = problem.inputs
-    ref = torch.log_softmax(x["hidden"].detach().double() @ x["weight"].detach().double().T, -1)
-    ref = ref.gather(-1, x["labels"][:, None])[:, 0]
-    tol = 1e-3 if DTYPE == torch.float32 else 0.5
-    torch.testing.assert_close(out.detach().double(), ref, rtol=0, atol=tol)
-    assert all(torch.isfinite(t.grad).all() for t in problem.leaves)
+    hidden, weight = problem.leaves
+    naive, ref = _plain(problem, DTYPE), _plain(problem, torch.float64)
+    for label, got, n, r in zip(("log-probs", "hidden.grad", "weight.grad"), (out, hidden.grad, weight.grad),
+                                naive, ref):
+        check_within_naive(f"{name} {label}", got, n, r)
     benchmark.extra_info.update(tokens=SHAPE.tokens, hidden=SHAPE.hidden, vocab=SHAPE.vocab, impl=impl.label(DEVICE))

@@ -1,7 +1,8 @@
 """pytest-benchmark suite: per-sequence log-probs from logits (the log-prob kernel, forward + backward) against naive
 PyTorch and TRL's selective_log_softmax, on small CPU shapes. Run with ``pytest benchmarks/``.
 
-Each case also checks the result against a float64 recomputation.
+Each case also checks the result and the logits gradient against a float64 recomputation, within the naive
+same-dtype error (``conftest.py``).
 """
 from __future__ import annotations
 
@@ -16,8 +17,20 @@ SHAPE = Shape(512, 0, 4093) if DEVICE.type == "cpu" else Shape(16384, 0, 128256)
 DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
 
 
+def _plain(problem: impls.Problem, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked sum of ``log_softmax(logits)[labels]`` with ``log_softmax`` in ``dtype`` (float64: the oracle), summed in
+    fp32 (float64): ``(sequence log-probs, logits grad)`` for the problem's upstream gradient."""
+    logits = problem.inputs["logits"].detach().to(dtype).requires_grad_(True)
+    labels = problem.inputs["labels"]
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.where(labels != -100, lp.to(acc), 0.0).sum(-1)
+    out.backward(problem.upstream.to(acc))
+    return out.detach(), logits.grad
+
+
 @pytest.mark.parametrize("name", impls.impl_names("logprobs"))
-def test_bench_sequence_logprobs_fwd_bwd(benchmark, name):
+def test_bench_sequence_logprobs_fwd_bwd(benchmark, check_within_naive, name):
     impl = impls.get_impl("logprobs", name)
     reason = impl.unavailable(DEVICE)
     if reason is not None:
@@ -34,9 +47,7 @@ def test_bench_sequence_logprobs_fwd_bwd(benchmark, name):
         return out
 
     out = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
-    logits, labels = problem.inputs["logits"].detach().double(), problem.inputs["labels"]
-    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    ref = torch.where(labels != -100, lp, 0).sum(-1)
-    torch.testing.assert_close(out.detach().double(), ref, rtol=1e-5, atol=1e-2 if DTYPE == torch.float32 else 2.0)
-    assert torch.isfinite(problem.leaves[0].grad).all()
+    (naive, naive_grad), (ref, ref_grad) = _plain(problem, DTYPE), _plain(problem, torch.float64)
+    check_within_naive(f"{name} log-probs", out, naive, ref)
+    check_within_naive(f"{name} logits.grad", problem.leaves[0].grad, naive_grad, ref_grad)
     benchmark.extra_info.update(tokens=shape.tokens, vocab=shape.vocab, impl=impl.label(DEVICE))

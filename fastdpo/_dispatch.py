@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 
 Backend = Literal["auto", "triton", "torch"]
+_BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "FASTDPO_BACKEND"
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,17 +31,27 @@ def interpreter_on() -> bool:
 
 
 def resolve_backend(backend: Backend, device: torch.device) -> Literal["triton", "torch"]:
-    """Return the concrete backend for tensors on ``device``; raise ``ValueError`` if impossible."""
-    if backend not in ("auto", "triton", "torch"):
+    """Return the concrete backend for tensors on ``device``; raise ``ValueError`` if impossible.
+
+    ``"auto"`` reads ``FASTDPO_BACKEND`` (``auto``/``triton``/``torch``; unset or empty means ``auto``) at every call;
+    any other value raises ``ValueError`` naming the variable, as does ``FASTDPO_BACKEND=triton`` where Triton cannot
+    run.
+    """
+    if backend not in _BACKENDS:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    source = f"backend={backend!r}"
     if backend == "auto":
-        backend = os.environ.get("FASTDPO_BACKEND", "auto")  # type: ignore[assignment]
-        if backend == "auto":
+        env = os.environ.get(ENV_VAR) or "auto"
+        if env not in _BACKENDS:
+            raise ValueError(f"environment variable {ENV_VAR} must be 'auto', 'triton' or 'torch' (or unset), "
+                             f"got {env!r}")
+        if env == "auto":
             return "triton" if device.type == "cuda" and triton_available() else "torch"
+        backend, source = env, f"{ENV_VAR}={env}"  # type: ignore[assignment]
     if backend == "triton":
         if not triton_available():
-            raise ValueError("backend='triton' but triton is not installed (pip install 'fastdpo[triton]')")
+            raise ValueError(f"{source} but triton is not installed (pip install 'fastdpo[triton]')")
         if device.type != "cuda" and not interpreter_on():
-            raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1, got device {device}")
+            raise ValueError(f"{source} needs CUDA tensors or TRITON_INTERPRET=1, got device {device}")
         return "triton"
     return "torch"

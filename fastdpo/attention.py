@@ -212,15 +212,16 @@ def _flex_block_mask(batch: dict[str, Any], sliding_window: int | None, device: 
 
 
 def _flash_varlen_kwargs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    seq = batch["token_seq"]
+    """Flash varlen kwargs, every tensor built on ``device`` (the model's): ``cu_seq_lens`` int32 ``[S + 1]``."""
+    seq = batch["token_seq"].to(device)
     R, L = seq.shape
     # one segment per (row, sequence), padding tails being segments of their own
-    key = (torch.arange(R)[:, None] * (seq.max().clamp(min=0) + 2) + seq + 1).reshape(-1)
+    key = (torch.arange(R, device=device)[:, None] * (seq.max().clamp(min=0) + 2) + seq + 1).reshape(-1)
     starts = torch.ones_like(key, dtype=torch.bool)
     starts[1:] = key[1:] != key[:-1]
-    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([R * L])])
-    cu = bounds.to(device=device, dtype=torch.int32)
-    max_len = int((bounds[1:] - bounds[:-1]).max())
+    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([R * L], device=device)])
+    cu = bounds.to(dtype=torch.int32)
+    max_len = int((bounds[1:] - bounds[:-1]).max())  # one host sync; flash-attention takes it as a Python int
     return {
         "position_ids": batch["position_ids"].to(device),
         "cu_seq_lens_q": cu,

@@ -19,6 +19,10 @@ Reference modes:
 * ``"precomputed"``: log-probs read from a :class:`fastdpo.ref_cache.RefLogpCache` (built once with
   :meth:`DPOEngine.precompute_reference`), no reference weights needed at all.
 
+Mixed precision: a half-precision model runs the head in its dtype; under ``torch.autocast`` (an fp32 model, TRL's
+default bf16 mixed precision) the head runs in the autocast dtype, like the model's own ``nn.Linear`` head would
+(:func:`_head_operands`). Reductions and the returned log-probs, loss and metrics are fp32 either way.
+
 ``step`` returns the loss (with a grad_fn when grad is enabled) and leaves ``backward`` and the optimizer to the
 caller, like a ``compute_loss``. When something else owns the data-parallel wrapper (``accelerate`` / ``Trainer``
 prepare the model after the engine was built on it), ``step(batch, wrapped_model)`` runs the policy forward through that
@@ -352,14 +356,15 @@ class DPOEngine:
         ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
         with ctx, _quiet_bnb():
             hidden, anchor = self._completion_hidden(parts, batch)
-            weight, bias = parts.head_weight_bias()
-            stats = linear_token_logprobs(
-                hidden, weight, batch["logp_labels"], bias=bias, softcap=parts.softcap,
-                logit_scale=parts.logit_scale, temperature=self.temperature,
-                return_entropy=token_stats, return_mean_logit=token_stats, return_argmax_hit=token_stats,
-                return_log_sum_p2=token_stats and self.use_weighting,
-                chunk_size=self.chunk_size, validate=self.validate, backend=self.backend,
-            )
+            hidden, weight, bias, head_ctx = _head_operands(hidden, *parts.head_weight_bias())
+            with head_ctx:
+                stats = linear_token_logprobs(
+                    hidden, weight, batch["logp_labels"], bias=bias, softcap=parts.softcap,
+                    logit_scale=parts.logit_scale, temperature=self.temperature,
+                    return_entropy=token_stats, return_mean_logit=token_stats, return_argmax_hit=token_stats,
+                    return_log_sum_p2=token_stats and self.use_weighting,
+                    chunk_size=self.chunk_size, validate=self.validate, backend=self.backend,
+                )
             seq = self._sequence_logps(stats.logprobs, batch, num_pairs)
             if anchor is not None and anchor.requires_grad:
                 seq = seq + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
@@ -509,7 +514,7 @@ class DPOEngine:
         from fastdpo.losses import dpo_metrics, ld_token_weights, preference_loss
 
         hidden, anchor = self._completion_hidden(parts, batch)
-        weight, bias = parts.head_weight_bias()
+        hidden, weight, bias, head_ctx = _head_operands(hidden, *parts.head_weight_bias())
         lengths_c, lengths_r = batch["chosen_lengths"], batch["rejected_lengths"]
         kwargs = self.loss_kwargs
         seg = batch["logp_seq"]
@@ -565,16 +570,40 @@ class DPOEngine:
             ]
         else:  # batch-coupled terms (sorting over the batch, token-mean SFT): one group of all sequences
             loss_fn, groups = batch_loss, None
-        loss, seq = linear_logprobs_loss_grad_in_forward(
-            hidden, weight, batch["logp_labels"], seg, num_seqs, loss_fn, bias=bias,
-            softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
-            token_weights=token_weights, segment_stats=with_stats, segment_log_sum_p2=self.use_weighting,
-            validate=self.validate, backend=self.backend,
-        )
+        with head_ctx:
+            loss, seq = linear_logprobs_loss_grad_in_forward(
+                hidden, weight, batch["logp_labels"], seg, num_seqs, loss_fn, bias=bias,
+                softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
+                token_weights=token_weights, segment_stats=with_stats, segment_log_sum_p2=self.use_weighting,
+                validate=self.validate, backend=self.backend,
+            )
         if anchor is not None and anchor.requires_grad:
             loss = loss + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
         metrics = dpo_metrics(seq[:num_pairs], seq[num_pairs:], ref_c, ref_r, self.beta)
         return loss, metrics, seq[:num_pairs], seq[num_pairs:]
+
+
+def _head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, contextlib.AbstractContextManager]:
+    """``(hidden, weight, bias, context)`` to call the fused head with, honouring an enclosing ``torch.autocast``.
+
+    Under autocast (TRL's default bf16/fp16 mixed precision) the model's own ``nn.Linear`` head would run in the
+    autocast dtype; so does the fused head: its floating operands (fp32 master weights, fp32 hidden states) are cast
+    to that dtype -- differentiably, the gradients reach the fp32 parameters -- and the head runs inside ``context``,
+    autocast off, so its forward GEMMs and its backward recompute use one precision (under autocast, some of the
+    head's internal GEMMs would be recast and others not). Reductions stay fp32 as always. Without autocast the
+    operands are returned unchanged with a null context.
+    """
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        # like autocast itself: floating tensors other than float64 go to the autocast dtype
+        return t if t is None or t.dtype in (dtype, torch.float64) or not t.is_floating_point() else t.to(dtype)
+
+    return cast(hidden), cast(weight), cast(bias), torch.autocast(device_type, enabled=False)
 
 
 def token_metric_totals(logps: Mapping[str, Any], logp_seq: torch.Tensor,

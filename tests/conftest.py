@@ -1,13 +1,13 @@
-"""Test configuration: Triton kernels run through the interpreter on CPU machines.
+"""Test configuration: two ways to run the Triton kernels, picked from the command line (see ``tests/gpu_mode.py``).
 
-``TRITON_INTERPRET`` must be set before triton is first imported; set ``FASTDPO_GPU_TESTS=1`` on a CUDA machine to
-compile the kernels for the GPU instead.
+* ``pytest -n 2 tests`` (the plain suite, any machine): ``TRITON_INTERPRET=1``, Triton kernels run through the
+  interpreter on CPU tensors; tests marked ``gpu`` are skipped.
+* ``pytest -m gpu`` (a CUDA machine): ``TRITON_INTERPRET=0``, only the ``gpu`` tests run, with compiled kernels on
+  CUDA; without CUDA they skip with that reason.
+
+``pytest_configure`` sets the variable before collection imports ``fastdpo.kernels`` (where ``@triton.jit`` reads it).
 """
 import os
-
-if os.environ.get("FASTDPO_GPU_TESTS") != "1":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import sys
 from pathlib import Path
 
@@ -22,8 +22,49 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from collections.abc import Iterator  # noqa: E402
 
+import gpu_mode  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+_GPU_MODE = False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _GPU_MODE
+    _GPU_MODE = gpu_mode.selects_only_gpu(config.getoption("markexpr", ""))
+    early = sorted(m for m in sys.modules if m.startswith("fastdpo.kernels"))
+    if early:  # the kernels were decorated before the mode was known: they would not follow TRITON_INTERPRET
+        raise pytest.UsageError(f"{early} imported before tests/conftest.py set TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = gpu_mode.triton_interpret_value(_GPU_MODE)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import importlib
+
+    kinds = set()
+    for name in ("logprobs", "linear_fold", "segment_sum"):
+        try:
+            module = importlib.import_module(f"fastdpo.kernels.{name}")
+        except ImportError:
+            continue
+        kinds |= {type(v).__name__ for v in vars(module).values()
+                  if type(v).__name__ in ("JITFunction", "InterpretedFunction")}
+    mode = "gpu (-m gpu)" if _GPU_MODE else "plain"
+    return (f"fastdpo test mode: {mode}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}; "
+            f"kernels: {','.join(sorted(kinds)) or 'none'}; CUDA available: {torch.cuda.is_available()}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = None
+    if not _GPU_MODE:
+        reason = gpu_mode.SKIP_NOT_GPU_MODE
+    elif not torch.cuda.is_available():
+        reason = gpu_mode.SKIP_NO_CUDA
+    if reason is None:
+        return
+    for item in items:
+        if item.get_closest_marker(gpu_mode.MARKER) is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture

@@ -234,18 +234,22 @@ def test_flash_varlen_kwargs_match_hf_position_id_split(tok):
     assert kwargs["cu_seq_lens_q"].dtype == torch.int32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn varlen needs CUDA")
+@pytest.mark.gpu
 def test_flash_varlen_equals_naive_cuda(tok):
+    """Flash varlen on a batch that lives on the GPU (as the engine and the trainers pass it; a CPU batch hid the
+    CPU-built cu_seqlens of issue 19.1) gives the sdpa packed forward's logits."""
     pytest.importorskip("flash_attn")
     rows = preference_rows(4, seed=2)
     model = make_model("llama", tok, attn_implementation="flash_attention_2", seed=7).to("cuda", torch.bfloat16)
     ref_model = make_model("llama", tok, attn_implementation="sdpa", seed=7).to("cuda", torch.bfloat16)
-    batch = PreferenceCollator(tok, packing="padding_free")(rows)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v
+             for k, v in PreferenceCollator(tok, packing="padding_free")(rows).items()}
     kwargs = build_attention_kwargs(batch, model)
+    assert all(v.is_cuda for v in kwargs.values() if isinstance(v, torch.Tensor))
     with torch.no_grad():
-        got = model(input_ids=batch["input_ids"].cuda(), **kwargs).logits.float()
+        got = model(input_ids=batch["input_ids"], **kwargs).logits.float()
         sdpa_kwargs = build_attention_kwargs(batch, ref_model)
-        want = ref_model(input_ids=batch["input_ids"].cuda(), **sdpa_kwargs).logits.float()
+        want = ref_model(input_ids=batch["input_ids"], **sdpa_kwargs).logits.float()
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
 
 

@@ -12,11 +12,16 @@ from fastdpo.benchmarks import driver, impls, measure
 from fastdpo.benchmarks.impls import Shape
 
 
+#: peers that install and run on CPU (``.ci/run`` installs them); CCE needs CUDA
+CPU_IMPLS = {"head": {"naive", "fastdpo", "trl", "torch_lce"}, "logprobs": {"naive", "fastdpo", "trl"},
+             "dpo": {"naive", "fastdpo", "liger"}}
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """``fastdpo bench --quick`` with every implementation of every workload (one worker process each)."""
     out = tmp_path_factory.mktemp("bench")
-    rc = driver.main(["--quick", "--device", "cpu", "--workloads", "head", "--impls", "naive,cce",
-                      "--out", str(out)])
+    rc = driver.main(["--quick", "--device", "cpu", "--out", str(out)])
     return rc, out
 
 
@@ -29,21 +34,62 @@ def test_quick_run_writes_parseable_outputs(quick_run, capsys):
     meta, results = data["meta"], data["results"]
     assert meta["device"] == "cpu" and meta["dtype"] == "float32"
     assert meta["versions"]["torch"] == torch.__version__ and meta["grads_included"] is True
-    # 2 tiny shapes for naive (one worker process); cce is reported unavailable on CPU, not run
-    naive = [r for r in results if r["impl"] == "naive"]
-    assert len(naive) == 2 and all(r["status"] == "ok" for r in naive)
-    assert all(r["status"].startswith("unavailable") for r in results if r["impl"] == "cce")
-    for r in naive:
-        assert r["step_ms"] == pytest.approx(r["fwd_ms"] + r["bwd_ms"], rel=1e-6)  # 1 repeat: medians add up
-        assert r["step_peak_mb"] >= 0 and r["fwd_peak_mb"] >= 0  # tiny shapes: RSS counters are page-batched
-        assert r["repeats"] == 1 and r["speedup_vs_naive"] == pytest.approx(1.0)
-    head = {r["vocab"]: r for r in naive if r["workload"] == "head"}
-    assert head[100]["grad_mb"] * 2**20 == (64 * 32 + 100 * 32) * 4  # hidden.grad + weight.grad, fp32
+    # every peer that installs on CPU ran (2 tiny shapes each); CCE is reported unavailable, not run
+    by_impl: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        by_impl.setdefault((r["workload"], r["impl"]), []).append(r)
+    assert set(by_impl) == {(w, i.name) for i in impls.IMPLS for w in [i.workload]}
+    for (workload, name), recs in by_impl.items():
+        assert len(recs) == 2, (workload, name)
+        if name in CPU_IMPLS[workload]:
+            assert all(r["status"] == "ok" for r in recs), (workload, name, [r["status"] for r in recs])
+        else:
+            assert name == "cce" and all(r["status"] == "unavailable: cce needs CUDA (device is cpu)" for r in recs)
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        assert r["repeats"] == 1 and r["step_ms"] == pytest.approx(r["fwd_ms"] + r["bwd_ms"], rel=1e-6)
+        # the gradient buffers are the leaves' sizes: hidden + weight (head, dpo) or the logits (logprobs), fp32
+        n, d, v = r["tokens"], r["hidden"], r["vocab"]
+        leaves = n * v if r["workload"] == "logprobs" else n * d + v * d
+        assert r["grad_mb"] * 2**20 == leaves * 4, r
+    naive = {(r["workload"], r["vocab"]): r for r in results if r["impl"] == "naive"}
+    for r in results:
+        if r["status"] == "ok":  # the speed-up is over naive at the same workload and shape
+            assert r["speedup_vs_naive"] == pytest.approx(naive[r["workload"], r["vocab"]]["step_ms"] / r["step_ms"])
     rows = list(csv.DictReader(csv_path.open()))
     assert len(rows) == len(results) and set(driver.CSV_FIELDS) <= set(rows[0])
-    pngs = list(out.glob("quick-cpu-*-vs-vocab.png"))
-    assert len(pngs) == 1 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert [(row["workload"], row["impl"], row["status"]) for row in rows] == \
+        [(r["workload"], r["impl"], r["status"]) for r in results]
+    pngs = sorted(out.glob("quick-cpu-*-vs-vocab.png"))
+    assert len(pngs) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert sorted(meta["plots"]) == sorted(str(p) for p in pngs)
+
+
+def test_memory_columns_see_the_logits(tmp_path):
+    """At ``N = 2048`` tokens and ``V = 32000`` (fp32 logits ``L`` = 250 MiB) the extra-peak columns show what each
+    path must hold: naive materializes the logits and their log-softmax in forward (>= 2L) and one more [N, V] tensor
+    in backward (>= 3L); the fused head never holds more than its kept tiles (``keep_logits_bytes``, 176 MiB, plus a
+    few tiles); the log-prob kernel's forward builds no [N, V] tensor (naive: the log-softmax, >= L), both backwards
+    allocate the logits gradient (L)."""
+    n, v = 2048, 32000
+    logits_mb = n * v * 4 / 2**20
+    rc = driver.main(["--device", "cpu", "--workloads", "head,logprobs", "--impls", "naive,fastdpo", "--tokens",
+                      str(n), "--hidden", "8", "--vocab", str(v), "--repeats", "1", "--no-plots", "--out",
+                      str(tmp_path)])
+    assert rc == 0
+    (json_path,) = tmp_path.glob("cpu-*.json")
+    rec = {(r["workload"], r["impl"]): r for r in json.loads(json_path.read_text())["results"]}
+    assert all(r["status"] == "ok" for r in rec.values()), rec
+    head_naive, head_fast = rec["head", "naive"], rec["head", "fastdpo"]
+    assert head_naive["fwd_peak_mb"] >= 0.98 * 2 * logits_mb, head_naive
+    assert head_naive["step_peak_mb"] >= 0.98 * 3 * logits_mb, head_naive
+    assert head_fast["step_peak_mb"] <= 0.4 * head_naive["step_peak_mb"], (head_fast, head_naive)
+    lp_naive, lp_fast = rec["logprobs", "naive"], rec["logprobs", "fastdpo"]
+    assert lp_naive["fwd_peak_mb"] >= 0.98 * logits_mb and lp_naive["step_peak_mb"] >= 0.98 * 2 * logits_mb
+    assert lp_fast["fwd_peak_mb"] <= 0.5 * logits_mb, lp_fast
+    assert 0.98 * logits_mb <= lp_fast["step_peak_mb"] <= 1.5 * logits_mb, lp_fast
+    assert lp_naive["grad_mb"] == lp_fast["grad_mb"] == logits_mb
 
 
 def test_unknown_names_are_rejected(tmp_path):
@@ -114,18 +160,27 @@ def test_unavailable_impl_reports_reason():
         impls.get_impl("head", "nope")
 
 
-def test_head_bound_reports_consistent_figures(tmp_path, one_thread):
-    """``python -m fastdpo.benchmarks.head_bound``: the lower bound is (2 - kept) logits GEMMs + the two gradient
-    GEMMs, the kept fraction is the budget over the fp32 logits, and the JSON holds what was printed."""
+def test_head_bound_reports_consistent_figures(tmp_path, one_thread, capsys):
+    """``python -m fastdpo.benchmarks.head_bound``: the GEMMs are timed at the tile the fused head really uses, the kept
+    fraction saturates at both ends (no budget: every logit recomputed, the bound is 2 logits GEMMs + 2 gradient
+    GEMMs; a budget above the logits: 1 + 2), and what it prints is what it writes."""
     from fastdpo.benchmarks import head_bound
+    from fastdpo.linear_logprobs import _plan
 
-    out = tmp_path / "bound.json"
-    budget_mb = 0.05
-    assert head_bound.main(["--tokens", "96", "--hidden", "24", "--vocab", "1100", "--budget-mb", str(budget_mb),
-                            "--repeats", "1", "--json", str(out)]) == 0
-    r = json.loads(out.read_text())
-    assert r["kept_fraction"] == pytest.approx(budget_mb * 2**20 / (4 * 96 * 1100))
-    g = r["gemm_s"]
-    assert min(g.values()) > 0 and r["naive_s"] > 0 and r["fastdpo_s"] > 0
-    assert r["bound_s"] == pytest.approx(g["logits"] * (2 - r["kept_fraction"]) + g["grad_hidden"] + g["grad_weight"])
-    assert r["bound_over_naive"] == pytest.approx(r["bound_s"] / r["naive_s"])
+    n, d, v = 96, 24, 1100
+    figures = {}
+    for budget_mb in (0.0, 1.0):  # the fp32 logits are 96 * 1100 * 4 B = 0.40 MiB
+        out = tmp_path / f"bound-{budget_mb}.json"
+        assert head_bound.main(["--tokens", str(n), "--hidden", str(d), "--vocab", str(v), "--budget-mb",
+                                str(budget_mb), "--repeats", "1", "--json", str(out)]) == 0
+        printed = capsys.readouterr().out
+        r = figures[budget_mb] = json.loads(out.read_text())
+        assert r["tile"] == list(_plan(n, v, torch.device("cpu"), None, "torch"))
+        assert r["shape"] == {"tokens": n, "hidden": d, "vocab": v} and r["threads"] == 1
+        assert f"keeps {100 * r['kept_fraction']:.1f}% of the logits" in printed
+        assert f"= {r['bound_over_naive']:.2f}x naive" in printed
+        assert f"= {r['fastdpo_over_naive']:.2f}x naive" in printed
+    g0, g1 = figures[0.0]["gemm_s"], figures[1.0]["gemm_s"]
+    assert figures[0.0]["kept_fraction"] == 0.0 and figures[1.0]["kept_fraction"] == 1.0
+    assert figures[0.0]["bound_s"] == pytest.approx(2 * g0["logits"] + g0["grad_hidden"] + g0["grad_weight"])
+    assert figures[1.0]["bound_s"] == pytest.approx(g1["logits"] + g1["grad_hidden"] + g1["grad_weight"])

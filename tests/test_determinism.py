@@ -1,11 +1,20 @@
 """Run-to-run determinism: the same inputs give bit-identical outputs, losses and gradients, every time.
 
 fastdpo promises no atomics on results (fixed tile order, segment sums by sorted runs). Each case below runs the same
-computation three times from fresh tensor copies and compares with ``torch.equal`` (bitwise, NaN-free inputs):
-the log-prob kernel through the Triton interpreter and the torch path (padded and packed layouts), the fused head
-(both backends, sequence and token outputs with statistics, multi-tile shapes), ``preference_loss``,
-``nn.FusedLinearDPOLoss`` (with and without grad-in-forward) and a full ``DPOEngine.step`` + backward on a tiny HF
-model (plain and grad-in-forward).
+computation several times from fresh tensor copies and compares with ``torch.equal`` (bitwise, NaN-free inputs).
+
+What the CPU cases guard, and what they cannot see. They run on one intra-op thread, and the Triton interpreter
+executes a grid's programs one after another, so a scheduling-order nondeterminism (atomics racing, split-K
+reductions finishing in varying order) cannot show up here. They do catch everything that makes a *call* depend on
+more than its inputs: state carried between calls (reused scratch / kept-logits buffers, the engine's per-step kwargs
+cache), reads of uninitialized memory (``torch.empty`` tiles read before written), RNG use, and Python-level
+ordering (set / dict iteration over segments or groups) -- on the kernels through the interpreter, the torch path
+(padded and packed layouts), the fused head (both backends, sequence and token outputs with statistics, multi-tile
+shapes), ``preference_loss``, ``nn.FusedLinearDPOLoss`` (with and without grad-in-forward) and a full
+``DPOEngine.step`` + backward on a tiny HF model (plain and grad-in-forward).
+
+The scheduling-order half of the promise is checked by the ``gpu`` cases at the end (``pytest -m gpu``): the compiled
+kernels on CUDA with many programs in flight, at shapes with many vocabulary tiles and unsorted segments.
 """
 from __future__ import annotations
 
@@ -185,3 +194,100 @@ def test_engine_step_deterministic(grad_in_forward: bool) -> None:
     first = _assert_bitwise_repeatable(run)
     assert any(k.startswith("grad/") for k in first), "the engine step produced no gradients"
     policy.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels, programs scheduled concurrently (run by `pytest -m gpu`)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _kernel_cases(device: torch.device, runs: int, scale: int = 1) -> None:
+    """The log-prob kernel, the fused head (recompute and grad-in-forward) and segment sums on ``device`` with
+    ``backend="triton"``: many rows / vocabulary tiles / unsorted segments, bitwise over ``runs`` runs."""
+    from fastdpo import linear_sequence_logprobs, linear_token_logprobs, sequence_logprobs
+    from fastdpo.nn import FusedLinearDPOLoss
+    from fastdpo.segments import segment_sum
+
+    g = torch.Generator().manual_seed(11)
+    n, v, d, s = 96 * scale, 1000 * scale + 7, 64, 23
+    logits0 = (torch.randn(n, v, generator=g) * 4).to(device, torch.bfloat16)
+    labels = torch.randint(0, v, (n,), generator=g).to(device)
+    labels[::9] = -100
+    seg = torch.randint(0, s, (n,), generator=g).to(device)  # unsorted: a reduction order atomics would scramble
+    h0 = torch.randn(n, d, generator=g).to(device)
+    w0 = (torch.randn(v, d, generator=g) * 0.3).to(device)
+    upstream = torch.randn(n, generator=g).to(device)
+
+    def logprob_kernel() -> dict[str, torch.Tensor]:
+        x = logits0.clone().requires_grad_(True)
+        out = sequence_logprobs(x, labels, segment_ids=seg, num_segments=s, backend="triton")
+        (grad,) = torch.autograd.grad(out, [x], torch.linspace(-1, 1, s, device=device))
+        return {"out": out.detach(), "grad": grad}
+
+    def fused_head() -> dict[str, torch.Tensor]:
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        seq = linear_sequence_logprobs(h, w, labels, segment_ids=seg, num_segments=s, softcap=30.0,
+                                       backend="triton")
+        stats = linear_token_logprobs(h, w, labels, return_entropy=True, return_argmax_hit=True, backend="triton")
+        total = seq.sum() + (stats.logprobs * upstream).sum()
+        gh, gw = torch.autograd.grad(total, [h, w])
+        return {"seq": seq.detach(), "tok": stats.logprobs.detach(), "entropy": stats.entropy,
+                "argmax_hit": stats.argmax_hit.float(), "grad_hidden": gh, "grad_weight": gw}
+
+    def grad_in_forward() -> dict[str, torch.Tensor]:
+        x, w = h0.clone().view(2 * 4, n // 8, d).requires_grad_(True), w0.clone().requires_grad_(True)
+        target = labels.view(2 * 4, n // 8)
+        loss, _ = FusedLinearDPOLoss(beta=0.1, grad_in_forward=True, backend="triton")(
+            w, x, target, ref_input=x.detach() * 0.9, ref_weight=w0)
+        gx, gw = torch.autograd.grad(loss, [x, w])
+        return {"loss": loss.detach(), "grad_input": gx, "grad_weight": gw}
+
+    def segment_sums() -> dict[str, torch.Tensor]:
+        vals = upstream.repeat(50 * scale)
+        ids = seg.repeat(50 * scale)
+        return {"sum": segment_sum(vals, ids, s, backend="triton")}
+
+    for case in (logprob_kernel, fused_head, grad_in_forward, segment_sums):
+        _assert_bitwise_repeatable(case, runs)
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_deterministic_cuda() -> None:
+    _kernel_cases(torch.device("cuda"), runs=5, scale=40)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_engine_step_deterministic_cuda(grad_in_forward: bool) -> None:
+    """The full engine step on CUDA (Triton head, bf16 model, padding-free batch) is bitwise repeatable. The model's
+    own ops are held to their deterministic CUDA implementations (eager attention, ``use_deterministic_algorithms``
+    in warn-only mode: SDPA's memory-efficient backward and plain ``index_add`` use atomics), so a difference points
+    at fastdpo."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _engine_step_cuda(grad_in_forward)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _engine_step_cuda(grad_in_forward: bool) -> None:
+    from fastdpo import DPOEngine, PreferenceCollator
+
+    import tiny
+    tok = tiny.make_tokenizer()
+    policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).to("cuda", torch.bfloat16).train()
+    ref = tiny.make_model("llama", tok, attn_implementation="eager", seed=1).to("cuda", torch.bfloat16)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v
+             for k, v in PreferenceCollator(tok, packing="padding_free")(tiny.preference_rows(8, seed=5)).items()}
+    engine = DPOEngine(policy, ref, grad_in_forward=grad_in_forward, backend="triton")
+
+    def run() -> dict[str, torch.Tensor]:
+        policy.zero_grad(set_to_none=True)
+        loss, metrics = engine.step(batch)
+        loss.backward()
+        out = {"loss": loss.detach(), **{k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}}
+        out.update({f"grad/{n}": p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
+        return out
+
+    _assert_bitwise_repeatable(run, 4)

@@ -17,8 +17,8 @@ import torch
 
 from fastdpo.logprobs import naive_sequence_logprobs, sequence_logprobs, token_logprobs
 
-# Triton kernels on CPU tensors need the interpreter (conftest sets it unless FASTDPO_GPU_TESTS=1); on a GPU run the
-# compiled kernels are exercised by the test_cuda_* tests instead.
+# Triton kernels on CPU tensors need the interpreter (conftest sets it except under `pytest -m gpu`); the compiled
+# kernels are exercised by the gpu-marked test_cuda_* tests instead.
 BACKENDS = ["torch", "triton"] if os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IGNORE = -100
@@ -309,10 +309,10 @@ def test_bad_inputs_raise_before_launch() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Compiled kernels on a GPU (skipped without CUDA; run with FASTDPO_GPU_TESTS=1 so the interpreter is off)
+# Compiled kernels on a GPU: marked gpu, run by `pytest -m gpu` (interpreter off; skipped without CUDA)
 # ---------------------------------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.gpu
 
 
 @needs_cuda

@@ -307,13 +307,14 @@ def test_grad_in_forward_path_is_taken_for_pair_local_losses_only() -> None:
     assert "StoredGrad" not in type(loss.grad_fn).__name__  # batch-coupled: recompute path
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("grad_in_forward", [False, True])
-def test_triton_backend_matches_torch_backend(grad_in_forward: bool) -> None:
-    """The head's Triton kernels (interpreter on CPU, compiled on CUDA) give the torch path's results."""
+def test_triton_backend_matches_torch_backend(grad_in_forward: bool, device: str) -> None:
+    """The head's Triton kernels (interpreter on CPU, compiled on CUDA under `pytest -m gpu`) give the torch path's
+    results."""
     pytest.importorskip("triton")
     import os
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by conftest)")
     x, w, bias, xr, wr, br, target = (t.to(device) for t in make_inputs(b=2, t=5, d=32, v=301, seed=3))

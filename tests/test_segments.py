@@ -12,7 +12,7 @@ import torch
 
 from fastdpo.segments import segment_layout, segment_sum
 
-# Triton on CPU tensors needs the interpreter (conftest sets it unless FASTDPO_GPU_TESTS=1).
+# Triton on CPU tensors needs the interpreter (conftest sets it except under `pytest -m gpu`).
 BACKENDS = ["torch", "triton"] if os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
 
 
@@ -133,7 +133,7 @@ def test_segment_sum_of_no_elements_is_zero(backend: str) -> None:
     assert values.grad is not None and values.grad.shape == (0,)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_segment_sum_deterministic_and_accurate() -> None:
     gen = torch.Generator().manual_seed(40)
     values = torch.randn(100_003, generator=gen) * 10

@@ -201,11 +201,16 @@ def _example(name: str):
 
 
 @pytest.mark.parametrize("name", ["plain_loop", "hf_trainer"])
-def test_examples_smoke(name, capsys):
-    """The documented examples run offline end to end (a few steps) and report finite held-out metrics."""
-    after = _example(name).main(["--steps", "3", "--batch-size", "4", "--eval-pairs", "8"])
-    key = "rewards/accuracies" if name == "plain_loop" else "eval_rewards/accuracies"
-    assert 0.0 <= after[key] <= 1.0
-    loss = after["loss" if name == "plain_loop" else "eval_loss"]
-    assert math.isfinite(loss) and loss != pytest.approx(0.6931471805599453, abs=1e-7)  # finite, and the policy moved
-    assert "held-out rewards/accuracies" in capsys.readouterr().out
+def test_examples_learn(name, capsys):
+    """The documented examples run offline end to end and learn the demo task: 20 steps of 16 pairs (seeded, one
+    thread) take held-out accuracy on 64 unseen pairs from 0 (policy == reference: every margin is 0) to clearly above
+    chance, and the held-out loss below log 2. Measured: plain_loop 0.734 / loss 0.650, hf_trainer 0.766 / 0.661;
+    the bounds leave ~5 pairs of margin (chance would give 0.5 +- 0.06)."""
+    after = _example(name).main(["--steps", "20", "--batch-size", "16", "--eval-pairs", "64"])
+    prefix = "" if name == "plain_loop" else "eval_"
+    accuracy, loss = after[prefix + "rewards/accuracies"], after[prefix + "loss"]
+    assert accuracy >= 0.65, after
+    assert loss <= 0.68 < math.log(2), after
+    assert after[prefix + "rewards/margins"] > 0, after
+    out = capsys.readouterr().out
+    assert f"held-out rewards/accuracies 0.000 -> {accuracy:.3f}" in out, out

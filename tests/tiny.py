@@ -19,7 +19,7 @@ import pytest
 import torch
 
 #: Backends of the kernel entry points for parametrized tests. The Triton cases run the kernels on CPU tensors through
-#: the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 unless FASTDPO_GPU_TESTS=1, where CPU tensors cannot
+#: the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 except under `pytest -m gpu`, where CPU tensors cannot
 #: reach a compiled kernel), and are reported as skipped where that is impossible.
 BACKENDS = [
     "torch",

@@ -303,7 +303,7 @@ class FastDPOTrainer(DPOTrainer):
                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference ``(chosen_logps [P], rejected_logps [P])`` fp32 of one collated batch (TRL's precompute hook)."""
         engine = self._engine()
-        with self._no_grad_reference(model) as ref:
+        with self._no_grad_reference(model) as ref, self.accelerator.autocast():
             out = engine.compute_logps(ref, inputs, with_grad=False, token_stats=engine.policy_token_stats)
         return out["chosen_logps"], out["rejected_logps"]
 
@@ -318,8 +318,12 @@ class FastDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         engine = self._engine()
         batch = dict(inputs)
+        # Mixed precision (bf16=True / fp16=True): accelerate autocasts only the model's forward, where TRL's lm_head
+        # runs; the fused head runs after it, so the step runs under the accelerator's autocast, in which the engine
+        # gives the head the autocast dtype (see fastdpo.engine._head_operands). A no-op without mixed precision.
+        autocast = self.accelerator.autocast
         if self._ref_adapter is not None and not self.precompute_ref_logps:
-            with self._no_grad_reference(self.model) as ref:
+            with self._no_grad_reference(self.model) as ref, autocast():
                 out = engine.compute_logps(ref, batch, with_grad=False, token_stats=engine.policy_token_stats)
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = out["chosen_logps"], out["rejected_logps"]
         # Under DDP the Trainer hands the accelerate-prepared wrapper: the policy forward must run through it so that
@@ -335,7 +339,8 @@ class FastDPOTrainer(DPOTrainer):
         gathers: dict[str, Any] = {}
         if self.accelerator.num_processes > 1:  # metrics over all ranks, gathered like TRL's
             gathers = {"gather": self.accelerator.gather, "gather_totals": self.accelerator.gather_for_metrics}
-        loss, metrics = engine.step(batch, policy, **gathers)
+        with autocast():
+            loss, metrics = engine.step(batch, policy, **gathers)
         self._record_metrics(mode, batch, metrics)
         return loss
 

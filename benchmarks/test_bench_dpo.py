@@ -1,0 +1,65 @@
+"""pytest-benchmark suite: the sigmoid DPO loss from a fused linear head (policy and frozen reference hidden states,
+forward + backward): ``fastdpo.nn.FusedLinearDPOLoss`` against naive PyTorch and Liger-Kernel's
+``LigerFusedLinearDPOLoss``, on small CPU shapes. Run with ``pytest benchmarks/``.
+
+Each case also checks the loss and the hidden / weight gradients against a float64 recomputation (the sigmoid DPO
+formula of LOSSES.md written out), within the naive same-dtype error (``conftest.py``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdpo.benchmarks import impls
+from fastdpo.benchmarks.impls import DPO_BETA, Shape
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SHAPE = Shape(512, 64, 2053) if DEVICE.type == "cpu" else Shape(8192, 2048, 128256)
+DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+
+
+def _plain(problem: impls.Problem, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``-mean logsigmoid(beta * ((pc - rc) - (pr - rr)))`` with every sequence log-prob a masked sum of
+    ``log_softmax(hidden @ weight.T)`` in ``dtype`` (float64: the oracle): ``(loss, hidden grad, weight grad)``."""
+    x = problem.inputs
+    target = x["target"]
+    h = x["hidden"].detach().to(dtype).requires_grad_(True)
+    w = x["weight"].detach().to(dtype).requires_grad_(True)
+
+    def seq(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        lp = torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        return torch.where(target != -100, lp.float() if dtype != torch.float64 else lp, 0.0).sum(-1)
+
+    policy = seq(h, w)
+    with torch.no_grad():
+        ref = seq(x["ref_hidden"].to(dtype), x["ref_weight"].to(dtype))
+    p = policy.shape[0] // 2
+    loss = -F.logsigmoid(DPO_BETA * ((policy[:p] - ref[:p]) - (policy[p:] - ref[p:]))).mean()
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("name", impls.impl_names("dpo"))
+def test_bench_dpo_loss_fwd_bwd(benchmark, check_within_naive, name):
+    impl = impls.get_impl("dpo", name)
+    reason = impl.unavailable(DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    shape = SHAPE.normalized("dpo")
+    problem = impls.make_problem("dpo", shape, DTYPE, DEVICE, seed=9)
+    fn = impl.build(problem, DEVICE)
+
+    def step() -> torch.Tensor:
+        for t in problem.leaves:
+            t.grad = None
+        loss = fn()
+        loss.backward()
+        return loss
+
+    loss = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    hidden, weight = problem.leaves
+    naive, ref = _plain(problem, DTYPE), _plain(problem, torch.float64)
+    for label, got, n, r in zip(("loss", "hidden.grad", "weight.grad"), (loss, hidden.grad, weight.grad), naive, ref):
+        check_within_naive(f"{name} {label}", got, n, r)
+    benchmark.extra_info.update(tokens=shape.tokens, hidden=shape.hidden, vocab=shape.vocab, impl=impl.label(DEVICE))
