@@ -399,6 +399,8 @@ def wpo_weights(
             (``TokenStats.log_sum_p2`` of the fused head).
         seq_ids: ``[M]`` integer sequence id of each token in ``[0, num_seqs)`` (chosen of pair i = i, rejected = P+i).
         num_seqs: ``S`` (``2P``).
+        validate: check that every ``seq_ids`` entry lies in ``[0, S)`` (one sync); with ``False`` a token whose id
+            lies outside counts toward no sequence.
 
     Returns:
         ``[S]`` float32 (float64 for float64 inputs) weights, detached; a sequence with no tokens gets weight 1.
@@ -435,6 +437,8 @@ def ld_token_weights(
         seq_ids: ``[M]`` integer sequence id, chosen of pair i = i, rejected of pair i = P + i.
         chosen_lengths, rejected_lengths: ``[P]`` integer completion token counts.
         ld_alpha: weight of the tokens past the shared length (TRL: in [0, 1]).
+        validate: check that every ``seq_ids`` entry lies in ``[0, 2P)`` (one sync); with ``False`` a token whose
+            id lies outside gets weight 1 (and counts toward no sequence in :func:`ld_logps`).
     """
     check_index("token_pos", token_pos)
     _check_token_inputs(seq_ids, token_pos=token_pos)
@@ -449,11 +453,14 @@ def ld_token_weights(
     alpha = _check_scalar("ld_alpha", ld_alpha)
     p = chosen_lengths.shape[0]
     seq = seq_ids.to(torch.int64)
-    if validate and seq.numel() and bool(((seq < 0) | (seq >= 2 * p)).any()):
+    inside = (seq >= 0) & (seq < 2 * p)
+    if validate and seq.numel() and not bool(inside.all()):
         raise ValueError(f"seq_ids must lie in [0, {2 * p}) (2 * number of pairs)")
     shared = torch.minimum(chosen_lengths, rejected_lengths).to(torch.int64)
-    pair = torch.where(seq >= p, seq - p, seq)
-    in_shared = token_pos.to(torch.int64) < shared.index_select(0, pair)
+    if p == 0:  # no pair at all: every token lies outside (validate=False); the gather below needs one row
+        shared = shared.new_zeros(1)
+    pair = torch.where(inside, torch.where(seq >= p, seq - p, seq), 0)
+    in_shared = (token_pos.to(torch.int64) < shared.index_select(0, pair)) | ~inside
     return torch.where(in_shared, torch.ones((), dtype=dtype, device=token_pos.device),
                        torch.full((), alpha, dtype=dtype, device=token_pos.device))
 
@@ -474,7 +481,7 @@ def ld_logps(
 
     Args:
         token_logps: ``[M]`` float log-prob of each completion token (differentiable).
-        token_pos, seq_ids, chosen_lengths, rejected_lengths, ld_alpha: as :func:`ld_token_weights`.
+        token_pos, seq_ids, chosen_lengths, rejected_lengths, ld_alpha, validate: as :func:`ld_token_weights`.
 
     Returns:
         ``[2P]`` float32 (float64 for float64 input) ``[chosen..., rejected...]``, differentiable wrt token_logps.

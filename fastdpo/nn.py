@@ -176,7 +176,9 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
     ``logit_scale``, ``temperature`` (logits ``(h @ W.T + b) * logit_scale / temperature``), ``grad_in_forward``
     (gradients formed in the forward pass; pair-local losses only), ``head_chunk_size`` (the head's tile),
     ``keep_logits_bytes`` (raw logits the head may keep for its backward, default the head's bounded budget; 0 keeps
-    none), ``validate`` (label range check, one sync), ``backend`` (``"auto"``, ``"triton"``, ``"torch"``).
+    none), ``validate`` (the head's label range check and non-finite warning, one sync each; with ``False`` a target
+    outside the vocabulary gives a NaN log-prob and a zero gradient row), ``backend`` (``"auto"``, ``"triton"``,
+    ``"torch"``).
     """
 
     use_ref_model: bool = False

@@ -13,6 +13,7 @@ interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -98,7 +99,8 @@ def _oracle_grads(h, w, b, labels, gout, transform, dtype):
     """Gradients of ``sum(gout * logp)`` wrt (h, w, b) from explicit logits in ``dtype``."""
     p = [_leaf(h, dtype), _leaf(w, dtype), _leaf(b, dtype)]
     lp, _, _ = explicit_logprobs(p[0], p[1], p[2], labels, **transform)
-    return lp.detach(), list(torch.autograd.grad((lp * gout.to(dtype)).sum(), p))
+    params = [t for t in p if t is not None]
+    return lp.detach(), list(torch.autograd.grad((lp * gout.to(dtype)).sum(), params))
 
 
 def _assert_within_naive(fast: list[torch.Tensor], naive: list[torch.Tensor], ref: list[torch.Tensor], tol: float):
@@ -199,6 +201,57 @@ def test_head_autograd_grad_per_output(backend: str) -> None:
         _, ref = _oracle_grads(h, w, b, labels, onehot, TRANSFORMS["scaled"], torch.float64)
         _, naive = _oracle_grads(h, w, b, labels, onehot, TRANSFORMS["scaled"], torch.float32)
         _assert_within_naive(list(got), naive, ref, tol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_retain_graph_under_offloading_hooks_and_zero3_gather(backend: str) -> None:
+    h, w, _, labels, gout = _data(N, D, V, seed=21)
+    _, ref = _oracle_grads(h, w, None, labels, gout, {}, torch.float64)
+    _, naive = _oracle_grads(h, w, None, labels, gout, {}, torch.float32)
+    # saved-tensor hooks that offload (pack a copy, unpack a fresh copy): the kept tiles go through them too
+    packed: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t.numel())
+        return t.detach().clone()
+
+    hh, ww = _leaf(h, torch.float32), _leaf(w, torch.float32)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t.clone()):
+        out = linear_token_logprobs(hh, ww, labels, chunk_size=CHUNK, backend=backend).logprobs
+    assert packed.count(8 * 16) >= 1  # full kept tiles were packed
+    for _ in range(2):
+        (out * gout).sum().backward(retain_graph=True)
+    _assert_within_naive([hh.grad / 2, ww.grad / 2], naive[:2], ref[:2], tol=2e-5)
+    # ZeRO-3 style partitioned weight: gathered around the forward and around each backward
+    param = torch.nn.Parameter(w.clone())
+    full, entered = param.data, []
+
+    @contextlib.contextmanager
+    def gather() -> Iterator[None]:
+        entered.append(1)
+        param.data = full
+        try:
+            yield
+        finally:
+            param.data = torch.empty(0)
+
+    param.data = torch.empty(0)
+    hh = _leaf(h, torch.float32)
+    out = linear_token_logprobs(hh, param, labels, chunk_size=CHUNK, backend=backend, gather_context=gather).logprobs
+    grads = [torch.autograd.grad((out * gout).sum(), [hh, param], retain_graph=True) for _ in range(2)]
+    assert len(entered) == 3 and param.numel() == 0
+    for got in grads:
+        _assert_within_naive(list(got), naive[:2], ref[:2], tol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_second_backward_without_retain_graph_names_it(backend: str) -> None:
+    h, w, b, labels, gout = _data(N, D, V, seed=22)
+    hh = _leaf(h, torch.float32)
+    loss = (linear_token_logprobs(hh, w, labels, bias=b, chunk_size=CHUNK, backend=backend).logprobs * gout).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -161,6 +161,22 @@ def test_out_of_range_segment_ids_without_validation_add_to_no_segment() -> None
     torch.testing.assert_close(seq, torch.stack([(lp[0] + lp[5]) / 2, torch.zeros(()), (lp[2] + lp[4]) / 2]))
 
 
+def test_token_helpers_with_out_of_range_sequence_ids_without_validation() -> None:
+    # ids 9 and -1 lie outside [0, 2P) = [0, 4): no crash, and those tokens count toward no sequence
+    logps = torch.tensor([-1.0, -2.0, -4.0, -8.0, -16.0, -32.0])
+    pos = torch.tensor([0, 1, 0, 0, 3, 0])
+    seq = torch.tensor([0, 0, 2, 9, 1, -1])
+    chosen, rejected = torch.tensor([2, 5]), torch.tensor([1, 5])
+    w = ld_token_weights(pos, seq, chosen, rejected, 0.5, validate=False)
+    assert w.tolist() == [1.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+    out = ld_logps(logps, pos, seq, chosen, rejected, 0.5, validate=False)
+    assert out.tolist() == [-2.0, -16.0, -4.0, 0.0]
+    wpo = wpo_weights(logps, torch.zeros(6), seq, 4, validate=False)
+    torch.testing.assert_close(wpo, torch.exp(torch.tensor([-1.5, -16.0, -4.0, 0.0])))
+    with pytest.raises(ValueError, match="seq_ids"):
+        ld_token_weights(pos, seq, chosen, rejected, 0.5)
+
+
 def _allocated_bytes(fn: Callable[[], Any]) -> int:
     """Total bytes the CPU allocator handed out while ``fn`` ran (frees not subtracted: an upper bound on the peak)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
