@@ -26,9 +26,10 @@ so every backward gives the same gradients. Double backward (``create_graph=True
 
 Torch path details (the CPU hot path): without a softcap, ``logit_scale / temperature`` is folded into the ``[N, D]``
 hidden states and the bias, so tiles hold final logits; the log-probs-only forward folds a tile with one fused
-``log_softmax`` (row-cache resident) and two max reductions instead of max / sub / exp / sum passes; the backward
-forms ``E' = exp(z - hi) - onehot / r`` in two in-place passes (``lse = hi + log(1/r)`` split so that ``z - hi`` is
-exact near the maximum, as naive ``z - max``) and moves the row factor ``-g * r`` onto the ``[N, D]`` GEMM operands.
+``log_softmax`` (row-cache resident) instead of max / sub / exp / sum passes, keeping the running lse in float64;
+the backward forms ``E' = exp(z - hi) - onehot / r`` in two in-place passes (``lse = hi + log(1/r)`` split so that
+``z - hi`` is exact near the maximum, as naive ``z - max``) and moves the row factor ``-g * r`` onto the ``[N, D]``
+GEMM operands.
 Tiles are ~16 MB (all tokens up to 4096 x ~2048 vocabulary columns): few, large element-wise ops.
 
 A vocabulary tile whose logits are all -inf (a padded vocabulary masked through the bias) is legal: the fold shifts
@@ -77,6 +78,9 @@ __all__ = [
 DEFAULT_KEEP_LOGITS_BYTES = 176 * 2**20
 #: Logits buffer of one chunk of groups in grad-in-forward mode (the whole chunk's logits stay between the two passes).
 DEFAULT_GIF_LOGITS_BYTES = 256 * 2**20
+#: The log-probs-only fold takes a row's tile logsumexp from column 0 while log_softmax(z)_0 >= -limit (error
+#: ~ulp(limit) ~ 1e-6) and from the row's maximum otherwise (two more reductions).
+_LSE_COL0_LIMIT = 16.0
 
 GatherContext = Callable[[], contextlib.AbstractContextManager[Any]]
 
@@ -401,16 +405,20 @@ def _fold_tile_torch(
         rows, lrows, lcols = hits
         st.target.index_put_((rows,), z[lrows, lcols])
     if st.run_lse is not None:
-        # lse only: one fused, row-cache-resident log_softmax pass and two max reductions. At a row's argmax,
-        # log_softmax(z) = (z - max) - log(sum exp(z - max)) = -log(sum ...) rounded once, so
-        # lse_tile = max z - max log_softmax(z) (in fp64) carries naive's error, whatever the logits' magnitude.
+        # lse only: one fused, row-cache-resident log_softmax pass. lse_tile = z_0 - log_softmax(z)_0 in fp64 carries
+        # the rounding of log_softmax(z)_0 = (z_0 - max) - log(sum exp(z - max)): ~ulp(|log_softmax(z)_0|), about
+        # naive's own error while column 0 sits within _LSE_COL0_LIMIT of the lse, whatever the logits' magnitude.
         out = scratch if scratch is not None else torch.empty_like(z)
         torch.log_softmax(z, dim=1, out=out)
-        zmax = torch.amax(z, dim=1).double()
-        lse_tile = zmax - torch.amax(out, dim=1).double()
-        # a row of the tile that is all -inf (a masked vocabulary tile) has lse -inf (log_softmax gives NaN there);
-        # NaN / +inf logits propagate NaN as in the naive path
-        lse_tile = torch.where(zmax == float("-inf"), zmax, lse_tile)
+        out0 = out[:, 0].double()
+        lse_tile = z[:, 0].double() - out0
+        # other rows (and NaN ones: a row of the tile that is all -inf, or NaN/+inf logits) take the exact form at
+        # the row's argmax, where log_softmax(z) = -log(sum ...) rounded once: lse = max z - max log_softmax(z)
+        far = (~(out0 >= -_LSE_COL0_LIMIT)).nonzero().squeeze(1)
+        if far.numel() * 4 > z.shape[0]:  # mostly far: two reductions over the tile beat gathering most of it
+            lse_tile = torch.where(out0 >= -_LSE_COL0_LIMIT, lse_tile, _lse_at_argmax(z, out))
+        elif far.numel():
+            lse_tile[far] = _lse_at_argmax(z.index_select(0, far), out.index_select(0, far))
         st.run_lse[n0:n1] = torch.logaddexp(st.run_lse[n0:n1], lse_tile)
         return
     m = st.m[n0:n1]
@@ -441,6 +449,13 @@ def _fold_tile_torch(
         st.t[n0:n1] = st.t[n0:n1] * alpha + torch.linalg.vecdot(e, z, dim=1)
         st.s2[n0:n1] = st.s2[n0:n1] * (alpha * alpha) + torch.linalg.vecdot(e, e, dim=1)
     m.copy_(m_new)
+
+
+def _lse_at_argmax(z: torch.Tensor, logsm: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` float64 ``max z - max log_softmax(z)``: the logsumexp with naive's error; -inf for an all -inf row
+    (a masked vocabulary tile, where ``log_softmax`` is NaN), NaN for NaN / +inf logits (as naive)."""
+    zmax = torch.amax(z, dim=1).double()
+    return torch.where(zmax == float("-inf"), zmax, zmax - torch.amax(logsm, dim=1).double())
 
 
 def _fold_tile_triton(
