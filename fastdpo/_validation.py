@@ -25,12 +25,22 @@ def check_index(name: str, t: torch.Tensor) -> None:
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
-    """Raise ``ValueError`` when the given tensors do not all live on one device."""
+    """Raise ``ValueError`` when the given tensors do not all live on one device, or live on the ``meta`` device.
+
+    Meta tensors carry shapes but no values: every op here reads values (label checks, segment counts, the kernels),
+    so they are refused up front instead of failing deep inside.
+    """
     present = {k: v for k, v in tensors.items() if v is not None}
     devices = {k: v.device for k, v in present.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
+    meta = [k for k, d in devices.items() if d.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"{', '.join(meta)} {'is' if len(meta) == 1 else 'are'} on the meta device (shapes without values); "
+            "fastdpo ops need materialized tensors (e.g. model.to_empty(device=...) and load the weights first)"
+        )
 
 
 def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int, name: str = "labels") -> None:
@@ -51,14 +61,29 @@ def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int, name:
         )
 
 
-def warn_nonfinite_output(out: torch.Tensor, source: str) -> None:
+def warn_nonfinite_output(out: torch.Tensor, source: str, result: str = "log-probs") -> None:
     """Warn when a result carries NaN/inf (from NaN/inf in ``source``); O(output) check instead of scanning inputs.
 
-    NaN is propagated, never replaced by a finite value: the warning is how the caller learns about it.
+    NaN is propagated, never replaced by a finite value: the warning is how the caller learns about it. One host
+    sync; the public ops skip it with ``validate=False``. ``result`` names what turned non-finite in the message.
     """
     if out.numel() and not bool(torch.isfinite(out).all()):
         warnings.warn(
-            f"non-finite result: {source} contain NaN or inf, which propagate to the output (NaN/inf log-probs)",
+            f"non-finite result: {source} contain NaN or inf, which propagate to the output (NaN/inf {result})",
             RuntimeWarning,
             stacklevel=3,
+        )
+
+
+def refuse_double_backward(op: str) -> None:
+    """Call first thing in a ``backward`` whose gradient is not itself differentiable.
+
+    Autograd runs a backward with grad mode on only for ``create_graph=True``; returning first-order gradients
+    there would make every higher-order gradient through the op silently wrong (zero), so refuse it instead.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op} does not support double backward: its backward was reached with create_graph=True, but the "
+            "gradient it computes is not differentiable itself, so higher-order gradients would be wrong. Use "
+            "create_graph=False for graphs through this op (or the naive_* reference ops for double backward)."
         )

@@ -17,15 +17,24 @@ kept from the forward within ``keep_logits_bytes``), turns it into the logit gra
 ``grad_hidden`` and ``grad_weight`` in fp32 with two more GEMMs, deterministically (fixed tile order, no atomics).
 
 Saved for backward (all through ``save_for_backward``, so saved-tensor hooks see everything): the compacted hidden
-states (the input itself when nothing is masked), the weight, labels and ``lse`` (``O(N)``), plus at most
+states (the input itself when nothing is masked), the weight, labels and ``lse`` (``O(N)``, float64), plus at most
 ``keep_logits_bytes`` of logits tiles (default 176 MiB) whose recompute the backward then skips; nothing else grows
 with ``V``. Under ``torch.no_grad()`` / ``inference_mode`` or when nothing requires grad nothing is saved at all.
+Kept tiles are only an optimisation: the first backward overwrites them, and any later backward through the same
+graph (``retain_graph=True``, several losses on one forward, ``torch.autograd.grad`` per output) recomputes them,
+so every backward gives the same gradients. Double backward (``create_graph=True``) raises.
 
 Torch path details (the CPU hot path): without a softcap, ``logit_scale / temperature`` is folded into the ``[N, D]``
 hidden states and the bias, so tiles hold final logits; the log-probs-only forward folds a tile with one fused
-``log_softmax`` (row-cache resident) instead of max / sub / exp / sum passes; the backward forms
-``E = exp(z - (lse - log|g|))`` in two in-place passes and moves ``-sign(g)`` onto the ``[N, D]`` GEMM operands.
+``log_softmax`` (row-cache resident) instead of max / sub / exp / sum passes, keeping the running lse in float64;
+the backward forms ``E' = exp(z - hi) - onehot / r`` in two in-place passes (``lse = hi + log(1/r)`` split so that
+``z - hi`` is exact near the maximum, as naive ``z - max``) and moves the row factor ``-g * r`` onto the ``[N, D]``
+GEMM operands.
 Tiles are ~16 MB (all tokens up to 4096 x ~2048 vocabulary columns): few, large element-wise ops.
+
+A vocabulary tile whose logits are all -inf (a padded vocabulary masked through the bias) is legal: the fold shifts
+by 0 while a row has seen only -inf, and such columns get exactly zero gradient. With ``validate=False`` a label
+outside ``[0, V)`` gives a NaN log-prob and a zero gradient row (it never indexes a tile).
 
 Statistics (entropy, ``log sum p^2``, vocabulary-mean logit, top-1 hit) are returned without gradient (TRL's entropy
 is differentiable; here it is a metric only). float64 inputs always use the torch path and return float64 log-probs.
@@ -49,9 +58,10 @@ from fastdpo._validation import (
     check_index,
     check_labels,
     check_same_device,
+    refuse_double_backward,
     warn_nonfinite_output,
 )
-from fastdpo.segments import segment_sum
+from fastdpo.segments import check_segments, segment_counts, segment_sum
 
 __all__ = [
     "DEFAULT_KEEP_LOGITS_BYTES",
@@ -68,8 +78,9 @@ __all__ = [
 DEFAULT_KEEP_LOGITS_BYTES = 176 * 2**20
 #: Logits buffer of one chunk of groups in grad-in-forward mode (the whole chunk's logits stay between the two passes).
 DEFAULT_GIF_LOGITS_BYTES = 256 * 2**20
-
-_LSE_COL0_LIMIT = 64.0
+#: The log-probs-only fold takes a row's tile logsumexp from column 0 while log_softmax(z)_0 >= -limit (error
+#: ~ulp(limit) ~ 1e-6) and from the row's maximum otherwise (two more reductions).
+_LSE_COL0_LIMIT = 16.0
 
 GatherContext = Callable[[], contextlib.AbstractContextManager[Any]]
 
@@ -290,9 +301,18 @@ def _transform_into(x: torch.Tensor, spec: _Spec, out: torch.Tensor) -> torch.Te
 
 
 class _Fold:
-    """Per-token running state of the forward fold (``[n]`` fp32; ``aidx`` int64)."""
+    """Per-token running state of the forward fold (``[n]`` fp32; ``aidx`` int64).
 
-    def __init__(self, n: int, device: torch.device, stats: bool, argmax: bool, dtype: torch.dtype) -> None:
+    ``m`` running max and ``s = sum exp(z - m)`` (Triton kernels, and the torch stats/argmax fold), or ``run_lse``
+    (float64 logsumexp so far; the torch log-probs-only fold). :meth:`lse` is float64 either way: the fp32 value of an
+    lse of ~1e4 is off by up to ulp/2 ~ 1e-3, which would be the relative error of every softmax value in the
+    backward (naive ``log_softmax`` never forms it).
+    """
+
+    def __init__(
+        self, n: int, device: torch.device, stats: bool, argmax: bool, dtype: torch.dtype, run_lse: bool
+    ) -> None:
+        self.run_lse = torch.full((n,), float("-inf"), dtype=torch.float64, device=device) if run_lse else None
         self.m = torch.full((n,), float("-inf"), dtype=dtype, device=device)
         self.s = torch.zeros(n, dtype=dtype, device=device)
         self.target = torch.zeros(n, dtype=dtype, device=device)
@@ -307,22 +327,28 @@ class _Fold:
             self.aidx = torch.zeros(n, dtype=torch.int64, device=device)
 
     def lse(self) -> torch.Tensor:
-        return self.m + self.s.log()
+        """``[n]`` float64 logsumexp (an exact fp32 max plus a small log)."""
+        if self.run_lse is not None:
+            return self.run_lse
+        return self.m.double() + self.s.double().log()
 
 
 class _LabelTiles:
     """Which compacted rows have their label inside tile ``(token tile i, vocab tile j)`` (torch path only).
 
-    One stable sort of ``(label tile, token tile)`` keys; tile ``k`` owns ``order[off[k]:off[k+1]]``.
+    One stable sort of ``(label tile, token tile)`` keys; tile ``k`` owns ``order[off[k]:off[k+1]]``. A label
+    outside ``[0, vocab)`` (unvalidated input) belongs to no tile: its row never indexes a tile.
     """
 
-    def __init__(self, labels: torch.Tensor, n: int, tok: int, voc: int, n_vocab_tiles: int) -> None:
+    def __init__(self, labels: torch.Tensor, n: int, tok: int, voc: int, vocab: int) -> None:
         n_tok_tiles = max(1, -(-n // tok))
+        n_tiles = -(-vocab // voc) * n_tok_tiles
         lab = labels.to(torch.int64)
         rows = torch.arange(n, device=labels.device)
         key = (lab // voc) * n_tok_tiles + rows // tok
+        key = torch.where(_out_of_vocab(lab, vocab), n_tiles, key)  # sorts last, inside no tile's range
         self.order = torch.sort(key, stable=True).indices
-        counts = torch.bincount(key, minlength=n_vocab_tiles * n_tok_tiles)
+        counts = torch.bincount(key, minlength=n_tiles + 1)[:n_tiles]
         self.offsets = [0] + torch.cumsum(counts, 0).tolist()
         self.labels = lab
         self.n_tok_tiles = n_tok_tiles
@@ -335,6 +361,12 @@ class _LabelTiles:
             return None
         rows = self.order[lo:hi]
         return rows, rows - n0, self.labels[rows] - v0
+
+
+def _out_of_vocab(labels: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[n]`` bool: compacted labels outside ``[0, vocab)`` (only possible with ``validate=False``). Such a token
+    gets a NaN log-prob and a zero gradient row, on both backends."""
+    return (labels < 0) | (labels >= vocab)
 
 
 def _tiles(n: int, vocab: int, tok: int, voc: int):
@@ -372,19 +404,22 @@ def _fold_tile_torch(
     if hits is not None:
         rows, lrows, lcols = hits
         st.target.index_put_((rows,), z[lrows, lcols])
-    if not (st.stats or st.argmax):
-        # lse only: one fused, row-cache-resident log_softmax pass; lse_tile = z[:, 0] - log_softmax(z)[:, 0].
-        # The running state is kept as (m = lse so far, s = 1).
+    if st.run_lse is not None:
+        # lse only: one fused, row-cache-resident log_softmax pass. lse_tile = z_0 - log_softmax(z)_0 in fp64 carries
+        # the rounding of log_softmax(z)_0 = (z_0 - max) - log(sum exp(z - max)): ~ulp(|log_softmax(z)_0|), about
+        # naive's own error while column 0 sits within _LSE_COL0_LIMIT of the lse, whatever the logits' magnitude.
         out = scratch if scratch is not None else torch.empty_like(z)
         torch.log_softmax(z, dim=1, out=out)
-        lse_tile = z[:, 0] - out[:, 0]
-        # z0 - log_softmax(z)_0 carries an absolute error of ~ulp(|log_softmax(z)_0|): exact fallback for rows
-        # where column 0 sits far below the tile's maximum (keeps the error below ~4e-6 in fp32).
-        far = (out[:, 0] < -_LSE_COL0_LIMIT).nonzero().squeeze(1)
-        if far.numel():
-            lse_tile[far] = torch.logsumexp(z.index_select(0, far), dim=1)
-        st.m[n0:n1] = torch.logaddexp(st.m[n0:n1], lse_tile)
-        st.s[n0:n1] = 1.0
+        out0 = out[:, 0].double()
+        lse_tile = z[:, 0].double() - out0
+        # other rows (and NaN ones: a row of the tile that is all -inf, or NaN/+inf logits) take the exact form at
+        # the row's argmax, where log_softmax(z) = -log(sum ...) rounded once: lse = max z - max log_softmax(z)
+        far = (~(out0 >= -_LSE_COL0_LIMIT)).nonzero().squeeze(1)
+        if far.numel() * 4 > z.shape[0]:  # mostly far: two reductions over the tile beat gathering most of it
+            lse_tile = torch.where(out0 >= -_LSE_COL0_LIMIT, lse_tile, _lse_at_argmax(z, out))
+        elif far.numel():
+            lse_tile[far] = _lse_at_argmax(z.index_select(0, far), out.index_select(0, far))
+        st.run_lse[n0:n1] = torch.logaddexp(st.run_lse[n0:n1], lse_tile)
         return
     m = st.m[n0:n1]
     if st.argmax:
@@ -395,20 +430,32 @@ def _fold_tile_torch(
     else:
         bmax = torch.amax(z, dim=1)
     if st.stats:
-        st.zsum[n0:n1] += z.sum(dim=1)
+        st.zsum[n0:n1] += z.sum(dim=1)  # a -inf logit makes the vocabulary mean -inf, as the naive mean
     m_new = torch.maximum(m, bmax)
-    alpha = torch.exp(m - m_new)
+    # shift by 0 while a row has seen only -inf logits (a masked vocabulary tile): exp(-inf - -inf) would be NaN
+    shift = torch.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = torch.exp(m - shift)
     if may_clobber and not st.stats:
-        e = z.sub_(m_new.unsqueeze(1))
+        e = z.sub_(shift.unsqueeze(1))
     else:
         assert scratch is not None
-        e = torch.sub(z, m_new.unsqueeze(1), out=scratch)
+        e = torch.sub(z, shift.unsqueeze(1), out=scratch)
     e.exp_()
     st.s[n0:n1] = st.s[n0:n1] * alpha + e.sum(dim=1)
     if st.stats:
+        # p log p -> 0 for a -inf logit: clamp it to the lowest finite value so that e * z = 0 * finite (NaN stays
+        # NaN). The tile's later readers (a kept tile's backward) get exp(lowest - lse) = 0 exactly as from -inf.
+        z.clamp_(min=torch.finfo(z.dtype).min)
         st.t[n0:n1] = st.t[n0:n1] * alpha + torch.linalg.vecdot(e, z, dim=1)
         st.s2[n0:n1] = st.s2[n0:n1] * (alpha * alpha) + torch.linalg.vecdot(e, e, dim=1)
     m.copy_(m_new)
+
+
+def _lse_at_argmax(z: torch.Tensor, logsm: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` float64 ``max z - max log_softmax(z)``: the logsumexp with naive's error; -inf for an all -inf row
+    (a masked vocabulary tile, where ``log_softmax`` is NaN), NaN for NaN / +inf logits (as naive)."""
+    zmax = torch.amax(z, dim=1).double()
+    return torch.where(zmax == float("-inf"), zmax, zmax - torch.amax(logsm, dim=1).double())
 
 
 def _fold_tile_triton(
@@ -449,8 +496,9 @@ def _next_pow2(n: int) -> int:
 
 def _grad_tile_softcap(
     x: torch.Tensor,
-    lse: torch.Tensor,
+    hi: torch.Tensor,
     gc: torch.Tensor,
+    r: torch.Tensor,
     hits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     spec: _Spec,
     scratch: torch.Tensor,
@@ -458,16 +506,16 @@ def _grad_tile_softcap(
     """Raw tile ``x`` -> d/dx in place with a softcap: ``gc * (onehot - softmax(z)) * (1 - th^2)``.
 
     ``th = tanh(scale * x / softcap)``, ``z = softcap / T * th``, ``dz/dx = scale / T * (1 - th^2)`` (the constant
-    ``scale / T`` is already in ``gc = g * scale / T``).
+    ``scale / T`` is already in ``gc = g * scale / T``). ``softmax(z) = r * exp(z - hi)`` (see :func:`_lse_split`).
     """
     assert spec.softcap is not None
     th = torch.mul(x, spec.scale / spec.softcap, out=scratch)
     th.tanh_()
     torch.mul(th, spec.softcap / spec.temperature, out=x)
-    x.sub_(lse.unsqueeze(1)).exp_()
+    x.sub_(hi.unsqueeze(1)).exp_()
     th.square_().neg_().add_(1.0)
     x.mul_(th)
-    x.mul_(gc.neg().unsqueeze(1))
+    x.mul_((-gc * r).unsqueeze(1))
     if hits is not None:
         _, lrows, lcols = hits
         x.index_put_((lrows, lcols), gc[lrows] * th[lrows, lcols], accumulate=True)
@@ -476,20 +524,29 @@ def _grad_tile_softcap(
 
 def _grad_tile_plain(
     z: torch.Tensor,
-    shift: torch.Tensor,
-    mag: torch.Tensor,
+    hi: torch.Tensor,
+    inv_r: torch.Tensor,
     hits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """Tile of logits ``z`` -> ``E = |gc| * softmax(z) - |gc| * onehot`` in place, two passes.
+    """Tile of logits ``z`` -> ``E' = exp(z - hi) - onehot / r`` in place, two passes.
 
-    ``shift = lse - log|gc|`` folds the per-row factor into the exponent, so ``d/dx = -sign(g) * E`` and the sign
-    is applied to the ``[n, D]`` GEMM operands instead of the tile. Rows with ``g = 0`` get ``shift = +inf`` -> 0.
+    With ``softmax(z) = r * exp(z - hi)`` (:func:`_lse_split`), ``d/dz = gc * (onehot - softmax) = -gc * r * E'``:
+    the per-row factor ``-gc * r`` is applied to the ``[n, D]`` GEMM operands instead of the tile. ``z - hi`` is
+    exact where it matters, as ``z - max`` in the naive ``log_softmax``; folding ``log|gc|`` (or the fp32-rounded
+    lse) into the shift instead would round at ``ulp(lse)`` (~1e-3 relative error at ``|z| ~ 1e4``).
     """
-    z.sub_(shift.unsqueeze(1)).exp_()
+    z.sub_(hi.unsqueeze(1)).exp_()
     if hits is not None:
         _, lrows, lcols = hits
-        z.index_put_((lrows, lcols), -mag[lrows], accumulate=True)
+        z.index_put_((lrows, lcols), -inv_r[lrows], accumulate=True)
     return z
+
+
+def _lse_split(lse: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``lse`` -> ``(hi, r)`` in ``acc``: ``hi`` the nearest ``acc`` value, ``r = exp(hi - lse)`` (1 up to
+    ``ulp(hi)``), so ``exp(z - lse) = r * exp(z - hi)`` with ``z - hi`` exact near the row's maximum."""
+    hi = lse.to(acc)
+    return hi, torch.exp(hi.double() - lse).to(acc)
 
 
 def _grad_tile_triton(
@@ -548,13 +605,12 @@ def _forward_sweep(
     """One GEMM per tile + fold. ``h`` ``[n, D]`` compacted, ``labels`` ``[n]`` valid ids. Returns the fold state."""
     n, vocab = h.shape[0], w.shape[0]
     acc = _compute_dtype(h)
-    st = _Fold(n, h.device, stats, argmax, acc)
+    triton = spec.backend == "triton"
+    st = _Fold(n, h.device, stats, argmax, acc, run_lse=not (triton or stats or argmax))
     if n == 0:
         return st
     tok, voc = spec.token_chunk, spec.vocab_chunk
-    triton = spec.backend == "triton"
-    n_vt = -(-vocab // voc)
-    hits = None if triton else _LabelTiles(labels, n, tok, voc, n_vt)
+    hits = None if triton else _LabelTiles(labels, n, tok, voc, vocab)
     h_p, b_p, tile_is_z = _projection_operands(h, b, spec)
     buf = torch.empty(min(tok, n), voc, dtype=acc, device=h.device)
     scratch = torch.empty_like(buf) if not triton else None
@@ -611,9 +667,11 @@ def _backward_sweep(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Recompute (or reuse kept) tiles, form d/dx in place, accumulate grads in fp32 (fp64 for fp64 inputs).
 
-    ``g`` ``[n]`` is d loss / d logprob per compacted token. ``grad_w`` / ``grad_b`` may be passed in
-    to accumulate into (grad-in-forward sums over chunks); otherwise they are allocated here. Every row of a fresh
-    ``grad_w`` is written exactly once by its first token tile's GEMM (``out=``) and accumulated by the others.
+    ``lse`` ``[n]`` float64 (:meth:`_Fold.lse`). ``g`` ``[n]`` is d loss / d logprob per compacted token (ignored
+    for out-of-vocabulary labels: zero gradient row). ``kept`` tiles are consumed (overwritten); ``None`` recomputes
+    every tile. ``grad_w`` / ``grad_b`` may be passed in to accumulate into (grad-in-forward sums over chunks);
+    otherwise they are allocated here. Every row of a fresh ``grad_w`` is written exactly once by its first token
+    tile's GEMM (``out=``) and accumulated by the others.
     """
     n, vocab = h.shape[0], w.shape[0]
     acc = _compute_dtype(h)
@@ -631,22 +689,22 @@ def _backward_sweep(
         return grad_h, grad_w, grad_b
     tok, voc = spec.token_chunk, spec.vocab_chunk
     triton = spec.backend == "triton"
-    n_vt = -(-vocab // voc)
-    hits = None if triton else _LabelTiles(labels, n, tok, voc, n_vt)
+    hits = None if triton else _LabelTiles(labels, n, tok, voc, vocab)
     h_p, b_p, tile_is_z = _projection_operands(h, b, spec)
     h_acc = h if (h.dtype == acc or h.device.type == "cuda") else h.to(acc)
-    g = g.to(acc)
-    row_sign: torch.Tensor | None = None
+    g = torch.where(_out_of_vocab(labels, vocab), 0.0, g.to(acc))
+    row_scale: torch.Tensor | None = None
     if triton:
         gc = g.contiguous()
+        lse_k = lse.to(torch.float32).contiguous()
     else:
         gc = g * (spec.scale / spec.temperature)
+        hi, r = _lse_split(lse, acc)
     if not triton and tile_is_z:
-        # d/dx = -sign(g) * E (see _grad_tile_plain): the sign moves onto the [n, D] operands.
-        mag = gc.abs()
-        shift = lse - mag.log()
-        row_sign = -torch.sign(g)
-        h_w = h_acc * row_sign.unsqueeze(1)
+        # d/dx = -gc * r * E' (see _grad_tile_plain): the row factor moves onto the [n, D] operands.
+        inv_r = 1.0 / r
+        row_scale = -gc * r
+        h_w = h_acc * row_scale.unsqueeze(1)
     else:
         h_w = h_acc
     full = (min(tok, n), voc)
@@ -663,18 +721,20 @@ def _backward_sweep(
         elif buf is None and tuple(x.shape) == full:
             buf = x
         if triton:
-            G = _grad_tile_triton(x, labels[n0:n1], lse[n0:n1], gc[n0:n1], v0, spec)
+            G = _grad_tile_triton(x, labels[n0:n1], lse_k[n0:n1], gc[n0:n1], v0, spec)
         elif tile_is_z:
-            G = _grad_tile_plain(x, shift[n0:n1], mag[n0:n1], hits.get(ti, vj, n0, v0))  # type: ignore[union-attr]
+            G = _grad_tile_plain(x, hi[n0:n1], inv_r[n0:n1], hits.get(ti, vj, n0, v0))  # type: ignore[union-attr]
         else:
             assert hits is not None and scratch is not None
-            G = _grad_tile_softcap(x, lse[n0:n1], gc[n0:n1], hits.get(ti, vj, n0, v0), spec, scratch[:rows, :cols])
+            G = _grad_tile_softcap(
+                x, hi[n0:n1], gc[n0:n1], r[n0:n1], hits.get(ti, vj, n0, v0), spec, scratch[:rows, :cols]
+            )
         if need_b:
             assert grad_b is not None
-            if row_sign is None:
+            if row_scale is None:
                 grad_b[v0:v1] += G.sum(dim=0)
             else:
-                grad_b[v0:v1] += torch.mv(G.t(), row_sign[n0:n1])
+                grad_b[v0:v1] += torch.mv(G.t(), row_scale[n0:n1])
         w_tile = w[v0:v1]
         if need_h:
             assert grad_h is not None
@@ -696,8 +756,8 @@ def _backward_sweep(
                     dst.copy_(part)
                 else:
                     dst.add_(part)
-    if grad_h is not None and row_sign is not None:
-        grad_h.mul_(row_sign.unsqueeze(1))
+    if grad_h is not None and row_scale is not None:
+        grad_h.mul_(row_scale.unsqueeze(1))
     return grad_h, grad_w, grad_b
 
 
@@ -734,11 +794,13 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 
 def _outputs_from_fold(st: _Fold, labels: torch.Tensor, vocab: int):
+    """``(lse [n] float64, logp, entropy, log_sum_p2, mean_logit, hit)``, the others in the fold's dtype."""
     lse = st.lse()
-    logp = st.target - lse
+    acc = st.target.dtype
+    logp = torch.where(_out_of_vocab(labels, vocab), float("nan"), st.target.double() - lse).to(acc)
     entropy = log_sum_p2 = mean_logit = hit = None
     if st.stats:
-        entropy = lse - st.t / st.s
+        entropy = (lse - (st.t / st.s).double()).to(acc)
         log_sum_p2 = st.s2.log() - 2.0 * st.s.log()
         mean_logit = st.zsum / vocab
     if st.argmax:
@@ -747,6 +809,15 @@ def _outputs_from_fold(st: _Fold, labels: torch.Tensor, vocab: int):
 
 
 class _LinearLogprobs(torch.autograd.Function):
+    """The fused head's autograd node.
+
+    Kept logits tiles are an optimisation only: the first backward overwrites them (they become gradient tiles and
+    the recompute buffer) and records that it did; any later backward through the same graph (``retain_graph=True``,
+    several losses sharing one forward, ``torch.autograd.grad`` per output) recomputes every tile from the saved
+    hidden states and weight, so every backward gives the same, correct gradients on both backends, at no extra
+    memory in the ordinary single backward.
+    """
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -770,6 +841,7 @@ class _LinearLogprobs(torch.autograd.Function):
         ctx.kept_keys = list(kept.tiles)
         kept_tiles = [kept.tiles[k] for k in ctx.kept_keys]
         ctx.kept_budget = kept.budget
+        ctx.kept_consumed = False
         if gather_context is not None:
             # ZeRO-3: the parameter's storage is only valid inside the context; keep the parameter itself.
             ctx.w_param, ctx.b_param = w, b
@@ -785,11 +857,18 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_logp: torch.Tensor, *unused: torch.Tensor):  # type: ignore[override]
+        refuse_double_backward("the fused LM head (linear_token_logprobs / linear_sequence_logprobs)")
         saved = ctx.saved_tensors
         h, labels, lse = saved[:3]
         nk = len(ctx.kept_keys)
-        kept = _Kept(ctx.kept_budget)
-        kept.tiles = dict(zip(ctx.kept_keys, saved[3 : 3 + nk]))
+        kept = None
+        if not ctx.kept_consumed:
+            ctx.kept_consumed = True  # set first: a backward interrupted half-way leaves tiles half-overwritten
+            kept = _Kept(ctx.kept_budget)
+            # .data: the tiles are private to this node and their overwrite is tracked by kept_consumed; the version
+            # bump of an in-place op (which the Triton kernels do not do anyway) would make a later backward's
+            # ctx.saved_tensors raise instead of recomputing.
+            kept.tiles = {k: t.data for k, t in zip(ctx.kept_keys, saved[3 : 3 + nk])}
         if ctx.gather_context is not None:
             w, b = ctx.w_param, ctx.b_param
         else:
@@ -846,8 +925,12 @@ def linear_token_logprobs(
         softcap, logit_scale, temperature: logit transform (module docstring).
         return_*: which statistics to compute (no gradient; see :class:`TokenStats`).
         chunk_size: vocabulary tile width, or ``(token tile, vocab tile)``; ``None`` picks from the shapes/device.
-        validate: check labels (one device sync); ``False`` for hot loops.
-        backend: ``"auto"`` (Triton fold kernels on CUDA), ``"triton"``, ``"torch"``.
+        validate: ``True`` checks that every label is ``ignore_index`` or in ``[0, V)`` before any kernel runs
+            (``ValueError``; one device sync) and warns (``RuntimeWarning``) when a log-prob is NaN/inf (another
+            sync). ``False`` skips both for hot loops; a label outside the vocabulary then gives a NaN log-prob
+            (never an out-of-bounds access) and a zero gradient row, on both backends.
+        backend: ``"auto"`` (Triton fold kernels on CUDA), ``"triton"``, ``"torch"``; float64 inputs always take
+            the torch path.
         gather_context: ZeRO-3 style partitioned weight: a callable returning a context manager inside which
             ``weight``/``bias`` hold their full values; entered around the forward and around the backward sweep.
         keep_logits_bytes: raw logits kept from the forward to skip that part of the backward's recompute GEMM
@@ -984,12 +1067,38 @@ def linear_sequence_logprobs(
 
     Layouts: ``hidden [B, T, D]`` + ``labels [B, T]`` -> ``[B]``; or ``hidden [N, D]`` + ``labels [N]`` +
     ``segment_ids [N]`` (+ ``num_segments``; ids of ignored positions are not used) -> ``[S]``. A sequence without
-    any label has log-prob 0 (and zero gradient). Other arguments as :func:`linear_token_logprobs`.
+    any label has log-prob 0 (and zero gradient). ``num_segments`` without ``segment_ids`` is an error;
+    ``num_segments=None`` infers ``max + 1`` over the labelled positions (one sync) and refuses a count above ``N``
+    (a stray id: pass it explicitly). ``validate`` also checks the segment ids of labelled positions (in
+    ``[0, S)``); with ``validate=False`` a token whose id lies outside adds to no sequence, and a NaN log-prob (an
+    out-of-vocabulary label) propagates to its sequence. Other arguments as :func:`linear_token_logprobs`.
     """
-    if segment_ids is None and labels.dim() != 2:
-        raise ValueError(f"without segment_ids labels must be [B, T], got {list(labels.shape)}")
-    if segment_ids is not None and labels.dim() != 1:
-        raise ValueError(f"with segment_ids labels must be [N], got {list(labels.shape)}")
+    check_index("labels", labels)
+    if segment_ids is None:
+        if labels.dim() != 2:
+            raise ValueError(f"without segment_ids labels must be [B, T], got {list(labels.shape)}")
+        if num_segments is not None:
+            raise ValueError("num_segments is only meaningful together with segment_ids")
+    else:
+        if labels.dim() != 1:
+            raise ValueError(f"with segment_ids labels must be [N], got {list(labels.shape)}")
+        check_index("segment_ids", segment_ids)
+        check_same_device(labels=labels, segment_ids=segment_ids)
+        if segment_ids.shape != labels.shape:
+            raise ValueError(f"segment_ids must have shape {list(labels.shape)}, got {list(segment_ids.shape)}")
+        sel = (labels != ignore_index).nonzero().squeeze(1)
+        seg = segment_ids.index_select(0, sel)
+        if num_segments is None:
+            if seg.numel() == 0:
+                raise ValueError("num_segments is required when no position has a label")
+            inferred = int(seg.max()) + 1
+            if inferred > labels.shape[0]:
+                raise ValueError(
+                    f"num_segments=None would infer max(segment_ids) + 1 = {inferred} segments from "
+                    f"{labels.shape[0]} positions; pass num_segments explicitly (or check segment_ids for a stray id)"
+                )
+            num_segments = inferred
+        num_segments = check_segments(seg, seg.shape[0], num_segments, validate=validate)
     tok = linear_token_logprobs(
         hidden,
         weight,
@@ -1005,29 +1114,14 @@ def linear_sequence_logprobs(
         gather_context=gather_context,
         keep_logits_bytes=keep_logits_bytes,
     ).logprobs
-    valid = labels != ignore_index
     if segment_ids is None:
-        if labels.dim() != 2:
-            raise ValueError(f"without segment_ids labels must be [B, T], got {list(labels.shape)}")
         out = tok.sum(dim=1)
         if average:
-            out = out / valid.sum(dim=1).clamp(min=1).to(out.dtype)
+            out = out / (labels != ignore_index).sum(dim=1).clamp(min=1).to(out.dtype)
         return out
-    if labels.dim() != 1:
-        raise ValueError(f"with segment_ids labels must be [N], got {list(labels.shape)}")
-    check_index("segment_ids", segment_ids)
-    if segment_ids.shape != labels.shape:
-        raise ValueError(f"segment_ids must have shape {list(labels.shape)}, got {list(segment_ids.shape)}")
-    sel = valid.nonzero().squeeze(1)
-    seg = segment_ids.index_select(0, sel)
-    if num_segments is None:
-        if seg.numel() == 0:
-            raise ValueError("num_segments is required when no position has a label")
-        num_segments = int(seg.max()) + 1
-    out = segment_sum(tok.index_select(0, sel), seg, num_segments, validate=validate, backend=backend)
+    out = segment_sum(tok.index_select(0, sel), seg, num_segments, validate=False, backend=backend)
     if average:
-        counts = torch.bincount(seg.to(torch.int64), minlength=num_segments).clamp(min=1)
-        out = out / counts.to(out.dtype)
+        out = out / segment_counts(seg, num_segments).clamp(min=1).to(out.dtype)
     return out
 
 
@@ -1078,8 +1172,9 @@ def naive_linear_token_logprobs(
     logp = torch.where(valid, logp, zero)
     entropy = log_sum_p2 = mean_logit = hit = None
     with torch.no_grad():
-        if return_entropy:
-            entropy = torch.where(valid, -(logsm.exp() * logsm).sum(-1), zero)
+        if return_entropy:  # p log p = 0 at a -inf logit (masked vocabulary); NaN stays NaN
+            plogp = torch.where(logsm == float("-inf"), 0.0, logsm.exp() * logsm)
+            entropy = torch.where(valid, -plogp.sum(-1), zero)
         if return_log_sum_p2:
             log_sum_p2 = torch.where(valid, torch.logsumexp(2.0 * logsm, dim=-1), zero)
         if return_mean_logit:
@@ -1108,7 +1203,11 @@ class SegmentStats(NamedTuple):
 
 
 class _StoredGradLoss(torch.autograd.Function):
-    """Returns ``loss``; backward hands out gradients computed in the forward, scaled by ``grad_output``."""
+    """Returns ``loss``; backward hands out gradients computed in the forward, scaled by ``grad_output``.
+
+    The stored gradients are saved for backward: autograd frees them after a backward without ``retain_graph`` (as
+    it frees any saved tensor), and hands them out again on every backward of a retained graph.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -1119,13 +1218,13 @@ class _StoredGradLoss(torch.autograd.Function):
         bias: torch.Tensor | None,
         grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
     ) -> torch.Tensor:
-        ctx.grads = grads
+        ctx.save_for_backward(*grads)
         return loss.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        gh, gw, gb = ctx.grads
-        ctx.grads = None
+        refuse_double_backward("linear_logprobs_loss_grad_in_forward (grad_in_forward=True)")
+        gh, gw, gb = ctx.saved_tensors
 
         def scale(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t * grad_out.to(t.dtype)
@@ -1173,11 +1272,16 @@ def linear_logprobs_loss_grad_in_forward(
             fold then computes the token statistics, more work per tile).
         chunk_size: max tokens per chunk of whole groups (default: as many as ``logits_budget_bytes`` of fp32 logits
             allow; a group larger than that is processed alone and recomputes the logits it could not keep).
+        validate: as :func:`linear_token_logprobs` (label range check, non-finite warning), and also checks that
+            every segment id lies in ``[0, num_segments)`` (one sync); with ``validate=False`` a token whose segment
+            id lies outside belongs to no segment (no log-prob, no gradient).
         Others as :func:`linear_token_logprobs`.
 
     Returns:
         ``(loss, seq_logps)``: ``loss`` a 0-dim fp32 tensor whose backward multiplies the stored gradients by the
-        incoming gradient; ``seq_logps`` ``[S]`` fp32, detached.
+        incoming gradient (on every backward of a graph kept with ``retain_graph=True``; they are freed with the
+        graph's saved tensors); ``seq_logps`` ``[S]`` fp32, detached. Without gradients to form (under
+        ``torch.no_grad()`` / ``torch.inference_mode()``, or nothing requires grad) only the loss is computed.
     """
     if gather_context is not None and not callable(gather_context):
         raise TypeError("gather_context must be a callable returning a context manager")
@@ -1236,6 +1340,7 @@ def _grad_in_forward_impl(
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable")
     check_index("segment_ids", segment_ids)
+    check_same_device(labels=labels, segment_ids=segment_ids)
     if segment_ids.shape != labels.shape:
         raise ValueError(f"segment_ids must have shape {list(labels.shape)}, got {list(segment_ids.shape)}")
     if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
@@ -1271,14 +1376,15 @@ def _grad_in_forward_impl(
     rest = (~seen).nonzero().squeeze(1).tolist()
     seg_groups.extend([[s] for s in rest])
 
-    # token lists per segment (valid labels only), in token order
+    # token lists per segment (valid labels only, in token order); a token whose segment id lies outside
+    # [0, num_segments) (unvalidated input) belongs to no segment, as in segment_sum
     lab = labels.to(torch.int64)
     seg64 = segment_ids.to(torch.int64)
-    valid_idx = (lab != ignore_index).nonzero().squeeze(1)
+    valid_idx = ((lab != ignore_index) & (seg64 >= 0) & (seg64 < num_segments)).nonzero().squeeze(1)
     vseg = seg64.index_select(0, valid_idx)
     order = torch.sort(vseg, stable=True).indices
     tokens_by_seg = valid_idx.index_select(0, order)
-    counts = torch.bincount(vseg, minlength=num_segments).tolist()
+    counts = segment_counts(vseg, num_segments).tolist()
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
@@ -1348,7 +1454,9 @@ def _grad_in_forward_impl(
                     None if log_sum_p2 is None else segment_sum(log_sum_p2.float(), local_seg, n_seg,
                                                                 validate=False, backend=backend),
                 )
-            # d loss / d seq_logp per group, on leaf copies
+            # d loss / d seq_logp per group, on leaf copies (loss only, no autograd, when no gradient is wanted:
+            # under no_grad / inference_mode, or when nothing requires grad)
+            need_grad = need_h or need_w or need_b
             dseq = torch.zeros(n_seg, dtype=torch.float32, device=device)
             dplain = torch.zeros(n_seg, dtype=torch.float32, device=device)  # d loss / d SegmentStats.logp_sum
             k0 = 0
@@ -1356,24 +1464,25 @@ def _grad_in_forward_impl(
                 ids = seg_groups[gi]
                 k1 = k0 + len(ids)
                 if gi < n_loss_groups:
-                    leaves = [seq_chunk[k0:k1].detach().clone().requires_grad_(True)]
+                    leaves = [seq_chunk[k0:k1].clone().requires_grad_(need_grad)]
                     args: tuple[Any, ...] = (leaves[0], torch.tensor(ids, dtype=torch.int64, device=device))
                     if stats_chunk is not None:
-                        leaves.append(stats_chunk.logp_sum[k0:k1].clone().requires_grad_(True))
+                        leaves.append(stats_chunk.logp_sum[k0:k1].clone().requires_grad_(need_grad))
                         lsp2 = stats_chunk.log_sum_p2_sum
                         args += (SegmentStats(leaves[1], None if lsp2 is None else lsp2[k0:k1]),)
-                    with torch.enable_grad():
+                    with torch.enable_grad() if need_grad else contextlib.nullcontext():
                         loss_g = loss_fn(*args)
                         if not isinstance(loss_g, torch.Tensor) or loss_g.numel() != 1:
                             raise ValueError("loss_fn must return a scalar tensor")
-                        grads_g = torch.autograd.grad(loss_g.reshape(()), leaves, allow_unused=True)
+                        if need_grad:
+                            grads_g = torch.autograd.grad(loss_g.reshape(()), leaves, allow_unused=True)
+                            if grads_g[0] is not None:
+                                dseq[k0:k1] = grads_g[0]
+                            if len(grads_g) > 1 and grads_g[1] is not None:
+                                dplain[k0:k1] = grads_g[1]
                     total_loss += loss_g.detach().reshape(()).float()
-                    if grads_g[0] is not None:
-                        dseq[k0:k1] = grads_g[0]
-                    if len(grads_g) > 1 and grads_g[1] is not None:
-                        dplain[k0:k1] = grads_g[1]
                 k0 = k1
-            if not (need_h or need_w or need_b) or n == 0:
+            if not need_grad or n == 0:
                 continue
             g = dseq.index_select(0, local_seg)
             if wc is not None:

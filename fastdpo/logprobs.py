@@ -19,8 +19,15 @@ from collections.abc import Iterator
 import torch
 
 from fastdpo._dispatch import Backend, resolve_backend
-from fastdpo._validation import check_float, check_index, check_labels, check_same_device, warn_nonfinite_output
-from fastdpo.segments import check_segments, segment_sum
+from fastdpo._validation import (
+    check_float,
+    check_index,
+    check_labels,
+    check_same_device,
+    refuse_double_backward,
+    warn_nonfinite_output,
+)
+from fastdpo.segments import check_segments, segment_counts, segment_sum
 
 # Default elements of one torch-path fp32 chunk ([rows, V]): 16 Mi elements = 64 MiB.
 _TORCH_CHUNK_ELEMENTS = 1 << 24
@@ -131,7 +138,11 @@ def _row_chunks(tensors: tuple[torch.Tensor, ...], rows: int) -> Iterator[tuple[
 def _torch_forward(
     logits3: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk_rows: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`_triton_forward`; float64 logits give float64 outputs."""
+    """Same contract as :func:`_triton_forward`; float64 logits give float64 outputs.
+
+    A label that is neither ``ignore_index`` nor in ``[0, V)`` (possible with ``validate=False``) gives NaN and is
+    never used as an index.
+    """
     B, T, V = logits3.shape
     acc = torch.float64 if logits3.dtype == torch.float64 else torch.float32
     lse = torch.empty(B * T, dtype=acc, device=logits3.device)
@@ -140,11 +151,12 @@ def _torch_forward(
         r1 = r0 + chunk.shape[0]
         lbl = labels[r0:r1]
         valid = lbl != ignore_index
+        in_vocab = (lbl >= 0) & (lbl < V)
         x = chunk.to(acc)  # the chunk's fp32 temporary
         row_lse = torch.logsumexp(x, dim=-1)
-        target = x.gather(1, torch.where(valid, lbl, 0).unsqueeze(1)).squeeze(1)
+        target = x.gather(1, torch.where(in_vocab, lbl, 0).unsqueeze(1)).squeeze(1)
         lse[r0:r1] = row_lse
-        logp[r0:r1] = torch.where(valid, target - row_lse, 0.0)
+        logp[r0:r1] = torch.where(valid, torch.where(in_vocab, target - row_lse, float("nan")), 0.0)
     return lse, logp
 
 
@@ -157,11 +169,14 @@ def _torch_backward(
     ignore_index: int,
     chunk_rows: int | None,
 ) -> None:
-    """Same contract as :func:`_triton_backward` (``grad3`` may be ``logits3``: each chunk is read, then written)."""
+    """Same contract as :func:`_triton_backward` (``grad3`` may be ``logits3``: each chunk is read, then written).
+
+    Rows of ignored or out-of-vocabulary labels get exactly zero gradient.
+    """
     V = logits3.shape[2]
-    valid = labels != ignore_index
-    g_all = torch.where(valid, grad_logp.to(lse.dtype), 0.0)  # ignored rows: exactly zero gradient
-    safe_labels = torch.where(valid, labels, 0)
+    scored = (labels != ignore_index) & (labels >= 0) & (labels < V)
+    g_all = torch.where(scored, grad_logp.to(lse.dtype), 0.0)
+    safe_labels = torch.where(scored, labels, 0)
     for r0, (chunk, dest) in _row_chunks((logits3, grad3), _chunk_rows(V, chunk_rows)):
         r1 = r0 + chunk.shape[0]
         g = g_all[r0:r1].unsqueeze(1)
@@ -186,7 +201,8 @@ class _TokenLogprobs(torch.autograd.Function):
     """``logits [N, V] or [B, T, V]`` (any strides), ``labels [N or B*T]`` int64 -> ``logp [N or B*T]`` fp32.
 
     Saved for backward: the logits (by reference, no copy), the labels and the per-token logsumexp — O(N) besides
-    the logits.
+    the logits. Every backward through one graph gives the same gradient, except with ``inplace_backward``: the
+    first backward then turns the logits into their gradient, and a second one is refused with a clear error.
     """
 
     @staticmethod
@@ -207,14 +223,24 @@ class _TokenLogprobs(torch.autograd.Function):
             lse, logp = _torch_forward(logits3, labels, ignore_index, chunk_rows)
         ctx.save_for_backward(logits, labels, lse)
         ctx.config = (ignore_index, inplace_backward, backend, block_v, chunk_rows)
+        ctx.logits_clobbered = False
         return logp
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_logp: torch.Tensor):  # type: ignore[override]
+        refuse_double_backward("token_logprobs / sequence_logprobs")
+        if ctx.logits_clobbered:  # checked before unpacking: the saved logits fail autograd's version check now
+            raise RuntimeError(
+                "a second backward through token_logprobs / sequence_logprobs with inplace_backward=True: the first "
+                "backward overwrote the logits with their gradient, so they cannot be read again. Pass "
+                "inplace_backward=False (and retain_graph=True) to backward more than once through one graph "
+                "(several losses sharing one forward, torch.autograd.grad per output)."
+            )
         logits, labels, lse = ctx.saved_tensors
         ignore_index, inplace_backward, backend, block_v, chunk_rows = ctx.config
         grad_logits = None
         if ctx.needs_input_grad[0]:
+            ctx.logits_clobbered = inplace_backward
             grad_logits = (
                 logits if inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
             )
@@ -267,9 +293,7 @@ def _prepare(
     if validate:
         check_labels(labels, logits.shape[-1], ignore_index)
     chosen = resolve_backend(backend, logits.device)
-    if logits.dtype == torch.float64:
-        if backend == "triton":
-            raise ValueError("backend='triton' supports float16/bfloat16/float32 logits; float64 needs backend='torch'")
+    if logits.dtype == torch.float64:  # the kernels reduce in fp32
         chosen = "torch"
     return chosen
 
@@ -304,12 +328,16 @@ def token_logprobs(
     """Per-token log-probabilities ``log softmax(logits)[..., labels]``.
 
     Args:
-        logits: ``[..., V]`` float16/bfloat16/float32 (float64 on the torch path), any strides.
+        logits: ``[..., V]`` float16/bfloat16/float32/float64 (float64 always takes the torch path), any strides.
         labels: ``[...]`` integer token ids in ``[0, V)`` or ``ignore_index``.
         ignore_index: label value of positions that are not scored (log-prob 0, zero gradient).
         inplace_backward: write the logits gradient into the logits buffer itself (saves one ``[.., V]`` tensor).
-            The logits are then CLOBBERED by the backward pass; only allow it when nothing else reads them later.
-        validate: check label values (one device sync); ``False`` skips it for hot loops.
+            The logits are then CLOBBERED by the backward pass; only allow it when nothing else reads them later (a
+            second backward through the same graph raises).
+        validate: ``True`` checks that every label is ``ignore_index`` or in ``[0, V)`` before any kernel runs
+            (``ValueError``; one device sync) and warns (``RuntimeWarning``) when a result is NaN/inf (another
+            sync). ``False`` skips both for hot loops; a label outside the vocabulary then gives a NaN log-prob
+            (never an out-of-bounds read) and a zero gradient row.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see :mod:`fastdpo._dispatch`).
         block_v: Triton columns per loop step (power of two; default ``min(4096, next_pow2(V))``).
         chunk_rows: torch-path rows per chunk (default: ``16Mi / V``).
@@ -348,6 +376,11 @@ def sequence_logprobs(
 
     Args:
         average: divide each sum by its count of non-ignored tokens (clamped to >= 1).
+        segment_ids, num_segments: packed layout; ``num_segments`` without ``segment_ids`` is an error, and
+            ``num_segments=None`` is refused when ``max(segment_ids) + 1`` exceeds ``N`` (pass it explicitly).
+        validate: as in :func:`token_logprobs`, and also checks that every segment id lies in ``[0, S)``; with
+            ``validate=False`` a token whose segment id lies outside adds to no sequence, and a NaN log-prob (an
+            out-of-vocabulary label) propagates to its sequence's sum.
         Others: as in :func:`token_logprobs` (``inplace_backward=True`` clobbers the logits during backward).
 
     Returns:
@@ -371,12 +404,13 @@ def sequence_logprobs(
     valid = labels != ignore_index
     if segment_ids is None:
         out = tok.view(labels.shape).sum(dim=1)  # per-row sums: deterministic, fp32
-        counts = valid.sum(dim=1)
+        if average:
+            out = out / valid.sum(dim=1).clamp(min=1).to(out.dtype)
     else:
         out = segment_sum(tok, segment_ids, num_segments, validate=False, backend=chosen)
-        counts = torch.bincount(segment_ids.to(torch.int64)[valid], minlength=num_segments)
-    if average:
-        out = out / counts.clamp(min=1).to(out.dtype)
+        if average:
+            counts = segment_counts(segment_ids[valid], num_segments)
+            out = out / counts.clamp(min=1).to(out.dtype)
     if validate:
         warn_nonfinite_output(out, "logits")
     return out
@@ -398,6 +432,7 @@ def naive_sequence_logprobs(
     """
     check_float("logits", logits)
     check_index("labels", labels)
+    check_same_device(logits=logits, labels=labels, segment_ids=segment_ids)
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"labels shape {list(labels.shape)} does not match logits {list(logits.shape)}")
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32

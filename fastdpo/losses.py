@@ -18,7 +18,9 @@ Reference-free objectives from their papers: :func:`simpo_loss`, :func:`cpo_loss
 unpaired :func:`kto_loss`.
 
 All loss arithmetic runs in float32 (float64 stays float64); the returned loss is a 0-dim tensor with a grad_fn,
-the metrics are detached 0-dim float tensors (no host sync).
+the metrics are detached 0-dim float tensors. NaN/inf inputs propagate to the loss, never replaced by a finite
+value; with ``validate=True`` (the default) the public losses warn (``RuntimeWarning``) when the loss or a metric is
+non-finite, which costs one host sync (``validate=False`` skips it).
 """
 from __future__ import annotations
 
@@ -28,7 +30,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastdpo._validation import check_float, check_index, check_same_device
+from fastdpo._validation import (
+    check_float,
+    check_index,
+    check_same_device,
+    warn_nonfinite_output,
+)
 
 LOSS_TYPES: tuple[str, ...] = (
     "sigmoid",
@@ -101,7 +108,14 @@ def normalize_loss_config(
     with ``label_smoothing`` outside ``[0, 1/2)``, a non-reverse-KL f-divergence with a loss type outside
     :data:`F_DIVERGENCE_LOSS_TYPES`, WPO weighting with ``aot``/``aot_unpaired``, ``beta <= 0``, ``discopop_tau <= 0``.
     """
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if isinstance(loss_type, str):
+        types: tuple[str, ...] = (loss_type,)
+    elif isinstance(loss_type, (list, tuple)):
+        types = tuple(loss_type)
+    else:
+        raise TypeError(
+            f"loss_type must be a loss type name or a list of names (one of {list(LOSS_TYPES)}), got {loss_type!r}"
+        )
     if not types:
         raise ValueError("loss_type must name at least one loss type")
     for t in types:
@@ -166,6 +180,19 @@ def _check_seq_tensor(name: str, t: torch.Tensor | None, n: int, *, integer_ok: 
 def _length(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Completion token counts as ``dtype``, clamped at 1 (TRL's ``.clamp(min=1)``)."""
     return t.to(dtype).clamp(min=1.0)
+
+
+def _loss_and_metrics(loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss and every metric in one detached vector (one finiteness check, one sync)."""
+    parts = [loss, *metrics.values()]
+    return torch.stack([t.detach().reshape(()).double() for t in parts])
+
+
+def _positive_beta(beta: object, who: str) -> float:
+    value = _check_scalar("beta", beta)
+    if value <= 0:
+        raise ValueError(f"{who} needs beta > 0, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,12 +399,14 @@ def wpo_weights(
             (``TokenStats.log_sum_p2`` of the fused head).
         seq_ids: ``[M]`` integer sequence id of each token in ``[0, num_seqs)`` (chosen of pair i = i, rejected = P+i).
         num_seqs: ``S`` (``2P``).
+        validate: check that every ``seq_ids`` entry lies in ``[0, S)`` (one sync); with ``False`` a token whose id
+            lies outside counts toward no sequence.
 
     Returns:
         ``[S]`` float32 (float64 for float64 inputs) weights, detached; a sequence with no tokens gets weight 1.
         Pass ``w[:P]``, ``w[P:]`` as ``wpo_chosen_weights``/``wpo_rejected_weights`` of :func:`preference_loss`.
     """
-    from fastdpo.segments import segment_sum
+    from fastdpo.segments import segment_counts, segment_sum
 
     check_float("token_logps", token_logps)
     check_float("token_log_sum_p2", token_log_sum_p2)
@@ -386,7 +415,7 @@ def wpo_weights(
         dtype = _compute_dtype(token_logps.dtype)
         aligned = token_logps.detach().to(dtype) - token_log_sum_p2.detach().to(dtype)
         sums = segment_sum(aligned, seq_ids, num_seqs, validate=validate).to(dtype)
-        counts = torch.bincount(seq_ids.to(torch.int64), minlength=num_seqs)[:num_seqs]
+        counts = segment_counts(seq_ids, num_seqs)
         return torch.exp(sums / _length(counts, dtype))
 
 
@@ -408,6 +437,8 @@ def ld_token_weights(
         seq_ids: ``[M]`` integer sequence id, chosen of pair i = i, rejected of pair i = P + i.
         chosen_lengths, rejected_lengths: ``[P]`` integer completion token counts.
         ld_alpha: weight of the tokens past the shared length (TRL: in [0, 1]).
+        validate: check that every ``seq_ids`` entry lies in ``[0, 2P)`` (one sync); with ``False`` a token whose
+            id lies outside gets weight 1 (and counts toward no sequence in :func:`ld_logps`).
     """
     check_index("token_pos", token_pos)
     _check_token_inputs(seq_ids, token_pos=token_pos)
@@ -422,11 +453,14 @@ def ld_token_weights(
     alpha = _check_scalar("ld_alpha", ld_alpha)
     p = chosen_lengths.shape[0]
     seq = seq_ids.to(torch.int64)
-    if validate and seq.numel() and bool(((seq < 0) | (seq >= 2 * p)).any()):
+    inside = (seq >= 0) & (seq < 2 * p)
+    if validate and seq.numel() and not bool(inside.all()):
         raise ValueError(f"seq_ids must lie in [0, {2 * p}) (2 * number of pairs)")
     shared = torch.minimum(chosen_lengths, rejected_lengths).to(torch.int64)
-    pair = torch.where(seq >= p, seq - p, seq)
-    in_shared = token_pos.to(torch.int64) < shared.index_select(0, pair)
+    if p == 0:  # no pair at all: every token lies outside (validate=False); the gather below needs one row
+        shared = shared.new_zeros(1)
+    pair = torch.where(inside, torch.where(seq >= p, seq - p, seq), 0)
+    in_shared = (token_pos.to(torch.int64) < shared.index_select(0, pair)) | ~inside
     return torch.where(in_shared, torch.ones((), dtype=dtype, device=token_pos.device),
                        torch.full((), alpha, dtype=dtype, device=token_pos.device))
 
@@ -447,7 +481,7 @@ def ld_logps(
 
     Args:
         token_logps: ``[M]`` float log-prob of each completion token (differentiable).
-        token_pos, seq_ids, chosen_lengths, rejected_lengths, ld_alpha: as :func:`ld_token_weights`.
+        token_pos, seq_ids, chosen_lengths, rejected_lengths, ld_alpha, validate: as :func:`ld_token_weights`.
 
     Returns:
         ``[2P]`` float32 (float64 for float64 input) ``[chosen..., rejected...]``, differentiable wrt token_logps.
@@ -489,6 +523,7 @@ def preference_loss(
     wpo_rejected_weights: torch.Tensor | None = None,
     policy_chosen_log_sum_p2: torch.Tensor | None = None,
     policy_rejected_log_sum_p2: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO-family preference loss with TRL 1.16 ``DPOTrainer`` semantics, and TRL's reward metrics.
 
@@ -515,6 +550,8 @@ def preference_loss(
         policy_chosen_log_sum_p2, policy_rejected_log_sum_p2: ``[P]`` per-sequence sums over completion tokens of
             ``log sum_v p_v^2``; then ``w = exp((sum log p - sum log sum p^2) / max(len, 1))`` with the lengths and the
             plain log-prob sums (``-nll_sum``).
+        validate: warn (``RuntimeWarning``) when the loss or a metric is NaN/inf (one host sync); NaN inputs
+            always propagate to the loss, never replaced. ``False`` skips the check.
 
     Returns:
         ``(loss, metrics)``: 0-dim float32 loss (float64 for float64 inputs) with a grad_fn; metrics dict with
@@ -606,7 +643,10 @@ def preference_loss(
         input_dtype=input_dtype, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
         chosen_nll_sum=nll_c, pair_weights=pair_weights, num_pairs=p, num_chosen_tokens=num_chosen_tokens,
     )
-    return loss, dpo_metrics(pc, pr, rc, rr, float(beta))
+    metrics = dpo_metrics(pc, pr, rc, rr, float(beta))
+    if validate:
+        warn_nonfinite_output(_loss_and_metrics(loss, metrics), "policy or reference log-probs", "loss or metrics")
+    return loss, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -636,6 +676,7 @@ def simpo_loss(
     beta: float = 2.0,
     gamma: float = 1.0,
     label_smoothing: float = 0.0,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SimPO (Meng et al. 2024, Eq. 6): ``-log sigma(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma)``.
 
@@ -646,6 +687,7 @@ def simpo_loss(
     Args:
         policy_chosen_logps, policy_rejected_logps: ``[P]`` summed completion log-probs.
         chosen_lengths, rejected_lengths: ``[P]`` completion token counts (clamped at 1).
+        validate: warn (``RuntimeWarning``) when the loss or a metric is NaN/inf, as :func:`preference_loss`.
 
     Returns:
         ``(loss, metrics)``; rewards are ``beta * average log-prob``, ``logps/*`` the average log-probs.
@@ -653,7 +695,8 @@ def simpo_loss(
     p = _check_pairs("policy_chosen_logps", policy_chosen_logps, "policy_rejected_logps", policy_rejected_logps)
     _check_seq_tensor("chosen_lengths", chosen_lengths, p, integer_ok=True)
     _check_seq_tensor("rejected_lengths", rejected_lengths, p, integer_ok=True)
-    check_same_device(a=policy_chosen_logps, b=policy_rejected_logps, c=chosen_lengths, d=rejected_lengths)
+    check_same_device(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                      chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     beta = _check_scalar("beta", beta)
     gamma = _check_scalar("gamma", gamma)
     eps = _check_scalar("label_smoothing", label_smoothing)
@@ -663,7 +706,10 @@ def simpo_loss(
     ac = policy_chosen_logps.to(dtype) / _length(chosen_lengths, dtype)
     ar = policy_rejected_logps.to(dtype) / _length(rejected_lengths, dtype)
     loss = _smoothed_sigmoid(beta * (ac - ar) - gamma, eps).mean()
-    return loss, dpo_metrics(ac, ar, None, None, beta)
+    metrics = dpo_metrics(ac, ar, None, None, beta)
+    if validate:
+        warn_nonfinite_output(_loss_and_metrics(loss, metrics), "policy log-probs or lengths", "loss or metrics")
+    return loss, metrics
 
 
 def cpo_loss(
@@ -675,6 +721,7 @@ def cpo_loss(
     alpha: float = 1.0,
     label_smoothing: float = 0.0,
     policy_chosen_nll_sum: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CPO (Xu et al. 2024, Eq. 3-5): ``mean(-log sigma(beta (log pi(y_w) - log pi(y_l)))) + alpha * NLL(y_w)``.
 
@@ -685,6 +732,7 @@ def cpo_loss(
         policy_chosen_logps, policy_rejected_logps: ``[P]`` summed completion log-probs.
         chosen_lengths: ``[P]`` chosen completion token counts.
         policy_chosen_nll_sum: ``[P]`` per-sequence ``sum -log p`` if it differs from ``-policy_chosen_logps``.
+        validate: warn (``RuntimeWarning``) when the loss or a metric is NaN/inf, as :func:`preference_loss`.
 
     Returns:
         ``(loss, metrics)``; metrics add ``nll_loss``; rewards are ``beta * log-prob``.
@@ -692,7 +740,8 @@ def cpo_loss(
     p = _check_pairs("policy_chosen_logps", policy_chosen_logps, "policy_rejected_logps", policy_rejected_logps)
     _check_seq_tensor("chosen_lengths", chosen_lengths, p, integer_ok=True)
     _check_seq_tensor("policy_chosen_nll_sum", policy_chosen_nll_sum, p)
-    check_same_device(a=policy_chosen_logps, b=policy_rejected_logps, c=chosen_lengths, d=policy_chosen_nll_sum)
+    check_same_device(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                      chosen_lengths=chosen_lengths, policy_chosen_nll_sum=policy_chosen_nll_sum)
     beta = _check_scalar("beta", beta)
     alpha = _check_scalar("alpha", alpha)
     eps = _check_scalar("label_smoothing", label_smoothing)
@@ -704,6 +753,8 @@ def cpo_loss(
     loss = _smoothed_sigmoid(beta * (pc - pr), eps).mean() + alpha * nll
     metrics = dpo_metrics(pc, pr, None, None, beta)
     metrics["nll_loss"] = nll.detach()
+    if validate:
+        warn_nonfinite_output(_loss_and_metrics(loss, metrics), "policy log-probs", "loss or metrics")
     return loss, metrics
 
 
@@ -720,12 +771,13 @@ def orpo_loss(
     *,
     beta: float = 0.1,
     policy_chosen_nll_sum: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ORPO (Hong et al. 2024, Eq. 6-7): ``NLL(y_w) - beta * mean(log sigma(log odds(y_w) - log odds(y_l)))``.
 
     ``odds(y) = P(y) / (1 - P(y))`` with ``P`` the per-token average probability ``exp(log pi(y) / |y|)``;
-    ``beta`` is the paper's ``lambda``. NLL as in :func:`cpo_loss`. A sequence whose average log-prob is 0 (no
-    tokens, or probability 1) has infinite odds, as in the paper.
+    ``beta`` is the paper's ``lambda`` (> 0). NLL as in :func:`cpo_loss`. A sequence whose average log-prob is 0
+    (no tokens, or probability 1) has infinite odds, as in the paper. ``validate`` as :func:`preference_loss`.
 
     Returns:
         ``(loss, metrics)``; metrics add ``nll_loss``, ``log_odds_ratio`` (mean ``log sigma(log odds)``) and
@@ -735,8 +787,10 @@ def orpo_loss(
     _check_seq_tensor("chosen_lengths", chosen_lengths, p, integer_ok=True)
     _check_seq_tensor("rejected_lengths", rejected_lengths, p, integer_ok=True)
     _check_seq_tensor("policy_chosen_nll_sum", policy_chosen_nll_sum, p)
-    check_same_device(a=policy_chosen_logps, b=policy_rejected_logps, c=chosen_lengths, d=rejected_lengths)
-    beta = _check_scalar("beta", beta)
+    check_same_device(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                      chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                      policy_chosen_nll_sum=policy_chosen_nll_sum)
+    beta = _positive_beta(beta, "orpo_loss")
     dtype = _compute_dtype(policy_chosen_logps.dtype)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     ac = pc / _length(chosen_lengths, dtype)
@@ -749,6 +803,8 @@ def orpo_loss(
     metrics["nll_loss"] = nll.detach()
     metrics["log_odds_ratio"] = ratio.detach().mean()
     metrics["log_odds_chosen"] = log_odds.detach().mean()
+    if validate:
+        warn_nonfinite_output(_loss_and_metrics(loss, metrics), "policy log-probs", "loss or metrics")
     return loss, metrics
 
 
@@ -762,6 +818,7 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KTO (Ethayarajh et al. 2024, Eq. 7) on unpaired completions, as TRL's ``KTOTrainer`` computes it.
 
@@ -774,6 +831,8 @@ def kto_loss(
         policy_logps, ref_logps: ``[N]`` summed completion log-probs.
         desirable: ``[N]`` bool label of each completion.
         policy_kl_logps, ref_kl_logps: ``[K]`` log-probs of the mismatched KL completions (both or neither).
+        beta: ``> 0``.
+        validate: warn (``RuntimeWarning``) when the loss or a metric is NaN/inf, as :func:`preference_loss`.
 
     Returns:
         ``(loss, metrics)``: ``kl``, and (when that side is present) ``rewards/chosen``, ``logps/chosen``,
@@ -796,7 +855,7 @@ def kto_loss(
             raise ValueError("policy_kl_logps and ref_kl_logps must be non-empty 1-D tensors of one shape")
     check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable,
                       policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
-    beta = _check_scalar("beta", beta)
+    beta = _positive_beta(beta, "kto_loss")
     wd = _check_scalar("desirable_weight", desirable_weight)
     wu = _check_scalar("undesirable_weight", undesirable_weight)
     dtype = _compute_dtype(policy_logps.dtype)
@@ -822,4 +881,6 @@ def kto_loss(
             metrics["logps/rejected"] = logps[~desirable].mean()
         if has_c and has_r:
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    if validate:
+        warn_nonfinite_output(_loss_and_metrics(loss, metrics), "policy or reference log-probs", "loss or metrics")
     return loss, metrics

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from fastdpo._validation import check_float, check_index, check_same_device
 from fastdpo.losses import (
     BATCH_COUPLED_LOSS_TYPES,
-    check_label_smoothing,
     _log1mexp,
     _smoothed_sigmoid,
+    check_label_smoothing,
     dpo_loss_sum,
     normalize_loss_config,
     preference_loss,
@@ -57,7 +57,8 @@ class DPOLoss(torch.nn.Module):
     ``forward(policy_chosen_logps [P], policy_rejected_logps [P], ref_chosen_logps [P] | None = None,
     ref_rejected_logps [P] | None = None, **per_batch)`` -> ``(loss, metrics)``, where ``per_batch`` are the
     per-batch tensors of :func:`~fastdpo.losses.preference_loss` (``chosen_lengths``, ``rejected_lengths``,
-    ``policy_chosen_nll_sum``, ``wpo_chosen_weights``, ...).
+    ``policy_chosen_nll_sum``, ``wpo_chosen_weights``, ...). ``validate``: warn when the loss or a metric is NaN/inf
+    (one host sync per call), as :func:`~fastdpo.losses.preference_loss`.
     """
 
     _PER_BATCH = frozenset({
@@ -76,6 +77,7 @@ class DPOLoss(torch.nn.Module):
         f_alpha_divergence_coef: float = 0.5,
         discopop_tau: float = 0.05,
         use_weighting: bool = False,
+        validate: bool = True,
     ) -> None:
         super().__init__()
         self.loss_types, self.loss_weights = normalize_loss_config(
@@ -88,6 +90,7 @@ class DPOLoss(torch.nn.Module):
         self.f_alpha_divergence_coef = float(f_alpha_divergence_coef)
         self.discopop_tau = float(discopop_tau)
         self.use_weighting = bool(use_weighting)
+        self.validate = bool(validate)
 
     def forward(
         self,
@@ -107,7 +110,7 @@ class DPOLoss(torch.nn.Module):
             loss_type=list(self.loss_types), loss_weights=list(self.loss_weights), beta=self.beta,
             label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
             f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau,
-            use_weighting=self.use_weighting, **per_batch,
+            use_weighting=self.use_weighting, validate=self.validate, **per_batch,
         )
 
     def extra_repr(self) -> str:
@@ -173,7 +176,9 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
     ``logit_scale``, ``temperature`` (logits ``(h @ W.T + b) * logit_scale / temperature``), ``grad_in_forward``
     (gradients formed in the forward pass; pair-local losses only), ``head_chunk_size`` (the head's tile),
     ``keep_logits_bytes`` (raw logits the head may keep for its backward, default the head's bounded budget; 0 keeps
-    none), ``validate`` (label range check, one sync), ``backend`` (``"auto"``, ``"triton"``, ``"torch"``).
+    none), ``validate`` (the head's label range check and non-finite warning, one sync each; with ``False`` a target
+    outside the vocabulary gives a NaN log-prob and a zero gradient row), ``backend`` (``"auto"``, ``"triton"``,
+    ``"torch"``).
     """
 
     use_ref_model: bool = False
@@ -205,6 +210,8 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
                 raise TypeError(f"{name} must be a float, got {type(value).__name__}")
         if logit_scale <= 0 or temperature <= 0:
             raise ValueError(f"logit_scale and temperature must be > 0, got {logit_scale}, {temperature}")
+        if not beta > 0 or beta == float("inf"):
+            raise ValueError(f"beta must be a finite number > 0, got {beta}")
         self.ignore_index = ignore_index
         self.beta = float(beta)
         self.alpha = float(alpha)
