@@ -12,7 +12,7 @@ from fastdpo.benchmarks import driver, impls, measure
 from fastdpo.benchmarks.impls import Shape
 
 
-#: peers that install and run on CPU (``.ci/run`` installs them); CCE needs CUDA
+#: peers that install and run on CPU (``.ci/run`` installs them); CCE and Liger's head need CUDA
 CPU_IMPLS = {"head": {"naive", "fastdpo", "trl", "torch_lce"}, "logprobs": {"naive", "fastdpo", "trl"},
              "dpo": {"naive", "fastdpo", "liger"}}
 
@@ -34,7 +34,7 @@ def test_quick_run_writes_parseable_outputs(quick_run, capsys):
     meta, results = data["meta"], data["results"]
     assert meta["device"] == "cpu" and meta["dtype"] == "float32"
     assert meta["versions"]["torch"] == torch.__version__ and meta["grads_included"] is True
-    # every peer that installs on CPU ran (2 tiny shapes each); CCE is reported unavailable, not run
+    # every peer that installs on CPU ran (2 tiny shapes each); GPU-only peers are reported unavailable, not run
     by_impl: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         by_impl.setdefault((r["workload"], r["impl"]), []).append(r)
@@ -44,7 +44,10 @@ def test_quick_run_writes_parseable_outputs(quick_run, capsys):
         if name in CPU_IMPLS[workload]:
             assert all(r["status"] == "ok" for r in recs), (workload, name, [r["status"] for r in recs])
         else:
-            assert name == "cce" and all(r["status"] == "unavailable: cce needs CUDA (device is cpu)" for r in recs)
+            # the GPU-only peers (CCE, Liger's Triton head) are reported unavailable, not run
+            (impl,) = [i for i in impls.IMPLS if (i.workload, i.name) == (workload, name)]
+            assert impl.cuda_only, (workload, name)
+            assert all(r["status"] == f"unavailable: {name} needs CUDA (device is cpu)" for r in recs)
     for r in results:
         if r["status"] != "ok":
             continue
