@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fastdpo._dispatch import Backend, resolve_backend
+from fastdpo._launch import KernelLaunch, launch
 from fastdpo._validation import (
     check_float,
     check_index,
@@ -411,15 +412,16 @@ def _fold_tile_torch(
     m.copy_(m_new)
 
 
-def _fold_tile_triton(
+def _fold_launch(
     x: torch.Tensor, st: _Fold, n0: int, n1: int, labels: torch.Tensor, v0: int, spec: _Spec
-) -> None:
+) -> KernelLaunch:
+    """The fold kernel's launch for tile ``x [n1-n0, c]`` (fp32, unit column stride) into rows ``n0:n1`` of ``st``."""
     from fastdpo.kernels.linear_fold import linear_fold_kernel
 
     rows, cols = x.shape
     scale, inv_softcap, out_mult = spec.kernel_consts()
     dummy = st.s
-    linear_fold_kernel[(rows,)](
+    args = (
         x,
         x.stride(0),
         cols,
@@ -436,11 +438,20 @@ def _fold_tile_triton(
         scale,
         inv_softcap,
         out_mult,
-        HAS_SOFTCAP=spec.softcap is not None,
-        STATS=st.stats,
-        ARGMAX=st.argmax,
-        BLOCK_V=min(1024, _next_pow2(cols)),
     )
+    constexprs = {
+        "HAS_SOFTCAP": spec.softcap is not None,
+        "STATS": st.stats,
+        "ARGMAX": st.argmax,
+        "BLOCK_V": min(1024, _next_pow2(cols)),
+    }
+    return KernelLaunch(linear_fold_kernel, (rows,), args, constexprs, 4, x.device)
+
+
+def _fold_tile_triton(
+    x: torch.Tensor, st: _Fold, n0: int, n1: int, labels: torch.Tensor, v0: int, spec: _Spec
+) -> None:
+    launch(_fold_launch(x, st, n0, n1, labels, v0, spec))
 
 
 def _next_pow2(n: int) -> int:
@@ -492,29 +503,23 @@ def _grad_tile_plain(
     return z
 
 
-def _grad_tile_triton(
+def _grad_launch(
     x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, v0: int, spec: _Spec
-) -> torch.Tensor:
+) -> KernelLaunch:
+    """The logit-gradient kernel's launch turning tile ``x [rows, c]`` into d loss / d x in place."""
     from fastdpo.kernels.linear_fold import linear_grad_kernel
 
     rows, cols = x.shape
     scale, inv_softcap, out_mult = spec.kernel_consts()
-    linear_grad_kernel[(rows,)](
-        x,
-        x.stride(0),
-        x,
-        x.stride(0),
-        cols,
-        v0,
-        labels,
-        lse,
-        g,
-        scale,
-        inv_softcap,
-        out_mult,
-        HAS_SOFTCAP=spec.softcap is not None,
-        BLOCK_V=min(1024, _next_pow2(cols)),
-    )
+    args = (x, x.stride(0), x, x.stride(0), cols, v0, labels, lse, g, scale, inv_softcap, out_mult)
+    constexprs = {"HAS_SOFTCAP": spec.softcap is not None, "BLOCK_V": min(1024, _next_pow2(cols))}
+    return KernelLaunch(linear_grad_kernel, (rows,), args, constexprs, 4, x.device)
+
+
+def _grad_tile_triton(
+    x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, v0: int, spec: _Spec
+) -> torch.Tensor:
+    launch(_grad_launch(x, labels, lse, g, v0, spec))
     return x
 
 
