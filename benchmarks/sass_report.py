@@ -11,10 +11,12 @@ pointers), deduplicated, and compiled with ``triton.compile`` for ``GPUTarget("c
 in the Triton wheel. The cubin is read back with the wheel's ``cuobjdump``: registers / stack / shared memory from
 ``-res-usage``, spills as local-memory instructions (``STL`` / ``LDL``) in the SASS.
 
-Hot loop: every backward branch in the SASS closes a loop; the kernel's main loop is its largest. Reported per loop:
+Hot loop: every backward branch in the SASS closes a loop; the kernel's hot loop is the one with the most 128-bit
+loads (then the largest): fallback paths (unaligned rows, zero fill) are the others. Reported per loop:
 SASS instructions, barriers (``BAR``), shuffles (``SHFL``), ``MUFU`` (exp2 / log2 / rcp), global loads and stores with
 their widths, and **instructions per logit element per thread** = loop instructions ÷ (elements per iteration ÷ threads),
-the figure the kernel targets are set in.
+the figure the kernel targets are set in (a loop ptxas unrolled handles a multiple of the block per pass: the
+elements are counted from the loop's global-load bits).
 
 ``--gate`` compiles everything for every ``--arch`` and exits 1 when any specialization fails to compile or spills
 (the CI compile gate, ``tests/test_compile_gate.py``); otherwise the tables are written to
@@ -279,7 +281,7 @@ def _width(mods: str) -> str:
 
 
 def loop_stats(instrs: list[tuple[int, str]]) -> list[LoopStats]:
-    """One entry per backward branch (a loop), largest first."""
+    """One entry per backward branch (a loop), the hot loop first."""
     loops = []
     for addr, ins in instrs:
         m = _BRA.search(ins)
@@ -307,7 +309,9 @@ def loop_stats(instrs: list[tuple[int, str]]) -> list[LoopStats]:
                 stores=stores,
             )
         )
-    return sorted(loops, key=lambda s: -s.instructions)
+    # the hot loop is the one with the most full-width (128-bit) loads; a kernel's fallback paths (unaligned rows,
+    # zero fill) come after it
+    return sorted(loops, key=lambda s: (-s.loads.get("128", 0), -s.instructions))
 
 
 def _run(tool: str, path: str, *flags: str) -> str:
@@ -385,12 +389,27 @@ def compile_all(specs: list[Specialization], archs: tuple[int, ...] = ARCHS, wor
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def per_element(sp: Specialization, st: CompiledStats) -> float | None:
-    """Main-loop SASS instructions per logit element per thread."""
+#: pointer arguments a kernel's hot loop reads once per element (default: its first pointer argument)
+_PER_ELEMENT_LOADS = {"segment_sum_kernel": ("order_ptr", "values_ptr")}
+_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "i64": 64, "i32": 32}
+
+
+def elements_per_iteration(sp: Specialization, st: CompiledStats) -> float | None:
+    """Elements one thread handles per pass through the hot loop: ``BLOCK / threads`` times ptxas' unroll factor,
+    which shows as the loop's global-load bits over the bits one block step reads."""
     if not st.loops or not sp.block:
         return None
-    per_thread = sp.block / (32 * sp.num_warps)
-    return st.loops[0].instructions / per_thread
+    per_step = sp.block / (32 * sp.num_warps)
+    pointers = _PER_ELEMENT_LOADS.get(sp.kernel) or (next(k for k, v in sp.signature.items() if v.startswith("*")),)
+    bits_per_element = sum(_BITS[sp.signature[p][1:]] for p in pointers)
+    loaded = sum(int(w) * n for w, n in st.loops[0].loads.items())
+    return per_step * max(1, round(loaded / (per_step * bits_per_element)))
+
+
+def per_element(sp: Specialization, st: CompiledStats) -> float | None:
+    """Hot-loop SASS instructions per logit element per thread."""
+    elems = elements_per_iteration(sp, st)
+    return None if elems is None else st.loops[0].instructions / elems
 
 
 def _describe(sp: Specialization) -> str:
@@ -418,6 +437,7 @@ def _rows(specs: list[Specialization], results: dict) -> list[dict[str, Any]]:
                 row["error"] = st
             else:
                 row.update(asdict(st))
+                row["elements_per_pass"] = elements_per_iteration(sp, st)
                 row["instr_per_element"] = per_element(sp, st)
             rows.append(row)
     return rows
@@ -485,9 +505,9 @@ def markdown(specs: list[Specialization], results: dict, tag: str, versions: dic
         "specialization the library launches for the enumerated grid, compiled ahead of time for sm_90 and sm_80.",
         "",
         "Columns: registers / stack bytes / shared-memory bytes / spill instructions (STL+LDL) of the cubin; for the "
-        "main (largest) loop: SASS instructions, barriers, shuffles, MUFU ops, global loads and stores by width in "
-        "bits (`2x128` = two 128-bit loads), elements per thread per iteration, and **instr/elem** = loop "
-        "instructions / (elements per iteration / threads).",
+        "hot loop (most 128-bit loads): SASS instructions, barriers, shuffles, MUFU ops, global loads and stores by "
+        "width in bits (`2x128` = two 128-bit loads), logit elements per thread per pass (ptxas' unrolling "
+        "included), and **instr/elem** = loop instructions / elements per thread per pass.",
         "",
     ]
     n_fail = sum(1 for v in results.values() if isinstance(v, str))
@@ -522,7 +542,7 @@ def markdown(specs: list[Specialization], results: dict, tag: str, versions: dic
                 lines.append(
                     f"| sm_{arch} | {_describe(sp)} | {where} | {st.registers} | {st.stack} | {st.shared} | "
                     f"{st.spill_instructions} | " + " | ".join(_loop_cell(st)) + " | "
-                    f"{sp.block / (32 * sp.num_warps):g} | {'-' if ipe is None else f'{ipe:.2f}'} |"
+                    f"{elements_per_iteration(sp, st) or '-'} | {'-' if ipe is None else f'{ipe:.2f}'} |"
                 )
         lines.append("")
     return "\n".join(lines) + "\n"
