@@ -114,7 +114,9 @@ def _logits_layouts(vocab: int, dtype: torch.dtype) -> list[tuple[str, torch.Ten
         ("[2, 5, V] contiguous", _meta(2, 5, vocab, dtype=dtype)),
         ("[N, V] as [1, N, V]", _meta(7, vocab, dtype=dtype).unsqueeze(0)),
         ("logits[:, :-1] of [2, 6, V]", _meta(2, 6, vocab, dtype=dtype)[:, :-1]),
+        ("logits[:, 1:] of [2, 6, V]", _meta(2, 6, vocab, dtype=dtype)[:, 1:]),  # base off the 16-byte grid (odd V)
         ("[3, 1, V] (T = 1)", _meta(3, 1, vocab, dtype=dtype)),
+        ("permuted [V, 2, 5] (vocabulary stride != 1)", _meta(vocab, 2, 5, dtype=dtype).permute(1, 2, 0)),
     ]
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from fastdpo._dispatch import Backend, resolve_backend
-from fastdpo._launch import KernelLaunch, launch
+from fastdpo._launch import KernelLaunch, aligned_base, launch
 from fastdpo._validation import check_float, check_index, check_labels, check_same_device, warn_nonfinite_output
 from fastdpo.segments import check_segments, segment_sum
 
@@ -72,8 +72,10 @@ def _forward_launch(
 
     B, T, V = logits3.shape
     block, warps = _triton_config(V, block_v)
-    args = (logits3, labels, lse, logp, T, V, *logits3.stride(), ignore_index)
-    return KernelLaunch(logprobs_fwd_kernel, (B * T,), args, {"BLOCK_V": block}, warps, logits3.device)
+    base, offset = aligned_base(logits3)
+    args = (base, offset, labels, lse, logp, T, V, *logits3.stride(), ignore_index)
+    meta = {"BLOCK_V": block, "ALIGN": 16 // logits3.element_size()}
+    return KernelLaunch(logprobs_fwd_kernel, (B * T,), args, meta, warps, logits3.device)
 
 
 def _triton_forward(
@@ -101,8 +103,11 @@ def _backward_launch(
 
     B, T, V = logits3.shape
     block, warps = _triton_config(V, block_v)
-    args = (logits3, labels, lse, grad_logp, grad3, T, V, *logits3.stride(), *grad3.stride(), ignore_index)
-    return KernelLaunch(logprobs_bwd_kernel, (B * T,), args, {"BLOCK_V": block}, warps, logits3.device)
+    (base, offset), (gbase, goffset) = aligned_base(logits3), aligned_base(grad3)
+    args = (base, offset, labels, lse, grad_logp, gbase, goffset, T, V, *logits3.stride(), *grad3.stride(),
+            ignore_index)
+    meta = {"BLOCK_V": block, "ALIGN": 16 // min(logits3.element_size(), grad3.element_size())}
+    return KernelLaunch(logprobs_bwd_kernel, (B * T,), args, meta, warps, logits3.device)
 
 
 def _triton_backward(
