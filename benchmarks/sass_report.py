@@ -459,7 +459,54 @@ def _variant(sp: Specialization) -> str:
     ptrs = [v[1:] for k, v in sp.signature.items() if v.startswith("*") and k.split("_")[0] in ("logits", "x", "values",
                                                                                                  "grad", "out")]
     labels = [v[1:] for k, v in sp.signature.items() if k.startswith("labels")]
-    return " ".join(flags + ["/".join(dict.fromkeys(ptrs))] + ([f"labels {labels[0]}"] if labels else []))
+    strided = [k for k in ("stride_v", "gstride_v") if k in sp.signature and sp.constexprs.get(k) != 1]
+    layout = [f"{'+'.join(strided)} != 1"] if strided else []
+    return " ".join(flags + ["/".join(dict.fromkeys(ptrs))] + ([f"labels {labels[0]}"] if labels else []) + layout)
+
+
+#: issue 15's hot-loop targets on sm_90: (kernel, required flags, logits dtype, bound on instr/elem)
+TARGETS = (
+    ("logprobs_fwd_kernel", (), "bf16", 9.5),
+    ("linear_fold_kernel", (), "fp32", 16.0),
+    ("linear_fold_kernel", ("STATS", "ARGMAX"), "fp32", 35.0),
+)
+
+
+def target_specializations(specs: list[Specialization]) -> dict[int, list[Specialization]]:
+    """For each entry of :data:`TARGETS`, its unit-stride specializations."""
+    found: dict[int, list[Specialization]] = {}
+    for i, (kernel, flags, dtype, _) in enumerate(TARGETS):
+        for sp in specs:
+            first_ptr = next(v for v in sp.signature.values() if v.startswith("*"))
+            if (sp.kernel == kernel and first_ptr == f"*{dtype}"
+                    and not ("stride_v" in sp.signature and sp.constexprs.get("stride_v") != 1)
+                    and all(sp.constexprs.get(f) is True for f in flags)
+                    and not any(v is True and k not in flags for k, v in sp.constexprs.items())):
+                found.setdefault(i, []).append(sp)
+    return found
+
+
+def target_results(specs: list[Specialization], results: dict) -> list[dict[str, Any]]:
+    """Each target against its worst specialization on sm_90: instructions per element and barriers in the loop."""
+    out = []
+    for i, group in target_specializations(specs).items():
+        kernel, flags, dtype, bound = TARGETS[i]
+        got = [(per_element(sp, st), st.loops[0].barriers) for sp in group
+               if isinstance(st := results.get((sp.key, 90)), CompiledStats) and st.loops]
+        if got:
+            ipe, bars = max(got)
+            out.append({"kernel": kernel, "variant": f"{' '.join(flags) or 'base'} {dtype}", "bound": bound,
+                        "instr_per_element": round(ipe, 2), "barriers": bars, "met": ipe <= bound and bars == 0})
+    return out
+
+
+def targets_table(specs: list[Specialization], results: dict) -> list[str]:
+    lines = ["## Targets (sm_90, unit vocabulary stride, worst specialization)", "",
+             "| kernel | variant | target instr/elem | measured | BAR in loop | met |", "|---|---|---|---|---|---|"]
+    for t in target_results(specs, results):
+        lines.append(f"| `{t['kernel']}` | {t['variant']} | <= {t['bound']} | {t['instr_per_element']:.2f} | "
+                     f"{t['barriers']} | {'yes' if t['met'] else 'NO'} |")
+    return lines + [""]
 
 
 def summary_table(specs: list[Specialization], results: dict, arch: int) -> list[str]:
@@ -520,6 +567,7 @@ def markdown(specs: list[Specialization], results: dict, tag: str, versions: dic
         f"{n_spill} with spills, at most {max_reg} registers.",
         "",
     ]
+    lines += targets_table(specs, results)
     lines += summary_table(specs, results, 90)
     by_kernel: dict[str, list[Specialization]] = {}
     for sp in specs:
@@ -562,6 +610,10 @@ def gate(archs: tuple[int, ...] = ARCHS, workers: int = 2) -> dict[str, Any]:
     t0 = time.perf_counter()
     specs = enumerate_specializations()
     results = compile_all(specs, archs, workers, sass=False)
+    # the hot-loop targets: disassemble only their specializations (sm_90)
+    targeted = [sp for group in target_specializations(specs).values() for sp in group]
+    results.update(compile_all(targeted, (90,), workers, sass=True) if 90 in archs else {})
+    targets = target_results(specs, results)
     failures = [f"{k[0]} sm_{k[1]}: {v}" for k, v in results.items() if isinstance(v, str)]
     spills = [f"{k[0]} sm_{k[1]}: {v.stack} B stack, {v.local} B local memory"
               for k, v in results.items() if not isinstance(v, str) and (v.spill_instructions or v.local or v.stack)]
@@ -569,7 +621,8 @@ def gate(archs: tuple[int, ...] = ARCHS, workers: int = 2) -> dict[str, Any]:
     for sp in specs:
         kernels.setdefault(sp.kernel, []).append({"constexprs": sp.constexprs, "signature": sp.signature})
     return {
-        "ok": not failures and not spills,
+        "ok": not failures and not spills and all(t["met"] for t in targets),
+        "targets": targets,
         "compiles": len(results),
         "specializations": len(specs),
         "failures": failures,

@@ -59,6 +59,11 @@ def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _vector(t: torch.Tensor) -> int:
+    """Elements per 16-byte vector along the vocabulary (1 when it is strided: scalar slots, no cross-thread work)."""
+    return 16 // t.element_size() if t.stride(-1) == 1 else 1
+
+
 def _forward_launch(
     logits3: torch.Tensor,
     labels: torch.Tensor,
@@ -74,7 +79,7 @@ def _forward_launch(
     block, warps = _triton_config(V, block_v)
     base, offset = aligned_base(logits3)
     args = (base, offset, labels, lse, logp, T, V, *logits3.stride(), ignore_index)
-    meta = {"BLOCK_V": block, "ALIGN": 16 // logits3.element_size()}
+    meta = {"BLOCK_V": block, "ALIGN": _vector(logits3)}
     return KernelLaunch(logprobs_fwd_kernel, (B * T,), args, meta, warps, logits3.device)
 
 
@@ -106,7 +111,7 @@ def _backward_launch(
     (base, offset), (gbase, goffset) = aligned_base(logits3), aligned_base(grad3)
     args = (base, offset, labels, lse, grad_logp, gbase, goffset, T, V, *logits3.stride(), *grad3.stride(),
             ignore_index)
-    meta = {"BLOCK_V": block, "ALIGN": 16 // min(logits3.element_size(), grad3.element_size())}
+    meta = {"BLOCK_V": block, "ALIGN": min(_vector(logits3), _vector(grad3))}
     return KernelLaunch(logprobs_bwd_kernel, (B * T,), args, meta, warps, logits3.device)
 
 
