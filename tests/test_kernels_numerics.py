@@ -341,3 +341,26 @@ def test_cuda_half_gemm_calls_are_valid_schemas(dtype: torch.dtype) -> None:
     assert torch.mm(a, b, out_dtype=torch.float32).dtype == torch.float32
     out = torch.empty(8, 4, dtype=torch.float32, device="meta")
     assert torch.mm(a, b, out_dtype=torch.float32, out=out) is out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_head_rounds_the_logit_gradient_to_the_weight_dtype(backend: str) -> None:
+    """The contract itself: grad_weight = round_bf16(G).T @ hidden summed in fp32, then rounded to bf16 — not the
+    product of the unrounded fp32 G (the two differ by whole bf16 ulps)."""
+    gen = torch.Generator().manual_seed(37)
+    n, d, vocab = 64, 32, 300
+    h = torch.randn(n, d, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(vocab, d, generator=gen) * 0.3).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    g = torch.randn(n, generator=gen)
+    ww = w.clone().requires_grad_(True)
+    out = linear_token_logprobs(h, ww, labels, chunk_size=(32, 128), backend=backend).logprobs
+    (gw,) = torch.autograd.grad((out * g).sum(), [ww])
+    z = h.double() @ w.double().t()
+    grad_z = g.double()[:, None] * (torch.nn.functional.one_hot(labels, vocab).double() - torch.softmax(z, 1))
+    rounded = (grad_z.to(torch.bfloat16).double().t() @ h.double()).to(torch.bfloat16)
+    unrounded = (grad_z.float().double().t() @ h.double()).to(torch.bfloat16)
+    assert not torch.equal(rounded, unrounded)
+    mismatch = (gw != rounded).double().mean().item()
+    assert mismatch <= 0.01, mismatch  # a G element on a rounding tie may land on the other side
+    assert (gw != unrounded).double().mean().item() > 10 * max(mismatch, 0.001)
