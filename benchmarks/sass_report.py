@@ -431,7 +431,7 @@ def _rows(specs: list[Specialization], results: dict) -> list[dict[str, Any]]:
                 continue
             row: dict[str, Any] = {
                 "kernel": sp.kernel,
-                "arch": f"sm_{arch}",
+                "arch": arch,
                 "specialization": _describe(sp),
                 "situations": [asdict(s) for s in sp.situations],
             }
