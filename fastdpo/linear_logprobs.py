@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fastdpo._dispatch import Backend, resolve_backend
+from fastdpo._launch import KernelLaunch, launch
 from fastdpo._validation import (
     check_float,
     check_index,
@@ -268,8 +269,8 @@ def _project_tile(
 ) -> torch.Tensor:
     """``h @ w_tile.T + b_tile`` as an fp32 (fp64 for fp64 inputs) tile, written into ``out`` when given.
 
-    Same-precision inputs go straight to the GEMM (``out=``); half inputs use the fp32-output GEMM on CUDA and are
-    up-cast on CPU (no fast half GEMM there).
+    Same-precision inputs go straight to the GEMM (``out=``); half inputs use the fp32-output GEMM on CUDA (straight
+    into ``out``, no extra tile) and are up-cast on CPU (no fast half GEMM there).
     """
     acc = _compute_dtype(h)
     if h.dtype == acc and w_tile.dtype == acc:
@@ -278,14 +279,16 @@ def _project_tile(
         b = b_tile.to(acc)
         return torch.addmm(b, h, w_tile.t(), out=out) if out is not None else torch.addmm(b, h, w_tile.t())
     if h.device.type == "cuda" and h.dtype == w_tile.dtype:
-        x = torch.mm(h, w_tile.t(), out_dtype=acc)
+        if out is not None:
+            x = torch.mm(h, w_tile.t(), out_dtype=acc, out=out)
+        else:
+            x = torch.mm(h, w_tile.t(), out_dtype=acc)
+    elif out is not None:
+        x = torch.mm(h.to(acc), w_tile.t().to(acc), out=out)
     else:
         x = torch.mm(h.to(acc), w_tile.t().to(acc))
     if b_tile is not None:
         x.add_(b_tile.to(acc))
-    if out is not None:
-        out.copy_(x)
-        return out
     return x
 
 
@@ -458,19 +461,21 @@ def _lse_at_argmax(z: torch.Tensor, logsm: torch.Tensor) -> torch.Tensor:
     return torch.where(zmax == float("-inf"), zmax, zmax - torch.amax(logsm, dim=1).double())
 
 
-def _fold_tile_triton(
-    x: torch.Tensor, st: _Fold, n0: int, n1: int, labels: torch.Tensor, v0: int, spec: _Spec
-) -> None:
+def _fold_launch(
+    x: torch.Tensor, st: _Fold, n0: int, n1: int, labels: torch.Tensor, v0: int, vocab: int, spec: _Spec
+) -> KernelLaunch:
+    """The fold kernel's launch for tile ``x [n1-n0, c]`` (fp32, unit column stride) into rows ``n0:n1`` of ``st``."""
     from fastdpo.kernels.linear_fold import linear_fold_kernel
 
     rows, cols = x.shape
     scale, inv_softcap, out_mult = spec.kernel_consts()
     dummy = st.s
-    linear_fold_kernel[(rows,)](
+    args = (
         x,
         x.stride(0),
         cols,
         v0,
+        vocab,
         labels[n0:n1],
         st.m[n0:n1],
         st.s[n0:n1],
@@ -478,16 +483,25 @@ def _fold_tile_triton(
         st.t[n0:n1] if st.stats else dummy,
         st.s2[n0:n1] if st.stats else dummy,
         st.zsum[n0:n1] if st.stats else dummy,
-        st.amax[n0:n1] if st.argmax else dummy,
         st.aidx[n0:n1] if st.argmax else labels,
         scale,
         inv_softcap,
         out_mult,
-        HAS_SOFTCAP=spec.softcap is not None,
-        STATS=st.stats,
-        ARGMAX=st.argmax,
-        BLOCK_V=min(1024, _next_pow2(cols)),
     )
+    constexprs = {
+        "HAS_SOFTCAP": spec.softcap is not None,
+        "STATS": st.stats,
+        "ARGMAX": st.argmax,
+        "BLOCK_V": min(1024, max(16, _next_pow2(cols))),
+        "ALIGN": 16 // x.element_size(),
+    }
+    return KernelLaunch(linear_fold_kernel, (rows,), args, constexprs, 4, x.device)
+
+
+def _fold_tile_triton(
+    x: torch.Tensor, st: _Fold, n0: int, n1: int, labels: torch.Tensor, v0: int, vocab: int, spec: _Spec
+) -> None:
+    launch(_fold_launch(x, st, n0, n1, labels, v0, vocab, spec))
 
 
 def _next_pow2(n: int) -> int:
@@ -549,30 +563,52 @@ def _lse_split(lse: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch
     return hi, torch.exp(hi.double() - lse).to(acc)
 
 
-def _grad_tile_triton(
-    x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, v0: int, spec: _Spec
-) -> torch.Tensor:
+def _grad_launch(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    labels: torch.Tensor,
+    hi: torch.Tensor,
+    r: torch.Tensor,
+    g: torch.Tensor,
+    v0: int,
+    vocab: int,
+    spec: _Spec,
+) -> KernelLaunch:
+    """The logit-gradient kernel's launch: raw fp32 tile ``x [rows, c]`` -> d loss / d x in ``out`` (``x`` itself, or
+    a buffer of the GEMM operand dtype with ``x``'s strides). ``(hi, r)`` is the row's logsumexp split by
+    :func:`_lse_split` (fp32 ``[rows]`` each)."""
     from fastdpo.kernels.linear_fold import linear_grad_kernel
 
+    if out.stride() != x.stride() or x.stride(1) != 1:
+        raise ValueError(f"the logit-gradient kernel needs out with x's strides and unit column stride, got "
+                         f"{out.stride()} and {x.stride()}")
     rows, cols = x.shape
     scale, inv_softcap, out_mult = spec.kernel_consts()
-    linear_grad_kernel[(rows,)](
-        x,
-        x.stride(0),
-        x,
-        x.stride(0),
-        cols,
-        v0,
-        labels,
-        lse,
-        g,
-        scale,
-        inv_softcap,
-        out_mult,
-        HAS_SOFTCAP=spec.softcap is not None,
-        BLOCK_V=min(1024, _next_pow2(cols)),
-    )
-    return x
+    args = (x, x.stride(0), out, cols, v0, vocab, labels, hi, r, g, scale, inv_softcap, out_mult)
+    constexprs = {
+        "HAS_SOFTCAP": spec.softcap is not None,
+        "BLOCK_V": min(1024, max(16, _next_pow2(cols))),
+        "ALIGN": 16 // min(x.element_size(), out.element_size()),
+    }
+    return KernelLaunch(linear_grad_kernel, (rows,), args, constexprs, 4, x.device)
+
+
+def _grad_tile_triton(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    hi: torch.Tensor,
+    r: torch.Tensor,
+    g: torch.Tensor,
+    v0: int,
+    vocab: int,
+    spec: _Spec,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """d loss / d x of tile ``x`` written straight in ``out_dtype`` (the GEMM operand dtype): in place when that is
+    ``x``'s dtype, else into a buffer with ``x``'s strides (same alignment per row: vector loads and stores)."""
+    out = x if out_dtype == x.dtype else torch.empty_strided(x.shape, x.stride(), dtype=out_dtype, device=x.device)
+    launch(_grad_launch(x, out, labels, hi, r, g, v0, vocab, spec))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -631,7 +667,7 @@ def _forward_sweep(
             out = buf[:rows, :cols]
         x = _project_tile(h_p[n0:n1], w[v0:v1], None if b_p is None else b_p[v0:v1], out)
         if triton:
-            _fold_tile_triton(x, st, n0, n1, labels, v0, spec)
+            _fold_tile_triton(x, st, n0, n1, labels, v0, vocab, spec)
         else:
             assert hits is not None
             _fold_tile_torch(
@@ -693,20 +729,21 @@ def _backward_sweep(
     h_p, b_p, tile_is_z = _projection_operands(h, b, spec)
     h_acc = h if (h.dtype == acc or h.device.type == "cuda") else h.to(acc)
     g = torch.where(_out_of_vocab(labels, vocab), 0.0, g.to(acc))
-    row_scale: torch.Tensor | None = None
-    if triton:
-        gc = g.contiguous()
-        lse_k = lse.to(torch.float32).contiguous()
-    else:
-        gc = g * (spec.scale / spec.temperature)
-        hi, r = _lse_split(lse, acc)
+    gemm_dtype = _gemm_dtype(w, acc)
+    row_scale: torch.Tensor | None = None  # per-row factor carried by the [n, D] GEMM operands
+    tile_scale: torch.Tensor | None = None  # per-row factor applied to the tile before it is rounded
+    hi, r = _lse_split(lse, acc)
+    gc = g.contiguous() if triton else g * (spec.scale / spec.temperature)
     if not triton and tile_is_z:
-        # d/dx = -gc * r * E' (see _grad_tile_plain): the row factor moves onto the [n, D] operands.
+        # d/dx = -gc * r * E' (see _grad_tile_plain). In full precision the row factor moves onto the [n, D]
+        # operands; a half-precision GEMM operand must be the rounded gradient itself (the contract of _mm_acc), so
+        # there the tile is scaled before it is rounded.
         inv_r = 1.0 / r
-        row_scale = -gc * r
-        h_w = h_acc * row_scale.unsqueeze(1)
-    else:
-        h_w = h_acc
+        if gemm_dtype == acc:
+            row_scale = -gc * r
+        else:
+            tile_scale = (-gc * r).unsqueeze(1)
+    h_w = h_acc if row_scale is None else h_acc * row_scale.unsqueeze(1)
     full = (min(tok, n), voc)
     # a consumed full-size kept tile becomes the recompute buffer (one tile less at the backward's peak)
     buf: torch.Tensor | None = None
@@ -721,20 +758,25 @@ def _backward_sweep(
         elif buf is None and tuple(x.shape) == full:
             buf = x
         if triton:
-            G = _grad_tile_triton(x, labels[n0:n1], lse_k[n0:n1], gc[n0:n1], v0, spec)
+            G = _grad_tile_triton(
+                x, labels[n0:n1], hi[n0:n1], r[n0:n1], gc[n0:n1], v0, vocab, spec, gemm_dtype
+            )
         elif tile_is_z:
             G = _grad_tile_plain(x, hi[n0:n1], inv_r[n0:n1], hits.get(ti, vj, n0, v0))  # type: ignore[union-attr]
+            if tile_scale is not None:
+                G.mul_(tile_scale[n0:n1])
         else:
             assert hits is not None and scratch is not None
             G = _grad_tile_softcap(
                 x, hi[n0:n1], gc[n0:n1], r[n0:n1], hits.get(ti, vj, n0, v0), spec, scratch[:rows, :cols]
             )
+        G = G.to(gemm_dtype)  # the precision contract of the half-precision head: see _mm_acc
         if need_b:
             assert grad_b is not None
             if row_scale is None:
-                grad_b[v0:v1] += G.sum(dim=0)
+                grad_b[v0:v1] += G.sum(dim=0, dtype=acc)
             else:
-                grad_b[v0:v1] += torch.mv(G.t(), row_scale[n0:n1])
+                grad_b[v0:v1] += torch.mv(G.t().to(acc), row_scale[n0:n1])
         w_tile = w[v0:v1]
         if need_h:
             assert grad_h is not None
@@ -745,7 +787,7 @@ def _backward_sweep(
         if need_w:
             assert grad_w is not None
             dst = grad_w[v0:v1]
-            if h_w.dtype == acc:
+            if h_w.dtype == acc and G.dtype == acc:
                 if fresh_w and ti == 0:
                     torch.mm(G.t(), h_w[n0:n1], out=dst)
                 else:
@@ -781,11 +823,24 @@ def _projection_operands(
     return h * c, None if b is None else b.to(acc) * c, True
 
 
+def _gemm_dtype(w: torch.Tensor, acc: torch.dtype) -> torch.dtype:
+    """dtype of the logit-gradient tile as a GEMM operand: the weight's when it is half precision, else ``acc``."""
+    return w.dtype if w.dtype in (torch.float16, torch.bfloat16) else acc
+
+
 def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``a @ b`` accumulated in ``acc`` where ``a`` is fp32 and ``b`` is half (CUDA: half GEMM with fp32 output)."""
-    if a.device.type == "cuda":
-        return torch.mm(a.to(b.dtype), b, out_dtype=acc)
-    return torch.mm(a, b.to(acc))
+    """``a @ b`` accumulated in ``acc`` (fp32) for half-precision operands, one behaviour on every device.
+
+    Precision contract of the half-precision head's backward: the logit-gradient tile is rounded to the weight's
+    dtype before the two GEMMs (as in every peer: the autograd of a bf16 ``hidden @ weight.T``), the products are
+    exact in fp32 (a product of two half values fits fp32's mantissa) and accumulate in fp32, and the gradients of
+    hidden, weight and bias accumulate in fp32 across tiles. CUDA runs the half GEMM with an fp32 output
+    (``out_dtype``, torch >= 2.8, no up-cast copies); elsewhere the operands are up-cast exactly and the fp32 GEMM
+    computes the same sums (CPU has no ``out_dtype`` GEMM).
+    """
+    if a.device.type == "cuda" and a.dtype == b.dtype and a.dtype != acc:
+        return torch.mm(a, b, out_dtype=acc)
+    return torch.mm(a.to(acc), b.to(acc))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from fastdpo._dispatch import Backend, resolve_backend
+from fastdpo._launch import KernelLaunch, aligned_base, launch
 from fastdpo._validation import (
     check_float,
     check_index,
@@ -65,21 +66,60 @@ def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _vector(t: torch.Tensor) -> int:
+    """Elements per 16-byte vector along the vocabulary (1 when it is strided: scalar slots, no cross-thread work)."""
+    return 16 // t.element_size() if t.stride(-1) == 1 else 1
+
+
+def _forward_launch(
+    logits3: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    logp: torch.Tensor,
+    ignore_index: int,
+    block_v: int | None,
+) -> KernelLaunch:
+    """The forward kernel's launch for ``logits3 [B, T, V]`` (any strides) and ``labels [B*T]`` (int32/int64)."""
+    from fastdpo.kernels.logprobs import logprobs_fwd_kernel
+
+    B, T, V = logits3.shape
+    block, warps = _triton_config(V, block_v)
+    base, offset = aligned_base(logits3)
+    args = (base, offset, labels, lse, logp, T, V, *logits3.stride(), ignore_index)
+    meta = {"BLOCK_V": block, "ALIGN": _vector(logits3)}
+    return KernelLaunch(logprobs_fwd_kernel, (B * T,), args, meta, warps, logits3.device)
+
+
 def _triton_forward(
     logits3: torch.Tensor, labels: torch.Tensor, ignore_index: int, block_v: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits3 [B, T, V]`` (any strides), ``labels [B*T]`` int64 -> ``(lse [B*T] fp32, logp [B*T] fp32)``."""
-    from fastdpo.kernels.logprobs import logprobs_fwd_kernel
-
-    B, T, V = logits3.shape
-    n = B * T
-    block, warps = _triton_config(V, block_v)
+    n = logits3.shape[0] * logits3.shape[1]
     lse = torch.empty(n, dtype=torch.float32, device=logits3.device)
     logp = torch.empty(n, dtype=torch.float32, device=logits3.device)
-    logprobs_fwd_kernel[(n,)](
-        logits3, labels, lse, logp, T, V, *logits3.stride(), ignore_index, BLOCK_V=block, num_warps=warps
-    )
+    launch(_forward_launch(logits3, labels, lse, logp, ignore_index, block_v))
     return lse, logp
+
+
+def _backward_launch(
+    logits3: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad3: torch.Tensor,
+    ignore_index: int,
+    block_v: int | None,
+) -> KernelLaunch:
+    """The backward kernel's launch writing into ``grad3 [B, T, V]`` (may be ``logits3``)."""
+    from fastdpo.kernels.logprobs import logprobs_bwd_kernel
+
+    B, T, V = logits3.shape
+    block, warps = _triton_config(V, block_v)
+    (base, offset), (gbase, goffset) = aligned_base(logits3), aligned_base(grad3)
+    args = (base, offset, labels, lse, grad_logp, gbase, goffset, T, V, *logits3.stride(), *grad3.stride(),
+            ignore_index)
+    meta = {"BLOCK_V": block, "ALIGN": min(_vector(logits3), _vector(grad3))}
+    return KernelLaunch(logprobs_bwd_kernel, (B * T,), args, meta, warps, logits3.device)
 
 
 def _triton_backward(
@@ -92,24 +132,7 @@ def _triton_backward(
     block_v: int | None,
 ) -> None:
     """Write ``grad_logp[r] * (onehot - softmax)`` of every row into ``grad3 [B, T, V]`` (may be ``logits3``)."""
-    from fastdpo.kernels.logprobs import logprobs_bwd_kernel
-
-    B, T, V = logits3.shape
-    block, warps = _triton_config(V, block_v)
-    logprobs_bwd_kernel[(B * T,)](
-        logits3,
-        labels,
-        lse,
-        grad_logp,
-        grad3,
-        T,
-        V,
-        *logits3.stride(),
-        *grad3.stride(),
-        ignore_index,
-        BLOCK_V=block,
-        num_warps=warps,
-    )
+    launch(_backward_launch(logits3, labels, lse, grad_logp, grad3, ignore_index, block_v))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from fastdpo._dispatch import Backend, resolve_backend
+from fastdpo._launch import KernelLaunch, launch
 from fastdpo._validation import check_float, check_index, check_same_device
 
 
@@ -110,12 +111,20 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _segment_sum_triton(values: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, block: int) -> torch.Tensor:
+def _segment_sum_launch(
+    values: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor, block: int
+) -> KernelLaunch:
+    """The segment-sum kernel's launch: one program per segment (``offsets [S+1]``), writing ``out [S]`` fp32."""
     from fastdpo.kernels.segment_sum import segment_sum_kernel
 
     num_segments = offsets.shape[0] - 1
-    out = torch.empty(num_segments, dtype=torch.float32, device=values.device)
-    segment_sum_kernel[(num_segments,)](values, order, offsets, out, BLOCK=block, num_warps=4)
+    return KernelLaunch(segment_sum_kernel, (num_segments,), (values, order, offsets, out), {"BLOCK": block}, 4,
+                        values.device)
+
+
+def _segment_sum_triton(values: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, block: int) -> torch.Tensor:
+    out = torch.empty(offsets.shape[0] - 1, dtype=torch.float32, device=values.device)
+    launch(_segment_sum_launch(values, order, offsets, out, block))
     return out
 
 

@@ -6,23 +6,22 @@ For one token row ``x = logits[row, :]`` (``V`` entries) with label ``y``:
     logp       = x_y - lse                       (the token's log-probability)
     dlogp/dx_j = onehot(y)_j - softmax(x)_j      = [j == y] - exp(x_j - lse)
 
-Forward (:func:`logprobs_fwd_kernel`): one program per token row, one pass over the row in blocks of ``BLOCK_V``
-columns with the online (streaming) log-sum-exp:
+Forward (:func:`logprobs_fwd_kernel`): one program per token row, one pass over the row with the online
+log-sum-exp of :mod:`fastdpo.kernels._rows` (aligned 128-bit loads for any ``V``, per-thread running max and sum,
+exp2 domain, one reduction after the loop). The target logit is one scalar load. It writes ``lse`` and ``logp``
+(fp32, one value per row): the O(N) state the backward needs besides the logits. Rows whose label is
+``ignore_index`` are skipped (``lse = logp = 0``); a label outside ``[0, V)`` (only possible with validation off)
+gives ``logp = NaN`` and is never used as an address.
 
-    m_new = max(m, max(block))                   (running max, identity -inf)
-    s     = s * exp(m - m_new) + sum(exp(block - m_new))
-    lse   = m + log(s)                           (after the last block)
+Backward (:func:`logprobs_bwd_kernel`): one program per row writing ``grad[row, j] = -g * exp(x_j - lse)`` for every
+``j`` in one pass, then — after a barrier, so no other thread's write of that element can land later — the label
+element ``g * (1 - exp(x_y - lse))`` from ``x_y`` read before the pass (no per-element one-hot compare). Ignored and
+out-of-range rows get exact zeros. The gradient buffer may be the logits buffer itself (in-place backward): each
+element is read before it is written by the same thread.
 
-It writes ``lse`` and ``logp`` (both fp32, one value per row): the O(N) state the backward needs besides the
-logits themselves. Rows whose label is ``ignore_index`` are skipped (``lse = logp = 0``).
-
-Backward (:func:`logprobs_bwd_kernel`): one program per row, one pass writing
-``grad[row, j] = g[row] * ([j == y] - exp(x_j - lse))`` in the gradient buffer's dtype; ignored rows get zeros.
-The gradient buffer may be the logits buffer itself (in-place backward): each element is read before it is written
-by the same program, so this is safe.
-
-Logits are addressed as ``[B, T, V]`` with arbitrary strides (row ``r`` is ``(r // T, r % T)``), so slices such as
-``logits[:, :-1]`` need no copy. Offsets are int64 (``N * V`` overflows int32 at real sizes).
+Logits are addressed as ``[B, T, V]`` with arbitrary strides (row ``r`` is ``(r // T, r % T)``): slices such as
+``logits[:, :-1]`` need no copy. The row base offset is int64 (``N * V`` overflows int32 at real sizes); offsets inside
+a row are int32.
 """
 
 from __future__ import annotations
@@ -30,11 +29,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fastdpo.kernels._rows import LN2, LOG2E, M_INIT, edge_offsets, lse_finish, lse_update, row_layout, tile_offsets
 
-@triton.jit
+# Row geometry arguments are not specialized on divisibility: alignment is handled in the kernel (row_layout), so one
+# compiled kernel serves every V / T / stride (fewer JIT compiles; a unit column stride is still specialized).
+_NO_SPEC = ["x_off", "T", "V", "stride_b", "stride_t", "ignore_index"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
 def logprobs_fwd_kernel(
-    logits_ptr,  # [B, T, V] float16 / bfloat16 / float32, any strides
-    labels_ptr,  # [B * T] int64, contiguous
+    logits_ptr,  # [B, T, V] float16 / bfloat16 / float32, any strides, from element x_off (see aligned_base)
+    x_off,
+    labels_ptr,  # [B * T] int32 / int64, contiguous
     lse_ptr,  # out: [B * T] float32
     logp_ptr,  # out: [B * T] float32
     T,
@@ -43,29 +49,34 @@ def logprobs_fwd_kernel(
     stride_t,
     stride_v,
     ignore_index,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # logits per loop step
+    ALIGN: tl.constexpr,  # logits per 16 bytes
 ):
     row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    row_ptr = logits_ptr + b * stride_b + t * stride_t
     label = tl.load(labels_ptr + row).to(tl.int64)
-
     if label != ignore_index:
-        offs = tl.arange(0, BLOCK_V)
-        m = float("-inf")  # running max (identity -inf: all-negative logits are normal)
-        s = 0.0  # running sum of exp(x - m)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            # Shift by 0 while every logit so far is -inf (e.g. a masked vocabulary block): exp(-inf - 0) = 0
-            # instead of exp(-inf + inf) = NaN. Masked tail columns also contribute exp(-inf) = 0.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-            m = m_new
-        lse = m + tl.log(s)
-        target = tl.load(row_ptr + label * stride_v).to(tl.float32)
+        b = row // T
+        r0 = x_off + b * stride_b + (row - b * T) * stride_t  # int64 row base
+        start, head, n_body = row_layout(r0, V, stride_v, ALIGN)
+        body = logits_ptr + start
+        offs = tile_offsets(BLOCK_V, ALIGN)
+        m = tl.full([BLOCK_V // ALIGN], M_INIT, tl.float32)  # per-slot running max
+        s = tl.zeros([BLOCK_V // ALIGN], tl.float32)  # per-slot sum of exp(x - m)
+        n_full = n_body // BLOCK_V * BLOCK_V
+        for k in range(0, n_full, BLOCK_V):  # full blocks: unmasked 128-bit loads, no barrier
+            # (block base) + (constant offsets): each address is base + immediate, even for scalar loads
+            x = tl.load((body + k * stride_v) + offs * stride_v).to(tl.float32)
+            m, s = lse_update(x, m, s)
+        cols = n_full + offs  # the partial last block of the body (masked per 16-byte vector)
+        x = tl.load(body + cols * stride_v, mask=cols < n_body, other=float("-inf")).to(tl.float32)
+        m, s = lse_update(x, m, s)
+        j, ok = edge_offsets(head, n_body, V, ALIGN)
+        xe = tl.load(logits_ptr + r0 + j * stride_v, mask=ok, other=float("-inf")).to(tl.float32)
+        mx, total = lse_finish(m, s, xe)
+        lse = mx + tl.log2(total) * LN2
+        in_range = (label >= 0) & (label < V)
+        safe = tl.where(in_range, label, 0)
+        target = tl.load(logits_ptr + r0 + safe * stride_v, mask=in_range, other=float("nan")).to(tl.float32)
         tl.store(lse_ptr + row, lse)
         tl.store(logp_ptr + row, target - lse)
     else:  # not a completion token: log-prob 0 (and the backward writes a zero gradient)
@@ -74,12 +85,51 @@ def logprobs_fwd_kernel(
 
 
 @triton.jit
+def _grad_pass(x_ptr, g_ptr, r0, g0, start, gstart, head, n_body, V, stride_v, gstride_v, lse, neg_g,
+               BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, ALIGNED: tl.constexpr):
+    """``grad[g0 + j] = -g * exp(x[r0 + j] - lse)`` for the whole row: the body from element ``head`` (at ``start``
+    in ``x``, ``gstart`` in ``grad``), then the edges. ``ALIGNED``: both body starts are 16-byte aligned (vector
+    tiles); otherwise a flat block, so loads and stores share one register layout (no shuffle through shared memory)."""
+    out_ty = g_ptr.dtype.element_ty
+    if ALIGNED:
+        offs = tile_offsets(BLOCK_V, ALIGN)
+    else:
+        offs = tl.arange(0, BLOCK_V)
+    n_full = n_body // BLOCK_V * BLOCK_V
+    for k in range(0, n_full, BLOCK_V):
+        x = tl.load(x_ptr + start + (k + offs) * stride_v).to(tl.float32)
+        tl.store(g_ptr + gstart + (k + offs) * gstride_v, (neg_g * tl.exp2((x - lse) * LOG2E)).to(out_ty))
+    cols = n_full + offs
+    mask = cols < n_body
+    x = tl.load(x_ptr + start + cols * stride_v, mask=mask, other=0.0).to(tl.float32)
+    tl.store(g_ptr + gstart + cols * gstride_v, (neg_g * tl.exp2((x - lse) * LOG2E)).to(out_ty), mask=mask)
+    j, ok = edge_offsets(head, n_body, V, ALIGN)
+    xe = tl.load(x_ptr + r0 + j * stride_v, mask=ok, other=0.0).to(tl.float32)
+    tl.store(g_ptr + g0 + j * gstride_v, (neg_g * tl.exp2((xe - lse) * LOG2E)).to(out_ty), mask=ok)
+
+
+@triton.jit
+def _zero_row(g_ptr, g0, V, gstride_v, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr):
+    """``grad[g0 + j] = 0`` for ``j < V`` (aligned vector stores like a read pass)."""
+    gstart, head, n_body = row_layout(g0, V, gstride_v, ALIGN)
+    offs = tile_offsets(BLOCK_V, ALIGN)
+    zeros = tl.zeros([BLOCK_V // ALIGN, ALIGN], dtype=g_ptr.dtype.element_ty)
+    for k in range(0, n_body, BLOCK_V):
+        cols = k + offs
+        tl.store(g_ptr + gstart + cols * gstride_v, zeros, mask=cols < n_body)
+    j, ok = edge_offsets(head, n_body, V, ALIGN)
+    tl.store(g_ptr + g0 + j * gstride_v, tl.zeros([2 * ALIGN], dtype=g_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC + ["g_off", "gstride_b", "gstride_t"])
 def logprobs_bwd_kernel(
-    logits_ptr,  # [B, T, V] float, any strides (read)
-    labels_ptr,  # [B * T] int64, contiguous
+    logits_ptr,  # [B, T, V] float, any strides (read), from element x_off
+    x_off,
+    labels_ptr,  # [B * T] int32 / int64, contiguous
     lse_ptr,  # [B * T] float32, from the forward
     grad_logp_ptr,  # [B * T] float32: dL/dlogp per token
-    grad_ptr,  # out: [B, T, V] in the logits dtype, any strides (may alias logits_ptr)
+    grad_ptr,  # out: [B, T, V] float, any strides (may alias logits_ptr), from element g_off
+    g_off,
     T,
     V,
     stride_b,
@@ -90,29 +140,29 @@ def logprobs_bwd_kernel(
     gstride_v,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,  # elements per 16 bytes of the narrower of logits and grad
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
-    row_ptr = logits_ptr + b * stride_b + t * stride_t
-    grad_row_ptr = grad_ptr + b * gstride_b + t * gstride_t
+    r0 = x_off + b * stride_b + t * stride_t
+    g0 = g_off + b * gstride_b + t * gstride_t
     label = tl.load(labels_ptr + row).to(tl.int64)
-    offs = tl.arange(0, BLOCK_V)
-
-    if label != ignore_index:
+    if (label >= 0) & (label < V) & (label != ignore_index):
         g = tl.load(grad_logp_ptr + row).to(tl.float32)
         lse = tl.load(lse_ptr + row)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            mask = cols < V
-            x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=mask, other=float("-inf")).to(tl.float32)
-            p = tl.exp(x - lse)  # softmax(x)_j (0 on masked tail columns)
-            onehot = tl.where(cols == label, 1.0, 0.0)
-            dx = g * (onehot - p)
-            tl.store(grad_row_ptr + cols.to(tl.int64) * gstride_v, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+        x_label = tl.load(logits_ptr + r0 + label * stride_v).to(tl.float32)  # read before the pass may clobber it
+        start, head, n_body = row_layout(r0, V, stride_v, ALIGN)
+        if ((g0 - r0) % ALIGN == 0) & (stride_v == 1) & (gstride_v == 1):  # same alignment in both: vector stores
+            gstart = tl.multiple_of(g0 + (start - r0), ALIGN)
+            _grad_pass(logits_ptr, grad_ptr, r0, g0, start, gstart, head, n_body, V, stride_v, gstride_v, lse, -g,
+                       BLOCK_V, ALIGN, True)
+        else:  # rare (e.g. a sliced logits view and a fresh gradient buffer of another row stride)
+            _grad_pass(logits_ptr, grad_ptr, r0, g0, r0 + head, g0 + head, head, n_body, V, stride_v, gstride_v,
+                       lse, -g, BLOCK_V, ALIGN, False)
+        tl.debug_barrier()  # every thread's write of the label element has landed
+        dx_label = g - g * tl.exp2((x_label - lse) * LOG2E)
+        tl.store(grad_ptr + g0 + label * gstride_v, dx_label.to(grad_ptr.dtype.element_ty))
     else:
-        # No completion token here: the gradient is exactly zero (never g * 0 * inf).
-        zeros = tl.zeros((BLOCK_V,), dtype=grad_ptr.dtype.element_ty)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            tl.store(grad_row_ptr + cols.to(tl.int64) * gstride_v, zeros, mask=cols < V)
+        # No completion token (or an out-of-range label): the gradient is exactly zero (never g * 0 * inf).
+        _zero_row(grad_ptr, g0, V, gstride_v, BLOCK_V, ALIGN)

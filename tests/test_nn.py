@@ -293,8 +293,11 @@ def test_half_precision_error_no_worse_than_liger(dtype: torch.dtype) -> None:
         out += [float((g.double() - t).abs().max() / t.abs().max()) for g, t in zip(res[2], truth[2], strict=True)]
         return out
 
+    # both round the logit gradient to ``dtype`` before the GEMMs (the half-precision contract), so a gradient entry
+    # may land one rounding away from Liger's: the tolerance is a tenth of the dtype's relative resolution
+    tol = 0.1 * torch.finfo(dtype).eps
     for mine, liger in zip(errors(ours), errors(theirs), strict=True):
-        assert mine <= liger + 1e-5, (errors(ours), errors(theirs))
+        assert mine <= liger + tol, (errors(ours), errors(theirs))
 
 
 def test_grad_in_forward_path_is_taken_for_pair_local_losses_only() -> None:
