@@ -257,6 +257,7 @@ class DPOEngine:
         for hf_model in models:  # before any collective: a clear error on every rank
             check_heads(hf_model.config, size)
         sp = SequenceParallel(size, group, attn_impl=self.attn_impl)
+        sp.check_wrapper(self.model)
         for hf_model in models:
             sp.prepare(hf_model)
         return sp
@@ -519,6 +520,8 @@ class DPOEngine:
         """
         num_pairs = self._check_batch(batch)
         parts = self._policy_parts_for(model)
+        if self.sequence_parallel is not None:
+            self.sequence_parallel.check_wrapper(parts.model)
         self._check_device(parts, batch)
         self._in_step = True
         try:

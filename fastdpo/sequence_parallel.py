@@ -129,12 +129,28 @@ def sum_over_group(x: torch.Tensor, group: Any, grad_scale: float) -> torch.Tens
     return _SumOverGroup.apply(x, group, float(grad_scale))
 
 
-def average_gradients(model: nn.Module, group: Any) -> None:
-    """Average the ``.grad`` of every parameter of ``model`` over ``group`` (in place, one all-reduce per dtype and
-    device). For a sequence-parallel group without a data-parallel wrapper: after it, the gradients equal the
-    single-process ones. Raises ``TypeError`` for ``DTensor`` (FSDP2) or sparse gradients: the wrapper reduces those.
+def average_gradients(model: nn.Module, group: Any, bucket_bytes: int = 25 * 2**20) -> None:
+    """Average the ``.grad`` of every parameter of ``model`` over ``group`` (in place; one all-reduce per bucket of at
+    most ``bucket_bytes`` of same-dtype, same-device gradients -- DDP's default bucket size -- or per larger
+    gradient). For a sequence-parallel group without a data-parallel wrapper: after it, the gradients equal the
+    single-process ones. Raises ``TypeError`` for ``DTensor`` (FSDP2) or sparse gradients: their wrapper reduces them.
     """
+    size = dist.get_world_size(group)
     buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+
+    def flush(grads: list[torch.Tensor]) -> None:
+        if len(grads) == 1:
+            dist.all_reduce(grads[0], group=group)
+            grads[0].div_(size)
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     for p in model.parameters():
         g = p.grad
         if g is None:
@@ -142,17 +158,14 @@ def average_gradients(model: nn.Module, group: Any) -> None:
         if type(g).__name__ == "DTensor" or g.is_sparse:
             raise TypeError(f"average_gradients handles dense local gradients; got a {type(g).__name__}"
                             f"{' (sparse)' if g.is_sparse else ''} -- its FSDP2/DDP wrapper reduces it")
-        buckets.setdefault((g.dtype, g.device), []).append(g)
-    size = dist.get_world_size(group)
-    for grads in buckets.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        flat.div_(size)
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset:offset + n].view_as(g))
-            offset += n
+        bucket = buckets.setdefault((g.dtype, g.device), [])
+        if bucket and (sum(t.numel() for t in bucket) + g.numel()) * g.element_size() > bucket_bytes:
+            flush(bucket)
+            bucket.clear()
+        bucket.append(g)
+    for bucket in buckets.values():
+        if bucket:
+            flush(bucket)
 
 
 def pad_batch(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
@@ -294,6 +307,20 @@ class SequenceParallel:
         """Switch ``hf_model`` (the Hugging Face model, wrappers removed) to Ulysses attention; returns the
         underlying implementation. Raises ``ValueError`` when its heads do not split over the group."""
         return enable_ulysses_attention(hf_model, self.size)
+
+    @staticmethod
+    def check_wrapper(model: nn.Module) -> None:
+        """Raise ``ValueError`` for a ``DistributedDataParallel`` wrapper that does not span every rank: the gradient
+        convention (module docstring) needs the wrapper's mean over all ``dp × sp`` ranks."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(model, DistributedDataParallel):
+            size, world = dist.get_world_size(model.process_group), dist.get_world_size()
+            if size != world:
+                raise ValueError(
+                    f"the DistributedDataParallel wrapper spans {size} of {world} ranks; with sequence parallelism it "
+                    "must average over all ranks (data-parallel x sequence-parallel): build it with the default group"
+                )
 
     def clear(self) -> None:
         """Drop the cached shard (the engine calls it when a step ends)."""

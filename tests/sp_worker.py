@@ -14,7 +14,8 @@ collated batch of a case; data-parallel rank ``rank // sp`` keeps its contiguous
 * ``ddp``: ``DistributedDataParallel`` over all ``W`` ranks;
 * ``fsdp2``: ``fully_shard`` per decoder layer and on the root, over a 1-D mesh of all ``W`` ranks;
 * ``nosync``: no wrapper and no reduction call (the raw per-rank gradients, to show the comparison can fail);
-* ``mismatch``: rank ``1`` of each group gets a different batch (the engine must refuse it on every rank).
+* ``mismatch``: rank ``1`` of each group gets a different batch (the engine must refuse it on every rank);
+* ``ddp_subgroup``: ``DistributedDataParallel`` over each rank alone (the engine must refuse it).
 
 The job ``sum_over_group:grad`` checks :func:`fastdpo.sequence_parallel.sum_over_group`'s gradient convention.
 
@@ -94,17 +95,75 @@ def _model_with_kv_heads(tiny: Any, arch: str, tok: Any, attn: str, kv_heads: in
 
 
 def sum_over_group_grads(world: int) -> dict[str, Any]:
-    """``sum_over_group``'s gradient convention: with the same loss of the sum on every rank, each rank's addend
-    gets ``k`` times the loss gradient (so the group mean is the single-process gradient), not the group sum of the
-    gradients that an autograd all-reduce would give."""
+    """``sum_over_group``'s gradient convention: each rank's addend gets ``k`` times the gradient of *this rank's*
+    loss of the sum (no collective in backward; the engine's losses are identical on every rank, so the group mean is
+    the single-process gradient). Rank-dependent loss weights tell it apart from an autograd all-reduce, whose
+    backward would hand every rank the sum of all ranks' gradients."""
     from fastdpo.sequence_parallel import sum_over_group
 
     rank = dist.get_rank()
     x = (torch.arange(5, dtype=torch.float64) + 10 * rank).requires_grad_(True)
-    weights = torch.tensor([1.0, -2.0, 3.0, 0.5, 4.0], dtype=torch.float64)
+    weights = torch.tensor([1.0, -2.0, 3.0, 0.5, 4.0], dtype=torch.float64) * (rank + 1)
     total = sum_over_group(x, dist.group.WORLD, world)
     (total * weights).sum().backward()
     return {"sum": total.detach().tolist(), "grad": x.grad.tolist()}
+
+
+def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
+    """``PRESET-DTYPE-PACKING`` (e.g. ``Llama-3.2-1B-fp32-prefix_shared``): the estimator's per-rank numbers
+    (:mod:`fastdpo.sp_memory`) next to what this rank's engine forward really saves for backward
+    (``saved_tensors_hooks``, distinct storages, parameters / batch / masks excluded), the bytes of the masks it
+    builds and the scored tokens it owns, on a tiny model of the preset's architecture."""
+    from transformers import AutoModelForCausalLM
+
+    from fastdpo import DPOEngine, PreferenceCollator
+    from fastdpo import memory as M
+    from fastdpo import sp_memory
+
+    preset, dtype, packing = spec.rsplit("-", 2)
+    # Qwen: 4 key/value heads for 8 query heads, 2 per rank (transformers copies them when it repeats them)
+    heads, kv_heads = (8, 4) if preset.startswith("Qwen") else (4, 2)
+    cfg = dict(M.PRESETS[preset], vocab_size=997, hidden_size=64, intermediate_size=96, num_attention_heads=heads,
+               num_key_value_heads=kv_heads, head_dim=64 // heads, num_hidden_layers=2)
+    shape = M.shape_from_config(cfg, preset)
+    step = M.StepConfig(pairs=3, prompt_len=9, completion_len=6, dtype=dtype, device="cpu", packing=packing,
+                        pairs_per_row=2 if packing == "prefix_shared" else 1, sequence_parallel=sp)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(M.hf_config(cfg, None, dtype), dtype=getattr(torch, M.TORCH_DTYPES[dtype]),
+                                             attn_implementation="eager" if shape.eager_attention else "sdpa")
+    gen = torch.Generator().manual_seed(1)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, 997, (n,), generator=gen).tolist()
+
+    rows = [{"prompt_input_ids": ids(9), "chosen_input_ids": ids(6), "rejected_input_ids": ids(6),
+             "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0} for _ in range(step.pairs)]
+    if packing == "prefix_shared":
+        collator = PreferenceCollator(M.id_tokenizer(997), packing=packing, max_tokens_per_row=2 * (9 + 12))
+    else:
+        collator = PreferenceCollator(M.id_tokenizer(997), packing="pad")
+    batch = collator(rows)
+    engine = DPOEngine(model, reference="precomputed", sequence_parallel_size=sp)
+    shard = engine.sequence_parallel.shard(batch, model)
+    masks = shard.attention_kwargs.get("attention_mask")
+    masks = [m for m in (masks.values() if isinstance(masks, dict) else [masks]) if m is not None]
+    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    exclude |= {t.untyped_storage().data_ptr() for t in (*batch.values(), *masks, shard.input_ids,
+                                                            shard.position_ids) if isinstance(t, torch.Tensor)}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        engine.policy_parts.forward(shard.input_ids, **shard.forward_kwargs())
+    saved = sum(n for ptr, n in seen.items() if ptr not in exclude)
+    return {"saved": saved, "estimate": sp_memory.activation_bytes(shape, step),
+            "mask": sum(m.untyped_storage().nbytes() for m in masks), "mask_estimate": sp_memory.mask_bytes(shape, step),
+            "owned": int(shard.owned.numel()), "owned_estimate": sp_memory.owned_tokens(step)[dist.get_rank()],
+            "eager": shape.eager_attention, "shape": tuple(batch["input_ids"].shape)}
 
 
 def case_rows(case: str, vocab: int) -> list[dict[str, list[int]]]:
@@ -182,6 +241,10 @@ def step(case: str, mode: str, sp: int, rank: int, world: int) -> dict[str, Any]
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(policy)
+    elif mode == "ddp_subgroup":  # DDP over this rank alone: must be refused (it would not average over the group)
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(policy, process_group=dist.new_subgroups(group_size=1)[0])
     elif mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -240,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             case, mode = job.split(":")
             if case == "sum_over_group":
                 record(job, lambda: sum_over_group_grads(args.world_size))
+            elif case == "saved":
+                record(job, lambda: saved_bytes_job(mode, args.sp))
             else:
                 record(job, lambda: step(case, mode, args.sp, args.rank, args.world_size))
             dist.barrier()

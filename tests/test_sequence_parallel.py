@@ -81,11 +81,17 @@ def _launch_once(tmp_path_factory: Any, name: str, world: int, jobs: list[str],
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+# fastdpo memory --sequence-parallel: (preset, dtype) per architecture; Qwen's tiny copy has 2 key/value heads per rank
+SAVED = [f"saved:{preset}-{dtype}-{packing}" for preset, dtype in
+         (("Llama-3.2-1B", "fp32"), ("Qwen2.5-0.5B", "bf16"), ("Gemma-2-2B", "fp32"))
+         for packing in ("padding_free", "prefix_shared")]
+
+
 @pytest.fixture(scope="session")
 def sp2(tmp_path_factory) -> list[dict[str, Any]]:
     jobs = [f"{case}:plain" for case in PLAIN_CASES]
     jobs += ["llama-prefix_shared:ddp", "gemma2-pad:fsdp2", "qwen2-pad:nosync", "llama-pad:mismatch",
-             "sum_over_group:grad"]
+             "llama-pad:ddp_subgroup", "sum_over_group:grad", *SAVED]
     return _launch_once(tmp_path_factory, "sp2", 2, jobs, PLAIN_CASES)
 
 
@@ -194,15 +200,21 @@ def test_ranks_with_different_batches_refused(sp2: list[dict[str, Any]]) -> None
 
 
 @needs_gloo
+def test_ddp_over_part_of_the_ranks_refused(sp2: list[dict[str, Any]]) -> None:
+    for rank in range(2):
+        err = sp2[rank]["llama-pad:ddp_subgroup"].get("error", "")
+        assert err.startswith("ValueError") and "spans 1 of 2 ranks" in err, err
+
+
+@needs_gloo
 def test_sum_over_group_backward_is_scaled_identity(sp2: list[dict[str, Any]]) -> None:
-    """Forward: the sum over the ranks. Backward: each rank's addend gets k x the loss gradient (k = 2), not the sum
-    of the ranks' identical gradients an autograd all-reduce would return (also 2x here, but through a collective
-    that would double-count a rank's own part once the losses differ) -- and the group mean is the true one."""
-    weights = [1.0, -2.0, 3.0, 0.5, 4.0]
+    """Forward: the sum over the ranks. Backward: each rank's addend gets k (= 2) times its own loss gradient -- with
+    rank-dependent losses, not the ranks' summed gradient an autograd all-reduce would return."""
+    base = [1.0, -2.0, 3.0, 0.5, 4.0]
     for rank in range(2):
         got = _ok(sp2[rank]["sum_over_group:grad"], "sum_over_group")
         assert got["sum"] == [10.0, 12.0, 14.0, 16.0, 18.0]
-        assert got["grad"] == [2 * w for w in weights]
+        assert got["grad"] == [2 * (rank + 1) * w for w in base]
 
 
 # ------------------------------------------------------------------------------------------------ 4 ranks, dp=2 x sp=2
@@ -414,6 +426,68 @@ def test_pad_batch_keeps_every_label_and_owner(packing: str) -> None:
         ls = lp // k
         assert torch.equal(owners, padded["logp_index"] % lp // ls)
         assert int(owners.min()) >= 0 and int(owners.max()) < k
+
+
+@pytest.mark.parametrize("packing,prompt_len,pairs_per_row", [("padding_free", 9, 1), ("padding_free", 0, 1),
+                                                            ("prefix_shared", 7, 2), ("prefix_shared", 0, 2)])
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_owned_tokens_match_the_collated_rows(packing: str, prompt_len: int, pairs_per_row: int, k: int) -> None:
+    """The estimator's scored tokens per rank are the engine's (token_owners on the collator's batch; padding_free
+    is the collator's "pad" layout of equal rows), also with an empty prompt and a padded last packed row."""
+    from fastdpo import PreferenceCollator
+    from fastdpo import memory as M
+    from fastdpo.sequence_parallel import token_owners
+    from fastdpo.sp_memory import owned_tokens
+
+    step = M.StepConfig(pairs=3, prompt_len=prompt_len, completion_len=5, device="cpu", packing=packing,
+                        pairs_per_row=pairs_per_row, sequence_parallel=k)
+    rows = [{"prompt_input_ids": [5 + i] * prompt_len, "chosen_input_ids": [7] * 5, "rejected_input_ids": [8] * 5}
+            for i in range(step.pairs)]
+    tok = M.id_tokenizer(16)
+    if packing == "prefix_shared":
+        batch = PreferenceCollator(tok, packing=packing, max_tokens_per_row=pairs_per_row * (prompt_len + 10))(rows)
+    else:
+        batch = PreferenceCollator(tok, packing="pad")(rows)
+    assert tuple(batch["input_ids"].shape) == (step.rows, step.seq_len)
+    owners = token_owners(batch["logp_index"], step.seq_len, k)
+    assert owned_tokens(step) == [int((owners == r).sum()) for r in range(k)]
+
+
+def test_memory_cli_sequence_parallel(capsys: pytest.CaptureFixture[str]) -> None:
+    """The per-rank column: less activation memory than one process, the full-length mask unchanged; bad sizes are
+    refused with the CLI's message."""
+    from fastdpo import memory as M
+
+    shape, _ = M.load_model("Llama-3-8B")
+    one = M.StepConfig(pairs=1, prompt_len=16384, completion_len=2048, packing="prefix_shared")
+    two = M.StepConfig(pairs=1, prompt_len=16384, completion_len=2048, packing="prefix_shared", sequence_parallel=2)
+    e1, e2 = M.estimate(shape, one, "fastdpo"), M.estimate(shape, two, "fastdpo")
+    assert e2["activations"] < 0.6 * e1["activations"] and e2["attention_mask"] == e1["attention_mask"]
+    assert e2["peak"] < e1["peak"] and e2["head_positions"] == 2 * 2048  # the last rank scores every completion
+    assert M.estimate(shape, two, "naive") == M.estimate(shape, one, "naive")  # the peers stay single-process
+    assert M.main(["--model", "Llama-3-8B", "--sequence-parallel", "4", "--packing", "prefix_shared"]) == 0
+    assert "sequence-parallel over 4 ranks" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit, match="sequence_parallel must be a positive int"):
+        M.main(["--sequence-parallel", "0"])
+    with pytest.raises(SystemExit, match="does not divide the model's 32 attention heads"):
+        M.main(["--model", "Llama-3-8B", "--sequence-parallel", "3"])
+
+
+@pytest.mark.slow
+def test_memory_measure_sequence_parallel_within_15_percent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--measure`` with ``--sequence-parallel 2``: 2 CPU processes run the real engine step; the peak rank's RSS
+    over its baseline is within 15% of the per-rank estimate (a ~0.5 GiB step with a 2560-token prefix_shared row)."""
+    from fastdpo import memory as M
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = dict(M.PRESETS["Llama-3.2-1B"], vocab_size=32000, hidden_size=256, intermediate_size=1024,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=2)
+    step = M.StepConfig(pairs=2, prompt_len=1536, completion_len=512, dtype="fp32", optimizer="sgd",
+                        reference="precomputed", device="cpu", packing="prefix_shared", sequence_parallel=2)
+    measured = M.measure(cfg, step, ["fastdpo"], None)["fastdpo"]
+    assert "error" not in measured, measured
+    assert len(measured["rank_peaks"]) == 2
+    assert M.estimate(M.shape_from_config(cfg), step, "fastdpo")["peak"] == pytest.approx(measured["peak"], rel=0.15)
 
 
 @pytest.mark.gpu

@@ -27,8 +27,9 @@ Options TRL has and fastdpo does not support raise ``NotImplementedError`` namin
 fallback): vision-language models/datasets, ``compute_metrics`` (needs logits), Mixture-of-Experts auxiliary loss
 (``router_aux_loss_coef``), prompt-learning PEFT methods (virtual tokens), a custom non-fastdpo ``data_collator``, and
 the multi-process setups that are not validated: DeepSpeed (any ZeRO stage), FSDP through accelerate (``DPOEngine``
-itself trains FSDP2 ``fully_shard`` models in a custom loop), tensor/context/sequence parallelism
-(``parallelism_config``), other distributed types (XLA, ...) and ``torch_compile`` with several processes.
+itself trains FSDP2 ``fully_shard`` models in a custom loop), tensor/context/sequence parallelism through accelerate's
+``parallelism_config`` (fastdpo's own sequence parallelism is ``sequence_parallel_size=k``, on DDP), other
+distributed types (XLA, ...) and ``torch_compile`` with several processes.
 """
 from __future__ import annotations
 
@@ -252,7 +253,8 @@ class FastDPOTrainer(DPOTrainer):
             if active:
                 raise NotImplementedError(
                     f"parallelism_config {active}: FastDPOTrainer supports data-parallel replication (DDP) only; "
-                    "tensor/context/sequence parallelism and sharding are not supported"
+                    "tensor/context/sequence parallelism and sharding are not supported (fastdpo's own sequence "
+                    "parallelism: FastDPOTrainer(sequence_parallel_size=k))"
                 )
         if acc.num_processes > 1:
             if acc.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
