@@ -13,6 +13,8 @@ collated batch of a case; data-parallel rank ``rank // sp`` keeps its contiguous
 * ``plain``: no wrapper; ``engine.reduce_sequence_parallel_gradients()`` after backward (``W == sp`` only);
 * ``ddp``: ``DistributedDataParallel`` over all ``W`` ranks;
 * ``fsdp2``: ``fully_shard`` per decoder layer and on the root, over a 1-D mesh of all ``W`` ranks;
+* ``hsdp``: the same over a 2-D ``("dp", "sp")`` mesh (FSDP2 shards within a sequence-parallel group, replicates
+  across them), the engine's group given as that mesh;
 * ``nosync``: no wrapper and no reduction call (the raw per-rank gradients, to show the comparison can fail);
 * ``mismatch``: rank ``1`` of each group gets a different batch (the engine must refuse it on every rank);
 * ``ddp_subgroup``: ``DistributedDataParallel`` over each rank alone (the engine must refuse it).
@@ -62,6 +64,8 @@ CASES["llama-prefix_shared-allpad"] = {"arch": "llama", "packing": "prefix_share
 CASES["llama-pad-ckpt"] = {"arch": "llama", "packing": "pad", "gradient_checkpointing": True}
 # one key/value head for 4 query heads: replicated to one per rank before the all-to-all
 CASES["llama-mqa-prefix_shared"] = {"arch": "llama", "packing": "prefix_shared", "kv_heads": 1}
+# a PEFT LoRA policy whose reference is the same model with the adapter disabled
+CASES["llama-padding_free-lora"] = {"arch": "llama", "packing": "padding_free", "lora": True}
 # loss settings by arch: WPO's log sum p^2 statistics, LD-DPO's per-position weights + an SFT term, plain sigmoid
 ENGINE_KWARGS = {
     "llama": {"loss_type": "sigmoid", "use_weighting": True},
@@ -116,9 +120,8 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     builds and the scored tokens it owns, on a tiny model of the preset's architecture."""
     from transformers import AutoModelForCausalLM
 
-    from fastdpo import DPOEngine, PreferenceCollator
+    from fastdpo import DPOEngine, PreferenceCollator, sp_memory
     from fastdpo import memory as M
-    from fastdpo import sp_memory
 
     preset, dtype, packing = spec.rsplit("-", 2)
     # Qwen: 4 key/value heads for 8 query heads, 2 per rank (transformers copies them when it repeats them)
@@ -223,7 +226,7 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad and p.grad is not None:
-            out[name.removeprefix("module.")] = _full(p.grad)
+            out[name.removeprefix("module.").removeprefix("base_model.model.")] = _full(p.grad)
     return out
 
 
@@ -237,6 +240,7 @@ def step(case: str, mode: str, sp: int, rank: int, world: int) -> dict[str, Any]
     if mode == "mismatch" and rank % sp == 1:  # this rank of the group got another batch: must be refused
         batch = dict(batch, input_ids=batch["input_ids"].roll(1, dims=1))
     model: torch.nn.Module = policy
+    group = None  # the engine's default sequence-parallel groups: contiguous ranks
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -245,17 +249,29 @@ def step(case: str, mode: str, sp: int, rank: int, world: int) -> dict[str, Any]
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(policy, process_group=dist.new_subgroups(group_size=1)[0])
-    elif mode == "fsdp2":
+    elif mode in ("fsdp2", "hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
+        if mode == "hsdp":  # parameters sharded within each sequence-parallel group, replicated across them
+            mesh = init_device_mesh("cpu", (world // sp, sp), mesh_dim_names=("dp", "sp"))
+            group = mesh
+        else:
+            mesh = init_device_mesh("cpu", (world,))
         for layer in policy.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(policy, mesh=mesh)
     kwargs = dict(ENGINE_KWARGS[spec["arch"]], beta=0.1,
                   gradient_checkpointing=bool(spec.get("gradient_checkpointing")))
-    engine = DPOEngine(model, ref, sequence_parallel_size=1 if mode == "single" else sp, **kwargs)
+    if spec.get("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(3)
+        model = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                  target_modules=["q_proj", "v_proj", "up_proj"]))
+        ref, kwargs["reference"] = None, "adapter"
+    engine = DPOEngine(model, ref, sequence_parallel_size=1 if mode == "single" else sp,
+                       sequence_parallel_group=group, **kwargs)
     loss, metrics = engine.step(batch)
     logps = engine.compute_logps(model, batch, with_grad=False)
     loss.backward()
@@ -304,13 +320,13 @@ def main(argv: list[str] | None = None) -> int:
             if case == "sum_over_group":
                 record(job, lambda: sum_over_group_grads(args.world_size))
             elif case == "saved":
-                record(job, lambda: saved_bytes_job(mode, args.sp))
+                record(job, lambda mode=mode: saved_bytes_job(mode, args.sp))
             else:
-                record(job, lambda: step(case, mode, args.sp, args.rank, args.world_size))
+                record(job, lambda case=case, mode=mode: step(case, mode, args.sp, args.rank, args.world_size))
             dist.barrier()
         if args.rank == 0:
             for case in args.singles:
-                record(f"single:{case}", lambda: step(case, "single", 1, 0, 1))
+                record(f"single:{case}", lambda case=case: step(case, "single", 1, 0, 1))
     finally:
         torch.save(results, Path(args.out) / f"rank{args.rank}.pt")
         dist.destroy_process_group()

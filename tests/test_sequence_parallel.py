@@ -97,8 +97,9 @@ def sp2(tmp_path_factory) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def dp2_sp2(tmp_path_factory) -> list[dict[str, Any]]:
-    return _launch_once(tmp_path_factory, "dp2sp2", 4, ["llama-prefix_shared:ddp", "gemma2-pad:fsdp2"],
-                        ["llama-prefix_shared", "gemma2-pad"])
+    return _launch_once(tmp_path_factory, "dp2sp2", 4,
+                        ["llama-prefix_shared:ddp", "gemma2-pad:fsdp2", "qwen2-padding_free:hsdp"],
+                        ["llama-prefix_shared", "gemma2-pad", "qwen2-padding_free"])
 
 
 def _ok(result: dict[str, Any], what: str) -> dict[str, Any]:
@@ -139,7 +140,7 @@ def test_cases_cover_boundary_padding_and_odd_lengths(sp2: list[dict[str, Any]])
 
     for case in PLAIN_CASES:
         batch = _ok(sp2[0][f"single:{case}"], case)["batch"]
-        rows, length = batch["input_ids"].shape
+        length = batch["input_ids"].shape[1]
         ls = math.ceil(length / 2)
         col = batch["logp_index"] % length
         if "allpad" in case:
@@ -219,9 +220,10 @@ def test_sum_over_group_backward_is_scaled_identity(sp2: list[dict[str, Any]]) -
 
 # ------------------------------------------------------------------------------------------------ 4 ranks, dp=2 x sp=2
 @needs_gloo
-@pytest.mark.parametrize("job", ["llama-prefix_shared:ddp", "gemma2-pad:fsdp2"])
+@pytest.mark.parametrize("job", ["llama-prefix_shared:ddp", "gemma2-pad:fsdp2", "qwen2-padding_free:hsdp"])
 def test_data_parallel_times_sequence_parallel(dp2_sp2: list[dict[str, Any]], job: str) -> None:
     """World 4 = dp 2 x sp 2: ranks {0, 1} and {2, 3} each hold half of the pairs; the wrapper over all 4 ranks
+    (DDP, FSDP2 on a 1-D mesh, or HSDP on a 2-D ("dp", "sp") mesh that is also the engine's sequence-parallel group)
     gives the single-process full-batch gradient, each group the loss and log-probs of its pairs."""
     case = job.split(":")[0]
     ref = _ok(dp2_sp2[0][f"single:{case}"], f"single {case}")
@@ -306,7 +308,7 @@ def test_trainer_dp2_sp2_matches_single_process(trainer_runs: tuple[list[dict[st
         _assert_logs(run["eval"], single["eval"], f"{what} eval")
         for name, p in single["params"].items():
             torch.testing.assert_close(run["params"][name], p, rtol=REL, atol=REL * float(p.abs().max()),
-                                       msg=lambda m, name=name: f"{what} param {name}: {m}")
+                                       msg=lambda m, name=name, what=what: f"{what} param {name}: {m}")
 
 
 def sp_trainer_steps() -> int:
@@ -412,7 +414,7 @@ def test_pad_batch_keeps_every_label_and_owner(packing: str) -> None:
     tok = make_tokenizer()
     for k in (2, 3, 4):
         batch = PreferenceCollator(tok, packing=packing)(preference_rows(3, seed=5))
-        rows, length = batch["input_ids"].shape
+        length = batch["input_ids"].shape[1]
         padded = pad_batch(batch, k)
         lp = padded["input_ids"].shape[1]
         assert lp % k == 0 and lp - length < k
