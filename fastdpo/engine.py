@@ -97,6 +97,18 @@ class DPOEngine:
         disable_dropout: set dropout probabilities to 0 in policy and reference (TRL's default).
         compute_token_metrics: compute ``logits/*``, ``entropy``, ``mean_token_accuracy`` (cheap, no grad).
         chunk_size, backend, validate: forwarded to the fused head.
+        sequence_parallel_size: ``k > 1`` runs every forward sequence-parallel over a group of ``k`` ranks
+            (:mod:`fastdpo.sequence_parallel`: Ulysses attention, sequence-sharded fused head). Every rank of a group
+            passes the *same* collated batch to ``step``/``compute_logps`` and gets the full, identical loss and
+            log-probs. The policy and reference models are switched to the ``fastdpo_ulysses_<impl>`` attention
+            implementation (identical to ``<impl>`` outside such a step). Gradients: wrap the policy in
+            ``DistributedDataParallel`` or FSDP2 ``fully_shard`` over *all* ranks (data-parallel x sequence-parallel,
+            as for data parallelism alone) and they equal the single-process ones after ``backward()``; without a
+            wrapper call :meth:`reduce_sequence_parallel_gradients` after ``backward()``. Not with
+            ``grad_in_forward`` (refused: the head's gradient is formed from a loss that needs the other ranks' sums).
+        sequence_parallel_group: the group's ``ProcessGroup`` or ``DeviceMesh`` (1-D, or with an ``"sp"``
+            dimension); ``None``: contiguous ranks ``[i·k, (i+1)·k)`` form group ``i`` (created here: every rank must
+            build its engine).
 
     Raises:
         ValueError / TypeError: inconsistent reference mode and arguments, invalid loss configuration.
@@ -128,6 +140,8 @@ class DPOEngine:
         chunk_size: int | None = None,
         backend: str = "auto",
         validate: bool = True,
+        sequence_parallel_size: int = 1,
+        sequence_parallel_group: Any = None,
     ) -> None:
         from fastdpo.losses import normalize_loss_config
 
@@ -212,6 +226,7 @@ class DPOEngine:
                 raise TypeError(f"ref_cache must be a RefLogpCache or a path, got {type(ref_cache).__name__}")
             self.ref_cache = ref_cache
 
+        self.sequence_parallel = self._build_sequence_parallel(sequence_parallel_size, sequence_parallel_group)
         if disable_dropout:
             _disable_dropout(model)
             if self.ref_model is not None:
@@ -224,6 +239,41 @@ class DPOEngine:
     def ref_settings(self) -> dict[str, float | None]:
         """The engine settings that change reference log-probs (stamped into a reference cache)."""
         return {"ld_alpha": self.ld_alpha, "temperature": self.temperature}
+
+    def _build_sequence_parallel(self, size: int, group: Any) -> Any:
+        """``SequenceParallel`` for ``size > 1`` (policy and reference switched to Ulysses attention), else None."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"sequence_parallel_size must be a positive int, got {size!r}")
+        if size == 1:
+            if group is not None:
+                raise ValueError("sequence_parallel_group needs sequence_parallel_size > 1")
+            return None
+        if self.grad_in_forward:
+            raise ValueError(
+                "grad_in_forward=True cannot run sequence-parallel: it forms the head's gradient inside the forward "
+                "from each pair's loss, which needs the pair's log-probs summed over all ranks' shards first; use "
+                "grad_in_forward=False with sequence_parallel_size > 1"
+            )
+        from fastdpo.sequence_parallel import SequenceParallel
+        from fastdpo.ulysses import check_heads
+
+        models = [parts.hf_model for parts in (self.policy_parts, self.ref_parts) if parts is not None]
+        for hf_model in models:  # before any collective: a clear error on every rank
+            check_heads(hf_model.config, size)
+        sp = SequenceParallel(size, group, attn_impl=self.attn_impl)
+        sp.check_wrapper(self.model)
+        for hf_model in models:
+            sp.prepare(hf_model)
+        return sp
+
+    def reduce_sequence_parallel_gradients(self) -> None:
+        """Average the policy's gradients over the sequence-parallel group: the one call that makes them equal the
+        single-process ones after ``backward()`` when the policy is *not* wrapped in DDP / FSDP2 (a wrapper over all
+        ranks already does it). No-op without sequence parallelism."""
+        from fastdpo.sequence_parallel import average_gradients
+
+        if self.sequence_parallel is not None:
+            average_gradients(self.model, self.sequence_parallel.group)
 
     def _parts_for(self, model: nn.Module) -> LMParts:
         if model is self.model:
@@ -322,7 +372,12 @@ class DPOEngine:
                            batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model forward, then the hidden states that predict completion tokens: ``([M, D], anchor)`` where
         ``anchor`` (exactly 0, or None) must be added to whatever the head's output feeds (see
-        :meth:`fastdpo.models.LMParts.forward`: it keeps the wrapper's output hooks in the backward graph)."""
+        :meth:`fastdpo.models.LMParts.forward`: it keeps the wrapper's output hooks in the backward graph).
+        Sequence-parallel: only the ``[m, D]`` hidden states of this rank's shard that predict the tokens it owns."""
+        if self.sequence_parallel is not None:
+            shard = self.sequence_parallel.shard(batch, parts.hf_model, cache=True)
+            hidden, anchor = parts.forward(shard.input_ids, **shard.forward_kwargs())
+            return hidden.flatten(0, 1).index_select(0, shard.local_index), anchor
         kwargs = self._forward_kwargs(parts, batch)
         hidden, anchor = parts.forward(batch["input_ids"], **kwargs)
         return hidden.flatten(0, 1).index_select(0, batch["logp_index"]), anchor
@@ -356,15 +411,22 @@ class DPOEngine:
         ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
         with ctx, _quiet_bnb():
             hidden, anchor = self._completion_hidden(parts, batch)
+            sp_shard = None if self.sequence_parallel is None else self.sequence_parallel.shard(
+                batch, parts.hf_model, cache=True)
+            labels = batch["logp_labels"] if sp_shard is None else batch["logp_labels"].index_select(0, sp_shard.owned)
             hidden, weight, bias, head_ctx = _head_operands(hidden, *parts.head_weight_bias())
             with head_ctx:
                 stats = linear_token_logprobs(
-                    hidden, weight, batch["logp_labels"], bias=bias, softcap=parts.softcap,
+                    hidden, weight, labels, bias=bias, softcap=parts.softcap,
                     logit_scale=parts.logit_scale, temperature=self.temperature,
                     return_entropy=token_stats, return_mean_logit=token_stats, return_argmax_hit=token_stats,
                     return_log_sum_p2=token_stats and self.use_weighting,
                     chunk_size=self.chunk_size, validate=self.validate, backend=self.backend,
                 )
+            if sp_shard is not None:  # this rank's tokens -> every token, summed over the group
+                stats = self.sequence_parallel.gather_token_stats(stats, sp_shard, batch["logp_labels"].shape[0])
+                if not self._in_step:
+                    self.sequence_parallel.clear()
             seq = self._sequence_logps(stats.logprobs, batch, num_pairs)
             if anchor is not None and anchor.requires_grad:
                 seq = seq + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
@@ -463,6 +525,8 @@ class DPOEngine:
         """
         num_pairs = self._check_batch(batch)
         parts = self._policy_parts_for(model)
+        if self.sequence_parallel is not None:
+            self.sequence_parallel.check_wrapper(parts.model)
         self._check_device(parts, batch)
         self._in_step = True
         try:
@@ -474,6 +538,8 @@ class DPOEngine:
         finally:
             self._in_step = False
             self._kwargs_cache = None
+            if self.sequence_parallel is not None:
+                self.sequence_parallel.clear()
         if gather is not None:
             metrics.update(_gathered_reward_metrics(pol_c, pol_r, ref_c, ref_r, self.beta, gather))
         return loss, metrics

@@ -207,6 +207,7 @@ class StepConfig:
     device: str = "cuda"
     packing: str = "padding_free"
     pairs_per_row: int = 1
+    sequence_parallel: int = 1  # fastdpo's sequence-parallel group size: its estimate is per rank (fastdpo.sp_memory)
 
     def __post_init__(self) -> None:
         for name in ("pairs", "prompt_len", "completion_len"):
@@ -227,6 +228,9 @@ class StepConfig:
             raise ValueError(f"pairs_per_row must be positive, got {self.pairs_per_row}")
         if self.pairs_per_row != 1 and self.packing != "prefix_shared":
             raise ValueError("pairs_per_row applies to packing='prefix_shared' only")
+        if isinstance(self.sequence_parallel, bool) or not isinstance(self.sequence_parallel, int) or \
+                self.sequence_parallel < 1:
+            raise ValueError(f"sequence_parallel must be a positive int, got {self.sequence_parallel!r}")
 
     @property
     def rows(self) -> int:
@@ -253,7 +257,7 @@ class StepConfig:
         """The step ``variant`` runs: ``packing`` is fastdpo's; naive and TRL get ``padding_free``'s rows."""
         if variant == "fastdpo":
             return self
-        return replace(self, packing="padding_free", pairs_per_row=1)
+        return replace(self, packing="padding_free", pairs_per_row=1, sequence_parallel=1)
 
 
 def activation_bytes(m: ModelShape, step: StepConfig) -> int:
@@ -314,7 +318,7 @@ def mask_bytes(m: ModelShape, step: StepConfig) -> int:
     return m.attention_layer_types * per_mask
 
 
-def head_bytes(variant: str, m: ModelShape, step: StepConfig) -> dict[str, int]:
+def head_bytes(variant: str, m: ModelShape, step: StepConfig, positions: int | None = None) -> dict[str, int]:
     """The LM-head / log-prob part of one model's step, in bytes: ``saved`` (kept from forward to backward, including
     the head's copy of its input hidden states), ``fwd_peak`` and ``bwd_peak`` (the head's peak on top of the
     backbone's activations, in the forward and at the start of backward; ``bwd_peak`` includes the output-embedding
@@ -334,7 +338,7 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig) -> dict[str, int]:
     * fastdpo: ``n = step.scored_tokens`` completion tokens (the same for both packings) compacted to a ``[n, D]``
       copy; fp32 tiles of the head's own plan (:func:`fastdpo.linear_logprobs._plan`), two (forward) / one
       (backward) of them; up to ``DEFAULT_KEEP_LOGITS_BYTES`` of logits tiles kept for backward; fp32 gradient
-      accumulators.
+      accumulators. ``positions`` overrides ``n`` (fastdpo: one sequence-parallel rank's scored tokens).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -369,7 +373,7 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig) -> dict[str, int]:
 
     from fastdpo.linear_logprobs import DEFAULT_KEEP_LOGITS_BYTES, _plan
 
-    n = step.scored_tokens
+    n = step.scored_tokens if positions is None else positions
     device = torch.device(step.device)
     tok, voc = _plan(n, v, device, None, "triton" if device.type == "cuda" else "torch")
     tile = 4 * tok * voc
@@ -397,9 +401,14 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
     grads = p["total"] * b
     optimizer = 2 * p["total"] * b if step.optimizer == "adamw" else 0
     reference = weights if step.reference == "model" else 0
-    act = activation_bytes(m, step)
-    mask = mask_bytes(m, step)
-    head = head_bytes(variant, m, step)
+    if step.sequence_parallel > 1:  # fastdpo's per-rank step (for_variant gives naive/TRL a single process)
+        from fastdpo.sp_memory import estimate_parts
+
+        act, mask, head = estimate_parts(m, step)
+    else:
+        act = activation_bytes(m, step)
+        mask = mask_bytes(m, step)
+        head = head_bytes(variant, m, step)
     resident = weights + optimizer + reference
     # the reference forward keeps one layer's working set and its head's forward-only peak
     ref_phase = resident + (mask + head["ref_peak"] if step.reference == "model" else 0)
@@ -576,6 +585,11 @@ def measure(cfg: dict[str, Any], step: StepConfig, variants: list[str], layers: 
 
     out: dict[str, dict[str, Any]] = {}
     for variant in variants:
+        if variant == "fastdpo" and step.sequence_parallel > 1:  # k processes, the peak rank
+            from fastdpo import sp_memory
+
+            out[variant] = sp_memory.measure(cfg, step, layers, timeout)
+            continue
         spec = {"variant": variant, "config": cfg, "layers": layers, "dtype": step.dtype, "pairs": step.pairs,
                 "prompt_len": step.prompt_len, "completion_len": step.completion_len, "reference": step.reference,
                 "optimizer": step.optimizer, "packing": step.packing, "pairs_per_row": step.pairs_per_row}
@@ -622,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs-per-row", type=int, default=1,
                    help="prefix_shared: pairs packed per row (default 1; the collator's default max_tokens_per_row="
                    "None packs all of them: --pairs-per-row PAIRS)")
+    p.add_argument("--sequence-parallel", type=int_in(1), default=1, metavar="K",
+                   help="fastdpo's sequence-parallel group size: its column is per rank (--measure runs K CPU "
+                   "processes and reports the peak rank); naive and TRL stay single-process")
     p.add_argument("--layers", type=int_in(1), default=None, help="override num_hidden_layers (scaled model)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -657,11 +674,15 @@ def main(argv: list[str] | None = None) -> int:
             step = StepConfig(pairs=args.pairs, prompt_len=args.prompt_len, completion_len=args.completion_len,
                               dtype=args.dtype or ("fp32" if args.measure else "bf16"), optimizer=args.optimizer,
                               reference=args.reference, device=args.device or ("cpu" if args.measure else "cuda"),
-                              packing=args.packing, pairs_per_row=args.pairs_per_row)
+                              packing=args.packing, pairs_per_row=args.pairs_per_row,
+                              sequence_parallel=args.sequence_parallel)
         except ValueError as exc:
             flag = {"pairs": "--pairs", "prompt_len": "--prompt-len", "completion_len": "--completion-len",
                     "pairs_per_row": "--pairs-per-row"}.get(str(exc).split()[0], "")
             raise UsageError(f"{flag + ': ' if flag else ''}{exc}") from None
+        if shape.num_attention_heads % step.sequence_parallel:
+            raise UsageError(f"--sequence-parallel: {step.sequence_parallel} does not divide the model's "
+                             f"{shape.num_attention_heads} attention heads")
         if args.measure and step.device != "cpu":
             raise UsageError("--measure runs on CPU; use --device cpu")
     except UsageError as exc:
@@ -692,7 +713,9 @@ def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict
                   f"prompt + {step.completion_len} completion) tokens, {step.dtype}, {step.optimizer}, reference "
                   f"{step.reference}, {step.device}; fastdpo packing {step.packing}"
                   + (f" ({step.pairs_per_row} pair{'s' if step.pairs_per_row != 1 else ''} per row)"
-                     if step.packing == "prefix_shared" else ""))
+                     if step.packing == "prefix_shared" else "")
+                  + (f"; fastdpo sequence-parallel over {step.sequence_parallel} ranks: its column is the peak rank"
+                     if step.sequence_parallel > 1 else ""))
     table = Table(title="DPO step memory (GiB)")
     table.add_column("part")
     for v in estimates:
@@ -707,6 +730,9 @@ def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict
                                          measured[v].get("error", "-") for v in estimates))
         table.add_row("estimate error", *(f"{measured[v]['estimate_error_pct']:+.1f}%" if "peak" in measured[v]
                                           else "-" for v in estimates))
+        if any("rank_peaks" in measured[v] for v in estimates):
+            table.add_row("measured per rank", *(" / ".join(_gb(x) for x in measured[v]["rank_peaks"])
+                                                 if "rank_peaks" in measured[v] else "-" for v in estimates))
     console.print(table)
     console.print("weights/grads/optimizer/reference are resident; activations = saved for backward by the policy "
                   "backbone; attention mask = prefix_shared's packed-row masks during the forwards; logits = the "

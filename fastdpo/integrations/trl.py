@@ -27,8 +27,9 @@ Options TRL has and fastdpo does not support raise ``NotImplementedError`` namin
 fallback): vision-language models/datasets, ``compute_metrics`` (needs logits), Mixture-of-Experts auxiliary loss
 (``router_aux_loss_coef``), prompt-learning PEFT methods (virtual tokens), a custom non-fastdpo ``data_collator``, and
 the multi-process setups that are not validated: DeepSpeed (any ZeRO stage), FSDP through accelerate (``DPOEngine``
-itself trains FSDP2 ``fully_shard`` models in a custom loop), tensor/context/sequence parallelism
-(``parallelism_config``), other distributed types (XLA, ...) and ``torch_compile`` with several processes.
+itself trains FSDP2 ``fully_shard`` models in a custom loop), tensor/context/sequence parallelism through accelerate's
+``parallelism_config`` (fastdpo's own sequence parallelism is ``sequence_parallel_size=k``, on DDP), other
+distributed types (XLA, ...) and ``torch_compile`` with several processes.
 """
 from __future__ import annotations
 
@@ -101,6 +102,11 @@ class FastDPOTrainer(DPOTrainer):
             ``mean_token_accuracy``) are then not logged.
         attn_impl: attention path for packed batches (:func:`fastdpo.attention.build_attention_kwargs`).
         chunk_size, backend: forwarded to the fused head (``backend="auto"``: Triton on CUDA, PyTorch elsewhere).
+        sequence_parallel_size: ``k > 1`` trains sequence-parallel (:class:`~fastdpo.engine.DPOEngine`'s
+            ``sequence_parallel_size``): ranks ``[i·k, (i+1)·k)`` form sequence-parallel group ``i`` and receive the
+            same batches (the data loaders are sharded over the ``num_processes / k`` data-parallel ranks only),
+            accelerate's DDP wrapper over all ranks reduces the gradients. Multi-process DDP only (``MULTI_CPU`` /
+            ``MULTI_GPU``); not with ``precompute_ref_log_probs`` or ``grad_in_forward``.
 
     The loss of a step equals ``DPOTrainer``'s on the same batch (fp32 rounding aside), and ``self._metrics``
     receives the same keys, so logging, callbacks and checkpointing behave as with ``DPOTrainer``.
@@ -130,6 +136,7 @@ class FastDPOTrainer(DPOTrainer):
         attn_impl: str = "auto",
         chunk_size: int | None = None,
         backend: str = "auto",
+        sequence_parallel_size: int = 1,
     ) -> None:
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
@@ -145,8 +152,18 @@ class FastDPOTrainer(DPOTrainer):
         if packing not in _PACKINGS:
             raise ValueError(f"packing must be one of {_PACKINGS}, got {packing!r}")
         self._fast_engine: DPOEngine | None = None
+        if isinstance(sequence_parallel_size, bool) or not isinstance(sequence_parallel_size, int) or \
+                sequence_parallel_size < 1:
+            raise ValueError(f"sequence_parallel_size must be a positive int, got {sequence_parallel_size!r}")
+        if sequence_parallel_size > 1 and args.precompute_ref_log_probs:
+            raise NotImplementedError(
+                "precompute_ref_log_probs with sequence_parallel_size > 1: TRL precomputes over a loader sharded over "
+                "every rank, but the ranks of a sequence-parallel group must see the same batches; precompute with "
+                "sequence_parallel_size=1 (or DPOEngine.precompute_reference) and train on the stored columns"
+            )
         self._engine_options = {"grad_in_forward": bool(grad_in_forward), "attn_impl": attn_impl,
-                                "chunk_size": chunk_size, "backend": backend}
+                                "chunk_size": chunk_size, "backend": backend,
+                                "sequence_parallel_size": sequence_parallel_size}
         self._ref_adapter: str | None = None  # a PEFT "ref" adapter (re-training an existing adapter), see below
         if data_collator is None:
             data_collator = _TrainerCollator(self, args, packing)
@@ -236,7 +253,8 @@ class FastDPOTrainer(DPOTrainer):
             if active:
                 raise NotImplementedError(
                     f"parallelism_config {active}: FastDPOTrainer supports data-parallel replication (DDP) only; "
-                    "tensor/context/sequence parallelism and sharding are not supported"
+                    "tensor/context/sequence parallelism and sharding are not supported (fastdpo's own sequence "
+                    "parallelism: FastDPOTrainer(sequence_parallel_size=k))"
                 )
         if acc.num_processes > 1:
             if acc.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
@@ -249,6 +267,13 @@ class FastDPOTrainer(DPOTrainer):
                     "torch_compile with several processes: the compiled wrapper around DDP is not validated with "
                     "FastDPOTrainer; train multi-process without torch_compile"
                 )
+        sp = self._engine_options["sequence_parallel_size"]
+        if sp > 1 and (acc.num_processes % sp or acc.distributed_type not in (DistributedType.MULTI_CPU,
+                                                                               DistributedType.MULTI_GPU)):
+            raise ValueError(
+                f"sequence_parallel_size={sp} needs a multi-process DDP launch (MULTI_CPU/MULTI_GPU) whose process "
+                f"count is a multiple of it; got {acc.num_processes} process(es), {acc.distributed_type}"
+            )
 
     # ------------------------------------------------------------------------------------------------ engine
     def _engine(self) -> DPOEngine:
@@ -282,9 +307,20 @@ class FastDPOTrainer(DPOTrainer):
             f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
             use_weighting=args.use_weighting, ld_alpha=args.ld_alpha, disable_dropout=args.disable_dropout,
             attn_impl=opts["attn_impl"], grad_in_forward=opts["grad_in_forward"], chunk_size=opts["chunk_size"],
-            backend=opts["backend"],
+            backend=opts["backend"], sequence_parallel_size=opts["sequence_parallel_size"],
         )
         return self._fast_engine
+
+    def _get_dataloader(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer``'s loader; with sequence parallelism re-sharded over the data-parallel ranks only (the prepared
+        sampler shard serves ``num_processes / k`` shards, shard ``process_index // k``), so the ``k`` ranks of a
+        sequence-parallel group iterate the same batches -- as ``Trainer`` itself re-shards its rank-aware samplers."""
+        loader = super()._get_dataloader(*args, **kwargs)
+        sp = self._engine_options["sequence_parallel_size"]
+        if sp > 1:
+            _shard_over_data_parallel(loader, self.accelerator.num_processes // sp,
+                                      self.accelerator.process_index // sp)
+        return loader
 
     @contextlib.contextmanager
     def _no_grad_reference(self, model: torch.nn.Module):
@@ -352,7 +388,9 @@ class FastDPOTrainer(DPOTrainer):
             tokens = int(batch.get("num_tokens", int(batch["attention_mask"].sum())))
             if self.accelerator.num_processes > 1:
                 local = torch.tensor(tokens, dtype=torch.long, device=self.accelerator.device)
-                tokens = int(self.accelerator.gather_for_metrics(local).sum().item())
+                # the k ranks of a sequence-parallel group hold the same batch: count it once
+                tokens = int(self.accelerator.gather_for_metrics(local).sum().item()) // \
+                    self._engine_options["sequence_parallel_size"]
             self._total_train_tokens += tokens
         for key in _METRIC_ORDER:
             if key == "num_tokens":  # a running total, like TRL
@@ -370,3 +408,22 @@ class FastDPOTrainer(DPOTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+def _shard_over_data_parallel(loader: Any, num_shards: int, shard: int) -> None:
+    """Make an accelerate-prepared loader serve shard ``shard`` of ``num_shards`` (instead of one per process).
+
+    Raises ``NotImplementedError`` for loaders whose split cannot be changed after preparation (batch dispatching
+    from rank 0, ``datasets`` iterable datasets pre-sharded per process)."""
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderDispatcher, IterableDatasetShard
+
+    if isinstance(loader, DataLoaderDispatcher):
+        raise NotImplementedError("sequence_parallel_size > 1 with accelerate's batch dispatching "
+                                  "(dispatch_batches / iterable datasets): use a map-style dataset")
+    for candidate in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None),
+                      getattr(loader, "dataset", None)):
+        if isinstance(candidate, (BatchSamplerShard, IterableDatasetShard)):
+            candidate.num_processes, candidate.process_index = num_shards, shard
+            return
+    raise NotImplementedError(f"sequence_parallel_size > 1: cannot re-shard a {type(loader).__name__} over the "
+                              "data-parallel ranks; use a map-style dataset")
