@@ -560,7 +560,8 @@ def build_parser() -> ArgParser:
     g.add_argument("--eval-every", type=int_in(0), default=50, help="evaluate every N steps (0: only before and "
                    "after)")
     g.add_argument("--eval-batch-size", type=int_in(1), default=32)
-    g.add_argument("--eval-batches", type=int_in(1), default=None, help="cap on held-out batches per evaluation")
+    g.add_argument("--eval-batches", type=int_in(1), default=None,
+                   help="cap on held-out batches per evaluation (per process under torchrun)")
     g.add_argument("--save-every", type=int_in(0), default=50, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--log-every", type=int_in(0), default=10, help="print a metrics line every N steps (0: never)")
     g.add_argument("--report-to", choices=("none", "tensorboard"), default="none",

@@ -15,8 +15,7 @@ names (a run that silently tested Liger itself fails here), then:
   :data:`SCALED_SHAPE` (a 2-core CPU runs the rest of the matrix in minutes; the small and odd shapes
   ``(3, 47, 31, 123)`` and ``(2, 2, 8, 8)`` run as written; test ids keep Liger's values).
 
-Every test then runs as Liger wrote it. ``--ci-subset`` keeps the float32 cases at Liger's small and odd shapes
-(deselects bfloat16 and the scaled large shape), the subset the CI suite runs. (The ``sppo_hard`` cases of ``test_correctness_functional_apo_loss_types``
+Every test then runs as Liger wrote it. (The ``sppo_hard`` cases of ``test_correctness_functional_apo_loss_types``
 compare the functional path with the module at ``atol=1e-5`` on losses of ~1e4; with both names resolved to fastdpo
 they agree exactly. With only one of them swapped -- Liger's function against fastdpo's module -- two float32
 implementations are compared on that ill-conditioned loss, equally far from float64:
@@ -87,24 +86,9 @@ def pytest_configure(config: pytest.Config) -> None:
             setattr(module, liger_name, _resolve(spec))
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--ci-subset", action="store_true",
-                     help="liger_swap: only the float32 cases at Liger's small shapes (no bfloat16, no large shape)")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
     swapped = {name: _resolve(spec) for names in SWAP.values() for name, spec in names.items()}
     checked: set[str] = set()
-    if config.getoption("--ci-subset"):
-        def in_subset(item: pytest.Item) -> bool:
-            params = getattr(getattr(item, "callspec", None), "params", {})
-            large = tuple(params.get(k) for k in _SHAPE_KEYS) == LARGE_SHAPE
-            return params.get("dtype", torch.float32) == torch.float32 and not large
-
-        config.hook.pytest_deselected(items=[item for item in items if not in_subset(item)])
-        items[:] = [item for item in items if in_subset(item)]
     for item in items:
         module = getattr(item, "module", None)
         if module is not None and module.__name__ not in checked:

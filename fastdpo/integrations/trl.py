@@ -30,8 +30,9 @@ Where fastdpo differs from TRL by design (documented, never silent):
   the columns :data:`PREDICTION_COLUMNS` (policy chosen / rejected summed completion log-probs, chosen / rejected
   rewards ``beta * (policy - reference)``, reference chosen / rejected log-probs), pairs in dataset order. The label
   ids are TRL's: the ``[2P, L]`` token ids of every sequence (prompt + completion after truncation; the P chosen rows,
-  then the P rejected rows; right-padded with the pad token id, across batches with -100), whatever the packing.
-  ``compute_metrics`` receives both in an ``EvalPrediction``.
+  then the P rejected rows; right-padded with the pad token id, across batches with -100), whatever the packing --
+  including what accelerate's ``gather_for_metrics`` does to them on the last batch (it keeps as many rows as
+  samples remain, as for TRL's). ``compute_metrics`` receives both in an ``EvalPrediction``.
 * ``torch_compile=True`` compiles each decoder layer of the backbone (``torch.compile`` with the configured backend
   and mode, in place: the engine runs the model's own forward, the LM head is the fused one and is not compiled), for
   the policy and a separate reference model; a model without recognizable decoder layers is refused. Multi-process
