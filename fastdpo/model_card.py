@@ -36,8 +36,9 @@ def write_model_card(folder: str | Path, *, name: str, location: str, base: str,
         settings: training settings shown in the card (``packing``, ``loss_type``, ...).
         metrics_before, metrics_after: held-out metrics (``eval_*``) before and after training.
     """
-    import fastdpo
     from huggingface_hub import ModelCard, ModelCardData
+
+    import fastdpo
 
     is_hub_id = not Path(base).exists() and base.count("/") == 1
     tags = ["fastdpo", "dpo", f"fastdpo-packing-{settings.get('packing', 'pad')}"]

@@ -37,9 +37,9 @@ from fastdpo.fused_kto import FusedLinearKTOLoss
 from fastdpo.losses import (
     BATCH_COUPLED_LOSS_TYPES,
     LOSS_TYPES,
-    check_label_smoothing,
     _log1mexp,
     _smoothed_sigmoid,
+    check_label_smoothing,
     dpo_loss_sum,
     normalize_loss_config,
     preference_loss,

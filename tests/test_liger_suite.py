@@ -10,7 +10,8 @@ import pytest
 import torch
 
 pytest.importorskip("liger_kernel")
-import liger_suite  # noqa: E402
+import liger_suite
+
 
 @pytest.fixture(scope="module")
 def liger_root():
@@ -50,7 +51,7 @@ def test_sppo_hard_cross_implementation_is_ill_conditioned(capsys):
         bias = torch.randn(v, generator=g)
         target = torch.randint(0, v, (b, t), generator=g)
 
-        def liger(dtype):
+        def liger(dtype, x=x, w=w, bias=bias, xr=xr, wr=wr, target=target):
             ww = w.to(dtype).clone().requires_grad_(True)
             out = LigerFusedLinearDPOFunction.apply(x.to(dtype), ww, target, bias.to(dtype), xr.to(dtype),
                                                     wr.to(dtype), None, -100, 0.1, True, False, True, False, 1,

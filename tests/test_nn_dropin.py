@@ -101,7 +101,7 @@ def test_kto_matches_liger_and_functional():
 
 
 def test_kto_validation():
-    x, w, bias, xr, wr, target = _rows(3, 5, 8, 31, seed=1)
+    x, w, bias, _, _, target = _rows(3, 5, 8, 31, seed=1)
     module = FusedLinearKTOLoss()
     with pytest.raises(ValueError, match="preference_labels"):
         module(x, w, target, bias)

@@ -60,7 +60,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -72,7 +72,7 @@ from fastdpo.collator import PreferenceCollator
 from fastdpo.engine import DPOEngine
 from fastdpo.models import is_peft_model
 
-__all__ = ["FastDPOTrainer", "PREDICTION_COLUMNS"]
+__all__ = ["PREDICTION_COLUMNS", "FastDPOTrainer", "sequence_token_ids"]
 
 #: the columns of ``trainer.predict(...).predictions`` (``[P, 6]`` float32, one row per preference pair)
 PREDICTION_COLUMNS: tuple[str, ...] = ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards",
@@ -152,7 +152,7 @@ class FastDPOTrainer(DPOTrainer):
         ValueError: an invalid ``packing`` (or TRL's own validation errors).
     """
 
-    _tag_names = ["trl", "dpo", "fastdpo"]
+    _tag_names: ClassVar[list[str]] = ["trl", "dpo", "fastdpo"]
 
     def __init__(
         self,
