@@ -1,12 +1,24 @@
-"""``fastdpo memory``: the memory of one DPO training step, computed from shapes, for three ways of getting the log-probs.
+"""``fastdpo memory``: the memory of one DPO training step, computed from shapes, for naive PyTorch, TRL and fastdpo
+with each of its options, so that where the savings come from is visible at a glance.
 
-Variants (same model, optimizer and reference; they differ in the LM head / log-prob part):
+Default: a representative DPO setup -- Llama-3-8B-shaped, 4 pairs × (512 prompt + 512 completion) tokens, bf16 weights,
+AdamW, a frozen reference model, on a GPU -- with every variant side by side, and ``--plot PNG`` for a stacked bar chart
+of each variant's peak (what is alive at its peak phase).
+
+Variants (same model, optimizer and reference unless the variant changes it):
 
 * ``naive`` — the HF model's forward materializes logits ``[R·L, V]`` for every position, then
   ``log_softmax(logits.float())`` + gather (the textbook DPO step).
 * ``trl`` — TRL 1.16's DPOTrainer: ``ChunkedLogProbFunction`` over the positions that reach the head (every position
   on CPU, completion positions on CUDA), with ``[min(n, 4096), min(V, 32768)]`` tiles, fp32 gradient accumulators.
-* ``fastdpo`` — only completion tokens reach the head; fused chunked head, no ``[n, V]`` tensor.
+* ``fastdpo`` — only completion tokens reach the head; fused chunked head, no ``[n, V]`` tensor (``--packing``,
+  ``--reference`` as given).
+* ``fastdpo+prefix_shared`` — and each pair packed as ``[prompt, chosen, rejected]``: the prompt's activations once
+  per pair (:data:`VARIANT_OPTIONS`).
+* ``fastdpo+grad_in_forward`` — and the LM-head gradients formed in the forward (no logits kept or recomputed for
+  the backward: a time saving, the gradients are alive from the end of the forward instead).
+* ``fastdpo+precomputed_ref`` — and reference log-probs from a precomputed cache (no reference weights).
+* ``fastdpo+all`` — all three.
 
 Batch: ``pairs`` preference pairs → ``R = 2·pairs`` rows of ``L = prompt_len + completion_len`` tokens (no padding,
 no attention mask: the layout of naive and TRL; memory-wise also fastdpo's ``packing="padding_free"`` under
@@ -38,7 +50,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("naive", "trl", "fastdpo")
+VARIANTS = ("naive", "trl", "fastdpo", "fastdpo+prefix_shared", "fastdpo+grad_in_forward", "fastdpo+precomputed_ref",
+            "fastdpo+all")
+#: what each fastdpo option variant changes in the step (see :meth:`StepConfig.for_variant`)
+VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
+    "fastdpo+prefix_shared": {"packing": "prefix_shared"},
+    "fastdpo+grad_in_forward": {"grad_in_forward": True},
+    "fastdpo+precomputed_ref": {"reference": "precomputed"},
+    "fastdpo+all": {"packing": "prefix_shared", "grad_in_forward": True, "reference": "precomputed"},
+}
 PACKINGS = ("padding_free", "prefix_shared")  # fastdpo's; naive and TRL always run 2 rows per pair
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -207,6 +227,7 @@ class StepConfig:
     device: str = "cuda"
     packing: str = "padding_free"
     pairs_per_row: int = 1
+    grad_in_forward: bool = False
     sequence_parallel: int = 1  # fastdpo's sequence-parallel group size: its estimate is per rank (fastdpo.sp_memory)
 
     def __post_init__(self) -> None:
@@ -254,10 +275,15 @@ class StepConfig:
         return 2 * self.pairs * (self.completion_len - (self.prompt_len == 0))
 
     def for_variant(self, variant: str) -> StepConfig:
-        """The step ``variant`` runs: ``packing`` is fastdpo's; naive and TRL get ``padding_free``'s rows."""
+        """The step ``variant`` runs: ``packing`` and ``grad_in_forward`` are fastdpo's (naive and TRL get
+        ``padding_free``'s rows and their own head); the ``fastdpo+...`` variants apply :data:`VARIANT_OPTIONS`."""
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if variant == "fastdpo":
             return self
-        return replace(self, packing="padding_free", pairs_per_row=1, sequence_parallel=1)
+        if variant in VARIANT_OPTIONS:
+            return replace(self, **VARIANT_OPTIONS[variant])
+        return replace(self, packing="padding_free", pairs_per_row=1, grad_in_forward=False, sequence_parallel=1)
 
 
 def activation_bytes(m: ModelShape, step: StepConfig) -> int:
@@ -339,10 +365,15 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig, positions: int | N
       copy; fp32 tiles of the head's own plan (:func:`fastdpo.linear_logprobs._plan`), two (forward) / one
       (backward) of them; up to ``DEFAULT_KEEP_LOGITS_BYTES`` of logits tiles kept for backward; fp32 gradient
       accumulators. ``positions`` overrides ``n`` (fastdpo: one sequence-parallel rank's scored tokens).
+    * fastdpo with ``grad_in_forward`` (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`): tokens
+      in chunks of whole pairs of at most ``DEFAULT_GIF_LOGITS_BYTES`` of fp32 logits (kept while the chunk's
+      gradients are formed), the chunk's ``[n_c, D]`` copy, fp32 ``[n, D]`` and ``[V, D]`` gradient accumulators filled
+      during the forward and cast to ``b`` at its end; the ``b``-byte gradients are what is saved, and the backward
+      scales them by the incoming gradient (a second copy).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     step = step.for_variant(variant)
+    if variant.startswith("fastdpo"):
+        variant = "fastdpo"
     b = DTYPE_BYTES[step.dtype]
     v, d = m.vocab_size, m.hidden_size
     r, seq, c = step.rows, step.seq_len, step.completion_len
@@ -371,16 +402,27 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig, positions: int | N
         return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
     import torch
 
-    from fastdpo.linear_logprobs import DEFAULT_KEEP_LOGITS_BYTES, _plan
+    from fastdpo.linear_logprobs import DEFAULT_GIF_LOGITS_BYTES, DEFAULT_KEEP_LOGITS_BYTES, _plan
 
     n = step.scored_tokens if positions is None else positions
     device = torch.device(step.device)
+    grads = 4 * (n * d + v * d) + (b * (n * d + v * d) if half else 0)
+    if step.grad_in_forward:
+        chunk = min(n, max(2 * c, DEFAULT_GIF_LOGITS_BYTES // (4 * v)))  # whole pairs: at least one pair
+        tok, voc = _plan(chunk, v, device, None, "triton" if device.type == "cuda" else "torch")
+        work = chunk * d * b + min(4 * chunk * v, DEFAULT_GIF_LOGITS_BYTES) + 2 * 4 * tok * voc
+        saved = b * (n * d + v * d)
+        # during the chunk loop: fp32 accumulators + a chunk's work; at its end: fp32 accumulators + their b copies
+        fwd = 4 * (n * d + v * d) + max(work, saved if half else 0) + 8 * 4 * n
+        bwd = 2 * saved
+        ref_tok, ref_voc = _plan(n, v, device, None, "triton" if device.type == "cuda" else "torch")
+        ref = n * d * b + 2 * 4 * ref_tok * ref_voc + 8 * 4 * n
+        return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
     tok, voc = _plan(n, v, device, None, "triton" if device.type == "cuda" else "torch")
     tile = 4 * tok * voc
     kept = min(DEFAULT_KEEP_LOGITS_BYTES, 4 * n * v)
-    saved = n * d * b + 12 * n + kept
+    saved = n * d * b + 16 * n + kept  # compacted hidden, labels (int64), lse (float64), kept tiles
     fwd = saved + 2 * tile + 8 * 4 * n
-    grads = 4 * (n * d + v * d) + (b * (n * d + v * d) if half else 0)
     bwd = saved + tile + grads
     ref = n * d * b + 2 * tile + 8 * 4 * n
     return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
@@ -391,7 +433,9 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
 
     Keys: ``weights``, ``grads``, ``optimizer``, ``reference`` (resident), ``activations`` (policy backbone, saved for
     backward), ``attention_mask`` (prefix_shared's masks, alive during the forwards), ``logits`` (the head's peak on
-    top of the activations), ``peak`` (total), ``peak_phase`` (where it happens) and ``phases`` (each phase's total).
+    top of the activations), ``peak`` (total), ``peak_phase`` (where it happens), ``phases`` (each phase's total) and
+    ``peak_parts`` (what is alive at the peak phase, by part; its values sum to ``peak``; the ``grads`` part there
+    includes transient optimizer / tied-embedding buffers).
     ``step.packing`` applies to the fastdpo variant (see :meth:`StepConfig.for_variant`); with ``prefix_shared`` it is
     :class:`fastdpo.DPOEngine`'s step."""
     step = step.for_variant(variant)
@@ -404,28 +448,33 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
     if step.sequence_parallel > 1:  # fastdpo's per-rank step (for_variant gives naive/TRL a single process)
         from fastdpo.sp_memory import estimate_parts
 
+        if step.grad_in_forward:
+            raise ValueError("grad_in_forward is not available with sequence parallelism (see DPOEngine)")
         act, mask, head = estimate_parts(m, step)
     else:
         act = activation_bytes(m, step)
         mask = mask_bytes(m, step)
         head = head_bytes(variant, m, step)
-    resident = weights + optimizer + reference
-    # the reference forward keeps one layer's working set and its head's forward-only peak
-    ref_phase = resident + (mask + head["ref_peak"] if step.reference == "model" else 0)
-    fwd_phase = resident + mask + act + head["fwd_peak"]
-    bwd_phase = resident + act + head["bwd_peak"]
+    resident = {"weights": weights, "optimizer": optimizer, "reference": reference}
     # tied embeddings: the embedding's dense gradient exists next to the lm_head's before they are summed; with the
     # naive head (F.linear's weight gradient) autograd sums them out of place, a third [V, D] (measured on CPU)
     tied_extra = (2 if variant == "naive" else 1) * p["embed"] * b if m.tie_word_embeddings else 0
-    end_phase = resident + grads + tied_extra
-    opt_phase = resident + grads + (2 * p["largest"] * b if step.optimizer == "adamw" else 0)
-    phases = {"reference forward": ref_phase, "policy forward": fwd_phase, "backward start": bwd_phase,
-              "backward end": end_phase, "optimizer step": opt_phase}
+    parts = {
+        # the reference forward keeps one layer's working set and its head's forward-only peak
+        "reference forward": {**resident, "attention_mask": mask if step.reference == "model" else 0,
+                              "logits": head["ref_peak"] if step.reference == "model" else 0},
+        "policy forward": {**resident, "attention_mask": mask, "activations": act, "logits": head["fwd_peak"]},
+        "backward start": {**resident, "activations": act, "logits": head["bwd_peak"]},
+        "backward end": {**resident, "grads": grads + tied_extra},
+        "optimizer step": {**resident, "grads": grads + (2 * p["largest"] * b if step.optimizer == "adamw" else 0)},
+    }
+    phases = {name: sum(bytes_.values()) for name, bytes_ in parts.items()}
     peak_phase = max(phases, key=phases.__getitem__)
     return {"variant": variant, "weights": weights, "grads": grads, "optimizer": optimizer, "reference": reference,
             "activations": act, "attention_mask": mask, "logits": max(head["fwd_peak"], head["bwd_peak"]),
             "logits_saved": head["saved"], "head_positions": head["positions"], "peak": phases[peak_phase],
-            "peak_phase": peak_phase, "phases": phases, "params": p["total"]}
+            "peak_phase": peak_phase, "phases": phases, "peak_parts": {k: v for k, v in parts[peak_phase].items()
+                                                                        if v}, "params": p["total"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -476,15 +525,17 @@ def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
     The baseline is taken after the same step ran once on a tiny model of the same architecture (so library
     initialisation — kernels, thread pools, lazily imported modules — is not charged to the step); the measured step
     follows one warm-up step that allocates the optimizer state, as in training. The fastdpo variant with
-    ``packing="prefix_shared"`` collates random pre-tokenized pairs with :class:`fastdpo.PreferenceCollator`
-    (``pairs_per_row`` pairs per row) and runs :meth:`fastdpo.DPOEngine.step`; the other variants run their heads on
+    ``packing="prefix_shared"`` (or ``grad_in_forward``) collates random pre-tokenized pairs with
+    :class:`fastdpo.PreferenceCollator` (``pairs_per_row`` pairs per row; ``pad`` rows without padding for
+    ``grad_in_forward`` alone) and runs :meth:`fastdpo.DPOEngine.step`; the other variants run their heads on
     ``2·pairs`` unmasked rows."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     variant, dtype = spec["variant"], getattr(torch, TORCH_DTYPES[spec["dtype"]])
-    engine_step = variant == "fastdpo" and spec.get("packing", "padding_free") == "prefix_shared"
+    prefix_shared = spec.get("packing", "padding_free") == "prefix_shared"
+    engine_step = variant == "fastdpo" and (prefix_shared or spec.get("grad_in_forward", False))
     if engine_step:
         from fastdpo.collator import PreferenceCollator
         from fastdpo.engine import DPOEngine
@@ -496,8 +547,11 @@ def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
     rows, seq = 2 * pairs, p_len + c_len
     if engine_step:  # built before the baseline: its vocabulary covers the tiny and the measured model
         tokenizer = id_tokenizer(max(997, int(spec["config"].get("text_config", spec["config"])["vocab_size"])))
-        collator = PreferenceCollator(tokenizer, packing="prefix_shared",
-                                      max_tokens_per_row=spec.get("pairs_per_row", 1) * (p_len + 2 * c_len))
+        if prefix_shared:
+            collator = PreferenceCollator(tokenizer, packing="prefix_shared",
+                                          max_tokens_per_row=spec.get("pairs_per_row", 1) * (p_len + 2 * c_len))
+        else:  # 2 full rows per pair, no padding: the padding_free layout of the other variants
+            collator = PreferenceCollator(tokenizer, packing="pad")
 
     def build(cfg: dict[str, Any], layers: int | None) -> tuple[Any, Any, Any, Any]:
         config = hf_config(cfg, layers, spec["dtype"])
@@ -520,7 +574,7 @@ def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
         precomputed = {} if ref is not None else {"ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}
         batch = collator([{"prompt_input_ids": ids(p_len), "chosen_input_ids": ids(c_len),
                            "rejected_input_ids": ids(c_len), **precomputed} for _ in range(pairs)])
-        engine = DPOEngine(model, ref, reference=spec["reference"])
+        engine = DPOEngine(model, ref, reference=spec["reference"], grad_in_forward=spec.get("grad_in_forward", False))
         return engine.step(batch)[0]
 
     def run_step(config: Any, model: Any, ref: Any, opt: Any) -> None:
@@ -585,14 +639,16 @@ def measure(cfg: dict[str, Any], step: StepConfig, variants: list[str], layers: 
 
     out: dict[str, dict[str, Any]] = {}
     for variant in variants:
-        if variant == "fastdpo" and step.sequence_parallel > 1:  # k processes, the peak rank
+        vstep = step.for_variant(variant)
+        if vstep.sequence_parallel > 1:  # fastdpo over k processes: the peak rank
             from fastdpo import sp_memory
 
-            out[variant] = sp_memory.measure(cfg, step, layers, timeout)
+            out[variant] = sp_memory.measure(cfg, vstep, layers, timeout)
             continue
-        spec = {"variant": variant, "config": cfg, "layers": layers, "dtype": step.dtype, "pairs": step.pairs,
-                "prompt_len": step.prompt_len, "completion_len": step.completion_len, "reference": step.reference,
-                "optimizer": step.optimizer, "packing": step.packing, "pairs_per_row": step.pairs_per_row}
+        spec = {"variant": "fastdpo" if variant.startswith("fastdpo") else variant, "config": cfg, "layers": layers,
+                "dtype": vstep.dtype, "pairs": vstep.pairs, "prompt_len": vstep.prompt_len,
+                "completion_len": vstep.completion_len, "reference": vstep.reference, "optimizer": vstep.optimizer,
+                "packing": vstep.packing, "pairs_per_row": vstep.pairs_per_row, "grad_in_forward": vstep.grad_in_forward}
         with tempfile.TemporaryDirectory(prefix="fastdpo-mem-") as tmp:
             spec_path, res_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
             Path(spec_path).write_text(json.dumps(spec))
@@ -614,13 +670,64 @@ def _gb(x: float) -> str:
     return f"{x / 2**30:,.2f}" if x >= 2**30 / 100 else f"{x / MIB:,.1f} MiB"
 
 
+def _png_path(text: str) -> Path:
+    """argparse ``type=`` of ``--plot``: a ``.png`` path in an existing, writable folder."""
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"must end in .png, got {text!r}")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist or is not writable")
+    return path
+
+
+_PLOT_PARTS = (("weights", "weights"), ("optimizer", "optimizer state"), ("reference", "reference model"),
+               ("grads", "gradients"), ("activations", "activations"), ("attention_mask", "attention mask"),
+               ("logits", "logits / log-prob head"))
+
+
+def plot_estimates(path: Path, title: str, estimates: dict[str, dict[str, Any]]) -> None:
+    """A PNG of one stacked bar per variant: what is alive at its peak phase (``peak_parts``), in GiB, with the
+    total and the phase above each bar. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastdpo.atomic import atomic_write
+
+    names = list(estimates)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 3, 5.5))
+    bottoms = [0.0] * len(names)
+    colors = plt.get_cmap("tab10").colors
+    for (key, label), color in zip(_PLOT_PARTS, colors):
+        values = [estimates[n]["peak_parts"].get(key, 0) / 2**30 for n in names]
+        if any(values):
+            ax.bar(names, values, bottom=bottoms, label=label, color=color)
+            bottoms = [b + v for b, v in zip(bottoms, values)]
+    for i, n in enumerate(names):
+        ax.text(i, bottoms[i], f"{estimates[n]['peak'] / 2**30:.1f}\n{estimates[n]['peak_phase']}", ha="center",
+                va="bottom", fontsize=8)
+    ax.set_ylabel("GiB at the peak")
+    ax.set_ylim(0, max(bottoms) * 1.18)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastdpo.cli import ArgParser, int_in
 
-    p = ArgParser(prog="fastdpo memory", description="Memory of one DPO step, broken down, for naive, TRL-style and "
-                  "fastdpo log-prob heads (GiB unless marked).")
-    p.add_argument("--model", default="Llama-3.2-1B",
-                   help=f"preset ({', '.join(PRESETS)}) or path to a config.json (default Llama-3.2-1B)")
+    p = ArgParser(prog="fastdpo memory", description="Memory of one DPO step, broken down, for naive PyTorch, TRL 1.16 "
+                  "and fastdpo with each of its options (GiB unless marked). Default: Llama-3-8B, 4 pairs of 512 + "
+                  "512 tokens, bf16, AdamW, a reference model, on a GPU.")
+    p.add_argument("--model", default="Llama-3-8B",
+                   help=f"preset ({', '.join(PRESETS)}) or path to a config.json (default Llama-3-8B)")
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (default 4)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--completion-len", type=int, default=512)
@@ -642,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int_in(1), default=None, help="override num_hidden_layers (scaled model)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", type=_png_path, default=None, metavar="PNG",
+                   help="also write a stacked bar chart of each variant's peak (by part) to this .png file")
     p.add_argument("--measure", action="store_true", help="also run each variant's step on CPU and compare")
     return p
 
@@ -683,6 +792,11 @@ def main(argv: list[str] | None = None) -> int:
         if shape.num_attention_heads % step.sequence_parallel:
             raise UsageError(f"--sequence-parallel: {step.sequence_parallel} does not divide the model's "
                              f"{shape.num_attention_heads} attention heads")
+        gif = [v for v in variants if VARIANT_OPTIONS.get(v, {}).get("grad_in_forward")]
+        if step.sequence_parallel > 1 and gif:  # DPOEngine refuses grad_in_forward with sequence parallelism
+            if args.variants != build_parser().get_default("variants"):
+                raise UsageError(f"--variants: {gif} use grad_in_forward, which sequence parallelism does not support")
+            variants = [v for v in variants if v not in gif]
         if args.measure and step.device != "cpu":
             raise UsageError("--measure runs on CPU; use --device cpu")
     except UsageError as exc:
@@ -694,11 +808,27 @@ def main(argv: list[str] | None = None) -> int:
         if "peak" in res:
             res["estimate_error_pct"] = 100.0 * (estimates[v]["peak"] - res["peak"]) / res["peak"]
     report_ = {"model": asdict(shape), "step": asdict(step), "estimates": estimates, "measured": measured}
+    if args.plot is not None:
+        plot_estimates(args.plot, _headline(shape, step), estimates)
     if args.json:
         print(json.dumps(report_, indent=1))
         return 0
     _print_report(shape, step, estimates, measured)
+    if args.plot is not None:
+        print(f"plot written to {args.plot}")
     return 0
+
+
+def _headline(shape: ModelShape, step: StepConfig) -> str:
+    p = param_counts(shape)["total"]
+    return (f"{shape.name} ({shape.model_type}, {p / 1e9:.3f} B params, {shape.num_hidden_layers} layers, "
+            f"V={shape.vocab_size}, D={shape.hidden_size}); {step.pairs} pairs × ({step.prompt_len} prompt + "
+            f"{step.completion_len} completion) tokens, {step.dtype}, {step.optimizer}, reference {step.reference}, "
+            f"{step.device}; fastdpo packing {step.packing}"
+            + (f" ({step.pairs_per_row} pair{'s' if step.pairs_per_row != 1 else ''} per row)"
+               if step.packing == "prefix_shared" else "")
+            + (f"; fastdpo sequence-parallel over {step.sequence_parallel} ranks: its columns are the peak rank"
+               if step.sequence_parallel > 1 else ""))
 
 
 def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict[str, Any]],
@@ -707,23 +837,20 @@ def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict
     from rich.table import Table
 
     console = Console()
-    p = next(iter(estimates.values()))["params"]
-    console.print(f"[bold]{shape.name}[/] ({shape.model_type}, {p / 1e9:.3f} B params, {shape.num_hidden_layers} "
-                  f"layers, V={shape.vocab_size}, D={shape.hidden_size}); {step.pairs} pairs × ({step.prompt_len} "
-                  f"prompt + {step.completion_len} completion) tokens, {step.dtype}, {step.optimizer}, reference "
-                  f"{step.reference}, {step.device}; fastdpo packing {step.packing}"
-                  + (f" ({step.pairs_per_row} pair{'s' if step.pairs_per_row != 1 else ''} per row)"
-                     if step.packing == "prefix_shared" else "")
-                  + (f"; fastdpo sequence-parallel over {step.sequence_parallel} ranks: its column is the peak rank"
-                     if step.sequence_parallel > 1 else ""))
+    console.print(_headline(shape, step))
     table = Table(title="DPO step memory (GiB)")
     table.add_column("part")
     for v in estimates:
-        table.add_column(v, justify="right")
+        table.add_column(v.replace("+", "\n+ "), justify="right")
     for key in ("weights", "grads", "optimizer", "reference", "activations", "attention_mask", "logits", "peak"):
         label = {"logits": "logits / log-probs", "attention_mask": "attention mask"}.get(key, key)
         table.add_row(label, *(_gb(e[key]) for e in estimates.values()))
     table.add_row("peak phase", *(e["peak_phase"] for e in estimates.values()))
+    base = estimates.get("trl", estimates.get("naive"))
+    if base is not None:
+        ref_name = "trl" if "trl" in estimates else "naive"
+        table.add_row(f"peak vs {ref_name}", *(f"{(e['peak'] - base['peak']) / 2**30:+,.2f}"
+                                               for e in estimates.values()))
     table.add_row("head positions", *(f"{e['head_positions']:,}" for e in estimates.values()))
     if measured:
         table.add_row("measured peak", *(_gb(measured[v]["peak"]) if "peak" in measured[v] else
@@ -736,7 +863,9 @@ def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict
     console.print(table)
     console.print("weights/grads/optimizer/reference are resident; activations = saved for backward by the policy "
                   "backbone; attention mask = prefix_shared's packed-row masks during the forwards; logits = the "
-                  "head's transient peak on top; peak = largest phase total.")
+                  "head's transient peak on top; peak = largest phase total. fastdpo+X: fastdpo with option X "
+                  "(prefix_shared: the prompt once per pair; grad_in_forward: head gradients in the forward, 3 GEMMs "
+                  "instead of 4; precomputed_ref: cached reference log-probs, no reference weights; all: the three).")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Drop-in loss modules: :class:`DPOLoss` over precomputed log-probs, and fused LM-head preference losses.
 
 The fused modules take the same constructor options and call as Liger 0.8.5's chunked losses
-(``LigerFusedLinearDPOLoss``, ``...SimPOLoss``, ``...CPOLoss``, ``...ORPOLoss``) and return the same structure, so
-swapping the import is the whole migration::
+(``LigerFusedLinearDPOLoss``, ``...SimPOLoss``, ``...CPOLoss``, ``...ORPOLoss``; ``...KTOLoss`` is
+:class:`fastdpo.fused_kto.FusedLinearKTOLoss`, re-exported here; the functional forms are in
+:mod:`fastdpo.functional`) and return the same structure, so swapping the import is the whole migration::
 
     loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
            chosen_rewards, rejected_rewards, *extra) = module(lin_weight, _input, target, bias, ...)
@@ -32,8 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from fastdpo._validation import check_float, check_index, check_same_device
+from fastdpo.fused_kto import FusedLinearKTOLoss
 from fastdpo.losses import (
     BATCH_COUPLED_LOSS_TYPES,
+    LOSS_TYPES,
     _log1mexp,
     _smoothed_sigmoid,
     check_label_smoothing,
@@ -46,6 +49,7 @@ __all__ = [
     "DPOLoss",
     "FusedLinearCPOLoss",
     "FusedLinearDPOLoss",
+    "FusedLinearKTOLoss",
     "FusedLinearORPOLoss",
     "FusedLinearSimPOLoss",
 ]
@@ -272,6 +276,25 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
     def _as_loss_logps(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return sums / counts.clamp(min=1).to(sums.dtype) if self.average_log_prob else sums
 
+    def _separate_nll(self, nll_target: torch.Tensor, target: torch.Tensor, _input: torch.Tensor,
+                      weight: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
+        """Token-mean ``-log p(nll_target)`` over the chosen rows' positions where ``nll_target [2B, T]`` is not
+        ``ignore_index`` (Liger's ``nll_target``); 0-dim fp32, differentiable, 0 when no position is scored."""
+        from fastdpo.linear_logprobs import linear_sequence_logprobs
+
+        check_index("nll_target", nll_target)
+        if nll_target.shape != target.shape:
+            raise ValueError(f"nll_target must have the shape of target {list(target.shape)}, got "
+                             f"{list(nll_target.shape)}")
+        check_same_device(_input=_input, nll_target=nll_target)
+        chosen = _Batch(_input[:p], nll_target[:p], self.ignore_index)
+        total = linear_sequence_logprobs(
+            chosen.hidden(_input[:p]), weight, chosen.labels, bias=bias,
+            segment_ids=torch.zeros_like(chosen.labels), num_segments=1, chunk_size=self.head_chunk_size,
+            keep_logits_bytes=self.keep_logits_bytes, **self._head_kwargs(),
+        )
+        return -total[0] / chosen.labels.numel() if chosen.labels.numel() else total[0] * 0.0
+
     def _run(
         self,
         lin_weight: torch.Tensor,
@@ -281,6 +304,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         ref_input: torch.Tensor | None,
         ref_weight: torch.Tensor | None,
         ref_bias: torch.Tensor | None,
+        nll_target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         self._check(lin_weight, _input, target, bias)
         if self.use_ref_model:
@@ -295,6 +319,9 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         counts = batch.counts
         cnt_c, cnt_r = counts[:p], counts[p:]
         n_tok = cnt_c.sum().clamp(min=1).to(torch.float32)
+        # Liger's nll_target: the NLL term scores the chosen rows against other labels (its own positions)
+        sep_nll = self._separate_nll(nll_target, target, _input, lin_weight, bias, p) \
+            if nll_target is not None and self.compute_nll_loss else None
 
         ref_c = ref_r = None
         if self.use_ref_model:
@@ -304,19 +331,25 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
             ref_c, ref_r = ref[:p], ref[p:]
 
         if self.grad_in_forward and self._pair_local():
-            loss, sums = self._grad_in_forward(batch, lin_weight, _input, bias, ref_c, ref_r, n_tok)
+            loss, sums = self._grad_in_forward(batch, lin_weight, _input, bias, ref_c, ref_r, n_tok,
+                                               nll=sep_nll is None)
         else:
             sums = self._seq_sums(batch, _input, lin_weight, bias)
             logps = self._as_loss_logps(sums, counts)
             loss = self._pair_terms(_Pairs(logps[:p], logps[p:], ref_c, ref_r, cnt_c, cnt_r, -sums[:p], p, n_tok))
-            if self.compute_nll_loss:
+            if self.compute_nll_loss and sep_nll is None:
                 loss = loss + self.alpha * (-sums[:p].sum() / n_tok)
             sums = sums.detach()
+        if sep_nll is not None:
+            loss = loss + self.alpha * sep_nll
 
         with torch.no_grad():
             logps = self._as_loss_logps(sums, counts)
             c, r = logps[:p], logps[p:]
-            nll = -sums[:p].sum() / n_tok if self.compute_nll_loss else torch.zeros((), device=_input.device)
+            if sep_nll is not None:
+                nll = sep_nll.detach()
+            else:
+                nll = -sums[:p].sum() / n_tok if self.compute_nll_loss else torch.zeros((), device=_input.device)
             rc = c - ref_c if ref_c is not None else c
             rr = r - ref_r if ref_r is not None else r
             scale = self.logit_scale / self.temperature
@@ -338,6 +371,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         ref_c: torch.Tensor | None,
         ref_r: torch.Tensor | None,
         n_tok: torch.Tensor,
+        nll: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from fastdpo.linear_logprobs import linear_logprobs_loss_grad_in_forward
 
@@ -353,7 +387,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
             rc = ref_c.index_select(0, pairs) if ref_c is not None else None
             rr = ref_r.index_select(0, pairs) if ref_r is not None else None
             out = self._pair_terms(_Pairs(c, r, rc, rr, cnt_c, cnt_r, -c_sum, p, n_tok))
-            if self.compute_nll_loss:
+            if self.compute_nll_loss and nll:
                 out = out + self.alpha * (-c_sum.sum() / n_tok)
             return out
 
@@ -371,6 +405,21 @@ class _ReferenceFreeBase(_FusedLinearPreferenceBase):
     def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         return self._run(lin_weight, _input, target, bias, None, None, None)
+
+
+def _liger_config_checks(loss_type: str | Sequence[str], label_smoothing: float) -> None:
+    """The configuration errors Liger's ``LigerFusedLinearDPOLoss`` raises, in its words (scripts and Liger's own
+    tests match on them); everything else is checked by :func:`fastdpo.losses.normalize_loss_config`."""
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    for t in types:
+        if t not in LOSS_TYPES:
+            raise ValueError(f"Unsupported loss_type: {t}. Supported types are: {set(LOSS_TYPES)}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        return  # normalize_loss_config names the type error
+    if "exo_pair" in types and label_smoothing <= 0.0:
+        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair'. The EXO paper recommends 1e-3.")
+    if "robust" in types and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for loss_type='robust'. Got {label_smoothing}.")
 
 
 class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
@@ -411,6 +460,7 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
             ignore_index=ignore_index, beta=beta, alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled,
             chunk_size=chunk_size, **head_options,
         )
+        _liger_config_checks(loss_type, label_smoothing)
         self.loss_types, self.loss_weights = normalize_loss_config(
             loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
             f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
@@ -513,12 +563,14 @@ class FusedLinearCPOLoss(_ReferenceFreeBase):
 
 
 class FusedLinearORPOLoss(_ReferenceFreeBase):
-    """Drop-in for Liger 0.8.5's ``LigerFusedLinearORPOLoss``: ``forward(lin_weight, _input, target, bias=None)``.
+    """Drop-in for Liger 0.8.5's ``LigerFusedLinearORPOLoss``: ``forward(lin_weight, _input, target, bias=None,
+    nll_target=None)``.
 
     Loss: ``NLL(chosen) (if compute_nll_loss) - beta * mean(log sigma(log odds_c - log odds_r))`` on average
     log-probs, ``log odds = a - log(1 - e^a)``. Outputs as :class:`FusedLinearDPOLoss` plus ``log_odds_ratio`` (mean
-    ``log sigma``) and ``log_odds_chosen`` (mean log-odds difference); rewards ``beta * avg_logp``. Liger's separate
-    ``nll_target`` is not supported (the NLL uses ``target``).
+    ``log sigma``) and ``log_odds_chosen`` (mean log-odds difference); rewards ``beta * avg_logp``. ``nll_target``
+    ``[2B, T]`` (as Liger): the NLL term scores the chosen rows against these labels instead of ``target`` (token mean
+    over its non-``ignore_index`` positions; one more head pass over them).
     """
 
     average_log_prob = True
@@ -540,6 +592,11 @@ class FusedLinearORPOLoss(_ReferenceFreeBase):
     @staticmethod
     def _log_odds(c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return (c - r) - (_log1mexp(c) - _log1mexp(r))
+
+    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None, nll_target: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        return self._run(lin_weight, _input, target, bias, None, None, None, nll_target)
 
     def _pair_terms(self, t: _Pairs) -> torch.Tensor:
         return -self.beta * F.logsigmoid(self._log_odds(t.c, t.r)).sum() / t.num_pairs

@@ -4,13 +4,30 @@ Examples::
 
     fastdpo train                                   # tiny Llama + in-process tokenizer on the bundled demo set
     fastdpo train --model ./my-model --data prefs.jsonl --eval-data held_out.jsonl --output-dir runs/a
+    fastdpo train --model ./my-model --data prefs.jsonl --lora-r 16 --grad-accum 4 --report-to tensorboard
+    fastdpo train --model ./my-model --data prefs.jsonl --qlora --packing prefix_shared --max-length 2048
+    torchrun --nproc-per-node 2 -m fastdpo.cli train --model ./my-model --data prefs.jsonl   # DDP, one process/GPU
     fastdpo train --output-dir runs/a --resume      # continue an interrupted run exactly where it stopped
 
+What it trains: every weight (the reference is a frozen copy of the initial model), or with ``--lora-r`` a LoRA
+adapter (peft; the reference is the same model with the adapter disabled, no second copy), or with ``--qlora`` a LoRA
+adapter over the base quantized to 4-bit NF4 by bitsandbytes (frozen; :func:`fastdpo.models.quantize_model`).
+Batches: ``--batch-size`` pairs per micro-batch and process, ``--grad-accum`` micro-batches per optimizer step,
+truncation as TRL (``--max-length``, ``--max-prompt-length``, ``--max-completion-length``, ``--truncation-mode``), any
+packing, loss mixtures (``--loss-type A B --loss-weights wA wB``), ``--grad-in-forward``. ``--report-to tensorboard``
+writes the metrics as TensorBoard scalars under ``runs/``. Under ``torchrun`` (``WORLD_SIZE > 1``) the processes train
+one DDP model (gloo on CPU, nccl on GPU, :mod:`fastdpo.train_parallel`): each optimizer step's global batch is split
+over them, the losses are weighted so the result equals one process on the whole batch, the main process writes the
+log, checkpoints and the model.
+
 Outputs under ``--output-dir``: ``metrics.jsonl`` (one JSON record per optimizer step and per evaluation),
-``checkpoint.pt`` (model, optimizer, scheduler, loss scaler, RNG states, step and data order; replaced atomically and
-checksummed) with the checkpoint before it kept as ``checkpoint.prev.pt``, ``reference/`` (the frozen reference model
-and tokenizer; for a tiny model it is the initial weights) and ``model/`` (the final model and tokenizer,
-``save_pretrained`` format; it appears only complete and finite). The last line printed says where the model was
+``checkpoint.pt`` (model -- only the adapter's weights for LoRA --, optimizer, scheduler, loss scaler, RNG states,
+step and data order; replaced atomically and checksummed) with the checkpoint before it kept as
+``checkpoint.prev.pt``, ``reference/`` (the frozen reference model and tokenizer; for a tiny model it is the initial
+weights), ``runs/`` (TensorBoard events, with ``--report-to tensorboard``) and ``model/`` (the final model -- or the
+LoRA adapter, whose ``adapter_config.json`` names its base folder -- with the tokenizer and a model card
+``README.md`` (:mod:`fastdpo.model_card`), ``save_pretrained`` format, loadable with ``from_pretrained`` / peft's
+``AutoPeftModelForCausalLM``; it appears only complete and finite). The last line printed says where the model was
 written.
 
 Reliability:
@@ -402,10 +419,20 @@ def _scalar(value: Any) -> float:
 
 def evaluate(engine, model: torch.nn.Module, collator, rows: list[dict[str, Any]], batch_size: int,
              device: torch.device, max_batches: int | None = None,
-             autocast: torch.dtype | None = None) -> dict[str, float]:
+             autocast: torch.dtype | None = None, world: Any = None) -> dict[str, float]:
     """Held-out metrics: every engine metric (rewards/accuracies, rewards/margins, ...) and the loss, averaged over
     pairs (each batch weighted by its pair count). Runs under ``torch.no_grad`` with the model in eval mode (and
-    under ``torch.autocast(dtype=autocast)`` when given)."""
+    under ``torch.autocast(dtype=autocast)`` when given). With a multi-process ``world``
+    (:mod:`fastdpo.train_parallel`) each process evaluates its contiguous share of ``rows`` (``max_batches`` per
+    process) and the sums are added over the processes; with fewer rows than processes every process evaluates all.
+    Token-level metrics (``logits/*``, ``entropy``, ``mean_token_accuracy``) are token means per batch, so, as across
+    batches, their held-out value is the pair-weighted mean of those batch means."""
+    from fastdpo import train_parallel as tp
+
+    if world is not None and world.distributed and len(rows) >= world.size:
+        rows = tp.shard(rows, world)
+    else:
+        world = None
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
@@ -425,6 +452,11 @@ def evaluate(engine, model: torch.nn.Module, collator, rows: list[dict[str, Any]
                     totals[key] = totals.get(key, 0.0) + _scalar(value) * n
     finally:
         model.train(was_training)
+    if world is not None:
+        keys = list(totals)  # the same order on every process (same engine, same metrics)
+        summed = tp.all_sum(torch.tensor([totals[k] for k in keys] + [float(seen)], dtype=torch.float64,
+                                         device=device), world).tolist()
+        totals, seen = dict(zip(keys, summed[:-1])), int(summed[-1])
     return {f"eval_{k}": v / max(seen, 1) for k, v in totals.items()}
 
 
@@ -467,6 +499,16 @@ def build_parser() -> ArgParser:
     g.add_argument("--vocab-size", type=int_in(MIN_VOCAB), default=512,
                    help=f"largest in-process tokenizer vocabulary (fewer when the data has fewer merges), at least "
                    f"{MIN_VOCAB}: the 256 bytes and the special tokens (no --model)")
+    g.add_argument("--lora-r", type=int_in(1), default=None,
+                   help="train a LoRA adapter of this rank (peft) instead of every weight; the reference is the base "
+                   "model with the adapter disabled (no second copy); model/ holds the adapter")
+    g.add_argument("--lora-alpha", type=float_in(0.0, low_open=True), default=None, help="LoRA alpha (default 2 r)")
+    g.add_argument("--lora-dropout", type=float_in(0.0, 1.0, high_open=True), default=0.0)
+    g.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="module names the adapter wraps (default: every linear layer but the LM head)")
+    g.add_argument("--qlora", action="store_true",
+                   help="QLoRA: the frozen base in 4-bit NF4 (bitsandbytes), a LoRA adapter on top (rank --lora-r, "
+                   "default 16)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="float32; bfloat16 (weights and optimizer in bf16); float16 (mixed precision: fp32 weights and "
                    "optimizer, fp16 autocast, dynamic loss scaling)")
@@ -479,17 +521,30 @@ def build_parser() -> ArgParser:
     g.add_argument("--eval-fraction", type=float_in(0.0, 1.0, low_open=True, high_open=True), default=0.1,
                    help="held-out share of --data without --eval-data")
     g.add_argument("--max-length", type=int_in(1), default=None, help="truncate prompt+completion to this many tokens")
-    g.add_argument("--packing", choices=("pad", "padding_free", "prefix_shared"), default="pad")
+    g.add_argument("--max-prompt-length", type=int_in(0), default=None, help="truncate the prompt first")
+    g.add_argument("--max-completion-length", type=int_in(0), default=None,
+                   help="keep the first N tokens of each completion")
+    g.add_argument("--truncation-mode", choices=("keep_end", "keep_start"), default="keep_end",
+                   help="which end --max-length and --max-prompt-length keep (TRL's truncation_mode)")
+    g.add_argument("--packing", choices=("pad", "padding_free", "prefix_shared"), default="pad",
+                   help="pad (TRL's batch), padding_free (sequences back to back) or prefix_shared (each prompt once "
+                   "per pair)")
     g = p.add_argument_group("DPO")
     g.add_argument("--loss-type", nargs="+", default=["sigmoid"], help="one or more TRL loss types")
     g.add_argument("--loss-weights", type=float_in(), nargs="+", default=None)
     g.add_argument("--beta", type=float_in(0.0, low_open=True), default=0.1)
     g.add_argument("--label-smoothing", type=float_in(0.0, 1.0, high_open=True), default=0.0)
+    g.add_argument("--grad-in-forward", action="store_true",
+                   help="form the LM-head gradients in the forward pass (3 GEMMs instead of 4; no token metrics)")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int_in(1), default=300, help="optimizer steps")
-    g.add_argument("--batch-size", type=int_in(1), default=16, help="preference pairs per step")
+    g.add_argument("--batch-size", type=int_in(1), default=16,
+                   help="preference pairs per micro-batch and process (an optimizer step sees batch-size x "
+                   "grad-accum x processes pairs)")
+    g.add_argument("--grad-accum", type=int_in(1), default=1, help="micro-batches accumulated per optimizer step")
     g.add_argument("--lr", type=float_in(0.0, low_open=True), default=None,
-                   help="peak learning rate (default: 3e-3 for the tiny in-process model, 1e-6 with --model)")
+                   help="peak learning rate (default: 3e-3 for the tiny in-process model, 1e-6 with --model, 1e-4 for "
+                   "a LoRA adapter on --model)")
     g.add_argument("--weight-decay", type=float_in(0.0), default=0.0)
     g.add_argument("--warmup-steps", type=int_in(0), default=10)
     g.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="linear")
@@ -505,9 +560,12 @@ def build_parser() -> ArgParser:
     g.add_argument("--eval-every", type=int_in(0), default=50, help="evaluate every N steps (0: only before and "
                    "after)")
     g.add_argument("--eval-batch-size", type=int_in(1), default=32)
-    g.add_argument("--eval-batches", type=int_in(1), default=None, help="cap on held-out batches per evaluation")
+    g.add_argument("--eval-batches", type=int_in(1), default=None,
+                   help="cap on held-out batches per evaluation (per process under torchrun)")
     g.add_argument("--save-every", type=int_in(0), default=50, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--log-every", type=int_in(0), default=10, help="print a metrics line every N steps (0: never)")
+    g.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
+                   help="tensorboard: also write the metrics as TensorBoard scalars under --output-dir/runs")
     g.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint.pt")
     g.add_argument("--stop-after", type=int_in(1), default=None,
                    help="checkpoint and exit after N steps of this invocation (time-sliced jobs; resume later)")
@@ -664,17 +722,130 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _train(args: argparse.Namespace, staged: list[Path]) -> int:
+def _check_args(args: argparse.Namespace) -> None:
+    """Argument combinations argparse cannot check (one-line usage errors naming the flags)."""
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --output-dir and --overwrite starts over: give one")
     if args.model is None and args.hidden_size % 16:
         raise UsageError(f"--hidden-size must be a multiple of 16 (4 heads of even size), got {args.hidden_size}")
+    if args.loss_weights is not None and len(args.loss_weights) != len(args.loss_type):
+        raise UsageError(f"--loss-weights: {len(args.loss_weights)} weight(s) for {len(args.loss_type)} --loss-type "
+                         f"value(s) ({' '.join(args.loss_type)}); give one weight per loss type")
+    lora = args.lora_r is not None or args.qlora
+    if not lora:
+        for flag, value in (("--lora-alpha", args.lora_alpha), ("--lora-target-modules", args.lora_target_modules),
+                            ("--lora-dropout", args.lora_dropout or None)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --lora-r (or --qlora)")
+    if args.qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UsageError("--qlora needs bitsandbytes (pip install 'fastdpo[bnb]')") from None
+        if args.dtype == "float16":
+            raise UsageError("--qlora computes in --dtype float32 or bfloat16, not float16")
+    if lora:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise UsageError("--lora-r / --qlora need peft (pip install 'fastdpo[train]')") from None
+    if args.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise UsageError("--report-to tensorboard needs the tensorboard package (pip install "
+                             "'fastdpo[train]')") from None
+
+
+_RESUME_MUST_MATCH = ("steps", "seed", "dtype", "grad_accum", "lora_r", "qlora")
+
+
+def _build_policy(args: argparse.Namespace, source: str, dtype: torch.dtype, device: torch.device):
+    """The policy (full model, or a PEFT LoRA model over a dense / 4-bit frozen base) and the reference
+    (``(ref_model, mode)``: a separate frozen copy, or ``None, "adapter"`` for LoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--model {source}: cannot load the model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for module in base.modules():  # like TRL's disable_dropout default
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if args.lora_r is None and not args.qlora:
+        ref_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        for module in ref_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        ref_model.to(device).eval().requires_grad_(False)
+        return base.to(device).train(), ref_model, "model"
+    from peft import LoraConfig, get_peft_model
+
+    from fastdpo.models import quantize_model
+
+    if args.qlora:
+        base = quantize_model(base.to(device), bits=4, compute_dtype=dtype)
+    else:
+        base = base.to(device)
+    base.requires_grad_(False)
+    r = args.lora_r or 16
+    targets = args.lora_target_modules or "all-linear"
+    config = LoraConfig(r=r, lora_alpha=args.lora_alpha or 2 * r, lora_dropout=args.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        policy = get_peft_model(base, config)
+    except ValueError as exc:
+        raise UsageError(f"--lora-target-modules {targets}: {str(exc).splitlines()[0]}") from None
+    for name, p in policy.named_parameters():  # the adapter trains in fp32 whatever the base's dtype
+        if p.requires_grad and p.dtype != torch.float32 and dtype == torch.float32:
+            p.data = p.data.float()
+    return policy.train(), None, "adapter"
+
+
+def _trainable_state(policy: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the policy: every weight, or only the adapter's (the base is rebuilt from its
+    folder)."""
+    if not lora:
+        return policy.state_dict()
+    return {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def _load_trainable_state(policy: torch.nn.Module, state: dict[str, torch.Tensor], lora: bool) -> None:
+    if not lora:
+        policy.load_state_dict(state)
+        return
+    params = dict(policy.named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != wanted:
+        raise ValueError(f"adapter weights differ: checkpoint has {len(state)}, this run {len(wanted)}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _train(args: argparse.Namespace, staged: list[Path]) -> int:
+    from fastdpo import train_parallel as tp
+
+    _check_args(args)
     device = resolve_device("--device", args.device)
     out = Path(args.output_dir)
     make_output_dir("--output-dir", out)
-    for name in _RUN_FILES:  # killed writers' temporary files, including fastdpo <= 0.1's random names
-        remove_stale_tmp(out / name)
-    remove_stale_tmp_in(out)
+    world, device = tp.setup(device)
+    try:
+        return _run(args, staged, out, device, world)
+    finally:
+        tp.teardown(world)
+
+
+def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.device, world) -> int:
+    from fastdpo import train_parallel as tp
+
+    if world.main:
+        for name in _RUN_FILES:  # killed writers' temporary files, including fastdpo <= 0.1's random names
+            remove_stale_tmp(out / name)
+        remove_stale_tmp_in(out)
+    tp.barrier(world)
     earlier = [name for name in _RUN_FILES[:5] if (out / name).exists()]
     if earlier and not (args.resume or args.overwrite):
         raise UsageError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue "
@@ -683,15 +854,21 @@ def _train(args: argparse.Namespace, staged: list[Path]) -> int:
     ref_dir = out / "reference"
     staged_ref: Path | None = None
     checkpoint = None
+    lora = args.lora_r is not None or args.qlora
     if args.resume:
-        checkpoint = _find_checkpoint(out)
+        if world.main:
+            checkpoint = _find_checkpoint(out)
+        tp.barrier(world)  # the main process moved a damaged newest checkpoint aside; the others read the same one
+        if not world.main:
+            checkpoint = _load_resumable(out)
         saved = checkpoint["args"]
-        differ = [k for k in ("steps", "seed", "dtype") if k in saved and saved[k] != getattr(args, k)]
+        differ = [k for k in _RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
         if differ:
-            raise UsageError("--resume needs the same --steps, --seed and --dtype as the interrupted run (checkpoint: "
-                             + ", ".join(f"{k}={saved[k]}" for k in ("steps", "seed", "dtype") if k in saved) + ")")
+            raise UsageError("--resume needs the same " + ", ".join(f"--{k.replace('_', '-')}" for k in differ)
+                             + " as the interrupted run (checkpoint: "
+                             + ", ".join(f"{k}={saved[k]}" for k in differ) + ")")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from fastdpo.collator import PreferenceCollator
@@ -730,78 +907,92 @@ def _train(args: argparse.Namespace, staged: list[Path]) -> int:
         import psutil
 
         available = psutil.virtual_memory().available
-        if device.type == "cpu" and need > available:
+        if device.type == "cpu" and need * world.size > available:
             raise UsageError(f"--hidden-size {args.hidden_size} --layers {args.layers}: the tiny model's weights, "
-                             f"gradients and optimizer need ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB "
-                             "available")
-        # staged under a temporary name and put in place only once the whole setup succeeded (with --overwrite, the
-        # earlier run stays intact until then)
-        staged_ref = out / f".reference.{os.getpid()}.tmp"
-        shutil.rmtree(staged_ref, ignore_errors=True)
-        staged.append(staged_ref)
-        init = build_tiny_model(tokenizer, args.arch, hidden_size=args.hidden_size, num_layers=args.layers,
-                                seed=args.seed)
-        init.save_pretrained(staged_ref)
-        tokenizer.save_pretrained(staged_ref)
+                             f"gradients and optimizer need ~{need * world.size / 2**30:.1f} GiB, "
+                             f"{available / 2**30:.1f} GiB available")
+        # staged under a temporary name (the main process's pid) and put in place only once the whole setup
+        # succeeded (with --overwrite, the earlier run stays intact until then)
+        staged_ref = out / f".reference.{_main_pid(world)}.tmp"
+        if world.main:
+            shutil.rmtree(staged_ref, ignore_errors=True)
+            staged.append(staged_ref)
+            init = build_tiny_model(tokenizer, args.arch, hidden_size=args.hidden_size, num_layers=args.layers,
+                                    seed=args.seed)
+            init.save_pretrained(staged_ref)
+            tokenizer.save_pretrained(staged_ref)
+            del init
+        tp.barrier(world)
         ref_source = str(staged_ref)
-        del init
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    try:
-        policy = AutoModelForCausalLM.from_pretrained(ref_source, dtype=dtype).to(device)
-        ref_model = AutoModelForCausalLM.from_pretrained(ref_source, dtype=dtype).to(device)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"--model {ref_source}: cannot load the model ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    ref_model.eval().requires_grad_(False)
-    policy.train()
-    for module in list(policy.modules()) + list(ref_model.modules()):  # like TRL's disable_dropout default
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    policy, ref_model, reference = _build_policy(args, ref_source, dtype, device)
 
     engine_kwargs: dict[str, Any] = {"loss_type": args.loss_type if len(args.loss_type) > 1 else args.loss_type[0],
-                                     "beta": args.beta, "label_smoothing": args.label_smoothing}
+                                     "beta": args.beta, "label_smoothing": args.label_smoothing,
+                                     "grad_in_forward": args.grad_in_forward}
     if args.loss_weights is not None:
         engine_kwargs["loss_weights"] = args.loss_weights
     try:
-        engine = DPOEngine(policy, ref_model, reference="model", **engine_kwargs)
+        engine = DPOEngine(policy, ref_model, reference=reference, **engine_kwargs)
     except (ValueError, TypeError) as exc:  # e.g. an unknown --loss-type, exo_pair without --label-smoothing
         raise UsageError(f"--loss-type {' '.join(args.loss_type)}: {exc}") from None
-    collator = PreferenceCollator(tokenizer, max_length=args.max_length, packing=args.packing)
+    collator = PreferenceCollator(tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                  max_completion_length=args.max_completion_length,
+                                  truncation_mode=args.truncation_mode, packing=args.packing)
     # tokenize once up front (collating pre-tokenized rows gives the same batches, minus per-step tokenization)
     try:
         train_rows = pretokenize(collator, train_rows, train_where)
         eval_rows = pretokenize(collator, eval_rows, eval_where)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    # setup done: only now is anything of an earlier run replaced
-    if args.overwrite:
-        _remove_run(out)
-    if staged_ref is not None:
-        shutil.rmtree(ref_dir, ignore_errors=True)
-        os.replace(staged_ref, ref_dir)
+    global_batch = args.batch_size * world.size
+    if len(train_rows) < world.size:
+        raise UsageError(f"--data has {len(train_rows)} training pairs, fewer than the {world.size} processes")
+    tp.barrier(world)  # every process set up: only now is anything of an earlier run replaced
+    if world.main:
+        if args.overwrite:
+            _remove_run(out)
+        if staged_ref is not None:
+            shutil.rmtree(ref_dir, ignore_errors=True)
+            os.replace(staged_ref, ref_dir)
+    tp.barrier(world)
+    if lora:  # where the saved adapter's base lives: --model, or the initial tiny model under reference/
+        base_path = Path(args.model) if args.model is not None else ref_dir
+        policy.peft_config["default"].base_model_name_or_path = str(base_path.resolve())
 
-    lr = args.lr if args.lr is not None else (1e-6 if args.model is not None else 3e-3)
+    lr = args.lr if args.lr is not None else (1e-6 if args.model is not None and not lora else 3e-3 if
+                                              args.model is None else 1e-4)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.lr_schedule, args.warmup_steps,
                                                                         args.steps))
     scaler = torch.amp.GradScaler(device.type) if amp is not None else None
-    order = DataOrder(len(train_rows), args.batch_size, args.seed)
+    order = DataOrder(len(train_rows), global_batch, args.seed)
     step = 0
     if checkpoint is not None:
         try:
             order.load_state_dict(checkpoint["data_order"])
-            policy.load_state_dict(checkpoint["model"])
+            _load_trainable_state(policy, checkpoint["model"], lora)
             optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, RuntimeError, KeyError) as exc:
-            raise UsageError(f"--resume: the checkpoint does not fit this run ({str(exc).splitlines()[0]})") from None
+            raise UsageError(f"--resume: the checkpoint does not fit this run ({str(exc).splitlines()[0]}; same "
+                             "--data, --batch-size and number of processes?)") from None
         scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint.get("scaler") is not None:
             scaler.load_state_dict(checkpoint["scaler"])
         step = int(checkpoint["step"])
         set_rng_state(checkpoint["rng"])
+
+    ddp = None
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    gathers: dict[str, Any] = {}
+    if world.distributed:
+        gathers = {"gather": lambda t: tp.gather_cat(t, world)}
 
     saved_step = step if checkpoint is not None else -1
 
@@ -810,34 +1001,64 @@ def _train(args: argparse.Namespace, staged: list[Path]) -> int:
         if bad:  # the guarded step never applies a non-finite update; whatever the cause, never write such weights
             raise NonFiniteError(f"the policy holds non-finite values at step {step} ({bad[0]}, ...); no checkpoint or "
                                  "model written")
-        state = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "data_order": order.state_dict(), "step": step,
-                 "rng": rng_state(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        save_checkpoint(ckpt_path, state, previous=prev_path)
+        if world.main:
+            state = {"model": _trainable_state(policy, lora), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "data_order": order.state_dict(), "step": step,
+                     "rng": rng_state(),
+                     "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            save_checkpoint(ckpt_path, state, previous=prev_path)
+        tp.barrier(world)
         nonlocal saved_step
         saved_step = step
 
-    log = _LogWriter(out / LOG_NAME, step if checkpoint is not None else None)
+    log = _LogWriter(out / LOG_NAME, step if checkpoint is not None else None) if world.main else None
+    board = None
+    if args.report_to == "tensorboard" and world.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(log_dir=str(out / "runs"), purge_step=step + 1 if checkpoint is not None else None)
+
+    def record(entry: dict[str, Any]) -> None:
+        if log is not None:
+            log.write(entry)
+        if board is not None:
+            for key, value in entry.items():
+                if key not in ("step", "skipped") and isinstance(value, (int, float)) and math.isfinite(value):
+                    board.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}",
+                                     value, entry["step"])
+            board.flush()
+
+    def say(text: str) -> None:
+        if world.main:
+            write(text)
+
     show = ("loss", "rewards/accuracies", "rewards/margins")
     eval_show = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
-    print(f"fastdpo train: {type(policy).__name__} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
-          f"params) on {device}, {data_desc}, loss {args.loss_type}, beta {args.beta}, packing {args.packing}, "
-          f"{args.steps} steps of {args.batch_size} pairs" + (f", resuming at step {step}" if step else ""),
-          flush=True)
+    mode = f"LoRA r={policy.peft_config['default'].r}" + (" over a 4-bit base (QLoRA)" if args.qlora else "") \
+        if lora else "full fine-tuning"
+    if world.main:
+        print(f"fastdpo train: {type(engine.policy_parts.hf_model).__name__} "
+              f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params, {mode}) on {device}"
+              + (f" x {world.size} processes" if world.distributed else "")
+              + f", {data_desc}, loss {args.loss_type}, beta {args.beta}, packing {args.packing}, {args.steps} steps "
+              f"of {args.batch_size * args.grad_accum * world.size} pairs"
+              + (f", resuming at step {step}" if step else ""), flush=True)
 
     def run_eval() -> dict[str, Any]:
         rng = rng_state()  # evaluation must not perturb the training RNG stream
-        record = {"step": step, **evaluate(engine, policy, collator, eval_rows, args.eval_batch_size, device,
-                                           args.eval_batches, autocast=amp)}
+        entry = {"step": step, **evaluate(engine, policy, collator, eval_rows, args.eval_batch_size, device,
+                                          args.eval_batches, autocast=amp, world=world)}
         set_rng_state(rng)
-        log.write(record)
-        return record
+        record(entry)
+        return entry
 
+    write = print
+    first_eval = None
     if step == 0:
         first_eval = run_eval()
-        print(_format(first_eval, eval_show))
+        say(_format(first_eval, eval_show))
 
     interrupted = False
 
@@ -850,26 +1071,45 @@ def _train(args: argparse.Namespace, staged: list[Path]) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
         if _is_main_thread() else {}
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and world.main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=args.steps, initial=step, desc="fastdpo train", dynamic_ncols=True, file=sys.stderr)
-    write = bar.write if bar is not None else print
+        write = bar.write
     start_step, t0 = step, time.perf_counter()
     last_eval: dict[str, Any] | None = None
     nonfinite_stop: str | None = None
     try:
         while step < args.steps:
-            batch_rows = [train_rows[i] for i in order.next_batch()]
-            batch = _to_device(collator(batch_rows), device)
-            with _autocast(device, amp):
-                loss, metrics = engine.step(batch)
-            loss_value = _scalar(loss)
-            bad = None if math.isfinite(loss_value) else "loss"
+            totals: dict[str, float] = {}
+            pairs_seen = 0
+            bad = None
+            bad_value = float("nan")
+            for micro in range(args.grad_accum):
+                rows = order.next_batch()
+                while len(rows) < world.size:  # an epoch's tail too small to give every process a pair
+                    rows = order.next_batch()
+                mine = [train_rows[i] for i in tp.shard(rows, world)]
+                batch = _to_device(collator(mine), device)
+                sync = contextlib.nullcontext() if ddp is None or micro == args.grad_accum - 1 else ddp.no_sync()
+                with sync:
+                    with _autocast(device, amp):
+                        loss, metrics = engine.step(batch, ddp, **gathers)
+                    finite = math.isfinite(_scalar(loss))
+                    if tp.any_true(not finite, world, device):  # every process skips the backward together
+                        bad, bad_value = "loss", _scalar(loss)
+                        break
+                    scaled = loss * (tp.loss_scale(len(mine), len(rows), world) / args.grad_accum)
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                pair_loss = float(tp.all_sum(loss.detach().float().reshape(1) * len(mine), world)) / len(rows)
+                totals["loss"] = totals.get("loss", 0.0) + pair_loss * len(rows)
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + _scalar(value) * len(rows)
+                pairs_seen += len(rows)
+            loss_value = totals["loss"] / pairs_seen if bad is None else bad_value
             grad_norm = None
             skipped = False
             if bad is None:
-                (scaler.scale(loss) if scaler is not None else loss).backward()
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
@@ -889,27 +1129,28 @@ def _train(args: argparse.Namespace, staged: list[Path]) -> int:
                     scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            record = {"step": step, "epoch": order.epoch + order.cursor / order.num_rows, "loss": loss_value,
-                      "lr": lr, **{k: _scalar(v) for k, v in metrics.items()}}
+            entry = {"step": step, "epoch": order.epoch + order.cursor / order.num_rows, "loss": loss_value,
+                     "lr": lr, **({k: v / pairs_seen for k, v in totals.items() if k != "loss"} if bad is None else {})}
             if grad_norm is not None:
-                record["grad_norm"] = grad_norm
+                entry["grad_norm"] = grad_norm
             if scaler is not None:
-                record["loss_scale"] = scaler.get_scale()
+                entry["loss_scale"] = scaler.get_scale()
             if bad is not None or skipped:
-                record["skipped"] = True
-            log.write(record)
+                entry["skipped"] = True
+            record(entry)
             if bad is not None and args.on_nonfinite == "stop":
                 nonfinite_stop = f"non-finite {bad} ({loss_value if bad == 'loss' else grad_norm}) at step {step}"
                 break
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                acc=f"{record.get('rewards/accuracies', float('nan')):.2f}")
+                bar.set_postfix(loss=f"{entry['loss']:.4f}",
+                                acc=f"{entry.get('rewards/accuracies', float('nan')):.2f}")
             if args.log_every and step % args.log_every == 0:
-                write(_format(record, show))
+                say(_format(entry, show))
             if args.eval_every and step % args.eval_every == 0 and step < args.steps:
                 last_eval = run_eval()
-                write(_format(last_eval, eval_show))
+                say(_format(last_eval, eval_show))
+            interrupted = tp.any_true(interrupted, world, device)  # a signal to any process stops them all
             stop_now = interrupted or (args.stop_after is not None and step - start_step >= args.stop_after)
             if (args.save_every and step % args.save_every == 0) or stop_now:
                 checkpoint_now()
@@ -921,36 +1162,103 @@ def _train(args: argparse.Namespace, staged: list[Path]) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+    def close_logs() -> None:
+        if log is not None:
+            log.close()
+        if board is not None:
+            board.close()
+
     if nonfinite_stop is not None:
-        log.close()
-        last = f"the last checkpoint ({ckpt_path}) is from before it" if ckpt_path.exists() else "no checkpoint"
-        hint = "lower --lr" + (", use --dtype float32" if args.dtype != "float32" else "")
-        print(f"fastdpo train: {nonfinite_stop}; stopped without an optimizer step or a model ({last}); {hint}, or "
-              "pass --on-nonfinite skip", file=sys.stderr)
+        close_logs()
+        if world.main:
+            last = f"the last checkpoint ({ckpt_path}) is from before it" if ckpt_path.exists() else "no checkpoint"
+            hint = "lower --lr" + (", use --dtype float32" if args.dtype != "float32" else "")
+            print(f"fastdpo train: {nonfinite_stop}; stopped without an optimizer step or a model ({last}); {hint}, "
+                  "or pass --on-nonfinite skip", file=sys.stderr)
         return 1
     if step < args.steps:
-        log.close()
+        close_logs()
         why = "interrupted" if interrupted else f"stopped after {args.stop_after} steps"
-        print(f"{why} at step {step}/{args.steps}; checkpoint written to {ckpt_path} (continue with --resume)")
+        if world.main:
+            print(f"{why} at step {step}/{args.steps}; checkpoint written to {ckpt_path} (continue with --resume)")
         return 130 if interrupted else 0
 
     if saved_step != step:
         checkpoint_now()
     last_eval = run_eval()
-    log.close()
+    close_logs()
     elapsed = time.perf_counter() - t0
-    print(_format(last_eval, eval_show) + f" | {step - start_step} steps in {elapsed:.1f}s")
-    first_eval_acc = _first_eval_accuracy(out / LOG_NAME)
-    if first_eval_acc is not None:
-        print(f"held-out rewards/accuracies: {first_eval_acc:.3f} before training -> "
-              f"{last_eval.get('eval_rewards/accuracies', float('nan')):.3f} after (chance: 0.5; before training "
-              "policy == reference, rewards are ~0 and ties count as wrong, as in TRL)")
     model_dir = out / "model"
-    with atomic_dir(model_dir) as tmp_model:  # model/ appears complete or not at all
-        policy.save_pretrained(tmp_model)
-        tokenizer.save_pretrained(tmp_model)
-    print(f"model written to {model_dir.resolve()}")
+    if world.main:
+        print(_format(last_eval, eval_show) + f" | {step - start_step} steps in {elapsed:.1f}s")
+        first_eval = first_eval or _first_eval(out / LOG_NAME)
+        if first_eval is not None:
+            print(f"held-out rewards/accuracies: {first_eval.get('eval_rewards/accuracies', float('nan')):.3f} before "
+                  f"training -> {last_eval.get('eval_rewards/accuracies', float('nan')):.3f} after (chance: 0.5; "
+                  "before training policy == reference, rewards are ~0 and ties count as wrong, as in TRL)")
+        from fastdpo.model_card import write_model_card
+
+        base = str(Path(args.model).resolve()) if args.model is not None else str(ref_dir.resolve())
+        with atomic_dir(model_dir) as tmp_model:  # model/ appears complete or not at all
+            policy.save_pretrained(tmp_model)
+            tokenizer.save_pretrained(tmp_model)
+            write_model_card(tmp_model, name=out.resolve().name, location=str(model_dir.resolve()), base=base,
+                             adapter=("qlora" if args.qlora else "lora") if lora else None,
+                             settings=_card_settings(args, world, reference, lr),
+                             metrics_before={k: v for k, v in (first_eval or {}).items() if k != "step"},
+                             metrics_after={k: v for k, v in last_eval.items() if k != "step"})
+        print(f"model written to {model_dir.resolve()}")
+    tp.barrier(world)
     return 0
+
+
+def _card_settings(args: argparse.Namespace, world, reference: str, lr: float) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "loss_type": args.loss_type, "loss_weights": args.loss_weights or "-", "beta": args.beta,
+        "label_smoothing": args.label_smoothing, "packing": args.packing, "grad_in_forward": args.grad_in_forward,
+        "reference": "base model, adapter disabled" if reference == "adapter" else "frozen copy of the initial model",
+        "max_length": args.max_length or "-", "truncation_mode": args.truncation_mode, "steps": args.steps,
+        "batch_size (pairs per micro-batch and process)": args.batch_size, "grad_accum": args.grad_accum,
+        "processes": world.size, "learning_rate": lr, "lr_schedule": args.lr_schedule, "dtype": args.dtype,
+        "seed": args.seed,
+    }
+    if args.lora_r is not None or args.qlora:
+        settings.update({"lora_r": args.lora_r or 16, "lora_alpha": args.lora_alpha or 2 * (args.lora_r or 16),
+                         "qlora": args.qlora})
+    return settings
+
+
+def _main_pid(world) -> int:
+    """The main process's pid, the same on every process (names the staged reference folder)."""
+    if not world.distributed:
+        return os.getpid()
+    import torch.distributed as dist
+
+    box = [os.getpid()]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
+def _load_resumable(out: Path) -> dict[str, Any]:
+    """The checkpoint the main process resumed from (after it moved a damaged newest one aside), quietly."""
+    for path in (out / CHECKPOINT_NAME, out / PREVIOUS_CHECKPOINT_NAME):
+        try:
+            return load_checkpoint(path)
+        except (FileNotFoundError, CorruptFileError):
+            continue
+    raise UsageError(f"--resume: no usable checkpoint in {out}")
+
+
+def _first_eval(log_path: Path) -> dict[str, Any] | None:
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "eval_rewards/accuracies" in entry:
+                return entry
+    return None
 
 
 def _remove_run(out: Path) -> None:
@@ -961,18 +1269,6 @@ def _remove_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-
-
-def _first_eval_accuracy(log_path: Path) -> float | None:
-    with open(log_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "eval_rewards/accuracies" in record:
-                return float(record["eval_rewards/accuracies"])
-    return None
 
 
 def _is_main_thread() -> bool:

@@ -267,7 +267,8 @@ def test_config_json_and_cli(tmp_path, capsys):
 
 
 def test_cli_packing(capsys):
-    assert M.main(["--packing", "prefix_shared", "--pairs-per-row", "2", "--pairs", "3", "--json"]) == 0
+    assert M.main(["--model", "Llama-3.2-1B", "--packing", "prefix_shared", "--pairs-per-row", "2", "--pairs", "3",
+                   "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["step"]["packing"] == "prefix_shared" and report["step"]["pairs_per_row"] == 2
     shape, _ = M.load_model("Llama-3.2-1B")

@@ -176,8 +176,7 @@ def _trainer(tmp_path, **kw):
 
 
 def test_unsupported_options_raise(tmp_path):
-    with pytest.raises(NotImplementedError, match="compute_metrics"):
-        _trainer(tmp_path, compute_metrics=lambda p: {})
+    # (compute_metrics is supported since issue 18: tests/test_trl_dropin.py)
     with pytest.raises(NotImplementedError, match="data_collator"):
         _trainer(tmp_path, data_collator=lambda rows: rows)
     with pytest.raises(NotImplementedError, match="vision"):

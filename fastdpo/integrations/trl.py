@@ -23,11 +23,36 @@ ranks), and the metrics are gathered exactly as TRL gathers them (token-weighted
 TRL's numbers (``tests/test_trl_distributed.py``: 2 gloo processes, same loss, grad norm, metrics and parameters as
 ``DPOTrainer``).
 
+Where fastdpo differs from TRL by design (documented, never silent):
+
+* ``trainer.predict(...)`` / ``evaluate()`` with ``compute_metrics``: fastdpo never builds the ``[2P, L, V]`` logits
+  TRL returns as predictions. The predictions are what it has, per preference pair: a float32 ``[P, 6]`` array with
+  the columns :data:`PREDICTION_COLUMNS` (policy chosen / rejected summed completion log-probs, chosen / rejected
+  rewards ``beta * (policy - reference)``, reference chosen / rejected log-probs), pairs in dataset order. The label
+  ids are TRL's: the ``[2P, L]`` token ids of every sequence (prompt + completion after truncation; the P chosen rows,
+  then the P rejected rows; right-padded with the pad token id, across batches with -100), whatever the packing --
+  including what accelerate's ``gather_for_metrics`` does to them on the last batch (it keeps as many rows as
+  samples remain, as for TRL's). ``compute_metrics`` receives both in an ``EvalPrediction``.
+* ``torch_compile=True`` compiles each decoder layer of the backbone (``torch.compile`` with the configured backend
+  and mode, in place: the engine runs the model's own forward, the LM head is the fused one and is not compiled), for
+  the policy and a separate reference model; a model without recognizable decoder layers is refused. Multi-process
+  compilation is refused (not validated).
+* ``data_collator``: a :class:`fastdpo.PreferenceCollator`, or TRL's own ``DataCollatorForPreference``, whose
+  settings (``pad_token_id``, ``max_length``, ``truncation_mode``, ``pad_to_multiple_of``) configure the
+  ``PreferenceCollator`` that collates the same tokenized rows (``"pad"`` packing is then TRL's batch token for token).
+* ``use_liger_kernel=True``: honoured as TRL 1.16 honours it -- Liger's layer kernels (RMSNorm, RoPE, SwiGLU, ...)
+  patched into the backbone by ``transformers.Trainer``, Liger's fused linear cross-entropy left off -- with
+  fastdpo's fused head in place of TRL's. Liger's kernels are Triton GPU kernels: on a machine without CUDA the
+  option is refused at construction (TRL fails in its first forward there).
+* The model card (``README.md`` of ``output_dir``, written with checkpoints and by ``create_model_card``) carries
+  the ``fastdpo`` tag, a tag per non-default setting and a "fastdpo settings" section (packing, grad_in_forward,
+  reference mode, loss, torch_compile).
+
 Options TRL has and fastdpo does not support raise ``NotImplementedError`` naming the option (never a silent
-fallback): vision-language models/datasets, ``compute_metrics`` (needs logits), Mixture-of-Experts auxiliary loss
-(``router_aux_loss_coef``), prompt-learning PEFT methods (virtual tokens), a custom non-fastdpo ``data_collator``, and
-the multi-process setups that are not validated: DeepSpeed (any ZeRO stage), FSDP through accelerate (``DPOEngine``
-itself trains FSDP2 ``fully_shard`` models in a custom loop), tensor/context/sequence parallelism through accelerate's
+fallback): vision-language models/datasets, Mixture-of-Experts auxiliary loss (``router_aux_loss_coef``),
+prompt-learning PEFT methods (virtual tokens), a ``data_collator`` other than the two above, and the multi-process
+setups that are not validated: DeepSpeed (any ZeRO stage), FSDP through accelerate (``DPOEngine`` itself trains FSDP2
+``fully_shard`` models in a custom loop), tensor/context/sequence parallelism through accelerate's
 ``parallelism_config`` (fastdpo's own sequence parallelism is ``sequence_parallel_size=k``, on DDP), other
 distributed types (XLA, ...) and ``torch_compile`` with several processes.
 """
@@ -35,18 +60,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import use_adapter
 
 from fastdpo.collator import PreferenceCollator
 from fastdpo.engine import DPOEngine
 from fastdpo.models import is_peft_model
 
-__all__ = ["FastDPOTrainer"]
+__all__ = ["PREDICTION_COLUMNS", "FastDPOTrainer", "sequence_token_ids"]
+
+#: the columns of ``trainer.predict(...).predictions`` (``[P, 6]`` float32, one row per preference pair)
+PREDICTION_COLUMNS: tuple[str, ...] = ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards",
+                                       "ref_chosen_logps", "ref_rejected_logps")
 
 _PACKINGS = ("pad", "padding_free", "prefix_shared")
 # the order TRL 1.16 fills ``self._metrics`` in (log lines read the same)
@@ -61,23 +92,31 @@ class _TrainerCollator:
     Rows are TRL's tokenized rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, optionally ``ref_chosen_logps``
     / ``ref_rejected_logps``); the batch is the collator's (see :mod:`fastdpo.collator`) plus ``num_tokens`` (int:
     prompt+completion tokens of both sequences of every pair after truncation, what TRL counts in ``num_tokens``).
+
+    With ``trl_collator`` (TRL's ``DataCollatorForPreference`` passed as ``data_collator``), its ``max_length``,
+    ``truncation_mode``, ``pad_to_multiple_of`` and ``pad_token_id`` replace the ``DPOConfig`` ones, so the rows are
+    cut and padded as TRL's collator would cut and pad them.
     """
 
-    def __init__(self, trainer: FastDPOTrainer, args: DPOConfig, packing: str) -> None:
+    def __init__(self, trainer: FastDPOTrainer, args: DPOConfig, packing: str,
+                 trl_collator: DataCollatorForPreference | None = None) -> None:
         self._trainer = trainer
         self._args = args
         self.packing = packing
+        self.trl_collator = trl_collator
         self._collator: PreferenceCollator | None = None
 
     @property
     def collator(self) -> PreferenceCollator:
         if self._collator is None:
-            args = self._args
-            pad_to = args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None
+            source = self.trl_collator if self.trl_collator is not None else self._args
+            pad_to = source.pad_to_multiple_of if isinstance(source.pad_to_multiple_of, int) else None
             self._collator = PreferenceCollator(
-                self._trainer._tokenizer, max_length=args.max_length, truncation_mode=args.truncation_mode,
+                self._trainer._tokenizer, max_length=source.max_length, truncation_mode=source.truncation_mode,
                 packing=self.packing, pad_to_multiple_of=pad_to,
             )
+            if self.trl_collator is not None:
+                self._collator.pad_token_id = int(self.trl_collator.pad_token_id)
         return self._collator
 
     def __call__(self, rows: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -91,6 +130,9 @@ class _TrainerCollator:
 
 class FastDPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` (TRL 1.16) whose loss path is :class:`fastdpo.engine.DPOEngine`.
+
+    See the module docstring for what differs from ``DPOTrainer`` by design (predictions, ``torch_compile``,
+    collators, ``use_liger_kernel``, the model card).
 
     Takes every argument of ``DPOTrainer`` plus, keyword-only:
 
@@ -115,6 +157,8 @@ class FastDPOTrainer(DPOTrainer):
         NotImplementedError: an option TRL supports and fastdpo does not (named in the message).
         ValueError: an invalid ``packing`` (or TRL's own validation errors).
     """
+
+    _tag_names: ClassVar[list[str]] = ["trl", "dpo", "fastdpo"]
 
     def __init__(
         self,
@@ -141,7 +185,10 @@ class FastDPOTrainer(DPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = DPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-FastDPO")
-        self._check_supported(args, data_collator, train_dataset, processing_class, compute_metrics, peft_config)
+        self._check_supported(args, data_collator, train_dataset, processing_class, peft_config)
+        trl_collator = data_collator if isinstance(data_collator, DataCollatorForPreference) else None
+        if trl_collator is not None:
+            data_collator = None
         if isinstance(data_collator, PreferenceCollator):
             if packing is not None and packing != data_collator.packing:
                 raise ValueError(f"packing={packing!r} disagrees with the data_collator's packing "
@@ -166,7 +213,7 @@ class FastDPOTrainer(DPOTrainer):
                                 "sequence_parallel_size": sequence_parallel_size}
         self._ref_adapter: str | None = None  # a PEFT "ref" adapter (re-training an existing adapter), see below
         if data_collator is None:
-            data_collator = _TrainerCollator(self, args, packing)
+            data_collator = _TrainerCollator(self, args, packing, trl_collator)
         # TRL 1.16 warns that padding_free is unavailable and falls back to padding; here it selects our packing, so
         # keep TRL from warning (and restore the user's flag afterwards).
         padding_free = args.padding_free
@@ -188,20 +235,21 @@ class FastDPOTrainer(DPOTrainer):
                 "(set DPOConfig(router_aux_loss_coef=0.0) to train without it)"
             )
         self._engine()  # build now: configuration errors surface at construction
+        self.compiled_layers = self._compile_backbone() if args.torch_compile else 0
 
     # ------------------------------------------------------------------------------------------------ validation
     @staticmethod
     def _check_supported(args: DPOConfig, data_collator: Any, train_dataset: Any, processing_class: Any,
-                         compute_metrics: Callable | None, peft_config: Any) -> None:
+                         peft_config: Any) -> None:
         from transformers import ProcessorMixin
 
         if not isinstance(args, DPOConfig):
             raise TypeError(f"args must be a trl.DPOConfig, got {type(args).__name__}")
-        if compute_metrics is not None:
+        if args.use_liger_kernel and args.device.type != "cuda":
             raise NotImplementedError(
-                "compute_metrics: FastDPOTrainer never builds the [batch, seq, vocab] logits that compute_metrics "
-                "receives; the DPO metrics (rewards/*, logps/*, logits/*, entropy, mean_token_accuracy) are logged "
-                "for train and eval"
+                f"use_liger_kernel=True on {args.device.type}: Liger's layer kernels (which FastDPOTrainer keeps, "
+                "as TRL does; fastdpo's fused head replaces the loss) are Triton GPU kernels and need a CUDA device; "
+                "train without use_liger_kernel here"
             )
         if isinstance(processing_class, ProcessorMixin):
             raise NotImplementedError("vision-language models (a ProcessorMixin processing_class) are not supported "
@@ -212,11 +260,19 @@ class FastDPOTrainer(DPOTrainer):
                 if isinstance(sample, Mapping) and ("image" in sample or "images" in sample):
                     raise NotImplementedError("vision datasets ('image'/'images' columns) are not supported by "
                                               "FastDPOTrainer")
-        if data_collator is not None and not isinstance(data_collator, (PreferenceCollator, _TrainerCollator)):
+        if isinstance(data_collator, DataCollatorForPreference) and \
+                type(data_collator).torch_call is not DataCollatorForPreference.torch_call:
+            raise NotImplementedError(
+                f"data_collator: {type(data_collator).__name__} overrides DataCollatorForPreference.torch_call; "
+                "FastDPOTrainer collates TRL's rows itself with DataCollatorForPreference's settings and cannot "
+                "reproduce a custom batch layout"
+            )
+        if data_collator is not None and not isinstance(
+                data_collator, (PreferenceCollator, _TrainerCollator, DataCollatorForPreference)):
             raise NotImplementedError(
                 f"data_collator: FastDPOTrainer needs batches from fastdpo.PreferenceCollator (got "
-                f"{type(data_collator).__name__}); pass none (the trainer builds one from DPOConfig) or a "
-                "PreferenceCollator"
+                f"{type(data_collator).__name__}); pass none (the trainer builds one from DPOConfig), a "
+                "PreferenceCollator or TRL's DataCollatorForPreference"
             )
         if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
             raise NotImplementedError(
@@ -274,6 +330,33 @@ class FastDPOTrainer(DPOTrainer):
                 f"sequence_parallel_size={sp} needs a multi-process DDP launch (MULTI_CPU/MULTI_GPU) whose process "
                 f"count is a multiple of it; got {acc.num_processes} process(es), {acc.distributed_type}"
             )
+
+    def _compile_backbone(self) -> int:
+        """``torch_compile``: compile every decoder layer of the policy and of a separate reference model in place
+        (``nn.Module.compile`` with ``args.torch_compile_backend`` / ``torch_compile_mode``) and return how many.
+
+        The engine never calls the ``torch.compile`` wrapper accelerate puts around the model (it runs the model's
+        own forward and the fused head), so compiling the wrapper alone would compile nothing; the decoder layers
+        (``_no_split_modules`` of the Hugging Face model) hold nearly all of the backbone's work. ``NotImplementedError``
+        when a model names no decoder layer class."""
+        args = self.args
+        count = 0
+        models = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+        for model in models:
+            hf = self.accelerator.unwrap_model(model)
+            if is_peft_model(hf):
+                hf = hf.get_base_model()
+            names = set(getattr(hf, "_no_split_modules", None) or ())
+            layers = [m for m in hf.modules() if type(m).__name__ in names]
+            if not layers:
+                raise NotImplementedError(
+                    f"torch_compile: {type(hf).__name__} names no decoder layer class (_no_split_modules), so "
+                    "FastDPOTrainer cannot compile its backbone; train without torch_compile"
+                )
+            for layer in layers:
+                layer.compile(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+            count += len(layers)
+        return count
 
     # ------------------------------------------------------------------------------------------------ engine
     def _engine(self) -> DPOEngine:
@@ -345,12 +428,11 @@ class FastDPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ loss path
     def compute_loss(self, model: torch.nn.Module, inputs: Mapping[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> torch.Tensor:
-        """DPO loss of one collated batch through :meth:`DPOEngine.step`; records TRL's metrics."""
-        if return_outputs:
-            raise NotImplementedError(
-                "return_outputs=True: FastDPOTrainer never builds the [batch, seq, vocab] logits (no compute_metrics)"
-            )
+                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DPO loss of one collated batch through :meth:`DPOEngine.step`; records TRL's metrics.
+
+        ``return_outputs=True`` returns ``(loss, {"predictions": [P, 6] fp32})``, this rank's pairs, columns
+        :data:`PREDICTION_COLUMNS` (no logits are ever built)."""
         mode = "train" if self.model.training else "eval"
         engine = self._engine()
         batch = dict(inputs)
@@ -375,10 +457,25 @@ class FastDPOTrainer(DPOTrainer):
         gathers: dict[str, Any] = {}
         if self.accelerator.num_processes > 1:  # metrics over all ranks, gathered like TRL's
             gathers = {"gather": self.accelerator.gather, "gather_totals": self.accelerator.gather_for_metrics}
+        pairs: list[torch.Tensor] = []
+        if return_outputs:
+            # the engine hands ``gather`` this rank's per-pair [P, 4] (policy c, policy r, reference c, reference r)
+            # log-probs; record them on the way (identity in one process)
+            gather = gathers.get("gather", lambda t: t)
+            gathers = {"gather_totals": gathers.get("gather_totals", lambda t: t),
+                       "gather": lambda t: (pairs.append(t), gather(t))[1]}
         with autocast():
             loss, metrics = engine.step(batch, policy, **gathers)
         self._record_metrics(mode, batch, metrics)
-        return loss
+        if not return_outputs:
+            return loss
+        if len(pairs) != 1 or pairs[0].shape != (int(batch["num_pairs"]), 4):
+            raise RuntimeError(f"FastDPOTrainer: expected the engine's [P, 4] per-pair log-probs, got "
+                               f"{[list(t.shape) for t in pairs]}")
+        pc, pr, rc, rr = pairs[0].unbind(1)
+        beta = engine.beta
+        predictions = torch.stack([pc, pr, beta * (pc - rc), beta * (pr - rr), rc, rr], dim=1)
+        return loss, {"predictions": predictions}
 
     def _record_metrics(self, mode: str, batch: Mapping[str, Any], metrics: Mapping[str, torch.Tensor]) -> None:
         """Append this step's metrics (already global over ranks, see :meth:`compute_loss`) to ``self._metrics``;
@@ -402,12 +499,85 @@ class FastDPOTrainer(DPOTrainer):
                 store[key].append(float(value))
 
     def prediction_step(self, model: torch.nn.Module, inputs: Mapping[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
-        """Evaluation step: the DPO loss (metrics recorded under ``eval``); no logits are produced."""
+                        ignore_keys: list[str] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Evaluation step: the DPO loss (metrics recorded under ``eval``); unless ``prediction_loss_only``, also
+        the per-pair predictions ``[P, 6]`` (:data:`PREDICTION_COLUMNS`) and TRL's label ids ``[2P, L]`` (see
+        :func:`sequence_token_ids`). No logits are produced."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        pad_id = self._fast_collator_pad_id()
+        return loss.detach(), outputs["predictions"], sequence_token_ids(inputs, pad_id)
+
+    def _fast_collator_pad_id(self) -> int:
+        collator = self.data_collator
+        if isinstance(collator, _TrainerCollator):
+            return collator.collator.pad_token_id
+        return int(getattr(collator, "pad_token_id", 0))
+
+    # ------------------------------------------------------------------------------------------------ model card
+    def _fastdpo_settings(self) -> dict[str, Any]:
+        engine = self._engine()
+        args = self.args
+        return {
+            "packing": self.packing,
+            "grad_in_forward": self._engine_options["grad_in_forward"],
+            "reference": engine.reference + (" (PEFT 'ref' adapter)" if self._ref_adapter else ""),
+            "loss_type": list(args.loss_type),
+            "loss_weights": list(args.loss_weights) if args.loss_weights is not None else None,
+            "beta": args.beta,
+            "attn_impl": self._engine_options["attn_impl"],
+            "torch_compile": f"{self.compiled_layers} decoder layers" if self.compiled_layers else False,
+        }
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None) -> None:
+        """TRL's model card plus fastdpo: the ``fastdpo`` tag, ``fastdpo-packing-<packing>`` and
+        ``fastdpo-grad-in-forward`` tags, a "fastdpo settings" section and the fastdpo version."""
+        import fastdpo
+        from fastdpo.atomic import atomic_write
+
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += ["fastdpo", f"fastdpo-packing-{self.packing}"]
+        if self._engine_options["grad_in_forward"]:
+            tags.append("fastdpo-grad-in-forward")
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        path = Path(self.args.output_dir) / "README.md"
+        text = path.read_text(encoding="utf-8")
+        trained = "It has been trained using [TRL](https://github.com/huggingface/trl)."
+        text = text.replace(trained, trained[:-1] + " with fastdpo's DPO engine (`fastdpo.integrations.trl."
+                            "FastDPOTrainer`: fused LM head, no `[tokens, vocabulary]` logits).")
+        section = "### fastdpo settings\n\n" + "".join(f"- {k}: `{v}`\n" for k, v in self._fastdpo_settings().items())
+        anchor = "### Framework versions\n\n"
+        if anchor in text:
+            text = text.replace(anchor, section + "\n" + anchor + f"- fastdpo: {fastdpo.__version__}\n", 1)
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def sequence_token_ids(batch: Mapping[str, Any], pad_token_id: int) -> torch.Tensor:
+    """TRL's ``input_ids`` layout of a collated batch of any packing: ``[2P, L]`` int64, row ``s`` the tokens of
+    sequence ``s`` (prompt + completion; chosen of pair ``i`` is ``i``, rejected ``P + i``), right-padded with
+    ``pad_token_id`` to the longest sequence (what TRL's ``prediction_step`` returns as label ids)."""
+    p = int(batch["num_pairs"])
+    ids, seq, role, pair = (batch[k].reshape(-1) for k in ("input_ids", "token_seq", "token_role", "token_pair"))
+    shared_prompt = batch.get("packing") == "prefix_shared"  # prompt tokens carry the chosen id in that layout
+    rows = []
+    for s in range(2 * p):
+        i, k = s % p, s // p
+        prompt = (role == 0) & (pair == i) & ((seq == i) if shared_prompt else (seq == s))
+        rows.append(ids[prompt | ((role == 1 + k) & (seq == s))])
+    width = max(1, max(r.numel() for r in rows))
+    out = torch.full((2 * p, width), pad_token_id, dtype=torch.long, device=ids.device)
+    for s, r in enumerate(rows):
+        out[s, : r.numel()] = r
+    return out
 
 
 def _shard_over_data_parallel(loader: Any, num_shards: int, shard: int) -> None:

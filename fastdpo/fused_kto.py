@@ -1,0 +1,160 @@
+"""Fused LM-head KTO loss: a drop-in for Liger 0.8.5's ``LigerFusedLinearKTOLoss`` (unpaired preferences).
+
+KTO (Ethayarajh et al. 2024) scores single completions labelled desirable or undesirable, so the rows are not
+paired as in :mod:`fastdpo.nn`: ``_input [B, T, D]``, ``target [B, T]`` and ``preference_labels [B]`` (bool, True =
+desirable). Per row ``r = log pi(y) - log pi_ref(y)`` (summed, or averaged with ``average_log_prob``, over the
+positions whose target is not ``ignore_index``; ``r = log pi(y)`` without a reference) and, with the KL estimate
+``kl`` (a tensor broadcastable to ``[B]``, computed by the caller as TRL's ``KTOTrainer`` does; none: 0)::
+
+    desirable:   1 - sigmoid(beta * (r - kl))
+    undesirable: 1 - sigmoid(beta * (kl - r))
+    loss = sum over rows / B
+
+Only the target positions reach the head (:func:`fastdpo.linear_logprobs.linear_sequence_logprobs`), so no
+``[B, T, V]`` logits exist; the logits sums Liger reports are computed by linearity, ``sum(h) . sum_v W_v``.
+Outputs as Liger's: ``(loss, (chosen_logps_sum, rejected_logps_sum, chosen_logits_sum, rejected_logits_sum,
+chosen_rewards_sum, rejected_rewards_sum))``, 0-dim fp32 sums over the desirable / undesirable rows (divide by the
+row counts for means; the logits sums by ``count * T * V``), detached.
+
+Differences from Liger (deliberate, as in :mod:`fastdpo.nn`): a row without target tokens has log-prob 0 (Liger: NaN
+with ``average_log_prob``); ``compiled`` and ``chunk_size`` are accepted for signature compatibility only.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastdpo._validation import check_float, check_index, check_same_device
+
+__all__ = ["FusedLinearKTOLoss"]
+
+
+class FusedLinearKTOLoss(torch.nn.Module):
+    """Drop-in for Liger 0.8.5's ``LigerFusedLinearKTOLoss`` (same positional constructor options and call).
+
+    ``forward(_input [B, T, D], lin_weight [V, D], target [B, T], bias [V] = None, preference_labels [B] bool,
+    ref_input [B, T, D] = None, ref_weight [V, D] = None, ref_bias [V] = None, kl = None)`` (note: ``_input`` comes
+    first here, as in Liger's KTO module) -> ``(loss, aux)`` as described in :mod:`fastdpo.fused_kto`.
+
+    Keyword-only head options: ``head_chunk_size``, ``keep_logits_bytes``, ``validate``, ``backend`` (as
+    :class:`fastdpo.nn.FusedLinearDPOLoss`).
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        compiled: bool = True,
+        use_ref_model: bool = False,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        *,
+        head_chunk_size: int | tuple[int, int] | None = None,
+        keep_logits_bytes: int | None = None,
+        validate: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise TypeError(f"beta must be a float, got {type(beta).__name__}")
+        self.ignore_index = ignore_index
+        self.beta = float(beta)
+        self.compiled = bool(compiled)  # accepted for Liger compatibility; nothing to compile
+        self.use_ref_model = bool(use_ref_model)
+        self.average_log_prob = bool(average_log_prob)
+        self.chunk_size = chunk_size  # Liger's rows-per-chunk; the fused head tiles on its own (head_chunk_size)
+        self.head_chunk_size = head_chunk_size
+        self.keep_logits_bytes = keep_logits_bytes
+        self.validate = bool(validate)
+        self.backend = backend
+
+    def _row_logps(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
+                   labels: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``[B]`` fp32 summed (or averaged) target log-probs of the rows of ``x [B, T, D]``."""
+        from fastdpo.linear_logprobs import linear_sequence_logprobs
+
+        hidden = x.reshape(-1, x.shape[-1]).index_select(0, index)
+        sums = linear_sequence_logprobs(
+            hidden, weight, labels, bias=bias, segment_ids=rows, num_segments=counts.shape[0],
+            ignore_index=self.ignore_index, chunk_size=self.head_chunk_size, keep_logits_bytes=self.keep_logits_bytes,
+            validate=self.validate, backend=self.backend,
+        )
+        return sums / counts.clamp(min=1).to(sums.dtype) if self.average_log_prob else sums
+
+    def forward(
+        self,
+        _input: torch.Tensor,
+        lin_weight: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        preference_labels: torch.Tensor | None = None,
+        ref_input: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        kl: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        check_float("_input", _input)
+        check_float("lin_weight", lin_weight)
+        check_index("target", target)
+        if _input.dim() != 3 or _input.shape[0] == 0:
+            raise ValueError(f"_input must be [B, T, D] with B > 0, got {list(_input.shape)}")
+        if target.shape != _input.shape[:2]:
+            raise ValueError(f"target must have shape {list(_input.shape[:2])} (= _input.shape[:2]), got "
+                             f"{list(target.shape)}")
+        if lin_weight.dim() != 2 or lin_weight.shape[1] != _input.shape[2]:
+            raise ValueError(f"lin_weight must be [V, {_input.shape[2]}], got {list(lin_weight.shape)}")
+        b = _input.shape[0]
+        if preference_labels is None:
+            raise ValueError("preference_labels ([B] bool, True = desirable) must be provided for the KTO loss")
+        if not isinstance(preference_labels, torch.Tensor) or preference_labels.dtype != torch.bool or \
+                preference_labels.shape != (b,):
+            raise ValueError(f"preference_labels must be a bool tensor of shape [{b}]")
+        if kl is not None:
+            check_float("kl", kl)
+            if kl.numel() not in (1, b):
+                raise ValueError(f"kl must hold 1 or {b} values, got shape {list(kl.shape)}")
+        if self.use_ref_model:
+            if ref_input is None or ref_weight is None:
+                raise ValueError("use_ref_model=True needs ref_input and ref_weight")
+            check_float("ref_input", ref_input)
+            if ref_input.shape != _input.shape:
+                raise ValueError(f"ref_input must have shape {list(_input.shape)}, got {list(ref_input.shape)}")
+        check_same_device(_input=_input, lin_weight=lin_weight, target=target, bias=bias,
+                          preference_labels=preference_labels, ref_input=ref_input, ref_weight=ref_weight,
+                          ref_bias=ref_bias, kl=kl)
+
+        t = target.shape[1]
+        flat = target.reshape(-1)
+        index = (flat != self.ignore_index).nonzero().squeeze(1)  # [M] flat positions row * T + t
+        labels = flat.index_select(0, index)
+        rows = torch.div(index, t, rounding_mode="floor")
+        counts = torch.bincount(rows, minlength=b)
+        logps = self._row_logps(_input, lin_weight, bias, index, labels, rows, counts)
+        logratio = logps
+        if self.use_ref_model:
+            assert ref_input is not None and ref_weight is not None
+            with torch.no_grad():
+                ref_logps = self._row_logps(ref_input, ref_weight, ref_bias, index, labels, rows, counts)
+            logratio = logps - ref_logps
+        if kl is not None:
+            logratio_kl = logratio - kl.detach().to(logratio.dtype).reshape(-1)
+        else:
+            logratio_kl = logratio
+        sign = torch.where(preference_labels, 1.0, -1.0).to(logratio.dtype)
+        loss = (1.0 - torch.sigmoid(self.beta * logratio_kl * sign)).sum() / b
+
+        with torch.no_grad():
+            want = preference_labels.to(torch.float32)
+            rewards = self.beta * logratio.detach()
+            row_hidden = _input.sum(dim=1, dtype=torch.float32)  # [B, D]
+            col = lin_weight.sum(dim=0, dtype=torch.float32)  # [D]
+            row_logits = row_hidden @ col  # [B]: sum over positions and vocabulary of the row's logits
+            if bias is not None:
+                row_logits = row_logits + t * bias.sum(dtype=torch.float32)
+            aux = (
+                (logps.detach() * want).sum(), (logps.detach() * (1.0 - want)).sum(),
+                (row_logits * want).sum(), (row_logits * (1.0 - want)).sum(),
+                (rewards * want).sum(), (rewards * (1.0 - want)).sum(),
+            )
+        return loss, aux
