@@ -410,9 +410,11 @@ class _ReferenceFreeBase(_FusedLinearPreferenceBase):
 def _liger_config_checks(loss_type: str | Sequence[str], label_smoothing: float) -> None:
     """The configuration errors Liger's ``LigerFusedLinearDPOLoss`` raises, in its words (scripts and Liger's own
     tests match on them); everything else is checked by :func:`fastdpo.losses.normalize_loss_config`."""
+    if not isinstance(loss_type, (str, list, tuple)):
+        return  # normalize_loss_config names the type error
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     for t in types:
-        if t not in LOSS_TYPES:
+        if isinstance(t, str) and t not in LOSS_TYPES:
             raise ValueError(f"Unsupported loss_type: {t}. Supported types are: {set(LOSS_TYPES)}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         return  # normalize_loss_config names the type error
