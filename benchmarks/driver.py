@@ -228,18 +228,19 @@ CSV_FIELDS = ("workload", "impl", "impl_label", "status", "device", "dtype", "to
 
 
 def write_results(records: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path, stem: str) -> tuple[Path, Path]:
-    """Write ``<stem>.json`` ({"meta", "results"}) and ``<stem>.csv`` (one row per case) under ``out_dir``, each
-    atomically (a reader, or a crash, never sees half a file)."""
+    """Write ``<stem>.csv`` (one row per case) and then ``<stem>.json`` ({"meta", "results"}) under ``out_dir``, each
+    atomically (a reader, or a crash, never sees half a file). The JSON goes last: a run killed between the two
+    leaves a CSV holding every case the JSON holds (and at most this call's newer ones), never fewer."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    text = json.dumps({"meta": meta, "results": records}, indent=1)
-    atomic_write(json_path, lambda fh: fh.write(text.encode()))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in records:
         w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write(csv_path, lambda fh: fh.write(buf.getvalue().encode()))
+    text = json.dumps({"meta": meta, "results": records}, indent=1)
+    atomic_write(json_path, lambda fh: fh.write(text.encode()))
     return json_path, csv_path
 
 
