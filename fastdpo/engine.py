@@ -45,6 +45,7 @@ from fastdpo.models import (
     disable_dropout as _disable_dropout,
     enable_gradient_checkpointing,
     is_peft_model,
+    keep_requires_grad,
     quantize_model,
     resolve_lm,
     unwrap_ddp,
@@ -356,15 +357,20 @@ class DPOEngine:
         ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
         with ctx, _quiet_bnb():
             hidden, anchor = self._completion_hidden(parts, batch)
-            hidden, weight, bias, head_ctx = _head_operands(hidden, *parts.head_weight_bias())
-            with head_ctx:
-                stats = linear_token_logprobs(
-                    hidden, weight, batch["logp_labels"], bias=bias, softcap=parts.softcap,
-                    logit_scale=parts.logit_scale, temperature=self.temperature,
-                    return_entropy=token_stats, return_mean_logit=token_stats, return_argmax_hit=token_stats,
-                    return_log_sum_p2=token_stats and self.use_weighting,
-                    chunk_size=self.chunk_size, validate=self.validate, backend=self.backend,
-                )
+
+            def head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gather: Any) -> Any:
+                h, weight, bias, head_ctx = _head_operands(h, weight, bias)
+                with head_ctx:
+                    return linear_token_logprobs(
+                        h, weight, batch["logp_labels"], bias=bias, softcap=parts.softcap,
+                        logit_scale=parts.logit_scale, temperature=self.temperature,
+                        return_entropy=token_stats, return_mean_logit=token_stats, return_argmax_hit=token_stats,
+                        return_log_sum_p2=token_stats and self.use_weighting,
+                        chunk_size=self.chunk_size, validate=self.validate, backend=self.backend,
+                        gather_context=gather,
+                    )
+
+            stats = parts.call_head(head, hidden)  # under ZeRO-3 as a call of the head module (its hooks gather)
             seq = self._sequence_logps(stats.logprobs, batch, num_pairs)
             if anchor is not None and anchor.requires_grad:
                 seq = seq + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
@@ -385,7 +391,9 @@ class DPOEngine:
     @contextlib.contextmanager
     def _reference_context(self) -> Iterator[nn.Module]:
         if self.reference == "adapter":
-            with unwrap_ddp(self.model).disable_adapter():
+            # keep_requires_grad: PEFT re-enables requires_grad on the parameters registered when the context exits
+            # (under FSDP2 possibly the unsharded copies), see fastdpo.models.keep_requires_grad
+            with keep_requires_grad(self.model), unwrap_ddp(self.model).disable_adapter():
                 yield self.model
         else:
             assert self.ref_model is not None
@@ -514,7 +522,6 @@ class DPOEngine:
         from fastdpo.losses import dpo_metrics, ld_token_weights, preference_loss
 
         hidden, anchor = self._completion_hidden(parts, batch)
-        hidden, weight, bias, head_ctx = _head_operands(hidden, *parts.head_weight_bias())
         lengths_c, lengths_r = batch["chosen_lengths"], batch["rejected_lengths"]
         kwargs = self.loss_kwargs
         seg = batch["logp_seq"]
@@ -570,13 +577,19 @@ class DPOEngine:
             ]
         else:  # batch-coupled terms (sorting over the batch, token-mean SFT): one group of all sequences
             loss_fn, groups = batch_loss, None
-        with head_ctx:
-            loss, seq = linear_logprobs_loss_grad_in_forward(
-                hidden, weight, batch["logp_labels"], seg, num_seqs, loss_fn, bias=bias,
-                softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
-                token_weights=token_weights, segment_stats=with_stats, segment_log_sum_p2=self.use_weighting,
-                validate=self.validate, backend=self.backend,
-            )
+
+        def head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 gather: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            h, weight, bias, head_ctx = _head_operands(h, weight, bias)
+            with head_ctx:
+                return linear_logprobs_loss_grad_in_forward(
+                    h, weight, batch["logp_labels"], seg, num_seqs, loss_fn, bias=bias,
+                    softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
+                    token_weights=token_weights, segment_stats=with_stats, segment_log_sum_p2=self.use_weighting,
+                    validate=self.validate, backend=self.backend, gather_context=gather,
+                )
+
+        loss, seq = parts.call_head(head, hidden)
         if anchor is not None and anchor.requires_grad:
             loss = loss + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
         metrics = dpo_metrics(seq[:num_pairs], seq[num_pairs:], ref_c, ref_r, self.beta)
