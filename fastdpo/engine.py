@@ -74,8 +74,9 @@ class DPOEngine:
     """Policy + reference DPO step on batches from :class:`fastdpo.collator.PreferenceCollator`.
 
     Args:
-        model: the policy, any Hugging Face causal LM (PEFT-wrapped too; also inside ``DistributedDataParallel`` or
-            sharded with FSDP2 ``fully_shard`` — the forward runs through the wrapper, so gradients are reduced).
+        model: the policy, any Hugging Face causal LM (PEFT-wrapped too; also inside ``DistributedDataParallel``,
+            sharded with FSDP2 ``fully_shard`` or partitioned by DeepSpeed ZeRO-3 -- the forward runs through the
+            wrapper's hooks, so gradients are reduced; see :meth:`fastdpo.models.LMParts.call_head`).
         ref_model: the reference model for ``reference="model"``; for ``"precomputed"`` optionally the model the cache
             must have been built from (checked, then not kept).
         reference: ``"model"``, ``"adapter"`` or ``"precomputed"`` (see the module docstring).
@@ -452,7 +453,8 @@ class DPOEngine:
         Args:
             batch: a :class:`~fastdpo.collator.PreferenceCollator` batch on the model's device.
             model: the module the policy forward runs through: ``None`` (the engine's model) or a
-                ``DistributedDataParallel`` wrapper of the engine's model — e.g. the one ``accelerate`` prepared, which
+                ``DistributedDataParallel`` / DeepSpeed ``DeepSpeedEngine`` wrapper of the engine's model — e.g. the one
+                ``accelerate`` prepared, which
                 ``Trainer.compute_loss`` receives — so that DDP's reducer sees the forward and averages the gradients
                 over ranks in backward. The reference forward runs the reference as the engine holds it (no gradient,
                 nothing to reduce). Any other module raises ``ValueError``.

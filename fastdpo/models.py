@@ -217,8 +217,9 @@ class LMParts:
             ``1 / logits_scaling``); 1.0 for most models.
         through_model: True when :meth:`forward` runs ``model``'s own forward with ``logits_to_keep`` empty (the
             model accepts ``logits_to_keep``); False when it calls the backbone directly (only for unwrapped models).
-        needs_anchor: True when FSDP2 (``fully_shard``) manages the model: :meth:`forward` then returns the anchor
-            that keeps the root's output hooks in backward (see there); otherwise no anchor (it would cost a dense zero
+        needs_anchor: True when FSDP2 (``fully_shard``) managed the model when it was resolved (:meth:`forward` also
+            checks again: a model sharded later gets the anchor too): :meth:`forward` then returns the anchor that
+            keeps the root's output hooks in backward (see there); otherwise no anchor (it would cost a dense zero
             ``[V, D]`` gradient of the output embedding in backward).
     """
 
@@ -307,7 +308,9 @@ class LMParts:
         if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             logits = out[0]
         anchor = None
-        if self.needs_anchor and isinstance(logits, torch.Tensor) and logits.numel() == 0:
+        # FSDP2 may shard the model after these parts were resolved (accelerate prepares it in place in train())
+        fsdp2 = self.needs_anchor or any(_is_fsdp2(m) for m in self.model.modules())
+        if fsdp2 and isinstance(logits, torch.Tensor) and logits.numel() == 0:
             anchor = logits.sum()
         return captured[0], anchor
 

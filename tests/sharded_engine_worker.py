@@ -21,6 +21,8 @@ Modes:
   (``stage3_param_persistence_threshold: 0``); a separate reference model goes through its own ZeRO-3 inference
   engine, as TRL's ``prepare_deepspeed`` makes it. ``head_gathers`` counts the all-gathers of the policy's
   ``lm_head.weight`` (transitions out of ``NOT_AVAILABLE``) during ``step`` and during ``backward``.
+* ``zero3_hpz`` / ``zero3_offload``: the same with ZeRO++ hierarchical partitioning (``zero_hpz_partition_size``)
+  / with parameters and optimizer state offloaded (``offload_param``/``offload_optimizer`` to ``cpu``).
 * ``fsdp2_accelerate``: accelerate's own ``fsdp2_prepare_model`` layout (decoder layers, the embedding and the
   ``[final norm, lm_head]`` tail sharded separately, the tail with ``reshard_after_forward=False``, root last) --
   what ``fsdp_version: 2`` builds on a GPU machine, here on a CPU mesh.
@@ -50,7 +52,13 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-MODES = ("zero3", "fsdp2_accelerate", "fsdp2_lm_head")
+MODES = ("zero3", "zero3_hpz", "zero3_offload", "fsdp2_accelerate", "fsdp2_lm_head")
+#: ZeRO-3 options of the zero3* modes on top of full partitioning
+ZERO3_OPTIONS: dict[str, dict[str, Any]] = {
+    "zero3": {},
+    "zero3_hpz": {"zero_hpz_partition_size": 2},  # ZeRO++ hierarchical partitioning (secondary partitions)
+    "zero3_offload": {"offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}},
+}
 BETA = 0.5
 LR = 0.5
 CHUNK = 64  # vocabulary tile of the fused head: V=384 -> 6 tiles, so a per-tile gather would show in the counts
@@ -226,20 +234,22 @@ class _WeightSizedAllocations(TorchDispatchMode):
         return out
 
 
-def run_zero3(scenario: str, rank: int, world: int) -> dict[str, Any]:
+def run_zero3(scenario: str, rank: int, world: int, mode: str = "zero3") -> dict[str, Any]:
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
     cfg = scenario_config(scenario)
     policy, ref, tok = build(cfg)
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 20_000,
-            "allgather_bucket_size": 20_000, "stage3_prefetch_bucket_size": 0}
+            "allgather_bucket_size": 20_000, "stage3_prefetch_bucket_size": 0, **ZERO3_OPTIONS[mode]}
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
-              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "gradient_clipping": 0.0}
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "gradient_clipping": 0.0,
+              "zero_force_ds_cpu_optimizer": False}
     trainable = [p for p in policy.parameters() if p.requires_grad]
     ds_policy, *_ = deepspeed.initialize(model=policy, optimizer=torch.optim.SGD(trainable, lr=LR), config=config)
     if ref is not None:  # as TRL's prepare_deepspeed: a ZeRO-3 inference engine, no optimizer
-        ref, *_ = deepspeed.initialize(model=ref, config={**config, "zero_optimization": dict(zero)})
+        ref_zero = {k: v for k, v in zero.items() if k != "offload_optimizer"}
+        ref, *_ = deepspeed.initialize(model=ref, config={**config, "zero_optimization": ref_zero})
         ref.eval()
     engine = engine_for(policy, ref, cfg)
     head = engine.policy_parts.head
@@ -418,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"unknown mode {mode!r}; choose from {MODES}")
             results.setdefault(mode, {})
             for scenario in scenarios.split(","):
-                if mode == "zero3":
-                    record(mode, scenario, lambda: run_zero3(scenario, rank, world))
+                if mode.startswith("zero3"):
+                    record(mode, scenario, lambda: run_zero3(scenario, rank, world, mode))
                 else:
                     record(mode, scenario, lambda: run_fsdp2(mode, scenario, rank, world))
                 dist.barrier()

@@ -13,7 +13,7 @@ Setups:
 * ``zero3``: the DeepSpeed config comes from the accelerate launcher (``distributed_type: DEEPSPEED``,
   ``zero_stage: 3``, ``zero3_save_16bit_model: true``) -- the way TRL users launch ZeRO-3;
 * ``zero2``: ``DPOConfig(deepspeed={...ZeRO stage 2...})`` under ``torchrun`` -- the other way;
-* ``fsdp2``: ``DPOConfig(fsdp="full_shard", fsdp_config={"version": 2, ...})`` under ``torchrun``. On CPU accelerate
+* ``fsdp2``: ``DPOConfig(fsdp=True, fsdp_config={"version": 2, ...})`` under ``torchrun``. On CPU accelerate
   silently runs an FSDP configuration as DDP (``AcceleratorState`` only turns FSDP on for accelerator devices), so
   this worker makes ``AcceleratorState`` keep the FSDP2 plugin on CPU (:func:`_fsdp2_on_cpu`); from there on
   accelerate's own FSDP2 code runs: ``fsdp2_prepare_model`` (decoder layers, embedding and ``[norm, lm_head]`` tail
@@ -146,7 +146,7 @@ def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Pa
     if setup == "zero2":
         extra["deepspeed"] = _ds_config(2)
     elif setup == "fsdp2":
-        extra["fsdp"] = "full_shard"
+        extra["fsdp"] = True
         extra["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                                 "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}
     resume = case == "resume"

@@ -23,12 +23,25 @@ ranks), and the metrics are gathered exactly as TRL gathers them (token-weighted
 TRL's numbers (``tests/test_trl_distributed.py``: 2 gloo processes, same loss, grad norm, metrics and parameters as
 ``DPOTrainer``).
 
+Sharded training (``accelerate launch`` with a DeepSpeed or FSDP2 config, ``DPOConfig(deepspeed=...)``,
+``DPOConfig(fsdp=True, fsdp_config={"version": 2})``): DeepSpeed ZeRO stages 0-3 (parameter / optimizer offload and
+ZeRO++ hpZ included) and FSDP2 train as with ``DPOTrainer``. The policy forward runs through the ``DeepSpeedEngine``
+``compute_loss`` receives (or the model FSDP2 sharded in place); under ZeRO-3 the fused head runs as a call of the
+head module, so ZeRO's hooks gather the partitioned ``lm_head`` for it and reduce-scatter its gradient
+(:meth:`fastdpo.models.LMParts.call_head`); under FSDP2 the head weight is gathered once per pass, never per tile.
+The reference is what TRL prepares: a ZeRO-3 inference engine / ``fully_shard``-ed copy of ``ref_model``, or the
+adapter-disabled PEFT policy; with ``precompute_ref_log_probs=True`` each rank computes the reference log-probs of its
+own shard of the dataset and rank 0 writes them once, atomically and checksummed, to
+``<output_dir>/fastdpo_ref_logps/`` (:meth:`FastDPOTrainer._precompute_ref_logps`), where a resumed run finds them.
+(``tests/test_sharded_trl.py``: ZeRO-2, ZeRO-3 and FSDP2 on 2 CPU processes against ``DPOTrainer``.)
+
 Options TRL has and fastdpo does not support raise ``NotImplementedError`` naming the option (never a silent
 fallback): vision-language models/datasets, ``compute_metrics`` (needs logits), Mixture-of-Experts auxiliary loss
 (``router_aux_loss_coef``), prompt-learning PEFT methods (virtual tokens), a custom non-fastdpo ``data_collator``, and
-the multi-process setups that are not validated: DeepSpeed (any ZeRO stage), FSDP through accelerate (``DPOEngine``
-itself trains FSDP2 ``fully_shard`` models in a custom loop), tensor/context/sequence parallelism
-(``parallelism_config``), other distributed types (XLA, ...) and ``torch_compile`` with several processes.
+the distributed setups :func:`check_distributed_config` refuses -- before any model is loaded or any row tokenized --
+FSDP1, tensor parallelism (``parallelism_config`` ``tp_size``, DeepSpeed AutoTP, ``tp_plan``), context / sequence
+parallelism, HSDP; and, after construction, other distributed types (XLA, ...) and ``torch_compile`` with several
+processes.
 """
 from __future__ import annotations
 
@@ -227,9 +240,9 @@ class FastDPOTrainer(DPOTrainer):
 
         acc = self.accelerator
         if self.is_deepspeed_enabled:
-            _check_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config)
+            _check_deepspeed_config(getattr(getattr(acc.state, "deepspeed_plugin", None), "deepspeed_config", {}))
         if self.is_fsdp_enabled:
-            _check_fsdp_version(getattr(acc.state.fsdp_plugin, "fsdp_version", 1))
+            _check_fsdp_version(getattr(getattr(acc.state, "fsdp_plugin", None), "fsdp_version", 1))
         config = acc.parallelism_config
         if config is not None:
             _check_parallelism_sizes(config, fsdp2=self.is_fsdp_enabled)
