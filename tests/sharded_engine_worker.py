@@ -84,6 +84,7 @@ def scenario_config(name: str) -> dict[str, Any]:
         "gif_ld_wpo": {"grad_in_forward": True, "ld_alpha": 0.5, "use_weighting": True, "packing": "prefix_shared"},
         "ld_wpo": {"ld_alpha": 0.5, "use_weighting": True},
         "gif_lora_tied": {"grad_in_forward": True, "lora": "body", "reference": "adapter", "tied": True},
+        "qlora": {"lora": "qlora", "reference": "adapter"},  # 4-bit bitsandbytes base + LoRA, adapter-off reference
     }
     if name not in table:
         raise SystemExit(f"unknown scenario {name!r}")
@@ -99,12 +100,17 @@ ROWS = [
 
 
 def build(cfg: dict[str, Any], seed: int = 0) -> tuple[nn.Module, nn.Module | None, Any]:
-    """``(policy, reference or None, tokenizer)``: the tiny Llama (tied or not), LoRA adapters per the scenario
-    (randomly initialised B, so the adapter-off reference differs from the policy), a perturbed frozen reference."""
+    """``(policy, reference or None, tokenizer)``: the tiny Llama (tied or not; a 4-bit base for QLoRA), LoRA
+    adapters per the scenario (randomly initialised B, so the adapter-off reference differs from the policy), a
+    perturbed frozen reference."""
     from tiny import make_model, make_tokenizer
 
     tok = make_tokenizer()
     policy = make_model("llama", tok, attn_implementation="eager", seed=seed)
+    if cfg["lora"] == "qlora":  # QLoRA: the frozen base in bitsandbytes 4-bit (dense embedding and head)
+        from fastdpo.models import quantize_model
+
+        policy = quantize_model(policy, 4)
     if cfg["tied"]:
         policy.config.tie_word_embeddings = True
         policy.lm_head.weight = policy.model.embed_tokens.weight

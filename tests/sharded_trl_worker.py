@@ -24,7 +24,8 @@ Cases (each trains 4 optimizer steps with both trainers, same seeds, same data s
 ``ref_model`` (full fine-tuning, separate reference model; then ``evaluate()``; then ``save_model`` and the saved
 folder is reloaded with ``AutoModelForCausalLM.from_pretrained``), ``lora`` (a PEFT LoRA policy, no reference
 model: adapter-disabled reference), ``precompute`` (``precompute_ref_log_probs=True`` without a reference model),
-``grad_accum`` (2 accumulation micro-batches per step) and ``resume`` (FastDPOTrainer only, with precomputed
+``grad_accum`` (2 accumulation micro-batches per step), ``zero1`` (``ref_model`` under ZeRO stage 1, in the
+``zero2`` launch) and ``resume`` (FastDPOTrainer only, with precomputed
 reference log-probs: 4 uninterrupted steps with a checkpoint every 2, then a new trainer resumes from the step-2
 checkpoint; its last 2 steps and final parameters are compared with the uninterrupted run's, and the reference cache
 must be read back, not recomputed).
@@ -48,7 +49,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SETUPS = ("zero2", "zero3", "fsdp2")
-CASES = ("ref_model", "lora", "precompute", "grad_accum", "resume")
+CASES = ("ref_model", "lora", "precompute", "grad_accum", "resume", "zero1")
 STEPS = 4
 
 
@@ -138,13 +139,13 @@ def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Pa
     cls = _recording(FastDPOTrainer if trainer_name == "fast" else DPOTrainer)
     tok = make_tokenizer()
     peft = case == "lora"
-    with_ref = case in ("ref_model", "grad_accum")
+    with_ref = case in ("ref_model", "grad_accum", "zero1")
     peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
                              task_type="CAUSAL_LM") if peft else None
     run_dir = out_dir / f"{setup}-{case}-{trainer_name}"
     extra: dict[str, Any] = {}
-    if setup == "zero2":
-        extra["deepspeed"] = _ds_config(2)
+    if setup == "zero2":  # the zero1 case: the same launch, ZeRO stage 1
+        extra["deepspeed"] = _ds_config(1 if case == "zero1" else 2)
     elif setup == "fsdp2":
         extra["fsdp"] = True
         extra["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],

@@ -9,7 +9,7 @@ fused head's weight gradient reached ZeRO's / FSDP2's reduction (the head's grad
 differs between shards) -- and that the parameters after one SGD step agree. Scenarios cover untied and tied
 embeddings, pad / padding_free / prefix_shared packing, a separate reference model (a ZeRO-3 inference engine, as
 TRL's ``prepare_deepspeed`` builds it; ``fully_shard`` as TRL's ``prepare_fsdp``), the PEFT adapter-off reference
-(LoRA in the body, and on the LM head itself), grad_in_forward, LD-DPO + WPO, and every loss type of TRL 1.16 with
+(LoRA in the body, on the LM head itself, and QLoRA: LoRA on a bitsandbytes 4-bit base), grad_in_forward, LD-DPO + WPO, and every loss type of TRL 1.16 with
 and without grad_in_forward.
 
 All-gathers of the head weight are counted in a second step (the steady state) with a vocabulary tile of 64 (6
@@ -56,9 +56,10 @@ def _worker() -> Any:
 
 
 W = _worker()
-ZERO3 = ["base", "tied", "padding_free", "lora", "lora_head", "gif_ld_wpo", "ld_wpo", "gif_lora_tied",
+QLORA = ["qlora"] if importlib.util.find_spec("bitsandbytes") is not None else []
+ZERO3 = ["base", "tied", "padding_free", "lora", "lora_head", "gif_ld_wpo", "ld_wpo", "gif_lora_tied", *QLORA,
          *(f"loss:{t}" for t in W.LOSS_TYPES), *(f"gif_loss:{t}" for t in W.LOSS_TYPES)]
-FSDP2_ACCELERATE = ["base", "tied", "lora", "gif_ld_wpo", "gif_lora_tied"]
+FSDP2_ACCELERATE = ["base", "tied", "lora", "gif_ld_wpo", "gif_lora_tied", *QLORA]
 FSDP2_LM_HEAD = ["base", "lora_head", "gif_ld_wpo"]
 ZERO3_VARIANTS = ["base", "tied", "lora_head"]  # ZeRO++ hpZ, parameter/optimizer offload
 JOBS = [("zero3", ZERO3), ("zero3_hpz", ZERO3_VARIANTS), ("zero3_offload", ZERO3_VARIANTS),
@@ -110,7 +111,7 @@ def test_sharded_step_matches_unsharded(results, mode, scenario):
     differ = [n for n in shards[0]["grads"]
               if not torch.allclose(shards[0]["grads"][n], shards[1]["grads"][n], rtol=1e-3)]
     head = [n for n in differ if "lm_head" in n or (cfg["tied"] and "embed_tokens" in n)]
-    assert differ and (head or cfg["lora"] == "body"), (differ, sorted(shards[0]["grads"]))
+    assert differ and (head or cfg["lora"] in ("body", "qlora")), (differ, sorted(shards[0]["grads"]))
     expected = {n: (shards[0]["grads"][n] + shards[1]["grads"][n]) / 2 for n in shards[0]["grads"]}
     for rank, res in enumerate(got):
         assert set(res["grads"]) == set(expected), (rank, sorted(set(res["grads"]) ^ set(expected)))

@@ -4,7 +4,7 @@ Three launches of ``tests/sharded_trl_worker.py`` (module-scoped fixtures, one p
 
 * ZeRO-3 through ``accelerate launch --config_file`` (TRL's ``zero3.yaml`` on 2 CPU processes: ``zero3_init_flag``,
   ``zero3_save_16bit_model``; DeepSpeed's CPU accelerator, gloo);
-* ZeRO-2 through ``DPOConfig(deepspeed={...})`` under ``torchrun``;
+* ZeRO-2 (and one ZeRO-1 case) through ``DPOConfig(deepspeed={...})`` under ``torchrun``;
 * FSDP2 through ``DPOConfig(fsdp=..., fsdp_config={"version": 2})`` under ``torchrun``, with accelerate's FSDP2
   path turned on for CPU processes (accelerate itself runs an FSDP config as DDP on CPU; see the worker).
 
@@ -113,7 +113,7 @@ def zero3(tmp_path_factory) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def zero2(tmp_path_factory) -> list[dict[str, Any]]:
-    return _launch(tmp_path_factory.mktemp("zero2"), "zero2", CASES)
+    return _launch(tmp_path_factory.mktemp("zero2"), "zero2", (*CASES, "zero1"))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def _check_setup(per_rank: list[dict[str, Any]], setup: str, case: str) -> None:
             assert run["num_processes"] == WORLD and run["process_index"] == rank, (setup, name, rank)
             if setup.startswith("zero"):
                 assert run["distributed_type"] == "DistributedType.DEEPSPEED", (name, run["distributed_type"])
-                assert run["zero_stage"] == int(setup[-1]), (name, run["zero_stage"])
+                assert run["zero_stage"] == (1 if case == "zero1" else int(setup[-1])), (name, run["zero_stage"])
                 assert run["wrapped"] == ["DeepSpeedEngine"], (name, run["wrapped"])
             else:
                 assert run["distributed_type"] == "DistributedType.FSDP", (name, run["distributed_type"])
@@ -208,6 +208,10 @@ def test_zero2_matches_trl(zero2, case):
 @pytest.mark.parametrize("case", CASES)
 def test_fsdp2_matches_trl(fsdp2, case):
     _check_against_trl([r[case] for r in fsdp2], "fsdp2", case)
+
+
+def test_zero1_matches_trl(zero2):
+    _check_against_trl([r["zero1"] for r in zero2], "zero2", "zero1")
 
 
 def test_zero3_resume_continues_exactly(zero3):
