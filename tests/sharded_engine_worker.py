@@ -99,6 +99,9 @@ ROWS = [
 ]
 
 
+DEVICE = torch.device("cpu")  # the worker's --device (cuda: tests/test_sharded_gpu.py)
+
+
 def build(cfg: dict[str, Any], seed: int = 0) -> tuple[nn.Module, nn.Module | None, Any]:
     """``(policy, reference or None, tokenizer)``: the tiny Llama (tied or not; a 4-bit base for QLoRA), LoRA
     adapters per the scenario (randomly initialised B, so the adapter-off reference differs from the policy), a
@@ -110,7 +113,8 @@ def build(cfg: dict[str, Any], seed: int = 0) -> tuple[nn.Module, nn.Module | No
     if cfg["lora"] == "qlora":  # QLoRA: the frozen base in bitsandbytes 4-bit (dense embedding and head)
         from fastdpo.models import quantize_model
 
-        policy = quantize_model(policy, 4)
+        policy = quantize_model(policy.to(DEVICE), 4)
+    policy = policy.to(DEVICE)
     if cfg["tied"]:
         policy.config.tie_word_embeddings = True
         policy.lm_head.weight = policy.model.embed_tokens.weight
@@ -147,7 +151,8 @@ def shard_batch(tok: Any, cfg: dict[str, Any], rank: int, world: int) -> dict[st
     from fastdpo import PreferenceCollator
 
     per = len(ROWS) // world
-    return PreferenceCollator(tok, packing=cfg["packing"])(ROWS[rank * per:(rank + 1) * per])
+    batch = PreferenceCollator(tok, packing=cfg["packing"])(ROWS[rank * per:(rank + 1) * per])
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -165,8 +170,8 @@ def single_shard_result(scenario: str, rank: int, world: int = 2) -> dict[str, A
     engine = engine_for(policy, ref, cfg)
     loss, metrics = engine.step(shard_batch(tok, cfg, rank, world))
     loss.backward()
-    grads = {n: p.grad.detach().float().clone() for n, p in _trainable(policy) if p.grad is not None}
-    params = {n: p.detach().float().clone() for n, p in _trainable(policy)}
+    grads = {n: p.grad.detach().float().cpu().clone() for n, p in _trainable(policy) if p.grad is not None}
+    params = {n: p.detach().float().cpu().clone() for n, p in _trainable(policy)}
     return {"loss": float(loss.detach()), "metrics": {k: float(v) for k, v in metrics.items()}, "grads": grads,
             "params": params}
 
@@ -260,7 +265,9 @@ def run_zero3(scenario: str, rank: int, world: int, mode: str = "zero3") -> dict
     engine = engine_for(policy, ref, cfg)
     head = engine.policy_parts.head
     weight = getattr(head, "base_layer", head).weight
-    sharded = hasattr(weight, "ds_id") and weight.ds_tensor.numel() < weight.ds_numel and weight.numel() == 0
+    # 0 elements outside the gather; each rank holds a 1/world partition
+    sharded = hasattr(weight, "ds_id") and weight.numel() == 0 and weight.ds_tensor.numel() * world >= weight.ds_numel \
+        and (world == 1 or weight.ds_tensor.numel() < weight.ds_numel)
     counter = _zero3_gather_counter(weight)
     trainable_before = sorted(n for n, _ in _trainable(policy))
     audit = _WeightSizedAllocations(weight.ds_numel, head) if scenario == "base" else None
@@ -278,12 +285,12 @@ def run_zero3(scenario: str, rank: int, world: int, mode: str = "zero3") -> dict
             for name, p in _trainable(policy):
                 g = safe_get_full_grad(p)
                 if g is not None:
-                    grads[name] = g.detach().float().clone()
+                    grads[name] = g.detach().float().cpu().clone()
             ds_policy.step()
             params = {}
             for name, p in _trainable(policy):
                 with deepspeed.zero.GatheredParameters([p]):
-                    params[name] = p.detach().float().clone()
+                    params[name] = p.detach().float().cpu().clone()
             out = {"loss": float(loss.detach()), "metrics": {k: float(v) for k, v in metrics.items()},
                    "grads": grads, "params": params, "head_gathers_first": gathers, "sharded": sharded,
                    "allocations": None if audit is None else audit.records}
@@ -347,14 +354,14 @@ def _accelerate_fsdp2(model: nn.Module, rank: int) -> nn.Module:
         cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT",
     )
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
-                                  mixed_precision="no", is_main_process=rank == 0, device=torch.device("cpu"))
+                                  mixed_precision="no", is_main_process=rank == 0, device=DEVICE)
     return fsdp2_prepare_model(accelerator, model)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     if type(t).__name__ == "DTensor":
         t = t.full_tensor()
-    return t.detach().float().clone()
+    return t.detach().float().cpu().clone()
 
 
 def run_fsdp2(mode: str, scenario: str, rank: int, world: int) -> dict[str, Any]:
@@ -368,7 +375,7 @@ def run_fsdp2(mode: str, scenario: str, rank: int, world: int) -> dict[str, Any]
     hf = unwrap_peft(policy)
     head = hf.get_output_embeddings()
     head_owner = getattr(head, "base_layer", head)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE.type, (world,))
     if mode == "fsdp2_accelerate":
         policy = _accelerate_fsdp2(policy, rank)
     else:
@@ -411,12 +418,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for rank{R}.pt")
     parser.add_argument("--jobs", nargs="+", required=True, help="MODE:SCENARIO[,SCENARIO...]")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    global DEVICE
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        DEVICE = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(seconds=120))
     results: dict[str, dict[str, Any]] = {}
 
     def record(mode: str, scenario: str, fn: Callable[[], Any]) -> None:
