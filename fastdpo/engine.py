@@ -436,9 +436,16 @@ class DPOEngine:
                              path: str | os.PathLike[str] | None = None) -> RefLogpCache:
         """Reference log-probs of every pair in ``batches`` as a :class:`RefLogpCache` (saved atomically to ``path``
         when given). Use it later with ``DPOEngine(model, reference="precomputed", ref_cache=path)``.
+
+        With ``torch.distributed`` initialized and a ``path``, every rank passes its own shard of the batches (all
+        ranks call this together): the rows are gathered and rank 0 writes the file once
+        (:meth:`RefLogpCache.build_distributed`); every rank returns the whole cache.
         """
         if self.reference == "precomputed":
             raise ValueError("precompute_reference needs a live reference (reference='model' or 'adapter')")
+        if path is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return RefLogpCache.build_distributed(self.reference_logps, batches, path,
+                                                  model_hash=self.reference_fingerprint(), settings=self.ref_settings)
         cache = RefLogpCache.build(self.reference_logps, batches, model_hash=self.reference_fingerprint(),
                                    settings=self.ref_settings)
         if path is not None:

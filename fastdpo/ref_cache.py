@@ -27,6 +27,7 @@ reference pass over the data.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -68,19 +69,45 @@ def model_fingerprint(model: nn.Module, *, exclude_adapters: bool = False) -> st
     (``.base_layer``, ``.original_module``) dropped, which fingerprints the frozen base a PEFT model falls back to
     under ``disable_adapter()`` — equal to the fingerprint of the plain base model. Reads every byte of the weights
     once (about a second per GB).
+
+    Sharded models are fingerprinted by their full values, so every rank gets the unsharded model's fingerprint: a
+    ``DistributedDataParallel`` / ``DeepSpeedEngine`` wrapper is looked through, a DeepSpeed ZeRO-3 parameter is
+    gathered (``deepspeed.zero.GatheredParameters``) and an FSDP2 ``DTensor`` all-gathered while it is hashed -- these
+    are collectives: every rank must fingerprint the model at the same time.
     """
+    from fastdpo.models import is_zero3_param, unwrap_ddp
+
     h = hashlib.sha256()
-    inner = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
-    h.update(type(inner).__name__.encode())
+    inner = unwrap_ddp(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") and hasattr(inner, "peft_config") else inner
+    cls = type(inner)
+    if _is_fsdp2_module(inner):  # fully_shard swaps the class for a generated FSDP<Class> subclass
+        cls = cls.__bases__[-1]
+    h.update(cls.__name__.encode())
     named = list(inner.named_parameters(remove_duplicate=True)) + list(inner.named_buffers(remove_duplicate=True))
     for name, tensor in sorted(named, key=lambda kv: kv[0]):
         if exclude_adapters and ("lora_" in name or "modules_to_save" in name):
             continue
         if exclude_adapters:  # PEFT renames wrapped layers `x.base_layer.weight`; key by the original name
             name = name.replace(".base_layer", "").replace(".original_module", "")
-        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        h.update(_tensor_bytes(tensor))
+        gathered: Any = contextlib.nullcontext()
+        if is_zero3_param(tensor):
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([tensor])
+        with gathered:
+            full = tensor.full_tensor() if type(tensor).__name__ == "DTensor" else tensor
+            h.update(f"{name}|{tuple(full.shape)}|{full.dtype}|".encode())
+            h.update(_tensor_bytes(full))
     return h.hexdigest()
+
+
+def _is_fsdp2_module(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _pair_token_ids(batch: Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

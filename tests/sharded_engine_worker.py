@@ -8,10 +8,11 @@ Every rank builds the same seeded tiny Llama (``tests/tiny.py``), takes pairs ``
 one ``DPOEngine.step`` through the sharded policy (the reference as the scenario says), one backward, reads the
 full gradients, takes one SGD step and reads the full parameters. ``DIR/rank{R}.pt`` holds, per ``mode`` and
 ``scenario``: ``{"loss": float, "metrics": {name: float}, "grads": {name: full fp32}, "params": {name: full fp32
-after SGD}, "head_gathers": {"forward": int, "backward": int}, "head_gathers_first": same}`` (or ``{"error",
+after SGD}, "head_gathers": {"forward": int, "backward": int}, "head_gathers_first": same, ...}`` (or ``{"error",
 "traceback"}``): the gradients and parameters are those of the first step; ``head_gathers`` counts a second step
 (the steady state), ``head_gathers_first`` the first; ``trainable_before`` / ``trainable_after``: the names of the
-parameters requiring grad before the first and after the second step. The test process
+parameters requiring grad before the first and after the second step; scenario ``base`` adds the reference's
+fingerprint and a sharded ``precompute_reference`` (see :func:`_reference_cache`). The test process
 computes the same step without any sharding on each rank's shard (:func:`single_shard_result`) and compares: the
 loss of each rank equals its shard's, and the (averaged) gradient is the mean of the two shards' gradients.
 
@@ -299,6 +300,7 @@ def run_zero3(scenario: str, rank: int, world: int, mode: str = "zero3") -> dict
             out["head_gathers"] = gathers
     out["trainable_before"] = trainable_before
     out["trainable_after"] = sorted(n for n, _ in _trainable(policy))
+    out.update(_reference_cache(engine, batch, scenario))
     return out
 
 
@@ -411,7 +413,26 @@ def run_fsdp2(mode: str, scenario: str, rank: int, world: int) -> dict[str, Any]
         opt.zero_grad()
     out["trainable_before"] = trainable_before
     out["trainable_after"] = sorted(n for n, _ in _trainable(policy))
+    out.update(_reference_cache(engine, batch, scenario))
     return out
+
+
+def _reference_cache(engine: Any, batch: dict[str, Any], scenario: str) -> dict[str, Any]:
+    """``base`` scenario: the reference's fingerprint (the unsharded model's, gathered) and a
+    ``precompute_reference`` of this rank's shard into one file (``OUT/<mode>-ref.pt``, written by rank 0)."""
+    if scenario != "base":
+        return {}
+    from fastdpo.ref_cache import RefLogpCache
+
+    path = Path(_OUT) / f"{_MODE}-ref.pt"
+    cache = engine.precompute_reference([batch], path)
+    on_disk = RefLogpCache.load(path)
+    return {"ref_fingerprint": engine.reference_fingerprint(), "ref_cache_pairs": len(cache),
+            "ref_cache_values": on_disk.values.clone(), "ref_cache_keys": list(on_disk.keys),
+            "ref_cache_tmp_files": sorted(p.name for p in Path(_OUT).iterdir() if p.name.endswith(".tmp"))}
+
+
+_OUT, _MODE = ".", ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    global DEVICE
+    global DEVICE, _OUT, _MODE
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -446,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"unknown mode {mode!r}; choose from {MODES}")
             results.setdefault(mode, {})
             for scenario in scenarios.split(","):
+                _OUT, _MODE = args.out, mode
                 if mode.startswith("zero3"):
                     record(mode, scenario, lambda: run_zero3(scenario, rank, world, mode))
                 else:

@@ -138,6 +138,33 @@ def test_sharded_step_matches_unsharded(results, mode, scenario):
             assert 1 <= fwd <= passes and bwd == 0, (rank, res["head_gathers"])
 
 
+@pytest.mark.parametrize("mode", [mode for mode, scenarios in JOBS if "base" in scenarios])
+def test_sharded_reference_fingerprint_and_precompute(results, mode):
+    """``reference_fingerprint`` of the sharded reference equals the unsharded model's (gathered, never the empty
+    ZeRO-3 partitions or a DTensor shard), and ``precompute_reference(shard, path)`` on each rank writes one cache of
+    both ranks' pairs (rank 0 writes, no temporary file left) with the unsharded reference's log-probs."""
+    from fastdpo.ref_cache import model_fingerprint, pair_keys
+
+    torch.set_num_threads(1)
+    cfg = W.scenario_config("base")
+    policy, ref, tok = W.build(cfg)
+    engine = W.engine_for(policy, ref, cfg)
+    expected: dict[str, tuple[float, float]] = {}
+    for rank in range(WORLD):
+        batch = W.shard_batch(tok, cfg, rank, WORLD)
+        with torch.no_grad():
+            chosen, rejected = engine.reference_logps(batch)
+        expected.update(zip(pair_keys(batch), zip(chosen.tolist(), rejected.tolist())))
+    assert len(expected) == len(W.ROWS)
+    for rank, res in enumerate(r[mode]["base"] for r in results):
+        assert "error" not in res, res.get("traceback")
+        assert res["ref_fingerprint"] == model_fingerprint(ref), rank
+        assert res["ref_cache_pairs"] == len(W.ROWS) and sorted(res["ref_cache_keys"]) == sorted(expected)
+        assert res["ref_cache_tmp_files"] == []
+        for key, (c, r_) in zip(res["ref_cache_keys"], res["ref_cache_values"].tolist()):
+            assert (c, r_) == pytest.approx(expected[key], rel=1e-5, abs=1e-5), (rank, key)
+
+
 def test_zero3_no_weight_copy_beyond_the_gather(results):
     """Every new tensor of the head weight's size created inside the head's ZeRO-3 module call (ZeRO's fetch and
     release included) and inside the fused head's backward: the all-gather buffer and the fp32 gradient
