@@ -45,6 +45,7 @@ from fastdpo.models import (
     disable_dropout as _disable_dropout,
     enable_gradient_checkpointing,
     is_peft_model,
+    keep_requires_grad,
     quantize_model,
     resolve_lm,
     unwrap_ddp,
@@ -73,8 +74,9 @@ class DPOEngine:
     """Policy + reference DPO step on batches from :class:`fastdpo.collator.PreferenceCollator`.
 
     Args:
-        model: the policy, any Hugging Face causal LM (PEFT-wrapped too; also inside ``DistributedDataParallel`` or
-            sharded with FSDP2 ``fully_shard`` — the forward runs through the wrapper, so gradients are reduced).
+        model: the policy, any Hugging Face causal LM (PEFT-wrapped too; also inside ``DistributedDataParallel``,
+            sharded with FSDP2 ``fully_shard`` or partitioned by DeepSpeed ZeRO-3 -- the forward runs through the
+            wrapper's hooks, so gradients are reduced; see :meth:`fastdpo.models.LMParts.call_head`).
         ref_model: the reference model for ``reference="model"``; for ``"precomputed"`` optionally the model the cache
             must have been built from (checked, then not kept).
         reference: ``"model"``, ``"adapter"`` or ``"precomputed"`` (see the module docstring).
@@ -414,15 +416,20 @@ class DPOEngine:
             sp_shard = None if self.sequence_parallel is None else self.sequence_parallel.shard(
                 batch, parts.hf_model, cache=True)
             labels = batch["logp_labels"] if sp_shard is None else batch["logp_labels"].index_select(0, sp_shard.owned)
-            hidden, weight, bias, head_ctx = _head_operands(hidden, *parts.head_weight_bias())
-            with head_ctx:
-                stats = linear_token_logprobs(
-                    hidden, weight, labels, bias=bias, softcap=parts.softcap,
-                    logit_scale=parts.logit_scale, temperature=self.temperature,
-                    return_entropy=token_stats, return_mean_logit=token_stats, return_argmax_hit=token_stats,
-                    return_log_sum_p2=token_stats and self.use_weighting,
-                    chunk_size=self.chunk_size, validate=self.validate, backend=self.backend,
-                )
+
+            def head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gather: Any) -> Any:
+                h, weight, bias, head_ctx = _head_operands(h, weight, bias)
+                with head_ctx:
+                    return linear_token_logprobs(
+                        h, weight, labels, bias=bias, softcap=parts.softcap,
+                        logit_scale=parts.logit_scale, temperature=self.temperature,
+                        return_entropy=token_stats, return_mean_logit=token_stats, return_argmax_hit=token_stats,
+                        return_log_sum_p2=token_stats and self.use_weighting,
+                        chunk_size=self.chunk_size, validate=self.validate, backend=self.backend,
+                        gather_context=gather,
+                    )
+
+            stats = parts.call_head(head, hidden)  # under ZeRO-3 as a call of the head module (its hooks gather)
             if sp_shard is not None:  # this rank's tokens -> every token, summed over the group
                 stats = self.sequence_parallel.gather_token_stats(stats, sp_shard, batch["logp_labels"].shape[0])
                 if not self._in_step:
@@ -447,7 +454,9 @@ class DPOEngine:
     @contextlib.contextmanager
     def _reference_context(self) -> Iterator[nn.Module]:
         if self.reference == "adapter":
-            with unwrap_ddp(self.model).disable_adapter():
+            # keep_requires_grad: PEFT re-enables requires_grad on the parameters registered when the context exits
+            # (under FSDP2 possibly the unsharded copies), see fastdpo.models.keep_requires_grad
+            with keep_requires_grad(self.model), unwrap_ddp(self.model).disable_adapter():
                 yield self.model
         else:
             assert self.ref_model is not None
@@ -489,9 +498,16 @@ class DPOEngine:
                              path: str | os.PathLike[str] | None = None) -> RefLogpCache:
         """Reference log-probs of every pair in ``batches`` as a :class:`RefLogpCache` (saved atomically to ``path``
         when given). Use it later with ``DPOEngine(model, reference="precomputed", ref_cache=path)``.
+
+        With ``torch.distributed`` initialized and a ``path``, every rank passes its own shard of the batches (all
+        ranks call this together): the rows are gathered and rank 0 writes the file once
+        (:meth:`RefLogpCache.build_distributed`); every rank returns the whole cache.
         """
         if self.reference == "precomputed":
             raise ValueError("precompute_reference needs a live reference (reference='model' or 'adapter')")
+        if path is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return RefLogpCache.build_distributed(self.reference_logps, batches, path,
+                                                  model_hash=self.reference_fingerprint(), settings=self.ref_settings)
         cache = RefLogpCache.build(self.reference_logps, batches, model_hash=self.reference_fingerprint(),
                                    settings=self.ref_settings)
         if path is not None:
@@ -506,7 +522,8 @@ class DPOEngine:
         Args:
             batch: a :class:`~fastdpo.collator.PreferenceCollator` batch on the model's device.
             model: the module the policy forward runs through: ``None`` (the engine's model) or a
-                ``DistributedDataParallel`` wrapper of the engine's model — e.g. the one ``accelerate`` prepared, which
+                ``DistributedDataParallel`` / DeepSpeed ``DeepSpeedEngine`` wrapper of the engine's model — e.g. the one
+                ``accelerate`` prepared, which
                 ``Trainer.compute_loss`` receives — so that DDP's reducer sees the forward and averages the gradients
                 over ranks in backward. The reference forward runs the reference as the engine holds it (no gradient,
                 nothing to reduce). Any other module raises ``ValueError``.
@@ -580,7 +597,6 @@ class DPOEngine:
         from fastdpo.losses import dpo_metrics, ld_token_weights, preference_loss
 
         hidden, anchor = self._completion_hidden(parts, batch)
-        hidden, weight, bias, head_ctx = _head_operands(hidden, *parts.head_weight_bias())
         lengths_c, lengths_r = batch["chosen_lengths"], batch["rejected_lengths"]
         kwargs = self.loss_kwargs
         seg = batch["logp_seq"]
@@ -636,13 +652,19 @@ class DPOEngine:
             ]
         else:  # batch-coupled terms (sorting over the batch, token-mean SFT): one group of all sequences
             loss_fn, groups = batch_loss, None
-        with head_ctx:
-            loss, seq = linear_logprobs_loss_grad_in_forward(
-                hidden, weight, batch["logp_labels"], seg, num_seqs, loss_fn, bias=bias,
-                softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
-                token_weights=token_weights, segment_stats=with_stats, segment_log_sum_p2=self.use_weighting,
-                validate=self.validate, backend=self.backend,
-            )
+
+        def head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 gather: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            h, weight, bias, head_ctx = _head_operands(h, weight, bias)
+            with head_ctx:
+                return linear_logprobs_loss_grad_in_forward(
+                    h, weight, batch["logp_labels"], seg, num_seqs, loss_fn, bias=bias,
+                    softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
+                    token_weights=token_weights, segment_stats=with_stats, segment_log_sum_p2=self.use_weighting,
+                    validate=self.validate, backend=self.backend, gather_context=gather,
+                )
+
+        loss, seq = parts.call_head(head, hidden)
         if anchor is not None and anchor.requires_grad:
             loss = loss + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
         metrics = dpo_metrics(seq[:num_pairs], seq[num_pairs:], ref_c, ref_r, self.beta)

@@ -477,6 +477,86 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
                                                                         if v}, "params": p["total"]}
 
 
+SHARDS = ("zero3", "fsdp2")
+ZERO3_MAX_LIVE_PARAMS = 10**9  # DeepSpeed's stage3_max_live_parameters default
+
+
+def estimate_sharded(m: ModelShape, step: StepConfig, variant: str, world: int, shard: str) -> dict[str, Any]:
+    """Per-rank memory (bytes) of one DPO step with the policy and the reference model sharded over ``world`` ranks;
+    ``step.pairs`` are each rank's pairs (a per-device batch). Same keys as :func:`estimate`, plus ``world_size``
+    and ``shard``; ``weights``/``grads``/``optimizer``/``reference`` are what each rank keeps resident.
+
+    ``shard="zero3"`` -- DeepSpeed ZeRO-3 with its defaults and transformers' ``"auto"`` buckets, as
+    ``accelerate``/TRL run it. Resident per rank: the parameter partitions ``P·b/N``, the fp32 master partitions
+    ``4P/N`` (ZeRO keeps them whatever the parameter dtype), the gradient partitions ``P·b/N``, AdamW's fp32
+    moments ``8P/N``, and the reference's partitions ``P·b/N``. Gathered parameters: ZeRO keeps up to
+    ``stage3_max_live_parameters`` (10⁹) parameters gathered when they are used again soon, which in a DPO step
+    (forward, then backward in reverse) means ``min(P, 10⁹)·b`` from the end of the policy forward to the start of
+    the backward (the reference's own engine likewise during its pass). The fused head's working set is the
+    single-process one (:func:`head_bytes`) on top: its weight is among the gathered parameters, and the fused head
+    makes no other copy of it. On CPU the gloo all-gather stages a flat copy of what it gathers (``+ V·D·b`` while
+    the reference gathers its head).
+
+    ``shard="fsdp2"`` -- ``fully_shard`` in accelerate's ``fsdp_version: 2`` layout (each decoder layer, the
+    embedding, and the ``[final norm, lm_head]`` tail that stays unsharded from forward to backward, then the root),
+    the reference sharded as TRL's ``prepare_fsdp`` does (root only, which FSDP2 keeps unsharded after its forward:
+    its sharded and its full parameters stay allocated). Resident: the parameter shards ``P·b/N``, AdamW's moments
+    ``2P·b/N`` (torch's, in the parameter dtype), the reference ``P·b/N + P·b``. Transient: the unsharded tail
+    ``(V·D + D)·b`` through forward and backward, one decoder layer's unsharded parameters in the forward, and in
+    the backward, next to the head's working set, the tail gradient's reduce-scattered shard ``V·D·b/N``.
+
+    Activations, the attention masks and the head's working set are those of one rank's batch, as in
+    :func:`estimate`; the variant only changes the head's part (every variant runs its head on gathered weights).
+    """
+    if shard not in SHARDS:
+        raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
+    if not (isinstance(world, int) and world >= 1):
+        raise ValueError(f"world size must be a positive int, got {world!r}")
+    step = step.for_variant(variant)
+    b = DTYPE_BYTES[step.dtype]
+    p = param_counts(m)
+    total, n = p["total"], world
+    head_w = m.vocab_size * m.hidden_size
+    act = activation_bytes(m, step)
+    mask = mask_bytes(m, step)
+    head = head_bytes(variant, m, step)
+    with_ref = step.reference == "model"
+    adamw = step.optimizer == "adamw"
+    stage = head_w * b if step.device == "cpu" else 0  # gloo's flat staging copy of a gathered tensor
+    if shard == "zero3":
+        weights = total * b // n
+        master = 4 * total // n
+        grads = total * b // n
+        optimizer = master + (8 * total // n if adamw else 0)
+        reference = total * b // n if with_ref else 0
+        live = min(total, ZERO3_MAX_LIVE_PARAMS) * b
+        resident = weights + grads + optimizer + reference
+        ref_phase = resident + (mask + live + head["ref_peak"] + stage if with_ref else 0)
+        fwd_phase = resident + mask + act + live + head["fwd_peak"]
+        bwd_phase = resident + act + live + head["bwd_peak"]
+        end_phase = resident + live + 2 * p["largest"] * b  # the embedding's full gradient and its reduce bucket
+        opt_phase = resident + (2 * 4 * p["largest"] // n if adamw else 0)
+    else:
+        weights = total * b // n
+        grads = total * b // n  # the sharded gradients, from the end of backward to zero_grad
+        optimizer = 2 * total * b // n if adamw else 0
+        reference = total * b // n + total * b if with_ref else 0
+        tail = (head_w + m.hidden_size) * b
+        resident = weights + optimizer + reference
+        ref_phase = resident + mask + head["ref_peak"]
+        fwd_phase = resident + mask + act + tail + p["layer"] * b + head["fwd_peak"]
+        bwd_phase = resident + act + tail + head["bwd_peak"] + head_w * b // n
+        end_phase = resident + grads + tail
+        opt_phase = resident + grads + (2 * p["largest"] * b // n if adamw else 0)
+    phases = {"reference forward": ref_phase, "policy forward": fwd_phase, "backward start": bwd_phase,
+              "backward end": end_phase, "optimizer step": opt_phase}
+    peak_phase = max(phases, key=phases.__getitem__)
+    return {"variant": variant, "weights": weights, "grads": grads, "optimizer": optimizer, "reference": reference,
+            "activations": act, "attention_mask": mask, "logits": max(head["fwd_peak"], head["bwd_peak"]),
+            "logits_saved": head["saved"], "head_positions": head["positions"], "peak": phases[peak_phase],
+            "peak_phase": peak_phase, "phases": phases, "params": total, "world_size": world, "shard": shard}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # measurement (CPU): each variant's real step in its own process
 
@@ -631,6 +711,154 @@ def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"variant": variant, "peak": peak, "resident_after_setup": setup}
 
 
+def _zero3_config(m_hidden: int, optimizer: str) -> dict[str, Any]:
+    """The DeepSpeed ZeRO-3 config the sharded measurement runs: transformers' ``"auto"`` bucket sizes for the
+    model's hidden size (``reduce_bucket_size = D²``, ``stage3_prefetch_bucket_size = 0.9·D²``,
+    ``stage3_param_persistence_threshold = 10·D``), no clipping, the client torch optimizer."""
+    d2 = m_hidden * m_hidden
+    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**12, "wall_clock_breakdown": False,
+            "zero_optimization": {"stage": 3, "reduce_bucket_size": d2, "stage3_prefetch_bucket_size": int(0.9 * d2),
+                                  "stage3_param_persistence_threshold": 10 * m_hidden}}
+
+
+def _fsdp2_shard(model: Any, mesh: Any, *, root_only: bool = False) -> Any:
+    """FSDP2 layout of accelerate's ``fsdp_version: 2``: every decoder layer, the input embedding (untied) and the
+    ``[final norm, lm_head]`` tail (kept unsharded from forward to backward) as their own groups, then the root.
+    ``root_only``: one group (TRL's ``prepare_fsdp`` of the reference model)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not root_only:
+        from fastdpo.models import _find_backbone
+
+        backbone = _find_backbone(model)
+        for layer in backbone.layers:
+            fully_shard(layer, mesh=mesh)
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = embed.weight is head.weight
+        if not tied:
+            fully_shard(embed, mesh=mesh)
+        fully_shard([backbone.norm, *((embed,) if tied else ()), head], mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def shard_measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One rank of the sharded measurement (``torchrun``): the fastdpo engine's DPO step with the policy (and a
+    reference model) sharded by ``spec["shard"]`` (``zero3``: ``deepspeed.initialize``, the reference a ZeRO-3
+    inference engine as TRL prepares it; ``fsdp2``: :func:`_fsdp2_shard`), measured like :func:`measure_worker`:
+    peak RSS of the second step over the process's baseline after the same step on a tiny model. ``pairs`` are this
+    rank's pairs (a per-device batch)."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from fastdpo.collator import PreferenceCollator
+    from fastdpo.engine import DPOEngine
+
+    torch.set_num_threads(1)
+    shard, dtype = spec["shard"], getattr(torch, TORCH_DTYPES[spec["dtype"]])
+    if shard == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed("gloo", verbose=False)
+    else:
+        dist.init_process_group("gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),)) if shard == "fsdp2" else None
+    pairs, p_len, c_len = spec["pairs"], spec["prompt_len"], spec["completion_len"]
+    packing = "prefix_shared" if spec["packing"] == "prefix_shared" else "pad"  # equal rows: no mask, as padding_free
+    vocab = int(spec["config"].get("text_config", spec["config"])["vocab_size"])
+    tokenizer = id_tokenizer(max(997, vocab))
+    collator = PreferenceCollator(tokenizer, packing=packing, **(
+        {"max_tokens_per_row": spec.get("pairs_per_row", 1) * (p_len + 2 * c_len)} if packing == "prefix_shared"
+        else {}))
+
+    def build(cfg: dict[str, Any], layers: int | None) -> tuple[Any, Any, Any, Any]:
+        config = hf_config(cfg, layers, spec["dtype"])
+        attn = "eager" if config.model_type == "gemma2" else "sdpa"
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).train()
+        ref = None
+        if spec["reference"] == "model":
+            ref = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).eval()
+            ref.requires_grad_(False)
+        opt_cls = torch.optim.AdamW if spec["optimizer"] == "adamw" else torch.optim.SGD
+        if shard == "zero3":
+            import deepspeed
+
+            ds_config = _zero3_config(config.hidden_size, spec["optimizer"])
+            wrapped, opt, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                                    optimizer=opt_cls(model.parameters(), lr=1e-6, foreach=False))
+            if ref is not None:
+                ref, *_ = deepspeed.initialize(model=ref, config=ds_config)
+        else:
+            wrapped = _fsdp2_shard(model, mesh)
+            opt = opt_cls(model.parameters(), lr=1e-6, foreach=False)
+            if ref is not None:
+                ref = _fsdp2_shard(ref, mesh, root_only=True)
+        engine = DPOEngine(model, ref, reference=spec["reference"])
+        return config, wrapped, engine, opt
+
+    def run_step(config: Any, wrapped: Any, engine: Any, opt: Any) -> None:
+        def ids(n: int) -> list[int]:
+            return torch.randint(0, config.vocab_size, (n,)).tolist()
+
+        precomputed = {} if spec["reference"] == "model" else {"ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}
+        batch = collator([{"prompt_input_ids": ids(p_len), "chosen_input_ids": ids(c_len),
+                           "rejected_input_ids": ids(c_len), **precomputed} for _ in range(pairs)])
+        loss = engine.step(batch, wrapped if shard == "zero3" else None)[0]
+        if shard == "zero3":
+            wrapped.backward(loss)
+            wrapped.step()
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    torch.manual_seed(dist.get_rank())
+    tiny = dict(spec["config"].get("text_config", spec["config"]), vocab_size=997, hidden_size=64,
+                intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    run_step(*build(tiny, 1))
+    gc.collect()
+    rss0 = _rss_kb("VmRSS") * 1024
+    parts = build(spec["config"], spec.get("layers"))
+    run_step(*parts)  # warm-up: optimizer state exists from here on, as in training
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    setup = _rss_kb("VmRSS") * 1024 - rss0
+    run_step(*parts)
+    peak = _rss_kb("VmHWM") * 1024 - rss0
+    result = {"variant": "fastdpo", "peak": peak, "resident_after_setup": setup, "rank": dist.get_rank()}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, result)
+    dist.destroy_process_group()
+    return {"variant": "fastdpo", "peak": max(r["peak"] for r in everyone), "per_rank": everyone}
+
+
+def measure_sharded(cfg: dict[str, Any], step: StepConfig, world: int, shard: str, layers: int | None,
+                    timeout: float = 1800.0) -> dict[str, dict[str, Any]]:
+    """Run :func:`shard_measure_worker` on ``world`` CPU processes (``torchrun``, gloo); ``{"fastdpo": result}``
+    with the largest per-rank peak (``per_rank``: each rank's), or ``{"fastdpo": {"error": ...}}``."""
+    from fastdpo.benchmarks.measure import MALLOC_ENV
+
+    spec = {"shard": shard, "config": cfg, "layers": layers, "dtype": step.dtype, "pairs": step.pairs,
+            "prompt_len": step.prompt_len, "completion_len": step.completion_len, "reference": step.reference,
+            "optimizer": step.optimizer, "packing": step.packing, "pairs_per_row": step.pairs_per_row}
+    with tempfile.TemporaryDirectory(prefix="fastdpo-mem-") as tmp:
+        spec_path, res_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+        Path(spec_path).write_text(json.dumps(spec))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m",
+               "fastdpo.memory", "_shard_worker", spec_path, res_path]
+        env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 and os.path.exists(res_path):
+            return {"fastdpo": json.loads(Path(res_path).read_text())}
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "Error" in ln] or [f"exit {proc.returncode}"]
+        return {"fastdpo": {"variant": "fastdpo", "error": lines[-1][:300]}}
+
+
 def measure(cfg: dict[str, Any], step: StepConfig, variants: list[str], layers: int | None,
             timeout: float = 900.0) -> dict[str, dict[str, Any]]:
     """Run :func:`measure_worker` for each variant in a fresh process (fixed glibc mmap threshold, so freed tensors
@@ -752,6 +980,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=_png_path, default=None, metavar="PNG",
                    help="also write a stacked bar chart of each variant's peak (by part) to this .png file")
     p.add_argument("--measure", action="store_true", help="also run each variant's step on CPU and compare")
+    p.add_argument("--world-size", type=int_in(1, 1 << 20), default=1,
+                   help="ranks the model is sharded over (with --shard); --pairs are then each rank's pairs")
+    p.add_argument("--shard", choices=SHARDS, default=None,
+                   help="per-rank memory with DeepSpeed ZeRO-3 or FSDP2 sharding over --world-size ranks; with "
+                   "--measure the fastdpo engine step runs on --world-size CPU processes (torchrun, gloo)")
     return p
 
 
@@ -764,6 +997,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_worker"]:  # internal: one measured variant (see measure())
         spec = json.loads(Path(argv[1]).read_text())
         Path(argv[2]).write_text(json.dumps(measure_worker(spec)))
+        return 0
+    if argv[:1] == ["_shard_worker"]:  # internal: one rank of measure_sharded()
+        result = shard_measure_worker(json.loads(Path(argv[1]).read_text()))
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(argv[2]).write_text(json.dumps(result))
         return 0
     args = build_parser().parse_args(argv)
     try:
@@ -799,11 +1037,21 @@ def main(argv: list[str] | None = None) -> int:
             variants = [v for v in variants if v not in gif]
         if args.measure and step.device != "cpu":
             raise UsageError("--measure runs on CPU; use --device cpu")
+        _check_shard_args(args)
     except UsageError as exc:
         print(f"fastdpo memory: {exc}", file=sys.stderr)
         raise
-    estimates = {v: estimate(shape, step, v) for v in variants}
-    measured = measure(cfg, step, variants, args.layers) if args.measure else {}
+    if args.shard is not None:
+        estimates = {v: estimate_sharded(shape, step, v, args.world_size, args.shard) for v in variants}
+        measured = {}
+        if args.measure:  # the sharded measurement runs the fastdpo engine step only
+            measured = {v: {"variant": v, "error": "not measured (sharded: fastdpo's engine step only)"}
+                        for v in variants}
+            if "fastdpo" in variants:
+                measured.update(measure_sharded(cfg, step, args.world_size, args.shard, args.layers))
+    else:
+        estimates = {v: estimate(shape, step, v) for v in variants}
+        measured = measure(cfg, step, variants, args.layers) if args.measure else {}
     for v, res in measured.items():
         if "peak" in res:
             res["estimate_error_pct"] = 100.0 * (estimates[v]["peak"] - res["peak"]) / res["peak"]
@@ -831,6 +1079,23 @@ def _headline(shape: ModelShape, step: StepConfig) -> str:
                if step.sequence_parallel > 1 else ""))
 
 
+def _check_shard_args(args: argparse.Namespace) -> None:
+    """``--world-size`` / ``--shard`` consistency (``UsageError``)."""
+    from fastdpo.cli import UsageError
+
+    if args.world_size > 1 and args.shard is None:
+        raise UsageError("--world-size needs --shard zero3|fsdp2 (data parallelism without sharding keeps a full "
+                         "replica on each rank: the estimate without --world-size)")
+    if args.shard is not None and args.sequence_parallel > 1:
+        raise UsageError("--sequence-parallel with --shard: the per-rank estimate models either fastdpo's sequence "
+                         "parallelism (on DDP) or ZeRO-3/FSDP2 sharding, not both together")
+    if args.shard is not None and args.measure:
+        cpus = os.cpu_count() or 1
+        if args.world_size > max(2, cpus):
+            raise UsageError(f"--measure with --shard runs one process per rank: --world-size {args.world_size} is "
+                             f"more than this machine's {cpus} CPUs")
+
+
 def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict[str, Any]],
                   measured: dict[str, dict[str, Any]]) -> None:
     from rich.console import Console
@@ -838,7 +1103,9 @@ def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict
 
     console = Console()
     console.print(_headline(shape, step))
-    table = Table(title="DPO step memory (GiB)")
+    first = next(iter(estimates.values()))
+    sharded = f", per rank: {first['shard']} over {first['world_size']} ranks" if "shard" in first else ""
+    table = Table(title=f"DPO step memory (GiB{sharded})")
     table.add_column("part")
     for v in estimates:
         table.add_column(v.replace("+", "\n+ "), justify="right")

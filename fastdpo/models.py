@@ -15,18 +15,30 @@ For that to give the model's own log-probs, the head's extras have to be honoure
 * PEFT wrappers: LoRA layers inside the backbone work unchanged; a LoRA adapter or ``modules_to_save`` copy on the LM
   head itself is folded into an effective ``(weight, bias)`` at call time, so ``disable_adapter()`` is respected.
 
+Sharded parameters (:meth:`LMParts.call_head`): an FSDP2 ``DTensor`` head weight is gathered once per call by the
+fused head (``fastdpo.linear_logprobs``); under DeepSpeed ZeRO-3, where a parameter holds 0 elements outside its
+module's forward, the fused head runs *as a call of the head module*, so ZeRO's own module hooks all-gather the head's
+parameters once for the fused forward and once for its backward (ZeRO's pre-backward hook fires on the head's
+outputs before the fused backward recomputes its tiles), and the full-size gradient is accumulated while the weight is
+gathered, before ZeRO's post-backward release -- so ZeRO's gradient hooks reduce-scatter it into the partitioned
+gradients like any module's. The model's own projection of zero positions is skipped under ZeRO-3 (it would cost an
+extra all-gather of the head for nothing).
+
 Also here: :func:`quantize_model`, a bitsandbytes 8-bit / 4-bit copy of a model for use as a frozen reference (the
 output head stays dense, the fused head needs its weight; :func:`quantized_linear` builds one layer), and :func:`max_logit_error`, a check that the split
 reproduces the model's own logits.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import math
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -38,11 +50,13 @@ __all__ = [
     "unwrap_ddp",
     "is_peft_model",
     "head_weight_bias",
+    "is_zero3_param",
     "max_logit_error",
     "quantize_model",
     "quantized_linear",
     "enable_gradient_checkpointing",
     "disable_dropout",
+    "keep_requires_grad",
 ]
 
 
@@ -57,12 +71,28 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 
 def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (``.module``), or ``model``."""
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` / DeepSpeed ``DeepSpeedEngine`` wrapper
+    (``.module``), or ``model``."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
+    while isinstance(model, (DistributedDataParallel, DataParallel)) or is_deepspeed_engine(model):
         model = model.module
     return model
+
+
+def is_deepspeed_engine(model: Any) -> bool:
+    """True for a DeepSpeed ``DeepSpeedEngine`` (what ``deepspeed.initialize`` / ``accelerate`` wrap a model in).
+
+    Never imports deepspeed: an engine can only exist once deepspeed has been imported."""
+    runtime = sys.modules.get("deepspeed.runtime.engine")
+    engine_cls = getattr(runtime, "DeepSpeedEngine", None) if runtime is not None else None
+    return engine_cls is not None and isinstance(model, engine_cls)
+
+
+def is_zero3_param(param: Any) -> bool:
+    """True for a parameter DeepSpeed ZeRO-3 partitions (``ds_id``/``ds_status``): it holds 0 elements except while
+    gathered (inside its module's forward/backward, or a ``deepspeed.zero.GatheredParameters`` context)."""
+    return isinstance(param, torch.Tensor) and hasattr(param, "ds_id") and hasattr(param, "ds_status")
 
 
 def _is_fsdp2(module: nn.Module) -> bool:
@@ -121,12 +151,17 @@ def head_weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
                     "DPOEngine(disable_dropout=True))"
                 )
             lora_a, lora_b = module.lora_A[name].weight, module.lora_B[name].weight
+            if any(_is_dtensor(t) for t in (weight, lora_a, lora_b)):
+                # FSDP2 with PEFT: the base weight and the adapter factors may be sharded DTensors or plain tensors
+                # (mixed); fold on full tensors -- each DTensor gathered once, its gradient reduce-scattered back
+                weight, lora_a, lora_b = (_full_tensor(t) for t in (weight, lora_a, lora_b))
+                bias = None if bias is None else _full_tensor(bias)
             delta = lora_b @ lora_a
             if getattr(module, "fan_in_fan_out", False):
                 delta = delta.T
             weight = weight + (delta * module.scaling[name]).to(weight.dtype)
             if getattr(module.lora_B[name], "bias", None) is not None:
-                extra = module.lora_B[name].bias * module.scaling[name]
+                extra = _full_tensor(module.lora_B[name].bias) * module.scaling[name]
                 bias = extra.to(weight.dtype) if bias is None else bias + extra.to(bias.dtype)
         return weight, bias
     weight = getattr(module, "weight", None)
@@ -143,9 +178,26 @@ def head_weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     return weight, bias if isinstance(bias, torch.Tensor) else None
 
 
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for ``t``: a DTensor is all-gathered (differentiably, see
+    :func:`fastdpo.linear_logprobs._gather_weight`), anything else returned as is."""
+    if not _is_dtensor(t):
+        return t
+    from fastdpo.linear_logprobs import _gather_weight
+
+    return _gather_weight(t)
+
+
 def _text_config(config: Any) -> Any:
     getter = getattr(config, "get_text_config", None)
     return getter() if callable(getter) else config
+
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -165,8 +217,9 @@ class LMParts:
             ``1 / logits_scaling``); 1.0 for most models.
         through_model: True when :meth:`forward` runs ``model``'s own forward with ``logits_to_keep`` empty (the
             model accepts ``logits_to_keep``); False when it calls the backbone directly (only for unwrapped models).
-        needs_anchor: True when FSDP2 (``fully_shard``) manages the model: :meth:`forward` then returns the anchor
-            that keeps the root's output hooks in backward (see there); otherwise no anchor (it would cost a dense zero
+        needs_anchor: True when FSDP2 (``fully_shard``) managed the model when it was resolved (:meth:`forward` also
+            checks again: a model sharded later gets the anchor too): :meth:`forward` then returns the anchor that
+            keeps the root's output hooks in backward (see there); otherwise no anchor (it would cost a dense zero
             ``[V, D]`` gradient of the output embedding in backward).
     """
 
@@ -182,6 +235,40 @@ class LMParts:
     def head_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Effective ``(weight [V, D], bias [V] | None)`` now (respects PEFT ``disable_adapter()``)."""
         return head_weight_bias(self.head)
+
+    @property
+    def zero3(self) -> bool:
+        """Whether DeepSpeed ZeRO-3 partitions the output embedding's parameters. Checked on every use: ZeRO converts
+        the parameters in place when ``deepspeed.initialize`` runs, which may come after these parts were resolved
+        (a trainer builds its engine before ``accelerate`` prepares the model)."""
+        return any(is_zero3_param(p) for p in self.head.parameters())
+
+    def call_head(self, fn: Callable[..., _T], hidden: torch.Tensor) -> _T:
+        """``fn(hidden, weight, bias, gather_context)`` with the head's effective ``(weight [V, D], bias [V] | None)``.
+
+        Without ZeRO-3 this is a plain call (``gather_context`` is ``None``; an FSDP2 ``DTensor`` weight is gathered
+        by the fused head itself). Under DeepSpeed ZeRO-3 ``fn`` runs as the forward of the head module
+        (``self.head(hidden)`` with its ``forward`` temporarily replaced by ``fn``), so ZeRO's module hooks gather
+        the head's parameters (one all-gather) for ``fn`` and release them after; they also wrap ``fn``'s outputs
+        so that ZeRO's pre-backward hook gathers the parameters again *before* the fused head's backward (which
+        recomputes tiles from the weight) and releases them only after the gradients of ``hidden`` are formed,
+        i.e. after autograd accumulated the full-size weight gradient (``AccumulateGrad`` runs first) and ZeRO's
+        gradient hook reduce-scattered it into the partitioned gradient. Parameters of the head's submodules (a
+        PEFT LoRA / ``modules_to_save`` head) are registered as external parameters of the head module
+        (``deepspeed.zero.register_external_parameter``) so the same hooks gather them. ``gather_context`` is then a
+        check that the parameters are gathered (a second backward through one step, e.g. ``retain_graph=True``,
+        gets a clear ``RuntimeError`` instead of a 0-element weight).
+        """
+        if not self.zero3:
+            return fn(hidden, *self.head_weight_bias(), None)
+        params = _zero3_head_params(self.head)
+
+        def forward(h: torch.Tensor) -> _T:
+            weight, bias = self.head_weight_bias()
+            return fn(h, weight, bias, functools.partial(_zero3_gathered, params))
+
+        with _replaced_forward(self.head, forward):
+            return self.head(hidden)
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``input_ids [R, L]`` (+ ``attention_mask``/``position_ids``/...) -> ``(hidden [R, L, D], anchor)``.
@@ -205,7 +292,11 @@ class LMParts:
         handle = self.backbone.register_forward_hook(hook)
         try:
             keep = torch.empty(0, dtype=torch.long, device=input_ids.device)
-            out = self.model(input_ids=input_ids, use_cache=False, logits_to_keep=keep, **kwargs)
+            # ZeRO-3, or FSDP2 sharding the head in a group of its own, would all-gather the head's weight to
+            # project zero positions: the head is left out of this forward (the fused head gathers it, see call_head)
+            skip = self.zero3 or _head_in_own_fsdp2_group(self.head)
+            with _head_skipped(self.hf_model, self.head) if skip else contextlib.nullcontext():
+                out = self.model(input_ids=input_ids, use_cache=False, logits_to_keep=keep, **kwargs)
         finally:
             handle.remove()
         if len(captured) != 1:
@@ -217,7 +308,9 @@ class LMParts:
         if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             logits = out[0]
         anchor = None
-        if self.needs_anchor and isinstance(logits, torch.Tensor) and logits.numel() == 0:
+        # FSDP2 may shard the model after these parts were resolved (accelerate prepares it in place in train())
+        fsdp2 = self.needs_anchor or any(_is_fsdp2(m) for m in self.model.modules())
+        if fsdp2 and isinstance(logits, torch.Tensor) and logits.numel() == 0:
             anchor = logits.sum()
         return captured[0], anchor
 
@@ -233,6 +326,77 @@ class LMParts:
         if self.softcap is not None:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z
+
+
+@contextlib.contextmanager
+def _replaced_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """``module.forward`` is ``forward`` inside (an instance attribute shadowing the class's method); the module's
+    hooks still run around it when the module is called."""
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+@contextlib.contextmanager
+def _head_skipped(hf_model: nn.Module, head: nn.Module) -> Iterator[None]:
+    """Inside, the submodule ``head`` of ``hf_model`` is replaced by an ``nn.Identity`` (its call then returns the
+    ``[R, 0, D]`` hidden states of the zero kept positions as the "logits"; nothing uses them)."""
+    parent, name = None, ""
+    for module_name, module in hf_model.named_modules():
+        if module is head:
+            parent_name, _, name = module_name.rpartition(".")
+            parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
+            break
+    if parent is None:  # pragma: no cover - get_output_embeddings() returns a submodule of the model
+        yield
+        return
+    parent._modules[name] = nn.Identity()
+    try:
+        yield
+    finally:
+        parent._modules[name] = head
+
+
+def _head_in_own_fsdp2_group(head: nn.Module) -> bool:
+    """True when FSDP2 shards the head (or its inner linear layer) in groups holding nothing outside the head: its
+    weight is then a sharded ``DTensor`` after the model's forward (when resharded), which the fused head gathers
+    once itself. (A head sharing a group with other modules -- accelerate's ``[norm, lm_head]`` tail, the root --
+    is unsharded by that group and must stay in the forward so the group's hooks run as FSDP2 expects.)"""
+    owners = [m for m in head.modules() if _is_fsdp2(m)]
+    if not owners:
+        return False
+    inside = {id(m) for m in head.modules()}
+    return all(id(m) in inside for owner in owners for m in owner._get_fsdp_state()._modules)
+
+
+def _zero3_head_params(head: nn.Module) -> list[nn.Parameter]:
+    """The head's ZeRO-3 parameters; those of its submodules (PEFT wrappers) are registered as external parameters of
+    ``head`` (idempotent), so that ZeRO's hooks on ``head`` gather them."""
+    import deepspeed
+
+    params = [p for p in head.parameters() if is_zero3_param(p)]
+    own = {id(p) for p in head.parameters(recurse=False)}
+    for p in params:
+        if id(p) not in own:
+            deepspeed.zero.register_external_parameter(head, p)
+    return params
+
+
+@contextlib.contextmanager
+def _zero3_gathered(params: list[nn.Parameter]) -> Iterator[None]:
+    """Check that ZeRO-3 has gathered ``params`` (the fused head's forward and backward run only then)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    missing = [p.ds_id for p in params if p.ds_status != ZeroParamStatus.AVAILABLE]
+    if missing:
+        raise RuntimeError(
+            f"DeepSpeed ZeRO-3: the LM head parameters {missing} are not gathered for the fused head. ZeRO gathers "
+            "them once for the forward and once for the backward of a step; a second backward through the same step "
+            "(retain_graph=True, several losses on one forward) is not supported under ZeRO-3"
+        )
+    yield
 
 
 def _last_hidden(out: Any) -> torch.Tensor:
@@ -356,6 +520,26 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     if not callable(enable):
         raise TypeError(f"{type(model).__name__} does not support gradient checkpointing")
     enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@contextlib.contextmanager
+def keep_requires_grad(model: nn.Module) -> Iterator[None]:
+    """Restore every parameter's ``requires_grad`` as it was on entry (use around PEFT's ``disable_adapter()``).
+
+    PEFT disables adapters by setting ``requires_grad=False`` on the adapter parameters registered at that moment
+    and re-enables them on the parameters registered when the context exits. Under FSDP2 those are different tensors
+    for a group that stays unsharded after the forward (the root, accelerate's ``[norm, lm_head]`` tail): the sharded
+    ``DTensor`` parameters -- the ones the optimizer holds, from which every later unsharded copy takes its flag --
+    would stay frozen, and the adapters in that group would stop training after the first reference pass.
+    """
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -13,7 +13,11 @@ then runs only the policy (no reference weights in memory, no reference forward)
   truncated cache behind, and concurrent readers see either the old or the new file;
 * checksummed: the file stores a SHA-256 of its whole content (keys, values, stamps); :meth:`RefLogpCache.load`
   recomputes it, so a flipped bit in the values, a truncated or an empty file is an error naming the file, never a
-  silently different reference.
+  silently different reference;
+* buildable shard by shard (:meth:`RefLogpCache.build_distributed`): under data parallelism or sharding (DDP,
+  DeepSpeed ZeRO, FSDP2) each rank computes the log-probs of its own batches, the rows are all-gathered, rank 0
+  writes the file once (atomically, checksummed) and every rank reads that verified file back -- so all ranks use
+  bitwise the same values, and a resumed run finds the file and computes nothing.
 
 File format (``fastdpo-ref-logps-v2``): a ``torch.save`` dict of plain types and tensors (``format``, ``model_hash``,
 ``data_hash``, ``settings``, ``keys``, ``values`` and ``sha256``), loaded with ``weights_only=True``
@@ -23,9 +27,10 @@ reference pass over the data.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -64,19 +69,45 @@ def model_fingerprint(model: nn.Module, *, exclude_adapters: bool = False) -> st
     (``.base_layer``, ``.original_module``) dropped, which fingerprints the frozen base a PEFT model falls back to
     under ``disable_adapter()`` — equal to the fingerprint of the plain base model. Reads every byte of the weights
     once (about a second per GB).
+
+    Sharded models are fingerprinted by their full values, so every rank gets the unsharded model's fingerprint: a
+    ``DistributedDataParallel`` / ``DeepSpeedEngine`` wrapper is looked through, a DeepSpeed ZeRO-3 parameter is
+    gathered (``deepspeed.zero.GatheredParameters``) and an FSDP2 ``DTensor`` all-gathered while it is hashed -- these
+    are collectives: every rank must fingerprint the model at the same time.
     """
+    from fastdpo.models import is_zero3_param, unwrap_ddp
+
     h = hashlib.sha256()
-    inner = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
-    h.update(type(inner).__name__.encode())
+    inner = unwrap_ddp(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") and hasattr(inner, "peft_config") else inner
+    cls = type(inner)
+    if _is_fsdp2_module(inner):  # fully_shard swaps the class for a generated FSDP<Class> subclass
+        cls = cls.__bases__[-1]
+    h.update(cls.__name__.encode())
     named = list(inner.named_parameters(remove_duplicate=True)) + list(inner.named_buffers(remove_duplicate=True))
     for name, tensor in sorted(named, key=lambda kv: kv[0]):
         if exclude_adapters and ("lora_" in name or "modules_to_save" in name):
             continue
         if exclude_adapters:  # PEFT renames wrapped layers `x.base_layer.weight`; key by the original name
             name = name.replace(".base_layer", "").replace(".original_module", "")
-        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        h.update(_tensor_bytes(tensor))
+        gathered: Any = contextlib.nullcontext()
+        if is_zero3_param(tensor):
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([tensor])
+        with gathered:
+            full = tensor.full_tensor() if type(tensor).__name__ == "DTensor" else tensor
+            h.update(f"{name}|{tuple(full.shape)}|{full.dtype}|".encode())
+            h.update(_tensor_bytes(full))
     return h.hexdigest()
+
+
+def _is_fsdp2_module(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _pair_token_ids(batch: Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -198,6 +229,77 @@ class RefLogpCache:
                     rows.append(pair_values[j])
         values = torch.stack(rows) if rows else torch.zeros(0, 2)
         return cls(keys, values, model_hash=model_hash, settings=settings)
+
+    @classmethod
+    def build_distributed(
+        cls,
+        compute_fn: Callable[[Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]],
+        batches: Iterable[Mapping[str, Any]],
+        path: str | os.PathLike[str],
+        *,
+        model_hash: str,
+        settings: Mapping[str, Any] | None = None,
+        group: Any = None,
+    ) -> RefLogpCache:
+        """:meth:`build` with the batches sharded over the ranks of ``torch.distributed`` (``group``: default group).
+
+        Every rank runs ``compute_fn`` over its own ``batches`` (under ZeRO-3 / FSDP2 every rank must run the same
+        number of forwards: give each rank equally many batches, as ``accelerate``'s ``even_batches`` does -- a pair
+        seen twice keeps its first value); the ``(key, chosen, rejected)`` rows are all-gathered
+        (``all_gather_object``), rank 0 (of ``group``) builds the cache and saves it to ``path`` -- once,
+        atomically, checksummed -- and after a barrier every rank returns :meth:`load` of that file (checked against
+        ``model_hash`` and ``settings``). Without an initialized process group this is :meth:`build` + :meth:`save`.
+        """
+        import torch.distributed as dist
+
+        keys: list[str] = []
+        rows: list[torch.Tensor] = []
+        for batch in batches:
+            chosen, rejected = compute_fn(batch)
+            batch_keys = pair_keys(batch)
+            if chosen.shape != (len(batch_keys),) or rejected.shape != (len(batch_keys),):
+                raise ValueError(
+                    f"compute_fn returned shapes {tuple(chosen.shape)}, {tuple(rejected.shape)} for a batch of "
+                    f"{len(batch_keys)} pairs"
+                )
+            keys.extend(batch_keys)
+            rows.append(torch.stack([chosen.detach().float().cpu(), rejected.detach().float().cpu()], dim=1))
+        local = (keys, torch.cat(rows) if rows else torch.zeros(0, 2))
+        distributed = dist.is_available() and dist.is_initialized()
+        shards: list[Any] = [local]
+        if distributed:
+            shards = [None] * dist.get_world_size(group)
+            dist.all_gather_object(shards, local, group=group)
+        main = not distributed or dist.get_rank(group) == 0
+        if main:
+            all_keys, all_values = cls._dedup([k for shard in shards for k in shard[0]],
+                                              torch.cat([shard[1] for shard in shards]))
+            cls(all_keys, all_values, model_hash=model_hash, settings=settings).save(path)
+        if distributed:
+            dist.barrier(group=group)
+        return cls.load(path, model_hash=model_hash, settings=settings)
+
+    @staticmethod
+    def _dedup(keys: Sequence[str], values: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """``keys`` without repeats (first occurrence kept) and their ``[N, 2]`` value rows."""
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        idx = torch.tensor(list(first.values()), dtype=torch.long)
+        return list(first), values.index_select(0, idx) if len(idx) else values[:0]
+
+    def values_for(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen [N], rejected [N])`` fp32 CPU reference log-probs of the pairs with these ``keys``
+        (:func:`pair_keys`); ``ValueError`` naming the first key not in the cache."""
+        idx = []
+        for key in keys:
+            j = self._index.get(key)
+            if j is None:
+                raise ValueError(f"pair key {key} is not in the reference cache ({len(self)} pairs, data fingerprint "
+                                 f"{self.data_hash[:16]}…)")
+            idx.append(j)
+        vals = self.values[torch.tensor(idx, dtype=torch.long)] if idx else torch.zeros(0, 2)
+        return vals[:, 0].clone(), vals[:, 1].clone()
 
     def check(
         self,

@@ -190,11 +190,10 @@ def test_unsupported_parallelism_is_refused(tmp_path, monkeypatch):
     trainer = FastDPOTrainer(model=make_model("llama", tok), ref_model=make_model("llama", tok, seed=1), args=args,
                              train_dataset=datasets.Dataset.from_list(preference_rows(4)), processing_class=tok)
     trainer._check_parallelism()  # one process: accepted
-    for attr, match in (("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")):
-        with monkeypatch.context() as m:
-            m.setattr(trainer, attr, True)
-            with pytest.raises(NotImplementedError, match=match):
-                trainer._check_parallelism()
+    with monkeypatch.context() as m:  # FSDP1 (no FSDP2 plugin) is refused; DeepSpeed and FSDP2: tests/test_sharded_*
+        m.setattr(trainer, "is_fsdp_enabled", True)
+        with pytest.raises(NotImplementedError, match="FSDP version 1"):
+            trainer._check_parallelism()
 
     def fake(**kw) -> SimpleNamespace:
         return SimpleNamespace(**{"parallelism_config": None, "num_processes": 2,

@@ -48,17 +48,34 @@ Where fastdpo differs from TRL by design (documented, never silent):
   the ``fastdpo`` tag, a tag per non-default setting and a "fastdpo settings" section (packing, grad_in_forward,
   reference mode, loss, torch_compile).
 
+Sharded training (``accelerate launch`` with a DeepSpeed or FSDP2 config, ``DPOConfig(deepspeed=...)``,
+``DPOConfig(fsdp=True, fsdp_config={"version": 2})``): DeepSpeed ZeRO stages 0-3 (parameter / optimizer offload and
+ZeRO++ hpZ included) and FSDP2 train as with ``DPOTrainer``. The policy forward runs through the ``DeepSpeedEngine``
+``compute_loss`` receives (or the model FSDP2 sharded in place); under ZeRO-3 the fused head runs as a call of the
+head module, so ZeRO's hooks gather the partitioned ``lm_head`` for it and reduce-scatter its gradient
+(:meth:`fastdpo.models.LMParts.call_head`); under FSDP2 the head weight is gathered once per pass, never per tile.
+The reference is what TRL prepares: a ZeRO-3 inference engine / ``fully_shard``-ed copy of ``ref_model``, or the
+adapter-disabled PEFT policy; with ``precompute_ref_log_probs=True`` each rank computes the reference log-probs of its
+own shard of the dataset and rank 0 writes them once, atomically and checksummed, to
+``<output_dir>/fastdpo_ref_logps/`` (:meth:`FastDPOTrainer._precompute_ref_logps`), where a resumed run finds them.
+(``tests/test_sharded_trl.py``: ZeRO-2, ZeRO-3 and FSDP2 on 2 CPU processes against ``DPOTrainer``.)
+
 Options TRL has and fastdpo does not support raise ``NotImplementedError`` naming the option (never a silent
 fallback): vision-language models/datasets, Mixture-of-Experts auxiliary loss (``router_aux_loss_coef``),
-prompt-learning PEFT methods (virtual tokens), a ``data_collator`` other than the two above, and the multi-process
-setups that are not validated: DeepSpeed (any ZeRO stage), FSDP through accelerate (``DPOEngine`` itself trains FSDP2
-``fully_shard`` models in a custom loop), tensor/context/sequence parallelism through accelerate's
-``parallelism_config`` (fastdpo's own sequence parallelism is ``sequence_parallel_size=k``, on DDP), other
-distributed types (XLA, ...) and ``torch_compile`` with several processes.
+prompt-learning PEFT methods (virtual tokens), a ``data_collator`` other than the two above, and the distributed
+setups :func:`check_distributed_config` refuses -- before any model is loaded or any row tokenized -- FSDP1, tensor
+parallelism (``parallelism_config`` ``tp_size``, DeepSpeed AutoTP, ``tp_plan``), context / sequence parallelism
+through accelerate's ``parallelism_config`` or DeepSpeed (fastdpo's own sequence parallelism is
+``sequence_parallel_size=k``, on DDP), HSDP; and, after construction, other distributed types (XLA, ...) and
+``torch_compile`` with several processes.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,7 +88,10 @@ from trl.trainer.utils import use_adapter
 
 from fastdpo.collator import PreferenceCollator
 from fastdpo.engine import DPOEngine
-from fastdpo.models import is_peft_model
+from fastdpo.models import is_deepspeed_engine, is_peft_model, keep_requires_grad
+from fastdpo.ref_cache import RefLogpCache, dataset_fingerprint, pair_keys
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PREDICTION_COLUMNS", "FastDPOTrainer", "sequence_token_ids"]
 
@@ -186,6 +206,7 @@ class FastDPOTrainer(DPOTrainer):
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = DPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-FastDPO")
         self._check_supported(args, data_collator, train_dataset, processing_class, peft_config)
+        check_distributed_config(args)  # before any model is loaded or any row tokenized
         trl_collator = data_collator if isinstance(data_collator, DataCollatorForPreference) else None
         if trl_collator is not None:
             data_collator = None
@@ -285,38 +306,25 @@ class FastDPOTrainer(DPOTrainer):
                                       "loss is not supported by FastDPOTrainer")
 
     def _check_parallelism(self) -> None:
-        """Refuse the multi-process setups that are not validated: only data parallelism through accelerate's
-        ``DistributedDataParallel`` (``MULTI_CPU``/``MULTI_GPU``) runs multi-process."""
+        """Refuse the multi-process setups that are not supported, from the accelerator's state (the same checks as
+        :func:`check_distributed_config`, which runs on the arguments before anything is loaded): DDP
+        (``MULTI_CPU``/``MULTI_GPU``), DeepSpeed ZeRO stages 0-3 and FSDP2 run multi-process."""
         from accelerate.utils import DistributedType
 
         acc = self.accelerator
         if self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                "DeepSpeed: FastDPOTrainer is validated with DDP data parallelism (MULTI_CPU/MULTI_GPU) only; "
-                "DeepSpeed (ZeRO stages, parameter gathering around the fused head) is not tested. Launch without a "
-                "DeepSpeed config, or use trl.DPOTrainer"
-            )
+            _check_deepspeed_config(getattr(getattr(acc.state, "deepspeed_plugin", None), "deepspeed_config", {}))
         if self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "FSDP through accelerate: FastDPOTrainer is validated with DDP data parallelism only (the trainer's "
-                "FSDP wiring -- prepare_fsdp reference, sharded checkpoints -- is not tested); DPOEngine itself "
-                "trains FSDP2 fully_shard models in your own loop (tests/test_distributed.py), or use trl.DPOTrainer"
-            )
+            _check_fsdp_version(getattr(getattr(acc.state, "fsdp_plugin", None), "fsdp_version", 1))
         config = acc.parallelism_config
         if config is not None:
-            sizes = {name: getattr(config, f"{name}_size", 1) or 1 for name in ("tp", "cp", "sp", "dp_shard")}
-            active = {name: size for name, size in sizes.items() if size > 1}
-            if active:
-                raise NotImplementedError(
-                    f"parallelism_config {active}: FastDPOTrainer supports data-parallel replication (DDP) only; "
-                    "tensor/context/sequence parallelism and sharding are not supported (fastdpo's own sequence "
-                    "parallelism: FastDPOTrainer(sequence_parallel_size=k))"
-                )
+            _check_parallelism_sizes(config, fsdp2=self.is_fsdp_enabled)
         if acc.num_processes > 1:
-            if acc.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+            if acc.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU,
+                                            DistributedType.DEEPSPEED, DistributedType.FSDP):
                 raise NotImplementedError(
-                    f"distributed type {acc.distributed_type} ({acc.num_processes} processes): FastDPOTrainer is "
-                    "validated with DDP on MULTI_CPU and MULTI_GPU only"
+                    f"distributed type {acc.distributed_type} ({acc.num_processes} processes): FastDPOTrainer runs "
+                    "DDP (MULTI_CPU, MULTI_GPU), DeepSpeed ZeRO and FSDP2 only"
                 )
             if self.args.torch_compile:
                 raise NotImplementedError(
@@ -415,8 +423,72 @@ class FastDPOTrainer(DPOTrainer):
         if is_peft_model(unwrapped) and (self.ref_model is None or model is not self.ref_model):
             adapter_ctx = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                adapter_ctx:
+                keep_requires_grad(unwrapped), adapter_ctx:  # see fastdpo.models.keep_requires_grad (FSDP2 + PEFT)
             yield unwrapped
+
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        """TRL's ``precompute_ref_log_probs`` pass, sharded and cached by fastdpo (called by ``DPOTrainer.__init__``
+        for the train/eval datasets and by ``evaluate``).
+
+        The dataset is ``dataset`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, as TRL returns it. The
+        values come from a :class:`~fastdpo.ref_cache.RefLogpCache` at ``<output_dir>/fastdpo_ref_logps/<name>-<id>
+        .pt``, whose id hashes the reference's fingerprint (TRL's ``hash_module`` of the reference, rank 0's value),
+        the dataset's pairs (content keys of the collated tokens) and the settings that change reference log-probs.
+        When that file exists (a resumed run, a second ``evaluate``) it is read and verified (checksum, stamps) and
+        no reference forward runs. Otherwise every rank computes the log-probs of its own shard of the dataset (the
+        dataloader ``accelerate`` prepares; under ZeRO-3 the reference is TRL's DeepSpeed inference engine of the
+        policy, ``prepare_deepspeed``, or the prepared ``ref_model``), the rows are all-gathered and rank 0 writes the
+        file once, atomically and checksummed (:meth:`RefLogpCache.build_distributed`); every rank then reads the
+        same verified file. ``output_dir`` must be shared by the ranks (as for checkpoints).
+        """
+        from accelerate.utils import broadcast_object_list
+        from datasets import IterableDataset
+        from torch.utils.data import DataLoader
+
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
+                "Dataset or set `precompute_ref_log_probs=False`."
+            )
+        settings = self._engine().ref_settings
+        keys = [key for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator,
+                                            shuffle=False) for key in pair_keys(batch)]
+        model_hash = [self._precompute_model_hash]
+        broadcast_object_list(model_hash, from_process=0)  # ZeRO-3 may have partitioned the model at load
+        stamp = json.dumps({"model": model_hash[0], "data": dataset_fingerprint(keys), "settings": settings},
+                           sort_keys=True)
+        path = os.path.join(self.args.output_dir, "fastdpo_ref_logps",
+                            f"{name}-{hashlib.sha256(stamp.encode()).hexdigest()[:20]}.pt")
+        found = [os.path.exists(path)]
+        broadcast_object_list(found, from_process=0)  # one decision for all ranks (they run collectives below)
+        if found[0]:
+            cache = RefLogpCache.load(path, model_hash=model_hash[0], settings=settings)
+        else:
+            loader = self.accelerator.prepare(DataLoader(
+                dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+                num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+            ))
+            model = self._precompute_reference_model()
+            cache = RefLogpCache.build_distributed(
+                lambda batch: self.compute_ref_log_probs(model, batch), loader, path, model_hash=model_hash[0],
+                settings=settings,
+            )
+        chosen, rejected = cache.values_for(keys)
+        return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column(
+            "ref_rejected_logps", rejected.tolist())
+
+    def _precompute_reference_model(self) -> torch.nn.Module:
+        """The model the precompute pass runs, as TRL picks it: the reference model when there is one, else (full
+        fine-tuning under DeepSpeed, PEFT) the policy -- under DeepSpeed wrapped once in TRL's inference engine
+        (``prepare_deepspeed``: before ``train`` prepares it, the policy is not yet placed, and under ZeRO-3 it is
+        partitioned)."""
+        from trl.models import prepare_deepspeed
+
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if getattr(self, "_precompute_engine", None) is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            return self._precompute_engine
+        return self.ref_model if self.ref_model is not None else self.model
 
     def compute_ref_log_probs(self, model: torch.nn.Module, inputs: Mapping[str, Any]
                               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,12 +519,12 @@ class FastDPOTrainer(DPOTrainer):
         # Under DDP the Trainer hands the accelerate-prepared wrapper: the policy forward must run through it so that
         # DDP's reducer averages the gradients. Any other module (self.model; a torch.compile wrapper in a single
         # process) leaves the engine running its own, unwrapped policy.
-        policy = model if isinstance(model, DistributedDataParallel) else None
+        policy = self._policy_wrapper(model)
         if policy is None and mode == "train" and self.accelerator.num_processes > 1 and torch.is_grad_enabled():
             raise RuntimeError(
                 f"FastDPOTrainer.compute_loss got a {type(model).__name__} in a {self.accelerator.num_processes}-"
-                "process training step; expected the DistributedDataParallel wrapper accelerate prepared (running the "
-                "unwrapped policy would leave the gradients unreduced)"
+                "process training step; expected the DistributedDataParallel / DeepSpeedEngine wrapper or the FSDP2 "
+                "model accelerate prepared (running the unwrapped policy would leave the gradients unreduced)"
             )
         gathers: dict[str, Any] = {}
         if self.accelerator.num_processes > 1:  # metrics over all ranks, gathered like TRL's
@@ -476,6 +548,17 @@ class FastDPOTrainer(DPOTrainer):
         beta = engine.beta
         predictions = torch.stack([pc, pr, beta * (pc - rc), beta * (pr - rr), rc, rr], dim=1)
         return loss, {"predictions": predictions}
+
+    def _policy_wrapper(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The module the policy forward must run through: the ``DistributedDataParallel`` / ``DeepSpeedEngine``
+        wrapper ``compute_loss`` received (DDP's reducer, DeepSpeed's forward prologue and ZeRO hooks), the FSDP2
+        model itself (``fully_shard`` shards it in place: its hooks are on the module), or ``None`` (a single process,
+        a ``torch.compile`` wrapper: the engine runs its own, unwrapped policy)."""
+        if isinstance(model, DistributedDataParallel) or is_deepspeed_engine(model):
+            return model
+        if self.is_fsdp_enabled and model is self._engine().model:
+            return model
+        return None
 
     def _record_metrics(self, mode: str, batch: Mapping[str, Any], metrics: Mapping[str, torch.Tensor]) -> None:
         """Append this step's metrics (already global over ranks, see :meth:`compute_loss`) to ``self._metrics``;
@@ -597,3 +680,94 @@ def _shard_over_data_parallel(loader: Any, num_shards: int, shard: int) -> None:
             return
     raise NotImplementedError(f"sequence_parallel_size > 1: cannot re-shard a {type(loader).__name__} over the "
                               "data-parallel ranks; use a map-style dataset")
+
+
+# ---------------------------------------------------------------------------------------------------- parallelism
+def check_distributed_config(args: DPOConfig) -> None:
+    """Refuse, from ``args`` and the launcher's environment alone, a distributed setup FastDPOTrainer does not support.
+
+    ``FastDPOTrainer.__init__`` calls it first, before any model is loaded or any row tokenized (``DPOConfig``
+    already holds what ``accelerate launch`` configured: the DeepSpeed plugin and its config, the FSDP arguments,
+    the parallelism config). Supported: one process; DDP (``MULTI_CPU``/``MULTI_GPU``); DeepSpeed ZeRO stages 0-3
+    (``DPOConfig(deepspeed=...)`` or an accelerate DeepSpeed config); FSDP2 (``fsdp_version: 2``). Refused with a
+    ``NotImplementedError`` naming the setting: FSDP1; tensor parallelism (``parallelism_config`` ``tp_size``,
+    DeepSpeed AutoTP ``tensor_parallel``, a ``tp_plan`` in ``model_init_kwargs``); context and sequence parallelism
+    (``cp_size``/``sp_size``, DeepSpeed's ``sequence_parallel_size``); HSDP (``dp_replicate_size`` with sharding).
+    """
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None:
+        _check_deepspeed_config(plugin.deepspeed_config)
+    version = _requested_fsdp_version(args)
+    if version is not None:
+        _check_fsdp_version(version)
+    config = getattr(args, "parallelism_config", None)
+    if config is None and os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() == "true":
+        from accelerate.parallelism_config import ParallelismConfig
+
+        config = ParallelismConfig()  # what accelerate builds from the launcher's PARALLELISM_CONFIG_* variables
+    if config is not None:
+        _check_parallelism_sizes(config, fsdp2=version == 2)
+    init_kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, Mapping) else {}
+    if init_kwargs.get("tp_plan") is not None or int(init_kwargs.get("tp_size") or 1) > 1:
+        raise NotImplementedError(
+            "model_init_kwargs['tp_plan'/'tp_size']: tensor parallelism is not supported by FastDPOTrainer (the fused "
+            "LM head needs the whole output embedding on each rank); use DeepSpeed ZeRO-3 or FSDP2 to shard the model"
+        )
+
+
+def _requested_fsdp_version(args: DPOConfig) -> int | None:
+    """The FSDP version ``args`` / the accelerate launcher ask for (``None``: no FSDP). Accelerate's own default is
+    version 1 when its config does not say (``FSDP_VERSION``); transformers' ``fsdp_config`` defaults to 2."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if plugin_args:
+        return int(plugin_args.get("fsdp_version", 1))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def _check_fsdp_version(version: int) -> None:
+    if version != 2:
+        raise NotImplementedError(
+            f"FSDP version {version} (FSDP1, FlatParameter sharding) is not supported by FastDPOTrainer: use FSDP2 "
+            "(fsdp_version: 2 in the accelerate config, or DPOConfig(fsdp=..., fsdp_config={'version': 2}))"
+        )
+
+
+def _check_parallelism_sizes(config: Any, *, fsdp2: bool) -> None:
+    """Refuse tensor/context/sequence parallelism and HSDP in an accelerate ``ParallelismConfig``."""
+    sizes = {name: getattr(config, f"{name}_size", 1) or 1 for name in ("tp", "cp", "sp", "dp_shard", "dp_replicate")}
+    active = {name: size for name, size in sizes.items() if size > 1 and name in ("tp", "cp", "sp")}
+    if active:
+        raise NotImplementedError(
+            f"parallelism_config {active}: FastDPOTrainer supports data parallelism (DDP), DeepSpeed ZeRO and FSDP2 "
+            "sharding only; tensor/context/sequence parallelism are not supported (fastdpo's own sequence "
+            "parallelism: FastDPOTrainer(sequence_parallel_size=k))"
+        )
+    if sizes["dp_shard"] > 1 and not fsdp2:
+        raise NotImplementedError(
+            f"parallelism_config dp_shard_size={sizes['dp_shard']} without FSDP2: sharding through the parallelism "
+            "config needs fsdp_version: 2"
+        )
+    if sizes["dp_replicate"] > 1 and sizes["dp_shard"] > 1:
+        raise NotImplementedError(
+            f"parallelism_config dp_replicate_size={sizes['dp_replicate']} with dp_shard_size={sizes['dp_shard']} "
+            "(HSDP) is not validated with FastDPOTrainer; use FSDP2 over one data-parallel dimension or DeepSpeed"
+        )
+
+
+def _check_deepspeed_config(config: Mapping[str, Any]) -> None:
+    """Refuse the DeepSpeed features FastDPOTrainer does not support (ZeRO stages 0-3 are supported)."""
+    tp = config.get("tensor_parallel") or {}
+    autotp = tp.get("autotp_size", tp.get("tp_size", 1)) if isinstance(tp, Mapping) else 1
+    if int(autotp or 1) > 1:
+        raise NotImplementedError(
+            f"DeepSpeed tensor_parallel (AutoTP, size {autotp}): tensor parallelism is not supported by "
+            "FastDPOTrainer (the fused LM head needs the whole output embedding); use ZeRO-3 to shard the model"
+        )
+    sp = config.get("sequence_parallel_size", 1)
+    if int(sp or 1) > 1:
+        raise NotImplementedError(
+            f"DeepSpeed sequence_parallel_size={sp}: DeepSpeed's sequence parallelism is not supported by "
+            "FastDPOTrainer"
+        )
