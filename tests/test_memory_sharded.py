@@ -52,7 +52,9 @@ def test_cli_shard_errors_are_one_line(capsys):
     for argv, msg in ((["memory", "--world-size", "4"], "--world-size needs --shard"),
                       (["memory", "--world-size", "0", "--shard", "zero3"], "--world-size"),
                       (["memory", "--shard", "zero4"], "--shard"),
-                      (["memory", "--world-size", "100000", "--shard", "fsdp2", "--measure"], "CPUs")):
+                      (["memory", "--world-size", "100000", "--shard", "fsdp2", "--measure"], "CPUs"),
+                      (["memory", "--world-size", "2", "--shard", "zero3", "--sequence-parallel", "2"],
+                       "--sequence-parallel with --shard")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2, argv

@@ -81,3 +81,19 @@ def test_fsdp2_passes_the_check(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     check_distributed_config(DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+
+
+@pytest.mark.parametrize("kwargs", [{"deepspeed": _ds()}, {"fsdp": True, "fsdp_config": {"version": 2}}],
+                         ids=["zero3", "fsdp2"])
+def test_sequence_parallel_with_sharding_refused_before_model_load(kwargs, tmp_path, monkeypatch):
+    """fastdpo's own sequence parallelism is validated on DDP only: with a ZeRO / FSDP2 config it is refused in
+    ``__init__`` before the model (a hub id that does not exist) is loaded or the data tokenized."""
+    from trl import DPOConfig
+
+    from fastdpo.integrations.trl import FastDPOTrainer
+
+    monkeypatch.setattr(datasets.Dataset, "map", lambda *a, **k: pytest.fail("the dataset was processed"))
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+    with pytest.raises(NotImplementedError, match="sequence_parallel_size=2 with DeepSpeed or FSDP"):
+        FastDPOTrainer(model=MISSING_MODEL, args=args, train_dataset=datasets.Dataset.from_list(preference_rows(2)),
+                       sequence_parallel_size=2)

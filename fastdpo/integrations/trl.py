@@ -229,6 +229,12 @@ class FastDPOTrainer(DPOTrainer):
                 "every rank, but the ranks of a sequence-parallel group must see the same batches; precompute with "
                 "sequence_parallel_size=1 (or DPOEngine.precompute_reference) and train on the stored columns"
             )
+        if sequence_parallel_size > 1 and (getattr(args, "deepspeed_plugin", None) is not None
+                                           or _requested_fsdp_version(args) is not None):
+            raise NotImplementedError(
+                f"sequence_parallel_size={sequence_parallel_size} with DeepSpeed or FSDP: fastdpo's sequence "
+                "parallelism is validated on DDP (MULTI_CPU/MULTI_GPU) only; launch it without a DeepSpeed/FSDP config"
+            )
         self._engine_options = {"grad_in_forward": bool(grad_in_forward), "attn_impl": attn_impl,
                                 "chunk_size": chunk_size, "backend": backend,
                                 "sequence_parallel_size": sequence_parallel_size}
