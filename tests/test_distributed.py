@@ -5,11 +5,9 @@ wrote against :func:`dist_worker.single_process_result` computed here: the loss 
 gradients (both wrappers average over ranks, the losses are pair means over equal shares, so the gradient must equal
 the full-batch one) and the parameters after one SGD step (identical across ranks, bit for bit under DDP).
 """
+
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from launch import load_worker, run_ranks  # tests/ is on sys.path (conftest.py)
 
 pytestmark = [
     pytest.mark.distributed,
@@ -29,50 +28,29 @@ TIMEOUT_S = 240
 
 
 def _worker_module() -> Any:
-    spec = importlib.util.spec_from_file_location("fastdpo_tests_dist_worker", WORKER)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_worker(WORKER, "fastdpo_tests_dist_worker")
 
 
 def launch(out_dir: Path, jobs: list[str]) -> list[dict[str, Any]]:
     """Run both ranks to completion; return their result dicts (rank order). Fails with the ranks' output."""
     init = out_dir / "init"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    procs = []
-    logs = []
-    for rank in range(WORLD):
-        log = open(out_dir / f"rank{rank}.log", "w+")
-        logs.append(log)
-        cmd = [
-            sys.executable,
-            str(WORKER),
-            f"--rank={rank}",
-            f"--world-size={WORLD}",
-            f"--init-file={init}",
-            f"--out={out_dir}",
-            "--jobs",
-            *jobs,
-        ]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-    try:
-        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
-    except subprocess.TimeoutExpired:
-        codes = None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    output = ""
-    for rank, log in enumerate(logs):
-        log.seek(0)
-        output += f"\n--- rank {rank} ---\n" + log.read()[-6000:]
-        log.close()
-    assert codes is not None, f"ranks did not finish within {TIMEOUT_S}s:{output}"
-    assert codes == [0] * WORLD, f"rank exit codes {codes}:{output}"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(
+        [
+            [
+                sys.executable,
+                str(WORKER),
+                f"--rank={rank}",
+                f"--world-size={WORLD}",
+                f"--init-file={init}",
+                f"--out={out_dir}",
+                "--jobs",
+                *jobs,
+            ]
+            for rank in range(WORLD)
+        ],
+        out_dir,
+        TIMEOUT_S,
+    )
 
 
 def _check_mode(results: list[dict[str, Any]], mode: str, ref: dict[str, Any], *, bitwise_params: bool) -> None:

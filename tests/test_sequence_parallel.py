@@ -8,6 +8,7 @@ FSDP2. Every rank's loss, per-sequence log-probs, metrics and every parameter gr
 step on the same batch (rank 0 computes it in the same worker) to rel 1e-5 (fp32). The rest runs in-process: errors
 raised before any collective, the attention implementation outside a sequence-parallel step, the batch padding.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,6 +22,7 @@ import pytest
 import sp_worker  # tests/ is on sys.path (conftest.py)
 import torch
 import torch.distributed as dist
+from launch import run_ranks, torchrun  # tests/ is on sys.path (conftest.py)
 
 WORKER = Path(__file__).with_name("sp_worker.py")
 TIMEOUT_S = 300
@@ -28,42 +30,39 @@ TIMEOUT_S = 300
 PLAIN_CASES = sorted(sp_worker.CASES)
 REL = 1e-5
 
-needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+needs_gloo = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 
 
 def launch(out_dir: Path, world: int, sp: int, jobs: list[str], singles: list[str]) -> list[dict[str, Any]]:
     """Run ``world`` ranks of the worker to completion; their result dicts in rank order (fails with their logs)."""
     init = out_dir / "init"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    procs, logs = [], []
-    for rank in range(world):
-        log = open(out_dir / f"rank{rank}.log", "w+")
-        logs.append(log)
-        cmd = [sys.executable, str(WORKER), f"--rank={rank}", f"--world-size={world}", f"--sp={sp}",
-               f"--init-file={init}", f"--out={out_dir}", "--jobs", *jobs, "--singles", *singles]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-    try:
-        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
-    except subprocess.TimeoutExpired:
-        codes = None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    output = ""
-    for rank, log in enumerate(logs):
-        log.seek(0)
-        output += f"\n--- rank {rank} ---\n" + log.read()[-6000:]
-        log.close()
-    assert codes is not None, f"ranks did not finish within {TIMEOUT_S}s:{output}"
-    assert codes == [0] * world, f"rank exit codes {codes}:{output}"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return run_ranks(
+        [
+            [
+                sys.executable,
+                str(WORKER),
+                f"--rank={rank}",
+                f"--world-size={world}",
+                f"--sp={sp}",
+                f"--init-file={init}",
+                f"--out={out_dir}",
+                "--jobs",
+                *jobs,
+                "--singles",
+                *singles,
+            ]
+            for rank in range(world)
+        ],
+        out_dir,
+        TIMEOUT_S,
+    )
 
 
-def _launch_once(tmp_path_factory: Any, name: str, world: int, jobs: list[str],
-                 singles: list[str]) -> list[dict[str, Any]]:
+def _launch_once(
+    tmp_path_factory: Any, name: str, world: int, jobs: list[str], singles: list[str]
+) -> list[dict[str, Any]]:
     """:func:`launch` once per test session, also under pytest-xdist: the workers share the session's base temporary
     directory, the first one to take the lock runs the ranks, the others load what it wrote (the pytest-xdist recipe
     for session fixtures)."""
@@ -82,24 +81,37 @@ def _launch_once(tmp_path_factory: Any, name: str, world: int, jobs: list[str],
 
 
 # fastdpo memory --sequence-parallel: (preset, dtype) per architecture; Qwen's tiny copy has 2 key/value heads per rank
-SAVED = [f"saved:{preset}-{dtype}-{packing}" for preset, dtype in
-         (("Llama-3.2-1B", "fp32"), ("Qwen2.5-0.5B", "bf16"), ("Gemma-2-2B", "fp32"))
-         for packing in ("padding_free", "prefix_shared")]
+SAVED = [
+    f"saved:{preset}-{dtype}-{packing}"
+    for preset, dtype in (("Llama-3.2-1B", "fp32"), ("Qwen2.5-0.5B", "bf16"), ("Gemma-2-2B", "fp32"))
+    for packing in ("padding_free", "prefix_shared")
+]
 
 
 @pytest.fixture(scope="session")
 def sp2(tmp_path_factory) -> list[dict[str, Any]]:
     jobs = [f"{case}:plain" for case in PLAIN_CASES]
-    jobs += ["llama-prefix_shared:ddp", "gemma2-pad:fsdp2", "qwen2-pad:nosync", "llama-pad:mismatch",
-             "llama-pad:ddp_subgroup", "sum_over_group:grad", *SAVED]
+    jobs += [
+        "llama-prefix_shared:ddp",
+        "gemma2-pad:fsdp2",
+        "qwen2-pad:nosync",
+        "llama-pad:mismatch",
+        "llama-pad:ddp_subgroup",
+        "sum_over_group:grad",
+        *SAVED,
+    ]
     return _launch_once(tmp_path_factory, "sp2", 2, jobs, PLAIN_CASES)
 
 
 @pytest.fixture(scope="session")
 def dp2_sp2(tmp_path_factory) -> list[dict[str, Any]]:
-    return _launch_once(tmp_path_factory, "dp2sp2", 4,
-                        ["llama-prefix_shared:ddp", "gemma2-pad:fsdp2", "qwen2-padding_free:hsdp"],
-                        ["llama-prefix_shared", "gemma2-pad", "qwen2-padding_free"])
+    return _launch_once(
+        tmp_path_factory,
+        "dp2sp2",
+        4,
+        ["llama-prefix_shared:ddp", "gemma2-pad:fsdp2", "qwen2-padding_free:hsdp"],
+        ["llama-prefix_shared", "gemma2-pad", "qwen2-padding_free"],
+    )
 
 
 def _ok(result: dict[str, Any], what: str) -> dict[str, Any]:
@@ -111,8 +123,13 @@ def _assert_grads(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], wh
     assert set(got) == set(ref), f"{what}: parameters with gradients differ: {set(got) ^ set(ref)}"
     for name, g in ref.items():
         # rel 1e-5 of the tensor's scale (entries near 0 are compared at that absolute level)
-        torch.testing.assert_close(got[name], g, rtol=REL, atol=REL * float(g.abs().max()),
-                                   msg=lambda m, name=name: f"{what}: grad {name}: {m}")
+        torch.testing.assert_close(
+            got[name],
+            g,
+            rtol=REL,
+            atol=REL * float(g.abs().max()),
+            msg=lambda m, name=name: f"{what}: grad {name}: {m}",
+        )
 
 
 def _assert_step(got: dict[str, Any], ref: dict[str, Any], what: str, *, pairs: slice | None = None) -> None:
@@ -126,8 +143,13 @@ def _assert_step(got: dict[str, Any], ref: dict[str, Any], what: str, *, pairs: 
         want = torch.tensor(ref[key], dtype=torch.float64)
         if pairs is not None:
             want = want[pairs]
-        torch.testing.assert_close(torch.tensor(got[key], dtype=torch.float64), want, rtol=REL, atol=1e-5,
-                                   msg=lambda m, key=key: f"{what}: {key} log-probs: {m}")
+        torch.testing.assert_close(
+            torch.tensor(got[key], dtype=torch.float64),
+            want,
+            rtol=REL,
+            atol=1e-5,
+            msg=lambda m, key=key: f"{what}: {key} log-probs: {m}",
+        )
 
 
 # ------------------------------------------------------------------------------------------------ 2 ranks, sp=2
@@ -268,13 +290,27 @@ def trainer_runs(tmp_path_factory) -> tuple[list[dict[str, Any]], dict[str, Any]
             evals.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(4, seed=11)))
             env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
             common = [f"--data={data}", f"--eval-data={evals}"]
-            runs = [([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                      str(TRAINER_WORKER), "--sp=2", "--batch-size=2", f"--out={out / 'multi'}", *common], "multi"),
-                    ([sys.executable, str(TRAINER_WORKER), "--sp=1", "--batch-size=4", f"--out={out / 'single'}",
-                      *common], "single")]
+            runs = [
+                (
+                    torchrun(4, str(TRAINER_WORKER), "--sp=2", "--batch-size=2", f"--out={out / 'multi'}", *common),
+                    "multi",
+                ),
+                (
+                    [
+                        sys.executable,
+                        str(TRAINER_WORKER),
+                        "--sp=1",
+                        "--batch-size=4",
+                        f"--out={out / 'single'}",
+                        *common,
+                    ],
+                    "single",
+                ),
+            ]
             for cmd, name in runs:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
-                                      start_new_session=True)
+                proc = subprocess.run(
+                    cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, start_new_session=True
+                )
                 assert proc.returncode == 0, f"{name} trainer run failed:\n{(proc.stdout + proc.stderr)[-8000:]}"
             (out / "done").touch()
     multi = [torch.load(out / "multi" / f"rank{r}.pt", weights_only=False) for r in range(4)]
@@ -307,8 +343,13 @@ def test_trainer_dp2_sp2_matches_single_process(trainer_runs: tuple[list[dict[st
             _assert_logs(got, want, f"{what} step {want['step']}")
         _assert_logs(run["eval"], single["eval"], f"{what} eval")
         for name, p in single["params"].items():
-            torch.testing.assert_close(run["params"][name], p, rtol=REL, atol=REL * float(p.abs().max()),
-                                       msg=lambda m, name=name, what=what: f"{what} param {name}: {m}")
+            torch.testing.assert_close(
+                run["params"][name],
+                p,
+                rtol=REL,
+                atol=REL * float(p.abs().max()),
+                msg=lambda m, name=name, what=what: f"{what} param {name}: {m}",
+            )
 
 
 def sp_trainer_steps() -> int:
@@ -335,8 +376,14 @@ def test_trainer_refuses_what_it_cannot_shard() -> None:
     datasets = pytest.importorskip("datasets")
     config = DPOConfig("unused", use_cpu=True, bf16=False, report_to="none")
     with pytest.raises(ValueError, match="needs a multi-process DDP launch"):
-        FastDPOTrainer(model, make_model("llama", tok, seed=1), args=config, processing_class=tok,
-                       train_dataset=datasets.Dataset.from_list(preference_rows(2)), sequence_parallel_size=2)
+        FastDPOTrainer(
+            model,
+            make_model("llama", tok, seed=1),
+            args=config,
+            processing_class=tok,
+            train_dataset=datasets.Dataset.from_list(preference_rows(2)),
+            sequence_parallel_size=2,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ in-process
@@ -398,8 +445,9 @@ def test_local_mask_refused() -> None:
     q, kv = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
     local = torch.ones(1, 1, 5, 5, dtype=torch.bool)
     with pytest.raises(ValueError, match="mask for 5 keys, but the full sequence has 10"):
-        ulysses_attention_forward(module, q, kv, kv, local, underlying="sdpa", scaling=0.25,
-                                  fastdpo_ulysses=UlyssesContext(None, 2))
+        ulysses_attention_forward(
+            module, q, kv, kv, local, underlying="sdpa", scaling=0.25, fastdpo_ulysses=UlyssesContext(None, 2)
+        )
 
 
 @pytest.mark.parametrize("packing", ["pad", "padding_free", "prefix_shared"])
@@ -430,8 +478,10 @@ def test_pad_batch_keeps_every_label_and_owner(packing: str) -> None:
         assert int(owners.min()) >= 0 and int(owners.max()) < k
 
 
-@pytest.mark.parametrize("packing,prompt_len,pairs_per_row", [("padding_free", 9, 1), ("padding_free", 0, 1),
-                                                            ("prefix_shared", 7, 2), ("prefix_shared", 0, 2)])
+@pytest.mark.parametrize(
+    "packing,prompt_len,pairs_per_row",
+    [("padding_free", 9, 1), ("padding_free", 0, 1), ("prefix_shared", 7, 2), ("prefix_shared", 0, 2)],
+)
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_owned_tokens_match_the_collated_rows(packing: str, prompt_len: int, pairs_per_row: int, k: int) -> None:
     """The estimator's scored tokens per rank are the engine's (token_owners on the collator's batch; padding_free
@@ -441,10 +491,19 @@ def test_owned_tokens_match_the_collated_rows(packing: str, prompt_len: int, pai
     from fastdpo.sequence_parallel import token_owners
     from fastdpo.sp_memory import owned_tokens
 
-    step = M.StepConfig(pairs=3, prompt_len=prompt_len, completion_len=5, device="cpu", packing=packing,
-                        pairs_per_row=pairs_per_row, sequence_parallel=k)
-    rows = [{"prompt_input_ids": [5 + i] * prompt_len, "chosen_input_ids": [7] * 5, "rejected_input_ids": [8] * 5}
-            for i in range(step.pairs)]
+    step = M.StepConfig(
+        pairs=3,
+        prompt_len=prompt_len,
+        completion_len=5,
+        device="cpu",
+        packing=packing,
+        pairs_per_row=pairs_per_row,
+        sequence_parallel=k,
+    )
+    rows = [
+        {"prompt_input_ids": [5 + i] * prompt_len, "chosen_input_ids": [7] * 5, "rejected_input_ids": [8] * 5}
+        for i in range(step.pairs)
+    ]
     tok = M.id_tokenizer(16)
     if packing == "prefix_shared":
         batch = PreferenceCollator(tok, packing=packing, max_tokens_per_row=pairs_per_row * (prompt_len + 10))(rows)
@@ -483,10 +542,27 @@ def test_memory_measure_sequence_parallel_within_15_percent(monkeypatch: pytest.
     from fastdpo import memory as M
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = dict(M.PRESETS["Llama-3.2-1B"], vocab_size=32000, hidden_size=256, intermediate_size=1024,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=2)
-    step = M.StepConfig(pairs=1, prompt_len=1536, completion_len=512, dtype="fp32", optimizer="sgd",
-                        reference="precomputed", device="cpu", packing="prefix_shared", sequence_parallel=2)
+    cfg = dict(
+        M.PRESETS["Llama-3.2-1B"],
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=2,
+    )
+    step = M.StepConfig(
+        pairs=1,
+        prompt_len=1536,
+        completion_len=512,
+        dtype="fp32",
+        optimizer="sgd",
+        reference="precomputed",
+        device="cpu",
+        packing="prefix_shared",
+        sequence_parallel=2,
+    )
     measured = M.measure(cfg, step, ["fastdpo"], None)["fastdpo"]
     assert "error" not in measured, measured
     assert len(measured["rank_peaks"]) == 2

@@ -18,20 +18,18 @@ under the adapter reference, then the policy pass), none per tile. The ZeRO-3 ``
 new tensor of the weight's size allocated inside the head's module call and inside the fused backward: exactly the
 gather buffer, and the gradient accumulator -- no other copy of the weight.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib.util
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from launch import load_worker, run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("peft")
@@ -47,45 +45,41 @@ WORLD = 2
 TIMEOUT_S = 420
 
 
-def _worker() -> Any:
-    spec = importlib.util.spec_from_file_location("fastdpo_tests_sharded_engine_worker", WORKER)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-W = _worker()
+W = load_worker(WORKER, "fastdpo_tests_sharded_engine_worker")
 QLORA = ["qlora"] if importlib.util.find_spec("bitsandbytes") is not None else []
-ZERO3 = ["base", "tied", "padding_free", "lora", "lora_head", "gif_ld_wpo", "ld_wpo", "gif_lora_tied", *QLORA,
-         *(f"loss:{t}" for t in W.LOSS_TYPES), *(f"gif_loss:{t}" for t in W.LOSS_TYPES)]
+ZERO3 = [
+    "base",
+    "tied",
+    "padding_free",
+    "lora",
+    "lora_head",
+    "gif_ld_wpo",
+    "ld_wpo",
+    "gif_lora_tied",
+    *QLORA,
+    *(f"loss:{t}" for t in W.LOSS_TYPES),
+    *(f"gif_loss:{t}" for t in W.LOSS_TYPES),
+]
 FSDP2_ACCELERATE = ["base", "tied", "lora", "gif_ld_wpo", "gif_lora_tied", *QLORA]
 FSDP2_LM_HEAD = ["base", "lora_head", "gif_ld_wpo"]
 ZERO3_VARIANTS = ["base", "tied", "lora_head"]  # ZeRO++ hpZ, parameter/optimizer offload
-JOBS = [("zero3", ZERO3), ("zero3_hpz", ZERO3_VARIANTS), ("zero3_offload", ZERO3_VARIANTS),
-        ("fsdp2_accelerate", FSDP2_ACCELERATE), ("fsdp2_lm_head", FSDP2_LM_HEAD)]
+JOBS = [
+    ("zero3", ZERO3),
+    ("zero3_hpz", ZERO3_VARIANTS),
+    ("zero3_offload", ZERO3_VARIANTS),
+    ("fsdp2_accelerate", FSDP2_ACCELERATE),
+    ("fsdp2_lm_head", FSDP2_LM_HEAD),
+]
 CASES = [(mode, scenario) for mode, scenarios in JOBS for scenario in scenarios]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("sharded_engine")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(WORKER),
-           f"--out={out}", "--jobs", *(f"{mode}:{','.join(scenarios)}" for mode, scenarios in JOBS)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(out / "launch.log", "w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = None
-        log.seek(0)
-        output = log.read()[-8000:]
-    assert code is not None, f"the 2-rank run did not finish within {TIMEOUT_S}s:\n{output}"
-    assert code == 0, f"the 2-rank run failed (exit code {code}):\n{output}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    cmd = torchrun(
+        WORLD, str(WORKER), f"--out={out}", "--jobs", *(f"{mode}:{','.join(scenarios)}" for mode, scenarios in JOBS)
+    )
+    return run_launcher(cmd, out, WORLD, TIMEOUT_S)
 
 
 @functools.cache
@@ -108,24 +102,37 @@ def test_sharded_step_matches_unsharded(results, mode, scenario):
             assert res["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (rank, key)
     # the shards differ, so the mean below is not any single rank's gradient (the check can fail); the head's own
     # parameters (its weight, or its LoRA factors) are among the compared gradients whenever they train
-    differ = [n for n in shards[0]["grads"]
-              if not torch.allclose(shards[0]["grads"][n], shards[1]["grads"][n], rtol=1e-3)]
+    differ = [
+        n for n in shards[0]["grads"] if not torch.allclose(shards[0]["grads"][n], shards[1]["grads"][n], rtol=1e-3)
+    ]
     head = [n for n in differ if "lm_head" in n or (cfg["tied"] and "embed_tokens" in n)]
     assert differ and (head or cfg["lora"] in ("body", "qlora")), (differ, sorted(shards[0]["grads"]))
     expected = {n: (shards[0]["grads"][n] + shards[1]["grads"][n]) / 2 for n in shards[0]["grads"]}
     for rank, res in enumerate(got):
         assert set(res["grads"]) == set(expected), (rank, sorted(set(res["grads"]) ^ set(expected)))
         for name, g in expected.items():  # fp32 sums in other orders: rel 1e-4 of the tensor's scale
-            torch.testing.assert_close(res["grads"][name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()),
-                                       msg=lambda m, n=name: f"{mode}/{scenario} rank {rank} grad {n}: {m}")
+            torch.testing.assert_close(
+                res["grads"][name],
+                g,
+                rtol=1e-4,
+                atol=1e-5 * float(g.abs().max()),
+                msg=lambda m, n=name: f"{mode}/{scenario} rank {rank} grad {n}: {m}",
+            )
         for name, p in shards[0]["params"].items():
             step = W.LR * expected[name]
-            torch.testing.assert_close(res["params"][name], p - step, rtol=1e-4, atol=1e-5 * float(step.abs().max()),
-                                       msg=lambda m, n=name: f"{mode}/{scenario} rank {rank} param {n}: {m}")
+            torch.testing.assert_close(
+                res["params"][name],
+                p - step,
+                rtol=1e-4,
+                atol=1e-5 * float(step.abs().max()),
+                msg=lambda m, n=name: f"{mode}/{scenario} rank {rank} param {n}: {m}",
+            )
     # the adapter-off reference leaves every trainable parameter trainable (PEFT + FSDP2: the root/tail group)
     for rank, res in enumerate(got):
-        assert res["trainable_after"] == res["trainable_before"], (rank, sorted(
-            set(res["trainable_before"]) ^ set(res["trainable_after"])))
+        assert res["trainable_after"] == res["trainable_before"], (
+            rank,
+            sorted(set(res["trainable_before"]) ^ set(res["trainable_after"])),
+        )
     # head all-gathers in the steady-state step: one per pass over the head, never one per tile
     passes = 2 if cfg["reference"] == "adapter" else 1
     for rank, res in enumerate(got):

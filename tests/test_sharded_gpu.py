@@ -6,33 +6,28 @@ into ``DTensor``s (accelerate's layout, and a head sharded alone). One ``torchru
 ``tests/sharded_engine_worker.py --device cuda`` (NCCL, compiled Triton kernels) runs the scenarios; each is compared
 with the unsharded step on the same GPU: loss, metrics, gradients, parameters after SGD, head all-gathers per pass.
 """
+
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from launch import load_worker, torchrun  # tests/ is on sys.path (conftest.py)
 
 pytestmark = pytest.mark.gpu
 
 WORKER = Path(__file__).with_name("sharded_engine_worker.py")
-JOBS = [("zero3", ["base", "tied", "lora_head", "gif_ld_wpo", "loss:ipo"]),
-        ("fsdp2_accelerate", ["base", "lora", "gif_lora_tied"]), ("fsdp2_lm_head", ["base", "lora_head"])]
+JOBS = [
+    ("zero3", ["base", "tied", "lora_head", "gif_ld_wpo", "loss:ipo"]),
+    ("fsdp2_accelerate", ["base", "lora", "gif_lora_tied"]),
+    ("fsdp2_lm_head", ["base", "lora_head"]),
+]
 CASES = [(mode, scenario) for mode, scenarios in JOBS for scenario in scenarios]
-
-
-def _worker() -> Any:
-    spec = importlib.util.spec_from_file_location("fastdpo_tests_sharded_engine_worker_gpu", WORKER)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +36,10 @@ def run(tmp_path_factory) -> tuple[Any, dict[str, Any]]:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     out = tmp_path_factory.mktemp("sharded_gpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(WORKER),
-           f"--out={out}", "--device=cuda", "--jobs", *(f"{m}:{','.join(s)}" for m, s in JOBS)]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600)
+    cmd = torchrun(1, str(WORKER), f"--out={out}", "--device=cuda", "--jobs", *(f"{m}:{','.join(s)}" for m, s in JOBS))
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
-    worker = _worker()
+    worker = load_worker(WORKER, "fastdpo_tests_sharded_engine_worker_gpu")
     worker.DEVICE = torch.device("cuda", torch.cuda.current_device())
     return worker, torch.load(out / "rank0.pt", weights_only=False)
 
@@ -68,8 +61,13 @@ def test_one_gpu_sharded_step_matches_unsharded(run, mode, scenario):
         assert res["metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
     assert set(res["grads"]) == set(ref["grads"])
     for name, g in ref["grads"].items():
-        torch.testing.assert_close(res["grads"][name], g, rtol=1e-3, atol=1e-4 * float(g.abs().max()),
-                                   msg=lambda m, n=name: f"{mode}/{scenario} grad {n}: {m}")
+        torch.testing.assert_close(
+            res["grads"][name],
+            g,
+            rtol=1e-3,
+            atol=1e-4 * float(g.abs().max()),
+            msg=lambda m, n=name: f"{mode}/{scenario} grad {n}: {m}",
+        )
     passes = 2 if worker.scenario_config(scenario)["reference"] == "adapter" else 1
     tied = worker.scenario_config(scenario)["tied"]
     assert 1 <= res["head_gathers"]["forward"] <= passes * (2 if tied and mode == "zero3" else 1), res["head_gathers"]

@@ -16,13 +16,11 @@ and agree across ranks, that the saved model reloads with ``AutoModelForCausalLM
 reference cache was written once, and (ZeRO-3) that ``resume_from_checkpoint`` continues exactly as the
 uninterrupted run without recomputing the reference log-probs.
 """
+
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ pytest.importorskip("peft")
 pytest.importorskip("deepspeed")
 datasets = pytest.importorskip("datasets")
 
+from launch import run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
 from tiny import preference_rows
 
 pytestmark = [
@@ -81,29 +80,21 @@ def _launch(out: Path, setup: str, cases: tuple[str, ...]) -> list[dict[str, Any
     data.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(16, seed=3)))
     # 5 eval rows over 2 ranks x 2: the last global batch is padded with repeated rows (accelerate's even_batches)
     eval_data.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(5, seed=11)))
-    worker_args = [str(WORKER), f"--setup={setup}", f"--data={data}", f"--eval-data={eval_data}", f"--out={out}",
-                   f"--cases={','.join(cases)}"]
+    worker_args = [
+        str(WORKER),
+        f"--setup={setup}",
+        f"--data={data}",
+        f"--eval-data={eval_data}",
+        f"--out={out}",
+        f"--cases={','.join(cases)}",
+    ]
     if setup == "zero3":
         config = out / "zero3.yaml"
         config.write_text(ZERO3_ACCELERATE_CONFIG)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *worker_args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-               *worker_args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-    with open(out / "launch.log", "w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started (own session)
-            proc.wait()
-            code = None
-        log.seek(0)
-        output = log.read()[-8000:]
-    assert code is not None, f"the 2-rank {setup} run did not finish within {TIMEOUT_S}s:\n{output}"
-    assert code == 0, f"the 2-rank {setup} run failed (exit code {code}):\n{output}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        cmd = torchrun(WORLD, *worker_args)
+    return run_launcher(cmd, out, WORLD, TIMEOUT_S, what=f"{setup} run")
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +120,9 @@ def _assert_same_logs(fast: list[dict], ref: list[dict], what: str) -> None:
         assert expected <= set(f), f"{what} step {step}: FastDPOTrainer did not log {sorted(expected - set(f))}"
         for key in sorted(expected):
             assert math.isfinite(f[key]), (what, step, key, f[key])
-            assert f[key] == pytest.approx(r[key], rel=REL, abs=ABS), \
+            assert f[key] == pytest.approx(r[key], rel=REL, abs=ABS), (
                 f"{what} step {step} {key}: {f[key]} vs TRL {r[key]}"
+            )
 
 
 def _check_setup(per_rank: list[dict[str, Any]], setup: str, case: str) -> None:
@@ -172,8 +164,11 @@ def _check_against_trl(per_rank: list[dict[str, Any]], setup: str, case: str) ->
         keys = [k for k in ref_eval if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))]
         assert "eval_rewards/margins" in keys and "eval_entropy" in keys, keys
         for key in keys:
-            assert fast_eval[key] == pytest.approx(ref_eval[key], rel=REL, abs=ABS), (key, fast_eval[key],
-                                                                                     ref_eval[key])
+            assert fast_eval[key] == pytest.approx(ref_eval[key], rel=REL, abs=ABS), (
+                key,
+                fast_eval[key],
+                ref_eval[key],
+            )
             assert per_rank[1]["fast"]["eval"][key] == fast_eval[key], f"rank 1 evaluated {key} differently"
         _check_reload(per_rank[0]["fast"])
     if case == "precompute":
@@ -227,8 +222,7 @@ def test_zero3_resume_continues_exactly(zero3):
         strip = [{k: v for k, v in s.items() if k != "num_tokens"} for s in (*before, *after)]
         assert strip[STEPS:] == strip[:STEPS], f"rank {rank}: resumed logs differ"
         assert [s["num_tokens"] for s in after[:2]] == [s["num_tokens"] for s in before[:2]]
-        assert [s["num_tokens"] for s in after[2:]] == [s["num_tokens"] - before[1]["num_tokens"]
-                                                        for s in before[2:]]
+        assert [s["num_tokens"] for s in after[2:]] == [s["num_tokens"] - before[1]["num_tokens"] for s in before[2:]]
         assert len({s["loss"] for s in res["steps"]}) == STEPS
         assert set(res["params"]) == set(res["uninterrupted_params"])
         for name, p in res["uninterrupted_params"].items():

@@ -10,14 +10,11 @@ parameters are identical on both ranks and equal TRL's -- which only holds when 
 ranks (each rank trains on different pairs). Single-process checks: the engine's gathered metrics equal the full-batch
 ones, the wrapper argument is validated, and the parallelism setups that are not supported are refused.
 """
+
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,10 +27,12 @@ pytest.importorskip("trl")
 pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 
+from launch import run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
 from tiny import make_model, make_tokenizer, preference_rows
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 
 WORKER = Path(__file__).with_name("trl_dist_worker.py")
 WORLD = 2
@@ -59,22 +58,10 @@ def results(tmp_path_factory) -> list[dict[str, Any]]:
     data.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(12, seed=3)))
     # 5 eval rows over 2 ranks x 2: the last global batch is padded with repeated rows (accelerate's even_batches)
     eval_data.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(5, seed=11)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(WORKER),
-           f"--data={data}", f"--eval-data={eval_data}", f"--out={out}", f"--cases={','.join(CASES)}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-    with open(out / "launch.log", "w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the 2 ranks it started (own session)
-            proc.wait()
-            code = None
-        log.seek(0)
-        output = log.read()[-8000:]
-    assert code is not None, f"the 2-rank run did not finish within {TIMEOUT_S}s:\n{output}"
-    assert code == 0, f"the 2-rank run failed (exit code {code}):\n{output}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    cmd = torchrun(
+        WORLD, str(WORKER), f"--data={data}", f"--eval-data={eval_data}", f"--out={out}", f"--cases={','.join(CASES)}"
+    )
+    return run_launcher(cmd, out, WORLD, TIMEOUT_S)
 
 
 def _assert_same_logs(fast: list[dict], ref: list[dict]) -> None:
@@ -112,8 +99,7 @@ def test_fast_trainer_matches_trl_with_two_processes(results, case):
         assert res["fast"]["steps"] == per_rank[0]["fast"]["steps"], f"rank {rank} logged other metrics"
 
     # ... and ended with the same parameters, equal to TRL's (which averages gradients over the ranks)
-    fast0, fast1, trl0 = (per_rank[0]["fast"]["params"], per_rank[1]["fast"]["params"],
-                          per_rank[0]["trl"]["params"])
+    fast0, fast1, trl0 = (per_rank[0]["fast"]["params"], per_rank[1]["fast"]["params"], per_rank[0]["trl"]["params"])
     assert set(fast0) == set(trl0) and len(fast0) > 0
     for name, p in trl0.items():
         assert torch.equal(fast0[name], fast1[name]), f"parameter {name} differs between ranks"
@@ -127,8 +113,11 @@ def test_fast_trainer_matches_trl_with_two_processes(results, case):
         keys = [k for k in ref_eval if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))]
         assert "eval_rewards/margins" in keys and "eval_entropy" in keys, keys
         for key in keys:
-            assert fast_eval[key] == pytest.approx(ref_eval[key], rel=REL, abs=ABS), (key, fast_eval[key],
-                                                                                     ref_eval[key])
+            assert fast_eval[key] == pytest.approx(ref_eval[key], rel=REL, abs=ABS), (
+                key,
+                fast_eval[key],
+                ref_eval[key],
+            )
             assert per_rank[1]["fast"]["eval"][key] == fast_eval[key], f"rank 1 evaluated {key} differently"
 
 
@@ -187,8 +176,13 @@ def test_unsupported_parallelism_is_refused(tmp_path, monkeypatch):
 
     tok = make_tokenizer()
     args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1, bf16=False)
-    trainer = FastDPOTrainer(model=make_model("llama", tok), ref_model=make_model("llama", tok, seed=1), args=args,
-                             train_dataset=datasets.Dataset.from_list(preference_rows(4)), processing_class=tok)
+    trainer = FastDPOTrainer(
+        model=make_model("llama", tok),
+        ref_model=make_model("llama", tok, seed=1),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(preference_rows(4)),
+        processing_class=tok,
+    )
     trainer._check_parallelism()  # one process: accepted
     with monkeypatch.context() as m:  # FSDP1 (no FSDP2 plugin) is refused; DeepSpeed and FSDP2: tests/test_sharded_*
         m.setattr(trainer, "is_fsdp_enabled", True)
@@ -196,8 +190,9 @@ def test_unsupported_parallelism_is_refused(tmp_path, monkeypatch):
             trainer._check_parallelism()
 
     def fake(**kw) -> SimpleNamespace:
-        return SimpleNamespace(**{"parallelism_config": None, "num_processes": 2,
-                                  "distributed_type": DistributedType.MULTI_CPU, **kw})
+        return SimpleNamespace(
+            **{"parallelism_config": None, "num_processes": 2, "distributed_type": DistributedType.MULTI_CPU, **kw}
+        )
 
     monkeypatch.setattr(trainer, "accelerator", fake())
     trainer._check_parallelism()  # DDP on CPU: supported

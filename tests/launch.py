@@ -1,0 +1,90 @@
+"""Launching the multi-process tests: one place for starting ranks, waiting, killing on timeout and reading results.
+
+Every distributed test runs a worker script (``tests/*_worker.py``) in several processes, either through a launcher
+(``torchrun``, ``accelerate launch``: :func:`run_launcher`) or as one process per rank with a file rendezvous
+(:func:`run_ranks`). Each rank writes ``rank{r}.pt`` (a ``torch.save``-d result dict) under the output folder; a
+failure or a timeout fails the test with the tail of the ranks' output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+#: the environment every launch gets: one thread per rank (the CI machine has 2 cores), unbuffered output
+_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """The command line ``torchrun --standalone --nproc_per_node=nproc *args`` with this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def load_worker(path: Path, name: str) -> ModuleType:
+    """Import a worker script by path (its helpers build the single-process references in the test process)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _results(out_dir: Path, world: int) -> list[dict[str, Any]]:
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def run_launcher(
+    cmd: list[str], out_dir: Path, world: int, timeout_s: float, what: str = "run"
+) -> list[dict[str, Any]]:
+    """Run ``cmd`` (a launcher starting ``world`` ranks) in its own session; on timeout kill the launcher and every
+    rank it started. Returns the ranks' result dicts in rank order."""
+    env = dict(os.environ, **_ENV)
+    with open(out_dir / "launch.log", "w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code: int | None = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started (own session)
+            proc.wait()
+            code = None
+        log.seek(0)
+        output = log.read()[-8000:]
+    assert code is not None, f"the {world}-rank {what} did not finish within {timeout_s}s:\n{output}"
+    assert code == 0, f"the {world}-rank {what} failed (exit code {code}):\n{output}"
+    return _results(out_dir, world)
+
+
+def run_ranks(cmds: list[list[str]], out_dir: Path, timeout_s: float) -> list[dict[str, Any]]:
+    """Start ``cmds[r]`` as rank ``r`` (each its own process, e.g. with a file rendezvous), wait for all, kill the
+    others when one hangs. Returns the ranks' result dicts in rank order."""
+    env = dict(os.environ, **_ENV)
+    procs, logs = [], []
+    for rank, cmd in enumerate(cmds):
+        log = open(out_dir / f"rank{rank}.log", "w+")  # closed below, after the ranks end
+        logs.append(log)
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+    try:
+        codes: list[int] | None = [p.wait(timeout=timeout_s) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    output = ""
+    for rank, log in enumerate(logs):
+        log.seek(0)
+        output += f"\n--- rank {rank} ---\n" + log.read()[-6000:]
+        log.close()
+    assert codes is not None, f"ranks did not finish within {timeout_s}s:{output}"
+    assert codes == [0] * len(cmds), f"rank exit codes {codes}:{output}"
+    return _results(out_dir, len(cmds))
