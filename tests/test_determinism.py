@@ -19,7 +19,8 @@ kernels on CUDA with many programs in flight, at shapes with many vocabulary til
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -46,6 +47,16 @@ def _assert_bitwise_repeatable(
                 diff = float((t.double() - u.double()).abs().max())
                 raise AssertionError(f"run {i}: {name} differs from run 0 (max abs diff {diff:.3e})")
     return first
+
+
+def _step_outputs(engine: Any, policy: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One engine step + backward from zeroed gradients: the loss, every metric and every parameter gradient."""
+    policy.zero_grad(set_to_none=True)
+    loss, metrics = engine.step(batch)
+    loss.backward()
+    out = {"loss": loss.detach(), **{k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}}
+    out.update({f"grad/{n}": p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
+    return out
 
 
 def _grads(out: torch.Tensor, leaves: dict[str, torch.Tensor], seed: int = 7) -> dict[str, torch.Tensor]:
@@ -169,9 +180,9 @@ def test_fused_linear_dpo_loss_deterministic(grad_in_forward: bool) -> None:
 
 @pytest.mark.parametrize("grad_in_forward", [False, True])
 def test_engine_step_deterministic(grad_in_forward: bool) -> None:
-    from fastdpo import DPOEngine, PreferenceCollator
-
     import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
+
+    from fastdpo import DPOEngine, PreferenceCollator
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -183,15 +194,7 @@ def test_engine_step_deterministic(grad_in_forward: bool) -> None:
     engine = DPOEngine(policy, ref, loss_type="sigmoid", beta=0.1, grad_in_forward=grad_in_forward)
     # (the engine runs the torch path on CPU; the Triton kernels' determinism is covered by the cases above)
 
-    def run() -> dict[str, torch.Tensor]:
-        policy.zero_grad(set_to_none=True)
-        loss, metrics = engine.step(batch)
-        loss.backward()
-        out = {"loss": loss.detach(), **{k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}}
-        out.update({f"grad/{n}": p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
-        return out
-
-    first = _assert_bitwise_repeatable(run)
+    first = _assert_bitwise_repeatable(lambda: _step_outputs(engine, policy, batch))
     assert any(k.startswith("grad/") for k in first), "the engine step produced no gradients"
     policy.zero_grad(set_to_none=True)
 
@@ -272,9 +275,9 @@ def test_engine_step_deterministic_cuda(grad_in_forward: bool) -> None:
 
 
 def _engine_step_cuda(grad_in_forward: bool) -> None:
-    from fastdpo import DPOEngine, PreferenceCollator
-
     import tiny
+
+    from fastdpo import DPOEngine, PreferenceCollator
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).to("cuda", torch.bfloat16).train()
     ref = tiny.make_model("llama", tok, attn_implementation="eager", seed=1).to("cuda", torch.bfloat16)
@@ -282,12 +285,4 @@ def _engine_step_cuda(grad_in_forward: bool) -> None:
              for k, v in PreferenceCollator(tok, packing="padding_free")(tiny.preference_rows(8, seed=5)).items()}
     engine = DPOEngine(policy, ref, grad_in_forward=grad_in_forward, backend="triton")
 
-    def run() -> dict[str, torch.Tensor]:
-        policy.zero_grad(set_to_none=True)
-        loss, metrics = engine.step(batch)
-        loss.backward()
-        out = {"loss": loss.detach(), **{k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}}
-        out.update({f"grad/{n}": p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
-        return out
-
-    _assert_bitwise_repeatable(run, 4)
+    _assert_bitwise_repeatable(lambda: _step_outputs(engine, policy, batch), 4)

@@ -2,7 +2,7 @@
 
 Unsupported setups are refused by ``FastDPOTrainer.__init__`` before any model is loaded or any row tokenized,
 naming the setting; the supported ones (DeepSpeed ZeRO stages 0-3 with offload / ZeRO++ hpZ, FSDP2) pass the
-check. What runs under each supported setup is tested in ``tests/test_sharded_trl.py`` and
+check. What runs under each supported setup is tested in ``tests/test_trl_multiprocess.py`` and
 ``tests/test_sharded_engine.py``.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ receives (gradients are averaged over ranks), the reference runs as TRL prepared
 ``prepare_model(evaluation_mode=True)``, the adapter-disabled PEFT base, or precomputed log-probs gathered over the
 ranks), and the metrics are gathered exactly as TRL gathers them (token-weighted sums and counts with
 ``gather_for_metrics``, per-pair rewards and log-probs with ``gather``, the ``num_tokens`` total), so every rank logs
-TRL's numbers (``tests/test_trl_distributed.py``: 2 gloo processes, same loss, grad norm, metrics and parameters as
+TRL's numbers (``tests/test_trl_multiprocess.py``: 2 gloo processes, same loss, grad norm, metrics and parameters as
 ``DPOTrainer``).
 
 Where fastdpo differs from TRL by design (documented, never silent):
@@ -58,7 +58,7 @@ The reference is what TRL prepares: a ZeRO-3 inference engine / ``fully_shard``-
 adapter-disabled PEFT policy; with ``precompute_ref_log_probs=True`` each rank computes the reference log-probs of its
 own shard of the dataset and rank 0 writes them once, atomically and checksummed, to
 ``<output_dir>/fastdpo_ref_logps/`` (:meth:`FastDPOTrainer._precompute_ref_logps`), where a resumed run finds them.
-(``tests/test_sharded_trl.py``: ZeRO-2, ZeRO-3 and FSDP2 on 2 CPU processes against ``DPOTrainer``.)
+(``tests/test_trl_multiprocess.py``: ZeRO-2, ZeRO-3 and FSDP2 on 2 CPU processes against ``DPOTrainer``.)
 
 Options TRL has and fastdpo does not support raise ``NotImplementedError`` naming the option (never a silent
 fallback): vision-language models/datasets, Mixture-of-Experts auxiliary loss (``router_aux_loss_coef``),

@@ -1,7 +1,8 @@
-"""FastDPOTrainer against TRL 1.16's DPOTrainer under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 on 2 CPU processes.
+"""FastDPOTrainer against TRL 1.16's DPOTrainer under DDP, DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 on 2 CPU processes.
 
-Three launches of ``tests/sharded_trl_worker.py`` (module-scoped fixtures, one per setup, every case inside):
+Four launches of ``tests/trl_multiprocess_worker.py`` (module-scoped fixtures, one per setup, every case inside):
 
+* DDP (accelerate's ``MULTI_CPU`` data parallelism, gloo) under ``torchrun``;
 * ZeRO-3 through ``accelerate launch --config_file`` (TRL's ``zero3.yaml`` on 2 CPU processes: ``zero3_init_flag``,
   ``zero3_save_16bit_model``; DeepSpeed's CPU accelerator, gloo);
 * ZeRO-2 (and one ZeRO-1 case) through ``DPOConfig(deepspeed={...})`` under ``torchrun``;
@@ -10,7 +11,8 @@ Three launches of ``tests/sharded_trl_worker.py`` (module-scoped fixtures, one p
 
 Each trains both trainers 4 optimizer steps on the same shards (a separate reference model + ``evaluate()`` +
 ``save_model``; LoRA without a reference model; ``precompute_ref_log_probs`` without a reference model; gradient
-accumulation) and the tests check that the run really was sharded as configured, that FastDPOTrainer logs every
+accumulation) and the tests check that the run really was distributed as configured (each rank trained on its own
+shard, so equal parameters on both ranks need the gradient reduction), that FastDPOTrainer logs every
 metric TRL logs with loss, grad norm and metrics within rel 1e-4, that the parameters after training match TRL's
 and agree across ranks, that the saved model reloads with ``AutoModelForCausalLM.from_pretrained``, that the
 reference cache was written once, and (ZeRO-3) that ``resume_from_checkpoint`` continues exactly as the
@@ -42,7 +44,7 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"),
 ]
 
-WORKER = Path(__file__).with_name("sharded_trl_worker.py")
+WORKER = Path(__file__).with_name("trl_multiprocess_worker.py")
 WORLD = 2
 TIMEOUT_S = 420
 STEPS = 4
@@ -98,6 +100,11 @@ def _launch(out: Path, setup: str, cases: tuple[str, ...]) -> list[dict[str, Any
 
 
 @pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> list[dict[str, Any]]:
+    return _launch(tmp_path_factory.mktemp("ddp"), "ddp", CASES)
+
+
+@pytest.fixture(scope="module")
 def zero3(tmp_path_factory) -> list[dict[str, Any]]:
     return _launch(tmp_path_factory.mktemp("zero3"), "zero3", (*CASES, "resume"))
 
@@ -130,7 +137,10 @@ def _check_setup(per_rank: list[dict[str, Any]], setup: str, case: str) -> None:
         for name in ("trl", "fast"):
             run = res[name]
             assert run["num_processes"] == WORLD and run["process_index"] == rank, (setup, name, rank)
-            if setup.startswith("zero"):
+            if setup == "ddp":
+                assert run["distributed_type"] == "DistributedType.MULTI_CPU", (name, run["distributed_type"])
+                assert run["wrapped"] == ["DistributedDataParallel"], (name, run["wrapped"])
+            elif setup.startswith("zero"):
                 assert run["distributed_type"] == "DistributedType.DEEPSPEED", (name, run["distributed_type"])
                 assert run["zero_stage"] == (1 if case == "zero1" else int(setup[-1])), (name, run["zero_stage"])
                 assert run["wrapped"] == ["DeepSpeedEngine"], (name, run["wrapped"])
@@ -188,6 +198,11 @@ def _check_reload(run: dict[str, Any]) -> None:
     loaded = dict(model.named_parameters())
     for name, p in run["params"].items():
         torch.testing.assert_close(loaded[name], p, rtol=0, atol=0, msg=lambda m, n=name: f"reloaded {n}: {m}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ddp_matches_trl(ddp, case):
+    _check_against_trl([r[case] for r in ddp], "ddp", case)
 
 
 @pytest.mark.parametrize("case", CASES)

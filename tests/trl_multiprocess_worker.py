@@ -1,15 +1,18 @@
-"""One rank of the sharded-trainer tests in ``tests/test_sharded_trl.py``: TRL 1.16's ``DPOTrainer`` and
-``FastDPOTrainer`` trained side by side under DeepSpeed ZeRO or FSDP2 on 2 CPU processes.
+"""One rank of the multi-process trainer tests in ``tests/test_trl_multiprocess.py``: TRL 1.16's ``DPOTrainer`` and
+``FastDPOTrainer`` trained side by side under DDP, DeepSpeed ZeRO or FSDP2 on 2 CPU processes.
 
 Launch (every rank writes ``OUT/rank{R}.pt``)::
 
-    accelerate launch --config_file zero3.yaml tests/sharded_trl_worker.py --setup zero3 --data rows.jsonl \\
+    accelerate launch --config_file zero3.yaml tests/trl_multiprocess_worker.py --setup zero3 --data rows.jsonl \\
         --eval-data eval.jsonl --out OUT --cases ref_model,lora,precompute,grad_accum,resume
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/sharded_trl_worker.py --setup zero2 ...
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/sharded_trl_worker.py --setup fsdp2 ...
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trl_multiprocess_worker.py --setup zero2 ...
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trl_multiprocess_worker.py --setup fsdp2 ...
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trl_multiprocess_worker.py --setup ddp ...
 
 Setups:
 
+* ``ddp``: accelerate's data parallelism (``DistributedType.MULTI_CPU``, a ``DistributedDataParallel`` wrapper)
+  under ``torchrun``;
 * ``zero3``: the DeepSpeed config comes from the accelerate launcher (``distributed_type: DEEPSPEED``,
   ``zero_stage: 3``, ``zero3_save_16bit_model: true``) -- the way TRL users launch ZeRO-3;
 * ``zero2``: ``DPOConfig(deepspeed={...ZeRO stage 2...})`` under ``torchrun`` -- the other way;
@@ -48,7 +51,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SETUPS = ("zero2", "zero3", "fsdp2")
+SETUPS = ("ddp", "zero2", "zero3", "fsdp2")
 CASES = ("ref_model", "lora", "precompute", "grad_accum", "resume", "zero1")
 STEPS = 4
 
