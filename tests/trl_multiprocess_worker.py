@@ -27,7 +27,7 @@ Cases (each trains 4 optimizer steps with both trainers, same seeds, same data s
 ``ref_model`` (full fine-tuning, separate reference model; then ``evaluate()``; then ``save_model`` and the saved
 folder is reloaded with ``AutoModelForCausalLM.from_pretrained``), ``lora`` (a PEFT LoRA policy, no reference
 model: adapter-disabled reference), ``precompute`` (``precompute_ref_log_probs=True`` without a reference model),
-``grad_accum`` (2 accumulation micro-batches per step), ``zero1`` (``ref_model`` under ZeRO stage 1, in the
+``grad_accum`` (2 accumulation micro-batches per step, with gradient checkpointing), ``zero1`` (``ref_model`` under ZeRO stage 1, in the
 ``zero2`` launch) and ``resume`` (FastDPOTrainer only, with precomputed
 reference log-probs: 4 uninterrupted steps with a checkpoint every 2, then a new trainer resumes from the step-2
 checkpoint; its last 2 steps and final parameters are compared with the uninterrupted run's, and the reference cache
@@ -160,7 +160,7 @@ def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Pa
             output_dir=str(run_dir), per_device_train_batch_size=2, max_steps=STEPS, logging_steps=1, optim="sgd",
             learning_rate=0.5 if peft else 0.02, lr_scheduler_type="constant", seed=0, report_to="none",
             save_strategy="steps" if resume else "no", save_steps=2, disable_tqdm=True, use_cpu=True,
-            bf16=False, fp16=False, gradient_checkpointing=False, dataloader_num_workers=0, beta=0.5,
+            bf16=False, fp16=False, gradient_checkpointing=case == "grad_accum", dataloader_num_workers=0, beta=0.5,
             per_device_eval_batch_size=2, precompute_ref_log_probs=case in ("precompute", "resume"),
             precompute_ref_batch_size=2, gradient_accumulation_steps=2 if case == "grad_accum" else 1,
             max_grad_norm=1.0, **extra,
