@@ -27,9 +27,9 @@ Cases (each trains 4 optimizer steps with both trainers, same seeds, same data s
 ``ref_model`` (full fine-tuning, separate reference model; then ``evaluate()``; then ``save_model`` and the saved
 folder is reloaded with ``AutoModelForCausalLM.from_pretrained``), ``lora`` (a PEFT LoRA policy, no reference
 model: adapter-disabled reference), ``precompute`` (``precompute_ref_log_probs=True`` without a reference model),
-``grad_accum`` (2 accumulation micro-batches per step, with gradient checkpointing), ``zero1`` (``ref_model`` under ZeRO stage 1, in the
-``zero2`` launch) and ``resume`` (FastDPOTrainer only, with precomputed
-reference log-probs: 4 uninterrupted steps with a checkpoint every 2, then a new trainer resumes from the step-2
+``grad_accum`` (2 accumulation micro-batches per step, with gradient checkpointing), ``zero1`` (``ref_model``
+under ZeRO stage 1, in the ``zero2`` launch) and ``resume`` (FastDPOTrainer only, with precomputed reference
+log-probs: 4 uninterrupted steps with a checkpoint every 2, then a new trainer resumes from the step-2
 checkpoint; its last 2 steps and final parameters are compared with the uninterrupted run's, and the reference cache
 must be read back, not recomputed).
 
