@@ -3,7 +3,7 @@
 Both forwards run the model's own forward (through DDP / FSDP2 / PEFT wrappers, so their hooks fire) with the output
 projection restricted to zero positions, capturing the backbone's last hidden states (see :mod:`fastdpo.models`): the
 hidden states of the positions that predict completion tokens (``batch["logp_index"]``) are fed with the
-output-embedding weight to the fused head :func:`fastdpo.linear_logprobs.linear_token_logprobs`, so ``[tokens, V]``
+output-embedding weight to the fused head :func:`fastdpo.head.linear_token_logprobs`, so ``[tokens, V]``
 logits never exist and prompt positions never reach the head. Policy and reference ask the head for the same token
 statistics, so they take the identical fold path: equal weights give bitwise-equal log-probs (rewards exactly 0).
 Per-token log-probs are reduced per sequence with the deterministic
@@ -84,7 +84,7 @@ class DPOEngine:
         temperature: logits are divided by it before the softmax (policy and reference; TRL's DPO uses 1).
         attn_impl: attention implementation passed to :func:`fastdpo.attention.build_attention_kwargs`.
         grad_in_forward: compute the head's gradients during the forward pass
-            (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`, 3 GEMMs instead of 4), for every
+            (:func:`fastdpo.head.linear_logprobs_loss_grad_in_forward`, 3 GEMMs instead of 4), for every
             loss configuration (WPO and LD-DPO included); pair-local losses are processed pair by pair, the
             batch-coupled ones (aot, aot_unpaired, sft) as one group. Token metrics (``logits/*``, ``entropy``,
             ``mean_token_accuracy``) are then not reported.
@@ -402,7 +402,7 @@ class DPOEngine:
         ``token_stats=True``, the head's ``entropy``, ``mean_logit``, ``argmax_hit`` (``[M]``) and ``log_sum_p2``
         (``[M]``, only with WPO) — ``None`` when not computed. ``with_grad=False`` runs under ``torch.no_grad``.
         """
-        from fastdpo.linear_logprobs import linear_token_logprobs
+        from fastdpo.head.function import linear_token_logprobs
         from fastdpo.segments import segment_sum
 
         num_pairs = self._check_batch(batch)
@@ -575,8 +575,8 @@ class DPOEngine:
 
         LD-DPO enters as per-token weights of the sequence sums; LD-DPO's plain NLL sums and WPO's ``log sum p^2`` sums
         (from which :func:`~fastdpo.losses.preference_loss` forms the WPO weights) come from the per-group
-        :class:`~fastdpo.linear_logprobs.SegmentStats` the head hands the loss."""
-        from fastdpo.linear_logprobs import SegmentStats, linear_logprobs_loss_grad_in_forward
+        :class:`~fastdpo.head.SegmentStats` the head hands the loss."""
+        from fastdpo.head.grad_in_forward import SegmentStats, linear_logprobs_loss_grad_in_forward
         from fastdpo.losses import dpo_metrics, ld_token_weights, preference_loss
 
         hidden, anchor = self._completion_hidden(parts, batch)

@@ -10,7 +10,7 @@ positions whose target is not ``ignore_index``; ``r = log pi(y)`` without a refe
     undesirable: 1 - sigmoid(beta * (kl - r))
     loss = sum over rows / B
 
-Only the target positions reach the head (:func:`fastdpo.linear_logprobs.linear_sequence_logprobs`), so no
+Only the target positions reach the head (:func:`fastdpo.head.linear_sequence_logprobs`), so no
 ``[B, T, V]`` logits exist; the logits sums Liger reports are computed by linearity, ``sum(h) . sum_v W_v``.
 Outputs as Liger's: ``(loss, (chosen_logps_sum, rejected_logps_sum, chosen_logits_sum, rejected_logits_sum,
 chosen_rewards_sum, rejected_rewards_sum))``, 0-dim fp32 sums over the desirable / undesirable rows (divide by the
@@ -72,7 +72,7 @@ class FusedLinearKTOLoss(torch.nn.Module):
     def _row_logps(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
                    labels: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``[B]`` fp32 summed (or averaged) target log-probs of the rows of ``x [B, T, D]``."""
-        from fastdpo.linear_logprobs import linear_sequence_logprobs
+        from fastdpo.head.function import linear_sequence_logprobs
 
         hidden = x.reshape(-1, x.shape[-1]).index_select(0, index)
         sums = linear_sequence_logprobs(

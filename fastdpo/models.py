@@ -4,7 +4,7 @@ The engine never materializes the ``[B, T, V]`` logits. It runs the model's *own
 wrapper, so their hooks fire: DDP's gradient reducer, FSDP2's root unshard and reduce-scatter) with
 ``logits_to_keep`` an empty index tensor, so the output projection runs on zero positions; a forward hook on the
 *backbone* (the decoder stack, final norm included) captures the last hidden states. The engine picks the completion
-positions and hands them with the output-embedding weight to :func:`fastdpo.linear_logprobs.linear_token_logprobs`.
+positions and hands them with the output-embedding weight to :func:`fastdpo.head.linear_token_logprobs`.
 For that to give the model's own log-probs, the head's extras have to be honoured too:
 
 * ``final_logit_softcapping`` (Gemma-2/3): ``z = cap * tanh(z / cap)``;

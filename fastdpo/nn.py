@@ -10,7 +10,7 @@ The fused modules take the same constructor options and call as Liger 0.8.5's ch
 
 ``_input`` is ``[2B, T, D]`` with the B chosen rows first, ``target`` ``[2B, T]``; ``_input[b, t]`` scores
 ``target[b, t]`` (no shift, as in Liger: shift before calling). Only positions whose target is not ``ignore_index``
-reach the head (:func:`fastdpo.linear_logprobs.linear_sequence_logprobs`), which tiles tokens x vocabulary, so no
+reach the head (:func:`fastdpo.head.linear_sequence_logprobs`), which tiles tokens x vocabulary, so no
 ``[2B, T, V]`` (or ``[2, T, V]``) logits block ever exists. ``*_logits_mean`` (mean logit over every position and the
 vocabulary, padding included, as Liger defines it) is computed exactly by linearity, ``sum(h) . sum_v W_v``, without
 logits.
@@ -21,7 +21,7 @@ Differences from Liger (documented, deliberate): a row without any target token 
 no ``torch.compile``.
 
 ``grad_in_forward=True`` forms the head's gradients during the forward (3 GEMMs instead of 4) for every pair-local
-loss (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`, one group per pair); the batch-coupled
+loss (:func:`fastdpo.head.linear_logprobs_loss_grad_in_forward`, one group per pair); the batch-coupled
 ``aot``/``aot_unpaired`` use the recompute path.
 """
 from __future__ import annotations
@@ -266,7 +266,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
     def _seq_sums(
         self, batch: _Batch, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        from fastdpo.linear_logprobs import linear_sequence_logprobs
+        from fastdpo.head.function import linear_sequence_logprobs
 
         return linear_sequence_logprobs(
             batch.hidden(x), weight, batch.labels, bias=bias, segment_ids=batch.seq_ids, num_segments=batch.num_seqs,
@@ -280,7 +280,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
                       weight: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
         """Token-mean ``-log p(nll_target)`` over the chosen rows' positions where ``nll_target [2B, T]`` is not
         ``ignore_index`` (Liger's ``nll_target``); 0-dim fp32, differentiable, 0 when no position is scored."""
-        from fastdpo.linear_logprobs import linear_sequence_logprobs
+        from fastdpo.head.function import linear_sequence_logprobs
 
         check_index("nll_target", nll_target)
         if nll_target.shape != target.shape:
@@ -373,7 +373,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         n_tok: torch.Tensor,
         nll: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from fastdpo.linear_logprobs import linear_logprobs_loss_grad_in_forward
+        from fastdpo.head.grad_in_forward import linear_logprobs_loss_grad_in_forward
 
         p = batch.num_pairs
         counts = batch.counts

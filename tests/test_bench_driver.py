@@ -168,7 +168,7 @@ def test_head_bound_reports_consistent_figures(tmp_path, one_thread, capsys):
     fraction saturates at both ends (no budget: every logit recomputed, the bound is 2 logits GEMMs + 2 gradient
     GEMMs; a budget above the logits: 1 + 2), and what it prints is what it writes."""
     from fastdpo.benchmarks import head_bound
-    from fastdpo.linear_logprobs import _plan
+    from fastdpo.head.plan import _plan
 
     n, d, v = 96, 24, 1100
     figures = {}

@@ -22,7 +22,7 @@ import fastdpo.kernels.logprobs as k_logprobs
 import fastdpo.kernels.segment_sum as k_segment
 from fastdpo import linear_token_logprobs, sequence_logprobs
 from fastdpo._launch import KernelLaunch, capture_launches, device_guard
-from fastdpo.linear_logprobs import linear_logprobs_loss_grad_in_forward
+from fastdpo.head.grad_in_forward import linear_logprobs_loss_grad_in_forward
 
 pytestmark = pytest.mark.skipif(
     __import__("os").environ.get("TRITON_INTERPRET") != "1", reason="runs the kernels through the Triton interpreter"

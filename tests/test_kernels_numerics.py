@@ -16,7 +16,8 @@ import torch
 
 import fastdpo._launch as launch_mod
 from fastdpo import linear_token_logprobs, token_logprobs
-from fastdpo.linear_logprobs import _mm_acc, _plan
+from fastdpo.head.plan import _plan
+from fastdpo.head.tiles import _mm_acc
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs the Triton kernels through the interpreter")
@@ -224,7 +225,7 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[launch_mod.KernelLaunch]:
         run(spec)
 
     monkeypatch.setattr(launch_mod, "launch", record)
-    for module in ("fastdpo.logprobs", "fastdpo.linear_logprobs", "fastdpo.segments"):
+    for module in ("fastdpo.logprobs", "fastdpo.head.tiles", "fastdpo.segments"):
         monkeypatch.setattr(f"{module}.launch", record)
     return seen
 

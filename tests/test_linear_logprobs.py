@@ -1,4 +1,4 @@
-"""Fused LM head (fastdpo.linear_logprobs): correctness against float64, memory behaviour, grad-in-forward.
+"""Fused LM head (fastdpo.head): correctness against float64, memory behaviour, grad-in-forward.
 
 Error rule: |fused - float64 reference| <= |naive same-dtype - float64 reference| + tol (naive = materialized logits
 in the input dtype). Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on tiny
@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny import BACKENDS
 
-from fastdpo.linear_logprobs import (
+from fastdpo.head import (
     TokenStats,
     linear_logprobs_loss_grad_in_forward,
     linear_sequence_logprobs,
@@ -362,7 +362,7 @@ def test_grad_in_forward_triton_interpreter():
 def test_grad_in_forward_token_weights_and_segment_stats(backend):
     """LD-style token weights and a loss that reads the plain NLL sums (differentiable) and WPO-style weights from
     ``log sum p^2`` (detached): loss and gradients equal autograd through the recompute path."""
-    from fastdpo.linear_logprobs import SegmentStats
+    from fastdpo.head import SegmentStats
     from fastdpo.segments import segment_sum
 
     hidden, weight, bias, labels, seg, s, pairs, ref_logps = _pair_setup(16)

@@ -27,7 +27,7 @@ import pytest
 import torch
 from tiny import BACKENDS
 
-from fastdpo.linear_logprobs import (
+from fastdpo.head import (
     linear_logprobs_loss_grad_in_forward,
     linear_sequence_logprobs,
     linear_token_logprobs,

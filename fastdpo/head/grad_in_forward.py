@@ -1,0 +1,347 @@
+"""Grad-in-forward for pair-local losses: the loss of per-sequence log-probs with the LM-head gradients formed
+during the forward (3 GEMMs instead of 4).
+
+The segments are split into loss-local groups (a preference pair), the groups into chunks of whole groups whose
+logits fit ``logits_budget_bytes``. Per chunk: one forward sweep (keeping the chunk's logits), the per-segment sums,
+``loss_fn`` on each group with autograd on leaf copies of its log-probs only (``d loss / d seq_logp``), then one
+backward sweep that turns the kept logits into the head's gradients, accumulated over chunks. The returned loss
+hands those stored gradients out on backward (:class:`_StoredGradLoss`).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from fastdpo._dispatch import Backend
+from fastdpo._validation import check_float, check_index, check_same_device, refuse_double_backward, warn_nonfinite_output
+from fastdpo.head.checks import _check_inputs
+from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight
+from fastdpo.head.plan import DEFAULT_GIF_LOGITS_BYTES, _plan, _resolve, _Spec
+from fastdpo.head.sweeps import _backward_sweep, _forward_sweep, _Kept
+from fastdpo.head.tiles import _compute_dtype, _outputs_from_fold
+from fastdpo.segments import segment_counts, segment_sum
+
+__all__ = ["SegmentStats", "linear_logprobs_loss_grad_in_forward"]
+
+
+class SegmentStats(NamedTuple):
+    """Per-segment sums handed to a grad-in-forward ``loss_fn`` (``[s]`` fp32, in the group's segment order).
+
+    ``logp_sum``: plain ``sum_t log p_t`` (without ``token_weights``: the NLL of an LD-weighted sequence); like the
+    ``seq_logps`` argument it requires grad, and its gradient reaches the head.
+    ``log_sum_p2_sum``: ``sum_t log sum_v p_v^2``, detached (WPO's weights take no gradient; see
+    :func:`fastdpo.losses.wpo_weights`); ``None`` unless ``segment_log_sum_p2=True``.
+    """
+
+    logp_sum: torch.Tensor
+    log_sum_p2_sum: torch.Tensor | None
+
+
+
+class _StoredGradLoss(torch.autograd.Function):
+    """Returns ``loss``; backward hands out gradients computed in the forward, scaled by ``grad_output``.
+
+    The stored gradients are saved for backward: autograd frees them after a backward without ``retain_graph`` (as
+    it frees any saved tensor), and hands them out again on every backward of a retained graph.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        loss: torch.Tensor,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    ) -> torch.Tensor:
+        ctx.save_for_backward(*grads)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        refuse_double_backward("linear_logprobs_loss_grad_in_forward (grad_in_forward=True)")
+        gh, gw, gb = ctx.saved_tensors
+
+        def scale(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t * grad_out.to(t.dtype)
+
+        return None, scale(gh), scale(gw), scale(gb), None
+
+
+def linear_logprobs_loss_grad_in_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    segment_ids: torch.Tensor,
+    num_segments: int,
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    groups: Sequence[torch.Tensor] | None = None,
+    token_weights: torch.Tensor | None = None,
+    segment_stats: bool = False,
+    segment_log_sum_p2: bool = False,
+    chunk_size: int | None = None,
+    validate: bool = True,
+    backend: Backend = "auto",
+    gather_context: GatherContext | None = None,
+    logits_budget_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of per-sequence log-probs with the LM-head gradients formed during the forward (3 GEMMs, not 4).
+
+    Args:
+        hidden: ``[M, D]``; weight ``[V, D]``; labels ``[M]``; segment_ids ``[M]`` in ``[0, num_segments)``.
+        loss_fn: ``loss_fn(seq_logps [s] fp32 requires_grad, group_segment_ids [s] int64) -> scalar``, the
+            contribution of one group of segments (the total loss is the sum over groups). It may close over detached
+            reference log-probs; gradients of anything else it touches are not propagated.
+        groups: loss-local groups of segment ids (e.g. ``[tensor([i, P + i]) for i in range(P)]`` for pairs);
+            ``None`` = one group of all segments. Segments in no group get log-probs but no loss.
+        token_weights: ``[M]`` float, constant (no gradient): a segment's log-prob is ``sum_t w_t log p_t``
+            (LD-DPO's length-desensitized sums); ``None`` = plain sums.
+        segment_stats: call ``loss_fn(seq_logps, group_segment_ids, stats)`` with a :class:`SegmentStats` of the
+            group. A token's gradient is then ``dL/dseq_logps * w_t + dL/dlogp_sum``.
+        segment_log_sum_p2: with ``segment_stats``, also fill ``SegmentStats.log_sum_p2_sum`` (for WPO weights; the
+            fold then computes the token statistics, more work per tile).
+        chunk_size: max tokens per chunk of whole groups (default: as many as ``logits_budget_bytes`` of fp32 logits
+            allow; a group larger than that is processed alone and recomputes the logits it could not keep).
+        validate: as :func:`linear_token_logprobs` (label range check, non-finite warning), and also checks that
+            every segment id lies in ``[0, num_segments)`` (one sync); with ``validate=False`` a token whose segment
+            id lies outside belongs to no segment (no log-prob, no gradient).
+        Others as :func:`linear_token_logprobs`.
+
+    Returns:
+        ``(loss, seq_logps)``: ``loss`` a 0-dim fp32 tensor whose backward multiplies the stored gradients by the
+        incoming gradient (on every backward of a graph kept with ``retain_graph=True``; they are freed with the
+        graph's saved tensors); ``seq_logps`` ``[S]`` fp32, detached. Without gradients to form (under
+        ``torch.no_grad()`` / ``torch.inference_mode()``, or nothing requires grad) only the loss is computed.
+    """
+    if gather_context is not None and not callable(gather_context):
+        raise TypeError("gather_context must be a callable returning a context manager")
+    with _enter(gather_context):
+        loss, seq_logps = _grad_in_forward_impl(
+            hidden,
+            weight,
+            labels,
+            segment_ids,
+            num_segments,
+            loss_fn,
+            bias,
+            ignore_index,
+            softcap,
+            logit_scale,
+            temperature,
+            groups,
+            token_weights,
+            segment_stats,
+            segment_log_sum_p2,
+            chunk_size,
+            validate,
+            backend,
+            logits_budget_bytes,
+        )
+    if validate:
+        warn_nonfinite_output(seq_logps, "hidden states or weight")
+    return loss, seq_logps
+
+
+def _grad_in_forward_impl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    segment_ids: torch.Tensor,
+    num_segments: int,
+    loss_fn: Callable[..., torch.Tensor],
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    softcap: float | None,
+    logit_scale: float,
+    temperature: float,
+    groups: Sequence[torch.Tensor] | None,
+    token_weights: torch.Tensor | None,
+    segment_stats: bool,
+    segment_log_sum_p2: bool,
+    chunk_size: int | None,
+    validate: bool,
+    backend: Backend,
+    logits_budget_bytes: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_logprobs_loss_grad_in_forward` inside the caller's gather context."""
+    _check_inputs(hidden, weight, labels, bias, softcap, logit_scale, temperature, ignore_index, validate)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [M, D], got {list(hidden.shape)}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable")
+    check_index("segment_ids", segment_ids)
+    check_same_device(labels=labels, segment_ids=segment_ids)
+    if segment_ids.shape != labels.shape:
+        raise ValueError(f"segment_ids must have shape {list(labels.shape)}, got {list(segment_ids.shape)}")
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
+        raise ValueError(f"num_segments must be an int >= 1, got {num_segments!r}")
+    if validate and segment_ids.numel() and bool(((segment_ids < 0) | (segment_ids >= num_segments)).any()):
+        raise ValueError(f"segment_ids must lie in [0, {num_segments})")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 (tokens per chunk of groups), got {chunk_size!r}")
+    if token_weights is not None:
+        check_float("token_weights", token_weights)
+        if token_weights.shape != labels.shape:
+            raise ValueError(f"token_weights must have shape {list(labels.shape)}, got {list(token_weights.shape)}")
+        check_same_device(labels=labels, token_weights=token_weights)
+    budget = DEFAULT_GIF_LOGITS_BYTES if logits_budget_bytes is None else logits_budget_bytes
+    device = hidden.device
+    resolved = _resolve(backend, hidden)
+    vocab, d = weight.shape[0], weight.shape[1]
+
+    # group list (python ints), segments in no group appended as loss-free groups
+    seg_groups: list[list[int]] = []
+    seen = torch.zeros(num_segments, dtype=torch.bool)
+    for gi, grp in enumerate(groups if groups is not None else [torch.arange(num_segments)]):
+        check_index(f"groups[{gi}]", grp)
+        ids = [int(s) for s in grp.reshape(-1).tolist()]
+        for s in ids:
+            if not 0 <= s < num_segments:
+                raise ValueError(f"groups[{gi}] holds segment id {s} outside [0, {num_segments})")
+            if bool(seen[s]):
+                raise ValueError(f"segment {s} appears in more than one group")
+            seen[s] = True
+        seg_groups.append(ids)
+    n_loss_groups = len(seg_groups)
+    rest = (~seen).nonzero().squeeze(1).tolist()
+    seg_groups.extend([[s] for s in rest])
+
+    # token lists per segment (valid labels only, in token order); a token whose segment id lies outside
+    # [0, num_segments) (unvalidated input) belongs to no segment, as in segment_sum
+    lab = labels.to(torch.int64)
+    seg64 = segment_ids.to(torch.int64)
+    valid_idx = ((lab != ignore_index) & (seg64 >= 0) & (seg64 < num_segments)).nonzero().squeeze(1)
+    vseg = seg64.index_select(0, valid_idx)
+    order = torch.sort(vseg, stable=True).indices
+    tokens_by_seg = valid_idx.index_select(0, order)
+    counts = segment_counts(vseg, num_segments).tolist()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+
+    max_tokens = chunk_size if chunk_size is not None else max(1, budget // (4 * vocab))
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    cur_tokens = 0
+    for gi, ids in enumerate(seg_groups):
+        ntok = sum(counts[s] for s in ids)
+        if cur and cur_tokens + ntok > max_tokens:
+            chunks.append(cur)
+            cur, cur_tokens = [], 0
+        cur.append(gi)
+        cur_tokens += ntok
+    if cur:
+        chunks.append(cur)
+
+    need_h = hidden.requires_grad and torch.is_grad_enabled()
+    need_w = weight.requires_grad and torch.is_grad_enabled()
+    need_b = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    acc = _compute_dtype(hidden)
+    seq_logps = torch.zeros(num_segments, dtype=torch.float32, device=device)
+    total_loss = torch.zeros((), dtype=torch.float32, device=device)
+    grad_h = torch.zeros(hidden.shape[0], d, dtype=acc, device=device) if need_h else None
+    grad_w = torch.zeros(vocab, d, dtype=acc, device=device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
+
+    w_full = _gather_weight(weight)  # DTensor: autograd takes the gradient back to the placement
+    b_full = _gather_bias(bias)
+    with torch.no_grad():
+        w = w_full.detach().contiguous()
+        b = None if b_full is None else b_full.detach()
+        h_all = hidden.detach()
+        for chunk in chunks:
+            seg_list = [s for gi in chunk for s in seg_groups[gi]]
+            tok_parts = [tokens_by_seg[starts[s] : starts[s + 1]] for s in seg_list]
+            rows = torch.cat(tok_parts) if tok_parts else valid_idx[:0]
+            local_seg = torch.cat(
+                [torch.full((starts[s + 1] - starts[s],), k, dtype=torch.int64) for k, s in enumerate(seg_list)]
+            ).to(device)
+            n = rows.shape[0]
+            hc = h_all.index_select(0, rows).contiguous()
+            labc = lab.index_select(0, rows).contiguous()
+            tok_tile, voc_tile = _plan(n, vocab, device, None, resolved)
+            spec = _Spec(
+                float(logit_scale),
+                None if softcap is None else float(softcap),
+                float(temperature),
+                tok_tile,
+                voc_tile,
+                resolved,
+            )
+            kept = _Kept(budget)
+            st = _forward_sweep(hc, w, b, labc, spec, segment_stats and segment_log_sum_p2, False, kept)
+            lse, logp, _, log_sum_p2, _, _ = _outputs_from_fold(st, labc, vocab)
+            n_seg = len(seg_list)
+            logp = logp.float()
+            wc = None if token_weights is None else token_weights.index_select(0, rows).float()
+            seq_chunk = segment_sum(logp if wc is None else logp * wc, local_seg, n_seg, validate=False,
+                                    backend=backend)
+            seq_logps[torch.tensor(seg_list, dtype=torch.int64, device=device)] = seq_chunk
+            stats_chunk = None
+            if segment_stats:
+                stats_chunk = SegmentStats(
+                    segment_sum(logp, local_seg, n_seg, validate=False, backend=backend),
+                    None if log_sum_p2 is None else segment_sum(log_sum_p2.float(), local_seg, n_seg,
+                                                                validate=False, backend=backend),
+                )
+            # d loss / d seq_logp per group, on leaf copies (loss only, no autograd, when no gradient is wanted:
+            # under no_grad / inference_mode, or when nothing requires grad)
+            need_grad = need_h or need_w or need_b
+            dseq = torch.zeros(n_seg, dtype=torch.float32, device=device)
+            dplain = torch.zeros(n_seg, dtype=torch.float32, device=device)  # d loss / d SegmentStats.logp_sum
+            k0 = 0
+            for gi in chunk:
+                ids = seg_groups[gi]
+                k1 = k0 + len(ids)
+                if gi < n_loss_groups:
+                    leaves = [seq_chunk[k0:k1].clone().requires_grad_(need_grad)]
+                    args: tuple[Any, ...] = (leaves[0], torch.tensor(ids, dtype=torch.int64, device=device))
+                    if stats_chunk is not None:
+                        leaves.append(stats_chunk.logp_sum[k0:k1].clone().requires_grad_(need_grad))
+                        lsp2 = stats_chunk.log_sum_p2_sum
+                        args += (SegmentStats(leaves[1], None if lsp2 is None else lsp2[k0:k1]),)
+                    with torch.enable_grad() if need_grad else contextlib.nullcontext():
+                        loss_g = loss_fn(*args)
+                        if not isinstance(loss_g, torch.Tensor) or loss_g.numel() != 1:
+                            raise ValueError("loss_fn must return a scalar tensor")
+                        if need_grad:
+                            grads_g = torch.autograd.grad(loss_g.reshape(()), leaves, allow_unused=True)
+                            if grads_g[0] is not None:
+                                dseq[k0:k1] = grads_g[0]
+                            if len(grads_g) > 1 and grads_g[1] is not None:
+                                dplain[k0:k1] = grads_g[1]
+                    total_loss += loss_g.detach().reshape(()).float()
+                k0 = k1
+            if not need_grad or n == 0:
+                continue
+            g = dseq.index_select(0, local_seg)
+            if wc is not None:
+                g = g * wc
+            if stats_chunk is not None:
+                g = g + dplain.index_select(0, local_seg)
+            gh_c, _, _ = _backward_sweep(
+                hc, w, b, labc, lse, g, spec, kept, need_h, need_w, need_b, grad_w, grad_b
+            )
+            if need_h:
+                assert grad_h is not None and gh_c is not None
+                grad_h.index_copy_(0, rows, gh_c)
+
+    grads = (
+        None if grad_h is None else grad_h.to(hidden.dtype),
+        None if grad_w is None else grad_w.to(w_full.dtype),
+        None if grad_b is None or b_full is None else grad_b.to(b_full.dtype),
+    )
+    if need_h or need_w or need_b:
+        loss = _StoredGradLoss.apply(total_loss, hidden, w_full, b_full, grads)
+    else:
+        loss = total_loss
+    return loss, seq_logps
