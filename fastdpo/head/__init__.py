@@ -8,8 +8,15 @@ fold, logit gradient), :mod:`~fastdpo.head.sweeps` (the forward and backward swe
 :mod:`~fastdpo.head.grad_in_forward` (pair-local losses with the head's gradients formed in the forward) and
 :mod:`~fastdpo.head.naive` (the materializing reference).
 """
-from fastdpo.head.function import TokenStats, linear_sequence_logprobs, linear_token_logprobs
-from fastdpo.head.grad_in_forward import SegmentStats, linear_logprobs_loss_grad_in_forward
+from fastdpo.head.function import (
+    TokenStats,
+    linear_sequence_logprobs,
+    linear_token_logprobs,
+)
+from fastdpo.head.grad_in_forward import (
+    SegmentStats,
+    linear_logprobs_loss_grad_in_forward,
+)
 from fastdpo.head.naive import naive_linear_token_logprobs
 from fastdpo.head.plan import DEFAULT_GIF_LOGITS_BYTES, DEFAULT_KEEP_LOGITS_BYTES
 

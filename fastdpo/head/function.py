@@ -35,7 +35,12 @@ from typing import Any, NamedTuple
 import torch
 
 from fastdpo._dispatch import Backend
-from fastdpo._validation import check_index, check_same_device, refuse_double_backward, warn_nonfinite_output
+from fastdpo._validation import (
+    check_index,
+    check_same_device,
+    refuse_double_backward,
+    warn_nonfinite_output,
+)
 from fastdpo.head.checks import _check_inputs
 from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight
 from fastdpo.head.plan import DEFAULT_KEEP_LOGITS_BYTES, _plan, _resolve, _Spec

@@ -16,12 +16,19 @@ from typing import Any, NamedTuple
 import torch
 
 from fastdpo._dispatch import Backend
-from fastdpo._validation import check_float, check_index, check_same_device, refuse_double_backward, warn_nonfinite_output
+from fastdpo._dtypes import accumulate_dtype
+from fastdpo._validation import (
+    check_float,
+    check_index,
+    check_same_device,
+    refuse_double_backward,
+    warn_nonfinite_output,
+)
 from fastdpo.head.checks import _check_inputs
 from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight
 from fastdpo.head.plan import DEFAULT_GIF_LOGITS_BYTES, _plan, _resolve, _Spec
 from fastdpo.head.sweeps import _backward_sweep, _forward_sweep, _Kept
-from fastdpo.head.tiles import _compute_dtype, _outputs_from_fold
+from fastdpo.head.tiles import _outputs_from_fold
 from fastdpo.segments import segment_counts, segment_sum
 
 __all__ = ["SegmentStats", "linear_logprobs_loss_grad_in_forward"]
@@ -174,78 +181,23 @@ def _grad_in_forward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear_logprobs_loss_grad_in_forward` inside the caller's gather context."""
     _check_inputs(hidden, weight, labels, bias, softcap, logit_scale, temperature, ignore_index, validate)
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be [M, D], got {list(hidden.shape)}")
-    if not callable(loss_fn):
-        raise TypeError("loss_fn must be callable")
-    check_index("segment_ids", segment_ids)
-    check_same_device(labels=labels, segment_ids=segment_ids)
-    if segment_ids.shape != labels.shape:
-        raise ValueError(f"segment_ids must have shape {list(labels.shape)}, got {list(segment_ids.shape)}")
-    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
-        raise ValueError(f"num_segments must be an int >= 1, got {num_segments!r}")
-    if validate and segment_ids.numel() and bool(((segment_ids < 0) | (segment_ids >= num_segments)).any()):
-        raise ValueError(f"segment_ids must lie in [0, {num_segments})")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an int >= 1 (tokens per chunk of groups), got {chunk_size!r}")
-    if token_weights is not None:
-        check_float("token_weights", token_weights)
-        if token_weights.shape != labels.shape:
-            raise ValueError(f"token_weights must have shape {list(labels.shape)}, got {list(token_weights.shape)}")
-        check_same_device(labels=labels, token_weights=token_weights)
+    _check_grad_in_forward_inputs(hidden, labels, segment_ids, num_segments, loss_fn, token_weights, chunk_size,
+                                  validate)
     budget = DEFAULT_GIF_LOGITS_BYTES if logits_budget_bytes is None else logits_budget_bytes
     device = hidden.device
     resolved = _resolve(backend, hidden)
     vocab, d = weight.shape[0], weight.shape[1]
-
-    # group list (python ints), segments in no group appended as loss-free groups
-    seg_groups: list[list[int]] = []
-    seen = torch.zeros(num_segments, dtype=torch.bool)
-    for gi, grp in enumerate(groups if groups is not None else [torch.arange(num_segments)]):
-        check_index(f"groups[{gi}]", grp)
-        ids = [int(s) for s in grp.reshape(-1).tolist()]
-        for s in ids:
-            if not 0 <= s < num_segments:
-                raise ValueError(f"groups[{gi}] holds segment id {s} outside [0, {num_segments})")
-            if bool(seen[s]):
-                raise ValueError(f"segment {s} appears in more than one group")
-            seen[s] = True
-        seg_groups.append(ids)
-    n_loss_groups = len(seg_groups)
-    rest = (~seen).nonzero().squeeze(1).tolist()
-    seg_groups.extend([[s] for s in rest])
-
-    # token lists per segment (valid labels only, in token order); a token whose segment id lies outside
-    # [0, num_segments) (unvalidated input) belongs to no segment, as in segment_sum
+    plan = _plan_groups(groups, num_segments)
     lab = labels.to(torch.int64)
-    seg64 = segment_ids.to(torch.int64)
-    valid_idx = ((lab != ignore_index) & (seg64 >= 0) & (seg64 < num_segments)).nonzero().squeeze(1)
-    vseg = seg64.index_select(0, valid_idx)
-    order = torch.sort(vseg, stable=True).indices
-    tokens_by_seg = valid_idx.index_select(0, order)
-    counts = segment_counts(vseg, num_segments).tolist()
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-
+    toks = _tokens_by_segment(lab, segment_ids, num_segments, ignore_index)
     max_tokens = chunk_size if chunk_size is not None else max(1, budget // (4 * vocab))
-    chunks: list[list[int]] = []
-    cur: list[int] = []
-    cur_tokens = 0
-    for gi, ids in enumerate(seg_groups):
-        ntok = sum(counts[s] for s in ids)
-        if cur and cur_tokens + ntok > max_tokens:
-            chunks.append(cur)
-            cur, cur_tokens = [], 0
-        cur.append(gi)
-        cur_tokens += ntok
-    if cur:
-        chunks.append(cur)
+    chunks = _chunk_groups(plan, toks.counts, max_tokens)
 
     need_h = hidden.requires_grad and torch.is_grad_enabled()
     need_w = weight.requires_grad and torch.is_grad_enabled()
     need_b = bias is not None and bias.requires_grad and torch.is_grad_enabled()
-    acc = _compute_dtype(hidden)
+    need_grad = need_h or need_w or need_b
+    acc = accumulate_dtype(hidden.dtype)
     seq_logps = torch.zeros(num_segments, dtype=torch.float32, device=device)
     total_loss = torch.zeros((), dtype=torch.float32, device=device)
     grad_h = torch.zeros(hidden.shape[0], d, dtype=acc, device=device) if need_h else None
@@ -259,12 +211,8 @@ def _grad_in_forward_impl(
         b = None if b_full is None else b_full.detach()
         h_all = hidden.detach()
         for chunk in chunks:
-            seg_list = [s for gi in chunk for s in seg_groups[gi]]
-            tok_parts = [tokens_by_seg[starts[s] : starts[s + 1]] for s in seg_list]
-            rows = torch.cat(tok_parts) if tok_parts else valid_idx[:0]
-            local_seg = torch.cat(
-                [torch.full((starts[s + 1] - starts[s],), k, dtype=torch.int64) for k, s in enumerate(seg_list)]
-            ).to(device)
+            seg_list = [s for gi in chunk for s in plan.ids[gi]]
+            rows, local_seg = _chunk_rows(toks, seg_list, device)
             n = rows.shape[0]
             hc = h_all.index_select(0, rows).contiguous()
             labc = lab.index_select(0, rows).contiguous()
@@ -293,34 +241,7 @@ def _grad_in_forward_impl(
                     None if log_sum_p2 is None else segment_sum(log_sum_p2.float(), local_seg, n_seg,
                                                                 validate=False, backend=backend),
                 )
-            # d loss / d seq_logp per group, on leaf copies (loss only, no autograd, when no gradient is wanted:
-            # under no_grad / inference_mode, or when nothing requires grad)
-            need_grad = need_h or need_w or need_b
-            dseq = torch.zeros(n_seg, dtype=torch.float32, device=device)
-            dplain = torch.zeros(n_seg, dtype=torch.float32, device=device)  # d loss / d SegmentStats.logp_sum
-            k0 = 0
-            for gi in chunk:
-                ids = seg_groups[gi]
-                k1 = k0 + len(ids)
-                if gi < n_loss_groups:
-                    leaves = [seq_chunk[k0:k1].clone().requires_grad_(need_grad)]
-                    args: tuple[Any, ...] = (leaves[0], torch.tensor(ids, dtype=torch.int64, device=device))
-                    if stats_chunk is not None:
-                        leaves.append(stats_chunk.logp_sum[k0:k1].clone().requires_grad_(need_grad))
-                        lsp2 = stats_chunk.log_sum_p2_sum
-                        args += (SegmentStats(leaves[1], None if lsp2 is None else lsp2[k0:k1]),)
-                    with torch.enable_grad() if need_grad else contextlib.nullcontext():
-                        loss_g = loss_fn(*args)
-                        if not isinstance(loss_g, torch.Tensor) or loss_g.numel() != 1:
-                            raise ValueError("loss_fn must return a scalar tensor")
-                        if need_grad:
-                            grads_g = torch.autograd.grad(loss_g.reshape(()), leaves, allow_unused=True)
-                            if grads_g[0] is not None:
-                                dseq[k0:k1] = grads_g[0]
-                            if len(grads_g) > 1 and grads_g[1] is not None:
-                                dplain[k0:k1] = grads_g[1]
-                    total_loss += loss_g.detach().reshape(()).float()
-                k0 = k1
+            dseq, dplain = _chunk_loss(loss_fn, plan, chunk, seq_chunk, stats_chunk, need_grad, total_loss)
             if not need_grad or n == 0:
                 continue
             g = dseq.index_select(0, local_seg)
@@ -340,8 +261,167 @@ def _grad_in_forward_impl(
         None if grad_w is None else grad_w.to(w_full.dtype),
         None if grad_b is None or b_full is None else grad_b.to(b_full.dtype),
     )
-    if need_h or need_w or need_b:
+    if need_grad:
         loss = _StoredGradLoss.apply(total_loss, hidden, w_full, b_full, grads)
     else:
         loss = total_loss
     return loss, seq_logps
+
+
+def _check_grad_in_forward_inputs(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    segment_ids: torch.Tensor,
+    num_segments: int,
+    loss_fn: Callable[..., torch.Tensor],
+    token_weights: torch.Tensor | None,
+    chunk_size: int | None,
+    validate: bool,
+) -> None:
+    """The checks of grad-in-forward's own arguments (the head's are :func:`~fastdpo.head.checks._check_inputs`)."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [M, D], got {list(hidden.shape)}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable")
+    check_index("segment_ids", segment_ids)
+    check_same_device(labels=labels, segment_ids=segment_ids)
+    if segment_ids.shape != labels.shape:
+        raise ValueError(f"segment_ids must have shape {list(labels.shape)}, got {list(segment_ids.shape)}")
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
+        raise ValueError(f"num_segments must be an int >= 1, got {num_segments!r}")
+    if validate and segment_ids.numel() and bool(((segment_ids < 0) | (segment_ids >= num_segments)).any()):
+        raise ValueError(f"segment_ids must lie in [0, {num_segments})")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 (tokens per chunk of groups), got {chunk_size!r}")
+    if token_weights is not None:
+        check_float("token_weights", token_weights)
+        if token_weights.shape != labels.shape:
+            raise ValueError(f"token_weights must have shape {list(labels.shape)}, got {list(token_weights.shape)}")
+        check_same_device(labels=labels, token_weights=token_weights)
+
+
+class _Groups(NamedTuple):
+    """Segment ids (python ints) per group: the loss groups first, then one loss-free group per segment that is in
+    no loss group (it still gets its log-prob)."""
+
+    ids: list[list[int]]
+    n_loss: int
+
+
+def _plan_groups(groups: Sequence[torch.Tensor] | None, num_segments: int) -> _Groups:
+    """Check the caller's ``groups`` (ids in ``[0, num_segments)``, each segment in one group at most) and list them
+    as python ints (host-side bookkeeping: one sync per group)."""
+    ids_per_group: list[list[int]] = []
+    seen = torch.zeros(num_segments, dtype=torch.bool)
+    for gi, grp in enumerate(groups if groups is not None else [torch.arange(num_segments)]):
+        check_index(f"groups[{gi}]", grp)
+        ids = [int(s) for s in grp.reshape(-1).tolist()]
+        for s in ids:
+            if not 0 <= s < num_segments:
+                raise ValueError(f"groups[{gi}] holds segment id {s} outside [0, {num_segments})")
+            if bool(seen[s]):
+                raise ValueError(f"segment {s} appears in more than one group")
+            seen[s] = True
+        ids_per_group.append(ids)
+    n_loss = len(ids_per_group)
+    rest = (~seen).nonzero().squeeze(1).tolist()
+    ids_per_group.extend([[s] for s in rest])
+    return _Groups(ids_per_group, n_loss)
+
+
+class _SegmentTokens(NamedTuple):
+    """The labelled tokens of each segment, in token order: segment ``s`` owns ``rows[starts[s]:starts[s + 1]]``
+    (``counts[s]`` tokens)."""
+
+    rows: torch.Tensor
+    counts: list[int]
+    starts: list[int]
+
+
+def _tokens_by_segment(
+    labels: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, ignore_index: int
+) -> _SegmentTokens:
+    """Token lists per segment (labelled tokens only). A token whose segment id lies outside ``[0, num_segments)``
+    (unvalidated input) belongs to no segment, as in :func:`~fastdpo.segments.segment_sum`."""
+    seg64 = segment_ids.to(torch.int64)
+    valid_idx = ((labels != ignore_index) & (seg64 >= 0) & (seg64 < num_segments)).nonzero().squeeze(1)
+    vseg = seg64.index_select(0, valid_idx)
+    order = torch.sort(vseg, stable=True).indices
+    counts = segment_counts(vseg, num_segments).tolist()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    return _SegmentTokens(valid_idx.index_select(0, order), counts, starts)
+
+
+def _chunk_groups(plan: _Groups, counts: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive groups packed into chunks of at most ``max_tokens`` labelled tokens (a larger group is a chunk of
+    its own); each chunk is a list of group indices."""
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    cur_tokens = 0
+    for gi, ids in enumerate(plan.ids):
+        ntok = sum(counts[s] for s in ids)
+        if cur and cur_tokens + ntok > max_tokens:
+            chunks.append(cur)
+            cur, cur_tokens = [], 0
+        cur.append(gi)
+        cur_tokens += ntok
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _chunk_rows(toks: _SegmentTokens, seg_list: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, local_seg)`` of a chunk: its tokens' indices into the batch and each token's position in
+    ``seg_list`` (``[n]`` int64 each; ``local_seg`` is built on the host, then moved)."""
+    parts = [toks.rows[toks.starts[s] : toks.starts[s + 1]] for s in seg_list]
+    rows = torch.cat(parts) if parts else toks.rows[:0]
+    local_seg = torch.cat(
+        [torch.full((toks.counts[s],), k, dtype=torch.int64) for k, s in enumerate(seg_list)]
+    ).to(device)
+    return rows, local_seg
+
+
+def _chunk_loss(
+    loss_fn: Callable[..., torch.Tensor],
+    plan: _Groups,
+    chunk: list[int],
+    seq_chunk: torch.Tensor,
+    stats_chunk: SegmentStats | None,
+    need_grad: bool,
+    total_loss: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``loss_fn`` on each loss group of one chunk, adding each group's loss to ``total_loss`` (0-dim fp32, in
+    place); returns ``(d loss / d seq_logp, d loss / d SegmentStats.logp_sum)`` ``[s]`` fp32 per chunk segment.
+
+    Autograd runs on leaf copies of the group's sums only (no graph reaches the head); without gradients to form
+    (``need_grad`` false: no_grad / inference_mode, or nothing requires grad) only the loss is computed."""
+    device = seq_chunk.device
+    n_seg = seq_chunk.shape[0]
+    dseq = torch.zeros(n_seg, dtype=torch.float32, device=device)
+    dplain = torch.zeros(n_seg, dtype=torch.float32, device=device)
+    k0 = 0
+    for gi in chunk:
+        ids = plan.ids[gi]
+        k1 = k0 + len(ids)
+        if gi < plan.n_loss:
+            leaves = [seq_chunk[k0:k1].clone().requires_grad_(need_grad)]
+            args: tuple[Any, ...] = (leaves[0], torch.tensor(ids, dtype=torch.int64, device=device))
+            if stats_chunk is not None:
+                leaves.append(stats_chunk.logp_sum[k0:k1].clone().requires_grad_(need_grad))
+                lsp2 = stats_chunk.log_sum_p2_sum
+                args += (SegmentStats(leaves[1], None if lsp2 is None else lsp2[k0:k1]),)
+            with torch.enable_grad() if need_grad else contextlib.nullcontext():
+                loss_g = loss_fn(*args)
+                if not isinstance(loss_g, torch.Tensor) or loss_g.numel() != 1:
+                    raise ValueError("loss_fn must return a scalar tensor")
+                if need_grad:
+                    grads_g = torch.autograd.grad(loss_g.reshape(()), leaves, allow_unused=True)
+                    if grads_g[0] is not None:
+                        dseq[k0:k1] = grads_g[0]
+                    if len(grads_g) > 1 and grads_g[1] is not None:
+                        dplain[k0:k1] = grads_g[1]
+            total_loss += loss_g.detach().reshape(()).float()
+        k0 = k1
+    return dseq, dplain

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from fastdpo._dispatch import Backend
+from fastdpo._dtypes import accumulate_dtype
 from fastdpo.head.checks import _check_inputs
 from fastdpo.head.function import TokenStats
 from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight
-from fastdpo.head.tiles import _compute_dtype
 
 __all__ = ["naive_linear_token_logprobs"]
 
@@ -43,7 +43,7 @@ def naive_linear_token_logprobs(
         logits = hidden @ w.t()
         if b is not None:
             logits = logits + b
-    acc = _compute_dtype(hidden)
+    acc = accumulate_dtype(hidden.dtype)
     z = logits.to(acc)
     if logit_scale != 1.0:
         z = z * logit_scale

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from fastdpo._dtypes import accumulate_dtype
 from fastdpo.head.plan import _Spec
 from fastdpo.head.tiles import (
-    _compute_dtype,
+    _Fold,
     _fold_tile_torch,
     _fold_tile_triton,
-    _Fold,
     _gemm_dtype,
     _grad_tile_plain,
     _grad_tile_softcap,
@@ -55,7 +55,7 @@ def _forward_sweep(
 ) -> _Fold:
     """One GEMM per tile + fold. ``h`` ``[n, D]`` compacted, ``labels`` ``[n]`` valid ids. Returns the fold state."""
     n, vocab = h.shape[0], w.shape[0]
-    acc = _compute_dtype(h)
+    acc = accumulate_dtype(h.dtype)
     triton = spec.backend == "triton"
     st = _Fold(n, h.device, stats, argmax, acc, run_lse=not (triton or stats or argmax))
     if n == 0:
@@ -125,7 +125,7 @@ def _backward_sweep(
     tile's GEMM (``out=``) and accumulated by the others.
     """
     n, vocab = h.shape[0], w.shape[0]
-    acc = _compute_dtype(h)
+    acc = accumulate_dtype(h.dtype)
     fresh_w = grad_w is None
     grad_h = torch.zeros(n, h.shape[1], dtype=acc, device=h.device) if need_h else None
     if need_w and grad_w is None:

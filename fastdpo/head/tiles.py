@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import torch
 
-from fastdpo._launch import KernelLaunch, launch
+from fastdpo._dtypes import accumulate_dtype
+from fastdpo._launch import KernelLaunch, launch, next_pow2
 from fastdpo.head.plan import _Spec
 
 #: The log-probs-only fold takes a row's tile logsumexp from column 0 while log_softmax(z)_0 >= -limit (error
 #: ~ulp(limit) ~ 1e-6) and from the row's maximum otherwise (two more reductions).
 _LSE_COL0_LIMIT = 16.0
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 
@@ -46,7 +43,7 @@ def _project_tile(
     Same-precision inputs go straight to the GEMM (``out=``); half inputs use the fp32-output GEMM on CUDA (straight
     into ``out``, no extra tile) and are up-cast on CPU (no fast half GEMM there).
     """
-    acc = _compute_dtype(h)
+    acc = accumulate_dtype(h.dtype)
     if h.dtype == acc and w_tile.dtype == acc:
         if b_tile is None:
             return torch.mm(h, w_tile.t(), out=out) if out is not None else torch.mm(h, w_tile.t())
@@ -266,7 +263,7 @@ def _fold_launch(
         "HAS_SOFTCAP": spec.softcap is not None,
         "STATS": st.stats,
         "ARGMAX": st.argmax,
-        "BLOCK_V": min(1024, max(16, _next_pow2(cols))),
+        "BLOCK_V": min(1024, max(16, next_pow2(cols))),
         "ALIGN": 16 // x.element_size(),
     }
     return KernelLaunch(linear_fold_kernel, (rows,), args, constexprs, 4, x.device)
@@ -276,10 +273,6 @@ def _fold_tile_triton(
     x: torch.Tensor, st: _Fold, n0: int, n1: int, labels: torch.Tensor, v0: int, vocab: int, spec: _Spec
 ) -> None:
     launch(_fold_launch(x, st, n0, n1, labels, v0, vocab, spec))
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _grad_tile_softcap(
@@ -361,7 +354,7 @@ def _grad_launch(
     args = (x, x.stride(0), out, cols, v0, vocab, labels, hi, r, g, scale, inv_softcap, out_mult)
     constexprs = {
         "HAS_SOFTCAP": spec.softcap is not None,
-        "BLOCK_V": min(1024, max(16, _next_pow2(cols))),
+        "BLOCK_V": min(1024, max(16, next_pow2(cols))),
         "ALIGN": 16 // min(x.element_size(), out.element_size()),
     }
     return KernelLaunch(linear_grad_kernel, (rows,), args, constexprs, 4, x.device)
@@ -395,7 +388,7 @@ def _projection_operands(
     directly holds the final logits ``z`` (no transform pass). Otherwise (softcap, or the Triton kernels, which apply
     the transform themselves) tiles hold the raw projection. Half inputs on CPU are up-cast once here.
     """
-    acc = _compute_dtype(h)
+    acc = accumulate_dtype(h.dtype)
     if h.device.type != "cuda" and h.dtype != acc:
         h = h.to(acc)
     if spec.backend == "triton" or spec.softcap is not None:
