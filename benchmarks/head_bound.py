@@ -48,7 +48,7 @@ def measure(tokens: int, hidden: int, vocab: int, budget_mb: float, repeats: int
     device = torch.device("cpu")
     p = make_problem("head", Shape(n, d, v), torch.float32, device)
     h, w, labels, up = p.inputs["hidden"], p.inputs["weight"], p.inputs["labels"], p.upstream
-    tok, voc = _plan(n, v, device, None, "torch")
+    tok, voc = _plan(n, v, device)
     tiles = (n / tok) * (v / voc)
     hd, wt = h.detach()[:tok], w.detach()[:voc]
     z = torch.empty(tok, voc)

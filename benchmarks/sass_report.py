@@ -167,7 +167,7 @@ def _head_launches() -> Iterator[tuple[Situation, Any]]:
         for dtype in FLOATS:
             for ldt in LABEL_DTYPES:
                 for n in (8192, 1):
-                    tok, voc = _plan(n, vocab, cuda, None, "triton")
+                    tok, voc = _plan(n, vocab, cuda)
                     h, w, b = _meta(n, d, dtype=dtype), _meta(vocab, d, dtype=dtype), _meta(vocab, dtype=dtype)
                     labels = _meta(n, dtype=ldt)
                     for softcap in (None, SOFTCAP):

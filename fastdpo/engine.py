@@ -96,7 +96,9 @@ class DPOEngine:
         gradient_checkpointing: enable non-reentrant activation checkpointing on the policy.
         disable_dropout: set dropout probabilities to 0 in policy and reference (TRL's default).
         compute_token_metrics: compute ``logits/*``, ``entropy``, ``mean_token_accuracy`` (cheap, no grad).
-        chunk_size, backend, validate: forwarded to the fused head.
+        token_tile, vocab_tile, backend, validate: forwarded to the fused head (both modes; see
+            :func:`fastdpo.head.linear_token_logprobs`). ``chunk_size`` is their deprecated spelling (an int: the
+            vocabulary tile; a tuple: both), accepted with a ``DeprecationWarning``.
         sequence_parallel_size: ``k > 1`` runs every forward sequence-parallel over a group of ``k`` ranks
             (:mod:`fastdpo.sequence_parallel`: Ulysses attention, sequence-sharded fused head). Every rank of a group
             passes the *same* collated batch to ``step``/``compute_logps`` and gets the full, identical loss and
@@ -137,12 +139,15 @@ class DPOEngine:
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         compute_token_metrics: bool = True,
-        chunk_size: int | None = None,
+        token_tile: int | None = None,
+        vocab_tile: int | None = None,
         backend: str = "auto",
         validate: bool = True,
         sequence_parallel_size: int = 1,
         sequence_parallel_group: Any = None,
+        chunk_size: int | tuple[int, int] | None = None,
     ) -> None:
+        from fastdpo.head.plan import _legacy_tiles
         from fastdpo.losses import normalize_loss_config
 
         if not isinstance(model, nn.Module):
@@ -172,7 +177,7 @@ class DPOEngine:
         self.attn_impl = attn_impl
         self.grad_in_forward = bool(grad_in_forward)
         self.compute_token_metrics = bool(compute_token_metrics) and not self.grad_in_forward
-        self.chunk_size = chunk_size
+        self.token_tile, self.vocab_tile = _legacy_tiles("DPOEngine", chunk_size, token_tile, vocab_tile)
         self.backend = backend
         self.validate = bool(validate)
         self.policy_parts: LMParts = resolve_lm(model)
@@ -421,7 +426,8 @@ class DPOEngine:
                     logit_scale=parts.logit_scale, temperature=self.temperature,
                     return_entropy=token_stats, return_mean_logit=token_stats, return_argmax_hit=token_stats,
                     return_log_sum_p2=token_stats and self.use_weighting,
-                    chunk_size=self.chunk_size, validate=self.validate, backend=self.backend,
+                    token_tile=self.token_tile, vocab_tile=self.vocab_tile, validate=self.validate,
+                    backend=self.backend,
                 )
             if sp_shard is not None:  # this rank's tokens -> every token, summed over the group
                 stats = self.sequence_parallel.gather_token_stats(stats, sp_shard, batch["logp_labels"].shape[0])
@@ -641,7 +647,7 @@ class DPOEngine:
                 hidden, weight, batch["logp_labels"], seg, num_seqs, loss_fn, bias=bias,
                 softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
                 token_weights=token_weights, segment_stats=with_stats, segment_log_sum_p2=self.use_weighting,
-                validate=self.validate, backend=self.backend,
+                token_tile=self.token_tile, vocab_tile=self.vocab_tile, validate=self.validate, backend=self.backend,
             )
         if anchor is not None and anchor.requires_grad:
             loss = loss + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward

@@ -409,16 +409,16 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig, positions: int | N
     grads = 4 * (n * d + v * d) + (b * (n * d + v * d) if half else 0)
     if step.grad_in_forward:
         chunk = min(n, max(2 * c, DEFAULT_GIF_LOGITS_BYTES // (4 * v)))  # whole pairs: at least one pair
-        tok, voc = _plan(chunk, v, device, None, "triton" if device.type == "cuda" else "torch")
+        tok, voc = _plan(chunk, v, device)
         work = chunk * d * b + min(4 * chunk * v, DEFAULT_GIF_LOGITS_BYTES) + 2 * 4 * tok * voc
         saved = b * (n * d + v * d)
         # during the chunk loop: fp32 accumulators + a chunk's work; at its end: fp32 accumulators + their b copies
         fwd = 4 * (n * d + v * d) + max(work, saved if half else 0) + 8 * 4 * n
         bwd = 2 * saved
-        ref_tok, ref_voc = _plan(n, v, device, None, "triton" if device.type == "cuda" else "torch")
+        ref_tok, ref_voc = _plan(n, v, device)
         ref = n * d * b + 2 * 4 * ref_tok * ref_voc + 8 * 4 * n
         return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
-    tok, voc = _plan(n, v, device, None, "triton" if device.type == "cuda" else "torch")
+    tok, voc = _plan(n, v, device)
     tile = 4 * tok * voc
     kept = min(DEFAULT_KEEP_LOGITS_BYTES, 4 * n * v)
     saved = n * d * b + 16 * n + kept  # compacted hidden, labels (int64), lse (float64), kept tiles

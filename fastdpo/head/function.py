@@ -43,7 +43,15 @@ from fastdpo._validation import (
 )
 from fastdpo.head.checks import _check_inputs
 from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight
-from fastdpo.head.plan import DEFAULT_KEEP_LOGITS_BYTES, _plan, _resolve, _Spec
+from fastdpo.head.plan import (
+    DEFAULT_KEEP_LOGITS_BYTES,
+    _check_keep_bytes,
+    _check_tiles,
+    _legacy_tiles,
+    _plan,
+    _resolve,
+    _Spec,
+)
 from fastdpo.head.sweeps import _backward_sweep, _forward_sweep, _Kept
 from fastdpo.head.tiles import _outputs_from_fold
 from fastdpo.segments import check_segments, segment_counts, segment_sum
@@ -160,11 +168,13 @@ def linear_token_logprobs(
     return_log_sum_p2: bool = False,
     return_mean_logit: bool = False,
     return_argmax_hit: bool = False,
-    chunk_size: int | tuple[int, int] | None = None,
+    token_tile: int | None = None,
+    vocab_tile: int | None = None,
     validate: bool = True,
     backend: Backend = "auto",
     gather_context: GatherContext | None = None,
     keep_logits_bytes: int | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
 ) -> TokenStats:
     """Per-token log-probs (and optional statistics) of ``labels`` under the LM head, without ``[N, V]`` logits.
 
@@ -176,7 +186,8 @@ def linear_token_logprobs(
         bias: optional ``[V]``.
         softcap, logit_scale, temperature: logit transform (module docstring).
         return_*: which statistics to compute (no gradient; see :class:`TokenStats`).
-        chunk_size: vocabulary tile width, or ``(token tile, vocab tile)``; ``None`` picks from the shapes/device.
+        token_tile, vocab_tile: rows and vocabulary columns of one projection tile; ``None`` picks each from the
+            shapes and device (:func:`fastdpo.head.plan._plan`).
         validate: ``True`` checks that every label is ``ignore_index`` or in ``[0, V)`` before any kernel runs
             (``ValueError``; one device sync) and warns (``RuntimeWarning``) when a log-prob is NaN/inf (another
             sync). ``False`` skips both for hot loops; a label outside the vocabulary then gives a NaN log-prob
@@ -187,10 +198,13 @@ def linear_token_logprobs(
             ``weight``/``bias`` hold their full values; entered around the forward and around the backward sweep.
         keep_logits_bytes: raw logits kept from the forward to skip that part of the backward's recompute GEMM
             (default ``DEFAULT_KEEP_LOGITS_BYTES``; 0 keeps none).
+        chunk_size: deprecated spelling of the tiles (an int: ``vocab_tile``; a tuple: ``(token_tile, vocab_tile)``);
+            ``DeprecationWarning``.
 
     Returns:
         :class:`TokenStats`; ``logprobs`` fp32 shaped like ``labels``, 0 at ignored positions.
     """
+    token_tile, vocab_tile = _legacy_tiles("linear_token_logprobs", chunk_size, token_tile, vocab_tile)
     if gather_context is not None and not callable(gather_context):
         raise TypeError("gather_context must be a callable returning a context manager")
     with _enter(gather_context):
@@ -204,7 +218,7 @@ def linear_token_logprobs(
             logit_scale,
             temperature,
             (return_entropy, return_log_sum_p2, return_mean_logit, return_argmax_hit),
-            chunk_size,
+            (token_tile, vocab_tile),
             validate,
             backend,
             gather_context,
@@ -225,7 +239,7 @@ def _token_logprobs_impl(
     logit_scale: float,
     temperature: float,
     wanted: tuple[bool, bool, bool, bool],
-    chunk_size: int | tuple[int, int] | None,
+    tiles: tuple[int | None, int | None],
     validate: bool,
     backend: Backend,
     gather_context: GatherContext | None,
@@ -234,10 +248,8 @@ def _token_logprobs_impl(
     """:func:`linear_token_logprobs` inside the caller's gather context."""
     return_entropy, return_log_sum_p2, return_mean_logit, return_argmax_hit = wanted
     _check_inputs(hidden, weight, labels, bias, softcap, logit_scale, temperature, ignore_index, validate)
-    if keep_logits_bytes is None:
-        keep_logits_bytes = DEFAULT_KEEP_LOGITS_BYTES
-    if isinstance(keep_logits_bytes, bool) or not isinstance(keep_logits_bytes, int) or keep_logits_bytes < 0:
-        raise ValueError(f"keep_logits_bytes must be an int >= 0, got {keep_logits_bytes!r}")
+    keep_logits_bytes = _check_keep_bytes(keep_logits_bytes, DEFAULT_KEEP_LOGITS_BYTES)
+    _check_tiles(*tiles)
     device = hidden.device
     resolved = _resolve(backend, hidden)
     w = _gather_weight(weight)
@@ -257,7 +269,7 @@ def _token_logprobs_impl(
     hc = hc.contiguous()
     w = w.contiguous() if gather_context is None else w
     labc = labc.to(torch.int64).contiguous()
-    tok, voc = _plan(n, weight.shape[0], device, chunk_size, resolved)
+    tok, voc = _plan(n, weight.shape[0], device, token_tile=tiles[0], vocab_tile=tiles[1])
     spec = _Spec(float(logit_scale), None if softcap is None else float(softcap), float(temperature), tok, voc, resolved)
     stats = return_entropy or return_log_sum_p2 or return_mean_logit
     wants_grad = torch.is_grad_enabled() and (
@@ -309,11 +321,13 @@ def linear_sequence_logprobs(
     segment_ids: torch.Tensor | None = None,
     num_segments: int | None = None,
     average: bool = False,
-    chunk_size: int | tuple[int, int] | None = None,
+    token_tile: int | None = None,
+    vocab_tile: int | None = None,
     validate: bool = True,
     backend: Backend = "auto",
     gather_context: GatherContext | None = None,
     keep_logits_bytes: int | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Per-sequence summed (or, with ``average``, mean) label log-probs, fp32, differentiable.
 
@@ -323,8 +337,10 @@ def linear_sequence_logprobs(
     ``num_segments=None`` infers ``max + 1`` over the labelled positions (one sync) and refuses a count above ``N``
     (a stray id: pass it explicitly). ``validate`` also checks the segment ids of labelled positions (in
     ``[0, S)``); with ``validate=False`` a token whose id lies outside adds to no sequence, and a NaN log-prob (an
-    out-of-vocabulary label) propagates to its sequence. Other arguments as :func:`linear_token_logprobs`.
+    out-of-vocabulary label) propagates to its sequence. Other arguments as :func:`linear_token_logprobs`
+    (``chunk_size`` is deprecated there too).
     """
+    token_tile, vocab_tile = _legacy_tiles("linear_sequence_logprobs", chunk_size, token_tile, vocab_tile)
     check_index("labels", labels)
     if segment_ids is None:
         if labels.dim() != 2:
@@ -360,7 +376,8 @@ def linear_sequence_logprobs(
         softcap=softcap,
         logit_scale=logit_scale,
         temperature=temperature,
-        chunk_size=chunk_size,
+        token_tile=token_tile,
+        vocab_tile=vocab_tile,
         validate=validate,
         backend=backend,
         gather_context=gather_context,

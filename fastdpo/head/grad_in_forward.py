@@ -2,7 +2,7 @@
 during the forward (3 GEMMs instead of 4).
 
 The segments are split into loss-local groups (a preference pair), the groups into chunks of whole groups whose
-logits fit ``logits_budget_bytes``. Per chunk: one forward sweep (keeping the chunk's logits), the per-segment sums,
+logits fit ``keep_logits_bytes``. Per chunk: one forward sweep (keeping the chunk's logits), the per-segment sums,
 ``loss_fn`` on each group with autograd on leaf copies of its log-probs only (``d loss / d seq_logp``), then one
 backward sweep that turns the kept logits into the head's gradients, accumulated over chunks. The returned loss
 hands those stored gradients out on backward (:class:`_StoredGradLoss`).
@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fastdpo._deprecation import renamed
 from fastdpo._dispatch import Backend
 from fastdpo._dtypes import accumulate_dtype
 from fastdpo._validation import (
@@ -26,7 +27,14 @@ from fastdpo._validation import (
 )
 from fastdpo.head.checks import _check_inputs
 from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight
-from fastdpo.head.plan import DEFAULT_GIF_LOGITS_BYTES, _plan, _resolve, _Spec
+from fastdpo.head.plan import (
+    DEFAULT_GIF_LOGITS_BYTES,
+    _check_keep_bytes,
+    _check_tiles,
+    _plan,
+    _resolve,
+    _Spec,
+)
 from fastdpo.head.sweeps import _backward_sweep, _forward_sweep, _Kept
 from fastdpo.head.tiles import _outputs_from_fold
 from fastdpo.segments import segment_counts, segment_sum
@@ -95,10 +103,14 @@ def linear_logprobs_loss_grad_in_forward(
     token_weights: torch.Tensor | None = None,
     segment_stats: bool = False,
     segment_log_sum_p2: bool = False,
-    chunk_size: int | None = None,
+    chunk_tokens: int | None = None,
+    token_tile: int | None = None,
+    vocab_tile: int | None = None,
     validate: bool = True,
     backend: Backend = "auto",
     gather_context: GatherContext | None = None,
+    keep_logits_bytes: int | None = None,
+    chunk_size: int | None = None,
     logits_budget_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of per-sequence log-probs with the LM-head gradients formed during the forward (3 GEMMs, not 4).
@@ -116,8 +128,14 @@ def linear_logprobs_loss_grad_in_forward(
             group. A token's gradient is then ``dL/dseq_logps * w_t + dL/dlogp_sum``.
         segment_log_sum_p2: with ``segment_stats``, also fill ``SegmentStats.log_sum_p2_sum`` (for WPO weights; the
             fold then computes the token statistics, more work per tile).
-        chunk_size: max tokens per chunk of whole groups (default: as many as ``logits_budget_bytes`` of fp32 logits
-            allow; a group larger than that is processed alone and recomputes the logits it could not keep).
+        chunk_tokens: max labelled tokens per chunk of whole groups (default: as many as ``keep_logits_bytes`` of
+            fp32 logits allow; a group larger than that is processed alone and recomputes the logits it could not
+            keep).
+        token_tile, vocab_tile: the projection tile inside each chunk, as :func:`linear_token_logprobs`.
+        keep_logits_bytes: logits of one chunk kept from the forward sweep for its backward sweep (default
+            ``DEFAULT_GIF_LOGITS_BYTES``; 0 keeps none and recomputes every tile).
+        chunk_size, logits_budget_bytes: deprecated names of ``chunk_tokens`` and ``keep_logits_bytes``
+            (``DeprecationWarning``).
         validate: as :func:`linear_token_logprobs` (label range check, non-finite warning), and also checks that
             every segment id lies in ``[0, num_segments)`` (one sync); with ``validate=False`` a token whose segment
             id lies outside belongs to no segment (no log-prob, no gradient).
@@ -129,6 +147,10 @@ def linear_logprobs_loss_grad_in_forward(
         graph's saved tensors); ``seq_logps`` ``[S]`` fp32, detached. Without gradients to form (under
         ``torch.no_grad()`` / ``torch.inference_mode()``, or nothing requires grad) only the loss is computed.
     """
+    where = "linear_logprobs_loss_grad_in_forward"
+    chunk_tokens = renamed(where, "chunk_size", chunk_size, "chunk_tokens", chunk_tokens)
+    keep_logits_bytes = renamed(where, "logits_budget_bytes", logits_budget_bytes, "keep_logits_bytes",
+                                keep_logits_bytes)
     if gather_context is not None and not callable(gather_context):
         raise TypeError("gather_context must be a callable returning a context manager")
     with _enter(gather_context):
@@ -148,10 +170,11 @@ def linear_logprobs_loss_grad_in_forward(
             token_weights,
             segment_stats,
             segment_log_sum_p2,
-            chunk_size,
+            chunk_tokens,
+            (token_tile, vocab_tile),
             validate,
             backend,
-            logits_budget_bytes,
+            keep_logits_bytes,
         )
     if validate:
         warn_nonfinite_output(seq_logps, "hidden states or weight")
@@ -174,23 +197,25 @@ def _grad_in_forward_impl(
     token_weights: torch.Tensor | None,
     segment_stats: bool,
     segment_log_sum_p2: bool,
-    chunk_size: int | None,
+    chunk_tokens: int | None,
+    tiles: tuple[int | None, int | None],
     validate: bool,
     backend: Backend,
-    logits_budget_bytes: int | None,
+    keep_logits_bytes: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear_logprobs_loss_grad_in_forward` inside the caller's gather context."""
     _check_inputs(hidden, weight, labels, bias, softcap, logit_scale, temperature, ignore_index, validate)
-    _check_grad_in_forward_inputs(hidden, labels, segment_ids, num_segments, loss_fn, token_weights, chunk_size,
+    _check_grad_in_forward_inputs(hidden, labels, segment_ids, num_segments, loss_fn, token_weights, chunk_tokens,
                                   validate)
-    budget = DEFAULT_GIF_LOGITS_BYTES if logits_budget_bytes is None else logits_budget_bytes
+    _check_tiles(*tiles)
+    budget = _check_keep_bytes(keep_logits_bytes, DEFAULT_GIF_LOGITS_BYTES)
     device = hidden.device
     resolved = _resolve(backend, hidden)
     vocab, d = weight.shape[0], weight.shape[1]
     plan = _plan_groups(groups, num_segments)
     lab = labels.to(torch.int64)
     toks = _tokens_by_segment(lab, segment_ids, num_segments, ignore_index)
-    max_tokens = chunk_size if chunk_size is not None else max(1, budget // (4 * vocab))
+    max_tokens = chunk_tokens if chunk_tokens is not None else max(1, budget // (4 * vocab))
     chunks = _chunk_groups(plan, toks.counts, max_tokens)
 
     need_h = hidden.requires_grad and torch.is_grad_enabled()
@@ -216,7 +241,7 @@ def _grad_in_forward_impl(
             n = rows.shape[0]
             hc = h_all.index_select(0, rows).contiguous()
             labc = lab.index_select(0, rows).contiguous()
-            tok_tile, voc_tile = _plan(n, vocab, device, None, resolved)
+            tok_tile, voc_tile = _plan(n, vocab, device, token_tile=tiles[0], vocab_tile=tiles[1])
             spec = _Spec(
                 float(logit_scale),
                 None if softcap is None else float(softcap),
@@ -275,7 +300,7 @@ def _check_grad_in_forward_inputs(
     num_segments: int,
     loss_fn: Callable[..., torch.Tensor],
     token_weights: torch.Tensor | None,
-    chunk_size: int | None,
+    chunk_tokens: int | None,
     validate: bool,
 ) -> None:
     """The checks of grad-in-forward's own arguments (the head's are :func:`~fastdpo.head.checks._check_inputs`)."""
@@ -291,8 +316,10 @@ def _check_grad_in_forward_inputs(
         raise ValueError(f"num_segments must be an int >= 1, got {num_segments!r}")
     if validate and segment_ids.numel() and bool(((segment_ids < 0) | (segment_ids >= num_segments)).any()):
         raise ValueError(f"segment_ids must lie in [0, {num_segments})")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an int >= 1 (tokens per chunk of groups), got {chunk_size!r}")
+    if chunk_tokens is not None and (
+        isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1
+    ):
+        raise ValueError(f"chunk_tokens must be an int >= 1 (tokens per chunk of groups), got {chunk_tokens!r}")
     if token_weights is not None:
         check_float("token_weights", token_weights)
         if token_weights.shape != labels.shape:

@@ -8,6 +8,7 @@ from fastdpo._dtypes import accumulate_dtype
 from fastdpo.head.checks import _check_inputs
 from fastdpo.head.function import TokenStats
 from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight
+from fastdpo.head.plan import _legacy_tiles
 
 __all__ = ["naive_linear_token_logprobs"]
 
@@ -26,16 +27,20 @@ def naive_linear_token_logprobs(
     return_log_sum_p2: bool = False,
     return_mean_logit: bool = False,
     return_argmax_hit: bool = False,
-    chunk_size: int | tuple[int, int] | None = None,
+    token_tile: int | None = None,
+    vocab_tile: int | None = None,
     validate: bool = True,
     backend: Backend = "auto",
     gather_context: GatherContext | None = None,
     keep_logits_bytes: int | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
 ) -> TokenStats:
     """Reference: materialize all logits in the input dtype (``hidden @ weight.T``), ``log_softmax`` in fp32 (fp64
-    for fp64), gather. Same signature and outputs as :func:`linear_token_logprobs` (``chunk_size``, ``backend``,
-    ``keep_logits_bytes`` are accepted and ignored). Memory ``O(N * V)``: baseline and test oracle only.
+    for fp64), gather. Same signature and outputs as :func:`linear_token_logprobs` (the tiles, ``backend`` and
+    ``keep_logits_bytes`` are accepted and ignored; ``chunk_size`` warns as there). Memory ``O(N * V)``: baseline
+    and test oracle only.
     """
+    _legacy_tiles("naive_linear_token_logprobs", chunk_size, token_tile, vocab_tile)
     _check_inputs(hidden, weight, labels, bias, softcap, logit_scale, temperature, ignore_index, validate)
     with _enter(gather_context):
         w = _gather_weight(weight)
