@@ -42,11 +42,16 @@ from fastdpo._validation import (
     warn_nonfinite_output,
 )
 from fastdpo.head.checks import _check_inputs
-from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight
+from fastdpo.head.gather import (
+    GatherContext,
+    _enter,
+    _gather_bias,
+    _gather_weight,
+    _within_gather_context,
+)
 from fastdpo.head.plan import (
     DEFAULT_KEEP_LOGITS_BYTES,
     _check_keep_bytes,
-    _check_tiles,
     _legacy_tiles,
     _plan,
     _resolve,
@@ -154,6 +159,7 @@ class _LinearLogprobs(torch.autograd.Function):
 
 
 
+@_within_gather_context
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -204,72 +210,15 @@ def linear_token_logprobs(
     Returns:
         :class:`TokenStats`; ``logprobs`` fp32 shaped like ``labels``, 0 at ignored positions.
     """
-    token_tile, vocab_tile = _legacy_tiles("linear_token_logprobs", chunk_size, token_tile, vocab_tile)
-    if gather_context is not None and not callable(gather_context):
-        raise TypeError("gather_context must be a callable returning a context manager")
-    with _enter(gather_context):
-        stats = _token_logprobs_impl(
-            hidden,
-            weight,
-            labels,
-            bias,
-            ignore_index,
-            softcap,
-            logit_scale,
-            temperature,
-            (return_entropy, return_log_sum_p2, return_mean_logit, return_argmax_hit),
-            (token_tile, vocab_tile),
-            validate,
-            backend,
-            gather_context,
-            keep_logits_bytes,
-        )
-    if validate:
-        warn_nonfinite_output(stats.logprobs, "hidden states or weight")
-    return stats
-
-
-def _token_logprobs_impl(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None,
-    ignore_index: int,
-    softcap: float | None,
-    logit_scale: float,
-    temperature: float,
-    wanted: tuple[bool, bool, bool, bool],
-    tiles: tuple[int | None, int | None],
-    validate: bool,
-    backend: Backend,
-    gather_context: GatherContext | None,
-    keep_logits_bytes: int | None,
-) -> TokenStats:
-    """:func:`linear_token_logprobs` inside the caller's gather context."""
-    return_entropy, return_log_sum_p2, return_mean_logit, return_argmax_hit = wanted
+    token_tile, vocab_tile = _legacy_tiles("linear_token_logprobs", chunk_size, token_tile, vocab_tile, stacklevel=4)
     _check_inputs(hidden, weight, labels, bias, softcap, logit_scale, temperature, ignore_index, validate)
     keep_logits_bytes = _check_keep_bytes(keep_logits_bytes, DEFAULT_KEEP_LOGITS_BYTES)
-    _check_tiles(*tiles)
-    device = hidden.device
     resolved = _resolve(backend, hidden)
     w = _gather_weight(weight)
     b = _gather_bias(bias)
-    shape = labels.shape
-    d = hidden.shape[-1]
-    h2 = hidden.reshape(-1, d)
-    lab = labels.reshape(-1)
-    total = lab.shape[0]
-    valid = lab != ignore_index
-    idx = valid.nonzero().squeeze(1)
-    n = idx.shape[0]
-    if n == total:
-        hc, labc, idx = h2, lab, None
-    else:
-        hc, labc = h2.index_select(0, idx), lab.index_select(0, idx)
-    hc = hc.contiguous()
+    hc, labc, idx = _compact(hidden, labels, ignore_index)
     w = w.contiguous() if gather_context is None else w
-    labc = labc.to(torch.int64).contiguous()
-    tok, voc = _plan(n, weight.shape[0], device, token_tile=tiles[0], vocab_tile=tiles[1])
+    tok, voc = _plan(hc.shape[0], weight.shape[0], hidden.device, token_tile=token_tile, vocab_tile=vocab_tile)
     spec = _Spec(float(logit_scale), None if softcap is None else float(softcap), float(temperature), tok, voc, resolved)
     stats = return_entropy or return_log_sum_p2 or return_mean_logit
     wants_grad = torch.is_grad_enabled() and (
@@ -290,22 +239,41 @@ def _token_logprobs_impl(
         with torch.no_grad():
             st = _forward_sweep(hc, w, b, labc, spec, stats, return_argmax_hit, None)
             _, logp, entropy, log_sum_p2, mean_logit, hit = _outputs_from_fold(st, labc, weight.shape[0])
-
-    def expand(t: torch.Tensor | None, fill: float | bool) -> torch.Tensor | None:
-        if t is None:
-            return None
-        if idx is None:
-            return t.reshape(shape)
-        full = torch.full((total,), fill, dtype=t.dtype, device=device)
-        return full.index_copy(0, idx, t).reshape(shape)
-
-    return TokenStats(
-        expand(logp, 0.0),  # type: ignore[arg-type]
-        expand(entropy if return_entropy else None, 0.0),
-        expand(log_sum_p2 if return_log_sum_p2 else None, 0.0),
-        expand(mean_logit if return_mean_logit else None, 0.0),
-        expand(hit, False),
+    out = TokenStats(
+        _expand(logp, idx, labels.shape, 0.0),  # type: ignore[arg-type]
+        _expand(entropy if return_entropy else None, idx, labels.shape, 0.0),
+        _expand(log_sum_p2 if return_log_sum_p2 else None, idx, labels.shape, 0.0),
+        _expand(mean_logit if return_mean_logit else None, idx, labels.shape, 0.0),
+        _expand(hit, idx, labels.shape, False),
     )
+    if validate:
+        warn_nonfinite_output(out.logprobs, "hidden states or weight")
+    return out
+
+
+def _compact(
+    hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(h [n, D] contiguous, labels [n] int64, idx [n] | None)``: the labelled positions of ``hidden [..., D]`` and
+    their flat indices (``None`` when every position is labelled: the input itself, no copy)."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    lab = labels.reshape(-1)
+    idx = (lab != ignore_index).nonzero().squeeze(1)
+    if idx.shape[0] == lab.shape[0]:
+        return h2.contiguous(), lab.to(torch.int64).contiguous(), None
+    return h2.index_select(0, idx).contiguous(), lab.index_select(0, idx).to(torch.int64).contiguous(), idx
+
+
+def _expand(
+    t: torch.Tensor | None, idx: torch.Tensor | None, shape: torch.Size, fill: float | bool
+) -> torch.Tensor | None:
+    """Per-labelled-position ``t [n]`` back to ``shape``, ``fill`` at the ignored positions (:func:`_compact`)."""
+    if t is None:
+        return None
+    if idx is None:
+        return t.reshape(shape)
+    full = torch.full((shape.numel(),), fill, dtype=t.dtype, device=t.device)
+    return full.index_copy(0, idx, t).reshape(shape)
 
 
 def linear_sequence_logprobs(

@@ -26,7 +26,12 @@ from fastdpo._validation import (
     warn_nonfinite_output,
 )
 from fastdpo.head.checks import _check_inputs
-from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight
+from fastdpo.head.gather import (
+    GatherContext,
+    _gather_bias,
+    _gather_weight,
+    _within_gather_context,
+)
 from fastdpo.head.plan import (
     DEFAULT_GIF_LOGITS_BYTES,
     _check_keep_bytes,
@@ -86,6 +91,7 @@ class _StoredGradLoss(torch.autograd.Function):
         return None, scale(gh), scale(gw), scale(gb), None
 
 
+@_within_gather_context
 def linear_logprobs_loss_grad_in_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -148,66 +154,13 @@ def linear_logprobs_loss_grad_in_forward(
         ``torch.no_grad()`` / ``torch.inference_mode()``, or nothing requires grad) only the loss is computed.
     """
     where = "linear_logprobs_loss_grad_in_forward"
-    chunk_tokens = renamed(where, "chunk_size", chunk_size, "chunk_tokens", chunk_tokens)
+    chunk_tokens = renamed(where, "chunk_size", chunk_size, "chunk_tokens", chunk_tokens, stacklevel=4)
     keep_logits_bytes = renamed(where, "logits_budget_bytes", logits_budget_bytes, "keep_logits_bytes",
-                                keep_logits_bytes)
-    if gather_context is not None and not callable(gather_context):
-        raise TypeError("gather_context must be a callable returning a context manager")
-    with _enter(gather_context):
-        loss, seq_logps = _grad_in_forward_impl(
-            hidden,
-            weight,
-            labels,
-            segment_ids,
-            num_segments,
-            loss_fn,
-            bias,
-            ignore_index,
-            softcap,
-            logit_scale,
-            temperature,
-            groups,
-            token_weights,
-            segment_stats,
-            segment_log_sum_p2,
-            chunk_tokens,
-            (token_tile, vocab_tile),
-            validate,
-            backend,
-            keep_logits_bytes,
-        )
-    if validate:
-        warn_nonfinite_output(seq_logps, "hidden states or weight")
-    return loss, seq_logps
-
-
-def _grad_in_forward_impl(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    segment_ids: torch.Tensor,
-    num_segments: int,
-    loss_fn: Callable[..., torch.Tensor],
-    bias: torch.Tensor | None,
-    ignore_index: int,
-    softcap: float | None,
-    logit_scale: float,
-    temperature: float,
-    groups: Sequence[torch.Tensor] | None,
-    token_weights: torch.Tensor | None,
-    segment_stats: bool,
-    segment_log_sum_p2: bool,
-    chunk_tokens: int | None,
-    tiles: tuple[int | None, int | None],
-    validate: bool,
-    backend: Backend,
-    keep_logits_bytes: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`linear_logprobs_loss_grad_in_forward` inside the caller's gather context."""
+                                keep_logits_bytes, stacklevel=4)
+    _check_tiles(token_tile, vocab_tile)
     _check_inputs(hidden, weight, labels, bias, softcap, logit_scale, temperature, ignore_index, validate)
     _check_grad_in_forward_inputs(hidden, labels, segment_ids, num_segments, loss_fn, token_weights, chunk_tokens,
                                   validate)
-    _check_tiles(*tiles)
     budget = _check_keep_bytes(keep_logits_bytes, DEFAULT_GIF_LOGITS_BYTES)
     device = hidden.device
     resolved = _resolve(backend, hidden)
@@ -241,7 +194,7 @@ def _grad_in_forward_impl(
             n = rows.shape[0]
             hc = h_all.index_select(0, rows).contiguous()
             labc = lab.index_select(0, rows).contiguous()
-            tok_tile, voc_tile = _plan(n, vocab, device, token_tile=tiles[0], vocab_tile=tiles[1])
+            tok_tile, voc_tile = _plan(n, vocab, device, token_tile=token_tile, vocab_tile=vocab_tile)
             spec = _Spec(
                 float(logit_scale),
                 None if softcap is None else float(softcap),
@@ -290,6 +243,8 @@ def _grad_in_forward_impl(
         loss = _StoredGradLoss.apply(total_loss, hidden, w_full, b_full, grads)
     else:
         loss = total_loss
+    if validate:
+        warn_nonfinite_output(seq_logps, "hidden states or weight")
     return loss, seq_logps
 
 
