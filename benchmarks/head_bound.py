@@ -41,13 +41,14 @@ def _median_s(fn: Callable[[], Any], repeats: int) -> float:
 def measure(tokens: int, hidden: int, vocab: int, budget_mb: float, repeats: int) -> dict[str, Any]:
     """Measure the GEMM parts, the naive path and fastdpo (fp32, CPU); return the figures (seconds, bytes)."""
     from fastdpo.benchmarks.impls import Shape, make_problem, naive_head
-    from fastdpo.linear_logprobs import _plan, linear_token_logprobs
+    from fastdpo.head.function import linear_token_logprobs
+    from fastdpo.head.plan import _plan
 
     n, d, v = tokens, hidden, vocab
     device = torch.device("cpu")
     p = make_problem("head", Shape(n, d, v), torch.float32, device)
     h, w, labels, up = p.inputs["hidden"], p.inputs["weight"], p.inputs["labels"], p.upstream
-    tok, voc = _plan(n, v, device, None, "torch")
+    tok, voc = _plan(n, v, device)
     tiles = (n / tok) * (v / voc)
     hd, wt = h.detach()[:tok], w.detach()[:voc]
     z = torch.empty(tok, voc)

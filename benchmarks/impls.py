@@ -203,7 +203,7 @@ def _head_naive(p: Problem, device: torch.device) -> Callable[[], torch.Tensor]:
 
 
 def _head_fastdpo(p: Problem, device: torch.device) -> Callable[[], torch.Tensor]:
-    from fastdpo.linear_logprobs import linear_token_logprobs
+    from fastdpo.head.function import linear_token_logprobs
 
     x = p.inputs
     return lambda: linear_token_logprobs(x["hidden"], x["weight"], x["labels"], validate=False).logprobs
@@ -296,7 +296,7 @@ def _dpo_liger(p: Problem, device: torch.device) -> Callable[[], torch.Tensor]:
 
 IMPLS: tuple[Impl, ...] = (
     Impl("head", "naive", _head_naive),
-    Impl("head", "fastdpo", _head_fastdpo, attr=("fastdpo.linear_logprobs", "linear_token_logprobs")),
+    Impl("head", "fastdpo", _head_fastdpo, attr=("fastdpo.head", "linear_token_logprobs")),
     Impl("head", "trl", _head_trl, requires=("trl",), attr=("trl.kernels", "ChunkedLogProbFunction")),
     Impl("head", "torch_lce", _head_torch_lce, attr=("torch.nn", "LinearCrossEntropyOptions")),
     Impl("head", "cce", _head_cce, requires=("cut_cross_entropy",), cuda_only=True),

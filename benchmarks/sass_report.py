@@ -158,7 +158,8 @@ def _head_launches() -> Iterator[tuple[Situation, Any]]:
     ``N = 1`` keeps every tile (each its own contiguous ``[1, cols]`` tensor, the last one ``V mod 8192`` wide).
     """
     from fastdpo._launch import capture_launches
-    from fastdpo.linear_logprobs import DEFAULT_KEEP_LOGITS_BYTES, _backward_sweep, _forward_sweep, _Kept, _plan, _Spec
+    from fastdpo.head.plan import DEFAULT_KEEP_LOGITS_BYTES, _plan, _Spec
+    from fastdpo.head.sweeps import _backward_sweep, _forward_sweep, _Kept
 
     cuda = torch.device("cuda")
     d = 64  # the hidden size does not reach the kernels (they see GEMM output tiles)
@@ -166,7 +167,7 @@ def _head_launches() -> Iterator[tuple[Situation, Any]]:
         for dtype in FLOATS:
             for ldt in LABEL_DTYPES:
                 for n in (8192, 1):
-                    tok, voc = _plan(n, vocab, cuda, None, "triton")
+                    tok, voc = _plan(n, vocab, cuda)
                     h, w, b = _meta(n, d, dtype=dtype), _meta(vocab, d, dtype=dtype), _meta(vocab, dtype=dtype)
                     labels = _meta(n, dtype=ldt)
                     for softcap in (None, SOFTCAP):

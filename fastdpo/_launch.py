@@ -100,3 +100,8 @@ def launch(spec: KernelLaunch) -> None:
         _interpreter_rounds_bf16_to_nearest()
     with device_guard(spec.device):
         spec.kernel[spec.grid](*spec.args, **spec.constexprs, num_warps=spec.num_warps)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``): Triton block widths are powers of two."""
+    return 1 << max(0, (n - 1).bit_length())

@@ -3,7 +3,7 @@
 Both forwards run the model's own forward (through DDP / FSDP2 / PEFT wrappers, so their hooks fire) with the output
 projection restricted to zero positions, capturing the backbone's last hidden states (see :mod:`fastdpo.models`): the
 hidden states of the positions that predict completion tokens (``batch["logp_index"]``) are fed with the
-output-embedding weight to the fused head :func:`fastdpo.linear_logprobs.linear_token_logprobs`, so ``[tokens, V]``
+output-embedding weight to the fused head :func:`fastdpo.head.linear_token_logprobs`, so ``[tokens, V]``
 logits never exist and prompt positions never reach the head. Policy and reference ask the head for the same token
 statistics, so they take the identical fold path: equal weights give bitwise-equal log-probs (rewards exactly 0).
 Per-token log-probs are reduced per sequence with the deterministic
@@ -86,7 +86,7 @@ class DPOEngine:
         temperature: logits are divided by it before the softmax (policy and reference; TRL's DPO uses 1).
         attn_impl: attention implementation passed to :func:`fastdpo.attention.build_attention_kwargs`.
         grad_in_forward: compute the head's gradients during the forward pass
-            (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`, 3 GEMMs instead of 4), for every
+            (:func:`fastdpo.head.linear_logprobs_loss_grad_in_forward`, 3 GEMMs instead of 4), for every
             loss configuration (WPO and LD-DPO included); pair-local losses are processed pair by pair, the
             batch-coupled ones (aot, aot_unpaired, sft) as one group. Token metrics (``logits/*``, ``entropy``,
             ``mean_token_accuracy``) are then not reported.
@@ -98,7 +98,9 @@ class DPOEngine:
         gradient_checkpointing: enable non-reentrant activation checkpointing on the policy.
         disable_dropout: set dropout probabilities to 0 in policy and reference (TRL's default).
         compute_token_metrics: compute ``logits/*``, ``entropy``, ``mean_token_accuracy`` (cheap, no grad).
-        chunk_size, backend, validate: forwarded to the fused head.
+        token_tile, vocab_tile, backend, validate: forwarded to the fused head (both modes; see
+            :func:`fastdpo.head.linear_token_logprobs`). ``chunk_size`` is their deprecated spelling (an int: the
+            vocabulary tile; a tuple: both), accepted with a ``DeprecationWarning``.
         sequence_parallel_size: ``k > 1`` runs every forward sequence-parallel over a group of ``k`` ranks
             (:mod:`fastdpo.sequence_parallel`: Ulysses attention, sequence-sharded fused head). Every rank of a group
             passes the *same* collated batch to ``step``/``compute_logps`` and gets the full, identical loss and
@@ -139,12 +141,15 @@ class DPOEngine:
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         compute_token_metrics: bool = True,
-        chunk_size: int | None = None,
+        token_tile: int | None = None,
+        vocab_tile: int | None = None,
         backend: str = "auto",
         validate: bool = True,
         sequence_parallel_size: int = 1,
         sequence_parallel_group: Any = None,
+        chunk_size: int | tuple[int, int] | None = None,
     ) -> None:
+        from fastdpo.head.plan import _legacy_tiles
         from fastdpo.losses import normalize_loss_config
 
         if not isinstance(model, nn.Module):
@@ -174,7 +179,7 @@ class DPOEngine:
         self.attn_impl = attn_impl
         self.grad_in_forward = bool(grad_in_forward)
         self.compute_token_metrics = bool(compute_token_metrics) and not self.grad_in_forward
-        self.chunk_size = chunk_size
+        self.token_tile, self.vocab_tile = _legacy_tiles("DPOEngine", chunk_size, token_tile, vocab_tile)
         self.backend = backend
         self.validate = bool(validate)
         self.policy_parts: LMParts = resolve_lm(model)
@@ -404,7 +409,7 @@ class DPOEngine:
         ``token_stats=True``, the head's ``entropy``, ``mean_logit``, ``argmax_hit`` (``[M]``) and ``log_sum_p2``
         (``[M]``, only with WPO) — ``None`` when not computed. ``with_grad=False`` runs under ``torch.no_grad``.
         """
-        from fastdpo.linear_logprobs import linear_token_logprobs
+        from fastdpo.head.function import linear_token_logprobs
         from fastdpo.segments import segment_sum
 
         num_pairs = self._check_batch(batch)
@@ -425,8 +430,8 @@ class DPOEngine:
                         logit_scale=parts.logit_scale, temperature=self.temperature,
                         return_entropy=token_stats, return_mean_logit=token_stats, return_argmax_hit=token_stats,
                         return_log_sum_p2=token_stats and self.use_weighting,
-                        chunk_size=self.chunk_size, validate=self.validate, backend=self.backend,
-                        gather_context=gather,
+                        token_tile=self.token_tile, vocab_tile=self.vocab_tile, validate=self.validate,
+                        backend=self.backend, gather_context=gather,
                     )
 
             stats = parts.call_head(head, hidden)  # under ZeRO-3 as a call of the head module (its hooks gather)
@@ -592,8 +597,8 @@ class DPOEngine:
 
         LD-DPO enters as per-token weights of the sequence sums; LD-DPO's plain NLL sums and WPO's ``log sum p^2`` sums
         (from which :func:`~fastdpo.losses.preference_loss` forms the WPO weights) come from the per-group
-        :class:`~fastdpo.linear_logprobs.SegmentStats` the head hands the loss."""
-        from fastdpo.linear_logprobs import SegmentStats, linear_logprobs_loss_grad_in_forward
+        :class:`~fastdpo.head.SegmentStats` the head hands the loss."""
+        from fastdpo.head.grad_in_forward import SegmentStats, linear_logprobs_loss_grad_in_forward
         from fastdpo.losses import dpo_metrics, ld_token_weights, preference_loss
 
         hidden, anchor = self._completion_hidden(parts, batch)
@@ -661,7 +666,8 @@ class DPOEngine:
                     h, weight, batch["logp_labels"], seg, num_seqs, loss_fn, bias=bias,
                     softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
                     token_weights=token_weights, segment_stats=with_stats, segment_log_sum_p2=self.use_weighting,
-                    validate=self.validate, backend=self.backend, gather_context=gather,
+                    token_tile=self.token_tile, vocab_tile=self.vocab_tile, validate=self.validate,
+                    backend=self.backend, gather_context=gather,
                 )
 
         loss, seq = parts.call_head(head, hidden)

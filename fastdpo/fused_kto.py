@@ -10,7 +10,7 @@ positions whose target is not ``ignore_index``; ``r = log pi(y)`` without a refe
     undesirable: 1 - sigmoid(beta * (kl - r))
     loss = sum over rows / B
 
-Only the target positions reach the head (:func:`fastdpo.linear_logprobs.linear_sequence_logprobs`), so no
+Only the target positions reach the head (:func:`fastdpo.head.linear_sequence_logprobs`), so no
 ``[B, T, V]`` logits exist; the logits sums Liger reports are computed by linearity, ``sum(h) . sum_v W_v``.
 Outputs as Liger's: ``(loss, (chosen_logps_sum, rejected_logps_sum, chosen_logits_sum, rejected_logits_sum,
 chosen_rewards_sum, rejected_rewards_sum))``, 0-dim fp32 sums over the desirable / undesirable rows (divide by the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from fastdpo._validation import check_float, check_index, check_same_device
+from fastdpo.head.plan import _legacy_tiles
 
 __all__ = ["FusedLinearKTOLoss"]
 
@@ -35,8 +36,8 @@ class FusedLinearKTOLoss(torch.nn.Module):
     ref_input [B, T, D] = None, ref_weight [V, D] = None, ref_bias [V] = None, kl = None)`` (note: ``_input`` comes
     first here, as in Liger's KTO module) -> ``(loss, aux)`` as described in :mod:`fastdpo.fused_kto`.
 
-    Keyword-only head options: ``head_chunk_size``, ``keep_logits_bytes``, ``validate``, ``backend`` (as
-    :class:`fastdpo.nn.FusedLinearDPOLoss`).
+    Keyword-only head options: ``token_tile``, ``vocab_tile``, ``keep_logits_bytes``, ``validate``, ``backend`` (as
+    :class:`fastdpo.nn.FusedLinearDPOLoss`; ``head_chunk_size`` is the tiles' deprecated spelling).
     """
 
     def __init__(
@@ -48,12 +49,16 @@ class FusedLinearKTOLoss(torch.nn.Module):
         average_log_prob: bool = False,
         chunk_size: int = 1,
         *,
-        head_chunk_size: int | tuple[int, int] | None = None,
+        token_tile: int | None = None,
+        vocab_tile: int | None = None,
         keep_logits_bytes: int | None = None,
         validate: bool = True,
         backend: str = "auto",
+        head_chunk_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
+        token_tile, vocab_tile = _legacy_tiles(type(self).__name__, head_chunk_size, token_tile, vocab_tile,
+                                               old="head_chunk_size")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)):
@@ -63,8 +68,8 @@ class FusedLinearKTOLoss(torch.nn.Module):
         self.compiled = bool(compiled)  # accepted for Liger compatibility; nothing to compile
         self.use_ref_model = bool(use_ref_model)
         self.average_log_prob = bool(average_log_prob)
-        self.chunk_size = chunk_size  # Liger's rows-per-chunk; the fused head tiles on its own (head_chunk_size)
-        self.head_chunk_size = head_chunk_size
+        self.chunk_size = chunk_size  # Liger's rows-per-chunk; the fused head tiles on its own (vocab_tile)
+        self.token_tile, self.vocab_tile = token_tile, vocab_tile
         self.keep_logits_bytes = keep_logits_bytes
         self.validate = bool(validate)
         self.backend = backend
@@ -72,12 +77,13 @@ class FusedLinearKTOLoss(torch.nn.Module):
     def _row_logps(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
                    labels: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``[B]`` fp32 summed (or averaged) target log-probs of the rows of ``x [B, T, D]``."""
-        from fastdpo.linear_logprobs import linear_sequence_logprobs
+        from fastdpo.head.function import linear_sequence_logprobs
 
         hidden = x.reshape(-1, x.shape[-1]).index_select(0, index)
         sums = linear_sequence_logprobs(
             hidden, weight, labels, bias=bias, segment_ids=rows, num_segments=counts.shape[0],
-            ignore_index=self.ignore_index, chunk_size=self.head_chunk_size, keep_logits_bytes=self.keep_logits_bytes,
+            ignore_index=self.ignore_index, token_tile=self.token_tile, vocab_tile=self.vocab_tile,
+            keep_logits_bytes=self.keep_logits_bytes,
             validate=self.validate, backend=self.backend,
         )
         return sums / counts.clamp(min=1).to(sums.dtype) if self.average_log_prob else sums

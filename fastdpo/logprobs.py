@@ -19,7 +19,8 @@ from collections.abc import Iterator
 import torch
 
 from fastdpo._dispatch import Backend, resolve_backend
-from fastdpo._launch import KernelLaunch, aligned_base, launch
+from fastdpo._dtypes import accumulate_dtype
+from fastdpo._launch import KernelLaunch, aligned_base, launch, next_pow2
 from fastdpo._validation import (
     check_float,
     check_index,
@@ -42,15 +43,11 @@ _TORCH_CHUNK_ELEMENTS = 1 << 24
 def _triton_config(vocab: int, block_v: int | None) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab``: 4096-wide blocks by default (fewer for small V)."""
     if block_v is None:
-        block_v = min(4096, _next_power_of_2(vocab))
+        block_v = min(4096, next_pow2(vocab))
     if block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
     num_warps = 8 if block_v >= 4096 else 4 if block_v >= 1024 else 2
     return block_v, num_warps
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
@@ -167,7 +164,7 @@ def _torch_forward(
     never used as an index.
     """
     B, T, V = logits3.shape
-    acc = torch.float64 if logits3.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(logits3.dtype)
     lse = torch.empty(B * T, dtype=acc, device=logits3.device)
     logp = torch.empty(B * T, dtype=acc, device=logits3.device)
     for r0, (chunk,) in _row_chunks((logits3,), _chunk_rows(V, chunk_rows)):
@@ -458,7 +455,7 @@ def naive_sequence_logprobs(
     check_same_device(logits=logits, labels=labels, segment_ids=segment_ids)
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"labels shape {list(labels.shape)} does not match logits {list(logits.shape)}")
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(logits.dtype)
     valid = labels != ignore_index
     logps = torch.log_softmax(logits, dim=-1)
     tok = logps.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1).to(acc)

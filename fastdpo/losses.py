@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from fastdpo._dtypes import accumulate_dtype
 from fastdpo._validation import (
     check_float,
     check_index,
@@ -158,10 +159,6 @@ def normalize_loss_config(
             "misaligns per-pair weights"
         )
     return types, weights
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_seq_tensor(name: str, t: torch.Tensor | None, n: int, *, integer_ok: bool = False) -> None:
@@ -412,7 +409,7 @@ def wpo_weights(
     check_float("token_log_sum_p2", token_log_sum_p2)
     _check_token_inputs(seq_ids, token_logps=token_logps, token_log_sum_p2=token_log_sum_p2)
     with torch.no_grad():
-        dtype = _compute_dtype(token_logps.dtype)
+        dtype = accumulate_dtype(token_logps.dtype)
         aligned = token_logps.detach().to(dtype) - token_log_sum_p2.detach().to(dtype)
         sums = segment_sum(aligned, seq_ids, num_seqs, validate=validate).to(dtype)
         counts = segment_counts(seq_ids, num_seqs)
@@ -491,7 +488,7 @@ def ld_logps(
     check_float("token_logps", token_logps)
     _check_token_inputs(seq_ids, token_logps=token_logps, token_pos=token_pos)
     check_same_device(token_logps=token_logps, chosen_lengths=chosen_lengths)
-    dtype = _compute_dtype(token_logps.dtype)
+    dtype = accumulate_dtype(token_logps.dtype)
     scale = ld_token_weights(token_pos, seq_ids, chosen_lengths, rejected_lengths, ld_alpha, dtype=dtype,
                              validate=validate)
     p = chosen_lengths.shape[0]
@@ -604,7 +601,7 @@ def preference_loss(
         raise ValueError("loss_type 'sft' averages over chosen completion tokens: pass chosen_lengths")
 
     input_dtype = policy_chosen_logps.dtype
-    dtype = _compute_dtype(input_dtype)
+    dtype = accumulate_dtype(input_dtype)
     pc = policy_chosen_logps.to(dtype)
     pr = policy_rejected_logps.to(dtype)
     rc = ref_chosen_logps.to(dtype) if ref_chosen_logps is not None else None
@@ -702,7 +699,7 @@ def simpo_loss(
     eps = _check_scalar("label_smoothing", label_smoothing)
     if beta <= 0 or not 0.0 <= eps < 1.0:
         raise ValueError(f"simpo_loss needs beta > 0 and label_smoothing in [0, 1), got {beta}, {eps}")
-    dtype = _compute_dtype(policy_chosen_logps.dtype)
+    dtype = accumulate_dtype(policy_chosen_logps.dtype)
     ac = policy_chosen_logps.to(dtype) / _length(chosen_lengths, dtype)
     ar = policy_rejected_logps.to(dtype) / _length(rejected_lengths, dtype)
     loss = _smoothed_sigmoid(beta * (ac - ar) - gamma, eps).mean()
@@ -747,7 +744,7 @@ def cpo_loss(
     eps = _check_scalar("label_smoothing", label_smoothing)
     if beta <= 0 or not 0.0 <= eps < 1.0:
         raise ValueError(f"cpo_loss needs beta > 0 and label_smoothing in [0, 1), got {beta}, {eps}")
-    dtype = _compute_dtype(policy_chosen_logps.dtype)
+    dtype = accumulate_dtype(policy_chosen_logps.dtype)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     nll = _chosen_nll(pc, chosen_lengths, policy_chosen_nll_sum)
     loss = _smoothed_sigmoid(beta * (pc - pr), eps).mean() + alpha * nll
@@ -791,7 +788,7 @@ def orpo_loss(
                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
                       policy_chosen_nll_sum=policy_chosen_nll_sum)
     beta = _positive_beta(beta, "orpo_loss")
-    dtype = _compute_dtype(policy_chosen_logps.dtype)
+    dtype = accumulate_dtype(policy_chosen_logps.dtype)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     ac = pc / _length(chosen_lengths, dtype)
     ar = pr / _length(rejected_lengths, dtype)
@@ -858,7 +855,7 @@ def kto_loss(
     beta = _positive_beta(beta, "kto_loss")
     wd = _check_scalar("desirable_weight", desirable_weight)
     wu = _check_scalar("undesirable_weight", undesirable_weight)
-    dtype = _compute_dtype(policy_logps.dtype)
+    dtype = accumulate_dtype(policy_logps.dtype)
     logratio = policy_logps.to(dtype) - ref_logps.to(dtype)
     if policy_kl_logps is not None:
         assert ref_kl_logps is not None

@@ -362,10 +362,10 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig, positions: int | N
       ~3 fp32 tile temporaries in forward and ~7 in backward (none with the Triton fold); fp32 ``[n, D]`` and
       ``[V, D]`` gradient accumulators, cast to ``b`` when ``b != 4``.
     * fastdpo: ``n = step.scored_tokens`` completion tokens (the same for both packings) compacted to a ``[n, D]``
-      copy; fp32 tiles of the head's own plan (:func:`fastdpo.linear_logprobs._plan`), two (forward) / one
+      copy; fp32 tiles of the head's own plan (:func:`fastdpo.head.plan._plan`), two (forward) / one
       (backward) of them; up to ``DEFAULT_KEEP_LOGITS_BYTES`` of logits tiles kept for backward; fp32 gradient
       accumulators. ``positions`` overrides ``n`` (fastdpo: one sequence-parallel rank's scored tokens).
-    * fastdpo with ``grad_in_forward`` (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`): tokens
+    * fastdpo with ``grad_in_forward`` (:func:`fastdpo.head.linear_logprobs_loss_grad_in_forward`): tokens
       in chunks of whole pairs of at most ``DEFAULT_GIF_LOGITS_BYTES`` of fp32 logits (kept while the chunk's
       gradients are formed), the chunk's ``[n_c, D]`` copy, fp32 ``[n, D]`` and ``[V, D]`` gradient accumulators filled
       during the forward and cast to ``b`` at its end; the ``b``-byte gradients are what is saved, and the backward
@@ -402,23 +402,23 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig, positions: int | N
         return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
     import torch
 
-    from fastdpo.linear_logprobs import DEFAULT_GIF_LOGITS_BYTES, DEFAULT_KEEP_LOGITS_BYTES, _plan
+    from fastdpo.head.plan import DEFAULT_GIF_LOGITS_BYTES, DEFAULT_KEEP_LOGITS_BYTES, _plan
 
     n = step.scored_tokens if positions is None else positions
     device = torch.device(step.device)
     grads = 4 * (n * d + v * d) + (b * (n * d + v * d) if half else 0)
     if step.grad_in_forward:
         chunk = min(n, max(2 * c, DEFAULT_GIF_LOGITS_BYTES // (4 * v)))  # whole pairs: at least one pair
-        tok, voc = _plan(chunk, v, device, None, "triton" if device.type == "cuda" else "torch")
+        tok, voc = _plan(chunk, v, device)
         work = chunk * d * b + min(4 * chunk * v, DEFAULT_GIF_LOGITS_BYTES) + 2 * 4 * tok * voc
         saved = b * (n * d + v * d)
         # during the chunk loop: fp32 accumulators + a chunk's work; at its end: fp32 accumulators + their b copies
         fwd = 4 * (n * d + v * d) + max(work, saved if half else 0) + 8 * 4 * n
         bwd = 2 * saved
-        ref_tok, ref_voc = _plan(n, v, device, None, "triton" if device.type == "cuda" else "torch")
+        ref_tok, ref_voc = _plan(n, v, device)
         ref = n * d * b + 2 * 4 * ref_tok * ref_voc + 8 * 4 * n
         return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
-    tok, voc = _plan(n, v, device, None, "triton" if device.type == "cuda" else "torch")
+    tok, voc = _plan(n, v, device)
     tile = 4 * tok * voc
     kept = min(DEFAULT_KEEP_LOGITS_BYTES, 4 * n * v)
     saved = n * d * b + 16 * n + kept  # compacted hidden, labels (int64), lse (float64), kept tiles
@@ -620,7 +620,7 @@ def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
         from fastdpo.collator import PreferenceCollator
         from fastdpo.engine import DPOEngine
     elif variant == "fastdpo":
-        from fastdpo.linear_logprobs import linear_sequence_logprobs
+        from fastdpo.head.function import linear_sequence_logprobs
     if variant == "trl":
         from trl.kernels import ChunkedLogProbFunction
     pairs, p_len, c_len = spec["pairs"], spec["prompt_len"], spec["completion_len"]

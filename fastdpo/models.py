@@ -4,7 +4,7 @@ The engine never materializes the ``[B, T, V]`` logits. It runs the model's *own
 wrapper, so their hooks fire: DDP's gradient reducer, FSDP2's root unshard and reduce-scatter) with
 ``logits_to_keep`` an empty index tensor, so the output projection runs on zero positions; a forward hook on the
 *backbone* (the decoder stack, final norm included) captures the last hidden states. The engine picks the completion
-positions and hands them with the output-embedding weight to :func:`fastdpo.linear_logprobs.linear_token_logprobs`.
+positions and hands them with the output-embedding weight to :func:`fastdpo.head.linear_token_logprobs`.
 For that to give the model's own log-probs, the head's extras have to be honoured too:
 
 * ``final_logit_softcapping`` (Gemma-2/3): ``z = cap * tanh(z / cap)``;
@@ -16,7 +16,7 @@ For that to give the model's own log-probs, the head's extras have to be honoure
   head itself is folded into an effective ``(weight, bias)`` at call time, so ``disable_adapter()`` is respected.
 
 Sharded parameters (:meth:`LMParts.call_head`): an FSDP2 ``DTensor`` head weight is gathered once per call by the
-fused head (``fastdpo.linear_logprobs``); under DeepSpeed ZeRO-3, where a parameter holds 0 elements outside its
+fused head (``fastdpo.head``); under DeepSpeed ZeRO-3, where a parameter holds 0 elements outside its
 module's forward, the fused head runs *as a call of the head module*, so ZeRO's own module hooks all-gather the head's
 parameters once for the fused forward and once for its backward (ZeRO's pre-backward hook fires on the head's
 outputs before the fused backward recomputes its tiles), and the full-size gradient is accumulated while the weight is
@@ -184,10 +184,10 @@ def _is_dtensor(t: Any) -> bool:
 
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor for ``t``: a DTensor is all-gathered (differentiably, see
-    :func:`fastdpo.linear_logprobs._gather_weight`), anything else returned as is."""
+    :func:`fastdpo.head.gather._gather_weight`), anything else returned as is."""
     if not _is_dtensor(t):
         return t
-    from fastdpo.linear_logprobs import _gather_weight
+    from fastdpo.head.gather import _gather_weight
 
     return _gather_weight(t)
 

@@ -10,18 +10,18 @@ The fused modules take the same constructor options and call as Liger 0.8.5's ch
 
 ``_input`` is ``[2B, T, D]`` with the B chosen rows first, ``target`` ``[2B, T]``; ``_input[b, t]`` scores
 ``target[b, t]`` (no shift, as in Liger: shift before calling). Only positions whose target is not ``ignore_index``
-reach the head (:func:`fastdpo.linear_logprobs.linear_sequence_logprobs`), which tiles tokens x vocabulary, so no
+reach the head (:func:`fastdpo.head.linear_sequence_logprobs`), which tiles tokens x vocabulary, so no
 ``[2B, T, V]`` (or ``[2, T, V]``) logits block ever exists. ``*_logits_mean`` (mean logit over every position and the
 vocabulary, padding included, as Liger defines it) is computed exactly by linearity, ``sum(h) . sum_v W_v``, without
 logits.
 
 Differences from Liger (documented, deliberate): a row without any target token has log-prob 0 (Liger: NaN with
 ``average_log_prob``), and an NLL term over zero chosen tokens is 0 (Liger: NaN). The ``compiled`` and
-``chunk_size`` options are accepted for signature compatibility only: the fused head picks its own tiling and needs
-no ``torch.compile``.
+``chunk_size`` (Liger's pairs per chunk) options are accepted for signature compatibility only: the fused head tiles
+tokens x vocabulary on its own (``token_tile`` / ``vocab_tile`` fix the tile) and needs no ``torch.compile``.
 
 ``grad_in_forward=True`` forms the head's gradients during the forward (3 GEMMs instead of 4) for every pair-local
-loss (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`, one group per pair); the batch-coupled
+loss (:func:`fastdpo.head.linear_logprobs_loss_grad_in_forward`, one group per pair); the batch-coupled
 ``aot``/``aot_unpaired`` use the recompute path.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from fastdpo._validation import check_float, check_index, check_same_device
 from fastdpo.fused_kto import FusedLinearKTOLoss
+from fastdpo.head.plan import _legacy_tiles
 from fastdpo.losses import (
     BATCH_COUPLED_LOSS_TYPES,
     LOSS_TYPES,
@@ -178,9 +179,10 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
 
     Keyword-only head options shared by every fused module (``**head_options`` of the subclasses):
     ``logit_scale``, ``temperature`` (logits ``(h @ W.T + b) * logit_scale / temperature``), ``grad_in_forward``
-    (gradients formed in the forward pass; pair-local losses only), ``head_chunk_size`` (the head's tile),
-    ``keep_logits_bytes`` (raw logits the head may keep for its backward, default the head's bounded budget; 0 keeps
-    none), ``validate`` (the head's label range check and non-finite warning, one sync each; with ``False`` a target
+    (gradients formed in the forward pass; pair-local losses only), ``token_tile`` / ``vocab_tile`` (the head's
+    projection tile; ``head_chunk_size`` is their deprecated spelling), ``keep_logits_bytes`` (raw logits the head
+    may keep for its backward, default the head's bounded budget; 0 keeps none; with ``grad_in_forward`` the logits
+    one chunk of pairs keeps), ``validate`` (the head's label range check and non-finite warning, one sync each; with ``False`` a target
     outside the vocabulary gives a NaN log-prob and a zero gradient row), ``backend`` (``"auto"``, ``"triton"``,
     ``"torch"``).
     """
@@ -200,12 +202,16 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         logit_scale: float = 1.0,
         temperature: float = 1.0,
         grad_in_forward: bool = False,
-        head_chunk_size: int | tuple[int, int] | None = None,
+        token_tile: int | None = None,
+        vocab_tile: int | None = None,
         keep_logits_bytes: int | None = None,
         validate: bool = True,
         backend: str = "auto",
+        head_chunk_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
+        token_tile, vocab_tile = _legacy_tiles(type(self).__name__, head_chunk_size, token_tile, vocab_tile,
+                                               old="head_chunk_size", stacklevel=4)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         for name, value in (("beta", beta), ("alpha", alpha), ("logit_scale", logit_scale),
@@ -221,11 +227,11 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         self.alpha = float(alpha)
         self.compute_nll_loss = bool(compute_nll_loss)
         self.compiled = bool(compiled)  # accepted for Liger compatibility; nothing to compile
-        self.chunk_size = chunk_size  # Liger's pairs-per-chunk; the fused head tiles on its own (head_chunk_size)
+        self.chunk_size = chunk_size  # Liger's pairs-per-chunk; the fused head tiles on its own (vocab_tile)
         self.logit_scale = float(logit_scale)
         self.temperature = float(temperature)
         self.grad_in_forward = bool(grad_in_forward)
-        self.head_chunk_size = head_chunk_size
+        self.token_tile, self.vocab_tile = token_tile, vocab_tile
         self.keep_logits_bytes = keep_logits_bytes
         self.validate = bool(validate)
         self.backend = backend
@@ -261,16 +267,17 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
 
     def _head_kwargs(self) -> dict:
         return dict(ignore_index=self.ignore_index, logit_scale=self.logit_scale, temperature=self.temperature,
+                    token_tile=self.token_tile, vocab_tile=self.vocab_tile, keep_logits_bytes=self.keep_logits_bytes,
                     validate=self.validate, backend=self.backend)
 
     def _seq_sums(
         self, batch: _Batch, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        from fastdpo.linear_logprobs import linear_sequence_logprobs
+        from fastdpo.head.function import linear_sequence_logprobs
 
         return linear_sequence_logprobs(
             batch.hidden(x), weight, batch.labels, bias=bias, segment_ids=batch.seq_ids, num_segments=batch.num_seqs,
-            chunk_size=self.head_chunk_size, keep_logits_bytes=self.keep_logits_bytes, **self._head_kwargs(),
+            **self._head_kwargs(),
         )
 
     def _as_loss_logps(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -280,7 +287,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
                       weight: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
         """Token-mean ``-log p(nll_target)`` over the chosen rows' positions where ``nll_target [2B, T]`` is not
         ``ignore_index`` (Liger's ``nll_target``); 0-dim fp32, differentiable, 0 when no position is scored."""
-        from fastdpo.linear_logprobs import linear_sequence_logprobs
+        from fastdpo.head.function import linear_sequence_logprobs
 
         check_index("nll_target", nll_target)
         if nll_target.shape != target.shape:
@@ -290,8 +297,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         chosen = _Batch(_input[:p], nll_target[:p], self.ignore_index)
         total = linear_sequence_logprobs(
             chosen.hidden(_input[:p]), weight, chosen.labels, bias=bias,
-            segment_ids=torch.zeros_like(chosen.labels), num_segments=1, chunk_size=self.head_chunk_size,
-            keep_logits_bytes=self.keep_logits_bytes, **self._head_kwargs(),
+            segment_ids=torch.zeros_like(chosen.labels), num_segments=1, **self._head_kwargs(),
         )
         return -total[0] / chosen.labels.numel() if chosen.labels.numel() else total[0] * 0.0
 
@@ -373,7 +379,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         n_tok: torch.Tensor,
         nll: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from fastdpo.linear_logprobs import linear_logprobs_loss_grad_in_forward
+        from fastdpo.head.grad_in_forward import linear_logprobs_loss_grad_in_forward
 
         p = batch.num_pairs
         counts = batch.counts

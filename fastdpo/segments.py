@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from fastdpo._dispatch import Backend, resolve_backend
+from fastdpo._dtypes import accumulate_dtype
 from fastdpo._launch import KernelLaunch, launch
 from fastdpo._validation import check_float, check_index, check_same_device
 
@@ -107,10 +108,6 @@ def segment_layout(segment_ids: torch.Tensor, num_segments: int) -> tuple[torch.
     return runs.order, counts, offsets
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _segment_sum_launch(
     values: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor, block: int
 ) -> KernelLaunch:
@@ -132,7 +129,7 @@ def _segment_sum_torch(values: torch.Tensor, order: torch.Tensor, counts: torch.
     # segment_reduce sums each run sequentially (one loop per segment): deterministic on CPU and CUDA. A sequential
     # fp32 sum of thousands of log-probs loses ~5x the accuracy of a pairwise sum, so accumulate in fp64 (O(N) work).
     sums = torch.segment_reduce(values.index_select(0, order).to(torch.float64), "sum", lengths=counts, unsafe=True)
-    return sums.to(_accumulate_dtype(values.dtype))
+    return sums.to(accumulate_dtype(values.dtype))
 
 
 class _SegmentSum(torch.autograd.Function):
@@ -151,7 +148,7 @@ class _SegmentSum(torch.autograd.Function):
     ) -> torch.Tensor:
         runs = _runs(segment_ids)
         if runs.ids.numel() == 0:
-            out = values.new_zeros(num_segments, dtype=_accumulate_dtype(values.dtype))
+            out = values.new_zeros(num_segments, dtype=accumulate_dtype(values.dtype))
         else:
             if backend == "triton":
                 per_run = _segment_sum_triton(values.contiguous(), runs.order, runs.offsets, block)

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastdpo.linear_logprobs import TokenStats
+from fastdpo.head.function import TokenStats
 from fastdpo.ulysses import KWARG, UlyssesContext, enable_ulysses_attention, underlying_implementation
 
 __all__ = [
@@ -374,7 +374,7 @@ class SequenceParallel:
         return shard
 
     def gather_token_stats(self, stats: TokenStats, shard: SequenceShard, num_tokens: int) -> TokenStats:
-        """Full ``[M]`` :class:`~fastdpo.linear_logprobs.TokenStats` from this rank's ``[m]`` owned tokens' (zeros at
+        """Full ``[M]`` :class:`~fastdpo.head.TokenStats` from this rank's ``[m]`` owned tokens' (zeros at
         the other ranks' tokens, summed over the group: two all-reduces, one for the differentiable log-probs with the
         gradient convention of :func:`sum_over_group`, one for the detached statistics stacked)."""
         owned = shard.owned

@@ -145,7 +145,7 @@ def engine_for(policy: nn.Module, ref: nn.Module | None, cfg: dict[str, Any]) ->
     return DPOEngine(policy, ref, reference=cfg["reference"], loss_type=cfg["loss_type"], beta=BETA,
                      label_smoothing=cfg["label_smoothing"],
                      grad_in_forward=cfg["grad_in_forward"], ld_alpha=cfg["ld_alpha"],
-                     use_weighting=cfg["use_weighting"], chunk_size=CHUNK)
+                     use_weighting=cfg["use_weighting"], vocab_tile=CHUNK)
 
 
 def shard_batch(tok: Any, cfg: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
@@ -208,9 +208,9 @@ class _WeightSizedAllocations(TorchDispatchMode):
         self.numel, self.records, self.phase = numel, [], None
         self._handles = [head.register_forward_pre_hook(lambda *_: self._open("forward"), prepend=True),
                          head.register_forward_hook(lambda *_: self._close())]
-        import fastdpo.linear_logprobs as ll
+        from fastdpo.head.function import _LinearLogprobs
 
-        self._ll, self._backward = ll, ll._LinearLogprobs.backward
+        self._fn, self._backward = _LinearLogprobs, _LinearLogprobs.backward
         audit = self
 
         def backward(ctx: Any, *grads: torch.Tensor) -> Any:
@@ -220,7 +220,7 @@ class _WeightSizedAllocations(TorchDispatchMode):
             finally:
                 audit._close()
 
-        ll._LinearLogprobs.backward = staticmethod(backward)
+        _LinearLogprobs.backward = staticmethod(backward)
 
     def _open(self, phase: str) -> None:
         self.phase = phase
@@ -231,7 +231,7 @@ class _WeightSizedAllocations(TorchDispatchMode):
     def __exit__(self, *exc: Any) -> Any:
         for h in self._handles:
             h.remove()
-        self._ll._LinearLogprobs.backward = staticmethod(self._backward)
+        self._fn.backward = staticmethod(self._backward)
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -313,7 +313,7 @@ def _install_fsdp2_gather_counter() -> None:
     holding it and fastdpo's DTensor gathers of it."""
     import torch.distributed.fsdp._fully_shard._fsdp_param_group as group_mod
 
-    import fastdpo.linear_logprobs as ll
+    from fastdpo.head.gather import _GatherDTensor
 
     if getattr(group_mod.foreach_all_gather, "_counting", False):
         return
@@ -333,14 +333,14 @@ def _install_fsdp2_gather_counter() -> None:
 
     counting._counting = True  # type: ignore[attr-defined]
     group_mod.foreach_all_gather = counting
-    original_forward = ll._GatherDTensor.forward
+    original_forward = _GatherDTensor.forward
 
     def gather_forward(ctx: Any, weight: torch.Tensor) -> torch.Tensor:
         if weight is getattr(_FSDP2_COUNT["owner"], "weight", None):
             _FSDP2_COUNT["n"] += 1
         return original_forward(ctx, weight)
 
-    ll._GatherDTensor.forward = staticmethod(gather_forward)
+    _GatherDTensor.forward = staticmethod(gather_forward)
 
 
 def _accelerate_fsdp2(model: nn.Module, rank: int) -> nn.Module:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer, preference_rows
 
-import fastdpo.linear_logprobs as linear_logprobs_module
+import fastdpo.head.sweeps as head_sweeps_module
 import fastdpo.logprobs as logprobs_module
 import fastdpo.segments as segments_module
 from fastdpo import DPOEngine, PreferenceCollator, linear_token_logprobs, sequence_logprobs
@@ -92,7 +92,7 @@ def test_env_reaches_the_kernels(env: pytest.MonkeyPatch, value: str) -> None:
     variable says triton -- the log-prob kernel, the head's fold kernel, the segment-sum kernel."""
     env.setenv("FASTDPO_BACKEND", value)
     lp = _count_calls(env, logprobs_module, ("_triton_forward", "_torch_forward"))
-    head = _count_calls(env, linear_logprobs_module, ("_fold_tile_triton",))
+    head = _count_calls(env, head_sweeps_module, ("_fold_tile_triton",))
     seg = _count_calls(env, segments_module, ("_segment_sum_triton",))
     g = torch.Generator().manual_seed(0)
     sequence_logprobs(torch.randn(2, 3, 37, generator=g), torch.randint(0, 37, (2, 3), generator=g))
@@ -113,7 +113,7 @@ def test_env_reaches_the_engine(env: pytest.MonkeyPatch) -> None:
     ref = make_model("llama", tok, attn_implementation="eager", seed=1)
     batch = PreferenceCollator(tok, packing="padding_free")(preference_rows(2, seed=1))
     engine = DPOEngine(policy, ref)
-    head = _count_calls(env, linear_logprobs_module, ("_fold_tile_triton",))
+    head = _count_calls(env, head_sweeps_module, ("_fold_tile_triton",))
     loss_torch, _ = engine.step(batch)
     assert head["_fold_tile_triton"] == 0
     env.setenv("FASTDPO_BACKEND", "triton")

@@ -168,7 +168,7 @@ def test_head_bound_reports_consistent_figures(tmp_path, one_thread, capsys):
     fraction saturates at both ends (no budget: every logit recomputed, the bound is 2 logits GEMMs + 2 gradient
     GEMMs; a budget above the logits: 1 + 2), and what it prints is what it writes."""
     from fastdpo.benchmarks import head_bound
-    from fastdpo.linear_logprobs import _plan
+    from fastdpo.head.plan import _plan
 
     n, d, v = 96, 24, 1100
     figures = {}
@@ -178,7 +178,7 @@ def test_head_bound_reports_consistent_figures(tmp_path, one_thread, capsys):
                                 str(budget_mb), "--repeats", "1", "--json", str(out)]) == 0
         printed = capsys.readouterr().out
         r = figures[budget_mb] = json.loads(out.read_text())
-        assert r["tile"] == list(_plan(n, v, torch.device("cpu"), None, "torch"))
+        assert r["tile"] == list(_plan(n, v, torch.device("cpu")))
         assert r["shape"] == {"tokens": n, "hidden": d, "vocab": v} and r["threads"] == 1
         assert f"keeps {100 * r['kept_fraction']:.1f}% of the logits" in printed
         assert f"= {r['bound_over_naive']:.2f}x naive" in printed

@@ -121,9 +121,9 @@ def test_fused_head_deterministic(backend: str) -> None:
         h, w, b = (t.clone().requires_grad_(True) for t in (h0, w0, b0))
         # small tiles: many token x vocab tiles, so the fp32 weight-gradient accumulation order matters
         seq = linear_sequence_logprobs(h, w, labels, bias=b, segment_ids=seg, num_segments=11, softcap=20.0,
-                                       chunk_size=tiles, backend=backend)
+                                       token_tile=tiles[0], vocab_tile=tiles[1], backend=backend)
         stats = linear_token_logprobs(h, w, labels, bias=b, return_entropy=True, return_log_sum_p2=True,
-                                      return_mean_logit=True, return_argmax_hit=True, chunk_size=tiles,
+                                      return_mean_logit=True, return_argmax_hit=True, token_tile=tiles[0], vocab_tile=tiles[1],
                                       backend=backend)
         total = seq.sum() * 0.5 + (stats.logprobs * torch.linspace(-1, 1, n)).sum()
         grads = torch.autograd.grad(total, [h, w, b])

@@ -38,7 +38,7 @@ _FASTDPO_DIR = os.path.dirname(os.path.abspath(fastdpo.__file__))
 _FACTORIES = _device_constructors()
 #: (file name, function) of fastdpo code whose device-less tensors are host-side on purpose (they only feed Python
 #: ints: the grad-in-forward group bookkeeping turns segment ids into lists before any tensor meets the batch).
-HOST_SIDE = {("linear_logprobs.py", "_grad_in_forward_impl")}
+HOST_SIDE = {("grad_in_forward.py", "_plan_groups"), ("grad_in_forward.py", "_chunk_rows")}
 #: files that are host-side by contract: the collator builds CPU batches (the trainer's data loader calls it)
 HOST_FILES = {"collator.py"}
 

@@ -265,7 +265,7 @@ def _pair_dpo(beta: float, ref_c: torch.Tensor, ref_r: torch.Tensor, num_pairs: 
 def test_linear_logprobs_loss_grad_in_forward(backend: str, token_weights: bool) -> None:
     """Loss, sequence log-probs and the hidden / weight / bias gradients formed in the forward pass, against plain
     autograd through explicit float64 logits of the same loss (not against the library's own head)."""
-    from fastdpo.linear_logprobs import linear_logprobs_loss_grad_in_forward
+    from fastdpo.head.grad_in_forward import linear_logprobs_loss_grad_in_forward
 
     P, beta = 3, 0.7
     g = torch.Generator().manual_seed(10)

@@ -22,7 +22,7 @@ import fastdpo.kernels.logprobs as k_logprobs
 import fastdpo.kernels.segment_sum as k_segment
 from fastdpo import linear_token_logprobs, sequence_logprobs
 from fastdpo._launch import KernelLaunch, capture_launches, device_guard
-from fastdpo.linear_logprobs import linear_logprobs_loss_grad_in_forward
+from fastdpo.head.grad_in_forward import linear_logprobs_loss_grad_in_forward
 
 pytestmark = pytest.mark.skipif(
     __import__("os").environ.get("TRITON_INTERPRET") != "1", reason="runs the kernels through the Triton interpreter"
@@ -115,7 +115,7 @@ def test_every_launch_site_is_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
     weight = torch.randn(37, 8, generator=gen, requires_grad=True)
     lab = torch.randint(0, 37, (5,), generator=gen)
     out = linear_token_logprobs(hidden, weight, lab, softcap=5.0, return_entropy=True, return_argmax_hit=True,
-                                chunk_size=(4, 16), backend="triton")
+                                token_tile=4, vocab_tile=16, backend="triton")
     out.logprobs.sum().backward()
     loss, _ = linear_logprobs_loss_grad_in_forward(
         hidden, weight, lab, torch.tensor([0, 0, 1, 1, 1]), 2, lambda s, ids: s.sum(), backend="triton"

@@ -16,7 +16,8 @@ import torch
 
 import fastdpo._launch as launch_mod
 from fastdpo import linear_token_logprobs, token_logprobs
-from fastdpo.linear_logprobs import _mm_acc, _plan
+from fastdpo.head.plan import _plan
+from fastdpo.head.tiles import _mm_acc
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs the Triton kernels through the interpreter")
@@ -76,7 +77,7 @@ def test_fused_head_whole_masked_tiles_stay_finite(transform: dict) -> None:
     kw = {"logit_scale": transform.get("scale", 1.0), "temperature": transform.get("temperature", 1.0)}
 
     params = [t.clone().requires_grad_(True) for t in (h, w, b)]
-    out = linear_token_logprobs(*params[:2], labels, bias=params[2], chunk_size=(4, 16), backend="triton",
+    out = linear_token_logprobs(*params[:2], labels, bias=params[2], token_tile=4, vocab_tile=16, backend="triton",
                                 return_entropy=True, return_log_sum_p2=True, return_mean_logit=True,
                                 return_argmax_hit=True, **kw)
     grads = torch.autograd.grad((out.logprobs * gout).sum(), params)
@@ -146,7 +147,7 @@ def test_fused_head_out_of_range_labels_give_nan_and_zero_gradient() -> None:
     bad = torch.tensor([1, 4, 6])
     labels[bad] = torch.tensor([vocab, -3, 10**12])
     params = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
-    out = linear_token_logprobs(*params, labels, validate=False, chunk_size=(4, 16), backend="triton",
+    out = linear_token_logprobs(*params, labels, validate=False, token_tile=4, vocab_tile=16, backend="triton",
                                 return_entropy=True, return_argmax_hit=True).logprobs
     is_bad = torch.zeros(n, dtype=torch.bool)
     is_bad[bad] = True
@@ -224,7 +225,7 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[launch_mod.KernelLaunch]:
         run(spec)
 
     monkeypatch.setattr(launch_mod, "launch", record)
-    for module in ("fastdpo.logprobs", "fastdpo.linear_logprobs", "fastdpo.segments"):
+    for module in ("fastdpo.logprobs", "fastdpo.head.tiles", "fastdpo.segments"):
         monkeypatch.setattr(f"{module}.launch", record)
     return seen
 
@@ -236,7 +237,7 @@ def test_fused_head_with_the_cuda_tiles_and_blocks(dtype: torch.dtype, launches:
     BLOCK_V 1024) and a last tile of V mod 8192 = 1105 columns (GPT-2's 50257 has that remainder), small N."""
     gen = torch.Generator().manual_seed(19)
     n, d, vocab = 3, 16, 8192 + 1105
-    tiles = _plan(n, vocab, torch.device("cuda"), None, "triton")
+    tiles = _plan(n, vocab, torch.device("cuda"))
     assert tiles == (3, 8192)
     h = torch.randn(n, d, generator=gen).to(dtype)
     w = (torch.randn(vocab, d, generator=gen) * 0.4).to(dtype)
@@ -244,7 +245,7 @@ def test_fused_head_with_the_cuda_tiles_and_blocks(dtype: torch.dtype, launches:
     gout = torch.randn(n, generator=gen)
     transform = {"softcap": 30.0, "temperature": 0.9}
     params = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
-    out = linear_token_logprobs(*params, labels, chunk_size=tiles, backend="triton", return_entropy=True,
+    out = linear_token_logprobs(*params, labels, token_tile=tiles[0], vocab_tile=tiles[1], backend="triton", return_entropy=True,
                                 return_log_sum_p2=True, return_mean_logit=True, return_argmax_hit=True, **transform)
     grads = torch.autograd.grad((out.logprobs * gout).sum(), params)
     folds = [s for s in launches if s.kernel.__name__ == "linear_fold_kernel"]
@@ -307,7 +308,7 @@ def test_half_head_gradients_against_float64(dtype: torch.dtype, backend: str) -
     labels = torch.randint(0, vocab, (n,), generator=gen)
     gout = torch.randn(n, generator=gen)
     params = [t.clone().requires_grad_(True) for t in (h, w, b)]
-    out = linear_token_logprobs(*params[:2], labels, bias=params[2], chunk_size=(8, 64), backend=backend)
+    out = linear_token_logprobs(*params[:2], labels, bias=params[2], token_tile=8, vocab_tile=64, backend=backend)
     grads = torch.autograd.grad((out.logprobs * gout).sum(), params)
     ref, ref_grads = _oracle(h.double(), w.double(), b.double(), labels, gout.double())
     naive, naive_grads = _oracle(h, w, b, labels, gout)
@@ -354,7 +355,7 @@ def test_half_head_rounds_the_logit_gradient_to_the_weight_dtype(backend: str) -
     labels = torch.randint(0, vocab, (n,), generator=gen)
     g = torch.randn(n, generator=gen)
     ww = w.clone().requires_grad_(True)
-    out = linear_token_logprobs(h, ww, labels, chunk_size=(32, 128), backend=backend).logprobs
+    out = linear_token_logprobs(h, ww, labels, token_tile=32, vocab_tile=128, backend=backend).logprobs
     (gw,) = torch.autograd.grad((out * g).sum(), [ww])
     z = h.double() @ w.double().t()
     grad_z = g.double()[:, None] * (torch.nn.functional.one_hot(labels, vocab).double() - torch.softmax(z, 1))

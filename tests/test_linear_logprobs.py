@@ -1,4 +1,4 @@
-"""Fused LM head (fastdpo.linear_logprobs): correctness against float64, memory behaviour, grad-in-forward.
+"""Fused LM head (fastdpo.head): correctness against float64, memory behaviour, grad-in-forward.
 
 Error rule: |fused - float64 reference| <= |naive same-dtype - float64 reference| + tol (naive = materialized logits
 in the input dtype). Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on tiny
@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny import BACKENDS
 
-from fastdpo.linear_logprobs import (
+from fastdpo.head import (
     TokenStats,
     linear_logprobs_loss_grad_in_forward,
     linear_sequence_logprobs,
@@ -64,10 +64,11 @@ def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _check_against_reference(dtype, transform, masked, backend, chunk, shape, seed, keep=None):
     n, d, v = shape
+    tiles = {} if chunk is None else {"token_tile": chunk[0], "vocab_tile": chunk[1]}
     hidden, weight, bias, labels, gout = _inputs(n, d, v, dtype, masked, seed)
     params = [hidden, weight, bias]
     fused = linear_token_logprobs(
-        hidden, weight, labels, bias=bias, chunk_size=chunk, backend=backend, keep_logits_bytes=keep,
+        hidden, weight, labels, bias=bias, **tiles, backend=backend, keep_logits_bytes=keep,
         **transform, **STAT_FLAGS,
     )
     naive = naive_linear_token_logprobs(hidden, weight, labels, bias=bias, **transform, **STAT_FLAGS)
@@ -94,7 +95,7 @@ def _check_against_reference(dtype, transform, masked, backend, chunk, shape, se
     g_r = _grads(ref.logprobs, gout, p64)
     # log-probs only (the lean fold) must agree as well
     plain = linear_token_logprobs(
-        hidden, weight, labels, bias=bias, chunk_size=chunk, backend=backend, keep_logits_bytes=keep, **transform
+        hidden, weight, labels, bias=bias, **tiles, backend=backend, keep_logits_bytes=keep, **transform
     )
     e_p = err(plain.logprobs, ref.logprobs)
     assert e_p <= e_n + tol * max(1.0, ref.logprobs.abs().max().item()), (e_p, e_n)
@@ -146,7 +147,7 @@ def test_argmax_ties_first_maximum_wins():
     hidden = u + 0.1 * torch.randn(4, d, generator=gen)
     labels = torch.tensor([3, 7, 3, 7])
     for backend, chunk in (("torch", 4), ("torch", None), ("triton", 4)):
-        out = linear_token_logprobs(hidden, weight, labels, return_argmax_hit=True, chunk_size=chunk, backend=backend)
+        out = linear_token_logprobs(hidden, weight, labels, return_argmax_hit=True, vocab_tile=chunk, backend=backend)
         assert out.argmax_hit.tolist() == [True, False, True, False], backend
 
 
@@ -158,7 +159,7 @@ def test_sequence_logprobs_layouts_and_average():
     h3 = hidden.reshape(b, t, d)
     ref_tok = naive_linear_token_logprobs(h3, weight, labels, bias=bias).logprobs
     for average in (False, True):
-        out = linear_sequence_logprobs(h3, weight, labels, bias=bias, average=average, chunk_size=(4, 8))
+        out = linear_sequence_logprobs(h3, weight, labels, bias=bias, average=average, token_tile=4, vocab_tile=8)
         expect = ref_tok.sum(1)
         if average:
             expect = expect / (labels != -100).sum(1).clamp(min=1)
@@ -222,7 +223,7 @@ def test_saved_bytes_do_not_grow_with_vocab(keep):
         hidden, weight, _, labels, _ = _inputs(40, 16, v, torch.float32, 0.0, seed=8, bias=False)
         counter = _Counter([hidden, weight, labels])
         with counter():
-            out = linear_token_logprobs(hidden, weight, labels, chunk_size=(16, 64), keep_logits_bytes=keep).logprobs
+            out = linear_token_logprobs(hidden, weight, labels, token_tile=16, vocab_tile=64, keep_logits_bytes=keep).logprobs
         out.sum().backward()
         assert counter.count > 0
         saved.append(counter.bytes)
@@ -249,10 +250,10 @@ def test_only_weight_or_only_hidden_requires_grad():
     hidden, weight, _, labels, gout = _inputs(15, 8, 33, torch.float32, 0.25, seed=10, bias=False)
     ref = _grads(naive_linear_token_logprobs(hidden, weight, labels).logprobs, gout, [hidden, weight])
     h2 = hidden.detach()
-    (gw,) = _grads(linear_token_logprobs(h2, weight, labels, chunk_size=8).logprobs, gout, [weight])
+    (gw,) = _grads(linear_token_logprobs(h2, weight, labels, vocab_tile=8).logprobs, gout, [weight])
     torch.testing.assert_close(gw, ref[1], rtol=1e-5, atol=1e-5)
     w2 = weight.detach()
-    (gh,) = _grads(linear_token_logprobs(hidden, w2, labels, chunk_size=8).logprobs, gout, [hidden])
+    (gh,) = _grads(linear_token_logprobs(hidden, w2, labels, vocab_tile=8).logprobs, gout, [hidden])
     torch.testing.assert_close(gh, ref[0], rtol=1e-5, atol=1e-5)
 
 
@@ -260,7 +261,7 @@ def test_bit_identical_reruns():
     hidden, weight, bias, labels, gout = _inputs(37, 11, 90, torch.float32, 0.25, seed=11)
     runs = []
     for _ in range(2):
-        out = linear_token_logprobs(hidden, weight, labels, bias=bias, softcap=5.0, chunk_size=(8, 16)).logprobs
+        out = linear_token_logprobs(hidden, weight, labels, bias=bias, softcap=5.0, token_tile=8, vocab_tile=16).logprobs
         runs.append([out.detach()] + _grads(out, gout, [hidden, weight, bias]))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -290,7 +291,7 @@ def test_gather_context_zero3_style():
     ref = _grads(naive_linear_token_logprobs(hidden, weight, labels).logprobs, gout, [hidden, weight])
     param = torch.nn.Parameter(weight.detach().clone())
     part = _PartitionedParam(param)
-    out = linear_token_logprobs(hidden, param, labels, gather_context=part.gather, chunk_size=(8, 16)).logprobs
+    out = linear_token_logprobs(hidden, param, labels, gather_context=part.gather, token_tile=8, vocab_tile=16).logprobs
     assert part.entered == 1 and param.numel() == 0
     gh, gw = torch.autograd.grad((out * gout).sum(), [hidden, param])
     assert part.entered == 2
@@ -314,8 +315,8 @@ def _pair_setup(seed: int, dtype: torch.dtype = torch.float32):
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS[:2])
-@pytest.mark.parametrize("chunk_size", [None, 12])
-def test_grad_in_forward_matches_recompute(transform, chunk_size):
+@pytest.mark.parametrize("chunk_tokens", [None, 12])
+def test_grad_in_forward_matches_recompute(transform, chunk_tokens):
     hidden, weight, bias, labels, seg, s, pairs, ref_logps = _pair_setup(13)
     beta = 0.3
 
@@ -325,8 +326,8 @@ def test_grad_in_forward_matches_recompute(transform, chunk_size):
 
     groups = [torch.tensor([i, pairs + i]) for i in range(pairs - 1)]  # last pair in no group: no loss
     loss, seq = linear_logprobs_loss_grad_in_forward(
-        hidden, weight, labels, seg, s, loss_fn, bias=bias, groups=groups, chunk_size=chunk_size,
-        logits_budget_bytes=None if chunk_size is None else 12 * 83 * 4 // 2,  # partially kept chunk logits
+        hidden, weight, labels, seg, s, loss_fn, bias=bias, groups=groups, chunk_tokens=chunk_tokens,
+        keep_logits_bytes=None if chunk_tokens is None else 12 * 83 * 4 // 2,  # partially kept chunk logits
         **transform,
     )
     assert seq.grad_fn is None and seq.dtype == torch.float32
@@ -349,7 +350,7 @@ def test_grad_in_forward_triton_interpreter():
 
     groups = [torch.tensor([i, pairs + i]) for i in range(pairs)]
     loss, _ = linear_logprobs_loss_grad_in_forward(
-        hidden, weight, labels, seg, s, loss_fn, bias=bias, groups=groups, chunk_size=30, backend="triton", softcap=6.0
+        hidden, weight, labels, seg, s, loss_fn, bias=bias, groups=groups, chunk_tokens=30, backend="triton", softcap=6.0
     )
     seq_r = linear_sequence_logprobs(hidden, weight, labels, bias=bias, segment_ids=seg, num_segments=s, softcap=6.0)
     loss_r = sum(loss_fn(seq_r[g], g) for g in groups)
@@ -362,7 +363,7 @@ def test_grad_in_forward_triton_interpreter():
 def test_grad_in_forward_token_weights_and_segment_stats(backend):
     """LD-style token weights and a loss that reads the plain NLL sums (differentiable) and WPO-style weights from
     ``log sum p^2`` (detached): loss and gradients equal autograd through the recompute path."""
-    from fastdpo.linear_logprobs import SegmentStats
+    from fastdpo.head import SegmentStats
     from fastdpo.segments import segment_sum
 
     hidden, weight, bias, labels, seg, s, pairs, ref_logps = _pair_setup(16)
@@ -378,7 +379,7 @@ def test_grad_in_forward_token_weights_and_segment_stats(backend):
     groups = [torch.tensor([i, pairs + i]) for i in range(pairs)]
     loss, seq = linear_logprobs_loss_grad_in_forward(
         hidden, weight, labels, seg, s, loss_fn, bias=bias, groups=groups, token_weights=tw, segment_stats=True,
-        segment_log_sum_p2=True, chunk_size=20, backend=backend,
+        segment_log_sum_p2=True, chunk_tokens=20, backend=backend,
     )
     def reference(nll_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq_logps, loss) by autograd through the recompute path; ``nll_coef`` weighs the plain-sum term."""
@@ -427,7 +428,7 @@ def test_dtensor_weight_is_gathered_and_grad_redistributed(tmp_path):
     try:
         mesh = init_device_mesh("cpu", (1,))
         dw = distribute_tensor(weight.detach().clone(), mesh, [Shard(0)]).requires_grad_(True)
-        out = linear_token_logprobs(hidden, dw, labels, chunk_size=8).logprobs
+        out = linear_token_logprobs(hidden, dw, labels, vocab_tile=8).logprobs
         gh, gw = torch.autograd.grad((out * gout).sum(), [hidden, dw])
         assert type(gw).__name__ == "DTensor" and gw.placements == dw.placements
         torch.testing.assert_close(gw.full_tensor(), ref[1], rtol=1e-5, atol=1e-5)
@@ -449,7 +450,8 @@ def test_dtensor_weight_is_gathered_and_grad_redistributed(tmp_path):
         ({"temperature": -1.0}, ValueError, "temperature"),
         ({"logit_scale": float("nan")}, ValueError, "logit_scale"),
         ({"hidden": torch.randint(0, 3, (3, 4))}, TypeError, "hidden"),
-        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"vocab_tile": 0}, ValueError, "vocab_tile"),
+        ({"token_tile": 2.5}, TypeError, "token_tile"),
         ({"keep_logits_bytes": -1}, ValueError, "keep_logits_bytes"),
         ({"backend": "cuda"}, ValueError, "backend"),
     ],
@@ -476,6 +478,6 @@ def test_wide_logit_range_keeps_naive_accuracy():
     labels = torch.randint(0, 53, (23,), generator=gen)
     ref = naive_linear_token_logprobs(hidden, weight, labels).logprobs
     naive = naive_linear_token_logprobs(hidden.float(), weight.float(), labels).logprobs
-    fused = linear_token_logprobs(hidden.float(), weight.float(), labels, chunk_size=16).logprobs
+    fused = linear_token_logprobs(hidden.float(), weight.float(), labels, vocab_tile=16).logprobs
     e_n = (naive.double() - ref).abs().max().item()
     assert (fused.double() - ref).abs().max().item() <= e_n + 1e-6 * ref.abs().max().item()

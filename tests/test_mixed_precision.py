@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tiny import make_model, make_tokenizer, preference_rows
 
-import fastdpo.linear_logprobs as linear_logprobs_module
+import fastdpo.head.function as head_function
+import fastdpo.head.grad_in_forward as head_grad_in_forward
 from fastdpo import DPOEngine, PreferenceCollator
 from fastdpo.attention import build_attention_kwargs
 
@@ -82,15 +83,16 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _watch_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[torch.dtype, ...]]]:
     """Record ``(hidden, weight, autocast on)`` dtypes/state of every fused-head call the engine makes."""
     seen: list[tuple[Any, ...]] = []
-    for name in ("linear_token_logprobs", "linear_logprobs_loss_grad_in_forward"):
-        original = getattr(linear_logprobs_module, name)
+    for module, name in ((head_function, "linear_token_logprobs"),
+                         (head_grad_in_forward, "linear_logprobs_loss_grad_in_forward")):
+        original = getattr(module, name)
 
         def spy(hidden: torch.Tensor, weight: torch.Tensor, *args: Any, _original: Any = original,
                 **kwargs: Any) -> Any:
             seen.append((hidden.dtype, weight.dtype, torch.is_autocast_enabled(hidden.device.type)))
             return _original(hidden, weight, *args, **kwargs)
 
-        monkeypatch.setattr(linear_logprobs_module, name, spy)
+        monkeypatch.setattr(module, name, spy)
     yield seen
 
 

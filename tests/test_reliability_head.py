@@ -27,7 +27,7 @@ import pytest
 import torch
 from tiny import BACKENDS
 
-from fastdpo.linear_logprobs import (
+from fastdpo.head import (
     linear_logprobs_loss_grad_in_forward,
     linear_sequence_logprobs,
     linear_token_logprobs,
@@ -124,7 +124,8 @@ def _head_node(out: torch.Tensor) -> Any:
 
 
 # shapes: 13 tokens (2 token tiles of 8), V = 53 (4 vocabulary tiles of 16, the last one partial)
-N, D, V, CHUNK = 13, 8, 53, (8, 16)
+N, D, V = 13, 8, 53
+TILES = {"token_tile": 8, "vocab_tile": 16}
 N_TILES = 2 * 4
 KEEP = {"default": None, "partial": 3 * 8 * 16 * 4, "none": 0}
 
@@ -141,7 +142,7 @@ def test_head_retain_graph_twice_gives_twice_the_gradient(backend: str, keep: st
     h, w, b, labels, gout = _data(N, D, V, seed=1)
     params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
     out = linear_token_logprobs(
-        params[0], params[1], labels, bias=params[2], chunk_size=CHUNK, backend=backend,
+        params[0], params[1], labels, bias=params[2], **TILES, backend=backend,
         keep_logits_bytes=KEEP[keep], **TRANSFORMS[transform],
     ).logprobs
     kept = len(_head_node(out).kept_keys)  # the kept-tile path is really exercised: all, some, none of the tiles
@@ -164,10 +165,10 @@ def test_head_two_losses_on_one_forward(backend: str) -> None:
     params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
     seq = linear_sequence_logprobs(
         params[0], params[1], labels, bias=params[2], segment_ids=torch.arange(N) % 3, num_segments=3,
-        chunk_size=CHUNK, backend=backend,
+        **TILES, backend=backend,
     )
     assert len(_head_node(seq).kept_keys) == N_TILES
-    tok_out = linear_token_logprobs(params[0], params[1], labels, bias=params[2], chunk_size=CHUNK, backend=backend)
+    tok_out = linear_token_logprobs(params[0], params[1], labels, bias=params[2], **TILES, backend=backend)
     # two losses of one forward, each backward separately (the second one reaches the head node again)
     loss_a = (tok_out.logprobs * gout).sum()
     loss_b = (tok_out.logprobs * gout2).sum()
@@ -192,7 +193,7 @@ def test_head_autograd_grad_per_output(backend: str) -> None:
     h, w, b, labels, _ = _data(N, D, V, seed=3, masked=0.0)
     params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
     out = linear_token_logprobs(
-        params[0], params[1], labels, bias=params[2], chunk_size=CHUNK, backend=backend, **TRANSFORMS["scaled"]
+        params[0], params[1], labels, bias=params[2], **TILES, backend=backend, **TRANSFORMS["scaled"]
     ).logprobs
     for i in (0, 7, N - 1):  # one token tile each side of the tile border
         got = torch.autograd.grad(out[i], params, retain_graph=True)
@@ -217,7 +218,7 @@ def test_head_retain_graph_under_offloading_hooks_and_zero3_gather(backend: str)
 
     hh, ww = _leaf(h, torch.float32), _leaf(w, torch.float32)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t.clone()):
-        out = linear_token_logprobs(hh, ww, labels, chunk_size=CHUNK, backend=backend).logprobs
+        out = linear_token_logprobs(hh, ww, labels, **TILES, backend=backend).logprobs
     assert packed.count(8 * 16) >= 1  # full kept tiles were packed
     for _ in range(2):
         (out * gout).sum().backward(retain_graph=True)
@@ -237,7 +238,7 @@ def test_head_retain_graph_under_offloading_hooks_and_zero3_gather(backend: str)
 
     param.data = torch.empty(0)
     hh = _leaf(h, torch.float32)
-    out = linear_token_logprobs(hh, param, labels, chunk_size=CHUNK, backend=backend, gather_context=gather).logprobs
+    out = linear_token_logprobs(hh, param, labels, **TILES, backend=backend, gather_context=gather).logprobs
     grads = [torch.autograd.grad((out * gout).sum(), [hh, param], retain_graph=True) for _ in range(2)]
     assert len(entered) == 3 and param.numel() == 0
     for got in grads:
@@ -248,7 +249,7 @@ def test_head_retain_graph_under_offloading_hooks_and_zero3_gather(backend: str)
 def test_head_second_backward_without_retain_graph_names_it(backend: str) -> None:
     h, w, b, labels, gout = _data(N, D, V, seed=22)
     hh = _leaf(h, torch.float32)
-    loss = (linear_token_logprobs(hh, w, labels, bias=b, chunk_size=CHUNK, backend=backend).logprobs * gout).sum()
+    loss = (linear_token_logprobs(hh, w, labels, bias=b, **TILES, backend=backend).logprobs * gout).sum()
     loss.backward()
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         loss.backward()
@@ -258,7 +259,7 @@ def test_head_second_backward_without_retain_graph_names_it(backend: str) -> Non
 def test_head_double_backward_is_refused(backend: str) -> None:
     h, w, b, labels, gout = _data(N, D, V, seed=4)
     hh = _leaf(h, torch.float32)
-    out = linear_token_logprobs(hh, w, labels, bias=b, chunk_size=CHUNK, backend=backend).logprobs
+    out = linear_token_logprobs(hh, w, labels, bias=b, **TILES, backend=backend).logprobs
     with pytest.raises(RuntimeError, match="double backward.*create_graph=True"):
         torch.autograd.grad((out * gout).sum(), hh, create_graph=True)
 
@@ -424,7 +425,7 @@ def _check_masked(h, w, b, labels, gout, masked, transform, backend, stats) -> N
     params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
     flags = STATS if stats else {}
     out = linear_token_logprobs(
-        params[0], params[1], labels, bias=params[2], chunk_size=(8, 16), backend=backend, **transform, **flags
+        params[0], params[1], labels, bias=params[2], token_tile=8, vocab_tile=16, backend=backend, **transform, **flags
     )
     p64 = [_leaf(t, torch.float64) for t in (h, w, b)]
     lp64, z64, logsm64 = explicit_logprobs(p64[0], p64[1], p64[2], labels, **transform)
@@ -483,7 +484,7 @@ def test_head_gradient_precision_at_large_logits(backend: str, transform: dict, 
     assert ((top2[:, 0] - top2[:, 1]) < 4).sum() >= 3  # near-ties at the top in several rows
     params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
     out = linear_token_logprobs(
-        params[0], params[1], labels, bias=params[2], chunk_size=(16, 64), backend=backend,
+        params[0], params[1], labels, bias=params[2], token_tile=16, vocab_tile=64, backend=backend,
         keep_logits_bytes=KEEP[keep], **transform,
     ).logprobs
     (out * gout).sum().backward()
@@ -507,7 +508,7 @@ def test_head_precision_with_a_few_large_logit_rows(backend: str) -> None:
     labels = torch.randint(0, v, (n,), generator=gen)
     gout = torch.rand(n, generator=gen) + 0.5
     params = [_leaf(h, torch.float32), _leaf(w, torch.float32)]
-    out = linear_token_logprobs(params[0], params[1], labels, chunk_size=(64, 64), backend=backend).logprobs
+    out = linear_token_logprobs(params[0], params[1], labels, token_tile=64, vocab_tile=64, backend=backend).logprobs
     (out * gout).sum().backward()
     lp64, ref = _oracle_grads(h, w, None, labels, gout, {}, torch.float64)
     lp32, naive = _oracle_grads(h, w, None, labels, gout, {}, torch.float32)
@@ -542,7 +543,7 @@ def test_head_out_of_vocab_label_without_validation(backend: str, transform: str
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # validate=False also skips the non-finite warning
         out = linear_token_logprobs(
-            params[0], params[1], labels, bias=params[2], chunk_size=CHUNK, validate=False, backend=backend,
+            params[0], params[1], labels, bias=params[2], **TILES, validate=False, backend=backend,
             **TRANSFORMS[transform],
         ).logprobs
     assert torch.isnan(out[bad]).all() and out[0] == 0
@@ -556,7 +557,7 @@ def test_head_out_of_vocab_label_without_validation(backend: str, transform: str
     _assert_within_naive([p.grad for p in params], naive, ref, tol=2e-5)
     # even an incoming gradient on the bad rows gives them a zero row
     hh = _leaf(h, torch.float32)
-    out = linear_token_logprobs(hh, w, labels, bias=b, chunk_size=CHUNK, validate=False, backend=backend).logprobs
+    out = linear_token_logprobs(hh, w, labels, bias=b, **TILES, validate=False, backend=backend).logprobs
     out.backward(gout)
     assert torch.all(hh.grad[bad] == 0) and torch.isfinite(hh.grad).all()
 
@@ -565,7 +566,7 @@ def test_head_out_of_vocab_label_without_validation(backend: str, transform: str
 def test_head_out_of_vocab_label_propagates_nan_to_sequences(backend: str) -> None:
     h, w, b, labels, _, bad = _bad_label_case(16)
     seg = torch.tensor([0, 0, 1, 1, 2, 3, 3, 4, 4, 5, 6, 6, 6])  # bad tokens: 2 (seg 1), 5 (3), 9 (5), 11 (6)
-    seq = linear_sequence_logprobs(h, w, labels, bias=b, segment_ids=seg, num_segments=7, chunk_size=CHUNK,
+    seq = linear_sequence_logprobs(h, w, labels, bias=b, segment_ids=seg, num_segments=7, **TILES,
                                    validate=False, backend=backend)
     assert torch.isnan(seq[[1, 3, 5, 6]]).all() and torch.isfinite(seq[[0, 2, 4]]).all()
     # grad-in-forward: the same sequence log-probs, and a zero gradient row for each bad token
@@ -584,7 +585,7 @@ def test_head_out_of_vocab_label_propagates_nan_to_sequences(backend: str) -> No
     assert torch.all(hh.grad[bad] == 0) and torch.isfinite(hh.grad).all()
     # the recompute path gives the same gradient for the same (linear) loss
     h2 = _leaf(h, torch.float32)
-    seq2 = linear_sequence_logprobs(h2, w, labels, bias=b, segment_ids=seg, num_segments=7, chunk_size=CHUNK,
+    seq2 = linear_sequence_logprobs(h2, w, labels, bias=b, segment_ids=seg, num_segments=7, **TILES,
                                     validate=False, backend=backend)
     (seq2 * torch.arange(1, 8).float()).sum().backward()
     torch.testing.assert_close(hh.grad, h2.grad, rtol=1e-5, atol=1e-6)

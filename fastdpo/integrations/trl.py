@@ -88,6 +88,7 @@ from trl.trainer.utils import use_adapter
 
 from fastdpo.collator import PreferenceCollator
 from fastdpo.engine import DPOEngine
+from fastdpo.head.plan import _legacy_tiles
 from fastdpo.models import is_deepspeed_engine, is_peft_model, keep_requires_grad
 from fastdpo.ref_cache import RefLogpCache, dataset_fingerprint, pair_keys
 
@@ -163,7 +164,8 @@ class FastDPOTrainer(DPOTrainer):
             :class:`~fastdpo.engine.DPOEngine`). The token metrics (``logits/*``, ``entropy``,
             ``mean_token_accuracy``) are then not logged.
         attn_impl: attention path for packed batches (:func:`fastdpo.attention.build_attention_kwargs`).
-        chunk_size, backend: forwarded to the fused head (``backend="auto"``: Triton on CUDA, PyTorch elsewhere).
+        token_tile, vocab_tile, backend: forwarded to the fused head (``backend="auto"``: Triton on CUDA, PyTorch
+            elsewhere); ``chunk_size`` is the tiles' deprecated spelling (``DeprecationWarning``).
         sequence_parallel_size: ``k > 1`` trains sequence-parallel (:class:`~fastdpo.engine.DPOEngine`'s
             ``sequence_parallel_size``): ranks ``[i·k, (i+1)·k)`` form sequence-parallel group ``i`` and receive the
             same batches (the data loaders are sharded over the ``num_processes / k`` data-parallel ranks only),
@@ -198,10 +200,13 @@ class FastDPOTrainer(DPOTrainer):
         packing: str | None = None,
         grad_in_forward: bool = False,
         attn_impl: str = "auto",
-        chunk_size: int | None = None,
+        token_tile: int | None = None,
+        vocab_tile: int | None = None,
         backend: str = "auto",
         sequence_parallel_size: int = 1,
+        chunk_size: int | tuple[int, int] | None = None,
     ) -> None:
+        token_tile, vocab_tile = _legacy_tiles(type(self).__name__, chunk_size, token_tile, vocab_tile)
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = DPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-FastDPO")
@@ -236,7 +241,7 @@ class FastDPOTrainer(DPOTrainer):
                 "parallelism is validated on DDP (MULTI_CPU/MULTI_GPU) only; launch it without a DeepSpeed/FSDP config"
             )
         self._engine_options = {"grad_in_forward": bool(grad_in_forward), "attn_impl": attn_impl,
-                                "chunk_size": chunk_size, "backend": backend,
+                                "token_tile": token_tile, "vocab_tile": vocab_tile, "backend": backend,
                                 "sequence_parallel_size": sequence_parallel_size}
         self._ref_adapter: str | None = None  # a PEFT "ref" adapter (re-training an existing adapter), see below
         if data_collator is None:
@@ -403,8 +408,9 @@ class FastDPOTrainer(DPOTrainer):
             beta=args.beta, label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
             f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
             use_weighting=args.use_weighting, ld_alpha=args.ld_alpha, disable_dropout=args.disable_dropout,
-            attn_impl=opts["attn_impl"], grad_in_forward=opts["grad_in_forward"], chunk_size=opts["chunk_size"],
-            backend=opts["backend"], sequence_parallel_size=opts["sequence_parallel_size"],
+            attn_impl=opts["attn_impl"], grad_in_forward=opts["grad_in_forward"],
+            token_tile=opts["token_tile"], vocab_tile=opts["vocab_tile"], backend=opts["backend"],
+            sequence_parallel_size=opts["sequence_parallel_size"],
         )
         return self._fast_engine
 
