@@ -56,8 +56,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,221 +82,20 @@ from fastdpo.cli import (
     resolve_device,
     threads,
 )
+from fastdpo.data import (
+    demo_data_files,
+    pretokenize,
+    read_preference_file,
+    row_texts,
+    split_rows,
+)
+from fastdpo.tiny import ARCHS, TRAIN_SPECIAL_TOKENS, build_tiny_model, train_tokenizer
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
 LOG_NAME = "metrics.jsonl"
 _RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, CHECKPOINT_NAME + ".corrupt", LOG_NAME, "model", "reference")
 _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "data_order", "step", "rng", "args")
-TINY_ARCHS = ("llama", "qwen2", "gemma2")
-_PAIR_KEYS = ("prompt", "chosen", "rejected")
-_TOKENIZED_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-
-
-# ----------------------------------------------------------------------------------------------------------- data
-def demo_data_files() -> tuple[Path, Path]:
-    """Paths of the bundled demo set: ``(train, held_out)`` JSONL files (see ``fastdpo/data/make_demo.py``)."""
-    root = resources.files("fastdpo") / "data"
-    return Path(str(root / "demo_train.jsonl")), Path(str(root / "demo_eval.jsonl"))
-
-
-def load_preference_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read preference rows from a ``.json`` / ``.jsonl`` / ``.parquet`` file.
-
-    Each row needs ``prompt``, ``chosen`` and ``rejected`` (strings or chat message lists), or the pre-tokenized
-    ``prompt_input_ids``, ``chosen_input_ids`` and ``rejected_input_ids`` (lists of non-negative ints). A ``.json``
-    file holds a list of rows (or an object with a ``"data"`` / ``"train"`` list). Other keys are dropped.
-    ``FileNotFoundError`` for a missing file; ``ValueError`` naming the file and the row *as it is in the file*
-    (``line N`` of a JSONL file, ``item N`` of a JSON list, ``row N`` of a Parquet table) for malformed content.
-    """
-    return read_preference_file(path)[0]
-
-
-def read_preference_file(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
-    """:func:`load_preference_file` plus where each row is in the file (``"<path> line 7"``), for later messages."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a preference file")
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            raw, wheres = [], []
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        raw.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(
-                            f"{path} line {lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-                    wheres.append(f"{path} line {lineno}")
-        elif suffix == ".json":
-            with open(path, encoding="utf-8") as f:
-                try:
-                    obj = json.load(f)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(
-                        f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
-            if isinstance(obj, dict):
-                obj = obj.get("data", obj.get("train"))
-            if not isinstance(obj, list):
-                raise ValueError(f"{path}: a .json preference file must hold a list of rows (or {{'data': [...]}})")
-            raw, wheres = obj, [f"{path} item {i}" for i in range(len(obj))]
-        elif suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError as exc:  # pragma: no cover - pyarrow ships with datasets
-                raise ImportError("reading .parquet preference files needs pyarrow (pip install pyarrow)") from exc
-            try:
-                raw = pq.read_table(path).to_pylist()
-            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-                raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-            wheres = [f"{path} row {i}" for i in range(len(raw))]
-        else:
-            raise ValueError(f"unsupported preference file type {suffix!r} for {path}: use .json, .jsonl or .parquet")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not raw:
-        raise ValueError(f"{path} holds no preference rows")
-    first = raw[0]
-    keys = _TOKENIZED_KEYS if isinstance(first, dict) and all(k in first for k in _TOKENIZED_KEYS) else _PAIR_KEYS
-    cleaned = []
-    for row, where in zip(raw, wheres):
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object with {list(keys)}, got {_json_type(row)}")
-        missing = [k for k in keys if k not in row]
-        if missing:
-            raise ValueError(f"{where}: lacks {missing}; every row needs {list(keys)}")
-        for key in keys:
-            problem = _id_list_problem(row[key]) if keys is _TOKENIZED_KEYS else _text_problem(row[key])
-            if problem:
-                raise ValueError(f"{where}: {key!r} {problem}")
-        if keys is _PAIR_KEYS and len({isinstance(row[k], str) for k in keys}) != 1:
-            raise ValueError(f"{where}: mixes strings and chat messages across prompt/chosen/rejected")
-        cleaned.append({k: row[k] for k in keys})
-    return cleaned, wheres
-
-
-def _json_type(value: Any) -> str:
-    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def _text_problem(value: Any) -> str | None:
-    if isinstance(value, str):
-        return None
-    if isinstance(value, list) and value:
-        for j, message in enumerate(value):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
-                return f"message {j} must be an object with string 'role' and 'content'"
-        return None
-    return f"must be a string or a non-empty list of chat messages, got {_json_type(value)}"
-
-
-def _id_list_problem(value: Any) -> str | None:
-    if not isinstance(value, list):
-        return f"must be a list of token ids, got {_json_type(value)}"
-    for t in value:
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            return f"must hold non-negative integer token ids, got {t!r}"
-    return None
-
-
-def _row_texts(row: dict[str, Any]) -> Iterator[str]:
-    for key in _PAIR_KEYS:
-        value = row.get(key)
-        if isinstance(value, str):
-            yield value
-        elif isinstance(value, list):  # chat messages
-            for message in value:
-                if isinstance(message, dict) and isinstance(message.get("content"), str):
-                    yield message["content"]
-
-
-# ------------------------------------------------------------------------------------------- tiny model + tokenizer
-_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<eos>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
-    """Train a byte-level BPE tokenizer in-process on ``texts`` (no download).
-
-    Special tokens: ``<pad>`` (id 0), ``<eos>``, ``<bos>`` and the chat roles; a minimal chat template is set so
-    conversational rows work too. Returns a ``transformers.PreTrainedTokenizerFast``.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(texts), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", padding_side="right"
-    )
-    fast.chat_template = _CHAT_TEMPLATE
-    return fast
-
-
-def build_tiny_model(tokenizer, arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
-    """A small randomly initialized causal LM (``arch`` in llama/qwen2/gemma2) sized to ``tokenizer``, fp32, eager
-    attention. The same seed gives the same weights."""
-    from transformers import (
-        AutoModelForCausalLM,
-        Gemma2Config,
-        LlamaConfig,
-        Qwen2Config,
-    )
-
-    if arch not in TINY_ARCHS:
-        raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
-    if hidden_size % 16:
-        raise ValueError(f"hidden_size must be a multiple of 16 (4 heads of even size), got {hidden_size}")
-    common = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "tie_word_embeddings": True,
-    }
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "qwen2":
-        config = Qwen2Config(**common)
-    else:
-        config = Gemma2Config(**common, head_dim=hidden_size // 4, query_pre_attn_scalar=hidden_size // 4,
-                              sliding_window=64)
-    config._attn_implementation = "eager"
-    with _fork_rng(seed):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model
-
-
-@contextlib.contextmanager
-def _fork_rng(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 # ------------------------------------------------------------------------------------------------ RNG + checkpoint
@@ -392,23 +190,6 @@ class DataOrder:
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def pretokenize(collator, rows: list[dict[str, Any]], wheres: Sequence[str] | None = None
-                ) -> list[dict[str, list[int]]]:
-    """Rows tokenized once with ``collator.tokenize_row`` (EOS/BOS/chat template applied) as pre-tokenized rows
-    ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}``, which the collator uses verbatim. A row the
-    collator refuses (a token id outside the vocabulary, chat messages without a chat template) raises
-    ``ValueError`` naming it by ``wheres[i]`` (where it is in its file) when given."""
-    out = []
-    for i, row in enumerate(rows):
-        try:
-            out.append(dict(zip(_TOKENIZED_KEYS, collator.tokenize_row(row, i))))
-        except (ValueError, TypeError) as exc:
-            if wheres is None:
-                raise
-            raise ValueError(f"{wheres[i]}: {str(exc).replace(f'rows[{i}]', 'the row')}") from None
-    return out
-
-
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -478,8 +259,7 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
-_SPECIAL_TOKENS = 6  # train_tokenizer's <pad>, <eos>, <bos> and the three chat roles
-MIN_VOCAB = 256 + _SPECIAL_TOKENS  # the byte-level alphabet is always in the vocabulary
+MIN_VOCAB = 256 + len(TRAIN_SPECIAL_TOKENS)  # the byte-level alphabet is always in the vocabulary
 _SEED_MAX = 2**63 - 1
 
 
@@ -492,7 +272,7 @@ def build_parser() -> ArgParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="local model folder (save_pretrained format; nothing is downloaded). Default: a "
                    "tiny model built from a config, with a tokenizer trained in-process on the data")
-    g.add_argument("--arch", choices=TINY_ARCHS, default="llama", help="tiny model architecture (no --model)")
+    g.add_argument("--arch", choices=ARCHS, default="llama", help="tiny model architecture (no --model)")
     g.add_argument("--hidden-size", type=int_in(16), default=64,
                    help="tiny model width, a multiple of 16 (no --model)")
     g.add_argument("--layers", type=int_in(1), default=2, help="tiny model depth (no --model)")
@@ -573,16 +353,6 @@ def build_parser() -> ArgParser:
     return p
 
 
-def _split_rows(rows: list[dict], wheres: list[str], fraction: float, seed: int
-                ) -> tuple[list[dict], list[str], list[dict], list[str]]:
-    n_eval = max(1, round(len(rows) * fraction))
-    if n_eval >= len(rows):
-        raise ValueError(f"--data has {len(rows)} rows: too few to hold out {fraction:.0%} for evaluation")
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 10_007)).tolist()
-    train, held = perm[n_eval:], perm[:n_eval]
-    return [rows[i] for i in train], [wheres[i] for i in train], [rows[i] for i in held], [wheres[i] for i in held]
-
-
 class _LogWriter:
     """Append-only JSONL metrics log; on resume, records past the checkpoint's step are dropped first (atomically) so
     the log reads like an uninterrupted run, and so is a partial or undecodable line (a crash mid-write)."""
@@ -647,7 +417,7 @@ def _load_data(args: argparse.Namespace) -> tuple[list[dict], list[str], list[di
             eval_rows, eval_where = read("--eval-data", args.eval_data)
         else:
             try:
-                train_rows, train_where, eval_rows, eval_where = _split_rows(train_rows, train_where,
+                train_rows, train_where, eval_rows, eval_where = split_rows(train_rows, train_where,
                                                                              args.eval_fraction, args.seed)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
@@ -902,7 +672,7 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
     else:
         if "prompt_input_ids" in train_rows[0]:
             raise UsageError("pre-tokenized rows need --model (its tokenizer produced the ids)")
-        tokenizer = train_tokenizer([t for r in train_rows for t in _row_texts(r)], vocab_size=args.vocab_size)
+        tokenizer = train_tokenizer([t for r in train_rows for t in row_texts(r)], vocab_size=args.vocab_size)
         need = _tiny_model_bytes(tokenizer, args)
         import psutil
 

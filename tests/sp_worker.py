@@ -5,7 +5,7 @@ Run one process per rank::
     python tests/sp_worker.py --rank R --world-size W --sp 2 --init-file /tmp/x/init --out /tmp/x \\
         --jobs llama-pad:plain qwen2-prefix_shared:ddp ...
 
-Every rank builds the same seeded tiny model (``tests/tiny.py``), policy and perturbed frozen reference, and the same
+Every rank builds the same seeded tiny model (:mod:`fastdpo.tiny`), policy and perturbed frozen reference, and the same
 collated batch of a case; data-parallel rank ``rank // sp`` keeps its contiguous share of the pairs (all of them when
 ``W == sp``), so every rank of a sequence-parallel group holds the same batch. One DPO step runs through
 ``DPOEngine(sequence_parallel_size=sp)`` under a mode:
@@ -72,30 +72,6 @@ ENGINE_KWARGS = {
     "qwen2": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.5},
     "gemma2": {"loss_type": "ipo"},
 }
-
-
-def _tiny() -> Any:
-    import tiny
-
-    return tiny
-
-
-def _model_with_kv_heads(tiny: Any, arch: str, tok: Any, attn: str, kv_heads: int) -> Any:
-    """``tiny.make_model`` with ``num_key_value_heads`` overridden (same seeded re-draw of the weights)."""
-    from transformers import AutoModelForCausalLM
-
-    config = tiny._config(arch, len(tok), sliding_window=None)
-    config.num_key_value_heads = kv_heads
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
 
 
 def sum_over_group_grads(world: int) -> dict[str, Any]:
@@ -192,14 +168,15 @@ def build(case: str, dp_rank: int = 0, dp_size: int = 1) -> tuple[Any, Any, dict
     """``(policy, reference, collated batch)`` of a case (seeded: identical on every rank); the batch holds the
     pairs of data-parallel rank ``dp_rank`` of ``dp_size`` (a contiguous equal share)."""
     spec = CASES[case]
-    tiny = _tiny()
+    from fastdpo import tiny
+
     tok = tiny.make_tokenizer()
     arch = spec["arch"]
     # eager for Gemma 2 (soft-capping); a sliding window small enough to matter for Gemma 2 and Qwen 2
     attn = "eager" if arch == "gemma2" else "sdpa"
     window = 6 if arch != "llama" else None
     if "kv_heads" in spec:
-        policy = _model_with_kv_heads(tiny, arch, tok, attn, spec["kv_heads"])
+        policy = tiny.make_model(arch, tok, attn_implementation=attn, num_key_value_heads=spec["kv_heads"])
     else:
         policy = tiny.make_model(arch, tok, attn_implementation=attn, sliding_window=window)
     policy.train()

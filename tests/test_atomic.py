@@ -233,9 +233,7 @@ def test_ref_cache_refuses_other_model_dataset_settings(tmp_path: Path) -> None:
 
 def test_ref_cache_refuses_other_dataset_batches(tmp_path: Path) -> None:
     """Through collated batches: a cache built on one dataset refuses batches (and lookups) of another."""
-    from fastdpo import PreferenceCollator
-
-    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
+    from fastdpo import PreferenceCollator, tiny
     make_tokenizer, preference_rows = tiny.make_tokenizer, tiny.preference_rows
     from fastdpo.ref_cache import RefLogpCache
 
@@ -272,9 +270,7 @@ def test_engine_precomputed_cache_refuses_mismatch(tmp_path: Path) -> None:
     pairs of another dataset."""
     import copy
 
-    from fastdpo import DPOEngine, PreferenceCollator
-
-    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
+    from fastdpo import DPOEngine, PreferenceCollator, tiny
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0)
     ref = tiny.make_model("llama", tok, attn_implementation="eager", seed=1)

@@ -5,10 +5,10 @@ import types
 
 import pytest
 import torch
-from tiny import make_model, make_tokenizer, preference_rows
 
 from fastdpo import PreferenceCollator
 from fastdpo.attention import allowed_mask, build_attention_kwargs, resolve_impl
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 RTOL = 1e-5
 N_PAIRS = 4
@@ -214,7 +214,9 @@ class _FlashStub(torch.nn.Module):
 
 
 def test_flash_varlen_kwargs_match_hf_position_id_split(tok):
-    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    from transformers.modeling_flash_attention_utils import (
+        prepare_fa_kwargs_from_position_ids,
+    )
 
     rows = preference_rows(4, seed=2)
     batch = PreferenceCollator(tok, packing="padding_free")(rows)

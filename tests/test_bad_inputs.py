@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from tiny import BACKENDS
+from backends import BACKENDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -639,7 +639,7 @@ def test_fused_dpo_loss_nonfinite_input(bad: float) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_parts() -> tuple[Any, torch.nn.Module, torch.nn.Module]:
-    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
+    from fastdpo import tiny
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)

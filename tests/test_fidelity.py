@@ -83,9 +83,7 @@ def _short_rows(tiny: Any, n: int, seed: int) -> list[dict[str, str]]:
 
 @pytest.mark.usefixtures("one_thread")
 def test_200_step_dpo_matches_naive() -> None:
-    from fastdpo import DPOEngine, PreferenceCollator
-
-    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
+    from fastdpo import DPOEngine, PreferenceCollator, tiny
     tok = tiny.make_tokenizer()
     base = _tiny_llama(tok, seed=0)
     ref = copy.deepcopy(base).eval().requires_grad_(False)

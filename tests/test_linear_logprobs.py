@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import BACKENDS
+from backends import BACKENDS
 
 from fastdpo.linear_logprobs import (
     TokenStats,

@@ -30,11 +30,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import make_model, make_tokenizer, preference_rows
 
 import fastdpo.linear_logprobs as linear_logprobs_module
 from fastdpo import DPOEngine, PreferenceCollator
 from fastdpo.attention import build_attention_kwargs
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

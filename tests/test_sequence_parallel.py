@@ -253,7 +253,8 @@ def trainer_runs(tmp_path_factory) -> tuple[list[dict[str, Any]], dict[str, Any]
     import json
 
     from filelock import FileLock
-    from tiny import preference_rows
+
+    from fastdpo.tiny import preference_rows
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -319,10 +320,10 @@ def sp_trainer_steps() -> int:
 
 def test_trainer_refuses_what_it_cannot_shard() -> None:
     pytest.importorskip("trl")
-    from tiny import make_model, make_tokenizer, preference_rows
     from trl import DPOConfig
 
     from fastdpo.integrations.trl import FastDPOTrainer
+    from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
     tok = make_tokenizer()
     model = make_model("llama", tok)
@@ -342,9 +343,8 @@ def test_trainer_refuses_what_it_cannot_shard() -> None:
 # ------------------------------------------------------------------------------------------------ in-process
 def test_refusals_before_any_collective() -> None:
     """Errors every rank raises at construction, before a process group is needed."""
-    from tiny import make_model, make_tokenizer
-
     from fastdpo import DPOEngine
+    from fastdpo.tiny import make_model, make_tokenizer
 
     tok = make_tokenizer()
     policy, ref = make_model("llama", tok), make_model("llama", tok, seed=1)
@@ -367,8 +367,7 @@ def test_refusals_before_any_collective() -> None:
 def test_ulysses_model_unchanged_outside_a_step(arch: str, attn: str) -> None:
     """A model switched to ``fastdpo_ulysses_<impl>`` computes exactly what ``<impl>`` does when no sequence-parallel
     context is passed (padding mask built by the model itself) and with a 1-rank context."""
-    from tiny import make_model, make_tokenizer
-
+    from fastdpo.tiny import make_model, make_tokenizer
     from fastdpo.ulysses import KWARG, UlyssesContext, enable_ulysses_attention
 
     tok = make_tokenizer()
@@ -390,8 +389,7 @@ def test_ulysses_model_unchanged_outside_a_step(arch: str, attn: str) -> None:
 
 def test_local_mask_refused() -> None:
     """A mask for the local columns reaching the attention function raises instead of broadcasting."""
-    from tiny import make_model, make_tokenizer
-
+    from fastdpo.tiny import make_model, make_tokenizer
     from fastdpo.ulysses import UlyssesContext, ulysses_attention_forward
 
     module = make_model("llama", make_tokenizer()).model.layers[0].self_attn
@@ -406,10 +404,9 @@ def test_local_mask_refused() -> None:
 def test_pad_batch_keeps_every_label_and_owner(packing: str) -> None:
     """Padding an odd-length batch to a multiple of k keeps each scored token's predicting position (re-based
     index) and its label next to it; every token is owned by exactly one rank, the one holding that position."""
-    from tiny import make_tokenizer, preference_rows
-
     from fastdpo import PreferenceCollator
     from fastdpo.sequence_parallel import pad_batch, token_owners
+    from fastdpo.tiny import make_tokenizer, preference_rows
 
     tok = make_tokenizer()
     for k in (2, 3, 4):
@@ -503,10 +500,9 @@ def test_gpu_sp1_path_through_ulysses(attn: str) -> None:
 
     if attn.startswith("flash") and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn is not installed")
-    from tiny import make_model, make_tokenizer, preference_rows
-
     from fastdpo import PreferenceCollator
     from fastdpo.attention import build_attention_kwargs
+    from fastdpo.tiny import make_model, make_tokenizer, preference_rows
     from fastdpo.ulysses import KWARG, UlyssesContext, enable_ulysses_attention
 
     tok = make_tokenizer()

@@ -36,7 +36,7 @@ pytest.importorskip("peft")
 pytest.importorskip("deepspeed")
 datasets = pytest.importorskip("datasets")
 
-from tiny import preference_rows
+from fastdpo.tiny import preference_rows
 
 pytestmark = [
     pytest.mark.distributed,

@@ -14,11 +14,11 @@ pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 datasets.disable_progress_bars()
 
-from tiny import make_model, make_tokenizer, preference_rows
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from fastdpo.integrations.trl import PREDICTION_COLUMNS, FastDPOTrainer
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,7 +4,7 @@
 Launched as ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trl_dist_worker.py --data
 rows.jsonl --eval-data eval.jsonl --out DIR --cases CASE[,CASE...]`` (torchrun sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; accelerate's ``PartialState`` picks them up). Every rank builds the
-same seeded tiny Llama (``tests/tiny.py``) and, per case, trains it 3 optimizer steps with each trainer on the rows of
+same seeded tiny Llama (:mod:`fastdpo.tiny`) and, per case, trains it 3 optimizer steps with each trainer on the rows of
 ``--data``; accelerate shards every global batch over the ranks. Rank ``R`` writes ``DIR/rank{R}.pt``::
 
     {case: {trainer: {"steps": [log_history entries with "loss"], "eval": evaluate() metrics or None,
@@ -52,10 +52,10 @@ def _recording(cls: type) -> type:
 def run_case(case: str, trainer_name: str, data: Path, eval_data: Path, out_dir: Path) -> dict[str, Any]:
     import datasets
     from peft import LoraConfig
-    from tiny import make_model, make_tokenizer
     from trl import DPOConfig, DPOTrainer
 
     from fastdpo.integrations.trl import FastDPOTrainer
+    from fastdpo.tiny import make_model, make_tokenizer
 
     datasets.disable_progress_bars()
     cls = _recording(FastDPOTrainer if trainer_name == "fast" else DPOTrainer)
