@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fastdpo.benchmarks import impls
 from fastdpo.benchmarks.impls import Shape
+
+from fastdpo.reference import naive_token_logprobs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = Shape(256, 64, 4093) if DEVICE.type == "cpu" else Shape(4096, 2048, 128256)
@@ -24,7 +25,7 @@ def _plain(problem: impls.Problem, dtype: torch.dtype) -> tuple[torch.Tensor, to
     x = problem.inputs
     h = x["hidden"].detach().to(dtype).requires_grad_(True)
     w = x["weight"].detach().to(dtype).requires_grad_(True)
-    out = torch.log_softmax(h @ w.T, dim=-1).gather(-1, x["labels"][:, None])[:, 0]
+    out = naive_token_logprobs(h @ w.T, x["labels"])
     out.backward(problem.upstream.to(dtype))
     return out.detach(), h.grad, w.grad
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fastdpo.benchmarks import impls
 from fastdpo.benchmarks.impls import Shape
+
+from fastdpo.reference import naive_sequence_logprobs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = Shape(512, 0, 4093) if DEVICE.type == "cpu" else Shape(16384, 0, 128256)
@@ -22,10 +23,8 @@ def _plain(problem: impls.Problem, dtype: torch.dtype) -> tuple[torch.Tensor, to
     fp32 (float64): ``(sequence log-probs, logits grad)`` for the problem's upstream gradient."""
     logits = problem.inputs["logits"].detach().to(dtype).requires_grad_(True)
     labels = problem.inputs["labels"]
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    out = torch.where(labels != -100, lp.to(acc), 0.0).sum(-1)
-    out.backward(problem.upstream.to(acc))
+    out = naive_sequence_logprobs(logits, labels)
+    out.backward(problem.upstream.to(out.dtype))
     return out.detach(), logits.grad
 
 

@@ -8,6 +8,7 @@ import torch
 
 from fastdpo import PreferenceCollator
 from fastdpo.attention import allowed_mask, build_attention_kwargs, resolve_impl
+from fastdpo.reference import naive_batch_logps
 from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 RTOL = 1e-5
@@ -51,11 +52,7 @@ def packed_logps(model, batch, impl="auto", kwargs=None) -> torch.Tensor:
     """Full logits of the packed forward, gathered at logp_index/logp_labels, summed by logp_seq (float64)."""
     kwargs = build_attention_kwargs(batch, model, impl=impl) if kwargs is None else kwargs
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], **kwargs).logits
-    logp = logits.reshape(-1, logits.shape[-1]).double().log_softmax(-1)
-    picked = logp[batch["logp_index"], batch["logp_labels"]]
-    num = 2 * batch["num_pairs"]
-    return torch.zeros(num, dtype=torch.float64).index_add_(0, batch["logp_seq"], picked)
+        return naive_batch_logps(model, batch, attn_kwargs=kwargs, logits_dtype=torch.float64)
 
 
 def assert_close_rel(got: torch.Tensor, ref: torch.Tensor) -> None:

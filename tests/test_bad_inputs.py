@@ -24,6 +24,8 @@ import pytest
 import torch
 from backends import BACKENDS
 
+from fastdpo.reference import naive_dpo_loss, naive_token_logprobs
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NONFINITE = [float("nan"), float("inf")]
@@ -55,10 +57,7 @@ def _expect_nonfinite_warning(fn: Callable[[], Any]) -> Any:
 
 def ref_token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """float64 ``log_softmax(logits)[label]``, 0 where ignored (differentiable)."""
-    valid = labels != ignore_index
-    lp = torch.log_softmax(logits.double(), dim=-1)
-    tok = lp.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, tok, torch.zeros_like(tok))
+    return naive_token_logprobs(logits.double(), labels, ignore_index=ignore_index)
 
 
 def ref_linear_token_logps(
@@ -483,7 +482,7 @@ def _pl(*args: Any, **kw: Any) -> Any:
 
 
 def _sigmoid_ref(pc, pr, rc, rr, beta: float = 0.1) -> torch.Tensor:
-    return -torch.nn.functional.logsigmoid(beta * ((pc.double() - rc.double()) - (pr.double() - rr.double()))).mean()
+    return naive_dpo_loss(torch.cat([pc, pr]).double(), torch.cat([rc, rr]).double(), beta)
 
 
 def test_preference_loss_bad_inputs() -> None:

@@ -17,6 +17,7 @@ from fastdpo.ref_cache import (
     model_fingerprint,
     pair_keys,
 )
+from fastdpo.reference import naive_dpo_loss
 from fastdpo.tiny import ARCHS, make_model, make_tokenizer, preference_rows
 
 PACKINGS = ("pad", "padding_free", "prefix_shared")
@@ -67,12 +68,6 @@ def _naive_token_stats(model: torch.nn.Module, pad_batch: dict) -> list[dict]:
 
 def _naive_seq_logps(stats: list[dict]) -> torch.Tensor:
     return torch.stack([st["logps"].sum() for st in stats])
-
-
-def _naive_sigmoid_loss(pol: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
-    p = pol.shape[0] // 2
-    margin = (pol[:p] - ref[:p]) - (pol[p:] - ref[p:])
-    return -F.logsigmoid(beta * margin).mean()
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
@@ -178,7 +173,7 @@ def test_train_step_gradients_match_naive(arch: str, tok) -> None:
     pad = _batch(tok, rows, "pad")
     with torch.no_grad():
         ref_logps = _naive_seq_logps(_naive_token_stats(ref, pad))
-    naive_loss = _naive_sigmoid_loss(_naive_seq_logps(_naive_token_stats(naive_model, pad)), ref_logps, beta)
+    naive_loss = naive_dpo_loss(_naive_seq_logps(_naive_token_stats(naive_model, pad)), ref_logps, beta)
     naive_loss.backward()
     naive_grads = {n: p.grad.clone() for n, p in naive_model.named_parameters()}
     assert sum(g.abs().sum() for g in naive_grads.values()) > 0

@@ -19,8 +19,8 @@ from fastdpo.linear_logprobs import (
     linear_logprobs_loss_grad_in_forward,
     linear_sequence_logprobs,
     linear_token_logprobs,
-    naive_linear_token_logprobs,
 )
+from fastdpo.reference import naive_linear_token_logprobs
 
 
 @pytest.fixture(autouse=True, scope="module")
