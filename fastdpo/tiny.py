@@ -11,6 +11,8 @@ tiny model. Nothing here touches the network; every builder is deterministic (se
   ``<eos>``, ``<bos>``, the chat roles) and a tied-embedding model at the framework's default initialization: what
   ``fastdpo train`` builds without ``--model`` and what the examples use.
 * :func:`tiny_config`: the ``transformers`` config both model builders use.
+* :func:`id_tokenizer`: a word-level tokenizer over ids ``0..V-1`` for pre-tokenized rows of any vocabulary size
+  (``fastdpo memory --measure``, the benchmarks).
 
 Usage::
 
@@ -53,27 +55,29 @@ CHAT_TEMPLATE = (
 )
 
 
-@functools.cache
-def _trained_backend(vocab_size: int, add_bos: bool):
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+def _train_bpe(texts: Sequence[str], vocab_size: int, specials: Sequence[str], *, unk_token: str | None = None) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts``: the 256 byte symbols, then ``specials`` (ids
+    ``0..len(specials)-1``), then merges up to ``vocab_size``. Byte-level, so any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(CORPUS), trainer=trainer)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return tok
+
+
+@functools.cache
+def _trained_backend(vocab_size: int, add_bos: bool):
+    from tokenizers import processors
+
+    tok = _train_bpe(CORPUS, vocab_size, SPECIAL_TOKENS, unk_token="<unk>")
     if add_bos:
         bos = tok.token_to_id("<s>")
         tok.post_processor = processors.TemplateProcessing(
@@ -119,19 +123,9 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
     conversational rows work too. The vocabulary always holds the 256 bytes plus the specials. Returns a
     ``transformers.PreTrainedTokenizerFast`` (right padding).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(TRAIN_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(texts), trainer)
+    tok = _train_bpe(texts, vocab_size, TRAIN_SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", padding_side="right"
     )
@@ -262,6 +256,21 @@ def build_tiny_model(tokenizer, arch: str = "llama", *, hidden_size: int = 64, n
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def id_tokenizer(vocab_size: int) -> Any:
+    """A ``PreTrainedTokenizerFast`` of ``vocab_size`` word-level tokens (``<pad>`` = 0 is also the unknown token,
+    ``</s>`` = 1 is EOS, then ``t2``, ``t3``, ...): what :class:`fastdpo.PreferenceCollator` needs to collate
+    pre-tokenized rows of any ids below ``vocab_size`` (its length, pad and EOS ids)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be at least 2 (pad and EOS), got {vocab_size}")
+    vocab = {"<pad>": 0, "</s>": 1}
+    vocab.update((f"t{i}", i) for i in range(2, vocab_size))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
 
 
 def preference_rows(n: int = 3, *, conversational: bool = False, seed: int = 0) -> list[dict]:

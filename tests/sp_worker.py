@@ -94,10 +94,10 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     (:mod:`fastdpo.sp_memory`) next to what this rank's engine forward really saves for backward
     (``saved_tensors_hooks``, distinct storages, parameters / batch / masks excluded), the bytes of the masks it
     builds and the scored tokens it owns, on a tiny model of the preset's architecture."""
-    from transformers import AutoModelForCausalLM
-
     from fastdpo import DPOEngine, PreferenceCollator, sp_memory
     from fastdpo import memory as M
+    from fastdpo.benchmarks.memory_measure import build_models
+    from fastdpo.tiny import id_tokenizer
 
     preset, dtype, packing = spec.rsplit("-", 2)
     # Qwen: 4 key/value heads for 8 query heads, 2 per rank (transformers copies them when it repeats them)
@@ -108,8 +108,7 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     step = M.StepConfig(pairs=3, prompt_len=9, completion_len=6, dtype=dtype, device="cpu", packing=packing,
                         pairs_per_row=2 if packing == "prefix_shared" else 1, sequence_parallel=sp)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(M.hf_config(cfg, None, dtype), dtype=getattr(torch, M.TORCH_DTYPES[dtype]),
-                                             attn_implementation="eager" if shape.eager_attention else "sdpa")
+    _, model, _ = build_models({"dtype": dtype, "reference": "precomputed"}, cfg, None)
     gen = torch.Generator().manual_seed(1)
 
     def ids(n: int) -> list[int]:
@@ -118,9 +117,9 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     rows = [{"prompt_input_ids": ids(9), "chosen_input_ids": ids(6), "rejected_input_ids": ids(6),
              "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0} for _ in range(step.pairs)]
     if packing == "prefix_shared":
-        collator = PreferenceCollator(M.id_tokenizer(997), packing=packing, max_tokens_per_row=2 * (9 + 12))
+        collator = PreferenceCollator(id_tokenizer(997), packing=packing, max_tokens_per_row=2 * (9 + 12))
     else:
-        collator = PreferenceCollator(M.id_tokenizer(997), packing="pad")
+        collator = PreferenceCollator(id_tokenizer(997), packing="pad")
     batch = collator(rows)
     engine = DPOEngine(model, reference="precomputed", sequence_parallel_size=sp)
     shard = engine.sequence_parallel.shard(batch, model)

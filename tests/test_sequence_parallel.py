@@ -437,12 +437,13 @@ def test_owned_tokens_match_the_collated_rows(packing: str, prompt_len: int, pai
     from fastdpo import memory as M
     from fastdpo.sequence_parallel import token_owners
     from fastdpo.sp_memory import owned_tokens
+    from fastdpo.tiny import id_tokenizer
 
     step = M.StepConfig(pairs=3, prompt_len=prompt_len, completion_len=5, device="cpu", packing=packing,
                         pairs_per_row=pairs_per_row, sequence_parallel=k)
     rows = [{"prompt_input_ids": [5 + i] * prompt_len, "chosen_input_ids": [7] * 5, "rejected_input_ids": [8] * 5}
             for i in range(step.pairs)]
-    tok = M.id_tokenizer(16)
+    tok = id_tokenizer(16)
     if packing == "prefix_shared":
         batch = PreferenceCollator(tok, packing=packing, max_tokens_per_row=pairs_per_row * (prompt_len + 10))(rows)
     else:
@@ -477,6 +478,8 @@ def test_memory_cli_sequence_parallel(capsys: pytest.CaptureFixture[str]) -> Non
 def test_memory_measure_sequence_parallel_within_15_percent(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--measure`` with ``--sequence-parallel 2``: 2 CPU processes run the real engine step; the peak rank's RSS
     over its baseline is within 15% of the per-rank estimate (a ~0.3 GiB step with a 2560-token prefix_shared row)."""
+    from fastdpo.benchmarks.memory_measure import measure
+
     from fastdpo import memory as M
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -484,7 +487,7 @@ def test_memory_measure_sequence_parallel_within_15_percent(monkeypatch: pytest.
                num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=2)
     step = M.StepConfig(pairs=1, prompt_len=1536, completion_len=512, dtype="fp32", optimizer="sgd",
                         reference="precomputed", device="cpu", packing="prefix_shared", sequence_parallel=2)
-    measured = M.measure(cfg, step, ["fastdpo"], None)["fastdpo"]
+    measured = measure(cfg, step, ["fastdpo"], None)["fastdpo"]
     assert "error" not in measured, measured
     assert len(measured["rank_peaks"]) == 2
     assert M.estimate(M.shape_from_config(cfg), step, "fastdpo")["peak"] == pytest.approx(measured["peak"], rel=0.15)
