@@ -1,6 +1,7 @@
 """Crash safety of what fastdpo writes to disk, and refusal of a mismatched reference cache.
 
-- :meth:`fastdpo.ref_cache.RefLogpCache.save` and ``fastdpo train`` checkpoints (:func:`fastdpo.train.save_checkpoint`)
+- :meth:`fastdpo.ref_cache.RefLogpCache.save` and ``fastdpo train`` checkpoints
+  (:func:`fastdpo.run_state.save_checkpoint`)
   must replace their file atomically: a writer that dies mid-write (an exception inside ``torch.save``, or a
   ``SIGKILL`` of the writing process while half the bytes are on disk) leaves the previous file byte-for-byte intact
   and loadable.
@@ -306,7 +307,7 @@ def test_engine_precomputed_cache_refuses_mismatch(tmp_path: Path) -> None:
 
 
 def test_save_checkpoint_exception_mid_write_keeps_old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fastdpo.train import save_checkpoint
+    from fastdpo.run_state import save_checkpoint
 
     path = tmp_path / "checkpoint.pt"
     old_state = {"step": 3, "model": {"w": torch.randn(17, 5)}}

@@ -16,7 +16,8 @@ import torch
 import fastdpo
 from fastdpo.cli import main as cli_main
 from fastdpo.data import demo_data_files, load_preference_file
-from fastdpo.train import DataOrder, main, save_checkpoint
+from fastdpo.run_state import DataOrder, save_checkpoint
+from fastdpo.train import main
 
 # tiny and fast: hidden 32, batch 4, few steps, one thread (tests share the machine's cores)
 FAST = ["--hidden-size", "32", "--batch-size", "4", "--eval-batch-size", "16", "--eval-batches", "1",
