@@ -39,6 +39,7 @@ import time
 from typing import Any
 
 import torch
+
 from fastdpo.benchmarks.measure import proc_status_kb, reset_peak_rss
 
 IMPLS = ("engine", "engine_pad", "trl")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastdpo.benchmarks import impls
 from fastdpo.benchmarks.impls import DPO_BETA, Shape
-
 from fastdpo.reference import naive_dpo_loss, naive_sequence_logprobs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,23 +36,9 @@ def _plain(problem: impls.Problem, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 @pytest.mark.parametrize("name", impls.impl_names("dpo"))
-def test_bench_dpo_loss_fwd_bwd(benchmark, check_within_naive, name):
-    impl = impls.get_impl("dpo", name)
-    reason = impl.unavailable(DEVICE)
-    if reason is not None:
-        pytest.skip(reason)
+def test_bench_dpo_loss_fwd_bwd(benchmark, bench_case, check_within_naive, name):
     shape = SHAPE.normalized("dpo")
-    problem = impls.make_problem("dpo", shape, DTYPE, DEVICE, seed=9)
-    fn = impl.build(problem, DEVICE)
-
-    def step() -> torch.Tensor:
-        for t in problem.leaves:
-            t.grad = None
-        loss = fn()
-        loss.backward()
-        return loss
-
-    loss = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    impl, problem, loss = bench_case("dpo", name, shape, DTYPE, DEVICE, seed=9)
     hidden, weight = problem.leaves
     naive, ref = _plain(problem, DTYPE), _plain(problem, torch.float64)
     for label, got, n, r in zip(("loss", "hidden.grad", "weight.grad"), (loss, hidden.grad, weight.grad), naive, ref):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastdpo.benchmarks import impls
 from fastdpo.benchmarks.impls import Shape
-
 from fastdpo.reference import naive_token_logprobs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -31,22 +31,8 @@ def _plain(problem: impls.Problem, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 @pytest.mark.parametrize("name", impls.impl_names("head"))
-def test_bench_head_fwd_bwd(benchmark, check_within_naive, name):
-    impl = impls.get_impl("head", name)
-    reason = impl.unavailable(DEVICE)
-    if reason is not None:
-        pytest.skip(reason)
-    problem = impls.make_problem("head", SHAPE, DTYPE, DEVICE, seed=5)
-    fn = impl.build(problem, DEVICE)
-
-    def step() -> torch.Tensor:
-        for t in problem.leaves:
-            t.grad = None
-        out = fn()
-        out.backward(problem.upstream)
-        return out
-
-    out = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+def test_bench_head_fwd_bwd(benchmark, bench_case, check_within_naive, name):
+    impl, problem, out = bench_case("head", name, SHAPE, DTYPE, DEVICE, seed=5)
     hidden, weight = problem.leaves
     naive, ref = _plain(problem, DTYPE), _plain(problem, torch.float64)
     for label, got, n, r in zip(("log-probs", "hidden.grad", "weight.grad"), (out, hidden.grad, weight.grad),

@@ -11,6 +11,7 @@ and is written the way a plain PyTorch training loop writes it:
 * :func:`naive_batch_logps`: a causal LM's full forward on a :class:`fastdpo.PreferenceCollator` batch, its logits
   gathered at the batch's scored positions (``logp_index`` / ``logp_labels``) and summed per sequence
   (``logp_seq``): ``[2P]``, chosen ``0..P-1`` then rejected ``P..2P-1``.
+* :func:`naive_completion_logps`: one sequence's completion log-prob from its own forward, alone (no batch layout).
 * :func:`naive_dpo_loss`: the sigmoid DPO loss ``-mean log sigmoid(beta * ((pc - rc) - (pr - rr)))`` (LOSSES.md).
 
 A float64 reference is the same function on float64 inputs (``logits.double()``, ``model.double()``). The numeric
@@ -36,6 +37,7 @@ __all__ = [
     "accumulation_dtype",
     "assert_within_naive",
     "naive_batch_logps",
+    "naive_completion_logps",
     "naive_dpo_loss",
     "naive_linear_token_logprobs",
     "naive_sequence_logprobs",
@@ -223,6 +225,18 @@ def naive_batch_logps(
     acc = accumulation_dtype(picked.dtype)
     out = torch.zeros(2 * int(batch["num_pairs"]), dtype=acc, device=picked.device)
     return out.index_add(0, batch["logp_seq"], picked.to(acc)).cpu()
+
+
+def naive_completion_logps(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> float:
+    """The summed log-probs of ``completion`` after ``prompt`` from the model's full logits on this one sequence
+    alone (no padding, no packing, no mask; ``log_softmax`` in float64), without gradient. A completion token at
+    position 0 has no predictor and is skipped (TRL's ``mask[:, 1:]``)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt) + list(completion)], device=device)
+    first = max(len(prompt), 1)
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[0, first - 1 : -1].double().log_softmax(-1)
+    return float(logp.gather(-1, ids[0, first:, None]).sum())
 
 
 def naive_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float = 0.1) -> torch.Tensor:

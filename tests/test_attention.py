@@ -8,7 +8,7 @@ import torch
 
 from fastdpo import PreferenceCollator
 from fastdpo.attention import allowed_mask, build_attention_kwargs, resolve_impl
-from fastdpo.reference import naive_batch_logps
+from fastdpo.reference import naive_batch_logps, naive_completion_logps
 from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 RTOL = 1e-5
@@ -38,14 +38,7 @@ def _pieces(tok, rows):
 
 def naive_logps(model, pieces) -> torch.Tensor:
     """Oracle: each sequence alone, unpadded, no mask; float64 log_softmax; sum over its completion tokens."""
-    out = []
-    for prompt, completion in pieces:
-        ids = torch.tensor([prompt + completion])
-        with torch.no_grad():
-            logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
-        first = max(len(prompt), 1)  # a completion token at position 0 has no predictor (TRL: mask[:, 1:])
-        out.append(sum(float(logp[k - 1, ids[0, k]]) for k in range(first, ids.shape[1])))
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.tensor([naive_completion_logps(model, p, c) for p, c in pieces], dtype=torch.float64)
 
 
 def packed_logps(model, batch, impl="auto", kwargs=None) -> torch.Tensor:

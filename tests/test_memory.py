@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from fastdpo.benchmarks.memory_measure import build_models, measure
 
 from fastdpo import memory as M
+from fastdpo.benchmarks.memory_measure import build_models, measure
 from fastdpo.reference import naive_sequence_logprobs
 from fastdpo.tiny import id_tokenizer
 

@@ -6,9 +6,9 @@ import json
 import struct
 
 import pytest
-from fastdpo.benchmarks.memory_measure import measure
 
 from fastdpo import memory as M
+from fastdpo.benchmarks.memory_measure import measure
 
 GIB = 2**30
 

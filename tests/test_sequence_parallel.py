@@ -478,9 +478,8 @@ def test_memory_cli_sequence_parallel(capsys: pytest.CaptureFixture[str]) -> Non
 def test_memory_measure_sequence_parallel_within_15_percent(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--measure`` with ``--sequence-parallel 2``: 2 CPU processes run the real engine step; the peak rank's RSS
     over its baseline is within 15% of the per-rank estimate (a ~0.3 GiB step with a 2560-token prefix_shared row)."""
-    from fastdpo.benchmarks.memory_measure import measure
-
     from fastdpo import memory as M
+    from fastdpo.benchmarks.memory_measure import measure
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = dict(M.PRESETS["Llama-3.2-1B"], vocab_size=32000, hidden_size=256, intermediate_size=1024,
