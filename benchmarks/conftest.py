@@ -1,28 +1,47 @@
 """Correctness rule of the pytest-benchmark suites (``pytest benchmarks/``; CI runs them with ``--benchmark-disable``):
 every implementation's output and gradients are compared with a float64 recomputation, and the error may not exceed
 the naive PyTorch path's error in the same dtype (``log_softmax`` of the materialized logits, all in that dtype) plus
-a small tolerance -- the suite-wide rule, not a fixed atol."""
+a small tolerance -- the suite-wide rule, not a fixed atol (:func:`fastdpo.reference.assert_within_naive`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
+from fastdpo.benchmarks import impls
+from fastdpo.reference import assert_within_naive
 
-def within_naive(name: str, got: torch.Tensor, naive: torch.Tensor, ref: torch.Tensor) -> None:
-    """``max|got - ref| <= max|naive - ref| + tol`` with ``tol = (2e-6 + u) * max|ref|``, where ``u`` is the unit
-    roundoff (``eps / 2``) of ``got``'s dtype when it is half precision (one final rounding to the output dtype)."""
-    assert got.shape == ref.shape, (name, tuple(got.shape), tuple(ref.shape))
-    unit_roundoff = torch.finfo(got.dtype).eps / 2 if got.dtype in (torch.bfloat16, torch.float16) else 0.0
-    ref = ref.detach().double().cpu()
-    scale = max(float(ref.abs().max()), 1e-30)
-    err = float((got.detach().double().cpu() - ref).abs().max())
-    naive_err = float((naive.detach().double().cpu() - ref).abs().max())
-    bound = naive_err + (2e-6 + unit_roundoff) * scale
-    assert err <= bound, f"{name}: error {err:.3e} > naive same-dtype error {naive_err:.3e} + tol (scale {scale:.3e})"
+
+def run_case(benchmark: Any, workload: str, name: str, shape: impls.Shape, dtype: torch.dtype,
+             device: torch.device, seed: int) -> tuple[impls.Impl, impls.Problem, torch.Tensor]:
+    """``(impl, problem, output)`` of implementation ``name`` of ``workload`` benchmarked forward + backward (3 rounds
+    after 1 warm-up, gradients reset each round; ``problem.upstream`` is the output's gradient, ``None`` for a scalar
+    loss); the test is skipped when the implementation is unavailable on ``device``."""
+    impl = impls.get_impl(workload, name)
+    reason = impl.unavailable(device)
+    if reason is not None:
+        pytest.skip(reason)
+    problem = impls.make_problem(workload, shape, dtype, device, seed=seed)
+    fn = impl.build(problem, device)
+
+    def step() -> torch.Tensor:
+        for t in problem.leaves:
+            t.grad = None
+        out = fn()
+        out.backward(problem.upstream)
+        return out
+
+    return impl, problem, benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.fixture
+def bench_case(benchmark: Any) -> Callable[..., tuple[impls.Impl, impls.Problem, torch.Tensor]]:
+    """:func:`run_case` bound to the test's ``benchmark`` fixture."""
+    return lambda *args, **kwargs: run_case(benchmark, *args, **kwargs)
 
 
 @pytest.fixture
 def check_within_naive() -> Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]:
-    return within_naive
+    return assert_within_naive

@@ -21,17 +21,10 @@ autocast).
 
 Usage::
 
-    python -m fastdpo.benchmarks.engine_step                 # defaults below, prints a table
+    python -m fastdpo.benchmarks.engine_step                 # the defaults (--help), prints a table
     python -m fastdpo.benchmarks.engine_step --pairs 8 --prompt-len 384 --completion-len 128 --json out.json
 
-Measured 2026-11-25 on this workplace's 2-core CPU machine with the defaults (4 pairs, prompt ~192 / completions ~64
-tokens, vocab 8000, hidden 256, 2 layers, fp32, median of 3 steps, best of 2 rounds):
-
-    impl           step s  pairs/s  extra peak MB  peak RSS MB
-    engine          4.468     0.90           80.1        632.6   (prefix_shared)
-    engine_pad      4.596     0.87          133.2        684.9
-    trl             7.828     0.51          820.8       1523.4
-    engine vs trl: 1.75x pairs/s, 0.10x extra peak, 0.42x peak RSS, |loss diff| 4e-6
+Measured results on a particular machine: ``benchmarks/results/cpu-20261125-engine-step.md``.
 """
 from __future__ import annotations
 
@@ -46,6 +39,8 @@ import time
 from typing import Any
 
 import torch
+
+from fastdpo.benchmarks.measure import proc_status_kb, reset_peak_rss
 
 IMPLS = ("engine", "engine_pad", "trl")
 _DESCRIPTIONS = {
@@ -139,14 +134,6 @@ def make_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Mod
     return policy, ref
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} missing from /proc/self/status")
-
-
 # ---------------------------------------------------------------------------------------------------- workers
 def _engine_step_fn(args: argparse.Namespace, packing: str):
     from fastdpo.collator import PreferenceCollator
@@ -223,11 +210,10 @@ def worker(args: argparse.Namespace) -> int:
                               "setup_s": setup_s, "threads": torch.get_num_threads()}
     if args.measure == "memory":
         gc.collect()
-        base_kb = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as fh:  # reset the high-water mark to the current resident set
-            fh.write("5")
+        base_kb = proc_status_kb("VmRSS")
+        reset_peak_rss()
         losses.append(step())
-        peak_kb = _status_kb("VmHWM")
+        peak_kb = proc_status_kb("VmHWM")
         record.update(extra_peak_mb=(peak_kb - base_kb) / 1024, setup_rss_mb=base_kb / 1024,
                       peak_rss_mb=max(peak_kb, base_kb) / 1024, loss=losses[-1])
     else:

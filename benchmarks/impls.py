@@ -28,6 +28,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fastdpo.reference import (
+    naive_dpo_loss,
+    naive_linear_token_logprobs,
+    naive_sequence_logprobs,
+)
+
 WORKLOADS = ("head", "logprobs", "dpo")
 TRL_CHUNK_SIZE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
 DPO_BETA = 0.1
@@ -109,32 +115,21 @@ def make_problem(workload: str, shape: Shape, dtype: torch.dtype, device: torch.
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# naive PyTorch references (what a plain training loop does)
+# naive PyTorch references (what a plain training loop does): fastdpo.reference
 
 
 def naive_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``log_softmax(hidden @ weight.T in fp32)[labels]`` -> ``[N]`` fp32, with the ``[N, V]`` logits materialized."""
-    logits = hidden @ weight.T
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def naive_seq_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Summed log-probs of ``labels`` (``[B, T]``, ``ignore_index`` skipped) under ``logits [B, T, V]`` -> ``[B]`` fp32."""
-    mask = labels != ignore_index
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (tok * mask).sum(-1)
+    return naive_linear_token_logprobs(hidden, weight, labels, validate=False).logprobs
 
 
 def naive_dpo(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ref_hidden: torch.Tensor,
               ref_weight: torch.Tensor, beta: float = DPO_BETA) -> torch.Tensor:
     """Sigmoid DPO loss, rows ``[:B/2]`` chosen and ``[B/2:]`` rejected, logits materialized; scalar fp32."""
-    policy = naive_seq_logprobs(hidden @ weight.T, target)
+    policy = naive_sequence_logprobs((hidden @ weight.T).float(), target)
     with torch.no_grad():
-        ref = naive_seq_logprobs(ref_hidden @ ref_weight.T, target)
-    p = hidden.shape[0] // 2
-    margin = (policy[:p] - ref[:p]) - (policy[p:] - ref[p:])
-    return -F.logsigmoid(beta * margin).mean()
+        ref = naive_sequence_logprobs((ref_hidden @ ref_weight.T).float(), target)
+    return naive_dpo_loss(policy, ref, beta)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,7 +242,7 @@ def _head_liger(p: Problem, device: torch.device) -> Callable[[], torch.Tensor]:
 
 def _lp_naive(p: Problem, device: torch.device) -> Callable[[], torch.Tensor]:
     x = p.inputs
-    return lambda: naive_seq_logprobs(x["logits"], x["labels"])
+    return lambda: naive_sequence_logprobs(x["logits"].float(), x["labels"])
 
 
 def _lp_fastdpo(p: Problem, device: torch.device) -> Callable[[], torch.Tensor]:

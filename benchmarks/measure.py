@@ -30,12 +30,20 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 MB = 1024.0 * 1024.0
 
 
-def _proc_status_kb(key: str) -> int:
+def proc_status_kb(key: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (Linux): ``"VmRSS"`` (resident set now), ``"VmHWM"`` (its
+    high-water mark since the process started or since :func:`reset_peak_rss`)."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{key} not found in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's resident-set high-water mark (``VmHWM``) to the current resident set (Linux)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
 
 
 class PeakMemory:
@@ -49,7 +57,7 @@ class PeakMemory:
     def current(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
-        return _proc_status_kb("VmRSS") * 1024
+        return proc_status_kb("VmRSS") * 1024
 
     def reset(self) -> None:
         gc.collect()
@@ -58,15 +66,14 @@ class PeakMemory:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
+            reset_peak_rss()
         self.base = self.current()
 
     def extra(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.base
-        return _proc_status_kb("VmHWM") * 1024 - self.base
+        return proc_status_kb("VmHWM") * 1024 - self.base
 
 
 class Timer:

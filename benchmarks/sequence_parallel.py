@@ -8,8 +8,8 @@ engine): reference forward, policy forward, loss, backward, gradient average ove
 
 * timing (plain glibc malloc): ``--warmup`` steps, then the median of ``--steps`` step times (rank 0's; the ranks
   synchronize in every step);
-* memory: :func:`fastdpo.sp_memory.measure` (``k`` processes with ``MALLOC_ENV``, freed tensors leave the resident
-  set at once): each rank's peak resident set over its pre-model baseline during one step after a warm-up step --
+* memory: :func:`fastdpo.benchmarks.memory_measure.measure_sequence_parallel` (``k`` processes with
+  ``MALLOC_ENV``, freed tensors leave the resident set at once): each rank's peak resident set over its pre-model baseline during one step after a warm-up step --
   weights, gradients, reference and the step's peak -- next to the estimator's per-rank peak
   (:func:`fastdpo.memory.estimate`, :mod:`fastdpo.sp_memory` for ``k > 1``).
 
@@ -70,9 +70,10 @@ def worker(args: dict[str, Any], rank: int, world: int, init_file: str) -> dict[
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from fastdpo.benchmarks.memory_measure import hf_config
     from fastdpo.collator import PreferenceCollator
     from fastdpo.engine import DPOEngine
-    from fastdpo.memory import hf_config, id_tokenizer
+    from fastdpo.tiny import id_tokenizer
 
     torch.set_num_threads(max(1, args["threads"] // world))
     if world > 1:
@@ -154,13 +155,13 @@ def _step(args: dict[str, Any], k: int) -> Any:
 
 def run(args: dict[str, Any]) -> list[dict[str, Any]]:
     from fastdpo import memory as M
-    from fastdpo import sp_memory
+    from fastdpo.benchmarks.memory_measure import measure_sequence_parallel
 
     rows = []
     for k in args["sp"]:
         timed = launch(args, k)
         step = _step(args, k)
-        mem = sp_memory.measure(_config(args), step, None)
+        mem = measure_sequence_parallel(_config(args), step, None)
         if "error" in mem:
             raise RuntimeError(f"sp={k} memory: {mem['error']}")
         est = M.estimate(M.shape_from_config(_config(args)), step, "fastdpo")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastdpo.benchmarks import impls
 from fastdpo.benchmarks.impls import DPO_BETA, Shape
+from fastdpo.reference import naive_dpo_loss, naive_sequence_logprobs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = Shape(512, 64, 2053) if DEVICE.type == "cpu" else Shape(8192, 2048, 128256)
@@ -27,37 +27,18 @@ def _plain(problem: impls.Problem, dtype: torch.dtype) -> tuple[torch.Tensor, to
     h = x["hidden"].detach().to(dtype).requires_grad_(True)
     w = x["weight"].detach().to(dtype).requires_grad_(True)
 
-    def seq(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        lp = torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-        return torch.where(target != -100, lp.float() if dtype != torch.float64 else lp, 0.0).sum(-1)
-
-    policy = seq(h, w)
+    policy = naive_sequence_logprobs(h @ w.T, target)
     with torch.no_grad():
-        ref = seq(x["ref_hidden"].to(dtype), x["ref_weight"].to(dtype))
-    p = policy.shape[0] // 2
-    loss = -F.logsigmoid(DPO_BETA * ((policy[:p] - ref[:p]) - (policy[p:] - ref[p:]))).mean()
+        ref = naive_sequence_logprobs(x["ref_hidden"].to(dtype) @ x["ref_weight"].to(dtype).T, target)
+    loss = naive_dpo_loss(policy, ref, DPO_BETA)
     loss.backward()
     return loss.detach(), h.grad, w.grad
 
 
 @pytest.mark.parametrize("name", impls.impl_names("dpo"))
-def test_bench_dpo_loss_fwd_bwd(benchmark, check_within_naive, name):
-    impl = impls.get_impl("dpo", name)
-    reason = impl.unavailable(DEVICE)
-    if reason is not None:
-        pytest.skip(reason)
+def test_bench_dpo_loss_fwd_bwd(benchmark, bench_case, check_within_naive, name):
     shape = SHAPE.normalized("dpo")
-    problem = impls.make_problem("dpo", shape, DTYPE, DEVICE, seed=9)
-    fn = impl.build(problem, DEVICE)
-
-    def step() -> torch.Tensor:
-        for t in problem.leaves:
-            t.grad = None
-        loss = fn()
-        loss.backward()
-        return loss
-
-    loss = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    impl, problem, loss = bench_case("dpo", name, shape, DTYPE, DEVICE, seed=9)
     hidden, weight = problem.leaves
     naive, ref = _plain(problem, DTYPE), _plain(problem, torch.float64)
     for label, got, n, r in zip(("loss", "hidden.grad", "weight.grad"), (loss, hidden.grad, weight.grad), naive, ref):

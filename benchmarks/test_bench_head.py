@@ -12,6 +12,7 @@ import torch
 
 from fastdpo.benchmarks import impls
 from fastdpo.benchmarks.impls import Shape
+from fastdpo.reference import naive_token_logprobs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = Shape(256, 64, 4093) if DEVICE.type == "cpu" else Shape(4096, 2048, 128256)
@@ -24,28 +25,14 @@ def _plain(problem: impls.Problem, dtype: torch.dtype) -> tuple[torch.Tensor, to
     x = problem.inputs
     h = x["hidden"].detach().to(dtype).requires_grad_(True)
     w = x["weight"].detach().to(dtype).requires_grad_(True)
-    out = torch.log_softmax(h @ w.T, dim=-1).gather(-1, x["labels"][:, None])[:, 0]
+    out = naive_token_logprobs(h @ w.T, x["labels"])
     out.backward(problem.upstream.to(dtype))
     return out.detach(), h.grad, w.grad
 
 
 @pytest.mark.parametrize("name", impls.impl_names("head"))
-def test_bench_head_fwd_bwd(benchmark, check_within_naive, name):
-    impl = impls.get_impl("head", name)
-    reason = impl.unavailable(DEVICE)
-    if reason is not None:
-        pytest.skip(reason)
-    problem = impls.make_problem("head", SHAPE, DTYPE, DEVICE, seed=5)
-    fn = impl.build(problem, DEVICE)
-
-    def step() -> torch.Tensor:
-        for t in problem.leaves:
-            t.grad = None
-        out = fn()
-        out.backward(problem.upstream)
-        return out
-
-    out = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+def test_bench_head_fwd_bwd(benchmark, bench_case, check_within_naive, name):
+    impl, problem, out = bench_case("head", name, SHAPE, DTYPE, DEVICE, seed=5)
     hidden, weight = problem.leaves
     naive, ref = _plain(problem, DTYPE), _plain(problem, torch.float64)
     for label, got, n, r in zip(("log-probs", "hidden.grad", "weight.grad"), (out, hidden.grad, weight.grad),

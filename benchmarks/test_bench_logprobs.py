@@ -11,6 +11,7 @@ import torch
 
 from fastdpo.benchmarks import impls
 from fastdpo.benchmarks.impls import Shape
+from fastdpo.reference import naive_sequence_logprobs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = Shape(512, 0, 4093) if DEVICE.type == "cpu" else Shape(16384, 0, 128256)
@@ -22,31 +23,15 @@ def _plain(problem: impls.Problem, dtype: torch.dtype) -> tuple[torch.Tensor, to
     fp32 (float64): ``(sequence log-probs, logits grad)`` for the problem's upstream gradient."""
     logits = problem.inputs["logits"].detach().to(dtype).requires_grad_(True)
     labels = problem.inputs["labels"]
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    out = torch.where(labels != -100, lp.to(acc), 0.0).sum(-1)
-    out.backward(problem.upstream.to(acc))
+    out = naive_sequence_logprobs(logits, labels)
+    out.backward(problem.upstream.to(out.dtype))
     return out.detach(), logits.grad
 
 
 @pytest.mark.parametrize("name", impls.impl_names("logprobs"))
-def test_bench_sequence_logprobs_fwd_bwd(benchmark, check_within_naive, name):
-    impl = impls.get_impl("logprobs", name)
-    reason = impl.unavailable(DEVICE)
-    if reason is not None:
-        pytest.skip(reason)
+def test_bench_sequence_logprobs_fwd_bwd(benchmark, bench_case, check_within_naive, name):
     shape = SHAPE.normalized("logprobs")
-    problem = impls.make_problem("logprobs", shape, DTYPE, DEVICE, seed=7)
-    fn = impl.build(problem, DEVICE)
-
-    def step() -> torch.Tensor:
-        for t in problem.leaves:
-            t.grad = None
-        out = fn()
-        out.backward(problem.upstream)
-        return out
-
-    out = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    impl, problem, out = bench_case("logprobs", name, shape, DTYPE, DEVICE, seed=7)
     (naive, naive_grad), (ref, ref_grad) = _plain(problem, DTYPE), _plain(problem, torch.float64)
     check_within_naive(f"{name} log-probs", out, naive, ref)
     check_within_naive(f"{name} logits.grad", problem.leaves[0].grad, naive_grad, ref_grad)

@@ -27,12 +27,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from fastdpo import DPOEngine, PreferenceCollator
-from fastdpo.train import (
-    build_tiny_model,
-    demo_data_files,
-    load_preference_file,
-    train_tokenizer,
-)
+from fastdpo.data import demo_data_files, load_preference_file
+from fastdpo.tiny import build_tiny_model, train_tokenizer
 
 
 class EngineDPOTrainer(Trainer):

@@ -24,12 +24,8 @@ import argparse
 import torch
 
 from fastdpo import DPOEngine, PreferenceCollator
-from fastdpo.train import (
-    build_tiny_model,
-    demo_data_files,
-    load_preference_file,
-    train_tokenizer,
-)
+from fastdpo.data import demo_data_files, load_preference_file
+from fastdpo.tiny import build_tiny_model, train_tokenizer
 
 
 def held_out_metrics(engine: DPOEngine, collator: PreferenceCollator, rows: list[dict], batch_size: int = 64

@@ -13,10 +13,10 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "sequence_logprobs": "fastdpo.logprobs",
     "token_logprobs": "fastdpo.logprobs",
-    "naive_sequence_logprobs": "fastdpo.logprobs",
+    "naive_sequence_logprobs": "fastdpo.reference",
     "linear_sequence_logprobs": "fastdpo.head",
     "linear_token_logprobs": "fastdpo.head",
-    "naive_linear_token_logprobs": "fastdpo.head",
+    "naive_linear_token_logprobs": "fastdpo.reference",
     "linear_logprobs_loss_grad_in_forward": "fastdpo.head",
     "TokenStats": "fastdpo.head",
     "SegmentStats": "fastdpo.head",

@@ -1,11 +1,39 @@
-"""Input checks run before any kernel launch: bad input becomes a Python exception naming the argument."""
+"""Input checks run before any kernel launch: bad input becomes a Python exception naming the argument.
+
+Scalars: :func:`check_int` and :func:`check_number` (``bool`` is refused as a number; ``TypeError`` for a wrong type,
+``ValueError`` for a wrong value). Tensors: :func:`check_float`, :func:`check_index`, :func:`check_same_device`,
+:func:`check_labels`.
+"""
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
+    """``value`` if it is an ``int`` (not ``bool``) of at least ``minimum``: ``TypeError`` naming ``name`` for another
+    type, ``ValueError`` ("must be a positive int" for ``minimum=1``) for a smaller value."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        wanted = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: object, *, positive: bool = False) -> float:
+    """``float(value)`` for a finite ``int``/``float`` (not ``bool``), ``> 0`` if ``positive``: ``TypeError`` naming
+    ``name`` for another type, ``ValueError`` for NaN, an infinity or (``positive``) a value ``<= 0``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
+    return value
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

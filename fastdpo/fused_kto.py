@@ -23,7 +23,13 @@ from __future__ import annotations
 
 import torch
 
-from fastdpo._validation import check_float, check_index, check_same_device
+from fastdpo._validation import (
+    check_float,
+    check_index,
+    check_int,
+    check_number,
+    check_same_device,
+)
 from fastdpo.head.plan import _legacy_tiles
 
 __all__ = ["FusedLinearKTOLoss"]
@@ -59,12 +65,8 @@ class FusedLinearKTOLoss(torch.nn.Module):
         super().__init__()
         token_tile, vocab_tile = _legacy_tiles(type(self).__name__, head_chunk_size, token_tile, vocab_tile,
                                                old="head_chunk_size")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise TypeError(f"beta must be a float, got {type(beta).__name__}")
-        self.ignore_index = ignore_index
-        self.beta = float(beta)
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        self.beta = check_number("beta", beta)
         self.compiled = bool(compiled)  # accepted for Liger compatibility; nothing to compile
         self.use_ref_model = bool(use_ref_model)
         self.average_log_prob = bool(average_log_prob)

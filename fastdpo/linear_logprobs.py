@@ -5,3 +5,4 @@ Only the public names (``fastdpo.head.__all__``) are re-exported here; import an
 """
 from fastdpo.head import *  # noqa: F403
 from fastdpo.head import __all__  # noqa: F401
+from fastdpo.reference import naive_linear_token_logprobs  # noqa: F401 - the oracle moved to fastdpo.reference

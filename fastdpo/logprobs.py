@@ -8,8 +8,9 @@ Backends (see :mod:`fastdpo._dispatch`):
 - ``"triton"``: :mod:`fastdpo.kernels.logprobs`, one program per token row, looping over ``V`` in blocks.
 - ``"torch"``: the same math chunked over rows, so no ``[N, V]`` fp32 temporary exists beyond one chunk.
 
-Public functions: :func:`sequence_logprobs`, :func:`token_logprobs` and the naive oracle
-:func:`naive_sequence_logprobs` (``log_softmax`` + ``gather``; the benchmark baseline).
+Public functions: :func:`sequence_logprobs` and :func:`token_logprobs`. Their naive oracle
+(``log_softmax`` + ``gather``; the benchmark baseline) is :func:`fastdpo.reference.naive_sequence_logprobs`, still
+importable from here.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from fastdpo._launch import KernelLaunch, aligned_base, launch, next_pow2
 from fastdpo._validation import (
     check_float,
     check_index,
+    check_int,
     check_labels,
     check_same_device,
     refuse_double_backward,
     warn_nonfinite_output,
 )
+from fastdpo.reference import naive_sequence_logprobs  # noqa: F401 - moved to fastdpo.reference; old import path
 from fastdpo.segments import check_segments, segment_counts, segment_sum
 
 # Default elements of one torch-path fp32 chunk ([rows, V]): 16 Mi elements = 64 MiB.
@@ -291,8 +294,7 @@ def _prepare(
     """Check inputs (before any launch) and return the concrete backend."""
     check_float("logits", logits)
     check_index("labels", labels)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_int("ignore_index", ignore_index)
     check_same_device(logits=logits, labels=labels)
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape [..., V], got {list(logits.shape)}")
@@ -433,42 +435,4 @@ def sequence_logprobs(
             out = out / counts.clamp(min=1).to(out.dtype)
     if validate:
         warn_nonfinite_output(out, "logits")
-    return out
-
-
-def naive_sequence_logprobs(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    average: bool = False,
-    segment_ids: torch.Tensor | None = None,
-    num_segments: int | None = None,
-) -> torch.Tensor:
-    """Reference implementation: ``log_softmax`` (in the logits dtype) + ``gather`` + masked sum.
-
-    Materializes the full ``[.., V]`` log-softmax: the benchmark baseline and the test oracle (call it on
-    ``logits.double()`` for a float64 reference). Same layouts and outputs as :func:`sequence_logprobs`.
-    """
-    check_float("logits", logits)
-    check_index("labels", labels)
-    check_same_device(logits=logits, labels=labels, segment_ids=segment_ids)
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"labels shape {list(labels.shape)} does not match logits {list(logits.shape)}")
-    acc = accumulate_dtype(logits.dtype)
-    valid = labels != ignore_index
-    logps = torch.log_softmax(logits, dim=-1)
-    tok = logps.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1).to(acc)
-    tok = torch.where(valid, tok, 0.0)  # not tok * valid: a masked (-inf) logit at index 0 would give NaN
-    if segment_ids is None:
-        out = tok.sum(dim=-1)
-        counts = valid.sum(dim=-1)
-    else:
-        ids = segment_ids.long()
-        if num_segments is None:
-            num_segments = int(ids.max()) + 1
-        out = torch.zeros(num_segments, dtype=acc, device=logits.device).index_add(0, ids, tok)
-        counts = torch.zeros(num_segments, dtype=torch.int64, device=logits.device).index_add(0, ids, valid.long())
-    if average:
-        out = out / counts.clamp(min=1).to(acc)
     return out

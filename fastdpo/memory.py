@@ -34,18 +34,15 @@ the embedding's dense gradient briefly exists next to the lm_head's), optimizer 
 ``--measure`` builds the model from the config (random weights, optionally fewer layers with ``--layers``) and runs
 each variant's step in its own process on CPU, reporting peak RSS over the process's pre-model baseline; the fastdpo
 variant with ``prefix_shared`` runs the real :class:`fastdpo.DPOEngine` step on a :class:`fastdpo.PreferenceCollator`
-batch.
+batch. The measuring workers are :mod:`fastdpo.benchmarks.memory_measure` (imported only for ``--measure``).
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -249,9 +246,9 @@ class StepConfig:
             raise ValueError(f"pairs_per_row must be positive, got {self.pairs_per_row}")
         if self.pairs_per_row != 1 and self.packing != "prefix_shared":
             raise ValueError("pairs_per_row applies to packing='prefix_shared' only")
-        if isinstance(self.sequence_parallel, bool) or not isinstance(self.sequence_parallel, int) or \
-                self.sequence_parallel < 1:
-            raise ValueError(f"sequence_parallel must be a positive int, got {self.sequence_parallel!r}")
+        from fastdpo._validation import check_int  # imports torch: only once a step is configured
+
+        check_int("sequence_parallel", self.sequence_parallel, minimum=1)
 
     @property
     def rows(self) -> int:
@@ -510,8 +507,9 @@ def estimate_sharded(m: ModelShape, step: StepConfig, variant: str, world: int, 
     """
     if shard not in SHARDS:
         raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
-    if not (isinstance(world, int) and world >= 1):
-        raise ValueError(f"world size must be a positive int, got {world!r}")
+    from fastdpo._validation import check_int
+
+    check_int("world size", world, minimum=1)
     step = step.for_variant(variant)
     b = DTYPE_BYTES[step.dtype]
     p = param_counts(m)
@@ -555,339 +553,6 @@ def estimate_sharded(m: ModelShape, step: StepConfig, variant: str, world: int, 
             "activations": act, "attention_mask": mask, "logits": max(head["fwd_peak"], head["bwd_peak"]),
             "logits_saved": head["saved"], "head_positions": head["positions"], "peak": phases[peak_phase],
             "peak_phase": peak_phase, "phases": phases, "params": total, "world_size": world, "shard": shard}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# measurement (CPU): each variant's real step in its own process
-
-
-def hf_config(cfg: dict[str, Any], layers: int | None, dtype: str) -> Any:
-    """An HF ``PretrainedConfig`` from a config dict (``layers`` overrides ``num_hidden_layers``)."""
-    from transformers import AutoConfig
-
-    cfg = {k: v for k, v in cfg.get("text_config", cfg).items() if k not in ("architectures", "auto_map")}
-    model_type = cfg.pop("model_type", "llama")
-    if layers is not None:
-        cfg["num_hidden_layers"] = layers
-        cfg.pop("layer_types", None)
-    config = AutoConfig.for_model(model_type, **cfg)
-    config.use_cache = False
-    config.torch_dtype = TORCH_DTYPES[dtype]
-    return config
-
-
-def _rss_kb(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def id_tokenizer(vocab_size: int) -> Any:
-    """A ``PreTrainedTokenizerFast`` of ``vocab_size`` word-level tokens (``<pad>`` = 0 is also the unknown token,
-    ``</s>`` = 1 is EOS, then ``t2``, ``t3``, ...): what :class:`fastdpo.PreferenceCollator` needs to collate
-    pre-tokenized rows of any ids below ``vocab_size`` (its length, pad and EOS ids)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    if vocab_size < 2:
-        raise ValueError(f"vocab_size must be at least 2 (pad and EOS), got {vocab_size}")
-    vocab = {"<pad>": 0, "</s>": 1}
-    vocab.update((f"t{i}", i) for i in range(2, vocab_size))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
-
-
-def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one variant's DPO step and return its peak RSS over the process's baseline (bytes).
-
-    The baseline is taken after the same step ran once on a tiny model of the same architecture (so library
-    initialisation — kernels, thread pools, lazily imported modules — is not charged to the step); the measured step
-    follows one warm-up step that allocates the optimizer state, as in training. The fastdpo variant with
-    ``packing="prefix_shared"`` (or ``grad_in_forward``) collates random pre-tokenized pairs with
-    :class:`fastdpo.PreferenceCollator` (``pairs_per_row`` pairs per row; ``pad`` rows without padding for
-    ``grad_in_forward`` alone) and runs :meth:`fastdpo.DPOEngine.step`; the other variants run their heads on
-    ``2·pairs`` unmasked rows."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
-
-    variant, dtype = spec["variant"], getattr(torch, TORCH_DTYPES[spec["dtype"]])
-    prefix_shared = spec.get("packing", "padding_free") == "prefix_shared"
-    engine_step = variant == "fastdpo" and (prefix_shared or spec.get("grad_in_forward", False))
-    if engine_step:
-        from fastdpo.collator import PreferenceCollator
-        from fastdpo.engine import DPOEngine
-    elif variant == "fastdpo":
-        from fastdpo.head.function import linear_sequence_logprobs
-    if variant == "trl":
-        from trl.kernels import ChunkedLogProbFunction
-    pairs, p_len, c_len = spec["pairs"], spec["prompt_len"], spec["completion_len"]
-    rows, seq = 2 * pairs, p_len + c_len
-    if engine_step:  # built before the baseline: its vocabulary covers the tiny and the measured model
-        tokenizer = id_tokenizer(max(997, int(spec["config"].get("text_config", spec["config"])["vocab_size"])))
-        if prefix_shared:
-            collator = PreferenceCollator(tokenizer, packing="prefix_shared",
-                                          max_tokens_per_row=spec.get("pairs_per_row", 1) * (p_len + 2 * c_len))
-        else:  # 2 full rows per pair, no padding: the padding_free layout of the other variants
-            collator = PreferenceCollator(tokenizer, packing="pad")
-
-    def build(cfg: dict[str, Any], layers: int | None) -> tuple[Any, Any, Any, Any]:
-        config = hf_config(cfg, layers, spec["dtype"])
-        attn = "eager" if config.model_type == "gemma2" else "sdpa"
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).train()
-        ref = None
-        if spec["reference"] == "model":
-            ref = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).eval()
-            ref.requires_grad_(False)
-        if spec["optimizer"] == "adamw":
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
-        else:
-            opt = torch.optim.SGD(model.parameters(), lr=1e-6, foreach=False)
-        return config, model, ref, opt
-
-    def engine_loss(config: Any, model: Any, ref: Any) -> torch.Tensor:
-        def ids(n: int) -> list[int]:
-            return torch.randint(0, config.vocab_size, (n,)).tolist()
-
-        precomputed = {} if ref is not None else {"ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}
-        batch = collator([{"prompt_input_ids": ids(p_len), "chosen_input_ids": ids(c_len),
-                           "rejected_input_ids": ids(c_len), **precomputed} for _ in range(pairs)])
-        engine = DPOEngine(model, ref, reference=spec["reference"], grad_in_forward=spec.get("grad_in_forward", False))
-        return engine.step(batch)[0]
-
-    def run_step(config: Any, model: Any, ref: Any, opt: Any) -> None:
-        if engine_step:
-            engine_loss(config, model, ref).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return
-        ids = torch.randint(0, config.vocab_size, (rows, seq))
-        labels = ids.clone()
-        labels[:, :p_len] = -100
-        softcap = getattr(config, "final_logit_softcapping", None)
-
-        def seq_logps(lm: Any) -> torch.Tensor:
-            if variant == "naive":
-                logits = lm(input_ids=ids).logits[:, :-1]
-                tgt = labels[:, 1:]
-                lp = torch.log_softmax(logits.float(), -1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                return (lp * (tgt != -100)).sum(-1)
-            hidden = lm.model(input_ids=ids).last_hidden_state
-            weight = lm.get_output_embeddings().weight
-            if variant == "trl":
-                h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-                tgt = labels[:, 1:]
-                lp = ChunkedLogProbFunction.apply(h, weight, None, tgt.clamp(min=0).reshape(-1), 1.0,
-                                                  TRL_VOCAB_TILE, softcap, 1.0, ("log_probs",))[0]
-                return (lp.view(rows, seq - 1) * (tgt != -100)).sum(-1)
-            first = max(p_len - 1, 0)  # an empty prompt's first completion token has no predictor
-            return linear_sequence_logprobs(hidden[:, first: seq - 1], weight, ids[:, first + 1:], softcap=softcap)
-
-        with torch.no_grad():
-            ref_lp = seq_logps(ref) if ref is not None else torch.zeros(rows)
-        pol = seq_logps(model)
-        margin = (pol[:pairs] - ref_lp[:pairs]) - (pol[pairs:] - ref_lp[pairs:])
-        loss = -F.logsigmoid(0.1 * margin).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    torch.manual_seed(0)
-    tiny = dict(spec["config"].get("text_config", spec["config"]), vocab_size=997, hidden_size=64,
-                intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    run_step(*build(tiny, 1))
-    gc.collect()
-    rss0 = _rss_kb("VmRSS") * 1024
-    parts = build(spec["config"], spec.get("layers"))
-    run_step(*parts)  # warm-up: optimizer state exists from here on, as in training
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    setup = _rss_kb("VmRSS") * 1024 - rss0
-    run_step(*parts)
-    peak = _rss_kb("VmHWM") * 1024 - rss0
-    return {"variant": variant, "peak": peak, "resident_after_setup": setup}
-
-
-def _zero3_config(m_hidden: int, optimizer: str) -> dict[str, Any]:
-    """The DeepSpeed ZeRO-3 config the sharded measurement runs: transformers' ``"auto"`` bucket sizes for the
-    model's hidden size (``reduce_bucket_size = D²``, ``stage3_prefetch_bucket_size = 0.9·D²``,
-    ``stage3_param_persistence_threshold = 10·D``), no clipping, the client torch optimizer."""
-    d2 = m_hidden * m_hidden
-    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-            "zero_allow_untested_optimizer": True, "steps_per_print": 10**12, "wall_clock_breakdown": False,
-            "zero_optimization": {"stage": 3, "reduce_bucket_size": d2, "stage3_prefetch_bucket_size": int(0.9 * d2),
-                                  "stage3_param_persistence_threshold": 10 * m_hidden}}
-
-
-def _fsdp2_shard(model: Any, mesh: Any, *, root_only: bool = False) -> Any:
-    """FSDP2 layout of accelerate's ``fsdp_version: 2``: every decoder layer, the input embedding (untied) and the
-    ``[final norm, lm_head]`` tail (kept unsharded from forward to backward) as their own groups, then the root.
-    ``root_only``: one group (TRL's ``prepare_fsdp`` of the reference model)."""
-    from torch.distributed.fsdp import fully_shard
-
-    if not root_only:
-        from fastdpo.models import _find_backbone
-
-        backbone = _find_backbone(model)
-        for layer in backbone.layers:
-            fully_shard(layer, mesh=mesh)
-        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-        tied = embed.weight is head.weight
-        if not tied:
-            fully_shard(embed, mesh=mesh)
-        fully_shard([backbone.norm, *((embed,) if tied else ()), head], mesh=mesh, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def shard_measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One rank of the sharded measurement (``torchrun``): the fastdpo engine's DPO step with the policy (and a
-    reference model) sharded by ``spec["shard"]`` (``zero3``: ``deepspeed.initialize``, the reference a ZeRO-3
-    inference engine as TRL prepares it; ``fsdp2``: :func:`_fsdp2_shard`), measured like :func:`measure_worker`:
-    peak RSS of the second step over the process's baseline after the same step on a tiny model. ``pairs`` are this
-    rank's pairs (a per-device batch)."""
-    import torch
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
-
-    from fastdpo.collator import PreferenceCollator
-    from fastdpo.engine import DPOEngine
-
-    torch.set_num_threads(1)
-    shard, dtype = spec["shard"], getattr(torch, TORCH_DTYPES[spec["dtype"]])
-    if shard == "zero3":
-        import deepspeed
-
-        deepspeed.init_distributed("gloo", verbose=False)
-    else:
-        dist.init_process_group("gloo")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),)) if shard == "fsdp2" else None
-    pairs, p_len, c_len = spec["pairs"], spec["prompt_len"], spec["completion_len"]
-    packing = "prefix_shared" if spec["packing"] == "prefix_shared" else "pad"  # equal rows: no mask, as padding_free
-    vocab = int(spec["config"].get("text_config", spec["config"])["vocab_size"])
-    tokenizer = id_tokenizer(max(997, vocab))
-    collator = PreferenceCollator(tokenizer, packing=packing, **(
-        {"max_tokens_per_row": spec.get("pairs_per_row", 1) * (p_len + 2 * c_len)} if packing == "prefix_shared"
-        else {}))
-
-    def build(cfg: dict[str, Any], layers: int | None) -> tuple[Any, Any, Any, Any]:
-        config = hf_config(cfg, layers, spec["dtype"])
-        attn = "eager" if config.model_type == "gemma2" else "sdpa"
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).train()
-        ref = None
-        if spec["reference"] == "model":
-            ref = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).eval()
-            ref.requires_grad_(False)
-        opt_cls = torch.optim.AdamW if spec["optimizer"] == "adamw" else torch.optim.SGD
-        if shard == "zero3":
-            import deepspeed
-
-            ds_config = _zero3_config(config.hidden_size, spec["optimizer"])
-            wrapped, opt, *_ = deepspeed.initialize(model=model, config=ds_config,
-                                                    optimizer=opt_cls(model.parameters(), lr=1e-6, foreach=False))
-            if ref is not None:
-                ref, *_ = deepspeed.initialize(model=ref, config=ds_config)
-        else:
-            wrapped = _fsdp2_shard(model, mesh)
-            opt = opt_cls(model.parameters(), lr=1e-6, foreach=False)
-            if ref is not None:
-                ref = _fsdp2_shard(ref, mesh, root_only=True)
-        engine = DPOEngine(model, ref, reference=spec["reference"])
-        return config, wrapped, engine, opt
-
-    def run_step(config: Any, wrapped: Any, engine: Any, opt: Any) -> None:
-        def ids(n: int) -> list[int]:
-            return torch.randint(0, config.vocab_size, (n,)).tolist()
-
-        precomputed = {} if spec["reference"] == "model" else {"ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}
-        batch = collator([{"prompt_input_ids": ids(p_len), "chosen_input_ids": ids(c_len),
-                           "rejected_input_ids": ids(c_len), **precomputed} for _ in range(pairs)])
-        loss = engine.step(batch, wrapped if shard == "zero3" else None)[0]
-        if shard == "zero3":
-            wrapped.backward(loss)
-            wrapped.step()
-        else:
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    torch.manual_seed(dist.get_rank())
-    tiny = dict(spec["config"].get("text_config", spec["config"]), vocab_size=997, hidden_size=64,
-                intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    run_step(*build(tiny, 1))
-    gc.collect()
-    rss0 = _rss_kb("VmRSS") * 1024
-    parts = build(spec["config"], spec.get("layers"))
-    run_step(*parts)  # warm-up: optimizer state exists from here on, as in training
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    setup = _rss_kb("VmRSS") * 1024 - rss0
-    run_step(*parts)
-    peak = _rss_kb("VmHWM") * 1024 - rss0
-    result = {"variant": "fastdpo", "peak": peak, "resident_after_setup": setup, "rank": dist.get_rank()}
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, result)
-    dist.destroy_process_group()
-    return {"variant": "fastdpo", "peak": max(r["peak"] for r in everyone), "per_rank": everyone}
-
-
-def measure_sharded(cfg: dict[str, Any], step: StepConfig, world: int, shard: str, layers: int | None,
-                    timeout: float = 1800.0) -> dict[str, dict[str, Any]]:
-    """Run :func:`shard_measure_worker` on ``world`` CPU processes (``torchrun``, gloo); ``{"fastdpo": result}``
-    with the largest per-rank peak (``per_rank``: each rank's), or ``{"fastdpo": {"error": ...}}``."""
-    from fastdpo.benchmarks.measure import MALLOC_ENV
-
-    spec = {"shard": shard, "config": cfg, "layers": layers, "dtype": step.dtype, "pairs": step.pairs,
-            "prompt_len": step.prompt_len, "completion_len": step.completion_len, "reference": step.reference,
-            "optimizer": step.optimizer, "packing": step.packing, "pairs_per_row": step.pairs_per_row}
-    with tempfile.TemporaryDirectory(prefix="fastdpo-mem-") as tmp:
-        spec_path, res_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
-        Path(spec_path).write_text(json.dumps(spec))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m",
-               "fastdpo.memory", "_shard_worker", spec_path, res_path]
-        env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode == 0 and os.path.exists(res_path):
-            return {"fastdpo": json.loads(Path(res_path).read_text())}
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "Error" in ln] or [f"exit {proc.returncode}"]
-        return {"fastdpo": {"variant": "fastdpo", "error": lines[-1][:300]}}
-
-
-def measure(cfg: dict[str, Any], step: StepConfig, variants: list[str], layers: int | None,
-            timeout: float = 900.0) -> dict[str, dict[str, Any]]:
-    """Run :func:`measure_worker` for each variant in a fresh process (fixed glibc mmap threshold, so freed tensors
-    leave the resident set); ``{variant: result or {"error": ...}}``."""
-    from fastdpo.benchmarks.measure import MALLOC_ENV
-
-    out: dict[str, dict[str, Any]] = {}
-    for variant in variants:
-        vstep = step.for_variant(variant)
-        if vstep.sequence_parallel > 1:  # fastdpo over k processes: the peak rank
-            from fastdpo import sp_memory
-
-            out[variant] = sp_memory.measure(cfg, vstep, layers, timeout)
-            continue
-        spec = {"variant": "fastdpo" if variant.startswith("fastdpo") else variant, "config": cfg, "layers": layers,
-                "dtype": vstep.dtype, "pairs": vstep.pairs, "prompt_len": vstep.prompt_len,
-                "completion_len": vstep.completion_len, "reference": vstep.reference, "optimizer": vstep.optimizer,
-                "packing": vstep.packing, "pairs_per_row": vstep.pairs_per_row, "grad_in_forward": vstep.grad_in_forward}
-        with tempfile.TemporaryDirectory(prefix="fastdpo-mem-") as tmp:
-            spec_path, res_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
-            Path(spec_path).write_text(json.dumps(spec))
-            proc = subprocess.run([sys.executable, "-m", "fastdpo.memory", "_worker", spec_path, res_path],
-                                  env={**os.environ, **MALLOC_ENV}, capture_output=True, text=True, timeout=timeout)
-            if proc.returncode == 0 and os.path.exists(res_path):
-                out[variant] = json.loads(Path(res_path).read_text())
-            else:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-                out[variant] = {"variant": variant, "error": tail[0][:300]}
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -994,15 +659,6 @@ def main(argv: list[str] | None = None) -> int:
     from fastdpo.cli import UsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_worker"]:  # internal: one measured variant (see measure())
-        spec = json.loads(Path(argv[1]).read_text())
-        Path(argv[2]).write_text(json.dumps(measure_worker(spec)))
-        return 0
-    if argv[:1] == ["_shard_worker"]:  # internal: one rank of measure_sharded()
-        result = shard_measure_worker(json.loads(Path(argv[1]).read_text()))
-        if int(os.environ.get("RANK", "0")) == 0:
-            Path(argv[2]).write_text(json.dumps(result))
-        return 0
     args = build_parser().parse_args(argv)
     try:
         variants = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))
@@ -1048,10 +704,16 @@ def main(argv: list[str] | None = None) -> int:
             measured = {v: {"variant": v, "error": "not measured (sharded: fastdpo's engine step only)"}
                         for v in variants}
             if "fastdpo" in variants:
+                from fastdpo.benchmarks.memory_measure import measure_sharded
+
                 measured.update(measure_sharded(cfg, step, args.world_size, args.shard, args.layers))
     else:
         estimates = {v: estimate(shape, step, v) for v in variants}
-        measured = measure(cfg, step, variants, args.layers) if args.measure else {}
+        measured = {}
+        if args.measure:
+            from fastdpo.benchmarks.memory_measure import measure
+
+            measured = measure(cfg, step, variants, args.layers)
     for v, res in measured.items():
         if "peak" in res:
             res["estimate_error_pct"] = 100.0 * (estimates[v]["peak"] - res["peak"]) / res["peak"]

@@ -1,4 +1,4 @@
-"""Per-rank memory of a sequence-parallel DPO step (``fastdpo memory --sequence-parallel k``), and its measurement.
+"""Per-rank memory of a sequence-parallel DPO step (``fastdpo memory --sequence-parallel k``).
 
 Each of the ``k`` ranks holds the full weights, optimizer state and reference (no parameter sharding is modelled), the
 activations of its ``R · Ls`` columns (``Ls = ceil(L / k)``, the rows padded to ``Lp = k · Ls``) and runs the fused
@@ -12,22 +12,17 @@ head on the scored tokens whose predicting position it holds. What sequence para
   no longer a view of the attention output;
 * the all-to-all buffers, transient inside one layer (a send and a receive buffer of ``q`` or ``k``/``v`` size).
 
-Layout of the engine's step (what ``--measure`` runs): ``packing="padding_free"`` is the collator's ``"pad"`` layout
-with equal-length rows (2 rows per pair, no padding, so no mask for SDPA: causal attention is exact), the rows of
-:class:`fastdpo.memory.StepConfig`; ``"prefix_shared"`` is the collator's packed rows and mask.
+Layout of the engine's step (what ``--measure`` runs,
+:func:`fastdpo.benchmarks.memory_measure.measure_sequence_parallel`): ``packing="padding_free"`` is the collator's
+``"pad"`` layout with equal-length rows (2 rows per pair, no padding, so no mask for SDPA: causal attention is exact),
+the rows of :class:`fastdpo.memory.StepConfig`; ``"prefix_shared"`` is the collator's packed rows and mask.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-__all__ = ["activation_bytes", "alltoall_bytes", "mask_bytes", "measure", "owned_tokens", "shard_length"]
+__all__ = ["activation_bytes", "alltoall_bytes", "mask_bytes", "owned_tokens", "shard_length"]
 
 
 def shard_length(step: Any) -> int:
@@ -148,132 +143,3 @@ def estimate_parts(m: Any, step: Any) -> tuple[int, int, dict[str, int]]:
     a2a = alltoall_bytes(m, step)
     head = dict(head, fwd_peak=max(head["fwd_peak"], a2a), bwd_peak=max(head["bwd_peak"], a2a))
     return activation_bytes(m, step), mask_bytes(m, step), head
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# measurement: the real engine step on k CPU processes (gloo)
-
-
-def measure_worker(spec: dict[str, Any], rank: int, init_file: str) -> dict[str, Any]:
-    """One rank's :class:`fastdpo.DPOEngine` step with ``sequence_parallel_size=k`` (``k = 1``: the plain engine on
-    the same rows, one process); peak RSS over the process's
-    baseline (taken, as :func:`fastdpo.memory.measure_worker` does, after the same step ran on a tiny model, and the
-    measured step following a warm-up step that allocates the optimizer state)."""
-    import gc
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
-
-    from fastdpo.collator import PreferenceCollator
-    from fastdpo.engine import DPOEngine
-    from fastdpo.memory import TORCH_DTYPES, _rss_kb, hf_config, id_tokenizer
-
-    k = spec["sequence_parallel"]
-    if k > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=k,
-                                timeout=timedelta(seconds=300))
-    dtype = getattr(torch, TORCH_DTYPES[spec["dtype"]])
-    pairs, p_len, c_len = spec["pairs"], spec["prompt_len"], spec["completion_len"]
-    text = spec["config"].get("text_config", spec["config"])
-    tokenizer = id_tokenizer(max(997, int(text["vocab_size"])))
-    if spec["packing"] == "prefix_shared":
-        collator = PreferenceCollator(tokenizer, packing="prefix_shared",
-                                      max_tokens_per_row=spec["pairs_per_row"] * (p_len + 2 * c_len))
-    else:  # padding_free's rows: 2 equal-length rows per pair, no padding, no mask
-        collator = PreferenceCollator(tokenizer, packing="pad")
-
-    def build(cfg: dict[str, Any], layers: int | None) -> tuple[Any, Any, Any, Any]:
-        config = hf_config(cfg, layers, spec["dtype"])
-        attn = "eager" if config.model_type == "gemma2" else "sdpa"
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).train()
-        ref = None
-        if spec["reference"] == "model":
-            ref = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).eval()
-            ref.requires_grad_(False)
-        opt_cls = torch.optim.AdamW if spec["optimizer"] == "adamw" else torch.optim.SGD
-        opt = opt_cls(model.parameters(), lr=1e-6, foreach=False)
-        engine = DPOEngine(model, ref, reference=spec["reference"], sequence_parallel_size=k)
-        return config, model, engine, opt
-
-    def run_step(config: Any, model: Any, engine: Any, opt: Any) -> None:
-        gen = torch.Generator().manual_seed(0)  # the same batch on every rank of the group
-
-        def ids(n: int) -> list[int]:
-            return torch.randint(0, config.vocab_size, (n,), generator=gen).tolist()
-
-        precomputed = {} if spec["reference"] == "model" else {"ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}
-        batch = collator([{"prompt_input_ids": ids(p_len), "chosen_input_ids": ids(c_len),
-                           "rejected_input_ids": ids(c_len), **precomputed} for _ in range(pairs)])
-        engine.step(batch)[0].backward()
-        engine.reduce_sequence_parallel_gradients()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    try:
-        torch.manual_seed(0)
-        tiny = dict(text, vocab_size=997, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=16)
-        run_step(*build(tiny, 1))
-        gc.collect()
-        rss0 = _rss_kb("VmRSS") * 1024
-        parts = build(spec["config"], spec.get("layers"))
-        run_step(*parts)
-        gc.collect()
-        if k > 1:
-            dist.barrier()
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        setup = _rss_kb("VmRSS") * 1024 - rss0
-        run_step(*parts)
-        peak = _rss_kb("VmHWM") * 1024 - rss0
-    finally:
-        if k > 1:
-            dist.destroy_process_group()
-    return {"rank": rank, "peak": peak, "resident_after_setup": setup}
-
-
-def measure(cfg: dict[str, Any], step: Any, layers: int | None, timeout: float = 900.0) -> dict[str, Any]:
-    """Run :func:`measure_worker` on ``k >= 1`` CPU processes; ``{"variant": "fastdpo", "peak": max over ranks,
-    "rank_peaks": [...], ...}`` or ``{"variant": "fastdpo", "error": ...}``."""
-    from fastdpo.benchmarks.measure import MALLOC_ENV
-
-    k = step.sequence_parallel
-    spec = {"config": cfg, "layers": layers, "dtype": step.dtype, "pairs": step.pairs, "prompt_len": step.prompt_len,
-            "completion_len": step.completion_len, "reference": step.reference, "optimizer": step.optimizer,
-            "packing": step.packing, "pairs_per_row": step.pairs_per_row, "sequence_parallel": k}
-    with tempfile.TemporaryDirectory(prefix="fastdpo-spmem-") as tmp:
-        spec_path = os.path.join(tmp, "spec.json")
-        Path(spec_path).write_text(json.dumps(spec))
-        env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        procs = [subprocess.Popen([sys.executable, "-m", "fastdpo.sp_memory", "_worker", spec_path, str(r),
-                                   os.path.join(tmp, "init"), os.path.join(tmp, f"out{r}.json")],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for r in range(k)]
-        results, errors = [], []
-        for r, proc in enumerate(procs):
-            try:
-                output, _ = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for p in procs:
-                    p.kill()
-                return {"variant": "fastdpo", "error": f"rank {r} did not finish within {timeout:.0f}s"}
-            path = os.path.join(tmp, f"out{r}.json")
-            if proc.returncode == 0 and os.path.exists(path):
-                results.append(json.loads(Path(path).read_text()))
-            else:
-                tail = output.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-                errors.append(f"rank {r}: {tail[0][:300]}")
-    if errors:
-        return {"variant": "fastdpo", "error": "; ".join(errors)}
-    peaks = [res["peak"] for res in results]
-    return {"variant": "fastdpo", "peak": max(peaks), "rank_peaks": peaks,
-            "resident_after_setup": max(res["resident_after_setup"] for res in results)}
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["_worker"] or len(sys.argv) != 6:
-        raise SystemExit("usage: python -m fastdpo.sp_memory _worker SPEC RANK INIT_FILE OUT")
-    _spec = json.loads(Path(sys.argv[2]).read_text())
-    Path(sys.argv[5]).write_text(json.dumps(measure_worker(_spec, int(sys.argv[3]), sys.argv[4])))

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import random
@@ -56,21 +55,16 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastdpo.atomic import (
-    CorruptFileError,
     atomic_dir,
-    atomic_write,
-    load_checksummed,
     remove_stale_tmp,
     remove_stale_tmp_in,
-    save_checksummed,
 )
 from fastdpo.cli import (
     ArgParser,
@@ -83,332 +77,32 @@ from fastdpo.cli import (
     resolve_device,
     threads,
 )
-
-CHECKPOINT_NAME = "checkpoint.pt"
-PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
-LOG_NAME = "metrics.jsonl"
-_RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, CHECKPOINT_NAME + ".corrupt", LOG_NAME, "model", "reference")
-_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "data_order", "step", "rng", "args")
-TINY_ARCHS = ("llama", "qwen2", "gemma2")
-_PAIR_KEYS = ("prompt", "chosen", "rejected")
-_TOKENIZED_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-
-
-# ----------------------------------------------------------------------------------------------------------- data
-def demo_data_files() -> tuple[Path, Path]:
-    """Paths of the bundled demo set: ``(train, held_out)`` JSONL files (see ``fastdpo/data/make_demo.py``)."""
-    root = resources.files("fastdpo") / "data"
-    return Path(str(root / "demo_train.jsonl")), Path(str(root / "demo_eval.jsonl"))
-
-
-def load_preference_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read preference rows from a ``.json`` / ``.jsonl`` / ``.parquet`` file.
-
-    Each row needs ``prompt``, ``chosen`` and ``rejected`` (strings or chat message lists), or the pre-tokenized
-    ``prompt_input_ids``, ``chosen_input_ids`` and ``rejected_input_ids`` (lists of non-negative ints). A ``.json``
-    file holds a list of rows (or an object with a ``"data"`` / ``"train"`` list). Other keys are dropped.
-    ``FileNotFoundError`` for a missing file; ``ValueError`` naming the file and the row *as it is in the file*
-    (``line N`` of a JSONL file, ``item N`` of a JSON list, ``row N`` of a Parquet table) for malformed content.
-    """
-    return read_preference_file(path)[0]
-
-
-def read_preference_file(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
-    """:func:`load_preference_file` plus where each row is in the file (``"<path> line 7"``), for later messages."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a preference file")
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            raw, wheres = [], []
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        raw.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(
-                            f"{path} line {lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-                    wheres.append(f"{path} line {lineno}")
-        elif suffix == ".json":
-            with open(path, encoding="utf-8") as f:
-                try:
-                    obj = json.load(f)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(
-                        f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
-            if isinstance(obj, dict):
-                obj = obj.get("data", obj.get("train"))
-            if not isinstance(obj, list):
-                raise ValueError(f"{path}: a .json preference file must hold a list of rows (or {{'data': [...]}})")
-            raw, wheres = obj, [f"{path} item {i}" for i in range(len(obj))]
-        elif suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError as exc:  # pragma: no cover - pyarrow ships with datasets
-                raise ImportError("reading .parquet preference files needs pyarrow (pip install pyarrow)") from exc
-            try:
-                raw = pq.read_table(path).to_pylist()
-            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-                raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-            wheres = [f"{path} row {i}" for i in range(len(raw))]
-        else:
-            raise ValueError(f"unsupported preference file type {suffix!r} for {path}: use .json, .jsonl or .parquet")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not raw:
-        raise ValueError(f"{path} holds no preference rows")
-    first = raw[0]
-    keys = _TOKENIZED_KEYS if isinstance(first, dict) and all(k in first for k in _TOKENIZED_KEYS) else _PAIR_KEYS
-    cleaned = []
-    for row, where in zip(raw, wheres):
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object with {list(keys)}, got {_json_type(row)}")
-        missing = [k for k in keys if k not in row]
-        if missing:
-            raise ValueError(f"{where}: lacks {missing}; every row needs {list(keys)}")
-        for key in keys:
-            problem = _id_list_problem(row[key]) if keys is _TOKENIZED_KEYS else _text_problem(row[key])
-            if problem:
-                raise ValueError(f"{where}: {key!r} {problem}")
-        if keys is _PAIR_KEYS and len({isinstance(row[k], str) for k in keys}) != 1:
-            raise ValueError(f"{where}: mixes strings and chat messages across prompt/chosen/rejected")
-        cleaned.append({k: row[k] for k in keys})
-    return cleaned, wheres
-
-
-def _json_type(value: Any) -> str:
-    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def _text_problem(value: Any) -> str | None:
-    if isinstance(value, str):
-        return None
-    if isinstance(value, list) and value:
-        for j, message in enumerate(value):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
-                return f"message {j} must be an object with string 'role' and 'content'"
-        return None
-    return f"must be a string or a non-empty list of chat messages, got {_json_type(value)}"
-
-
-def _id_list_problem(value: Any) -> str | None:
-    if not isinstance(value, list):
-        return f"must be a list of token ids, got {_json_type(value)}"
-    for t in value:
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            return f"must hold non-negative integer token ids, got {t!r}"
-    return None
-
-
-def _row_texts(row: dict[str, Any]) -> Iterator[str]:
-    for key in _PAIR_KEYS:
-        value = row.get(key)
-        if isinstance(value, str):
-            yield value
-        elif isinstance(value, list):  # chat messages
-            for message in value:
-                if isinstance(message, dict) and isinstance(message.get("content"), str):
-                    yield message["content"]
-
-
-# ------------------------------------------------------------------------------------------- tiny model + tokenizer
-_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<eos>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+from fastdpo.data import (
+    demo_data_files,
+    pretokenize,
+    read_preference_file,
+    row_texts,
+    split_rows,
 )
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
-    """Train a byte-level BPE tokenizer in-process on ``texts`` (no download).
-
-    Special tokens: ``<pad>`` (id 0), ``<eos>``, ``<bos>`` and the chat roles; a minimal chat template is set so
-    conversational rows work too. Returns a ``transformers.PreTrainedTokenizerFast``.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(texts), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", padding_side="right"
-    )
-    fast.chat_template = _CHAT_TEMPLATE
-    return fast
-
-
-def build_tiny_model(tokenizer, arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
-    """A small randomly initialized causal LM (``arch`` in llama/qwen2/gemma2) sized to ``tokenizer``, fp32, eager
-    attention. The same seed gives the same weights."""
-    from transformers import (
-        AutoModelForCausalLM,
-        Gemma2Config,
-        LlamaConfig,
-        Qwen2Config,
-    )
-
-    if arch not in TINY_ARCHS:
-        raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
-    if hidden_size % 16:
-        raise ValueError(f"hidden_size must be a multiple of 16 (4 heads of even size), got {hidden_size}")
-    common = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "tie_word_embeddings": True,
-    }
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "qwen2":
-        config = Qwen2Config(**common)
-    else:
-        config = Gemma2Config(**common, head_dim=hidden_size // 4, query_pre_attn_scalar=hidden_size // 4,
-                              sliding_window=64)
-    config._attn_implementation = "eager"
-    with _fork_rng(seed):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model
-
-
-@contextlib.contextmanager
-def _fork_rng(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-# ------------------------------------------------------------------------------------------------ RNG + checkpoint
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU (and CUDA when present) RNG states."""
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    with contextlib.suppress(ImportError):
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, state: dict[str, Any], *, previous: Path | None = None) -> None:
-    """``torch.save(state)`` atomically and checksummed (:func:`fastdpo.atomic.save_checksummed`: temporary file in
-    the same folder, fsync, ``os.replace``; a crash mid-save leaves the previous checkpoint intact). With ``previous``,
-    the checkpoint being replaced is kept there (two generations)."""
-    save_checksummed(path, state, previous=previous)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`save_checkpoint`, its checksum verified. ``FileNotFoundError`` when missing,
-    :class:`fastdpo.atomic.CorruptFileError` (a ``ValueError`` naming the file) when empty, truncated, corrupt or
-    without a checksum (fastdpo <= 0.1 wrote none; such a checkpoint cannot be verified and is not used)."""
-    state = load_checksummed(path, what="fastdpo train checkpoint", weights_only=False)
-    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
-    if missing:
-        raise CorruptFileError(f"{path} is not a fastdpo train checkpoint (lacks {missing})")
-    return state
-
-
-class DataOrder:
-    """Deterministic epoch-wise shuffling that can be saved and resumed mid-epoch.
-
-    Epoch ``e`` visits the rows in ``torch.randperm(n, generator=seed + e)`` order, in batches of ``batch_size``
-    (the last batch of an epoch may be smaller).
-    """
-
-    def __init__(self, num_rows: int, batch_size: int, seed: int) -> None:
-        if num_rows <= 0:
-            raise ValueError(f"num_rows must be positive, got {num_rows}")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
-        self.epoch, self.cursor = 0, 0
-        self.order = self._permutation(0)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.num_rows / self.batch_size)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_rows, generator=g).tolist()
-
-    def next_batch(self) -> list[int]:
-        """Row indices of the next batch (advances the cursor, rolling over to a fresh epoch)."""
-        if self.cursor >= self.num_rows:
-            self.epoch += 1
-            self.cursor = 0
-            self.order = self._permutation(self.epoch)
-        batch = self.order[self.cursor : self.cursor + self.batch_size]
-        self.cursor += len(batch)
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"num_rows": self.num_rows, "batch_size": self.batch_size, "seed": self.seed, "epoch": self.epoch,
-                "cursor": self.cursor, "order": list(self.order)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["num_rows"], state["batch_size"]) != (self.num_rows, self.batch_size):
-            raise ValueError(
-                f"checkpoint data order is for {state['num_rows']} rows in batches of {state['batch_size']}, but this "
-                f"run has {self.num_rows} rows in batches of {self.batch_size}: resume with the same --data and "
-                "--batch-size"
-            )
-        self.seed, self.epoch, self.cursor, self.order = state["seed"], state["epoch"], state["cursor"], state["order"]
+from fastdpo.run_state import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    PREVIOUS_CHECKPOINT_NAME,
+    RUN_FILES,
+    DataOrder,
+    MetricsLog,
+    find_checkpoint,
+    first_eval_record,
+    load_resumable,
+    remove_run,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from fastdpo.tiny import ARCHS, TRAIN_SPECIAL_TOKENS, build_tiny_model, train_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def pretokenize(collator, rows: list[dict[str, Any]], wheres: Sequence[str] | None = None
-                ) -> list[dict[str, list[int]]]:
-    """Rows tokenized once with ``collator.tokenize_row`` (EOS/BOS/chat template applied) as pre-tokenized rows
-    ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}``, which the collator uses verbatim. A row the
-    collator refuses (a token id outside the vocabulary, chat messages without a chat template) raises
-    ``ValueError`` naming it by ``wheres[i]`` (where it is in its file) when given."""
-    out = []
-    for i, row in enumerate(rows):
-        try:
-            out.append(dict(zip(_TOKENIZED_KEYS, collator.tokenize_row(row, i))))
-        except (ValueError, TypeError) as exc:
-            if wheres is None:
-                raise
-            raise ValueError(f"{wheres[i]}: {str(exc).replace(f'rows[{i}]', 'the row')}") from None
-    return out
-
-
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -478,8 +172,7 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
-_SPECIAL_TOKENS = 6  # train_tokenizer's <pad>, <eos>, <bos> and the three chat roles
-MIN_VOCAB = 256 + _SPECIAL_TOKENS  # the byte-level alphabet is always in the vocabulary
+MIN_VOCAB = 256 + len(TRAIN_SPECIAL_TOKENS)  # the byte-level alphabet is always in the vocabulary
 _SEED_MAX = 2**63 - 1
 
 
@@ -492,7 +185,7 @@ def build_parser() -> ArgParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="local model folder (save_pretrained format; nothing is downloaded). Default: a "
                    "tiny model built from a config, with a tokenizer trained in-process on the data")
-    g.add_argument("--arch", choices=TINY_ARCHS, default="llama", help="tiny model architecture (no --model)")
+    g.add_argument("--arch", choices=ARCHS, default="llama", help="tiny model architecture (no --model)")
     g.add_argument("--hidden-size", type=int_in(16), default=64,
                    help="tiny model width, a multiple of 16 (no --model)")
     g.add_argument("--layers", type=int_in(1), default=2, help="tiny model depth (no --model)")
@@ -573,49 +266,6 @@ def build_parser() -> ArgParser:
     return p
 
 
-def _split_rows(rows: list[dict], wheres: list[str], fraction: float, seed: int
-                ) -> tuple[list[dict], list[str], list[dict], list[str]]:
-    n_eval = max(1, round(len(rows) * fraction))
-    if n_eval >= len(rows):
-        raise ValueError(f"--data has {len(rows)} rows: too few to hold out {fraction:.0%} for evaluation")
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 10_007)).tolist()
-    train, held = perm[n_eval:], perm[:n_eval]
-    return [rows[i] for i in train], [wheres[i] for i in train], [rows[i] for i in held], [wheres[i] for i in held]
-
-
-class _LogWriter:
-    """Append-only JSONL metrics log; on resume, records past the checkpoint's step are dropped first (atomically) so
-    the log reads like an uninterrupted run, and so is a partial or undecodable line (a crash mid-write)."""
-
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        kept: list[str] = []
-        if resume_step is not None and path.exists():
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-            for lineno, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    if lineno != len(lines):
-                        print(f"fastdpo train: warning: {path} line {lineno} is not valid JSON; dropped",
-                              file=sys.stderr)
-                    continue
-                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
-                    kept.append(line)
-        text = "".join(line + "\n" for line in kept)
-        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the whole run, closed by close()
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
 def _format(record: dict[str, Any], keys: Sequence[str]) -> str:
     parts = [f"step {record['step']}"]
     for k in keys:
@@ -647,7 +297,7 @@ def _load_data(args: argparse.Namespace) -> tuple[list[dict], list[str], list[di
             eval_rows, eval_where = read("--eval-data", args.eval_data)
         else:
             try:
-                train_rows, train_where, eval_rows, eval_where = _split_rows(train_rows, train_where,
+                train_rows, train_where, eval_rows, eval_where = split_rows(train_rows, train_where,
                                                                              args.eval_fraction, args.seed)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
@@ -655,34 +305,6 @@ def _load_data(args: argparse.Namespace) -> tuple[list[dict], list[str], list[di
     if ("prompt_input_ids" in train_rows[0]) != ("prompt_input_ids" in eval_rows[0]):
         raise UsageError("--data and --eval-data must both be pre-tokenized or both text")
     return train_rows, train_where, eval_rows, eval_where, data_desc
-
-
-def _find_checkpoint(out: Path) -> dict[str, Any]:
-    """The newest usable checkpoint of ``out``: ``checkpoint.pt``, else (with a warning on stderr) the previous
-    generation ``checkpoint.prev.pt``. A damaged newest file is moved aside to ``checkpoint.pt.corrupt`` so that the
-    next save does not rotate it over the good previous one. ``UsageError`` when neither is usable."""
-    newest, previous = out / CHECKPOINT_NAME, out / PREVIOUS_CHECKPOINT_NAME
-    problems = []
-    for path in (newest, previous):
-        try:
-            state = load_checkpoint(path)
-        except FileNotFoundError:
-            problems.append(f"{path} does not exist")
-            continue
-        except CorruptFileError as exc:
-            problems.append(str(exc))
-            if path == newest:
-                os.replace(newest, out / (CHECKPOINT_NAME + ".corrupt"))
-            continue
-        if path == previous:
-            print(f"fastdpo train: warning: {problems[0]}; resuming from the previous checkpoint {previous} "
-                  f"(step {state['step']})" + (" (the damaged file is kept as checkpoint.pt.corrupt)"
-                                                if (out / (CHECKPOINT_NAME + ".corrupt")).exists() else ""),
-                  file=sys.stderr)
-        return state
-    if all("does not exist" in p for p in problems):
-        raise UsageError(f"--resume given but {newest} does not exist")
-    raise UsageError(f"--resume: no usable checkpoint in {out}: {'; '.join(problems)}")
 
 
 class NonFiniteError(RuntimeError):
@@ -842,11 +464,11 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
     from fastdpo import train_parallel as tp
 
     if world.main:
-        for name in _RUN_FILES:  # killed writers' temporary files, including fastdpo <= 0.1's random names
+        for name in RUN_FILES:  # killed writers' temporary files, including fastdpo <= 0.1's random names
             remove_stale_tmp(out / name)
         remove_stale_tmp_in(out)
     tp.barrier(world)
-    earlier = [name for name in _RUN_FILES[:5] if (out / name).exists()]
+    earlier = [name for name in RUN_FILES[:5] if (out / name).exists()]
     if earlier and not (args.resume or args.overwrite):
         raise UsageError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue "
                          "it or --overwrite to start over")
@@ -857,10 +479,10 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
     lora = args.lora_r is not None or args.qlora
     if args.resume:
         if world.main:
-            checkpoint = _find_checkpoint(out)
+            checkpoint = find_checkpoint(out)
         tp.barrier(world)  # the main process moved a damaged newest checkpoint aside; the others read the same one
         if not world.main:
-            checkpoint = _load_resumable(out)
+            checkpoint = load_resumable(out)
         saved = checkpoint["args"]
         differ = [k for k in _RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
         if differ:
@@ -902,7 +524,7 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
     else:
         if "prompt_input_ids" in train_rows[0]:
             raise UsageError("pre-tokenized rows need --model (its tokenizer produced the ids)")
-        tokenizer = train_tokenizer([t for r in train_rows for t in _row_texts(r)], vocab_size=args.vocab_size)
+        tokenizer = train_tokenizer([t for r in train_rows for t in row_texts(r)], vocab_size=args.vocab_size)
         need = _tiny_model_bytes(tokenizer, args)
         import psutil
 
@@ -953,7 +575,7 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
     tp.barrier(world)  # every process set up: only now is anything of an earlier run replaced
     if world.main:
         if args.overwrite:
-            _remove_run(out)
+            remove_run(out)
         if staged_ref is not None:
             shutil.rmtree(ref_dir, ignore_errors=True)
             os.replace(staged_ref, ref_dir)
@@ -1013,7 +635,7 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
         nonlocal saved_step
         saved_step = step
 
-    log = _LogWriter(out / LOG_NAME, step if checkpoint is not None else None) if world.main else None
+    log = MetricsLog(out / LOG_NAME, step if checkpoint is not None else None) if world.main else None
     board = None
     if args.report_to == "tensorboard" and world.main:
         from torch.utils.tensorboard import SummaryWriter
@@ -1191,7 +813,7 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
     model_dir = out / "model"
     if world.main:
         print(_format(last_eval, eval_show) + f" | {step - start_step} steps in {elapsed:.1f}s")
-        first_eval = first_eval or _first_eval(out / LOG_NAME)
+        first_eval = first_eval or first_eval_record(out / LOG_NAME)
         if first_eval is not None:
             print(f"held-out rewards/accuracies: {first_eval.get('eval_rewards/accuracies', float('nan')):.3f} before "
                   f"training -> {last_eval.get('eval_rewards/accuracies', float('nan')):.3f} after (chance: 0.5; "
@@ -1237,38 +859,6 @@ def _main_pid(world) -> int:
     box = [os.getpid()]
     dist.broadcast_object_list(box, src=0)
     return int(box[0])
-
-
-def _load_resumable(out: Path) -> dict[str, Any]:
-    """The checkpoint the main process resumed from (after it moved a damaged newest one aside), quietly."""
-    for path in (out / CHECKPOINT_NAME, out / PREVIOUS_CHECKPOINT_NAME):
-        try:
-            return load_checkpoint(path)
-        except (FileNotFoundError, CorruptFileError):
-            continue
-    raise UsageError(f"--resume: no usable checkpoint in {out}")
-
-
-def _first_eval(log_path: Path) -> dict[str, Any] | None:
-    with open(log_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "eval_rewards/accuracies" in entry:
-                return entry
-    return None
-
-
-def _remove_run(out: Path) -> None:
-    """Delete an earlier run's files from ``out`` (``--overwrite``): checkpoints, log, model/ and reference/."""
-    for name in _RUN_FILES:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
 
 
 def _is_main_thread() -> bool:

@@ -16,8 +16,8 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
-# Shared offline fixtures (tests/tiny.py) are imported as `import tiny` from every test file: --import-mode=importlib
-# does not put the tests directory on sys.path by itself.
+# Test helpers in this folder (backends.py, gpu_mode.py, the distributed workers) are imported by name:
+# --import-mode=importlib does not put the tests directory on sys.path by itself.
 sys.path.insert(0, os.path.dirname(__file__))
 
 from collections.abc import Iterator  # noqa: E402

@@ -20,7 +20,7 @@ Scenarios:
   root; the head runs inside the root forward, so FSDP gathers the weight), ``fsdp2_dtensor`` (the body is called on
   its own and the lm-head weight is handed to fastdpo as the sharded ``DTensor`` it is outside a forward, the way an
   engine that calls the backbone and then the fused head sees it).
-- ``engine``: a tiny HF causal LM from ``tests/tiny.py`` trained through :class:`fastdpo.DPOEngine` on a batch from
+- ``engine``: a tiny HF causal LM from :mod:`fastdpo.tiny` trained through :class:`fastdpo.DPOEngine` on a batch from
   :class:`fastdpo.PreferenceCollator`. Modes: ``ddp``, ``fsdp2`` (``fully_shard`` per decoder layer + root).
 
 All losses are means over pairs and every rank gets the same number of pairs, so the data-parallel gradient (an
@@ -134,19 +134,6 @@ def head_dpo_loss(policy_logps: torch.Tensor, ref: ToyLM, batch: dict[str, torch
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _load_tiny() -> Any:
-    """Import ``tests/tiny.py`` by path (tests are not a package under ``--import-mode=importlib``)."""
-    import importlib.util
-
-    path = Path(__file__).with_name("tiny.py")
-    spec = importlib.util.spec_from_file_location("fastdpo_tests_tiny", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fastdpo_tests_tiny", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 ENGINE_ROWS = [
     {"prompt": "the cat sat", "chosen": " on the mat", "rejected": " under a big red car today"},
     {"prompt": "one two", "chosen": " three four five", "rejected": " six"},
@@ -156,8 +143,9 @@ ENGINE_ROWS = [
 
 
 def build_engine_parts(seed: int = 0) -> tuple[nn.Module, nn.Module, Any]:
-    """``(policy, reference, tokenizer)``: a tiny Llama from ``tests/tiny.py`` and a perturbed frozen copy."""
-    tiny = _load_tiny()
+    """``(policy, reference, tokenizer)``: a tiny Llama from :mod:`fastdpo.tiny` and a perturbed frozen copy."""
+    from fastdpo import tiny
+
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=seed)
     policy.train()

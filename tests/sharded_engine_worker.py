@@ -4,7 +4,7 @@ on 2 CPU processes (gloo; DeepSpeed's CPU accelerator), one launch for every sce
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/sharded_engine_worker.py --out DIR \\
         --jobs zero3:base,tied,lora_head,gif_ld_wpo,... fsdp2_accelerate:base,... fsdp2_lm_head:base
 
-Every rank builds the same seeded tiny Llama (``tests/tiny.py``), takes pairs ``[2R, 2R+1]`` of :data:`ROWS`, runs
+Every rank builds the same seeded tiny Llama (:mod:`fastdpo.tiny`), takes pairs ``[2R, 2R+1]`` of :data:`ROWS`, runs
 one ``DPOEngine.step`` through the sharded policy (the reference as the scenario says), one backward, reads the
 full gradients, takes one SGD step and reads the full parameters. ``DIR/rank{R}.pt`` holds, per ``mode`` and
 ``scenario``: ``{"loss": float, "metrics": {name: float}, "grads": {name: full fp32}, "params": {name: full fp32
@@ -107,7 +107,7 @@ def build(cfg: dict[str, Any], seed: int = 0) -> tuple[nn.Module, nn.Module | No
     """``(policy, reference or None, tokenizer)``: the tiny Llama (tied or not; a 4-bit base for QLoRA), LoRA
     adapters per the scenario (randomly initialised B, so the adapter-off reference differs from the policy), a
     perturbed frozen reference."""
-    from tiny import make_model, make_tokenizer
+    from fastdpo.tiny import make_model, make_tokenizer
 
     tok = make_tokenizer()
     policy = make_model("llama", tok, attn_implementation="eager", seed=seed)

@@ -3,7 +3,7 @@
 Multi-process: ``python -m torch.distributed.run --standalone --nproc_per_node W tests/sp_trainer_worker.py --sp K
 --data rows.jsonl --eval-data eval.jsonl --out DIR`` (accelerate's ``MULTI_CPU``, gloo). Single process (the
 reference): the same script run with plain ``python`` and ``--sp 1 --batch-size W/K·B``, so that one step sees the
-pairs all data-parallel ranks see together. Every process trains the same seeded tiny Llama (``tests/tiny.py``) for
+pairs all data-parallel ranks see together. Every process trains the same seeded tiny Llama (:mod:`fastdpo.tiny`) for
 ``STEPS`` SGD steps with ``packing="prefix_shared"`` against a separate reference model, evaluates, and writes
 ``DIR/rank{R}.pt``: ``{"steps": log_history entries with "loss", "eval": evaluate() metrics, "params": {name: fp32
 param after training}, "inputs": [sum of the input_ids compute_loss received, per training step], "wrapped": type
@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     import datasets
-    from tiny import make_model, make_tokenizer
     from trl import DPOConfig
 
     from fastdpo.integrations.trl import FastDPOTrainer
+    from fastdpo.tiny import make_model, make_tokenizer
 
     datasets.disable_progress_bars()
     rank = int(os.environ.get("RANK", "0"))

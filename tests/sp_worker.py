@@ -5,7 +5,7 @@ Run one process per rank::
     python tests/sp_worker.py --rank R --world-size W --sp 2 --init-file /tmp/x/init --out /tmp/x \\
         --jobs llama-pad:plain qwen2-prefix_shared:ddp ...
 
-Every rank builds the same seeded tiny model (``tests/tiny.py``), policy and perturbed frozen reference, and the same
+Every rank builds the same seeded tiny model (:mod:`fastdpo.tiny`), policy and perturbed frozen reference, and the same
 collated batch of a case; data-parallel rank ``rank // sp`` keeps its contiguous share of the pairs (all of them when
 ``W == sp``), so every rank of a sequence-parallel group holds the same batch. One DPO step runs through
 ``DPOEngine(sequence_parallel_size=sp)`` under a mode:
@@ -74,30 +74,6 @@ ENGINE_KWARGS = {
 }
 
 
-def _tiny() -> Any:
-    import tiny
-
-    return tiny
-
-
-def _model_with_kv_heads(tiny: Any, arch: str, tok: Any, attn: str, kv_heads: int) -> Any:
-    """``tiny.make_model`` with ``num_key_value_heads`` overridden (same seeded re-draw of the weights)."""
-    from transformers import AutoModelForCausalLM
-
-    config = tiny._config(arch, len(tok), sliding_window=None)
-    config.num_key_value_heads = kv_heads
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
-
-
 def sum_over_group_grads(world: int) -> dict[str, Any]:
     """``sum_over_group``'s gradient convention: each rank's addend gets ``k`` times the gradient of *this rank's*
     loss of the sum (no collective in backward; the engine's losses are identical on every rank, so the group mean is
@@ -118,10 +94,10 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     (:mod:`fastdpo.sp_memory`) next to what this rank's engine forward really saves for backward
     (``saved_tensors_hooks``, distinct storages, parameters / batch / masks excluded), the bytes of the masks it
     builds and the scored tokens it owns, on a tiny model of the preset's architecture."""
-    from transformers import AutoModelForCausalLM
-
     from fastdpo import DPOEngine, PreferenceCollator, sp_memory
     from fastdpo import memory as M
+    from fastdpo.benchmarks.memory_measure import build_models
+    from fastdpo.tiny import id_tokenizer
 
     preset, dtype, packing = spec.rsplit("-", 2)
     # Qwen: 4 key/value heads for 8 query heads, 2 per rank (transformers copies them when it repeats them)
@@ -132,8 +108,7 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     step = M.StepConfig(pairs=3, prompt_len=9, completion_len=6, dtype=dtype, device="cpu", packing=packing,
                         pairs_per_row=2 if packing == "prefix_shared" else 1, sequence_parallel=sp)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(M.hf_config(cfg, None, dtype), dtype=getattr(torch, M.TORCH_DTYPES[dtype]),
-                                             attn_implementation="eager" if shape.eager_attention else "sdpa")
+    _, model, _ = build_models({"dtype": dtype, "reference": "precomputed"}, cfg, None)
     gen = torch.Generator().manual_seed(1)
 
     def ids(n: int) -> list[int]:
@@ -142,9 +117,9 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     rows = [{"prompt_input_ids": ids(9), "chosen_input_ids": ids(6), "rejected_input_ids": ids(6),
              "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0} for _ in range(step.pairs)]
     if packing == "prefix_shared":
-        collator = PreferenceCollator(M.id_tokenizer(997), packing=packing, max_tokens_per_row=2 * (9 + 12))
+        collator = PreferenceCollator(id_tokenizer(997), packing=packing, max_tokens_per_row=2 * (9 + 12))
     else:
-        collator = PreferenceCollator(M.id_tokenizer(997), packing="pad")
+        collator = PreferenceCollator(id_tokenizer(997), packing="pad")
     batch = collator(rows)
     engine = DPOEngine(model, reference="precomputed", sequence_parallel_size=sp)
     shard = engine.sequence_parallel.shard(batch, model)
@@ -192,14 +167,15 @@ def build(case: str, dp_rank: int = 0, dp_size: int = 1) -> tuple[Any, Any, dict
     """``(policy, reference, collated batch)`` of a case (seeded: identical on every rank); the batch holds the
     pairs of data-parallel rank ``dp_rank`` of ``dp_size`` (a contiguous equal share)."""
     spec = CASES[case]
-    tiny = _tiny()
+    from fastdpo import tiny
+
     tok = tiny.make_tokenizer()
     arch = spec["arch"]
     # eager for Gemma 2 (soft-capping); a sliding window small enough to matter for Gemma 2 and Qwen 2
     attn = "eager" if arch == "gemma2" else "sdpa"
     window = 6 if arch != "llama" else None
     if "kv_heads" in spec:
-        policy = _model_with_kv_heads(tiny, arch, tok, attn, spec["kv_heads"])
+        policy = tiny.make_model(arch, tok, attn_implementation=attn, num_key_value_heads=spec["kv_heads"])
     else:
         policy = tiny.make_model(arch, tok, attn_implementation=attn, sliding_window=window)
     policy.train()

@@ -1,6 +1,7 @@
 """Crash safety of what fastdpo writes to disk, and refusal of a mismatched reference cache.
 
-- :meth:`fastdpo.ref_cache.RefLogpCache.save` and ``fastdpo train`` checkpoints (:func:`fastdpo.train.save_checkpoint`)
+- :meth:`fastdpo.ref_cache.RefLogpCache.save` and ``fastdpo train`` checkpoints
+  (:func:`fastdpo.run_state.save_checkpoint`)
   must replace their file atomically: a writer that dies mid-write (an exception inside ``torch.save``, or a
   ``SIGKILL`` of the writing process while half the bytes are on disk) leaves the previous file byte-for-byte intact
   and loadable.
@@ -233,9 +234,7 @@ def test_ref_cache_refuses_other_model_dataset_settings(tmp_path: Path) -> None:
 
 def test_ref_cache_refuses_other_dataset_batches(tmp_path: Path) -> None:
     """Through collated batches: a cache built on one dataset refuses batches (and lookups) of another."""
-    from fastdpo import PreferenceCollator
-
-    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
+    from fastdpo import PreferenceCollator, tiny
     make_tokenizer, preference_rows = tiny.make_tokenizer, tiny.preference_rows
     from fastdpo.ref_cache import RefLogpCache
 
@@ -272,9 +271,7 @@ def test_engine_precomputed_cache_refuses_mismatch(tmp_path: Path) -> None:
     pairs of another dataset."""
     import copy
 
-    from fastdpo import DPOEngine, PreferenceCollator
-
-    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
+    from fastdpo import DPOEngine, PreferenceCollator, tiny
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0)
     ref = tiny.make_model("llama", tok, attn_implementation="eager", seed=1)
@@ -310,7 +307,7 @@ def test_engine_precomputed_cache_refuses_mismatch(tmp_path: Path) -> None:
 
 
 def test_save_checkpoint_exception_mid_write_keeps_old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fastdpo.train import save_checkpoint
+    from fastdpo.run_state import save_checkpoint
 
     path = tmp_path / "checkpoint.pt"
     old_state = {"step": 3, "model": {"w": torch.randn(17, 5)}}

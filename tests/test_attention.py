@@ -5,10 +5,11 @@ import types
 
 import pytest
 import torch
-from tiny import make_model, make_tokenizer, preference_rows
 
 from fastdpo import PreferenceCollator
 from fastdpo.attention import allowed_mask, build_attention_kwargs, resolve_impl
+from fastdpo.reference import naive_batch_logps, naive_completion_logps
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 RTOL = 1e-5
 N_PAIRS = 4
@@ -37,25 +38,14 @@ def _pieces(tok, rows):
 
 def naive_logps(model, pieces) -> torch.Tensor:
     """Oracle: each sequence alone, unpadded, no mask; float64 log_softmax; sum over its completion tokens."""
-    out = []
-    for prompt, completion in pieces:
-        ids = torch.tensor([prompt + completion])
-        with torch.no_grad():
-            logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
-        first = max(len(prompt), 1)  # a completion token at position 0 has no predictor (TRL: mask[:, 1:])
-        out.append(sum(float(logp[k - 1, ids[0, k]]) for k in range(first, ids.shape[1])))
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.tensor([naive_completion_logps(model, p, c) for p, c in pieces], dtype=torch.float64)
 
 
 def packed_logps(model, batch, impl="auto", kwargs=None) -> torch.Tensor:
     """Full logits of the packed forward, gathered at logp_index/logp_labels, summed by logp_seq (float64)."""
     kwargs = build_attention_kwargs(batch, model, impl=impl) if kwargs is None else kwargs
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], **kwargs).logits
-    logp = logits.reshape(-1, logits.shape[-1]).double().log_softmax(-1)
-    picked = logp[batch["logp_index"], batch["logp_labels"]]
-    num = 2 * batch["num_pairs"]
-    return torch.zeros(num, dtype=torch.float64).index_add_(0, batch["logp_seq"], picked)
+        return naive_batch_logps(model, batch, attn_kwargs=kwargs, logits_dtype=torch.float64)
 
 
 def assert_close_rel(got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -214,7 +204,9 @@ class _FlashStub(torch.nn.Module):
 
 
 def test_flash_varlen_kwargs_match_hf_position_id_split(tok):
-    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    from transformers.modeling_flash_attention_utils import (
+        prepare_fa_kwargs_from_position_ids,
+    )
 
     rows = preference_rows(4, seed=2)
     batch = PreferenceCollator(tok, packing="padding_free")(rows)

@@ -22,7 +22,9 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from tiny import BACKENDS
+from backends import BACKENDS
+
+from fastdpo.reference import naive_dpo_loss, naive_token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,10 +57,7 @@ def _expect_nonfinite_warning(fn: Callable[[], Any]) -> Any:
 
 def ref_token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """float64 ``log_softmax(logits)[label]``, 0 where ignored (differentiable)."""
-    valid = labels != ignore_index
-    lp = torch.log_softmax(logits.double(), dim=-1)
-    tok = lp.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, tok, torch.zeros_like(tok))
+    return naive_token_logprobs(logits.double(), labels, ignore_index=ignore_index)
 
 
 def ref_linear_token_logps(
@@ -483,7 +482,7 @@ def _pl(*args: Any, **kw: Any) -> Any:
 
 
 def _sigmoid_ref(pc, pr, rc, rr, beta: float = 0.1) -> torch.Tensor:
-    return -torch.nn.functional.logsigmoid(beta * ((pc.double() - rc.double()) - (pr.double() - rr.double()))).mean()
+    return naive_dpo_loss(torch.cat([pc, pr]).double(), torch.cat([rc, rr]).double(), beta)
 
 
 def test_preference_loss_bad_inputs() -> None:
@@ -639,7 +638,7 @@ def test_fused_dpo_loss_nonfinite_input(bad: float) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_parts() -> tuple[Any, torch.nn.Module, torch.nn.Module]:
-    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
+    from fastdpo import tiny
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)

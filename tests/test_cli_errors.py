@@ -170,7 +170,7 @@ def test_train_malformed_files_name_file_and_line(tmp_path: Path, capsys: pytest
 def test_train_token_id_outside_vocabulary_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """With --model, a pre-tokenized id outside its vocabulary is reported by line (the file's order, not the
     shuffled training order)."""
-    from tiny import make_model, make_tokenizer
+    from fastdpo.tiny import make_model, make_tokenizer
 
     tok = make_tokenizer()
     model_dir = tmp_path / "model"

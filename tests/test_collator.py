@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-from tiny import make_tokenizer, preference_rows
 
 from fastdpo import PreferenceCollator
 from fastdpo.collator import PACKINGS
+from fastdpo.tiny import make_tokenizer, preference_rows
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 

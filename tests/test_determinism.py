@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import BACKENDS
+from backends import BACKENDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # determinism at a fixed thread count, fast on tiny ops
 
@@ -180,9 +180,7 @@ def test_fused_linear_dpo_loss_deterministic(grad_in_forward: bool) -> None:
 
 @pytest.mark.parametrize("grad_in_forward", [False, True])
 def test_engine_step_deterministic(grad_in_forward: bool) -> None:
-    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
-
-    from fastdpo import DPOEngine, PreferenceCollator
+    from fastdpo import DPOEngine, PreferenceCollator, tiny
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -207,7 +205,11 @@ def test_engine_step_deterministic(grad_in_forward: bool) -> None:
 def _kernel_cases(device: torch.device, runs: int, scale: int = 1) -> None:
     """The log-prob kernel, the fused head (recompute and grad-in-forward) and segment sums on ``device`` with
     ``backend="triton"``: many rows / vocabulary tiles / unsorted segments, bitwise over ``runs`` runs."""
-    from fastdpo import linear_sequence_logprobs, linear_token_logprobs, sequence_logprobs
+    from fastdpo import (
+        linear_sequence_logprobs,
+        linear_token_logprobs,
+        sequence_logprobs,
+    )
     from fastdpo.nn import FusedLinearDPOLoss
     from fastdpo.segments import segment_sum
 
@@ -275,9 +277,7 @@ def test_engine_step_deterministic_cuda(grad_in_forward: bool) -> None:
 
 
 def _engine_step_cuda(grad_in_forward: bool) -> None:
-    import tiny
-
-    from fastdpo import DPOEngine, PreferenceCollator
+    from fastdpo import DPOEngine, PreferenceCollator, tiny
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).to("cuda", torch.bfloat16).train()
     ref = tiny.make_model("llama", tok, attn_implementation="eager", seed=1).to("cuda", torch.bfloat16)

@@ -24,13 +24,13 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import make_model, make_tokenizer, preference_rows
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 import fastdpo
 from fastdpo import DPOEngine, PreferenceCollator
 from fastdpo.attention import build_attention_kwargs
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

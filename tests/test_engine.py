@@ -8,11 +8,17 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import ARCHS, make_model, make_tokenizer, preference_rows
 
 from fastdpo.collator import PreferenceCollator
 from fastdpo.engine import DPOEngine
-from fastdpo.ref_cache import RefLogpCache, dataset_fingerprint, model_fingerprint, pair_keys
+from fastdpo.ref_cache import (
+    RefLogpCache,
+    dataset_fingerprint,
+    model_fingerprint,
+    pair_keys,
+)
+from fastdpo.reference import naive_dpo_loss
+from fastdpo.tiny import ARCHS, make_model, make_tokenizer, preference_rows
 
 PACKINGS = ("pad", "padding_free", "prefix_shared")
 
@@ -62,12 +68,6 @@ def _naive_token_stats(model: torch.nn.Module, pad_batch: dict) -> list[dict]:
 
 def _naive_seq_logps(stats: list[dict]) -> torch.Tensor:
     return torch.stack([st["logps"].sum() for st in stats])
-
-
-def _naive_sigmoid_loss(pol: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
-    p = pol.shape[0] // 2
-    margin = (pol[:p] - ref[:p]) - (pol[p:] - ref[p:])
-    return -F.logsigmoid(beta * margin).mean()
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
@@ -173,7 +173,7 @@ def test_train_step_gradients_match_naive(arch: str, tok) -> None:
     pad = _batch(tok, rows, "pad")
     with torch.no_grad():
         ref_logps = _naive_seq_logps(_naive_token_stats(ref, pad))
-    naive_loss = _naive_sigmoid_loss(_naive_seq_logps(_naive_token_stats(naive_model, pad)), ref_logps, beta)
+    naive_loss = naive_dpo_loss(_naive_seq_logps(_naive_token_stats(naive_model, pad)), ref_logps, beta)
     naive_loss.backward()
     naive_grads = {n: p.grad.clone() for n, p in naive_model.named_parameters()}
     assert sum(g.abs().sum() for g in naive_grads.values()) > 0
@@ -490,10 +490,9 @@ def test_loss_and_metrics_match_trl_dpo_trainer(tmp_path) -> None:
     import argparse
 
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
     from fastdpo.benchmarks.engine_step import make_models, make_rows
     from fastdpo.benchmarks.engine_step import make_tokenizer as make_id_tokenizer
+    from trl import DPOConfig, DPOTrainer
 
     args = argparse.Namespace(pairs=3, prompt_len=21, completion_len=7, jitter=0.5, vocab=211, hidden=32, layers=1,
                               heads=4, seed=5)

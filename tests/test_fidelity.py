@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
+
+from fastdpo.reference import naive_dpo_loss, naive_token_logprobs
 
 STEPS = 200
 PAIRS_PER_BATCH = 2
@@ -34,20 +35,15 @@ def naive_sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
     ).logits.float()  # [R, L, V]
-    logps = torch.log_softmax(logits[:, :-1], dim=-1)
-    targets = batch["input_ids"][:, 1:]
+    tok = naive_token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])
     role, seq = batch["token_role"][:, 1:], batch["token_seq"][:, 1:]
     scored = (role == 1) | (role == 2)  # the next token is a completion token
-    tok = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     out = torch.zeros(num_seqs, dtype=torch.float32)
     return out.index_add(0, seq[scored], tok[scored])
 
 
-def naive_dpo_loss(policy: torch.nn.Module, ref_logps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    p = int(batch["num_pairs"])
-    pol = naive_sequence_logps(policy, batch)
-    margin = (pol[:p] - ref_logps[:p]) - (pol[p:] - ref_logps[p:])
-    return -F.logsigmoid(BETA * margin).mean()
+def naive_step_loss(policy: torch.nn.Module, ref_logps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    return naive_dpo_loss(naive_sequence_logps(policy, batch), ref_logps, BETA)
 
 
 def _tiny_llama(tok: Any, seed: int) -> torch.nn.Module:
@@ -83,9 +79,7 @@ def _short_rows(tiny: Any, n: int, seed: int) -> list[dict[str, str]]:
 
 @pytest.mark.usefixtures("one_thread")
 def test_200_step_dpo_matches_naive() -> None:
-    from fastdpo import DPOEngine, PreferenceCollator
-
-    import tiny  # tests/tiny.py (tests/ is on sys.path via conftest)
+    from fastdpo import DPOEngine, PreferenceCollator, tiny
     tok = tiny.make_tokenizer()
     base = _tiny_llama(tok, seed=0)
     ref = copy.deepcopy(base).eval().requires_grad_(False)
@@ -111,7 +105,7 @@ def test_200_step_dpo_matches_naive() -> None:
         opt_fast.step()
         opt_fast.zero_grad(set_to_none=True)
 
-        loss_n = naive_dpo_loss(naive_model, naive_ref[k], batches[k])
+        loss_n = naive_step_loss(naive_model, naive_ref[k], batches[k])
         loss_n.backward()
         opt_naive.step()
         opt_naive.zero_grad(set_to_none=True)

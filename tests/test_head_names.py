@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import make_model, make_tokenizer, preference_rows
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 import fastdpo.head as head
+import fastdpo.reference as reference
 import fastdpo.head.function as head_function
 import fastdpo.head.grad_in_forward as head_gif
 from fastdpo import DPOEngine, PreferenceCollator
@@ -101,7 +102,7 @@ def test_chunk_size_is_the_deprecated_spelling_of_the_tiles(monkeypatch: pytest.
     assert seen[2] == seen[0]
     torch.testing.assert_close(seq, new.sum()[None], rtol=1e-6, atol=1e-6)
     with pytest.warns(DeprecationWarning, match="naive_linear_token_logprobs"):
-        head.naive_linear_token_logprobs(hidden, weight, labels, chunk_size=chunk_size)
+        reference.naive_linear_token_logprobs(hidden, weight, labels, chunk_size=chunk_size)
 
 
 def test_chunk_size_with_a_tile_or_bad_tiles_raise() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import BACKENDS
+from backends import BACKENDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

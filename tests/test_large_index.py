@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastdpo.reference import assert_within_naive, naive_token_logprobs
+
 V = 131072
 BOUNDARY_ROW = 2**31 // V  # first row whose flat offset row * V reaches 2**31
 
@@ -27,7 +29,7 @@ def _check_rows(n: int, seed: int) -> torch.Tensor:
 def _ref_rows(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """float64 log-prob of ``labels[rows]`` under ``hidden[rows] @ weight.T``."""
     z = hidden[rows].double() @ weight.double().T
-    return torch.log_softmax(z, dim=-1).gather(1, labels[rows].unsqueeze(1)).squeeze(1)
+    return naive_token_logprobs(z, labels[rows])
 
 
 def test_fused_head_beyond_int32_cpu() -> None:
@@ -69,7 +71,7 @@ def test_fused_head_beyond_int32_cpu_backward() -> None:
         """log_softmax + gather on the checked rows only, in ``dtype``: (log-probs, hidden grad, weight grad)."""
         h = hidden.detach()[rows].to(dtype).requires_grad_(True)
         w = weight.detach().to(dtype).requires_grad_(True)
-        lp = torch.log_softmax(h @ w.T, dim=-1).gather(1, labels[rows].unsqueeze(1)).squeeze(1)
+        lp = naive_token_logprobs(h @ w.T, labels[rows])
         lp.backward(gout[rows].to(dtype))
         assert h.grad is not None and w.grad is not None
         return lp.detach().double(), h.grad.double(), w.grad.double()
@@ -90,23 +92,15 @@ def test_fused_head_beyond_int32_cpu_backward() -> None:
 
 def _assert_within_naive(name: str, got: torch.Tensor, naive: torch.Tensor, ref: torch.Tensor,
                          groups: dict[str, torch.Tensor]) -> None:
-    """The suite's rule, per group of entries: ``|got - ref| <= |naive - ref| + tol`` (max over the group), ``tol``
-    being ``2e-6 * max|ref|`` plus, when ``got`` is a half-precision tensor, one rounding to that dtype (unit roundoff
-    ``eps / 2`` times ``max|ref|``: the kernel stores an fp32 result once, the naive path's own final rounding can be
-    luckier on a handful of entries).
+    """The suite's rule (:func:`fastdpo.reference.assert_within_naive`: ``|got - ref| <= |naive - ref| + tol``, for
+    half precision one more rounding to that dtype: the kernel stores an fp32 result once, the naive path's own final
+    rounding can be luckier on a handful of entries), per group of entries.
 
     Groups keep small entries visible: a vocabulary row's softmax gradient is ~1/V (~1e-5) next to O(1) label
     entries, so a single max over both would let any error on the small ones hide under the label entries' rounding.
     """
-    unit_roundoff = torch.finfo(got.dtype).eps / 2 if got.dtype in (torch.bfloat16, torch.float16) else 0.0
     for group, mask in groups.items():
-        r = ref[mask]
-        err = (got.double()[mask] - r).abs().max().item()
-        naive_err = (naive.double()[mask] - r).abs().max().item()
-        scale = max(r.abs().max().item(), 1e-30)
-        bound = naive_err + (2e-6 + unit_roundoff) * scale
-        assert err <= bound, f"{name} [{group}]: error {err:.3e} > naive {naive_err:.3e} + tol (max |ref| " \
-                             f"{r.abs().max().item():.3e})"
+        assert_within_naive(f"{name} [{group}]", got[mask], naive[mask], ref[mask])
 
 
 def _label_groups(labels: torch.Tensor, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -137,7 +131,7 @@ def test_logprob_kernel_beyond_int32_cuda() -> None:
 
     def naive_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         x = logits.detach()[rows].to(dtype).requires_grad_(True)
-        lp = torch.log_softmax(x, dim=-1).gather(1, labels[rows].unsqueeze(1)).squeeze(1)
+        lp = naive_token_logprobs(x, labels[rows])
         lp.backward(gout[rows].to(dtype))
         assert x.grad is not None
         return lp.detach(), x.grad
@@ -174,7 +168,7 @@ def test_fused_head_beyond_int32_cuda() -> None:
     def naive_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = hidden.detach()[rows].to(dtype).requires_grad_(True)
         w = weight.detach().to(dtype).requires_grad_(True)
-        lp = torch.log_softmax(h @ w.T, dim=-1).gather(1, labels[rows].unsqueeze(1)).squeeze(1)
+        lp = naive_token_logprobs(h @ w.T, labels[rows])
         lp.backward(gout[rows].to(dtype))
         assert h.grad is not None and w.grad is not None
         return lp.detach(), h.grad, w.grad

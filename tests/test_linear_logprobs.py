@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import BACKENDS
+from backends import BACKENDS
 
 from fastdpo.head import (
     TokenStats,
     linear_logprobs_loss_grad_in_forward,
     linear_sequence_logprobs,
     linear_token_logprobs,
-    naive_linear_token_logprobs,
 )
+from fastdpo.reference import naive_linear_token_logprobs
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from fastdpo import memory as M
+from fastdpo.benchmarks.memory_measure import build_models, measure
+from fastdpo.reference import naive_sequence_logprobs
+from fastdpo.tiny import id_tokenizer
 
 PUBLISHED_PARAMS = {  # model cards / HF safetensors index totals
     "Llama-3-8B": 8_030_261_248,
@@ -79,14 +82,11 @@ def _saved_bytes(fn, exclude: set[int]) -> int:
 @pytest.mark.parametrize("name", ["Llama-3.2-1B", "Qwen2.5-0.5B", "Gemma-2-2B"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_activations_and_params_match_tiny_hf_model(name, dtype):
-    from transformers import AutoModelForCausalLM
 
     cfg = _tiny_config(name)
     shape = M.shape_from_config(cfg, name)
-    config = M.hf_config(cfg, None, dtype)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, M.TORCH_DTYPES[dtype]),
-                                             attn_implementation="eager" if shape.eager_attention else "sdpa")
+    _, model, _ = build_models({"dtype": dtype, "reference": "precomputed"}, cfg, None)
     assert sum(p.numel() for p in model.parameters()) == M.param_counts(shape)["total"]
     step = M.StepConfig(pairs=2, prompt_len=7, completion_len=12, dtype=dtype, device="cpu")
     ids = torch.randint(0, 997, (step.rows, step.seq_len))
@@ -132,7 +132,6 @@ def test_prefix_shared_activations_match_engine_forward(name, dtype, prompt_len,
     """prefix_shared through the engine's own forward (PreferenceCollator rows, build_attention_kwargs' mask, the
     model forward with the head restricted to zero positions): the saved bytes, the mask bytes, the rows and the
     scored tokens are the estimator's. 3 pairs of 2 per row leave a padded last row."""
-    from transformers import AutoModelForCausalLM
 
     from fastdpo.attention import build_attention_kwargs
     from fastdpo.collator import PreferenceCollator
@@ -140,10 +139,8 @@ def test_prefix_shared_activations_match_engine_forward(name, dtype, prompt_len,
 
     cfg = _tiny_config(name)
     shape = M.shape_from_config(cfg, name)
-    config = M.hf_config(cfg, None, dtype)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, M.TORCH_DTYPES[dtype]),
-                                             attn_implementation="eager" if shape.eager_attention else "sdpa")
+    _, model, _ = build_models({"dtype": dtype, "reference": "precomputed"}, cfg, None)
     step = M.StepConfig(pairs=3, prompt_len=prompt_len, completion_len=12, dtype=dtype, device="cpu",
                         packing="prefix_shared", pairs_per_row=pairs_per_row)
 
@@ -152,7 +149,7 @@ def test_prefix_shared_activations_match_engine_forward(name, dtype, prompt_len,
 
     rows = [{"prompt_input_ids": ids(prompt_len), "chosen_input_ids": ids(12), "rejected_input_ids": ids(12)}
             for _ in range(step.pairs)]
-    collator = PreferenceCollator(M.id_tokenizer(997), packing="prefix_shared",
+    collator = PreferenceCollator(id_tokenizer(997), packing="prefix_shared",
                                   max_tokens_per_row=pairs_per_row * (prompt_len + 2 * 12))
     batch = collator(rows)
     assert tuple(batch["input_ids"].shape) == (step.rows, step.seq_len)
@@ -204,7 +201,7 @@ def test_prefix_shared_measured_engine_step(monkeypatch):
                num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=2)
     step = M.StepConfig(pairs=4, prompt_len=192, completion_len=64, dtype="fp32", optimizer="sgd",
                         reference="precomputed", device="cpu", packing="prefix_shared")
-    measured = M.measure(cfg, step, ["fastdpo"], None)["fastdpo"]
+    measured = measure(cfg, step, ["fastdpo"], None)["fastdpo"]
     assert "error" not in measured, measured
     assert M.estimate(M.shape_from_config(cfg), step, "fastdpo")["peak"] == pytest.approx(measured["peak"], rel=0.1)
 
@@ -224,10 +221,8 @@ def test_head_saved_bytes_deterministic(variant):
     labels[:, : step.prompt_len] = -100
     tgt = labels[:, 1:]
 
-    def naive() -> torch.Tensor:
-        logits = hidden @ weight.T
-        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (lp * (tgt != -100)).sum(-1)
+    def naive() -> torch.Tensor:  # what `fastdpo memory --measure` runs for the naive variant
+        return naive_sequence_logprobs((hidden @ weight.T)[:, :-1].float(), tgt)
 
     def trl() -> torch.Tensor:
         h = hidden[:, :-1].reshape(-1, 48)

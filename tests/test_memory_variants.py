@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from fastdpo import memory as M
+from fastdpo.benchmarks.memory_measure import measure
 
 GIB = 2**30
 
@@ -51,7 +52,7 @@ def test_option_estimates_match_measured_steps(monkeypatch, dtype):
     step = M.StepConfig(pairs=4, prompt_len=192, completion_len=64, dtype=dtype, optimizer="adamw",
                         reference="model", device="cpu")
     variants = ["fastdpo+grad_in_forward", "fastdpo+precomputed_ref", "fastdpo+all"]
-    measured = M.measure(cfg, step, variants, None)
+    measured = measure(cfg, step, variants, None)
     shape = M.shape_from_config(cfg)
     for v in variants:
         assert "error" not in measured[v], measured[v]

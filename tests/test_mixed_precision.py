@@ -29,13 +29,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
-from tiny import make_model, make_tokenizer, preference_rows
 
 import fastdpo.head.function as head_function
 import fastdpo.head.grad_in_forward as head_grad_in_forward
 from fastdpo import DPOEngine, PreferenceCollator
-from fastdpo.attention import build_attention_kwargs
+from fastdpo.reference import naive_batch_logps, naive_dpo_loss
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,26 +52,6 @@ MODES = {
 def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """CPU autocast (the CUDA case runs a bf16 model, no autocast)."""
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _naive_logps(model: torch.nn.Module, batch: dict[str, Any], autocast: torch.dtype | None = None) -> torch.Tensor:
-    """``[2P]`` per-sequence log-probs from the model's full logits (its own dtype / autocast), ``log_softmax``,
-    gather at the batch's scored positions; float64 sums for a float64 model, fp32 otherwise; on the CPU."""
-    kwargs = build_attention_kwargs(batch, model)
-    with _autocast(autocast):
-        logits = model(input_ids=batch["input_ids"], **kwargs).logits
-        logps = torch.log_softmax(logits.flatten(0, 1), dim=-1)
-    picked = logps[batch["logp_index"], batch["logp_labels"]]
-    acc = torch.float64 if picked.dtype == torch.float64 else torch.float32
-    out = torch.zeros(2 * batch["num_pairs"], dtype=acc, device=picked.device)
-    return out.index_add(0, batch["logp_seq"], picked.to(acc)).cpu()
-
-
-def _sigmoid_dpo(pol: torch.Tensor, ref: torch.Tensor, beta: float = BETA) -> torch.Tensor:
-    """LOSSES.md sigmoid: ``-mean log sigmoid(beta * ((pc - rc) - (pr - rr)))``; ``[2P]`` inputs, chosen first."""
-    p = pol.shape[0] // 2
-    margin = (pol[:p] - ref[:p]) - (pol[p:] - ref[p:])
-    return -F.logsigmoid(beta * margin).mean()
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -139,13 +118,14 @@ def _check_engine_half(tok: Any, monkeypatch: pytest.MonkeyPatch, device: torch.
     pol64, ref64 = (copy.deepcopy(m).to("cpu", torch.float64) for m in (policy, ref))
     for m in (pol64, ref64):
         m.config._attn_implementation = "eager"
-    o_pol, o_ref = _naive_logps(pol64, cpu_batch), _naive_logps(ref64, cpu_batch).detach()
-    o_loss = _sigmoid_dpo(o_pol, o_ref)
+    o_pol, o_ref = naive_batch_logps(pol64, cpu_batch), naive_batch_logps(ref64, cpu_batch).detach()
+    o_loss = naive_dpo_loss(o_pol, o_ref, BETA)
     o_loss.backward()
     g64 = _grads(pol64)
     naive_policy = copy.deepcopy(policy)
-    n_pol, n_ref = _naive_logps(naive_policy, batch, autocast), _naive_logps(ref, batch, autocast).detach()
-    _sigmoid_dpo(n_pol, n_ref).backward()
+    with _autocast(autocast):
+        n_pol, n_ref = naive_batch_logps(naive_policy, batch), naive_batch_logps(ref, batch).detach()
+    naive_dpo_loss(n_pol, n_ref, BETA).backward()
     g_naive = _grads(naive_policy)
 
     engine = DPOEngine(copy.deepcopy(policy), ref, beta=BETA, grad_in_forward=grad_in_forward)
@@ -172,7 +152,7 @@ def _check_engine_half(tok: Any, monkeypatch: pytest.MonkeyPatch, device: torch.
     loss_bound = 2 * BETA * (naive_pol_err + naive_ref_err) + 1e-6
     assert abs(float(loss) - float(o_loss)) <= loss_bound, (float(loss), float(o_loss), loss_bound)
     if not grad_in_forward:  # the step's loss is exactly the formula of the engine's own log-probs
-        own = _sigmoid_dpo(pol_lp.double().cpu(), ref_lp.double().cpu())
+        own = naive_dpo_loss(pol_lp.double().cpu(), ref_lp.double().cpu(), BETA)
         assert float(loss) == pytest.approx(float(own), rel=1e-6)
     assert float(metrics["logps/chosen"]) == pytest.approx(float(o_pol[:PAIRS].detach().mean()), abs=naive_pol_err)
 

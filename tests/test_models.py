@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tiny import ARCHS, make_model
 
 from fastdpo.models import (
     disable_dropout,
@@ -15,6 +14,7 @@ from fastdpo.models import (
     quantize_model,
     resolve_lm,
 )
+from fastdpo.tiny import ARCHS, make_model
 
 V = 101  # odd vocabulary
 

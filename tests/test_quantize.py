@@ -222,11 +222,8 @@ _PEAK_CHILD = textwrap.dedent(
     """
     import json, sys, torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from fastdpo.benchmarks.measure import proc_status_kb as kb, reset_peak_rss
     from fastdpo.models import quantize_model
-
-    def kb(key):
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
@@ -237,8 +234,7 @@ _PEAK_CHILD = textwrap.dedent(
     quantize_model(model, 4)  # warm-up: imports, the 4-bit CPU probe
     out = {"linear_bytes": linear_bytes}
     for bits in (8, 4):
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
+        reset_peak_rss()
         base = kb("VmRSS")
         q = quantize_model(model, bits)
         out[bits] = (kb("VmHWM") - base) * 1024

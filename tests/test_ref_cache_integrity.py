@@ -45,9 +45,8 @@ def test_flipped_bit_in_values_is_refused(tmp_path: Path) -> None:
 
 def test_engine_refuses_a_corrupted_cache(tmp_path: Path) -> None:
     """Through DPOEngine(reference="precomputed"): the engine never trains against damaged reference log-probs."""
-    from tiny import make_model, make_tokenizer, preference_rows
-
     from fastdpo import DPOEngine, PreferenceCollator
+    from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
     tok = make_tokenizer()
     policy = make_model("llama", tok, seed=0)

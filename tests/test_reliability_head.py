@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import BACKENDS
+from backends import BACKENDS
 
 from fastdpo.head import (
     linear_logprobs_loss_grad_in_forward,

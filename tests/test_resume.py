@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from fastdpo.atomic import CorruptFileError
-from fastdpo.train import load_checkpoint, main, save_checkpoint
+from fastdpo.run_state import load_checkpoint, save_checkpoint
+from fastdpo.train import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -275,7 +275,8 @@ def trainer_runs(tmp_path_factory) -> tuple[list[dict[str, Any]], dict[str, Any]
     import json
 
     from filelock import FileLock
-    from tiny import preference_rows
+
+    from fastdpo.tiny import preference_rows
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -360,10 +361,10 @@ def sp_trainer_steps() -> int:
 
 def test_trainer_refuses_what_it_cannot_shard() -> None:
     pytest.importorskip("trl")
-    from tiny import make_model, make_tokenizer, preference_rows
     from trl import DPOConfig
 
     from fastdpo.integrations.trl import FastDPOTrainer
+    from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
     tok = make_tokenizer()
     model = make_model("llama", tok)
@@ -389,9 +390,8 @@ def test_trainer_refuses_what_it_cannot_shard() -> None:
 # ------------------------------------------------------------------------------------------------ in-process
 def test_refusals_before_any_collective() -> None:
     """Errors every rank raises at construction, before a process group is needed."""
-    from tiny import make_model, make_tokenizer
-
     from fastdpo import DPOEngine
+    from fastdpo.tiny import make_model, make_tokenizer
 
     tok = make_tokenizer()
     policy, ref = make_model("llama", tok), make_model("llama", tok, seed=1)
@@ -414,8 +414,7 @@ def test_refusals_before_any_collective() -> None:
 def test_ulysses_model_unchanged_outside_a_step(arch: str, attn: str) -> None:
     """A model switched to ``fastdpo_ulysses_<impl>`` computes exactly what ``<impl>`` does when no sequence-parallel
     context is passed (padding mask built by the model itself) and with a 1-rank context."""
-    from tiny import make_model, make_tokenizer
-
+    from fastdpo.tiny import make_model, make_tokenizer
     from fastdpo.ulysses import KWARG, UlyssesContext, enable_ulysses_attention
 
     tok = make_tokenizer()
@@ -437,8 +436,7 @@ def test_ulysses_model_unchanged_outside_a_step(arch: str, attn: str) -> None:
 
 def test_local_mask_refused() -> None:
     """A mask for the local columns reaching the attention function raises instead of broadcasting."""
-    from tiny import make_model, make_tokenizer
-
+    from fastdpo.tiny import make_model, make_tokenizer
     from fastdpo.ulysses import UlyssesContext, ulysses_attention_forward
 
     module = make_model("llama", make_tokenizer()).model.layers[0].self_attn
@@ -454,10 +452,9 @@ def test_local_mask_refused() -> None:
 def test_pad_batch_keeps_every_label_and_owner(packing: str) -> None:
     """Padding an odd-length batch to a multiple of k keeps each scored token's predicting position (re-based
     index) and its label next to it; every token is owned by exactly one rank, the one holding that position."""
-    from tiny import make_tokenizer, preference_rows
-
     from fastdpo import PreferenceCollator
     from fastdpo.sequence_parallel import pad_batch, token_owners
+    from fastdpo.tiny import make_tokenizer, preference_rows
 
     tok = make_tokenizer()
     for k in (2, 3, 4):
@@ -490,21 +487,13 @@ def test_owned_tokens_match_the_collated_rows(packing: str, prompt_len: int, pai
     from fastdpo import memory as M
     from fastdpo.sequence_parallel import token_owners
     from fastdpo.sp_memory import owned_tokens
+    from fastdpo.tiny import id_tokenizer
 
-    step = M.StepConfig(
-        pairs=3,
-        prompt_len=prompt_len,
-        completion_len=5,
-        device="cpu",
-        packing=packing,
-        pairs_per_row=pairs_per_row,
-        sequence_parallel=k,
-    )
-    rows = [
-        {"prompt_input_ids": [5 + i] * prompt_len, "chosen_input_ids": [7] * 5, "rejected_input_ids": [8] * 5}
-        for i in range(step.pairs)
-    ]
-    tok = M.id_tokenizer(16)
+    step = M.StepConfig(pairs=3, prompt_len=prompt_len, completion_len=5, device="cpu", packing=packing,
+                        pairs_per_row=pairs_per_row, sequence_parallel=k)
+    rows = [{"prompt_input_ids": [5 + i] * prompt_len, "chosen_input_ids": [7] * 5, "rejected_input_ids": [8] * 5}
+            for i in range(step.pairs)]
+    tok = id_tokenizer(16)
     if packing == "prefix_shared":
         batch = PreferenceCollator(tok, packing=packing, max_tokens_per_row=pairs_per_row * (prompt_len + 10))(rows)
     else:
@@ -540,30 +529,14 @@ def test_memory_measure_sequence_parallel_within_15_percent(monkeypatch: pytest.
     """``--measure`` with ``--sequence-parallel 2``: 2 CPU processes run the real engine step; the peak rank's RSS
     over its baseline is within 15% of the per-rank estimate (a ~0.3 GiB step with a 2560-token prefix_shared row)."""
     from fastdpo import memory as M
+    from fastdpo.benchmarks.memory_measure import measure
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = dict(
-        M.PRESETS["Llama-3.2-1B"],
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_hidden_layers=2,
-    )
-    step = M.StepConfig(
-        pairs=1,
-        prompt_len=1536,
-        completion_len=512,
-        dtype="fp32",
-        optimizer="sgd",
-        reference="precomputed",
-        device="cpu",
-        packing="prefix_shared",
-        sequence_parallel=2,
-    )
-    measured = M.measure(cfg, step, ["fastdpo"], None)["fastdpo"]
+    cfg = dict(M.PRESETS["Llama-3.2-1B"], vocab_size=32000, hidden_size=256, intermediate_size=1024,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=2)
+    step = M.StepConfig(pairs=1, prompt_len=1536, completion_len=512, dtype="fp32", optimizer="sgd",
+                        reference="precomputed", device="cpu", packing="prefix_shared", sequence_parallel=2)
+    measured = measure(cfg, step, ["fastdpo"], None)["fastdpo"]
     assert "error" not in measured, measured
     assert len(measured["rank_peaks"]) == 2
     assert M.estimate(M.shape_from_config(cfg), step, "fastdpo")["peak"] == pytest.approx(measured["peak"], rel=0.15)
@@ -579,10 +552,9 @@ def test_gpu_sp1_path_through_ulysses(attn: str) -> None:
 
     if attn.startswith("flash") and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn is not installed")
-    from tiny import make_model, make_tokenizer, preference_rows
-
     from fastdpo import PreferenceCollator
     from fastdpo.attention import build_attention_kwargs
+    from fastdpo.tiny import make_model, make_tokenizer, preference_rows
     from fastdpo.ulysses import KWARG, UlyssesContext, enable_ulysses_attention
 
     tok = make_tokenizer()

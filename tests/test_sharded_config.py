@@ -15,7 +15,7 @@ pytest.importorskip("trl")
 pytest.importorskip("deepspeed")
 datasets = pytest.importorskip("datasets")
 
-from tiny import preference_rows
+from fastdpo.tiny import preference_rows
 
 MISSING_MODEL = "fastdpo-tests/this-model-does-not-exist"
 

@@ -15,13 +15,9 @@ import torch
 
 import fastdpo
 from fastdpo.cli import main as cli_main
-from fastdpo.train import (
-    DataOrder,
-    demo_data_files,
-    load_preference_file,
-    main,
-    save_checkpoint,
-)
+from fastdpo.data import demo_data_files, load_preference_file
+from fastdpo.run_state import DataOrder, save_checkpoint
+from fastdpo.train import main
 
 # tiny and fast: hidden 32, batch 4, few steps, one thread (tests share the machine's cores)
 FAST = ["--hidden-size", "32", "--batch-size", "4", "--eval-batch-size", "16", "--eval-batches", "1",
@@ -135,7 +131,7 @@ def test_resume_continues_identically(tmp_path, packing, capsys, monkeypatch):
 
 
 def test_local_model_and_file_formats(tmp_path, capsys):
-    from tiny import make_model, make_tokenizer, preference_rows
+    from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
     tok = make_tokenizer()
     model_dir = tmp_path / "model-in"

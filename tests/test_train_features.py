@@ -31,7 +31,7 @@ def _steps(out: Path) -> list[dict]:
 
 
 def _data(tmp_path: Path, n_train: int = 24, n_eval: int = 8) -> list[str]:
-    from tiny import preference_rows
+    from fastdpo.tiny import preference_rows
 
     train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(n_train, seed=5)))
@@ -158,7 +158,7 @@ def test_truncation_mode_reaches_the_collator(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastdpo import DPOEngine, PreferenceCollator
-    from fastdpo.train import pretokenize, read_preference_file
+    from fastdpo.data import pretokenize, read_preference_file
 
     data = _data(tmp_path)
     logps = {}

@@ -14,10 +14,10 @@ datasets = pytest.importorskip("datasets")
 datasets.disable_progress_bars()
 
 from peft import LoraConfig, PromptTuningConfig
-from tiny import make_model, make_tokenizer, preference_rows
 from trl import DPOConfig, DPOTrainer
 
 from fastdpo.integrations.trl import FastDPOTrainer
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")

@@ -16,7 +16,7 @@ pytest.importorskip("trl")
 pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 
-from tiny import make_model, make_tokenizer, preference_rows
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"

@@ -14,11 +14,12 @@ pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 datasets.disable_progress_bars()
 
-from tiny import make_model, make_tokenizer, preference_rows
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from fastdpo.integrations.trl import PREDICTION_COLUMNS, FastDPOTrainer
+from fastdpo.reference import naive_completion_logps
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,12 +86,11 @@ def test_torch_compile_refuses_a_model_without_decoder_layers(tmp_path, monkeypa
 
 # ----------------------------------------------------------------------------------------------------- 2. predict
 def _naive_logps(model, ids: list[int], prompt_len: int) -> float:
-    """float64 summed log-probs of ids[prompt_len:] given everything before, from full logits."""
-    with torch.no_grad():
-        logits = model.double()(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+    """float64 summed log-probs of ids[prompt_len:] given everything before, from full logits (a float64 forward)."""
+    try:
+        return naive_completion_logps(model.double(), ids[:prompt_len], ids[prompt_len:])
+    finally:
         model.float()
-    lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
-    return float(lp[prompt_len - 1:].sum())
 
 
 @pytest.mark.parametrize("packing", ["pad", "prefix_shared"])

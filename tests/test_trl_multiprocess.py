@@ -37,7 +37,7 @@ pytest.importorskip("deepspeed")
 datasets = pytest.importorskip("datasets")
 
 from launch import run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
-from tiny import preference_rows
+from fastdpo.tiny import preference_rows
 
 pytestmark = [
     pytest.mark.distributed,

@@ -132,11 +132,11 @@ def _full_params(trainer: Any) -> dict[str, torch.Tensor]:
 def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Path, out_dir: Path) -> dict[str, Any]:
     import datasets
     from peft import LoraConfig
-    from tiny import make_tokenizer
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     from fastdpo.integrations.trl import FastDPOTrainer
+    from fastdpo.tiny import make_tokenizer
 
     datasets.disable_progress_bars()
     cls = _recording(FastDPOTrainer if trainer_name == "fast" else DPOTrainer)
@@ -230,11 +230,11 @@ def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Pa
 
 
 def _save_models(out_dir: Path, rank: int) -> None:
-    """The seeded tiny Llama policy and reference (``tests/tiny.py``) as pretrained folders, written by rank 0 (each
+    """The seeded tiny Llama policy and reference (:mod:`fastdpo.tiny`) as pretrained folders, written by rank 0 (each
     rank waits for both folders: no process group exists yet)."""
     import time
 
-    from tiny import make_model, make_tokenizer
+    from fastdpo.tiny import make_model, make_tokenizer
 
     if rank == 0:
         tok = make_tokenizer()

@@ -5,8 +5,8 @@ Modules, bottom up: :mod:`~fastdpo.head.plan` (logit transform, tile shape, budg
 (input checks), :mod:`~fastdpo.head.gather` (FSDP2 / ZeRO-3 weights), :mod:`~fastdpo.head.tiles` (one tile: project,
 fold, logit gradient), :mod:`~fastdpo.head.sweeps` (the forward and backward sweeps over the tile grid),
 :mod:`~fastdpo.head.function` (the autograd Function and the public ``linear_*`` functions),
-:mod:`~fastdpo.head.grad_in_forward` (pair-local losses with the head's gradients formed in the forward) and
-:mod:`~fastdpo.head.naive` (the materializing reference).
+:mod:`~fastdpo.head.grad_in_forward` (pair-local losses with the head's gradients formed in the forward). The
+materializing reference (``naive_linear_token_logprobs``) is in :mod:`fastdpo.reference`.
 """
 from fastdpo.head.function import (
     TokenStats,
@@ -17,7 +17,6 @@ from fastdpo.head.grad_in_forward import (
     SegmentStats,
     linear_logprobs_loss_grad_in_forward,
 )
-from fastdpo.head.naive import naive_linear_token_logprobs
 from fastdpo.head.plan import DEFAULT_GIF_LOGITS_BYTES, DEFAULT_KEEP_LOGITS_BYTES
 
 __all__ = [
@@ -28,5 +27,4 @@ __all__ = [
     "linear_logprobs_loss_grad_in_forward",
     "linear_sequence_logprobs",
     "linear_token_logprobs",
-    "naive_linear_token_logprobs",
 ]
