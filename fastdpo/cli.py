@@ -17,7 +17,7 @@ from pathlib import Path
 
 _COMMANDS = {
     "bench": ("fastdpo.benchmarks.driver", "benchmark fastdpo against naive PyTorch and the peers"),
-    "memory": ("fastdpo.memory", "estimate (and --measure) the memory of a DPO step"),
+    "memory": ("fastdpo.memory_cli", "estimate (and --measure) the memory of a DPO step"),
     "train": ("fastdpo.train", "train a causal LM with DPO on a local preference file"),
 }
 

@@ -14,7 +14,7 @@ Per-token log-probs are reduced per sequence with the deterministic
 Reference modes:
 
 * ``"model"``: a separate frozen model (any causal LM; also a bitsandbytes 8/4-bit copy from
-  :func:`fastdpo.models.quantize_model`, or ``ref_quantization=8|4`` to have the engine make one from the policy);
+  :func:`fastdpo.quantize.quantize_model`, or ``ref_quantization=8|4`` to have the engine make one from the policy);
 * ``"adapter"``: the policy is a PEFT model, the reference is the same model under ``disable_adapter()``;
 * ``"precomputed"``: log-probs read from a :class:`fastdpo.ref_cache.RefLogpCache` (built once with
   :meth:`DPOEngine.precompute_reference`), no reference weights needed at all.
@@ -46,10 +46,10 @@ from fastdpo.models import (
     enable_gradient_checkpointing,
     is_peft_model,
     keep_requires_grad,
-    quantize_model,
     resolve_lm,
     unwrap_ddp,
 )
+from fastdpo.quantize import quantize_model
 from fastdpo.ref_cache import RefLogpCache, model_fingerprint
 
 __all__ = ["DPOEngine", "REFERENCE_MODES"]
@@ -94,7 +94,7 @@ class DPOEngine:
             reads ``batch["ref_chosen_logps"]``/``batch["ref_rejected_logps"]`` (rows carrying TRL-style
             precomputed columns, which the collator passes through).
         ref_quantization: ``8`` or ``4`` with ``reference="model"`` and no ``ref_model``: the reference becomes a
-            bitsandbytes copy of the policy's current weights (:func:`fastdpo.models.quantize_model`).
+            bitsandbytes copy of the policy's current weights (:func:`fastdpo.quantize.quantize_model`).
         gradient_checkpointing: enable non-reentrant activation checkpointing on the policy.
         disable_dropout: set dropout probabilities to 0 in policy and reference (TRL's default).
         compute_token_metrics: compute ``logits/*``, ``entropy``, ``mean_token_accuracy`` (cheap, no grad).

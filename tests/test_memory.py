@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastdpo import memory as M
+from fastdpo import memory_cli
 from fastdpo.benchmarks.memory_measure import build_models, measure
 from fastdpo.reference import naive_sequence_logprobs
 from fastdpo.tiny import id_tokenizer
@@ -250,19 +251,19 @@ def test_fastdpo_head_is_leaner_at_real_sizes():
 def test_config_json_and_cli(tmp_path, capsys):
     cfg = dict(M.PRESETS["Qwen2.5-0.5B"])
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert M.main(["--model", str(tmp_path), "--pairs", "2", "--json"]) == 0
+    assert memory_cli.main(["--model", str(tmp_path), "--pairs", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["vocab_size"] == 151936 and report["step"]["pairs"] == 2
     assert set(report["estimates"]) == set(M.VARIANTS) and report["measured"] == {}
     for e in report["estimates"].values():
         assert e["peak"] == max(e["phases"].values())
         assert e["params"] == PUBLISHED_PARAMS["Qwen2.5-0.5B"]
-    assert M.main(["--model", "Gemma-2-2B", "--variants", "fastdpo"]) == 0
+    assert memory_cli.main(["--model", "Gemma-2-2B", "--variants", "fastdpo"]) == 0
     assert "Gemma-2-2B" in capsys.readouterr().out
 
 
 def test_cli_packing(capsys):
-    assert M.main(["--model", "Llama-3.2-1B", "--packing", "prefix_shared", "--pairs-per-row", "2", "--pairs", "3",
+    assert memory_cli.main(["--model", "Llama-3.2-1B", "--packing", "prefix_shared", "--pairs-per-row", "2", "--pairs", "3",
                    "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["step"]["packing"] == "prefix_shared" and report["step"]["pairs_per_row"] == 2
@@ -272,21 +273,21 @@ def test_cli_packing(capsys):
     assert fast["activations"] == M.activation_bytes(shape, packed)
     assert fast["attention_mask"] == 2 * 3072**2  # 2 rows of 2 x (512 + 2 x 512) tokens, bool
     assert report["estimates"]["naive"]["activations"] == M.activation_bytes(shape, M.StepConfig(pairs=3))
-    assert M.main(["--packing", "prefix_shared", "--variants", "fastdpo"]) == 0
+    assert memory_cli.main(["--packing", "prefix_shared", "--variants", "fastdpo"]) == 0
     assert "prefix_shared (1 pair per row)" in capsys.readouterr().out
 
 
 def test_bad_arguments():
     with pytest.raises(SystemExit, match="neither a preset"):
-        M.main(["--model", "no-such-model"])
+        memory_cli.main(["--model", "no-such-model"])
     with pytest.raises(SystemExit, match="pairs must be positive"):
-        M.main(["--pairs", "0"])
+        memory_cli.main(["--pairs", "0"])
     with pytest.raises(SystemExit, match="unknown variant"):
-        M.main(["--variants", "naive,magic"])
+        memory_cli.main(["--variants", "naive,magic"])
     with pytest.raises(SystemExit, match="pairs_per_row applies to packing='prefix_shared' only"):
-        M.main(["--pairs-per-row", "2"])
+        memory_cli.main(["--pairs-per-row", "2"])
     with pytest.raises(SystemExit, match="pairs_per_row must be positive"):
-        M.main(["--packing", "prefix_shared", "--pairs-per-row", "0"])
+        memory_cli.main(["--packing", "prefix_shared", "--pairs-per-row", "0"])
     with pytest.raises(ValueError, match="packing must be one of"):
         M.StepConfig(packing="pad")
     with pytest.raises(ValueError, match="lacks 'num_attention_heads'"):

@@ -8,13 +8,14 @@ import struct
 import pytest
 
 from fastdpo import memory as M
+from fastdpo import memory_cli
 from fastdpo.benchmarks.memory_measure import measure
 
 GIB = 2**30
 
 
 def test_defaults_show_a_representative_setup_and_every_option(capsys):
-    assert M.main(["--json"]) == 0
+    assert memory_cli.main(["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["name"] == "Llama-3-8B"
     step = report["step"]
@@ -36,7 +37,7 @@ def test_defaults_show_a_representative_setup_and_every_option(capsys):
 
 def test_table_shows_the_difference_to_trl(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "220")  # rich sizes the table to the terminal
-    assert M.main([]) == 0
+    assert memory_cli.main([]) == 0
     out = capsys.readouterr().out
     assert "Llama-3-8B" in out and "peak vs trl" in out and "+ precomputed_ref" in out
 
@@ -68,7 +69,7 @@ def _png_size(path) -> tuple[int, int]:
 def test_plot_writes_a_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "mem.png"
-    assert M.main(["--plot", str(png)]) == 0
+    assert memory_cli.main(["--plot", str(png)]) == 0
     assert f"plot written to {png}" in capsys.readouterr().out
     width, height = _png_size(png)
     assert width > 600 and height > 300

@@ -1,4 +1,4 @@
-"""bitsandbytes reference copies (:func:`fastdpo.models.quantize_model`): what they hold, where they are quantized, and
+"""bitsandbytes reference copies (:func:`fastdpo.quantize.quantize_model`): what they hold, where they are quantized, and
 that the 4-bit CPU forward computes the same thing on every CPU family.
 
 Root cause of the Intel/AMD-Zen-4 failure (issue 13, item 13): bitsandbytes >= 0.49 registers a fused 4-bit CPU kernel
@@ -20,8 +20,8 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from fastdpo import models
-from fastdpo.models import four_bit_forward_problem, quantize_model, quantized_linear
+from fastdpo import quantize as models
+from fastdpo.quantize import four_bit_forward_problem, quantize_model, quantized_linear
 
 
 def _odd_llama(hidden: int = 48, intermediate: int = 72, layers: int = 1, vocab: int = 53) -> torch.nn.Module:
@@ -223,7 +223,7 @@ _PEAK_CHILD = textwrap.dedent(
     import json, sys, torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from fastdpo.benchmarks.measure import proc_status_kb as kb, reset_peak_rss
-    from fastdpo.models import quantize_model
+    from fastdpo.quantize import quantize_model
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,

@@ -507,6 +507,7 @@ def test_memory_cli_sequence_parallel(capsys: pytest.CaptureFixture[str]) -> Non
     """The per-rank column: less activation memory than one process, the full-length mask unchanged; bad sizes are
     refused with the CLI's message."""
     from fastdpo import memory as M
+    from fastdpo import memory_cli
 
     shape, _ = M.load_model("Llama-3-8B")
     one = M.StepConfig(pairs=1, prompt_len=16384, completion_len=2048, packing="prefix_shared")
@@ -515,13 +516,13 @@ def test_memory_cli_sequence_parallel(capsys: pytest.CaptureFixture[str]) -> Non
     assert e2["activations"] < 0.6 * e1["activations"] and e2["attention_mask"] == e1["attention_mask"]
     assert e2["peak"] < e1["peak"] and e2["head_positions"] == 2 * 2048  # the last rank scores every completion
     assert M.estimate(shape, two, "naive") == M.estimate(shape, one, "naive")  # the peers stay single-process
-    assert M.main(["--model", "Llama-3-8B", "--sequence-parallel", "4", "--packing", "prefix_shared"]) == 0
+    assert memory_cli.main(["--model", "Llama-3-8B", "--sequence-parallel", "4", "--packing", "prefix_shared"]) == 0
     assert "sequence-parallel over 4 ranks" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(SystemExit) as exc:
-        M.main(["--sequence-parallel", "0"])
+        memory_cli.main(["--sequence-parallel", "0"])
     assert exc.value.code == 2 and "--sequence-parallel: must be an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="does not divide the model's 32 attention heads"):
-        M.main(["--model", "Llama-3-8B", "--sequence-parallel", "3"])
+        memory_cli.main(["--model", "Llama-3-8B", "--sequence-parallel", "3"])
 
 
 @pytest.mark.distributed
