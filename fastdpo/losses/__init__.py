@@ -27,7 +27,7 @@ from fastdpo.losses.config import (
     is_pair_local,
     normalize_loss_config,
 )
-from fastdpo.losses.kto import kto_loss
+from fastdpo.losses.kto import kto_loss, kto_sample_losses
 from fastdpo.losses.metrics import dpo_metrics
 from fastdpo.losses.paired import dpo_loss_sum, f_divergence_scores, partial_preference_loss, preference_loss
 from fastdpo.losses.reference_free import (
@@ -58,6 +58,7 @@ __all__ = [
     "f_divergence_scores",
     "is_pair_local",
     "kto_loss",
+    "kto_sample_losses",
     "ld_logps",
     "ld_token_weights",
     "log1mexp",

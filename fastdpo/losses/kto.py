@@ -8,6 +8,15 @@ from fastdpo.losses._common import check_scalar, check_seq_tensor, loss_and_metr
 from fastdpo.losses.metrics import KL, LOGPS_CHOSEN, LOGPS_REJECTED, REWARDS_CHOSEN, REWARDS_MARGINS, REWARDS_REJECTED
 
 
+def kto_sample_losses(logratio: torch.Tensor, kl: torch.Tensor | float, desirable: torch.Tensor, beta: float,
+                      desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """Per-completion KTO losses ``[N]``: desirable ``lambda_D (1 - sigma(beta (r - z0)))``, undesirable
+    ``lambda_U (1 - sigma(beta (z0 - r)))``, with ``r = logratio [N]``, ``z0 = kl`` (broadcastable to ``[N]``)."""
+    chosen = desirable_weight * (1.0 - torch.sigmoid(beta * (logratio - kl)))
+    rejected = undesirable_weight * (1.0 - torch.sigmoid(beta * (kl - logratio)))
+    return torch.where(desirable, chosen, rejected)
+
+
 def kto_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -65,9 +74,7 @@ def kto_loss(
         kl = (policy_kl_logps.detach().to(dtype) - ref_kl_logps.detach().to(dtype)).mean().clamp(min=0.0)
     else:
         kl = logratio.new_zeros(())
-    chosen_losses = wd * (1.0 - torch.sigmoid(beta * (logratio - kl)))
-    rejected_losses = wu * (1.0 - torch.sigmoid(beta * (kl - logratio)))
-    loss = torch.where(desirable, chosen_losses, rejected_losses).mean()
+    loss = kto_sample_losses(logratio, kl, desirable, beta, wd, wu).mean()
     metrics: dict[str, torch.Tensor] = {KL: kl.detach()}
     with torch.no_grad():
         rewards = beta * logratio.detach()
