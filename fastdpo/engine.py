@@ -51,6 +51,7 @@ from fastdpo.models import (
     unwrap_ddp,
 )
 from fastdpo.losses.config import PreferenceLossConfig, resolve_loss_config
+from fastdpo.losses.metrics import ENTROPY, LOGITS_CHOSEN, LOGITS_REJECTED, MEAN_TOKEN_ACCURACY
 from fastdpo.ref_cache import RefLogpCache, model_fingerprint
 
 __all__ = ["DPOEngine", "REFERENCE_MODES"]
@@ -151,11 +152,7 @@ class DPOEngine:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {list(REFERENCE_MODES)}, got {reference!r}")
-        config = resolve_loss_config(loss_config, dict(
-            loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
-            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-            discopop_tau=discopop_tau, use_weighting=use_weighting, ld_alpha=ld_alpha,
-        ))
+        config = resolve_loss_config(loss_config, locals())
         if not (isinstance(temperature, (int, float)) and float(temperature) > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.model = model
@@ -706,12 +703,12 @@ def token_metric_totals(logps: Mapping[str, Any], logp_seq: torch.Tensor,
 
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if logps.get("mean_logit") is not None:
-        out["logits/chosen"] = masked_total(logps["mean_logit"], chosen)
-        out["logits/rejected"] = masked_total(logps["mean_logit"], rejected)
+        out[LOGITS_CHOSEN] = masked_total(logps["mean_logit"], chosen)
+        out[LOGITS_REJECTED] = masked_total(logps["mean_logit"], rejected)
     if logps.get("entropy") is not None:
-        out["entropy"] = masked_total(logps["entropy"], torch.ones_like(chosen))
+        out[ENTROPY] = masked_total(logps["entropy"], torch.ones_like(chosen))
     if logps.get("argmax_hit") is not None:
-        out["mean_token_accuracy"] = masked_total(logps["argmax_hit"].float(), chosen)
+        out[MEAN_TOKEN_ACCURACY] = masked_total(logps["argmax_hit"].float(), chosen)
     return out
 
 

@@ -20,9 +20,13 @@ Differences from Liger (documented, deliberate): a row without any target token 
 ``chunk_size`` options are accepted for signature compatibility only: the fused head picks its own tiling and needs
 no ``torch.compile``.
 
+The loss formulas are those of :mod:`fastdpo.losses` (the paired zoo through :func:`fastdpo.losses.dpo_loss_sum`, the
+reference-free per-pair terms of :mod:`fastdpo.losses.reference_free`), evaluated on the rows' log-probs.
+
 ``grad_in_forward=True`` forms the head's gradients during the forward (3 GEMMs instead of 4) for every pair-local
-loss (:func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`, one group per pair); the batch-coupled
-``aot``/``aot_unpaired`` use the recompute path.
+loss (:func:`fastdpo.losses.is_pair_local`; :func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward`,
+one group per pair, :func:`fastdpo.segments.pair_groups`); the batch-coupled ``aot``/``aot_unpaired`` use the
+recompute path.
 """
 from __future__ import annotations
 
@@ -90,11 +94,7 @@ class DPOLoss(torch.nn.Module):
         loss_config: PreferenceLossConfig | None = None,
     ) -> None:
         super().__init__()
-        config = resolve_loss_config(loss_config, dict(
-            loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
-            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-            discopop_tau=discopop_tau, use_weighting=use_weighting,
-        ))
+        config = resolve_loss_config(loss_config, locals())
         if config.ld_alpha is not None:
             raise ValueError("DPOLoss works on sequence log-probs: apply ld_alpha with fastdpo.losses.ld_logps "
                              "and pass a loss_config without it")
@@ -438,7 +438,10 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
     :func:`fastdpo.preference_loss` with every TRL 1.16 loss type (Liger's ten plus ``ipo``, ``sigmoid_norm`` and
     ``sft``, which use the rows' target token counts as completion lengths, and ``aot``/``aot_unpaired``), loss
     mixtures (``loss_type`` list + ``loss_weights``) and f-divergences. ``use_ref_model=False``: reference log-probs
-    are 0. Keyword-only head options as in :class:`_FusedLinearPreferenceBase` (``grad_in_forward``, ...).
+    are 0. ``loss_config``: a :class:`fastdpo.losses.PreferenceLossConfig` instead of the loss options (``beta``,
+    ``loss_type``, ``label_smoothing``, ``discopop_tau``, ``loss_weights``, f-divergence; a keyword given as well must
+    agree with it; WPO and LD-DPO need per-token statistics and are refused), kept as ``self.loss_config``.
+    Keyword-only head options as in :class:`_FusedLinearPreferenceBase` (``grad_in_forward``, ...).
     """
 
     def __init__(
@@ -467,11 +470,7 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
         )
         if loss_config is None:
             _liger_config_checks(loss_type, label_smoothing)
-        config = resolve_loss_config(loss_config, dict(
-            loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
-            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-            discopop_tau=discopop_tau,
-        ))
+        config = resolve_loss_config(loss_config, locals())
         if config.use_weighting or config.ld_alpha is not None:
             raise ValueError("FusedLinearDPOLoss cannot apply use_weighting (WPO) or ld_alpha (LD-DPO): they need "
                              "per-token statistics of the policy; use fastdpo.DPOEngine")

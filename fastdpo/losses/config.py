@@ -222,14 +222,17 @@ def _normalized(name: str, value: Any) -> Any:
     return value
 
 
-def resolve_loss_config(loss_config: PreferenceLossConfig | None, keywords: Mapping[str, Any],
+def resolve_loss_config(loss_config: PreferenceLossConfig | None, arguments: Mapping[str, Any],
                         defaults: Mapping[str, Any] | None = None) -> PreferenceLossConfig:
     """The configuration of an entry point that takes ``loss_config=`` and the individual loss keywords.
 
-    Without ``loss_config`` the config is built from ``keywords`` (raising as :class:`PreferenceLossConfig` does).
-    With it, a keyword left at its default (``defaults``, the entry point's own; the config's defaults otherwise) is
-    not read, and any other keyword must equal the config's field: a conflicting one raises ``ValueError``.
+    ``arguments``: the entry point's arguments (its ``locals()``, say); the config's field names among them are the
+    loss keywords. Without ``loss_config`` the config is built from those (raising as :class:`PreferenceLossConfig`
+    does). With it, a keyword left at its default (``defaults``, the entry point's own; the config's defaults
+    otherwise) is not read, and any other keyword must equal the config's field: a conflicting one raises
+    ``ValueError``.
     """
+    keywords = {name: arguments[name] for name in _FIELDS if name in arguments}
     if loss_config is None:
         return PreferenceLossConfig(**keywords)
     if not isinstance(loss_config, PreferenceLossConfig):

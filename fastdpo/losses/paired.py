@@ -175,12 +175,6 @@ def dpo_loss_sum(
     return total
 
 
-_LOSS_DEFAULTS: dict[str, Any] = dict(
-    loss_type="sigmoid", loss_weights=None, beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_kl",
-    f_alpha_divergence_coef=0.5, discopop_tau=0.05, use_weighting=False,
-)
-
-
 def _sequence_config(config: PreferenceLossConfig) -> PreferenceLossConfig:
     if config.ld_alpha is not None:
         raise ValueError(
@@ -337,11 +331,7 @@ def preference_loss(
             conflicts with ``loss_config``, missing lengths/WPO inputs, empty batch, mismatched shapes or devices.
             TypeError: non-float log-probs, non-integer/float lengths.
     """
-    config = _sequence_config(resolve_loss_config(loss_config, dict(
-        loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-        discopop_tau=discopop_tau, use_weighting=use_weighting,
-    ), _LOSS_DEFAULTS))
+    config = _sequence_config(resolve_loss_config(loss_config, locals()))
     x = _prepared(config, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                   chosen_lengths, rejected_lengths, policy_chosen_nll_sum, policy_rejected_nll_sum,
                   wpo_chosen_weights, wpo_rejected_weights, policy_chosen_log_sum_p2, policy_rejected_log_sum_p2)
