@@ -220,8 +220,9 @@ def segment_sum(
 
 
 def pair_groups(num_pairs: int) -> list[torch.Tensor]:
-    """The segment ids of each preference pair, ``[tensor([i, P + i]) for i in range(P)]`` (CPU int64): the chosen
-    sequence of pair ``i`` is segment ``i``, its rejected one ``P + i``. These are the loss-local groups of
-    :func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward` for pair-local losses."""
-    ar = torch.arange(num_pairs, dtype=torch.int64)
+    """The segment ids of each preference pair, ``[tensor([i, P + i]) for i in range(P)]``: the chosen sequence of
+    pair ``i`` is segment ``i``, its rejected one ``P + i``. These are the loss-local groups of
+    :func:`fastdpo.linear_logprobs.linear_logprobs_loss_grad_in_forward` for pair-local losses, which reads them as
+    host integers: they are built on the CPU (no device round trip per group)."""
+    ar = torch.arange(num_pairs, dtype=torch.int64, device="cpu")
     return list(torch.stack([ar, ar + num_pairs], dim=1))

@@ -608,7 +608,6 @@ class FastDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------------ model card
     def _fastdpo_settings(self) -> dict[str, Any]:
         engine = self._engine()
-        args = self.args
         return {
             "packing": self.packing,
             "grad_in_forward": self._engine_options["grad_in_forward"],
