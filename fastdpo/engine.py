@@ -49,6 +49,8 @@ from fastdpo.models import (
     resolve_lm,
     unwrap_ddp,
 )
+from fastdpo.losses.config import PreferenceLossConfig, resolve_loss_config
+from fastdpo.losses.metrics import ENTROPY, LOGITS_CHOSEN, LOGITS_REJECTED, MEAN_TOKEN_ACCURACY
 from fastdpo.quantize import quantize_model
 from fastdpo.ref_cache import RefLogpCache, model_fingerprint
 
@@ -65,10 +67,6 @@ _BATCH_KEYS = ("input_ids", "position_ids", "attention_mask", "logp_index", "log
 _DEVICE_KEYS = ("input_ids", "position_ids", "attention_mask", "token_seq", "token_role", "token_pair", "logp_index",
                 "logp_labels", "logp_seq", "logp_pos", "chosen_lengths", "rejected_lengths")
 
-# preference losses whose value is a sum of per-pair terms (what grad_in_forward needs: gradients pair by pair)
-_PAIR_LOCAL_LOSSES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-                                "apo_zero", "apo_down", "discopop", "sigmoid_norm"})
-
 
 class DPOEngine:
     """Policy + reference DPO step on batches from :class:`fastdpo.collator.PreferenceCollator`.
@@ -80,15 +78,19 @@ class DPOEngine:
         ref_model: the reference model for ``reference="model"``; for ``"precomputed"`` optionally the model the cache
             must have been built from (checked, then not kept).
         reference: ``"model"``, ``"adapter"`` or ``"precomputed"`` (see the module docstring).
+        loss_config: a :class:`fastdpo.losses.PreferenceLossConfig`, instead of the loss keywords below (a keyword
+            given as well must agree with it); kept as ``self.loss_config``.
         loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
-        use_weighting: forwarded to :func:`fastdpo.losses.preference_loss` (TRL 1.16 semantics).
+        use_weighting: the fields of :class:`~fastdpo.losses.PreferenceLossConfig` (TRL 1.16 semantics), given to
+            :func:`fastdpo.losses.preference_loss`.
         ld_alpha: LD-DPO — tokens beyond the shorter completion of a pair weigh ``ld_alpha`` (policy and reference).
         temperature: logits are divided by it before the softmax (policy and reference; TRL's DPO uses 1).
         attn_impl: attention implementation passed to :func:`fastdpo.attention.build_attention_kwargs`.
         grad_in_forward: compute the head's gradients during the forward pass
             (:func:`fastdpo.head.linear_logprobs_loss_grad_in_forward`, 3 GEMMs instead of 4), for every
-            loss configuration (WPO and LD-DPO included); pair-local losses are processed pair by pair, the
-            batch-coupled ones (aot, aot_unpaired, sft) as one group. Token metrics (``logits/*``, ``entropy``,
+            loss configuration (WPO and LD-DPO included); pair-local losses
+            (:func:`fastdpo.losses.is_pair_local`) are processed pair by pair, the batch-coupled ones (aot,
+            aot_unpaired, sft under WPO) as one group. Token metrics (``logits/*``, ``entropy``,
             ``mean_token_accuracy``) are then not reported.
         ref_cache: for ``"precomputed"``: a :class:`~fastdpo.ref_cache.RefLogpCache` or a path to one; ``None``
             reads ``batch["ref_chosen_logps"]``/``batch["ref_rejected_logps"]`` (rows carrying TRL-style
@@ -148,33 +150,26 @@ class DPOEngine:
         sequence_parallel_size: int = 1,
         sequence_parallel_group: Any = None,
         chunk_size: int | tuple[int, int] | None = None,
+        loss_config: PreferenceLossConfig | None = None,
     ) -> None:
         from fastdpo.head.plan import _legacy_tiles
-        from fastdpo.losses import normalize_loss_config
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {list(REFERENCE_MODES)}, got {reference!r}")
-        types, weights = normalize_loss_config(
-            loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, use_weighting=use_weighting,
-        )
-        if ld_alpha is not None and not (isinstance(ld_alpha, (int, float)) and 0.0 <= float(ld_alpha) <= 1.0):
-            raise ValueError(f"ld_alpha must be None or a number in [0, 1], got {ld_alpha!r}")
+        config = resolve_loss_config(loss_config, locals())
         if not (isinstance(temperature, (int, float)) and float(temperature) > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.model = model
         self.reference = reference
-        self.loss_types, self.loss_weights = types, weights
-        self.loss_kwargs: dict[str, Any] = dict(
-            loss_type=list(types), loss_weights=list(weights), beta=float(beta), label_smoothing=float(label_smoothing),
-            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=float(f_alpha_divergence_coef),
-            discopop_tau=float(discopop_tau), use_weighting=bool(use_weighting),
-        )
-        self.beta = float(beta)
-        self.use_weighting = bool(use_weighting)
-        self.ld_alpha = None if ld_alpha is None else float(ld_alpha)
+        self.loss_config = config
+        # the engine applies ld_alpha to the token log-probs; the loss sees the resulting sequence log-probs
+        self._sequence_loss_config = config.replace(ld_alpha=None)
+        self.loss_types, self.loss_weights = config.loss_type, config.loss_weights
+        self.beta = config.beta
+        self.use_weighting = config.use_weighting
+        self.ld_alpha = config.ld_alpha
         self.temperature = float(temperature)
         self.attn_impl = attn_impl
         self.grad_in_forward = bool(grad_in_forward)
@@ -584,7 +579,7 @@ class DPOEngine:
         loss, metrics = preference_loss(
             pol["chosen_logps"], pol["rejected_logps"], ref_c, ref_r,
             chosen_lengths=batch["chosen_lengths"], rejected_lengths=batch["rejected_lengths"],
-            **self.loss_kwargs, **extra,
+            loss_config=self._sequence_loss_config, **extra,
         )
         if self.compute_token_metrics:
             metrics.update(token_metrics(pol, batch["logp_seq"], num_pairs, gather_totals=gather_totals))
@@ -599,11 +594,12 @@ class DPOEngine:
         (from which :func:`~fastdpo.losses.preference_loss` forms the WPO weights) come from the per-group
         :class:`~fastdpo.head.SegmentStats` the head hands the loss."""
         from fastdpo.head.grad_in_forward import SegmentStats, linear_logprobs_loss_grad_in_forward
-        from fastdpo.losses import dpo_metrics, ld_token_weights, preference_loss
+        from fastdpo.losses import dpo_metrics, ld_token_weights, partial_preference_loss, preference_loss
+        from fastdpo.segments import pair_groups
 
         hidden, anchor = self._completion_hidden(parts, batch)
         lengths_c, lengths_r = batch["chosen_lengths"], batch["rejected_lengths"]
-        kwargs = self.loss_kwargs
+        config = self._sequence_loss_config
         seg = batch["logp_seq"]
         num_seqs = 2 * num_pairs
         token_weights = None
@@ -627,13 +623,15 @@ class DPOEngine:
 
         def pair_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor,
                       stats: SegmentStats | None = None) -> torch.Tensor:
-            # seg_ids == [i, P + i]: one pair's contribution to the batch-mean loss
+            # seg_ids == [i, P + i]: one pair's contribution to the batch-mean loss (batch totals for its mean)
             i = seg_ids[:1].to(ref_c.device)
-            loss, _ = preference_loss(seq_logps[0:1], seq_logps[1:2], ref_c.index_select(0, i),
-                                      ref_r.index_select(0, i), chosen_lengths=lengths_c.index_select(0, i),
-                                      rejected_lengths=lengths_r.index_select(0, i), **kwargs,
-                                      **extras(stats, 1))
-            return loss / num_pairs
+            num_chosen_tokens = lengths_c.to(seq_logps.dtype).sum().clamp(min=1.0) if sft else None
+            return partial_preference_loss(
+                seq_logps[0:1], seq_logps[1:2], ref_c.index_select(0, i), ref_r.index_select(0, i),
+                loss_config=config, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
+                chosen_lengths=lengths_c.index_select(0, i), rejected_lengths=lengths_r.index_select(0, i),
+                **extras(stats, 1),
+            )
 
         def batch_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor,
                        stats: SegmentStats | None = None) -> torch.Tensor:
@@ -646,16 +644,14 @@ class DPOEngine:
                 lsp2 = stats.log_sum_p2_sum
                 stats = SegmentStats(ordered(stats.logp_sum), None if lsp2 is None else ordered(lsp2))
             loss, _ = preference_loss(*ordered(seq_logps).split(num_pairs), ref_c, ref_r, chosen_lengths=lengths_c,
-                                      rejected_lengths=lengths_r, **kwargs,
+                                      rejected_lengths=lengths_r, loss_config=config,
                                       **extras(stats, num_pairs))
             return loss
 
-        if set(self.loss_types) <= _PAIR_LOCAL_LOSSES:
-            loss_fn = pair_loss
-            groups: list[torch.Tensor] | None = [
-                torch.tensor([i, num_pairs + i], dtype=torch.long, device=hidden.device) for i in range(num_pairs)
-            ]
-        else:  # batch-coupled terms (sorting over the batch, token-mean SFT): one group of all sequences
+        sft = "sft" in config.loss_type
+        if config.pair_local:
+            loss_fn, groups = pair_loss, pair_groups(num_pairs)
+        else:  # batch-coupled (sorting over the batch, WPO-weighted SFT): one group of all sequences
             loss_fn, groups = batch_loss, None
 
         def head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -714,12 +710,12 @@ def token_metric_totals(logps: Mapping[str, Any], logp_seq: torch.Tensor,
 
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if logps.get("mean_logit") is not None:
-        out["logits/chosen"] = masked_total(logps["mean_logit"], chosen)
-        out["logits/rejected"] = masked_total(logps["mean_logit"], rejected)
+        out[LOGITS_CHOSEN] = masked_total(logps["mean_logit"], chosen)
+        out[LOGITS_REJECTED] = masked_total(logps["mean_logit"], rejected)
     if logps.get("entropy") is not None:
-        out["entropy"] = masked_total(logps["entropy"], torch.ones_like(chosen))
+        out[ENTROPY] = masked_total(logps["entropy"], torch.ones_like(chosen))
     if logps.get("argmax_hit") is not None:
-        out["mean_token_accuracy"] = masked_total(logps["argmax_hit"].float(), chosen)
+        out[MEAN_TOKEN_ACCURACY] = masked_total(logps["argmax_hit"].float(), chosen)
     return out
 
 

@@ -31,6 +31,7 @@ from fastdpo._validation import (
     check_same_device,
 )
 from fastdpo.head.plan import _legacy_tiles
+from fastdpo.losses.kto import kto_sample_losses
 
 __all__ = ["FusedLinearKTOLoss"]
 
@@ -145,12 +146,8 @@ class FusedLinearKTOLoss(torch.nn.Module):
             with torch.no_grad():
                 ref_logps = self._row_logps(ref_input, ref_weight, ref_bias, index, labels, rows, counts)
             logratio = logps - ref_logps
-        if kl is not None:
-            logratio_kl = logratio - kl.detach().to(logratio.dtype).reshape(-1)
-        else:
-            logratio_kl = logratio
-        sign = torch.where(preference_labels, 1.0, -1.0).to(logratio.dtype)
-        loss = (1.0 - torch.sigmoid(self.beta * logratio_kl * sign)).sum() / b
+        z0 = kl.detach().to(logratio.dtype).reshape(-1) if kl is not None else 0.0
+        loss = kto_sample_losses(logratio, z0, preference_labels, self.beta).sum() / b
 
         with torch.no_grad():
             want = preference_labels.to(torch.float32)

@@ -20,9 +20,13 @@ Differences from Liger (documented, deliberate): a row without any target token 
 ``chunk_size`` (Liger's pairs per chunk) options are accepted for signature compatibility only: the fused head tiles
 tokens x vocabulary on its own (``token_tile`` / ``vocab_tile`` fix the tile) and needs no ``torch.compile``.
 
+The loss formulas are those of :mod:`fastdpo.losses` (the paired zoo through :func:`fastdpo.losses.dpo_loss_sum`, the
+reference-free per-pair terms of :mod:`fastdpo.losses.reference_free`), evaluated on the rows' log-probs.
+
 ``grad_in_forward=True`` forms the head's gradients during the forward (3 GEMMs instead of 4) for every pair-local
-loss (:func:`fastdpo.head.linear_logprobs_loss_grad_in_forward`, one group per pair); the batch-coupled
-``aot``/``aot_unpaired`` use the recompute path.
+loss (:func:`fastdpo.losses.is_pair_local`; :func:`fastdpo.head.linear_logprobs_loss_grad_in_forward`,
+one group per pair, :func:`fastdpo.segments.pair_groups`); the batch-coupled ``aot``/``aot_unpaired`` use the
+recompute path.
 """
 from __future__ import annotations
 
@@ -36,15 +40,18 @@ from fastdpo._validation import check_float, check_index, check_same_device
 from fastdpo.fused_kto import FusedLinearKTOLoss
 from fastdpo.head.plan import _legacy_tiles
 from fastdpo.losses import (
-    BATCH_COUPLED_LOSS_TYPES,
     LOSS_TYPES,
-    _log1mexp,
-    _smoothed_sigmoid,
+    PreferenceLossConfig,
     check_label_smoothing,
+    cpo_pair_losses,
     dpo_loss_sum,
-    normalize_loss_config,
+    orpo_log_odds,
+    orpo_pair_losses,
     preference_loss,
+    simpo_pair_losses,
 )
+from fastdpo.losses.config import resolve_loss_config
+from fastdpo.segments import pair_groups
 
 __all__ = [
     "DPOLoss",
@@ -62,8 +69,10 @@ class DPOLoss(torch.nn.Module):
     ``forward(policy_chosen_logps [P], policy_rejected_logps [P], ref_chosen_logps [P] | None = None,
     ref_rejected_logps [P] | None = None, **per_batch)`` -> ``(loss, metrics)``, where ``per_batch`` are the
     per-batch tensors of :func:`~fastdpo.losses.preference_loss` (``chosen_lengths``, ``rejected_lengths``,
-    ``policy_chosen_nll_sum``, ``wpo_chosen_weights``, ...). ``validate``: warn when the loss or a metric is NaN/inf
-    (one host sync per call), as :func:`~fastdpo.losses.preference_loss`.
+    ``policy_chosen_nll_sum``, ``wpo_chosen_weights``, ...). The configuration is a
+    :class:`~fastdpo.losses.PreferenceLossConfig` (``loss_config=``, without ``ld_alpha``) or its fields as keywords
+    (a keyword given with ``loss_config`` must agree with it); it is kept as ``self.loss_config``. ``validate``: warn
+    when the loss or a metric is NaN/inf (one host sync per call), as :func:`~fastdpo.losses.preference_loss`.
     """
 
     _PER_BATCH = frozenset({
@@ -83,18 +92,16 @@ class DPOLoss(torch.nn.Module):
         discopop_tau: float = 0.05,
         use_weighting: bool = False,
         validate: bool = True,
+        loss_config: PreferenceLossConfig | None = None,
     ) -> None:
         super().__init__()
-        self.loss_types, self.loss_weights = normalize_loss_config(
-            loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, use_weighting=use_weighting,
-        )
-        self.beta = float(beta)
-        self.label_smoothing = float(label_smoothing)
-        self.f_divergence_type = f_divergence_type
-        self.f_alpha_divergence_coef = float(f_alpha_divergence_coef)
-        self.discopop_tau = float(discopop_tau)
-        self.use_weighting = bool(use_weighting)
+        config = resolve_loss_config(loss_config, locals())
+        if config.ld_alpha is not None:
+            raise ValueError("DPOLoss works on sequence log-probs: apply ld_alpha with fastdpo.losses.ld_logps "
+                             "and pass a loss_config without it")
+        self.loss_config = config
+        self.loss_types, self.loss_weights = config.loss_type, config.loss_weights
+        self.beta = config.beta
         self.validate = bool(validate)
 
     def forward(
@@ -112,10 +119,7 @@ class DPOLoss(torch.nn.Module):
             )
         return preference_loss(
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            loss_type=list(self.loss_types), loss_weights=list(self.loss_weights), beta=self.beta,
-            label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau,
-            use_weighting=self.use_weighting, validate=self.validate, **per_batch,
+            loss_config=self.loss_config, validate=self.validate, **per_batch,
         )
 
     def extra_repr(self) -> str:
@@ -397,11 +401,9 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
                 out = out + self.alpha * (-c_sum.sum() / n_tok)
             return out
 
-        ar = torch.arange(p, device=_input.device)
-        groups = list(torch.stack([ar, ar + p], dim=1).cpu())
         return linear_logprobs_loss_grad_in_forward(
             batch.hidden(_input), weight, batch.labels, batch.seq_ids, batch.num_seqs, loss_fn, bias=bias,
-            groups=groups, **self._head_kwargs(),
+            groups=pair_groups(p), **self._head_kwargs(),
         )
 
 
@@ -415,15 +417,15 @@ class _ReferenceFreeBase(_FusedLinearPreferenceBase):
 
 def _liger_config_checks(loss_type: str | Sequence[str], label_smoothing: float) -> None:
     """The configuration errors Liger's ``LigerFusedLinearDPOLoss`` raises, in its words (scripts and Liger's own
-    tests match on them); everything else is checked by :func:`fastdpo.losses.normalize_loss_config`."""
+    tests match on them); everything else is checked by :class:`fastdpo.losses.PreferenceLossConfig`."""
     if not isinstance(loss_type, (str, list, tuple)):
-        return  # normalize_loss_config names the type error
+        return  # PreferenceLossConfig names the type error
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     for t in types:
         if isinstance(t, str) and t not in LOSS_TYPES:
             raise ValueError(f"Unsupported loss_type: {t}. Supported types are: {set(LOSS_TYPES)}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        return  # normalize_loss_config names the type error
+        return  # PreferenceLossConfig names the type error
     if "exo_pair" in types and label_smoothing <= 0.0:
         raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair'. The EXO paper recommends 1e-3.")
     if "robust" in types and not 0.0 <= label_smoothing < 0.5:
@@ -442,7 +444,10 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
     :func:`fastdpo.preference_loss` with every TRL 1.16 loss type (Liger's ten plus ``ipo``, ``sigmoid_norm`` and
     ``sft``, which use the rows' target token counts as completion lengths, and ``aot``/``aot_unpaired``), loss
     mixtures (``loss_type`` list + ``loss_weights``) and f-divergences. ``use_ref_model=False``: reference log-probs
-    are 0. Keyword-only head options as in :class:`_FusedLinearPreferenceBase` (``grad_in_forward``, ...).
+    are 0. ``loss_config``: a :class:`fastdpo.losses.PreferenceLossConfig` instead of the loss options (``beta``,
+    ``loss_type``, ``label_smoothing``, ``discopop_tau``, ``loss_weights``, f-divergence; a keyword given as well must
+    agree with it; WPO and LD-DPO need per-token statistics and are refused), kept as ``self.loss_config``.
+    Keyword-only head options as in :class:`_FusedLinearPreferenceBase` (``grad_in_forward``, ...).
     """
 
     def __init__(
@@ -462,35 +467,39 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
         loss_weights: Sequence[float] | None = None,
         f_divergence_type: str = "reverse_kl",
         f_alpha_divergence_coef: float = 0.5,
+        loss_config: PreferenceLossConfig | None = None,
         **head_options: object,
     ) -> None:
         super().__init__(
-            ignore_index=ignore_index, beta=beta, alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled,
-            chunk_size=chunk_size, **head_options,
+            ignore_index=ignore_index, beta=loss_config.beta if isinstance(loss_config, PreferenceLossConfig) else beta,
+            alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled, chunk_size=chunk_size, **head_options,
         )
-        _liger_config_checks(loss_type, label_smoothing)
-        self.loss_types, self.loss_weights = normalize_loss_config(
-            loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
-        )
-        self.loss_type = loss_type
+        if loss_config is None:
+            _liger_config_checks(loss_type, label_smoothing)
+        config = resolve_loss_config(loss_config, locals())
+        if config.use_weighting or config.ld_alpha is not None:
+            raise ValueError("FusedLinearDPOLoss cannot apply use_weighting (WPO) or ld_alpha (LD-DPO): they need "
+                             "per-token statistics of the policy; use fastdpo.DPOEngine")
+        self.loss_config = config
+        self.loss_types, self.loss_weights = config.loss_type, config.loss_weights
+        # Liger's attributes
+        self.loss_type = loss_type if loss_config is None else (
+            config.loss_type[0] if len(config.loss_type) == 1 else list(config.loss_type))
         self.use_ref_model = bool(use_ref_model)
         self.average_log_prob = bool(average_log_prob)
-        self.label_smoothing = float(label_smoothing)
-        self.discopop_tau = float(discopop_tau)
-        self.f_divergence_type = f_divergence_type
-        self.f_alpha_divergence_coef = float(f_alpha_divergence_coef)
+        self.label_smoothing = config.label_smoothing
+        self.discopop_tau = config.discopop_tau
+        self.f_divergence_type = config.f_divergence_type
+        self.f_alpha_divergence_coef = config.f_alpha_divergence_coef
 
     def _pair_local(self) -> bool:
-        return not set(self.loss_types) & BATCH_COUPLED_LOSS_TYPES
+        return self.loss_config.pair_local
 
     def _pair_terms(self, t: _Pairs) -> torch.Tensor:
         return dpo_loss_sum(
-            t.c, t.r, t.ref_c, t.ref_r, loss_types=self.loss_types, loss_weights=self.loss_weights, beta=self.beta,
-            label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau,
-            input_dtype=t.c.dtype, chosen_lengths=t.cnt_c, rejected_lengths=t.cnt_r, chosen_nll_sum=t.nll_c,
-            pair_weights=None, num_pairs=t.num_pairs, num_chosen_tokens=t.num_chosen_tokens,
+            t.c, t.r, t.ref_c, t.ref_r, self.loss_config, input_dtype=t.c.dtype, chosen_lengths=t.cnt_c,
+            rejected_lengths=t.cnt_r, chosen_nll_sum=t.nll_c, pair_weights=None, num_pairs=t.num_pairs,
+            num_chosen_tokens=t.num_chosen_tokens,
         )
 
     def forward(
@@ -536,7 +545,7 @@ class FusedLinearSimPOLoss(_ReferenceFreeBase):
         self.gamma = float(gamma)
 
     def _pair_terms(self, t: _Pairs) -> torch.Tensor:
-        return _smoothed_sigmoid(self.beta * (t.c - t.r) - self.gamma, self.label_smoothing).sum() / t.num_pairs
+        return simpo_pair_losses(t.c, t.r, self.beta, self.gamma, self.label_smoothing).sum() / t.num_pairs
 
 
 class FusedLinearCPOLoss(_ReferenceFreeBase):
@@ -567,7 +576,7 @@ class FusedLinearCPOLoss(_ReferenceFreeBase):
         self.average_log_prob = bool(average_log_prob)
 
     def _pair_terms(self, t: _Pairs) -> torch.Tensor:
-        return _smoothed_sigmoid(self.beta * (t.c - t.r), self.label_smoothing).sum() / t.num_pairs
+        return cpo_pair_losses(t.c, t.r, self.beta, self.label_smoothing).sum() / t.num_pairs
 
 
 class FusedLinearORPOLoss(_ReferenceFreeBase):
@@ -597,18 +606,14 @@ class FusedLinearORPOLoss(_ReferenceFreeBase):
             chunk_size=chunk_size, **head_options,
         )
 
-    @staticmethod
-    def _log_odds(c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return (c - r) - (_log1mexp(c) - _log1mexp(r))
-
     def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
                 bias: torch.Tensor | None = None, nll_target: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         return self._run(lin_weight, _input, target, bias, None, None, None, nll_target)
 
     def _pair_terms(self, t: _Pairs) -> torch.Tensor:
-        return -self.beta * F.logsigmoid(self._log_odds(t.c, t.r)).sum() / t.num_pairs
+        return orpo_pair_losses(t.c, t.r, self.beta).sum() / t.num_pairs
 
     def _extra_outputs(self, c: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        log_odds = self._log_odds(c, r)
+        log_odds = orpo_log_odds(c, r)
         return F.logsigmoid(log_odds).mean(), log_odds.mean()

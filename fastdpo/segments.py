@@ -214,3 +214,12 @@ def segment_sum(
     if block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two, got {block}")
     return _SegmentSum.apply(values, segment_ids, num_segments, chosen, block, validate)
+
+
+def pair_groups(num_pairs: int) -> list[torch.Tensor]:
+    """The segment ids of each preference pair, ``[tensor([i, P + i]) for i in range(P)]``: the chosen sequence of
+    pair ``i`` is segment ``i``, its rejected one ``P + i``. These are the loss-local groups of
+    :func:`fastdpo.head.linear_logprobs_loss_grad_in_forward` for pair-local losses, which reads them as
+    host integers: they are built on the CPU (no device round trip per group)."""
+    ar = torch.arange(num_pairs, dtype=torch.int64, device="cpu")
+    return list(torch.stack([ar, ar + num_pairs], dim=1))

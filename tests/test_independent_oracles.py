@@ -400,8 +400,10 @@ def test_preference_loss_f_divergences(f_div: str, kind: str) -> None:
     # log-ratios of a few nats: exp(-logratio) and the alpha exponent stay far from the clamp
     pc, pr = rc + torch.linspace(-2, 2, 7, dtype=torch.float64), rr + torch.linspace(1.5, -1, 7, dtype=torch.float64)
     eps = EPS.get(kind, 0.0)
+    # the coefficient is read by alpha_divergence only (the others refuse a non-default one)
+    alpha = {"f_alpha_divergence_coef": 0.3} if f_div == "alpha_divergence" else {}
     loss, _ = preference_loss(pc, pr, rc, rr, loss_type=kind, beta=0.2, label_smoothing=eps, f_divergence_type=f_div,
-                              f_alpha_divergence_coef=0.3, chosen_lengths=len_c, rejected_lengths=len_r)
+                              chosen_lengths=len_c, rejected_lengths=len_r, **alpha)
     ref = losses_md(kind, pc, pr, rc, rr, len_c, len_r, beta=0.2, eps=eps, f_div=f_div, alpha=0.3).mean()
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
 

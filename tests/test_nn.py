@@ -264,9 +264,10 @@ def test_fused_module_validation() -> None:
 
 
 def test_liger_positional_constructor_order() -> None:
-    """Positional arguments mean the same thing as in Liger's constructor."""
-    ours = FusedLinearDPOLoss(-1, 0.25, 0.5, True, False, False, True, 2, "hinge", 0.0, 0.1)
-    theirs = LigerFusedLinearDPOLoss(-1, 0.25, 0.5, True, False, False, True, 2, "hinge", 0.0, 0.1)
+    """Positional arguments mean the same thing as in Liger's constructor (discopop reads discopop_tau: fastdpo
+    refuses a discopop_tau that the selected loss would ignore)."""
+    ours = FusedLinearDPOLoss(-1, 0.25, 0.5, True, False, False, True, 2, "discopop", 0.0, 0.1)
+    theirs = LigerFusedLinearDPOLoss(-1, 0.25, 0.5, True, False, False, True, 2, "discopop", 0.0, 0.1)
     for name in ("ignore_index", "beta", "alpha", "compute_nll_loss", "use_ref_model", "average_log_prob",
                  "loss_type", "label_smoothing", "discopop_tau"):
         assert getattr(ours, name) == getattr(theirs, name), name

@@ -89,6 +89,8 @@ from trl.trainer.utils import use_adapter
 from fastdpo.collator import PreferenceCollator
 from fastdpo.engine import DPOEngine
 from fastdpo.head.plan import _legacy_tiles
+from fastdpo.losses.config import PreferenceLossConfig, resolve_loss_config
+from fastdpo.losses.metrics import TRL_METRIC_ORDER
 from fastdpo.models import is_deepspeed_engine, is_peft_model, keep_requires_grad
 from fastdpo.ref_cache import RefLogpCache, dataset_fingerprint, pair_keys
 
@@ -102,8 +104,6 @@ PREDICTION_COLUMNS: tuple[str, ...] = ("chosen_logps", "rejected_logps", "chosen
 
 _PACKINGS = ("pad", "padding_free", "prefix_shared")
 # the order TRL 1.16 fills ``self._metrics`` in (log lines read the same)
-_METRIC_ORDER = ("entropy", "num_tokens", "logits/chosen", "logits/rejected", "mean_token_accuracy", "rewards/chosen",
-                 "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
 class _TrainerCollator:
@@ -166,6 +166,11 @@ class FastDPOTrainer(DPOTrainer):
         attn_impl: attention path for packed batches (:func:`fastdpo.attention.build_attention_kwargs`).
         token_tile, vocab_tile, backend: forwarded to the fused head (``backend="auto"``: Triton on CUDA, PyTorch
             elsewhere); ``chunk_size`` is the tiles' deprecated spelling (``DeprecationWarning``).
+        loss_config: a :class:`fastdpo.losses.PreferenceLossConfig` for the loss instead of ``args``' loss fields
+            (``loss_type``, ``loss_weights``, ``beta``, ``label_smoothing``, ``f_divergence_type``,
+            ``f_alpha_divergence_coef``, ``discopop_tau``, ``use_weighting``, ``ld_alpha``); a field ``args`` sets
+            away from ``DPOConfig``'s default must agree with it. Built from ``args`` otherwise; either way validated
+            here, so an option the selected loss would ignore raises (TRL ignores it silently).
         sequence_parallel_size: ``k > 1`` trains sequence-parallel (:class:`~fastdpo.engine.DPOEngine`'s
             ``sequence_parallel_size``): ranks ``[i·k, (i+1)·k)`` form sequence-parallel group ``i`` and receive the
             same batches (the data loaders are sharded over the ``num_processes / k`` data-parallel ranks only),
@@ -205,12 +210,14 @@ class FastDPOTrainer(DPOTrainer):
         backend: str = "auto",
         sequence_parallel_size: int = 1,
         chunk_size: int | tuple[int, int] | None = None,
+        loss_config: PreferenceLossConfig | None = None,
     ) -> None:
         token_tile, vocab_tile = _legacy_tiles(type(self).__name__, chunk_size, token_tile, vocab_tile)
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = DPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-FastDPO")
         self._check_supported(args, data_collator, train_dataset, processing_class, peft_config)
+        self._loss_config = _loss_config(args, loss_config)
         check_distributed_config(args)  # before any model is loaded or any row tokenized
         trl_collator = data_collator if isinstance(data_collator, DataCollatorForPreference) else None
         if trl_collator is not None:
@@ -404,10 +411,7 @@ class FastDPOTrainer(DPOTrainer):
             raise ValueError("no reference: pass ref_model, a PEFT model, or precompute_ref_log_probs=True")
         opts = self._engine_options
         self._fast_engine = DPOEngine(
-            model, ref_model, reference=reference, loss_type=list(args.loss_type), loss_weights=args.loss_weights,
-            beta=args.beta, label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
-            f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
-            use_weighting=args.use_weighting, ld_alpha=args.ld_alpha, disable_dropout=args.disable_dropout,
+            model, ref_model, reference=reference, loss_config=self._loss_config, disable_dropout=args.disable_dropout,
             attn_impl=opts["attn_impl"], grad_in_forward=opts["grad_in_forward"],
             token_tile=opts["token_tile"], vocab_tile=opts["vocab_tile"], backend=opts["backend"],
             sequence_parallel_size=opts["sequence_parallel_size"],
@@ -584,13 +588,13 @@ class FastDPOTrainer(DPOTrainer):
                 tokens = int(self.accelerator.gather_for_metrics(local).sum().item()) // \
                     self._engine_options["sequence_parallel_size"]
             self._total_train_tokens += tokens
-        for key in _METRIC_ORDER:
+        for key in TRL_METRIC_ORDER:
             if key == "num_tokens":  # a running total, like TRL
                 store[key] = [self._total_train_tokens]
             elif key in metrics:
                 store[key].append(float(metrics[key]))
         for key, value in metrics.items():
-            if key not in _METRIC_ORDER:
+            if key not in TRL_METRIC_ORDER:
                 store[key].append(float(value))
 
     def prediction_step(self, model: torch.nn.Module, inputs: Mapping[str, Any], prediction_loss_only: bool,
@@ -616,14 +620,13 @@ class FastDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------------ model card
     def _fastdpo_settings(self) -> dict[str, Any]:
         engine = self._engine()
-        args = self.args
         return {
             "packing": self.packing,
             "grad_in_forward": self._engine_options["grad_in_forward"],
             "reference": engine.reference + (" (PEFT 'ref' adapter)" if self._ref_adapter else ""),
-            "loss_type": list(args.loss_type),
-            "loss_weights": list(args.loss_weights) if args.loss_weights is not None else None,
-            "beta": args.beta,
+            "loss_type": list(engine.loss_config.loss_type),
+            "loss_weights": list(engine.loss_config.loss_weights),
+            "beta": engine.loss_config.beta,
             "attn_impl": self._engine_options["attn_impl"],
             "torch_compile": f"{self.compiled_layers} decoder layers" if self.compiled_layers else False,
         }
@@ -695,6 +698,21 @@ def _shard_over_data_parallel(loader: Any, num_shards: int, shard: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- parallelism
+_LOSS_FIELDS = ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
+                "discopop_tau", "use_weighting", "ld_alpha")
+
+
+def _loss_config(args: DPOConfig, loss_config: PreferenceLossConfig | None) -> PreferenceLossConfig:
+    """The trainer's loss configuration: ``loss_config``, or ``args``' loss fields (``DPOConfig`` defaults: not given).
+    """
+    import dataclasses
+
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in dataclasses.fields(DPOConfig) if f.name in _LOSS_FIELDS}
+    keywords = {name: getattr(args, name) for name in _LOSS_FIELDS}
+    return resolve_loss_config(loss_config, keywords, defaults)
+
+
 def check_distributed_config(args: DPOConfig) -> None:
     """Refuse, from ``args`` and the launcher's environment alone, a distributed setup FastDPOTrainer does not support.
 
