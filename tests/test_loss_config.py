@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import make_model, make_tokenizer, preference_rows
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 from fastdpo.collator import PreferenceCollator
 from fastdpo.engine import DPOEngine
