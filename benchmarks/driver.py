@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastdpo.benchmarks.impls import IMPLS, WORKLOADS, Shape, flops, get_impl, impl_names, min_bytes
-from fastdpo.benchmarks.measure import MALLOC_ENV, is_finite, measure_ceilings
 
 from fastdpo.atomic import atomic_write, remove_stale_tmp_in
+from fastdpo.benchmarks.impls import IMPLS, WORKLOADS, Shape, flops, get_impl, impl_names, min_bytes
+from fastdpo.benchmarks.measure import MALLOC_ENV, is_finite, measure_ceilings
 from fastdpo.cli import ArgParser, UsageError, float_in, int_in, make_output_dir, output_dir, resolve_device, threads
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -28,8 +28,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 METHODS = ("pip", "copy")
 VERIFY = ("import fastdpo, fastdpo.kernels, fastdpo.benchmarks.gpu_bench as g; "

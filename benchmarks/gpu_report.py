@@ -15,8 +15,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 CSV_FIELDS = ["section", "attn", "impl", "impl_label", "dtype", "N", "T", "D", "V", "pairs", "tokens", "status",
               "fwd_ms", "bwd_ms", "step_ms", "repeats", "fwd_gbps", "fwd_pct_copy", "bwd_gbps", "bwd_pct_copy",

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ class Shape:
         t = max(1, min(512, self.tokens))
         return max(1, self.tokens // t), t
 
-    def normalized(self, workload: str) -> "Shape":
+    def normalized(self, workload: str) -> Shape:
         """The shape with ``tokens`` rounded to what the workload actually builds (rows × row length)."""
         if workload == "head":
             return self

@@ -214,7 +214,7 @@ def _backend(arch: int):
     return target, make_backend(target)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _binder(kernel: Any):
     """Triton's own argument binder/specializer for ``kernel`` (divisibility by 16 and ``== 1`` are arch-independent)."""
     from triton.runtime.jit import create_function_from_signature

@@ -12,8 +12,8 @@ import copy
 
 import pytest
 import torch
-from fastdpo.benchmarks import engine_step
 
+from fastdpo.benchmarks import engine_step
 from fastdpo.reference import naive_batch_logps, naive_dpo_loss
 
 ARGS = ["--pairs", "2", "--prompt-len", "32", "--completion-len", "12", "--vocab", "1024", "--hidden", "64",

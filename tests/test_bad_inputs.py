@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import re
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ import torch
 from fastdpo.benchmarks import driver, impls, measure
 from fastdpo.benchmarks.impls import Shape
 
-
 #: peers that install and run on CPU (``.ci/run`` installs them); CCE and Liger's head need CUDA
 CPU_IMPLS = {"head": {"naive", "fastdpo", "trl", "torch_lce"}, "logprobs": {"naive", "fastdpo", "trl"},
              "dpo": {"naive", "fastdpo", "liger"}}

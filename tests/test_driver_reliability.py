@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from fastdpo.benchmarks import driver
 
 QUICK = ["--quick", "--device", "cpu", "--workloads", "logprobs", "--impls", "naive", "--threads", "1"]

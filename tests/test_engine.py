@@ -490,9 +490,10 @@ def test_loss_and_metrics_match_trl_dpo_trainer(tmp_path) -> None:
     import argparse
 
     from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
     from fastdpo.benchmarks.engine_step import make_models, make_rows
     from fastdpo.benchmarks.engine_step import make_tokenizer as make_id_tokenizer
-    from trl import DPOConfig, DPOTrainer
 
     args = argparse.Namespace(pairs=3, prompt_len=21, completion_len=7, jitter=0.5, vocab=211, hidden=32, layers=1,
                               heads=4, seed=5)

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 import torch
-from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 import fastdpo.head as head
-import fastdpo.reference as reference
 import fastdpo.head.function as head_function
 import fastdpo.head.grad_in_forward as head_gif
+import fastdpo.reference as reference
 from fastdpo import DPOEngine, PreferenceCollator
 from fastdpo.fused_kto import FusedLinearKTOLoss
 from fastdpo.nn import FusedLinearDPOLoss
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 from fastdpo.collator import PreferenceCollator
 from fastdpo.engine import DPOEngine
@@ -24,6 +23,7 @@ from fastdpo.losses import (
 )
 from fastdpo.losses.metrics import REWARD_METRICS, TOKEN_METRICS, TRL_METRIC_ORDER
 from fastdpo.nn import DPOLoss, FusedLinearDPOLoss, FusedLinearSimPOLoss
+from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
 P = 5
 CONFIGS = {

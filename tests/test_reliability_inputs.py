@@ -12,23 +12,9 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastdpo import (
-    cpo_loss,
-    kto_loss,
-    ld_logps,
-    ld_token_weights,
-    linear_logprobs_loss_grad_in_forward,
-    linear_sequence_logprobs,
-    linear_token_logprobs,
-    naive_linear_token_logprobs,
-    naive_sequence_logprobs,
-    orpo_loss,
-    preference_loss,
-    sequence_logprobs,
-    simpo_loss,
-    token_logprobs,
-    wpo_weights,
-)
+from fastdpo import linear_sequence_logprobs, linear_token_logprobs, preference_loss, sequence_logprobs, token_logprobs
+from fastdpo.head import linear_logprobs_loss_grad_in_forward
+from fastdpo.losses import cpo_loss, kto_loss, ld_logps, ld_token_weights, orpo_loss, simpo_loss, wpo_weights
 from fastdpo.nn import (
     DPOLoss,
     FusedLinearCPOLoss,
@@ -36,6 +22,7 @@ from fastdpo.nn import (
     FusedLinearORPOLoss,
     FusedLinearSimPOLoss,
 )
+from fastdpo.reference import naive_linear_token_logprobs, naive_sequence_logprobs
 from fastdpo.segments import segment_sum
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")

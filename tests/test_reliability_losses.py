@@ -10,14 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from fastdpo import (
-    LOSS_TYPES,
-    cpo_loss,
-    kto_loss,
-    orpo_loss,
-    preference_loss,
-    simpo_loss,
-)
+from fastdpo import preference_loss
+from fastdpo.losses import LOSS_TYPES, cpo_loss, kto_loss, orpo_loss, simpo_loss
 from fastdpo.nn import (
     DPOLoss,
     FusedLinearCPOLoss,

@@ -37,6 +37,7 @@ pytest.importorskip("deepspeed")
 datasets = pytest.importorskip("datasets")
 
 from launch import run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
+
 from fastdpo.tiny import preference_rows
 
 pytestmark = [
