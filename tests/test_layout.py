@@ -68,3 +68,67 @@ def test_moved_names_warn_and_resolve() -> None:
         assert fastdpo.naive_sequence_logprobs is fastdpo.reference.naive_sequence_logprobs
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fastdpo.nope  # noqa: B018
+
+
+# The README's architecture table, bottom up: a module imports only from its own layer and the ones before it.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("kernels", ("fastdpo.kernels",)),
+    ("foundations", ("fastdpo._launch", "fastdpo._dispatch", "fastdpo._dtypes", "fastdpo._validation",
+                     "fastdpo._deprecation", "fastdpo.atomic")),
+    ("ops", ("fastdpo.logprobs", "fastdpo.segments")),
+    ("fused head", ("fastdpo.head", "fastdpo.linear_logprobs")),
+    ("losses", ("fastdpo.losses",)),
+    ("attention and sequence parallelism", ("fastdpo.attention", "fastdpo.ulysses", "fastdpo.sequence_parallel")),
+    ("engine", ("fastdpo.models", "fastdpo.collator", "fastdpo.engine", "fastdpo.ref_cache", "fastdpo.quantize")),
+    ("drop-ins", ("fastdpo.nn", "fastdpo.fused_kto", "fastdpo.functional", "fastdpo.integrations",
+                  "fastdpo.model_card")),
+    ("references and fixtures", ("fastdpo.reference", "fastdpo.tiny")),
+    ("commands", ("fastdpo.cli", "fastdpo.train", "fastdpo.train_args", "fastdpo.run_state", "fastdpo.train_parallel",
+                  "fastdpo.data", "fastdpo.memory", "fastdpo.sp_memory", "fastdpo.memory_cli")),
+    ("benchmarks", ("fastdpo.benchmarks",)),
+]
+# the README's two exceptions: old import paths re-exporting the oracles, and --measure's lazy import of its workers
+ALLOWED_UPWARD = {("fastdpo.logprobs", "fastdpo.reference"), ("fastdpo.linear_logprobs", "fastdpo.reference"),
+                  ("fastdpo.memory_cli", "fastdpo.benchmarks.memory_measure")}
+
+
+def _layer(module: str) -> int | None:
+    best: tuple[int, int] | None = None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+                best = (index, len(prefix))
+    return None if best is None else best[0]
+
+
+def test_every_module_is_in_one_layer_and_imports_only_downward() -> None:
+    """Every module of the package belongs to a layer of the README's architecture table, and its imports of
+    fastdpo modules (top level or inside functions) go to its own layer or below, except the README's exceptions."""
+    import ast
+
+    import fastdpo
+
+    pkg = Path(fastdpo.__file__).resolve().parent
+    root = pkg.parent
+    files = {f"fastdpo.{'.'.join(p.relative_to(pkg).with_suffix('').parts)}".removesuffix(".__init__"): p
+             for p in pkg.rglob("*.py")}
+    files.update({f"fastdpo.kernels.{p.stem}".removesuffix(".__init__"): p for p in (root / "kernels").glob("*.py")})
+    files.update({f"fastdpo.benchmarks.{p.stem}".removesuffix(".__init__"): p
+                  for p in (root / "benchmarks").glob("*.py")})
+    unplaced = sorted(m for m in files if m != "fastdpo" and _layer(m) is None)
+    assert not unplaced, f"modules missing from the architecture table: {unplaced}"
+    upward = []
+    for module, path in files.items():
+        own = _layer(module)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fastdpo"):
+                targets = ([f"fastdpo.{a.name}" for a in node.names] if node.module == "fastdpo" else [node.module])
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("fastdpo")]
+            else:
+                continue
+            for target in targets:
+                layer = _layer(target)
+                if own is not None and layer is not None and layer > own and (module, target) not in ALLOWED_UPWARD:
+                    upward.append(f"{module} ({LAYERS[own][0]}) imports {target} ({LAYERS[layer][0]})")
+    assert not upward, upward

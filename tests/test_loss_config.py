@@ -302,7 +302,7 @@ def test_partial_losses_add_up_to_the_batch_loss(kw: dict) -> None:
 
 
 def _recording_head(monkeypatch) -> list:
-    import fastdpo.linear_logprobs as head
+    import fastdpo.head.grad_in_forward as head
 
     seen: list = []
     original = head.linear_logprobs_loss_grad_in_forward
