@@ -1,4 +1,5 @@
 """Minimal shim: all metadata lives in pyproject.toml."""
+
 from setuptools import setup
 
 setup()

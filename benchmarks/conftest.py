@@ -2,6 +2,7 @@
 every implementation's output and gradients are compared with a float64 recomputation, and the error may not exceed
 the naive PyTorch path's error in the same dtype (``log_softmax`` of the materialized logits, all in that dtype) plus
 a small tolerance -- the suite-wide rule, not a fixed atol (:func:`fastdpo.reference.assert_within_naive`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -14,8 +15,9 @@ from fastdpo.benchmarks import impls
 from fastdpo.reference import assert_within_naive
 
 
-def run_case(benchmark: Any, workload: str, name: str, shape: impls.Shape, dtype: torch.dtype,
-             device: torch.device, seed: int) -> tuple[impls.Impl, impls.Problem, torch.Tensor]:
+def run_case(
+    benchmark: Any, workload: str, name: str, shape: impls.Shape, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[impls.Impl, impls.Problem, torch.Tensor]:
     """``(impl, problem, output)`` of implementation ``name`` of ``workload`` benchmarked forward + backward (3 rounds
     after 1 warm-up, gradients reset each round; ``problem.upstream`` is the output's gradient, ``None`` for a scalar
     loss); the test is skipped when the implementation is unavailable on ``device``."""

@@ -11,6 +11,7 @@ a warning at start.
 CPU defaults (fp32) finish in a few minutes on a 2-core machine; GPU defaults (bf16) sweep real sizes:
 D ∈ {896, 2048, 4096}, V ∈ {32000, 128256, 151936, 262144}, up to 32k tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,19 @@ from fastdpo.cli import ArgParser, UsageError, float_in, int_in, make_output_dir
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SUBJECTS = ("naive", "fastdpo")  # always measured; every other implementation is a peer that may be skipped
-MEMORY_NOTE = ("memory = extra peak over setup (inputs, weights, upstream gradient already allocated); it INCLUDES the "
-               "gradient buffers backward allocates for the inputs (grad_mb column: hidden.grad + weight.grad, or "
-               "logits.grad)")
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
-          "float16": "float16"}
+MEMORY_NOTE = (
+    "memory = extra peak over setup (inputs, weights, upstream gradient already allocated); it INCLUDES the "
+    "gradient buffers backward allocates for the inputs (grad_mb column: hidden.grad + weight.grad, or "
+    "logits.grad)"
+)
+DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
 
 
 def default_shapes(workload: str, device: str, quick: bool) -> list[Shape]:
@@ -54,17 +63,21 @@ def default_shapes(workload: str, device: str, quick: bool) -> list[Shape]:
         return [Shape(64, d, 100), Shape(64, d, 300)]
     if device == "cuda":
         if workload == "head":
-            return _union([Shape(8192, 4096, v) for v in (32000, 128256, 151936, 262144)],
-                          [Shape(n, 4096, 128256) for n in (2048, 8192, 16384, 32768)],
-                          [Shape(8192, d, 151936) for d in (896, 2048, 4096)])
+            return _union(
+                [Shape(8192, 4096, v) for v in (32000, 128256, 151936, 262144)],
+                [Shape(n, 4096, 128256) for n in (2048, 8192, 16384, 32768)],
+                [Shape(8192, d, 151936) for d in (896, 2048, 4096)],
+            )
         if workload == "logprobs":
-            return _union([Shape(8192, 0, v) for v in (32000, 128256, 151936, 262144)],
-                          [Shape(n, 0, 128256) for n in (2048, 8192, 32768)])
-        return _union([Shape(8192, 4096, v) for v in (32000, 128256, 151936)],
-                      [Shape(n, 4096, 128256) for n in (2048, 16384)])
+            return _union(
+                [Shape(8192, 0, v) for v in (32000, 128256, 151936, 262144)],
+                [Shape(n, 0, 128256) for n in (2048, 8192, 32768)],
+            )
+        return _union(
+            [Shape(8192, 4096, v) for v in (32000, 128256, 151936)], [Shape(n, 4096, 128256) for n in (2048, 16384)]
+        )
     if workload == "head":
-        return _union([Shape(2048, 512, v) for v in (8192, 32000, 128256)],
-                      [Shape(n, 512, 32000) for n in (512, 1024)])
+        return _union([Shape(2048, 512, v) for v in (8192, 32000, 128256)], [Shape(n, 512, 32000) for n in (512, 1024)])
     if workload == "logprobs":
         return _union([Shape(2048, 0, v) for v in (8192, 32000, 128256)], [Shape(n, 0, 32000) for n in (512, 1024)])
     return [Shape(2048, 512, v) for v in (8192, 32000)]
@@ -96,25 +109,42 @@ def _name_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgParser(prog="fastdpo bench", description=__doc__.split("\n\n")[0],
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(
+        prog="fastdpo bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on GPU")
     p.add_argument("--tokens", type=_int_list, default=None, help="token counts N, e.g. 2048,8192")
     p.add_argument("--hidden", type=_int_list, default=None, help="hidden sizes D")
     p.add_argument("--vocab", type=_int_list, default=None, help="vocabulary sizes V")
-    p.add_argument("--impls", type=_name_list, default=None,
-                   help=f"implementations (default all): {sorted({i.name for i in IMPLS})}")
+    p.add_argument(
+        "--impls",
+        type=_name_list,
+        default=None,
+        help=f"implementations (default all): {sorted({i.name for i in IMPLS})}",
+    )
     p.add_argument("--workloads", type=_name_list, default=None, help=f"workloads (default all): {list(WORKLOADS)}")
     p.add_argument("--repeats", type=int_in(1), default=None, help="timed repeats per case (default 3 CPU, 10 GPU)")
-    p.add_argument("--time-budget", type=float_in(0.0, low_open=True), default=None,
-                   help="stop repeating a case once this many seconds are spent (default 12 CPU, 30 GPU; >=1 repeat)")
-    p.add_argument("--max-case-seconds", type=float_in(0.0, low_open=True), default=None,
-                   help="skip a peer's shape whose step, extrapolated from that peer's previous shape, would take "
-                        "longer (default 40 CPU, 60 GPU; naive and fastdpo always run)")
-    p.add_argument("--total-seconds", type=float_in(0.0), default=None,
-                   help="wall-clock budget of the whole run: cases that would end later are skipped (default 540 on "
-                        "CPU, 0 = none on GPU); naive and fastdpo run first, then the peers")
+    p.add_argument(
+        "--time-budget",
+        type=float_in(0.0, low_open=True),
+        default=None,
+        help="stop repeating a case once this many seconds are spent (default 12 CPU, 30 GPU; >=1 repeat)",
+    )
+    p.add_argument(
+        "--max-case-seconds",
+        type=float_in(0.0, low_open=True),
+        default=None,
+        help="skip a peer's shape whose step, extrapolated from that peer's previous shape, would take "
+        "longer (default 40 CPU, 60 GPU; naive and fastdpo always run)",
+    )
+    p.add_argument(
+        "--total-seconds",
+        type=float_in(0.0),
+        default=None,
+        help="wall-clock budget of the whole run: cases that would end later are skipped (default 540 on "
+        "CPU, 0 = none on GPU); naive and fastdpo run first, then the peers",
+    )
     p.add_argument("--out", type=output_dir, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat (smoke test)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -147,8 +177,7 @@ def _device_name(device: torch.device) -> str:
     return f"{name} ({os.cpu_count()} cores)"
 
 
-def _run_worker(spec: dict[str, Any], timeout: float, progress: Any,
-                on_records: Any = None) -> list[dict[str, Any]]:
+def _run_worker(spec: dict[str, Any], timeout: float, progress: Any, on_records: Any = None) -> list[dict[str, Any]]:
     """Run one worker process; advance ``progress`` (and call ``on_records(records so far)``) as it writes records;
     return its records."""
     with tempfile.TemporaryDirectory(prefix="fastdpo-bench-") as tmp:
@@ -156,8 +185,13 @@ def _run_worker(spec: dict[str, Any], timeout: float, progress: Any,
         with open(spec_path, "w") as fh:
             json.dump(spec, fh)
         env = {**os.environ, **MALLOC_ENV}
-        proc = subprocess.Popen([sys.executable, "-m", "fastdpo.benchmarks.measure", spec_path, out_path],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastdpo.benchmarks.measure", spec_path, out_path],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         start, done, records = time.monotonic(), 0, []
         while True:
             try:
@@ -188,11 +222,20 @@ def _run_worker(spec: dict[str, Any], timeout: float, progress: Any,
     seen = {(r["tokens"], r["hidden"], r["vocab"]) for r in records}
     for n, d, v in spec["shapes"]:
         if (n, d, v) not in seen:
-            reason = ("timeout" if proc.returncode in (-9, None) else f"worker exited {proc.returncode}")
+            reason = "timeout" if proc.returncode in (-9, None) else f"worker exited {proc.returncode}"
             tail = log.strip().splitlines()[-1:] if log.strip() else []
-            records.append({"workload": spec["workload"], "impl": spec["impl"], "tokens": n, "hidden": d, "vocab": v,
-                            "dtype": spec["dtype"], "device": spec["device"],
-                            "status": f"error: {reason} {' '.join(tail)}"[:300]})
+            records.append(
+                {
+                    "workload": spec["workload"],
+                    "impl": spec["impl"],
+                    "tokens": n,
+                    "hidden": d,
+                    "vocab": v,
+                    "dtype": spec["dtype"],
+                    "device": spec["device"],
+                    "status": f"error: {reason} {' '.join(tail)}"[:300],
+                }
+            )
             progress.update(1)
     return records
 
@@ -212,8 +255,11 @@ def _derive(rec: dict[str, Any], ceilings: dict[str, float] | None) -> None:
 
 
 def _speedups(records: list[dict[str, Any]]) -> None:
-    naive = {(r["workload"], r["tokens"], r["hidden"], r["vocab"]): r for r in records
-             if r["impl"] == "naive" and r.get("status") == "ok"}
+    naive = {
+        (r["workload"], r["tokens"], r["hidden"], r["vocab"]): r
+        for r in records
+        if r["impl"] == "naive" and r.get("status") == "ok"
+    }
     for r in records:
         base = naive.get((r["workload"], r["tokens"], r["hidden"], r["vocab"]))
         if base is not None and r.get("status") == "ok":
@@ -221,10 +267,33 @@ def _speedups(records: list[dict[str, Any]]) -> None:
             r["mem_ratio_vs_naive"] = r["step_peak_mb"] / base["step_peak_mb"] if base["step_peak_mb"] > 0 else None
 
 
-CSV_FIELDS = ("workload", "impl", "impl_label", "status", "device", "dtype", "tokens", "hidden", "vocab", "repeats",
-              "fwd_ms", "bwd_ms", "step_ms", "speedup_vs_naive", "fwd_peak_mb", "step_peak_mb", "mem_ratio_vs_naive",
-              "grad_mb", "grads_included", "setup_mb", "memory_method", "tflops", "gbps", "pct_matmul_ceiling",
-              "pct_copy_ceiling")
+CSV_FIELDS = (
+    "workload",
+    "impl",
+    "impl_label",
+    "status",
+    "device",
+    "dtype",
+    "tokens",
+    "hidden",
+    "vocab",
+    "repeats",
+    "fwd_ms",
+    "bwd_ms",
+    "step_ms",
+    "speedup_vs_naive",
+    "fwd_peak_mb",
+    "step_peak_mb",
+    "mem_ratio_vs_naive",
+    "grad_mb",
+    "grads_included",
+    "setup_mb",
+    "memory_method",
+    "tflops",
+    "gbps",
+    "pct_matmul_ceiling",
+    "pct_copy_ceiling",
+)
 
 
 def write_results(records: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path, stem: str) -> tuple[Path, Path]:
@@ -273,10 +342,13 @@ def print_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
 
     console = Console(width=max(160, Console().width))
     cuda = meta["device"] == "cuda"
-    console.print(f"[bold]fastdpo bench[/] on {meta['device_name']} ({meta['device']}, {meta['dtype']}), "
-                  f"torch {meta['versions']['torch']}")
-    console.print(f"time = median over repeats ({meta['timer']}); {MEMORY_NOTE}; memory method: "
-                  f"{meta['memory_method']}")
+    console.print(
+        f"[bold]fastdpo bench[/] on {meta['device_name']} ({meta['device']}, {meta['dtype']}), "
+        f"torch {meta['versions']['torch']}"
+    )
+    console.print(
+        f"time = median over repeats ({meta['timer']}); {MEMORY_NOTE}; memory method: {meta['memory_method']}"
+    )
     if meta.get("ceilings"):
         c = meta["ceilings"]
         console.print(f"measured ceilings: copy {c['copy_gbps']:.0f} GB/s, matmul {c['matmul_tflops']:.0f} TFLOP/s")
@@ -285,21 +357,50 @@ def print_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         if not rows:
             continue
         t = Table(title=f"workload {workload}: {WORKLOAD_TITLES[workload]}", show_lines=False)
-        for col in ("impl", "N", "D", "V", "reps", "fwd ms", "bwd ms", "step ms", "× naive", "fwd MB", "step MB",
-                    "grad MB", "TFLOP/s" + (" (%ceil)" if cuda else ""), "status"):
-            t.add_column(col, justify="left" if col in ("impl", "status") else "right",
-                         overflow="fold", max_width=60 if col == "status" else None)
+        for col in (
+            "impl",
+            "N",
+            "D",
+            "V",
+            "reps",
+            "fwd ms",
+            "bwd ms",
+            "step ms",
+            "× naive",
+            "fwd MB",
+            "step MB",
+            "grad MB",
+            "TFLOP/s" + (" (%ceil)" if cuda else ""),
+            "status",
+        ):
+            t.add_column(
+                col,
+                justify="left" if col in ("impl", "status") else "right",
+                overflow="fold",
+                max_width=60 if col == "status" else None,
+            )
         order = {name: i for i, name in enumerate(impl_names(workload))}
         for r in sorted(rows, key=lambda r: (r["vocab"], r["tokens"], r["hidden"], order.get(r["impl"], 99))):
             ok = r.get("status") == "ok"
             tf = _fmt(r.get("tflops"), 3 if not cuda else 0)
             if cuda and r.get("pct_matmul_ceiling") is not None:
                 tf += f" ({r['pct_matmul_ceiling']:.0f}%)"
-            t.add_row(r.get("impl_label", r["impl"]), str(r["tokens"]), str(r["hidden"] or "-"), str(r["vocab"]),
-                      _fmt(r.get("repeats")), _fmt(r.get("fwd_ms")), _fmt(r.get("bwd_ms")), _fmt(r.get("step_ms")),
-                      _fmt(r.get("speedup_vs_naive"), 2), _fmt(r.get("fwd_peak_mb"), 0),
-                      _fmt(r.get("step_peak_mb"), 0), _fmt(r.get("grad_mb"), 0), tf if ok else "-",
-                      "ok" if ok else r.get("status", "?"))
+            t.add_row(
+                r.get("impl_label", r["impl"]),
+                str(r["tokens"]),
+                str(r["hidden"] or "-"),
+                str(r["vocab"]),
+                _fmt(r.get("repeats")),
+                _fmt(r.get("fwd_ms")),
+                _fmt(r.get("bwd_ms")),
+                _fmt(r.get("step_ms")),
+                _fmt(r.get("speedup_vs_naive"), 2),
+                _fmt(r.get("fwd_peak_mb"), 0),
+                _fmt(r.get("step_peak_mb"), 0),
+                _fmt(r.get("grad_mb"), 0),
+                tf if ok else "-",
+                "ok" if ok else r.get("status", "?"),
+            )
         console.print(t)
 
 
@@ -335,7 +436,9 @@ def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, list[Shape]]],
     if args.impls:
         unknown = [n for n in args.impls if n not in {i.name for i in IMPLS}]
         if unknown:
-            raise UsageError(f"--impls: unknown implementation(s) {unknown}; choices: {sorted({i.name for i in IMPLS})}")
+            raise UsageError(
+                f"--impls: unknown implementation(s) {unknown}; choices: {sorted({i.name for i in IMPLS})}"
+            )
     settings = {
         "workloads": workloads,
         "repeats": args.repeats or (1 if args.quick else (10 if cuda else 3)),
@@ -348,8 +451,12 @@ def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, list[Shape]]],
         shapes = default_shapes(workload, device.type, args.quick)
         if args.tokens or args.hidden or args.vocab:
             base = shapes[0]
-            shapes = [Shape(n, d, v) for n, d, v in itertools.product(
-                args.tokens or [base.tokens], args.hidden or [base.hidden or 512], args.vocab or [base.vocab])]
+            shapes = [
+                Shape(n, d, v)
+                for n, d, v in itertools.product(
+                    args.tokens or [base.tokens], args.hidden or [base.hidden or 512], args.vocab or [base.vocab]
+                )
+            ]
         shapes = _union([s.normalized(workload) for s in shapes])
         names = impl_names(workload)
         if args.impls:
@@ -367,36 +474,62 @@ def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, list[Shape]]],
 
         available = psutil.virtual_memory().available
     if need > available:
-        raise UsageError(f"--tokens/--hidden/--vocab: the largest case's inputs and their gradients alone need "
-                         f"{need / 2**30:,.1f} GiB, {available / 2**30:,.1f} GiB available on {device.type}")
+        raise UsageError(
+            f"--tokens/--hidden/--vocab: the largest case's inputs and their gradients alone need "
+            f"{need / 2**30:,.1f} GiB, {available / 2**30:,.1f} GiB available on {device.type}"
+        )
     make_output_dir("--out", args.out)
     remove_stale_tmp_in(args.out)  # what killed earlier runs left half-written
     settings["plots"] = not args.no_plots
     if not args.no_plots:
         why = plotting_available()
         if why is not None:
-            print(f"fastdpo bench: warning: {why}: results are written, plots skipped (pip install matplotlib, or "
-                  "pass --no-plots)", file=sys.stderr)
+            print(
+                f"fastdpo bench: warning: {why}: results are written, plots skipped (pip install matplotlib, or "
+                "pass --no-plots)",
+                file=sys.stderr,
+            )
             settings["plots"] = False
     return plan, device, dtype, settings
 
 
-def _run(args: argparse.Namespace, argv: list[str] | None, plan: list[tuple[str, str, list[Shape]]],
-         device: torch.device, dtype: str, settings: dict[str, Any]) -> int:
+def _run(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    plan: list[tuple[str, str, list[Shape]]],
+    device: torch.device,
+    dtype: str,
+    settings: dict[str, Any],
+) -> int:
     cuda = device.type == "cuda"
     repeats, time_budget, max_case, total_s = (settings[k] for k in ("repeats", "time_budget", "max_case", "total_s"))
     started = _dt.datetime.now(_dt.timezone.utc)
     meta: dict[str, Any] = {
-        "device": device.type, "device_name": _device_name(device), "dtype": dtype, "versions": _versions(),
-        "started": started.isoformat(timespec="seconds"), "cpu_threads": args.threads or torch.get_num_threads(),
-        "timer": "CUDA events" if cuda else "time.perf_counter", "workloads": settings["workloads"],
-        "memory_method": "torch.cuda.max_memory_allocated - allocated after setup" if cuda else
-        "peak RSS: VmHWM - VmRSS after setup, high-water mark reset via /proc/self/clear_refs, one process per impl",
-        "memory_note": MEMORY_NOTE, "grads_included": True, "complete": False,
-        "config": {"repeats": repeats, "time_budget_s": time_budget, "max_case_seconds": max_case,
-                   "total_seconds": total_s,
-                   "quick": args.quick, "argv": list(argv) if argv is not None else sys.argv[1:],
-                   "plan": [[w, n, [[s.tokens, s.hidden, s.vocab] for s in shapes]] for w, n, shapes in plan]},
+        "device": device.type,
+        "device_name": _device_name(device),
+        "dtype": dtype,
+        "versions": _versions(),
+        "started": started.isoformat(timespec="seconds"),
+        "cpu_threads": args.threads or torch.get_num_threads(),
+        "timer": "CUDA events" if cuda else "time.perf_counter",
+        "workloads": settings["workloads"],
+        "memory_method": "torch.cuda.max_memory_allocated - allocated after setup"
+        if cuda
+        else (
+            "peak RSS: VmHWM - VmRSS after setup, high-water mark reset via /proc/self/clear_refs, one process per impl"
+        ),
+        "memory_note": MEMORY_NOTE,
+        "grads_included": True,
+        "complete": False,
+        "config": {
+            "repeats": repeats,
+            "time_budget_s": time_budget,
+            "max_case_seconds": max_case,
+            "total_seconds": total_s,
+            "quick": args.quick,
+            "argv": list(argv) if argv is not None else sys.argv[1:],
+            "plan": [[w, n, [[s.tokens, s.hidden, s.vocab] for s in shapes]] for w, n, shapes in plan],
+        },
     }
     if cuda:
         meta["ceilings"] = measure_ceilings(device, getattr(torch, dtype))
@@ -426,15 +559,34 @@ def _run(args: argparse.Namespace, argv: list[str] | None, plan: list[tuple[str,
                 reason = "skipped: run time budget (--total-seconds) spent"
             if reason is not None:
                 for s in shapes:
-                    records.append({"workload": workload, "impl": name, "tokens": s.tokens, "hidden": s.hidden,
-                                    "vocab": s.vocab, "dtype": dtype, "device": device.type, "status": reason})
+                    records.append(
+                        {
+                            "workload": workload,
+                            "impl": name,
+                            "tokens": s.tokens,
+                            "hidden": s.hidden,
+                            "vocab": s.vocab,
+                            "dtype": dtype,
+                            "device": device.type,
+                            "status": reason,
+                        }
+                    )
                 progress.update(len(shapes))
                 save()
                 continue
-            spec = {"workload": workload, "impl": name, "device": str(device), "dtype": dtype,
-                    "shapes": [[s.tokens, s.hidden, s.vocab] for s in shapes], "repeats": repeats,
-                    "time_budget": time_budget, "max_case_seconds": max_case, "threads": args.threads,
-                    "peer": name not in SUBJECTS, "deadline": deadline}
+            spec = {
+                "workload": workload,
+                "impl": name,
+                "device": str(device),
+                "dtype": dtype,
+                "shapes": [[s.tokens, s.hidden, s.vocab] for s in shapes],
+                "repeats": repeats,
+                "time_budget": time_budget,
+                "max_case_seconds": max_case,
+                "threads": args.threads,
+                "peer": name not in SUBJECTS,
+                "deadline": deadline,
+            }
             timeout = 120.0 + len(shapes) * (max_case * (repeats + 2) + 30.0)
             records += _run_worker(spec, timeout, progress, on_records=save)
             save()
@@ -452,16 +604,21 @@ def _run(args: argparse.Namespace, argv: list[str] | None, plan: list[tuple[str,
         try:
             plots = plot_results(records, meta, args.out, stem)
         except Exception as exc:  # noqa: BLE001 - a plotting failure must not cost the measurements
-            print(f"fastdpo bench: warning: plotting failed ({type(exc).__name__}: {exc}); results are in the JSON "
-                  "and CSV", file=sys.stderr)
+            print(
+                f"fastdpo bench: warning: plotting failed ({type(exc).__name__}: {exc}); results are in the JSON "
+                "and CSV",
+                file=sys.stderr,
+            )
     meta["plots"] = [str(p) for p in plots]
     json_path, csv_path = write_results(records, meta, args.out, stem)
     print_table(records, meta)
     print(f"wrote {json_path}\nwrote {csv_path}" + "".join(f"\nwrote {p}" for p in plots))
     failed = [r for r in records if str(r.get("status", "")).startswith("error")]
     for r in failed:
-        print(f"FAILED {r['workload']}/{r['impl']} N={r['tokens']} D={r['hidden']} V={r['vocab']}: {r['status']}",
-              file=sys.stderr)
+        print(
+            f"FAILED {r['workload']}/{r['impl']} N={r['tokens']} D={r['hidden']} V={r['vocab']}: {r['status']}",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 

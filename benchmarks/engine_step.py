@@ -26,6 +26,7 @@ Usage::
 
 Measured results on a particular machine: ``benchmarks/results/cpu-20261125-engine-step.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--max-tokens-per-row", type=int, default=-1,
-                   help="engine: start a new packed row past this many tokens (-1: about one pair per row, "
-                        "0: everything in one row); attention cost grows with the square of the row length")
+    p.add_argument(
+        "--max-tokens-per-row",
+        type=int,
+        default=-1,
+        help="engine: start a new packed row past this many tokens (-1: about one pair per row, "
+        "0: everything in one row); attention cost grows with the square of the row length",
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="alternate the workers this many times, keep the best")
@@ -91,9 +96,11 @@ def make_rows(args: argparse.Namespace) -> list[dict[str, list[int]]]:
         return torch.randint(3, args.vocab, (n,), generator=gen).tolist()
 
     return [
-        {"prompt_input_ids": [BOS_ID] + ids(length(args.prompt_len) - 1),
-         "chosen_input_ids": ids(length(args.completion_len) - 1) + [EOS_ID],
-         "rejected_input_ids": ids(length(args.completion_len) - 1) + [EOS_ID]}
+        {
+            "prompt_input_ids": [BOS_ID] + ids(length(args.prompt_len) - 1),
+            "chosen_input_ids": ids(length(args.completion_len) - 1) + [EOS_ID],
+            "rejected_input_ids": ids(length(args.completion_len) - 1) + [EOS_ID],
+        }
         for _ in range(args.pairs)
     ]
 
@@ -107,8 +114,9 @@ def make_tokenizer(vocab: int):
     words.update({f"t{i}": i for i in range(3, vocab)})
     backend = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
+    )
 
 
 def make_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -116,10 +124,17 @@ def make_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Mod
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 8 * 8,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 2),
-        max_position_embeddings=4 * (args.prompt_len + 2 * args.completion_len), pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3 // 8 * 8,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=max(1, args.heads // 2),
+        max_position_embeddings=4 * (args.prompt_len + 2 * args.completion_len),
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(args.seed)
     ref = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
@@ -165,17 +180,34 @@ def make_trl_trainer(policy: torch.nn.Module, ref: torch.nn.Module, tok: Any, pa
     from trl import DPOConfig, DPOTrainer
 
     out_dir = tempfile.mkdtemp(prefix="fastdpo-bench-trl-")
-    config = DPOConfig(output_dir=out_dir, report_to="none", per_device_train_batch_size=pairs,
-                       max_length=None, beta=0.1, loss_type=["sigmoid"], use_cpu=use_cpu, bf16=False,
-                       save_strategy="no", logging_strategy="no", push_to_hub=False, dataloader_num_workers=0)
+    config = DPOConfig(
+        output_dir=out_dir,
+        report_to="none",
+        per_device_train_batch_size=pairs,
+        max_length=None,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        use_cpu=use_cpu,
+        bf16=False,
+        save_strategy="no",
+        logging_strategy="no",
+        push_to_hub=False,
+        dataloader_num_workers=0,
+    )
     dummy = Dataset.from_list([{"prompt": "t3 t4", "chosen": " t5", "rejected": " t6"}])
     return DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=dummy, processing_class=tok)
 
 
 def trl_examples(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
     """:func:`make_rows` rows in the keys TRL's ``DataCollatorForPreference`` reads."""
-    return [{"prompt_ids": r["prompt_input_ids"], "chosen_ids": r["chosen_input_ids"],
-             "rejected_ids": r["rejected_input_ids"]} for r in rows]
+    return [
+        {
+            "prompt_ids": r["prompt_input_ids"],
+            "chosen_ids": r["chosen_input_ids"],
+            "rejected_ids": r["rejected_input_ids"],
+        }
+        for r in rows
+    ]
 
 
 def _trl_step_fn(args: argparse.Namespace):
@@ -202,20 +234,30 @@ def worker(args: argparse.Namespace) -> int:
 
     name = args.worker
     t_setup = time.perf_counter()
-    step = _trl_step_fn(args) if name == "trl" else _engine_step_fn(args, "prefix_shared" if name == "engine"
-                                                                     else "pad")
+    step = (
+        _trl_step_fn(args) if name == "trl" else _engine_step_fn(args, "prefix_shared" if name == "engine" else "pad")
+    )
     setup_s = time.perf_counter() - t_setup
     losses = [step() for _ in range(args.warmup)]
-    record: dict[str, Any] = {"impl": name, "description": _DESCRIPTIONS[name], "pairs": args.pairs,
-                              "setup_s": setup_s, "threads": torch.get_num_threads()}
+    record: dict[str, Any] = {
+        "impl": name,
+        "description": _DESCRIPTIONS[name],
+        "pairs": args.pairs,
+        "setup_s": setup_s,
+        "threads": torch.get_num_threads(),
+    }
     if args.measure == "memory":
         gc.collect()
         base_kb = proc_status_kb("VmRSS")
         reset_peak_rss()
         losses.append(step())
         peak_kb = proc_status_kb("VmHWM")
-        record.update(extra_peak_mb=(peak_kb - base_kb) / 1024, setup_rss_mb=base_kb / 1024,
-                      peak_rss_mb=max(peak_kb, base_kb) / 1024, loss=losses[-1])
+        record.update(
+            extra_peak_mb=(peak_kb - base_kb) / 1024,
+            setup_rss_mb=base_kb / 1024,
+            peak_rss_mb=max(peak_kb, base_kb) / 1024,
+            loss=losses[-1],
+        )
     else:
         times = []
         for _ in range(args.steps):
@@ -231,10 +273,32 @@ def worker(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- driver
 def _worker_argv(args: argparse.Namespace, impl: str, out: str, measure: str) -> list[str]:
-    argv = [sys.executable, "-m", "fastdpo.benchmarks.engine_step", "--worker", impl, "--out", out,
-            "--measure", measure]
-    for key in ("pairs", "prompt_len", "completion_len", "jitter", "vocab", "hidden", "layers", "heads", "steps",
-                "warmup", "threads", "seed", "max_tokens_per_row"):
+    argv = [
+        sys.executable,
+        "-m",
+        "fastdpo.benchmarks.engine_step",
+        "--worker",
+        impl,
+        "--out",
+        out,
+        "--measure",
+        measure,
+    ]
+    for key in (
+        "pairs",
+        "prompt_len",
+        "completion_len",
+        "jitter",
+        "vocab",
+        "hidden",
+        "layers",
+        "heads",
+        "steps",
+        "warmup",
+        "threads",
+        "seed",
+        "max_tokens_per_row",
+    ):
         argv += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     return argv
 
@@ -248,8 +312,9 @@ def run_worker(args: argparse.Namespace, impl: str, measure: str) -> dict[str, A
     os.close(fd)
     try:
         env = dict(os.environ, **MALLOC_ENV) if measure == "memory" else dict(os.environ)
-        proc = subprocess.run(_worker_argv(args, impl, out, measure), env=env, capture_output=True, text=True,
-                              timeout=args.timeout)
+        proc = subprocess.run(
+            _worker_argv(args, impl, out, measure), env=env, capture_output=True, text=True, timeout=args.timeout
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"worker {impl} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         with open(out) as fh:
@@ -286,25 +351,34 @@ def main(argv: list[str] | None = None) -> int:
     rows = make_rows(args)
     n_prompt = sum(len(r["prompt_input_ids"]) for r in rows)
     n_comp = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
-    print(f"DPO step, tiny Llama (vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers), {args.pairs} pairs: "
-          f"{n_prompt} prompt + {n_comp} completion tokens (prompt/completion per sequence "
-          f"{n_prompt / n_comp * 2:.2f}), fp32, CPU, {records[0]['threads']} threads, median of {args.steps} steps, "
-          f"best of {args.rounds} round(s)")
+    print(
+        f"DPO step, tiny Llama (vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers), {args.pairs} pairs: "
+        f"{n_prompt} prompt + {n_comp} completion tokens (prompt/completion per sequence "
+        f"{n_prompt / n_comp * 2:.2f}), fp32, CPU, {records[0]['threads']} threads, median of {args.steps} steps, "
+        f"best of {args.rounds} round(s)"
+    )
     print(f"{'impl':<12} {'step s':>8} {'pairs/s':>8} {'extra peak MB':>14} {'peak RSS MB':>12} {'loss':>10}")
     for r in records:
-        print(f"{r['impl']:<12} {r['step_s']:>8.3f} {r['pairs_per_s']:>8.2f} {r['extra_peak_mb']:>14.1f} "
-              f"{r['peak_rss_mb']:>12.1f} {r['loss']:>10.6f}")
+        print(
+            f"{r['impl']:<12} {r['step_s']:>8.3f} {r['pairs_per_s']:>8.2f} {r['extra_peak_mb']:>14.1f} "
+            f"{r['peak_rss_mb']:>12.1f} {r['loss']:>10.6f}"
+        )
     if "trl" in best:
         base = best["trl"]
         for r in records:
             if r["impl"] != "trl":
-                print(f"{r['impl']} vs trl: {r['pairs_per_s'] / base['pairs_per_s']:.2f}x pairs/s, extra peak "
-                      f"{r['extra_peak_mb'] / max(base['extra_peak_mb'], 1e-9):.2f}x, peak RSS "
-                      f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x, |loss diff| {abs(r['loss'] - base['loss']):.2e}")
+                print(
+                    f"{r['impl']} vs trl: {r['pairs_per_s'] / base['pairs_per_s']:.2f}x pairs/s, extra peak "
+                    f"{r['extra_peak_mb'] / max(base['extra_peak_mb'], 1e-9):.2f}x, peak RSS "
+                    f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x, |loss diff| {abs(r['loss'] - base['loss']):.2e}"
+                )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
-                       "records": records}, fh, indent=2)
+            json.dump(
+                {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "out")}, "records": records},
+                fh,
+                indent=2,
+            )
     return 0
 
 

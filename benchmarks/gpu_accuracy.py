@@ -8,6 +8,7 @@ dtype, plus a small tolerance::
 
 The tolerances are the suite's (``tests/test_logprobs.py``, ``tests/test_linear_logprobs.py``).
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,13 @@ class Check:
         return self.err == self.err and self.err <= self.naive_err + self.tol  # NaN never passes
 
     def as_dict(self) -> dict[str, Any]:
-        return {"quantity": self.quantity, "err": self.err, "naive_err": self.naive_err, "tol": self.tol,
-                "pass": self.passed}
+        return {
+            "quantity": self.quantity,
+            "err": self.err,
+            "naive_err": self.naive_err,
+            "tol": self.tol,
+            "pass": self.passed,
+        }
 
 
 def max_abs_err(result: torch.Tensor, ref: torch.Tensor) -> float:
@@ -56,8 +62,15 @@ def max_abs_err(result: torch.Tensor, ref: torch.Tensor) -> float:
     return float("nan") if torch.isnan(diff).any() else diff.max().item()
 
 
-def check(quantity: str, result: torch.Tensor, naive: torch.Tensor, ref: torch.Tensor, rel_tol: float,
-          scale: float | None = None, slack: float = 0.0) -> Check:
+def check(
+    quantity: str,
+    result: torch.Tensor,
+    naive: torch.Tensor,
+    ref: torch.Tensor,
+    rel_tol: float,
+    scale: float | None = None,
+    slack: float = 0.0,
+) -> Check:
     """Apply the rule to one quantity; ``scale`` defaults to ``max(1, max|ref|)``; ``slack`` is added to the tol."""
     if scale is None:
         scale = max(1.0, ref.detach().abs().max().item() if ref.numel() else 0.0)
@@ -67,5 +80,8 @@ def check(quantity: str, result: torch.Tensor, naive: torch.Tensor, ref: torch.T
 def summarize(checks: list[Check]) -> dict[str, Any]:
     """Record fields: ``check`` ("pass" / "fail"), ``errors`` (one readable string), ``accuracy`` (per quantity)."""
     text = "; ".join(f"{c.quantity} {c.err:.2e} (naive {c.naive_err:.2e}, tol {c.tol:.1e})" for c in checks)
-    return {"check": "pass" if all(c.passed for c in checks) else "fail", "errors": text,
-            "accuracy": [c.as_dict() for c in checks]}
+    return {
+        "check": "pass" if all(c.passed for c in checks) else "fail",
+        "errors": text,
+        "accuracy": [c.as_dict() for c in checks],
+    }

@@ -23,6 +23,7 @@ code paths end to end in well under a minute (``tests/test_gpu_run.py``).
 Exit status: 0 when every case that ran gave a result that passed its check; 1 when a case raised (a kernel that
 does not compile, say) or a check failed; 2 on bad arguments or no CUDA device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,38 @@ SECTIONS = ("logprobs", "head", "dpo")
 REPEATS = {"logprobs": (3, 20), "head": (2, 5), "dpo": (2, 5)}
 RESERVE_S = 10.0  # kept free at the end of the budget for the last writes and the report
 DEFAULT_BUDGET_S = 390.0
-VERSIONED = ("torch", "triton", "transformers", "accelerate", "peft", "tokenizers", "datasets", "pyarrow", "fsspec",
-             "huggingface-hub", "trl", "liger-kernel", "cut-cross-entropy", "flash-attn", "numpy", "matplotlib")
-SMI_FIELDS = ("name", "driver_version", "pstate", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem",
-              "power.draw", "power.limit", "temperature.gpu", "memory.used", "memory.total")
+VERSIONED = (
+    "torch",
+    "triton",
+    "transformers",
+    "accelerate",
+    "peft",
+    "tokenizers",
+    "datasets",
+    "pyarrow",
+    "fsspec",
+    "huggingface-hub",
+    "trl",
+    "liger-kernel",
+    "cut-cross-entropy",
+    "flash-attn",
+    "numpy",
+    "matplotlib",
+)
+SMI_FIELDS = (
+    "name",
+    "driver_version",
+    "pstate",
+    "clocks.sm",
+    "clocks.mem",
+    "clocks.max.sm",
+    "clocks.max.mem",
+    "power.draw",
+    "power.limit",
+    "temperature.gpu",
+    "memory.used",
+    "memory.total",
+)
 
 
 def _sections(text: str) -> list[str]:
@@ -79,10 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outdir", type=Path, help="folder for <device>-<stamp>.{json,csv,txt,png}")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, Triton interpreter")
     p.add_argument("--sections", type=_sections, default=list(SECTIONS), help=f"subset of {','.join(SECTIONS)}")
-    p.add_argument("--budget-s", type=_positive, default=DEFAULT_BUDGET_S,
-                   help=f"seconds from now in which every case must end (default {DEFAULT_BUDGET_S:g})")
-    p.add_argument("--deadline", type=_positive, default=None,
-                   help="absolute deadline (epoch seconds; gpu_run.sh passes its own start + budget)")
+    p.add_argument(
+        "--budget-s",
+        type=_positive,
+        default=DEFAULT_BUDGET_S,
+        help=f"seconds from now in which every case must end (default {DEFAULT_BUDGET_S:g})",
+    )
+    p.add_argument(
+        "--deadline",
+        type=_positive,
+        default=None,
+        help="absolute deadline (epoch seconds; gpu_run.sh passes its own start + budget)",
+    )
     p.add_argument("--install-report", type=Path, default=None, help="gpu_install.py's JSON report (into the meta)")
     return p
 
@@ -90,8 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------------- meta
 def _nvidia_smi() -> dict[str, str]:
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     if out.returncode != 0:
@@ -105,9 +146,14 @@ def _device_info(device: Any) -> dict[str, Any]:
 
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return {"name": props.name, "capability": f"sm_{props.major}{props.minor}",
-                "multiprocessors": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1),
-                "l2_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1), "cuda_runtime": torch.version.cuda}
+        return {
+            "name": props.name,
+            "capability": f"sm_{props.major}{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "l2_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+            "cuda_runtime": torch.version.cuda,
+        }
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -185,28 +231,46 @@ def main(argv: list[str] | None = None) -> int:
     peers = peer_status(args.sections)
     plan = _plan(args.sections, args.dry_run, peers)
     meta: dict[str, Any] = {
-        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "stem": stem,
-        "dry_run": args.dry_run, "argv": sys.argv[1:] if argv is None else argv, "device": info,
-        "nvidia_smi_start": _nvidia_smi() if device.type == "cuda" else {}, "versions": _versions(), "peers": peers,
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "stem": stem,
+        "dry_run": args.dry_run,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "device": info,
+        "nvidia_smi_start": _nvidia_smi() if device.type == "cuda" else {},
+        "versions": _versions(),
+        "peers": peers,
         "env": {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "FASTDPO_BACKEND", "CUDA_VISIBLE_DEVICES")},
         "install": _install_report(args.install_report),
-        "plan": plan, "budget": f"deadline in {deadline - start:.0f} s, {RESERVE_S:g} s reserved for the last writes; "
-                                f"estimated {plan['total_estimate_s']:.0f} s at H100 rates",
+        "plan": plan,
+        "budget": f"deadline in {deadline - start:.0f} s, {RESERVE_S:g} s reserved for the last writes; "
+        f"estimated {plan['total_estimate_s']:.0f} s at H100 rates",
         "timing": "CUDA events around each call, warm-up calls untimed, median of the timed calls (perf_counter on "
-                  "CPU); peak = torch.cuda.max_memory_allocated after reset_peak_memory_stats before the timed calls",
+        "CPU); peak = torch.cuda.max_memory_allocated after reset_peak_memory_stats before the timed calls",
         "accuracy_rule": "max|x - float64 ref| <= max|naive same-dtype - ref| + tol on a slice (gpu_accuracy.py)",
         "sections_done": [],
     }
     report = Report(args.outdir, stem, meta)
     print(f"gpu_bench: {info['name']} -> {report.paths['json']}")
     for dist, status in peers.items():
-        print(f"  peer {dist}: {status if status.startswith('missing') else 'installed ' + status}"
-              + ("  -> its cases are SKIPPED" if status.startswith("missing") else ""))
-    print("  plan at H100 rates: " + ", ".join(f"{k} {plan[k]['cases']} cases ~{plan[k]['estimate_s']:.0f} s"
-                                               for k in args.sections) + f"; {meta['budget']}")
+        print(
+            f"  peer {dist}: {status if status.startswith('missing') else 'installed ' + status}"
+            + ("  -> its cases are SKIPPED" if status.startswith("missing") else "")
+        )
+    print(
+        "  plan at H100 rates: "
+        + ", ".join(f"{k} {plan[k]['cases']} cases ~{plan[k]['estimate_s']:.0f} s" for k in args.sections)
+        + f"; {meta['budget']}"
+    )
 
-    base_ctx = Context(device=device, dry_run=args.dry_run, warmup=1, repeats=1, deadline=deadline - RESERVE_S,
-                       sink=report, peers=peers)
+    base_ctx = Context(
+        device=device,
+        dry_run=args.dry_run,
+        warmup=1,
+        repeats=1,
+        deadline=deadline - RESERVE_S,
+        sink=report,
+        peers=peers,
+    )
     for name in args.sections:
         warm, reps = _calls(name, args.dry_run)
         ctx = dataclasses.replace(base_ctx, warmup=warm, repeats=reps)
@@ -226,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     report.write()
     errors = [r for r in report.records if str(r.get("status", "")).startswith("error")]
     failed = [r for r in report.records if r.get("check") == "fail"]
-    print(f"gpu_bench: {len(report.records)} records, {len(errors)} errors, {len(failed)} failed checks, "
-          f"{meta['wall_s']:.0f} s; outputs {', '.join(str(p) for p in report.paths.values())}")
+    print(
+        f"gpu_bench: {len(report.records)} records, {len(errors)} errors, {len(failed)} failed checks, "
+        f"{meta['wall_s']:.0f} s; outputs {', '.join(str(p) for p in report.paths.values())}"
+    )
     return 1 if errors or failed else 0
 
 

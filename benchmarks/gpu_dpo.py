@@ -30,6 +30,7 @@ reference forward), at an assumed 40% of 790 TFLOP/s: ~0.55 s per TRL step (16 p
 prefix_shared, ~0.4 s padding_free; plus the models (~5 s), TRL's trainer (~5 s) and the float64 CPU forward of the
 checked pair (2 * 1.24e9 FLOPs per token at ~100 GFLOP/s: ~20 s for ~800 tokens).
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,17 +55,30 @@ MODEL_BUILD_S = 5.0
 
 def dims(dry_run: bool) -> dict[str, int]:
     if dry_run:
-        return {"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "intermediate_size": 128}
-    return {"vocab_size": 128256, "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "intermediate_size": 8192}
+        return {
+            "vocab_size": 300,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 128,
+        }
+    return {
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+    }
 
 
 def data_args(dry_run: bool) -> types.SimpleNamespace:
     """What ``engine_step.make_rows`` reads."""
     pairs, prompt, completion = (2, 12, 6) if dry_run else (8, 512, 256)
-    return types.SimpleNamespace(pairs=pairs, prompt_len=prompt, completion_len=completion, jitter=0.5,
-                                 vocab=dims(dry_run)["vocab_size"], seed=0)
+    return types.SimpleNamespace(
+        pairs=pairs, prompt_len=prompt, completion_len=completion, jitter=0.5, vocab=dims(dry_run)["vocab_size"], seed=0
+    )
 
 
 def num_params(d: dict[str, int]) -> int:
@@ -86,15 +100,22 @@ def estimates(dry_run: bool, calls: int) -> dict[str, float]:
     lens = _lengths(make_rows(data_args(dry_run)))
     step_flops_per_token = 8.0 * num_params(d)
     rate = MFU * H100.bf16_tflops * 1e12
-    fed = {"prefix_shared": sum(p + c + r for p, c, r in lens),
-           "padding_free": sum(2 * p + c + r for p, c, r in lens),
-           "trl": 2 * len(lens) * max(p + max(c, r) for p, c, r in lens)}
+    fed = {
+        "prefix_shared": sum(p + c + r for p, c, r in lens),
+        "padding_free": sum(2 * p + c + r for p, c, r in lens),
+        "trl": 2 * len(lens) * max(p + max(c, r) for p, c, r in lens),
+    }
     p, c, r = min(lens, key=sum)
-    out = {"setup": MODEL_BUILD_S + 2.0 * num_params(d) * (2 * p + c + r) / (H100.cpu_fp64_gflops * 1e9)
-           + 10.0 * num_params(d) / (H100.cpu_gbps * 1e9) + CASE_OVERHEAD_S}
+    out = {
+        "setup": MODEL_BUILD_S
+        + 2.0 * num_params(d) * (2 * p + c + r) / (H100.cpu_fp64_gflops * 1e9)
+        + 10.0 * num_params(d) / (H100.cpu_gbps * 1e9)
+        + CASE_OVERHEAD_S
+    }
     for name, tokens in fed.items():
-        out[name] = (calls * step_flops_per_token * tokens / rate + CASE_OVERHEAD_S
-                     + (TRL_INIT_S if name == "trl" else 0.0))
+        out[name] = (
+            calls * step_flops_per_token * tokens / rate + CASE_OVERHEAD_S + (TRL_INIT_S if name == "trl" else 0.0)
+        )
     return out
 
 
@@ -109,8 +130,11 @@ def attn_impls(ctx: Context) -> list[tuple[str, str | None]]:
 def plan(dry_run: bool, calls: int, peers: dict[str, str]) -> dict[str, Any]:
     """Case count, parameters and the estimated seconds (``calls`` = warm-up + timed steps per case)."""
     n_attn = 1 + (skip_reason("flash_attention_2", peers) is None and not dry_run)
-    return {"cases": n_attn * (len(IMPLS) + 1), "params": num_params(dims(dry_run)),
-            "estimate_s": round(n_attn * sum(estimates(dry_run, calls).values()), 1)}
+    return {
+        "cases": n_attn * (len(IMPLS) + 1),
+        "params": num_params(dims(dry_run)),
+        "estimate_s": round(n_attn * sum(estimates(dry_run, calls).values()), 1),
+    }
 
 
 def run(ctx: Context) -> None:
@@ -120,12 +144,23 @@ def run(ctx: Context) -> None:
     rows = make_rows(args)
     lens = _lengths(rows)
     pick = min(range(len(rows)), key=lambda k: sum(lens[k]))
-    state: dict[str, Any] = {"rows": rows, "tok": make_tokenizer(d["vocab_size"]), "pick": pick,
-                             "tokens": sum(2 * p + c + r for p, c, r in lens)}
+    state: dict[str, Any] = {
+        "rows": rows,
+        "tok": make_tokenizer(d["vocab_size"]),
+        "pick": pick,
+        "tokens": sum(2 * p + c + r for p, c, r in lens),
+    }
     est = estimates(ctx.dry_run, ctx.warmup + ctx.repeats)
     for attn, reason in attn_impls(ctx):
-        base = {"section": SECTION, "attn": attn, "dtype": "bfloat16", "D": d["hidden_size"], "V": d["vocab_size"],
-                "pairs": len(rows), "tokens": state["tokens"]}
+        base = {
+            "section": SECTION,
+            "attn": attn,
+            "dtype": "bfloat16",
+            "D": d["hidden_size"],
+            "V": d["vocab_size"],
+            "pairs": len(rows),
+            "tokens": state["tokens"],
+        }
         if reason is not None:
             for name in IMPLS:
                 ctx.skip({**base, "impl": name}, reason)
@@ -159,7 +194,7 @@ def _completion_logps(model: torch.nn.Module, state: dict[str, Any], device: tor
     with torch.no_grad():
         for ids, n_prompt in _sequences(state):
             x = torch.tensor([ids], device=device)
-            logits = model(input_ids=x, use_cache=False).logits[0, n_prompt - 1:-1]
+            logits = model(input_ids=x, use_cache=False).logits[0, n_prompt - 1 : -1]
             logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
             out.append(logp.gather(-1, x[0, n_prompt:, None]).sum())
     return torch.stack(out).to("cpu", torch.float64)
@@ -172,8 +207,14 @@ def _setup_case(ctx: Context, attn: str, d: dict[str, int], state: dict[str, Any
     from fastdpo.benchmarks.engine_step import BOS_ID, EOS_ID, PAD_ID
 
     device = ctx.device
-    config = LlamaConfig(**d, tie_word_embeddings=True, max_position_embeddings=4096, pad_token_id=PAD_ID,
-                         bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    config = LlamaConfig(
+        **d,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
     torch.manual_seed(1234)
     with torch.device(device):
         ref = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=DTYPE)
@@ -218,8 +259,9 @@ def _step_case(ctx: Context, name: str, state: dict[str, Any]) -> dict[str, Any]
         model.train()
         # transformers 5.x renamed the flag (the old name warns); compute_loss alone never turns it on
         flag = getattr(model, "is_activation_checkpointing", None)
-        extra["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False)
-                                               if flag is None else flag)
+        extra["gradient_checkpointing"] = bool(
+            getattr(model, "is_gradient_checkpointing", False) if flag is None else flag
+        )
 
         def fwd() -> torch.Tensor:
             return trainer.compute_loss(model, batch)
@@ -231,8 +273,9 @@ def _step_case(ctx: Context, name: str, state: dict[str, Any]) -> dict[str, Any]
         from fastdpo.engine import DPOEngine
 
         args = data_args(ctx.dry_run)
-        collator = PreferenceCollator(state["tok"], packing=name,
-                                      max_tokens_per_row=args.prompt_len + 2 * args.completion_len)
+        collator = PreferenceCollator(
+            state["tok"], packing=name, max_tokens_per_row=args.prompt_len + 2 * args.completion_len
+        )
         batch = _to(collator(rows), device)
         engine = DPOEngine(policy, ref, reference="model", loss_type="sigmoid", beta=0.1)
         model = policy
@@ -244,13 +287,24 @@ def _step_case(ctx: Context, name: str, state: dict[str, Any]) -> dict[str, Any]
             out = engine.compute_logps(policy, batch, with_grad=False)
             return out["chosen_logps"], out["rejected_logps"]
 
-    passes, loss, _ = time_passes(fwd, lambda loss: loss.backward(), device=device, warmup=ctx.warmup,
-                                  repeats=ctx.repeats, before=lambda: model.zero_grad(set_to_none=True))
+    passes, loss, _ = time_passes(
+        fwd,
+        lambda loss: loss.backward(),
+        device=device,
+        warmup=ctx.warmup,
+        repeats=ctx.repeats,
+        before=lambda: model.zero_grad(set_to_none=True),
+    )
     model.zero_grad(set_to_none=True)
     step_s = passes.step_ms / 1e3
-    rec: dict[str, Any] = {**passes.as_record(), **extra, "loss": float(loss.detach()),
-                           "fed_tokens": int(batch["input_ids"].numel()),
-                           "tokens_per_s": state["tokens"] / step_s, "pairs_per_s": len(rows) / step_s}
+    rec: dict[str, Any] = {
+        **passes.as_record(),
+        **extra,
+        "loss": float(loss.detach()),
+        "fed_tokens": int(batch["input_ids"].numel()),
+        "tokens_per_s": state["tokens"] / step_s,
+        "pairs_per_s": len(rows) / step_s,
+    }
     with torch.no_grad():
         chosen, rejected = logps()
     got = torch.stack([chosen[pick], rejected[pick]]).to("cpu", torch.float64)

@@ -27,6 +27,7 @@ Time estimate per V (H100, 790 TFLOP/s): one step is 6NDV = 25.8 TFLOP (V=128256
 at the GEMM ceiling; each implementation runs ``warmup + repeats`` steps at an assumed 1.4-2x that, plus Triton
 compilation on the first V, plus the float64 reference (weights to the host and to float64: ~6 GB of host traffic).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -59,12 +60,14 @@ def _step_s(n: int, d: int, v: int) -> float:
 
 def estimates(n: int, d: int, v: int, calls: int, first_v: bool) -> dict[str, float]:
     """Seconds per case of one vocabulary: ``mm``, ``reference`` and each implementation."""
-    out = {"mm": calls * _step_s(n, d, v) + 2.0 * n * v / (H100.copy_gbps * 1e9) + CASE_OVERHEAD_S,
-           "reference": (10.0 * v * d / (H100.cpu_gbps * 1e9) + 2.0 * n * d * v / (H100.fp64_tflops * 1e12)
-                         + CASE_OVERHEAD_S)}
+    out = {
+        "mm": calls * _step_s(n, d, v) + 2.0 * n * v / (H100.copy_gbps * 1e9) + CASE_OVERHEAD_S,
+        "reference": (
+            10.0 * v * d / (H100.cpu_gbps * 1e9) + 2.0 * n * d * v / (H100.fp64_tflops * 1e12) + CASE_OVERHEAD_S
+        ),
+    }
     for name in IMPLS:
-        out[name] = (calls * SLOWDOWN[name] * _step_s(n, d, v) + CASE_OVERHEAD_S
-                     + (COMPILE_S[name] if first_v else 0.0))
+        out[name] = calls * SLOWDOWN[name] * _step_s(n, d, v) + CASE_OVERHEAD_S + (COMPILE_S[name] if first_v else 0.0)
     return out
 
 
@@ -72,8 +75,11 @@ def plan(dry_run: bool, calls: int, peers: dict[str, str]) -> dict[str, Any]:
     """Case count, TFLOP per step and the estimated seconds (``calls`` = warm-up + timed per case)."""
     n, d, vs = shapes(dry_run)
     total = sum(sum(estimates(n, d, v, calls, i == 0).values()) for i, v in enumerate(vs))
-    return {"cases": len(vs) * (len(IMPLS) + 2), "tflop_per_step": [round(6.0 * n * d * v / 1e12, 1) for v in vs],
-            "estimate_s": round(total, 1)}
+    return {
+        "cases": len(vs) * (len(IMPLS) + 2),
+        "tflop_per_step": [round(6.0 * n * d * v / 1e12, 1) for v in vs],
+        "estimate_s": round(total, 1),
+    }
 
 
 def run(ctx: Context) -> None:
@@ -122,8 +128,11 @@ def _reference_case(state: dict[str, Any]) -> dict[str, Any]:
     labels, up = p.inputs["labels"], p.upstream
     n, v = hidden.shape[0], weight.shape[0]
     rows = torch.tensor(sorted({0, 1, n // 2, n - 1}), device=hidden.device)
-    vrows = torch.unique(torch.stack([torch.tensor(0, device=labels.device), torch.tensor(v - 1, device=labels.device),
-                                      labels[0], labels[n - 1]]))
+    vrows = torch.unique(
+        torch.stack(
+            [torch.tensor(0, device=labels.device), torch.tensor(v - 1, device=labels.device), labels[0], labels[n - 1]]
+        )
+    )
     w64 = weight.to("cpu").double()
     h64 = hidden[rows].to("cpu").double().requires_grad_()
     out = torch.log_softmax(h64 @ w64.T, -1).gather(-1, labels[rows].cpu()[:, None])[:, 0]
@@ -132,10 +141,10 @@ def _reference_case(state: dict[str, Any]) -> dict[str, Any]:
     w64d, h64d = weight.double(), hidden.double()
     dw = torch.zeros(len(vrows), hidden.shape[1], dtype=torch.float64, device=hidden.device)
     for s in range(0, n, REF_ROWS_CHUNK):  # dW[v] = sum_n up_n (1[label_n = v] - p_nv) h_n
-        logits = h64d[s:s + REF_ROWS_CHUNK] @ w64d.T
+        logits = h64d[s : s + REF_ROWS_CHUNK] @ w64d.T
         p_sel = torch.exp(logits[:, vrows] - torch.logsumexp(logits, -1, keepdim=True))
-        onehot = (labels[s:s + REF_ROWS_CHUNK, None] == vrows[None, :]).double()
-        dw += (up[s:s + REF_ROWS_CHUNK, None].double() * (onehot - p_sel)).T @ h64d[s:s + REF_ROWS_CHUNK]
+        onehot = (labels[s : s + REF_ROWS_CHUNK, None] == vrows[None, :]).double()
+        dw += (up[s : s + REF_ROWS_CHUNK, None].double() * (onehot - p_sel)).T @ h64d[s : s + REF_ROWS_CHUNK]
         del logits
     state["rows"], state["vrows"] = rows, vrows
     state["ref"] = (out.detach(), dh, dw.cpu())
@@ -148,10 +157,17 @@ def _impl_case(ctx: Context, name: str, state: dict[str, Any]) -> dict[str, Any]
     hidden, weight = p.inputs["hidden"], p.inputs["weight"]
     n, d, v = hidden.shape[0], hidden.shape[1], weight.shape[0]
     passes, out, (dh, dw) = time_passes(
-        impl.build(p, ctx.device), lambda o: torch.autograd.grad(o, (hidden, weight), p.upstream),
-        device=ctx.device, warmup=ctx.warmup, repeats=ctx.repeats)
-    rec: dict[str, Any] = {**passes.as_record(), "impl_label": impl.label(ctx.device),
-                           "tflops": 6.0 * n * d * v / passes.step_ms / 1e9}
+        impl.build(p, ctx.device),
+        lambda o: torch.autograd.grad(o, (hidden, weight), p.upstream),
+        device=ctx.device,
+        warmup=ctx.warmup,
+        repeats=ctx.repeats,
+    )
+    rec: dict[str, Any] = {
+        **passes.as_record(),
+        "impl_label": impl.label(ctx.device),
+        "tflops": 6.0 * n * d * v / passes.step_ms / 1e9,
+    }
     if "mm_tflops" in state:
         rec["mm_tflops"] = state["mm_tflops"]
         rec["pct_mm"] = 100.0 * rec["tflops"] / state["mm_tflops"]

@@ -17,6 +17,7 @@ the caller then prepends to ``PYTHONPATH``):
 Prints one line per step and writes a JSON report (the benchmark copies it into its metadata). Exit status 0 when
 fastdpo is importable from SITE (peers may be missing: the benchmark reports and skips them), 1 when it is not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,25 @@ from pathlib import Path
 import tomllib
 
 METHODS = ("pip", "copy")
-VERIFY = ("import fastdpo, fastdpo.kernels, fastdpo.benchmarks.gpu_bench as g; "
-          "print(fastdpo.__file__); print(fastdpo.kernels.__file__); print(g.__file__)")
+VERIFY = (
+    "import fastdpo, fastdpo.kernels, fastdpo.benchmarks.gpu_bench as g; "
+    "print(fastdpo.__file__); print(fastdpo.kernels.__file__); print(g.__file__)"
+)
 
 
 def _pip(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-           "--disable-pip-version-check", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -155,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_install: --methods must be a comma list from {METHODS}, got {args.methods!r}", file=sys.stderr)
         return 2
     args.site.mkdir(parents=True, exist_ok=True)
-    report = {"wheels": install_wheels(args.wheels, args.site), "fastdpo": install_fastdpo(args.repo, args.site,
-                                                                                          methods)}
+    report = {
+        "wheels": install_wheels(args.wheels, args.site),
+        "fastdpo": install_fastdpo(args.repo, args.site, methods),
+    }
     if args.report is not None:
         args.report.write_text(json.dumps(report, indent=1))
     return 0 if report["fastdpo"]["method"] else 1

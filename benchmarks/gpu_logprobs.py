@@ -18,6 +18,7 @@ Time estimate per case (H100): ``(warmup + repeats) * 5*N*V*e`` bytes at the cop
 clone 2x the logits), input generation, the float64 slice on the host, plus Triton compilation on the first case of
 each dtype. Largest case (N=16384, V=151936, fp32): 9.96 GB of logits, 50 GB per repeat, ~17 ms at 3 TB/s.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -66,10 +67,19 @@ def run(ctx: Context) -> None:
     for dtype in DTYPES:
         for i, n in enumerate(ns):
             for j, v in enumerate(vs):
-                base = {"section": SECTION, "impl": "fastdpo", "dtype": str(dtype).removeprefix("torch."),
-                        "N": n, "T": t, "V": v}
-                ctx.run_case(base, estimate_s(n, v, dtype, t, calls, i == 0 and j == 0),
-                             lambda n=n, v=v, dtype=dtype: _case(ctx, n, v, t, dtype))
+                base = {
+                    "section": SECTION,
+                    "impl": "fastdpo",
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "N": n,
+                    "T": t,
+                    "V": v,
+                }
+                ctx.run_case(
+                    base,
+                    estimate_s(n, v, dtype, t, calls, i == 0 and j == 0),
+                    lambda n=n, v=v, dtype=dtype: _case(ctx, n, v, t, dtype),
+                )
 
 
 def _case(ctx: Context, n: int, v: int, t: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -87,15 +97,23 @@ def _case(ctx: Context, n: int, v: int, t: int, dtype: torch.dtype) -> dict[str,
     passes, out, grad = time_passes(
         lambda: sequence_logprobs(logits, labels, validate=False),
         lambda o: torch.autograd.grad(o, logits, upstream)[0],
-        device=device, warmup=ctx.warmup, repeats=ctx.repeats)
+        device=device,
+        warmup=ctx.warmup,
+        repeats=ctx.repeats,
+    )
     e = logits.element_size()
     copy_ms = time_op(lambda: logits.detach().clone(), device=device, warmup=ctx.warmup, repeats=ctx.repeats)
     fwd_bytes, bwd_bytes, copy_bytes = n * v * e + 8 * n, 2 * n * v * e + 8 * n, 2 * n * v * e
     copy_gbps = copy_bytes / copy_ms / 1e6
     rec: dict[str, Any] = {
-        **passes.as_record(), "impl_label": _label(device),
-        "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes, "copy_ms": copy_ms, "copy_gbps": copy_gbps,
-        "fwd_gbps": fwd_bytes / passes.fwd_ms / 1e6, "bwd_gbps": bwd_bytes / passes.bwd_ms / 1e6,
+        **passes.as_record(),
+        "impl_label": _label(device),
+        "fwd_bytes": fwd_bytes,
+        "bwd_bytes": bwd_bytes,
+        "copy_ms": copy_ms,
+        "copy_gbps": copy_gbps,
+        "fwd_gbps": fwd_bytes / passes.fwd_ms / 1e6,
+        "bwd_gbps": bwd_bytes / passes.bwd_ms / 1e6,
     }
     rec["fwd_pct_copy"] = 100.0 * rec["fwd_gbps"] / copy_gbps
     rec["bwd_pct_copy"] = 100.0 * rec["bwd_gbps"] / copy_gbps
@@ -109,11 +127,22 @@ def _case(ctx: Context, n: int, v: int, t: int, dtype: torch.dtype) -> dict[str,
     naive = naive_sequence_logprobs(xn, l_rows)
     (naive_grad,) = torch.autograd.grad(naive, xn, up_rows)
     gmax = ref_grad.abs().max().item()
-    rec.update(summarize([
-        check("out", out.detach()[rows], naive.detach(), ref.detach(), LOGPROBS_REL_TOL),
-        check("grad", grad[rows], naive_grad, ref_grad, LOGPROBS_REL_TOL, scale=gmax,
-              slack=interpreter_bf16_slack(dtype, gmax)),
-    ]))
+    rec.update(
+        summarize(
+            [
+                check("out", out.detach()[rows], naive.detach(), ref.detach(), LOGPROBS_REL_TOL),
+                check(
+                    "grad",
+                    grad[rows],
+                    naive_grad,
+                    ref_grad,
+                    LOGPROBS_REL_TOL,
+                    scale=gmax,
+                    slack=interpreter_bf16_slack(dtype, gmax),
+                ),
+            ]
+        )
+    )
     return rec
 
 

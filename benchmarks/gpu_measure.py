@@ -10,6 +10,7 @@
   recorded and the run goes on; memory is freed after every case; every record goes to the report at once.
 * :data:`H100` — the rates the time estimates are written in (one H100 SXM; an H200 is faster on bytes).
 """
+
 from __future__ import annotations
 
 import gc
@@ -68,12 +69,25 @@ class Passes:
     extra_mb: float | None  # that peak minus what was allocated before them (the case's working memory)
 
     def as_record(self) -> dict[str, Any]:
-        return {"fwd_ms": self.fwd_ms, "bwd_ms": self.bwd_ms, "step_ms": self.step_ms, "repeats": self.repeats,
-                "peak_mb": self.peak_mb, "extra_mb": self.extra_mb}
+        return {
+            "fwd_ms": self.fwd_ms,
+            "bwd_ms": self.bwd_ms,
+            "step_ms": self.step_ms,
+            "repeats": self.repeats,
+            "peak_mb": self.peak_mb,
+            "extra_mb": self.extra_mb,
+        }
 
 
-def time_passes(fwd: Callable[[], Any], bwd: Callable[[Any], Any] | None, *, device: torch.device, warmup: int,
-                repeats: int, before: Callable[[], None] | None = None) -> tuple[Passes, Any, Any]:
+def time_passes(
+    fwd: Callable[[], Any],
+    bwd: Callable[[Any], Any] | None,
+    *,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    before: Callable[[], None] | None = None,
+) -> tuple[Passes, Any, Any]:
     """Time ``out = fwd()`` and ``res = bwd(out)``; returns ``(passes, out, res)`` of the last timed repeat.
 
     ``before()`` runs untimed ahead of every call (e.g. ``zero_grad``). Each repeat's outputs are dropped before the
@@ -111,9 +125,14 @@ def time_passes(fwd: Callable[[], Any], bwd: Callable[[Any], Any] | None, *, dev
         peak_bytes = torch.cuda.max_memory_allocated(device)
         peak, extra = peak_bytes / MB, (peak_bytes - base) / MB
     steps = [f + b for f, b in zip(fwd_t, bwd_t, strict=True)]
-    passes = Passes(fwd_ms=1e3 * statistics.median(fwd_t),
-                    bwd_ms=1e3 * statistics.median(bwd_t) if bwd is not None else None,
-                    step_ms=1e3 * statistics.median(steps), repeats=len(steps), peak_mb=peak, extra_mb=extra)
+    passes = Passes(
+        fwd_ms=1e3 * statistics.median(fwd_t),
+        bwd_ms=1e3 * statistics.median(bwd_t) if bwd is not None else None,
+        step_ms=1e3 * statistics.median(steps),
+        repeats=len(steps),
+        peak_mb=peak,
+        extra_mb=extra,
+    )
     return passes, out, res
 
 
@@ -180,6 +199,9 @@ def _one_line(rec: dict[str, Any]) -> str:
     head = " ".join(f"{k}={rec[k]}" for k in keys if rec.get(k) is not None)
     if rec.get("status") != "ok":
         return f"[{head}] {rec.get('status')}"
-    parts = [f"{k}={rec[k]:.4g}" for k in ("step_ms", "fwd_gbps", "bwd_gbps", "tflops", "tokens_per_s", "peak_mb")
-             if isinstance(rec.get(k), (int, float))]
+    parts = [
+        f"{k}={rec[k]:.4g}"
+        for k in ("step_ms", "fwd_gbps", "bwd_gbps", "tflops", "tokens_per_s", "peak_mb")
+        if isinstance(rec.get(k), (int, float))
+    ]
     return f"[{head}] ok {' '.join(parts)} check={rec.get('check', 'n/a')} ({rec.get('wall_s')} s)"

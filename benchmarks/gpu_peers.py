@@ -4,6 +4,7 @@ The GPU image has none of them preinstalled; ``benchmarks/gpu_run.sh`` installs 
 ``benchmarks/wheels.py`` fills. A peer that does not import is reported as missing (with the import error) and every
 case that needs it is recorded as skipped, naming it; the run goes on.
 """
+
 from __future__ import annotations
 
 import importlib

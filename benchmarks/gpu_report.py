@@ -7,6 +7,7 @@ mid-write leaves the previous complete version.
 ``python -m fastdpo.benchmarks.gpu_report RESULT.json`` redraws the CSV, text and PNG from a JSON (gpu_run.sh does
 it after the benchmark process ends, however it ended).
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,10 +20,42 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-CSV_FIELDS = ["section", "attn", "impl", "impl_label", "dtype", "N", "T", "D", "V", "pairs", "tokens", "status",
-              "fwd_ms", "bwd_ms", "step_ms", "repeats", "fwd_gbps", "fwd_pct_copy", "bwd_gbps", "bwd_pct_copy",
-              "copy_gbps", "tflops", "pct_mm", "mm_tflops", "tokens_per_s", "pairs_per_s", "fed_tokens", "peak_mb",
-              "extra_mb", "loss", "check", "errors", "wall_s", "estimate_s"]
+CSV_FIELDS = [
+    "section",
+    "attn",
+    "impl",
+    "impl_label",
+    "dtype",
+    "N",
+    "T",
+    "D",
+    "V",
+    "pairs",
+    "tokens",
+    "status",
+    "fwd_ms",
+    "bwd_ms",
+    "step_ms",
+    "repeats",
+    "fwd_gbps",
+    "fwd_pct_copy",
+    "bwd_gbps",
+    "bwd_pct_copy",
+    "copy_gbps",
+    "tflops",
+    "pct_mm",
+    "mm_tflops",
+    "tokens_per_s",
+    "pairs_per_s",
+    "fed_tokens",
+    "peak_mb",
+    "extra_mb",
+    "loss",
+    "check",
+    "errors",
+    "wall_s",
+    "estimate_s",
+]
 
 
 def slug(device_name: str) -> str:
@@ -95,23 +128,55 @@ def _s(v: Any) -> str:
 
 
 TABLES: dict[str, tuple[str, list[Column]]] = {
-    "logprobs": ("log-probs from logits (fastdpo.sequence_logprobs), forward and backward; GB/s of the bytes each pass "
-                 "must move, % of a torch clone of the same logits", [
-                     ("dtype", "dtype", _s), ("N", "N", _s), ("V", "V", _s), ("fwd ms", "fwd_ms", _f(".3f")),
-                     ("fwd GB/s", "fwd_gbps", _f(".0f")), ("fwd %copy", "fwd_pct_copy", _f(".1f")),
-                     ("bwd ms", "bwd_ms", _f(".3f")), ("bwd GB/s", "bwd_gbps", _f(".0f")),
-                     ("bwd %copy", "bwd_pct_copy", _f(".1f")), ("copy GB/s", "copy_gbps", _f(".0f")),
-                     ("extra MB", "extra_mb", _f(".0f")), ("check", "check", _s)]),
-    "head": ("fused LM head, bf16, forward + backward; TFLOP/s of 6*N*D*V, % of torch.mm on the same 3 GEMMs", [
-        ("N", "N", _s), ("D", "D", _s), ("V", "V", _s), ("impl", "impl", _s), ("fwd ms", "fwd_ms", _f(".2f")),
-        ("bwd ms", "bwd_ms", _f(".2f")), ("step ms", "step_ms", _f(".2f")), ("TFLOP/s", "tflops", _f(".0f")),
-        ("% mm", "pct_mm", _f(".1f")), ("extra MB", "extra_mb", _f(".0f")), ("check", "check", _s)]),
-    "dpo": ("one DPO step (reference fwd + policy fwd/bwd + loss), Llama-3.2-1B shape, bf16; tokens/s of the DPO "
-            "tokens (prompt+chosen, prompt+rejected per pair)", [
-                ("attn", "attn", _s), ("impl", "impl", _s), ("step ms", "step_ms", _f(".1f")),
-                ("tokens/s", "tokens_per_s", _f(".0f")), ("pairs/s", "pairs_per_s", _f(".2f")),
-                ("fed tokens", "fed_tokens", _s), ("peak MB", "peak_mb", _f(".0f")), ("loss", "loss", _f(".5f")),
-                ("check", "check", _s)]),
+    "logprobs": (
+        "log-probs from logits (fastdpo.sequence_logprobs), forward and backward; GB/s of the bytes each pass "
+        "must move, % of a torch clone of the same logits",
+        [
+            ("dtype", "dtype", _s),
+            ("N", "N", _s),
+            ("V", "V", _s),
+            ("fwd ms", "fwd_ms", _f(".3f")),
+            ("fwd GB/s", "fwd_gbps", _f(".0f")),
+            ("fwd %copy", "fwd_pct_copy", _f(".1f")),
+            ("bwd ms", "bwd_ms", _f(".3f")),
+            ("bwd GB/s", "bwd_gbps", _f(".0f")),
+            ("bwd %copy", "bwd_pct_copy", _f(".1f")),
+            ("copy GB/s", "copy_gbps", _f(".0f")),
+            ("extra MB", "extra_mb", _f(".0f")),
+            ("check", "check", _s),
+        ],
+    ),
+    "head": (
+        "fused LM head, bf16, forward + backward; TFLOP/s of 6*N*D*V, % of torch.mm on the same 3 GEMMs",
+        [
+            ("N", "N", _s),
+            ("D", "D", _s),
+            ("V", "V", _s),
+            ("impl", "impl", _s),
+            ("fwd ms", "fwd_ms", _f(".2f")),
+            ("bwd ms", "bwd_ms", _f(".2f")),
+            ("step ms", "step_ms", _f(".2f")),
+            ("TFLOP/s", "tflops", _f(".0f")),
+            ("% mm", "pct_mm", _f(".1f")),
+            ("extra MB", "extra_mb", _f(".0f")),
+            ("check", "check", _s),
+        ],
+    ),
+    "dpo": (
+        "one DPO step (reference fwd + policy fwd/bwd + loss), Llama-3.2-1B shape, bf16; tokens/s of the DPO "
+        "tokens (prompt+chosen, prompt+rejected per pair)",
+        [
+            ("attn", "attn", _s),
+            ("impl", "impl", _s),
+            ("step ms", "step_ms", _f(".1f")),
+            ("tokens/s", "tokens_per_s", _f(".0f")),
+            ("pairs/s", "pairs_per_s", _f(".2f")),
+            ("fed tokens", "fed_tokens", _s),
+            ("peak MB", "peak_mb", _f(".0f")),
+            ("loss", "loss", _f(".5f")),
+            ("check", "check", _s),
+        ],
+    ),
 }
 
 
@@ -132,20 +197,26 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
     for key, name in (("fwd_pct_copy", "forward"), ("bwd_pct_copy", "backward")):
         if lp:
             worst = min(lp, key=lambda r: r[key])
-            out.append(f"log-probs {name}: {worst[key]:.1f}-{max(r[key] for r in lp):.1f} % of copy bandwidth "
-                       f"(worst {worst['dtype']} N={worst['N']} V={worst['V']}); target >= {TARGET_PCT_COPY:g}: "
-                       f"{_met(worst[key] >= TARGET_PCT_COPY)}")
+            out.append(
+                f"log-probs {name}: {worst[key]:.1f}-{max(r[key] for r in lp):.1f} % of copy bandwidth "
+                f"(worst {worst['dtype']} N={worst['N']} V={worst['V']}); target >= {TARGET_PCT_COPY:g}: "
+                f"{_met(worst[key] >= TARGET_PCT_COPY)}"
+            )
     head = [r for r in ok if r.get("section") == "head"]
     for v in sorted({r["V"] for r in head}):
         by = {r["impl"]: r for r in head if r["V"] == v}
         if "fastdpo" in by and "pct_mm" in by["fastdpo"]:
             f = by["fastdpo"]
-            line = (f"fused head V={v}: {f['tflops']:.0f} TFLOP/s = {f['pct_mm']:.1f} % of torch.mm "
-                    f"(target >= {TARGET_PCT_MM:g}: {_met(f['pct_mm'] >= TARGET_PCT_MM)})")
+            line = (
+                f"fused head V={v}: {f['tflops']:.0f} TFLOP/s = {f['pct_mm']:.1f} % of torch.mm "
+                f"(target >= {TARGET_PCT_MM:g}: {_met(f['pct_mm'] >= TARGET_PCT_MM)})"
+            )
             if "trl" in by:
                 ratio = f["tflops"] / by["trl"]["tflops"]
-                line += f"; {ratio:.2f}x TRL's chunked head (target >= {TARGET_VS_TRL_HEAD:g}: " \
-                        f"{_met(ratio >= TARGET_VS_TRL_HEAD)})"
+                line += (
+                    f"; {ratio:.2f}x TRL's chunked head (target >= {TARGET_VS_TRL_HEAD:g}: "
+                    f"{_met(ratio >= TARGET_VS_TRL_HEAD)})"
+                )
             out.append(line)
     dpo = [r for r in ok if r.get("section") == "dpo" and r.get("tokens_per_s")]
     for attn in dict.fromkeys(r["attn"] for r in dpo):
@@ -158,8 +229,10 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
                 if by[name].get("peak_mb") and trl.get("peak_mb"):
                     mem = by[name]["peak_mb"] / trl["peak_mb"]
                     line += f" at {mem:.2f}x TRL's peak memory"
-                    line += f" (target >= {TARGET_VS_TRL_STEP:g}x at <= 1x: " \
-                            f"{_met(speed >= TARGET_VS_TRL_STEP and mem <= 1.0)})"
+                    line += (
+                        f" (target >= {TARGET_VS_TRL_STEP:g}x at <= 1x: "
+                        f"{_met(speed >= TARGET_VS_TRL_STEP and mem <= 1.0)})"
+                    )
                 out.append(line)
     return out
 
@@ -168,10 +241,12 @@ def text_tables(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """Header lines (device, versions, peers, budget) and one aligned table per section; a row that did not run
     shows its status; the accuracy details follow each table."""
     dev = meta.get("device", {})
-    lines = [f"fastdpo one-shot GPU run: {dev.get('name', '?')} ({meta.get('started', '?')}); "
-             f"{'DRY RUN (CPU, Triton interpreter)' if meta.get('dry_run') else 'GPU'}",
-             "versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
-             "peers: " + ", ".join(f"{k} {v}" for k, v in meta.get("peers", {}).items())]
+    lines = [
+        f"fastdpo one-shot GPU run: {dev.get('name', '?')} ({meta.get('started', '?')}); "
+        f"{'DRY RUN (CPU, Triton interpreter)' if meta.get('dry_run') else 'GPU'}",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+        "peers: " + ", ".join(f"{k} {v}" for k, v in meta.get("peers", {}).items()),
+    ]
     if meta.get("budget"):
         lines.append(f"budget: {meta['budget']}")
     for section, (title, cols) in TABLES.items():
@@ -200,8 +275,11 @@ def text_tables(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 
 def _case_name(r: dict[str, Any]) -> str:
-    return " ".join(f"{k}={r[k]}" if k in ("N", "V") else str(r[k])
-                    for k in ("impl", "attn", "dtype", "N", "V") if r.get(k) is not None)
+    return " ".join(
+        f"{k}={r[k]}" if k in ("N", "V") else str(r[k])
+        for k in ("impl", "attn", "dtype", "N", "V")
+        if r.get(k) is not None
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ plots
@@ -240,8 +318,9 @@ def _bars(ax: Any, labels: list[str], series: dict[str, list[float]]) -> None:
     width = 0.8 / max(len(series), 1)
     for k, (name, values) in enumerate(series.items()):
         ax.bar([i + k * width for i in range(len(labels))], values, width, label=name)
-    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(labels))], labels, rotation=45, ha="right",
-                  fontsize=8)
+    ax.set_xticks(
+        [i + width * (len(series) - 1) / 2 for i in range(len(labels))], labels, rotation=45, ha="right", fontsize=8
+    )
     ax.legend(fontsize=8)
 
 
@@ -257,8 +336,10 @@ def _plot_logprobs(ax: Any, rows: list[dict[str, Any]]) -> None:
 def _plot_head(ax: Any, rows: list[dict[str, Any]]) -> None:
     vocabs = sorted({r["V"] for r in rows})
     impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "float64 reference"]
-    series = {i: [next((r.get("tflops") or 0.0 for r in rows if r["impl"] == i and r["V"] == v), 0.0) for v in vocabs]
-              for i in impls}
+    series = {
+        i: [next((r.get("tflops") or 0.0 for r in rows if r["impl"] == i and r["V"] == v), 0.0) for v in vocabs]
+        for i in impls
+    }
     _bars(ax, [f"V={v}" for v in vocabs], series)
     ax.set_ylabel("TFLOP/s (6*N*D*V counted)")
     ax.set_title("fused LM head, bf16, fwd+bwd")

@@ -16,6 +16,7 @@ head runs it (its own tile shape, vendor BLAS, this machine's threads) and the n
 When ``bound > naive`` no implementation within the budget can match naive's time on this device. Timings are the
 median of ``--repeats`` runs after one warm-up; run on a quiet machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,17 +67,25 @@ def measure(tokens: int, hidden: int, vocab: int, budget_mb: float, repeats: int
         def run() -> None:
             h.grad = w.grad = None
             fn().backward(up)
+
         return run
 
     naive = _median_s(step(lambda: naive_head(h, w, labels)), repeats)
     fast = _median_s(step(lambda: linear_token_logprobs(h, w, labels, validate=False).logprobs), repeats)
     flop = 2.0 * n * d * v
     return {
-        "shape": {"tokens": n, "hidden": d, "vocab": v}, "tile": [tok, voc], "threads": torch.get_num_threads(),
-        "budget_mb": budget_mb, "kept_fraction": keep,
-        "gemm_s": gemm, "gemm_gflops": {k: flop / s / 1e9 for k, s in gemm.items()},
-        "bound_s": bound, "naive_s": naive, "fastdpo_s": fast,
-        "bound_over_naive": bound / naive, "fastdpo_over_naive": fast / naive,
+        "shape": {"tokens": n, "hidden": d, "vocab": v},
+        "tile": [tok, voc],
+        "threads": torch.get_num_threads(),
+        "budget_mb": budget_mb,
+        "kept_fraction": keep,
+        "gemm_s": gemm,
+        "gemm_gflops": {k: flop / s / 1e9 for k, s in gemm.items()},
+        "bound_s": bound,
+        "naive_s": naive,
+        "fastdpo_s": fast,
+        "bound_over_naive": bound / naive,
+        "fastdpo_over_naive": fast / naive,
     }
 
 
@@ -94,13 +103,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     r = measure(args.tokens, args.hidden, args.vocab, args.budget_mb, args.repeats)
     for name, s in r["gemm_s"].items():
-        print(f"GEMM {name:12s} {s:7.2f} s  {r['gemm_gflops'][name]:6.1f} GFLOP/s  (tile {r['tile'][0]}x{r['tile'][1]})")
+        print(
+            f"GEMM {name:12s} {s:7.2f} s  {r['gemm_gflops'][name]:6.1f} GFLOP/s  (tile {r['tile'][0]}x{r['tile'][1]})"
+        )
     print(f"budget {args.budget_mb:g} MiB keeps {100 * r['kept_fraction']:.1f}% of the logits")
-    print(f"bound   (GEMMs only: 2-k logits + grad_hidden + grad_weight) {r['bound_s']:7.2f} s "
-          f"= {r['bound_over_naive']:.2f}x naive")
+    print(
+        f"bound   (GEMMs only: 2-k logits + grad_hidden + grad_weight) {r['bound_s']:7.2f} s "
+        f"= {r['bound_over_naive']:.2f}x naive"
+    )
     print(f"naive   (measured fwd+bwd)                                  {r['naive_s']:7.2f} s")
-    print(f"fastdpo (measured fwd+bwd)                                  {r['fastdpo_s']:7.2f} s "
-          f"= {r['fastdpo_over_naive']:.2f}x naive")
+    print(
+        f"fastdpo (measured fwd+bwd)                                  {r['fastdpo_s']:7.2f} s "
+        f"= {r['fastdpo_over_naive']:.2f}x naive"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(r, fh, indent=1)

@@ -12,12 +12,13 @@ Three workloads, each a forward + backward with a random upstream gradient:
   quarter of each row is ``-100`` (the prompt); output ``[B]`` fp32. Naive PyTorch, ``fastdpo.sequence_logprobs`` and
   TRL's ``selective_log_softmax``.
 * ``dpo`` — the sigmoid DPO loss of a fused linear head: policy ``hidden [2P, T, D]`` and ``weight [V, D]`` requiring
-  grad, a frozen reference ``hidden``/``weight``, targets ``[2P, T]`` with the first quarter of each row ``-100``; output
-  a scalar. Naive PyTorch, ``fastdpo.nn.FusedLinearDPOLoss`` and Liger's ``LigerFusedLinearDPOLoss``.
+  grad, a frozen reference ``hidden``/``weight``, targets ``[2P, T]`` with the first quarter of each row ``-100``;
+  output a scalar. Naive PyTorch, ``fastdpo.nn.FusedLinearDPOLoss`` and Liger's ``LigerFusedLinearDPOLoss``.
 
 Every implementation is a :class:`Impl`; :meth:`Impl.unavailable` names why it cannot run here (missing package, no
 CUDA) instead of raising, so the driver can report it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -108,8 +109,13 @@ def make_problem(workload: str, shape: Shape, dtype: torch.dtype, device: torch.
         ref_weight = weight.detach().clone()
         target = torch.randint(0, v, (b, t), generator=g, device=device)
         target[:, : t // 4] = -100
-        inputs = {"hidden": hidden, "weight": weight, "target": target, "ref_hidden": ref_hidden,
-                  "ref_weight": ref_weight}
+        inputs = {
+            "hidden": hidden,
+            "weight": weight,
+            "target": target,
+            "ref_hidden": ref_hidden,
+            "ref_weight": ref_weight,
+        }
         return Problem(inputs, (hidden, weight), None)
     raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
 
@@ -123,8 +129,14 @@ def naive_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor)
     return naive_linear_token_logprobs(hidden, weight, labels, validate=False).logprobs
 
 
-def naive_dpo(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ref_hidden: torch.Tensor,
-              ref_weight: torch.Tensor, beta: float = DPO_BETA) -> torch.Tensor:
+def naive_dpo(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    beta: float = DPO_BETA,
+) -> torch.Tensor:
     """Sigmoid DPO loss, rows ``[:B/2]`` chosen and ``[B/2:]`` rejected, logits materialized; scalar fp32."""
     policy = naive_sequence_logprobs((hidden @ weight.T).float(), target)
     with torch.no_grad():
@@ -211,8 +223,9 @@ def _head_trl(p: Problem, device: torch.device) -> Callable[[], torch.Tensor]:
 
     def run() -> torch.Tensor:
         # forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs)
-        return ChunkedLogProbFunction.apply(x["hidden"], x["weight"], None, x["labels"], 1.0, TRL_CHUNK_SIZE, None,
-                                            1.0, ("log_probs",))[0]
+        return ChunkedLogProbFunction.apply(
+            x["hidden"], x["weight"], None, x["labels"], 1.0, TRL_CHUNK_SIZE, None, 1.0, ("log_probs",)
+        )[0]
 
     return run
 
@@ -295,15 +308,26 @@ IMPLS: tuple[Impl, ...] = (
     Impl("head", "trl", _head_trl, requires=("trl",), attr=("trl.kernels", "ChunkedLogProbFunction")),
     Impl("head", "torch_lce", _head_torch_lce, attr=("torch.nn", "LinearCrossEntropyOptions")),
     Impl("head", "cce", _head_cce, requires=("cut_cross_entropy",), cuda_only=True),
-    Impl("head", "liger", _head_liger, requires=("liger_kernel",), cuda_only=True,
-         attr=("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")),
+    Impl(
+        "head",
+        "liger",
+        _head_liger,
+        requires=("liger_kernel",),
+        cuda_only=True,
+        attr=("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss"),
+    ),
     Impl("logprobs", "naive", _lp_naive),
     Impl("logprobs", "fastdpo", _lp_fastdpo, attr=("fastdpo.logprobs", "sequence_logprobs")),
     Impl("logprobs", "trl", _lp_trl, requires=("trl",), attr=("trl.trainer.utils", "selective_log_softmax")),
     Impl("dpo", "naive", _dpo_naive),
     Impl("dpo", "fastdpo", _dpo_fastdpo, attr=("fastdpo.nn", "FusedLinearDPOLoss")),
-    Impl("dpo", "liger", _dpo_liger, requires=("liger_kernel",),
-         attr=("liger_kernel.chunked_loss", "LigerFusedLinearDPOLoss")),
+    Impl(
+        "dpo",
+        "liger",
+        _dpo_liger,
+        requires=("liger_kernel",),
+        attr=("liger_kernel.chunked_loss", "LigerFusedLinearDPOLoss"),
+    ),
 )
 
 

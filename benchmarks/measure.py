@@ -11,6 +11,7 @@ another's peak. Reported memory is the *extra* peak over the setup (inputs, weig
 the gradient buffers that backward allocates for the inputs (``.grad`` of hidden/weight or logits), whose size is
 reported separately as ``grad_mb``.
 """
+
 from __future__ import annotations
 
 import gc
@@ -48,7 +49,8 @@ def reset_peak_rss() -> None:
 
 
 class PeakMemory:
-    """Peak-memory probe for ``device``: :meth:`reset` marks the baseline, :meth:`extra` is the peak above it (bytes)."""
+    """Peak-memory probe for ``device``: :meth:`reset` marks the baseline, :meth:`extra` is the peak above it
+    (bytes)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -128,8 +130,16 @@ def _clear_grads(tensors: tuple[torch.Tensor, ...]) -> None:
         t.grad = None
 
 
-def run_case(impl_name: str, workload: str, shape: Any, device: torch.device, dtype: torch.dtype, repeats: int,
-             time_budget: float, warmup: bool) -> dict[str, Any]:
+def run_case(
+    impl_name: str,
+    workload: str,
+    shape: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    time_budget: float,
+    warmup: bool,
+) -> dict[str, Any]:
     """Measure one (implementation, shape): forward, backward and step times (medians over up to ``repeats`` repeats,
     fewer once ``time_budget`` seconds are spent) and extra peak memory over setup after forward and after backward."""
     from fastdpo.benchmarks.impls import Shape, get_impl, make_problem
@@ -207,19 +217,40 @@ def worker(spec: dict[str, Any], out_path: str) -> int:
     last: tuple[float, float] | None = None  # (work units, step seconds)
     warm = False
     for shape in shapes:
-        base = {"workload": workload, "impl": spec["impl"], "tokens": shape.tokens, "hidden": shape.hidden,
-                "vocab": shape.vocab, "dtype": spec["dtype"], "device": spec["device"]}
+        base = {
+            "workload": workload,
+            "impl": spec["impl"],
+            "tokens": shape.tokens,
+            "hidden": shape.hidden,
+            "vocab": shape.vocab,
+            "dtype": spec["dtype"],
+            "device": spec["device"],
+        }
         predicted = None if last is None else last[1] * _work_units(workload, shape) / last[0]
         deadline = spec.get("deadline")
         if predicted is not None and spec.get("peer", True) and predicted > spec["max_case_seconds"]:
-            rec = {**base, "status": f"skipped: predicted {predicted:.0f} s/step > --max-case-seconds "
-                                     f"{spec['max_case_seconds']:g}"}
+            rec = {
+                **base,
+                "status": f"skipped: predicted {predicted:.0f} s/step > --max-case-seconds "
+                f"{spec['max_case_seconds']:g}",
+            }
         elif deadline is not None and time.time() + 2 * (predicted or 0.0) > deadline:
             rec = {**base, "status": "skipped: run time budget (--total-seconds) spent"}
         else:
             try:
-                rec = {**base, **run_case(spec["impl"], workload, shape, device, dtype, spec["repeats"],
-                                          spec["time_budget"], warmup=not warm)}
+                rec = {
+                    **base,
+                    **run_case(
+                        spec["impl"],
+                        workload,
+                        shape,
+                        device,
+                        dtype,
+                        spec["repeats"],
+                        spec["time_budget"],
+                        warmup=not warm,
+                    ),
+                }
                 warm = True
                 last = (_work_units(workload, shape), rec["step_ms"] / 1e3)
             except torch.OutOfMemoryError:

@@ -3,14 +3,16 @@
 :func:`measure` runs :func:`measure_worker` once per variant (``python -m fastdpo.benchmarks.memory_measure _worker
 SPEC OUT``), :func:`measure_sharded` runs :func:`shard_measure_worker` on ``world`` ``torchrun`` ranks (gloo), and
 :func:`measure_sequence_parallel` the sequence-parallel engine step on ``k`` processes (:func:`sp_measure_worker`);
-all with a fixed glibc mmap threshold (:data:`MALLOC_ENV`), so a freed tensor leaves the resident set at once. Every worker measures by :func:`step_peak`: the step first runs on a
-tiny model of the same architecture (library initialisation is not charged to the step), the resident set is then
-the baseline, the real model's step runs once as a warm-up (the optimizer state exists from there on, as in
-training), the high-water mark is reset and the measured step runs; its peak is ``VmHWM`` over the baseline.
+all with a fixed glibc mmap threshold (:data:`MALLOC_ENV`), so a freed tensor leaves the resident set at once. Every
+worker measures by :func:`step_peak`: the step first runs on a tiny model of the same architecture (library
+initialisation is not charged to the step), the resident set is then the baseline, the real model's step runs once as a
+warm-up (the optimizer state exists from there on, as in training), the high-water mark is reset and the measured step
+runs; its peak is ``VmHWM`` over the baseline.
 
 The variants and the step's shapes are :mod:`fastdpo.memory`'s (:class:`fastdpo.memory.StepConfig`); ``fastdpo
 memory`` imports this module only for ``--measure``.
 """
+
 from __future__ import annotations
 
 import gc
@@ -29,8 +31,14 @@ from fastdpo.reference import naive_dpo_loss, naive_sequence_logprobs
 from fastdpo.tiny import id_tokenizer
 
 #: What a measured config's tiny copy (the baseline step's model) overrides: 997 tokens, hidden 64, 4 heads.
-TINY_OVERRIDES = {"vocab_size": 997, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "head_dim": 16}
+TINY_OVERRIDES = {
+    "vocab_size": 997,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 
 
 def hf_config(cfg: dict[str, Any], layers: int | None, dtype: str) -> Any:
@@ -48,8 +56,14 @@ def hf_config(cfg: dict[str, Any], layers: int | None, dtype: str) -> Any:
     return config
 
 
-def step_peak(build: Callable[[dict[str, Any], int | None], tuple[Any, ...]], run_step: Callable[..., None],
-              cfg: dict[str, Any], layers: int | None, *, barrier: Callable[[], None] | None = None) -> dict[str, int]:
+def step_peak(
+    build: Callable[[dict[str, Any], int | None], tuple[Any, ...]],
+    run_step: Callable[..., None],
+    cfg: dict[str, Any],
+    layers: int | None,
+    *,
+    barrier: Callable[[], None] | None = None,
+) -> dict[str, int]:
     """``{"peak", "resident_after_setup"}`` (bytes over the baseline) of ``run_step(*build(cfg, layers))``.
 
     ``build(cfg, layers)`` makes a step's parts (model, optimizer, ...) from a config dict, ``run_step(*parts)`` runs
@@ -106,8 +120,11 @@ def engine_collator(spec: dict[str, Any]) -> Any:
 
     tokenizer = id_tokenizer(max(997, int(spec["config"].get("text_config", spec["config"])["vocab_size"])))
     if spec.get("packing", "padding_free") == "prefix_shared":
-        return PreferenceCollator(tokenizer, packing="prefix_shared", max_tokens_per_row=spec.get(
-            "pairs_per_row", 1) * (spec["prompt_len"] + 2 * spec["completion_len"]))
+        return PreferenceCollator(
+            tokenizer,
+            packing="prefix_shared",
+            max_tokens_per_row=spec.get("pairs_per_row", 1) * (spec["prompt_len"] + 2 * spec["completion_len"]),
+        )
     return PreferenceCollator(tokenizer, packing="pad")
 
 
@@ -121,8 +138,15 @@ def random_pairs(spec: dict[str, Any], vocab_size: int, generator: Any = None) -
 
     precomputed = {} if spec["reference"] == "model" else {"ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}
     p_len, c_len = spec["prompt_len"], spec["completion_len"]
-    return [{"prompt_input_ids": ids(p_len), "chosen_input_ids": ids(c_len), "rejected_input_ids": ids(c_len),
-             **precomputed} for _ in range(spec["pairs"])]
+    return [
+        {
+            "prompt_input_ids": ids(p_len),
+            "chosen_input_ids": ids(c_len),
+            "rejected_input_ids": ids(c_len),
+            **precomputed,
+        }
+        for _ in range(spec["pairs"])
+    ]
 
 
 def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -179,11 +203,12 @@ def measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
             if variant == "trl":
                 h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
                 tgt = labels[:, 1:]
-                lp = ChunkedLogProbFunction.apply(h, weight, None, tgt.clamp(min=0).reshape(-1), 1.0,
-                                                  TRL_VOCAB_TILE, softcap, 1.0, ("log_probs",))[0]
+                lp = ChunkedLogProbFunction.apply(
+                    h, weight, None, tgt.clamp(min=0).reshape(-1), 1.0, TRL_VOCAB_TILE, softcap, 1.0, ("log_probs",)
+                )[0]
                 return (lp.view(rows, seq - 1) * (tgt != -100)).sum(-1)
             first = max(p_len - 1, 0)  # an empty prompt's first completion token has no predictor
-            return linear_sequence_logprobs(hidden[:, first: seq - 1], weight, ids[:, first + 1:], softcap=softcap)
+            return linear_sequence_logprobs(hidden[:, first : seq - 1], weight, ids[:, first + 1 :], softcap=softcap)
 
         with torch.no_grad():
             ref_lp = seq_logps(ref) if ref is not None else torch.zeros(rows)
@@ -201,10 +226,20 @@ def _zero3_config(m_hidden: int, optimizer: str) -> dict[str, Any]:
     model's hidden size (``reduce_bucket_size = D²``, ``stage3_prefetch_bucket_size = 0.9·D²``,
     ``stage3_param_persistence_threshold = 10·D``), no clipping, the client torch optimizer."""
     d2 = m_hidden * m_hidden
-    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-            "zero_allow_untested_optimizer": True, "steps_per_print": 10**12, "wall_clock_breakdown": False,
-            "zero_optimization": {"stage": 3, "reduce_bucket_size": d2, "stage3_prefetch_bucket_size": int(0.9 * d2),
-                                  "stage3_param_persistence_threshold": 10 * m_hidden}}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {
+            "stage": 3,
+            "reduce_bucket_size": d2,
+            "stage3_prefetch_bucket_size": int(0.9 * d2),
+            "stage3_param_persistence_threshold": 10 * m_hidden,
+        },
+    }
 
 
 def _fsdp2_shard(model: Any, mesh: Any, *, root_only: bool = False) -> Any:
@@ -258,8 +293,9 @@ def shard_measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
             import deepspeed
 
             ds_config = _zero3_config(config.hidden_size, spec["optimizer"])
-            wrapped, opt, *_ = deepspeed.initialize(model=model, config=ds_config,
-                                                    optimizer=make_optimizer(spec, model))
+            wrapped, opt, *_ = deepspeed.initialize(
+                model=model, config=ds_config, optimizer=make_optimizer(spec, model)
+            )
             if ref is not None:
                 ref, *_ = deepspeed.initialize(model=ref, config=ds_config)
         else:
@@ -282,26 +318,50 @@ def shard_measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
 
     torch.manual_seed(dist.get_rank())
-    result = {"variant": "fastdpo", **step_peak(build, run_step, spec["config"], spec.get("layers")),
-              "rank": dist.get_rank()}
+    result = {
+        "variant": "fastdpo",
+        **step_peak(build, run_step, spec["config"], spec.get("layers")),
+        "rank": dist.get_rank(),
+    }
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, result)
     dist.destroy_process_group()
     return {"variant": "fastdpo", "peak": max(r["peak"] for r in everyone), "per_rank": everyone}
 
 
-def measure_sharded(cfg: dict[str, Any], step: StepConfig, world: int, shard: str, layers: int | None,
-                    timeout: float = 1800.0) -> dict[str, dict[str, Any]]:
+def measure_sharded(
+    cfg: dict[str, Any], step: StepConfig, world: int, shard: str, layers: int | None, timeout: float = 1800.0
+) -> dict[str, dict[str, Any]]:
     """Run :func:`shard_measure_worker` on ``world`` CPU processes (``torchrun``, gloo); ``{"fastdpo": result}``
     with the largest per-rank peak (``per_rank``: each rank's), or ``{"fastdpo": {"error": ...}}``."""
-    spec = {"shard": shard, "config": cfg, "layers": layers, "dtype": step.dtype, "pairs": step.pairs,
-            "prompt_len": step.prompt_len, "completion_len": step.completion_len, "reference": step.reference,
-            "optimizer": step.optimizer, "packing": step.packing, "pairs_per_row": step.pairs_per_row}
+    spec = {
+        "shard": shard,
+        "config": cfg,
+        "layers": layers,
+        "dtype": step.dtype,
+        "pairs": step.pairs,
+        "prompt_len": step.prompt_len,
+        "completion_len": step.completion_len,
+        "reference": step.reference,
+        "optimizer": step.optimizer,
+        "packing": step.packing,
+        "pairs_per_row": step.pairs_per_row,
+    }
     with tempfile.TemporaryDirectory(prefix="fastdpo-mem-") as tmp:
         spec_path, res_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
         Path(spec_path).write_text(json.dumps(spec))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m",
-               "fastdpo.benchmarks.memory_measure", "_shard_worker", spec_path, res_path]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={world}",
+            "-m",
+            "fastdpo.benchmarks.memory_measure",
+            "_shard_worker",
+            spec_path,
+            res_path,
+        ]
         env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode == 0 and os.path.exists(res_path):
@@ -310,8 +370,9 @@ def measure_sharded(cfg: dict[str, Any], step: StepConfig, world: int, shard: st
         return {"fastdpo": {"variant": "fastdpo", "error": lines[-1][:300]}}
 
 
-def measure(cfg: dict[str, Any], step: StepConfig, variants: list[str], layers: int | None,
-            timeout: float = 900.0) -> dict[str, dict[str, Any]]:
+def measure(
+    cfg: dict[str, Any], step: StepConfig, variants: list[str], layers: int | None, timeout: float = 900.0
+) -> dict[str, dict[str, Any]]:
     """Run :func:`measure_worker` for each variant in a fresh process (fixed glibc mmap threshold, so freed tensors
     leave the resident set); ``{variant: result or {"error": ...}}``."""
     out: dict[str, dict[str, Any]] = {}
@@ -320,17 +381,27 @@ def measure(cfg: dict[str, Any], step: StepConfig, variants: list[str], layers: 
         if vstep.sequence_parallel > 1:  # fastdpo over k processes: the peak rank
             out[variant] = measure_sequence_parallel(cfg, vstep, layers, timeout)
             continue
-        spec = {"variant": "fastdpo" if variant.startswith("fastdpo") else variant, "config": cfg, "layers": layers,
-                "dtype": vstep.dtype, "pairs": vstep.pairs, "prompt_len": vstep.prompt_len,
-                "completion_len": vstep.completion_len, "reference": vstep.reference, "optimizer": vstep.optimizer,
-                "packing": vstep.packing, "pairs_per_row": vstep.pairs_per_row,
-                "grad_in_forward": vstep.grad_in_forward}
+        spec = {
+            "variant": "fastdpo" if variant.startswith("fastdpo") else variant,
+            "config": cfg,
+            "layers": layers,
+            "dtype": vstep.dtype,
+            "pairs": vstep.pairs,
+            "prompt_len": vstep.prompt_len,
+            "completion_len": vstep.completion_len,
+            "reference": vstep.reference,
+            "optimizer": vstep.optimizer,
+            "packing": vstep.packing,
+            "pairs_per_row": vstep.pairs_per_row,
+            "grad_in_forward": vstep.grad_in_forward,
+        }
         with tempfile.TemporaryDirectory(prefix="fastdpo-mem-") as tmp:
             spec_path, res_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
             Path(spec_path).write_text(json.dumps(spec))
             cmd = [sys.executable, "-m", "fastdpo.benchmarks.memory_measure", "_worker", spec_path, res_path]
-            proc = subprocess.run(cmd, env={**os.environ, **MALLOC_ENV}, capture_output=True, text=True,
-                                  timeout=timeout)
+            proc = subprocess.run(
+                cmd, env={**os.environ, **MALLOC_ENV}, capture_output=True, text=True, timeout=timeout
+            )
             if proc.returncode == 0 and os.path.exists(res_path):
                 out[variant] = json.loads(Path(res_path).read_text())
             else:
@@ -352,8 +423,9 @@ def sp_measure_worker(spec: dict[str, Any], rank: int, init_file: str) -> dict[s
 
     k = spec["sequence_parallel"]
     if k > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=k,
-                                timeout=timedelta(seconds=300))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=k, timeout=timedelta(seconds=300)
+        )
     collator = engine_collator(spec)
 
     def build(cfg: dict[str, Any], layers: int | None) -> tuple[Any, Any, Any, Any]:
@@ -371,31 +443,55 @@ def sp_measure_worker(spec: dict[str, Any], rank: int, init_file: str) -> dict[s
 
     try:
         torch.manual_seed(0)
-        result = step_peak(build, run_step, spec["config"], spec.get("layers"),
-                           barrier=dist.barrier if k > 1 else None)
+        result = step_peak(build, run_step, spec["config"], spec.get("layers"), barrier=dist.barrier if k > 1 else None)
     finally:
         if k > 1:
             dist.destroy_process_group()
     return {"rank": rank, **result}
 
 
-def measure_sequence_parallel(cfg: dict[str, Any], step: Any, layers: int | None,
-                              timeout: float = 900.0) -> dict[str, Any]:
+def measure_sequence_parallel(
+    cfg: dict[str, Any], step: Any, layers: int | None, timeout: float = 900.0
+) -> dict[str, Any]:
     """Run :func:`sp_measure_worker` on ``k >= 1`` CPU processes; ``{"variant": "fastdpo", "peak": max over ranks,
     "rank_peaks": [...], ...}`` or ``{"variant": "fastdpo", "error": ...}``."""
     k = step.sequence_parallel
-    spec = {"config": cfg, "layers": layers, "dtype": step.dtype, "pairs": step.pairs, "prompt_len": step.prompt_len,
-            "completion_len": step.completion_len, "reference": step.reference, "optimizer": step.optimizer,
-            "packing": step.packing, "pairs_per_row": step.pairs_per_row, "sequence_parallel": k}
+    spec = {
+        "config": cfg,
+        "layers": layers,
+        "dtype": step.dtype,
+        "pairs": step.pairs,
+        "prompt_len": step.prompt_len,
+        "completion_len": step.completion_len,
+        "reference": step.reference,
+        "optimizer": step.optimizer,
+        "packing": step.packing,
+        "pairs_per_row": step.pairs_per_row,
+        "sequence_parallel": k,
+    }
     with tempfile.TemporaryDirectory(prefix="fastdpo-spmem-") as tmp:
         spec_path = os.path.join(tmp, "spec.json")
         Path(spec_path).write_text(json.dumps(spec))
         env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        procs = [subprocess.Popen([sys.executable, "-m", "fastdpo.benchmarks.memory_measure", "_sp_worker", spec_path,
-                                   str(r),
-                                   os.path.join(tmp, "init"), os.path.join(tmp, f"out{r}.json")],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for r in range(k)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fastdpo.benchmarks.memory_measure",
+                    "_sp_worker",
+                    spec_path,
+                    str(r),
+                    os.path.join(tmp, "init"),
+                    os.path.join(tmp, f"out{r}.json"),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for r in range(k)
+        ]
         results, errors = [], []
         for r, proc in enumerate(procs):
             try:
@@ -413,8 +509,12 @@ def measure_sequence_parallel(cfg: dict[str, Any], step: Any, layers: int | None
     if errors:
         return {"variant": "fastdpo", "error": "; ".join(errors)}
     peaks = [res["peak"] for res in results]
-    return {"variant": "fastdpo", "peak": max(peaks), "rank_peaks": peaks,
-            "resident_after_setup": max(res["resident_after_setup"] for res in results)}
+    return {
+        "variant": "fastdpo",
+        "peak": max(peaks),
+        "rank_peaks": peaks,
+        "resident_after_setup": max(res["resident_after_setup"] for res in results),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,8 +527,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(argv[4]).write_text(json.dumps(sp_measure_worker(spec, int(argv[2]), argv[3])))
         return 0
     if len(argv) != 3 or argv[0] not in ("_worker", "_shard_worker"):
-        raise SystemExit("usage: python -m fastdpo.benchmarks.memory_measure {_worker,_shard_worker} SPEC OUT | "
-                         "_sp_worker SPEC RANK INIT_FILE OUT")
+        raise SystemExit(
+            "usage: python -m fastdpo.benchmarks.memory_measure {_worker,_shard_worker} SPEC OUT | "
+            "_sp_worker SPEC RANK INIT_FILE OUT"
+        )
     spec = json.loads(Path(argv[1]).read_text())
     if argv[0] == "_worker":
         Path(argv[2]).write_text(json.dumps(measure_worker(spec)))

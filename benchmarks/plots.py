@@ -3,6 +3,7 @@
 One figure per (workload, swept axis) with two panels (time, memory), one line per implementation, log axes, units in
 the labels, the fixed dimensions and the device in the title.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -10,8 +11,14 @@ from pathlib import Path
 from typing import Any
 
 AXES = {"vocab": ("vocabulary size V", "V"), "tokens": ("tokens N", "N"), "hidden": ("hidden size D", "D")}
-STYLE = {"naive": ("tab:gray", "o", "--"), "fastdpo": ("tab:red", "s", "-"), "trl": ("tab:blue", "^", "-"),
-         "torch_lce": ("tab:green", "v", "-"), "cce": ("tab:purple", "D", "-"), "liger": ("tab:orange", "P", "-")}
+STYLE = {
+    "naive": ("tab:gray", "o", "--"),
+    "fastdpo": ("tab:red", "s", "-"),
+    "trl": ("tab:blue", "^", "-"),
+    "torch_lce": ("tab:green", "v", "-"),
+    "cce": ("tab:purple", "D", "-"),
+    "liger": ("tab:orange", "P", "-"),
+}
 
 
 def _series(records: list[dict[str, Any]], workload: str, axis: str) -> tuple[dict[str, int], dict[str, list]] | None:
@@ -57,8 +64,9 @@ def plot_results(records: list[dict[str, Any]], meta: dict[str, Any], out_dir: P
                 color, marker, ls = STYLE.get(rows[0]["impl"], ("black", "x", "-"))
                 xs = [r[axis] for r in rows]
                 ax_t.plot(xs, [r["step_ms"] for r in rows], color=color, marker=marker, ls=ls, label=label)
-                ax_m.plot(xs, [max(r["step_peak_mb"], 1e-3) for r in rows], color=color, marker=marker, ls=ls,
-                          label=label)
+                ax_m.plot(
+                    xs, [max(r["step_peak_mb"], 1e-3) for r in rows], color=color, marker=marker, ls=ls, label=label
+                )
             ticks = sorted({r[axis] for rows in lines.values() for r in rows})
             for ax in (ax_t, ax_m):
                 ax.set_xscale("log", base=2)
@@ -74,8 +82,9 @@ def plot_results(records: list[dict[str, Any]], meta: dict[str, Any], out_dir: P
             ax_t.set_title("time per step (lower is better)")
             ax_m.set_title("peak memory incl. gradient buffers (lower is better)")
             fixed_txt = ", ".join(f"{AXES[a][1]}={v}" for a, v in fixed.items() if v)
-            fig.suptitle(f"fastdpo bench · {workload} · {fixed_txt} · {meta['dtype']} · {meta['device_name']}",
-                         fontsize=10)
+            fig.suptitle(
+                f"fastdpo bench · {workload} · {fixed_txt} · {meta['dtype']} · {meta['device_name']}", fontsize=10
+            )
             path = out_dir / f"{stem}-{workload}-vs-{axis}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)

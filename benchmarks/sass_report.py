@@ -14,14 +14,15 @@ in the Triton wheel. The cubin is read back with the wheel's ``cuobjdump``: regi
 Hot loop: every backward branch in the SASS closes a loop; the kernel's hot loop is the one with the most 128-bit
 loads (then the largest): fallback paths (unaligned rows, zero fill) are the others. Reported per loop:
 SASS instructions, barriers (``BAR``), shuffles (``SHFL``), ``MUFU`` (exp2 / log2 / rcp), global loads and stores with
-their widths, and **instructions per logit element per thread** = loop instructions ÷ (elements per iteration ÷ threads),
-the figure the kernel targets are set in (a loop ptxas unrolled handles a multiple of the block per pass: the
+their widths, and **instructions per logit element per thread** = loop instructions ÷ (elements per iteration ÷
+threads), the figure the kernel targets are set in (a loop ptxas unrolled handles a multiple of the block per pass: the
 elements are counted from the loop's global-load bits).
 
 ``--gate`` compiles everything for every ``--arch`` and exits 1 when any specialization fails to compile or spills
 (the CI compile gate, ``tests/test_compile_gate.py``); otherwise the tables are written to
 ``OUT/sass-TAG.md`` and ``OUT/sass-TAG.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,9 @@ class Specialization:
 
     @property
     def key(self) -> str:
-        return json.dumps([self.kernel, self.signature, self.constexprs, self.attrs, self.num_warps], sort_keys=True,
-                          default=str)
+        return json.dumps(
+            [self.kernel, self.signature, self.constexprs, self.attrs, self.num_warps], sort_keys=True, default=str
+        )
 
 
 @dataclass
@@ -131,13 +133,15 @@ def _logprob_launches() -> Iterator[tuple[Situation, Any]]:
                     labels = _meta(n, dtype=ldt)
                     lse, logp = _meta(n, dtype=torch.float32), _meta(n, dtype=torch.float32)
                     what = f"{str(dtype)[6:]} V={vocab} labels={str(ldt)[6:]} {name}"
-                    yield Situation("token_logprobs forward", what), _forward_launch(
-                        logits3, labels, lse, logp, -100, None
+                    yield (
+                        Situation("token_logprobs forward", what),
+                        _forward_launch(logits3, labels, lse, logp, -100, None),
                     )
                     fresh = _meta(*logits3.shape, dtype=dtype)
                     for gname, grad3 in (("in place", logits3), ("fresh grad", fresh)):
-                        yield Situation("token_logprobs backward", f"{what} {gname}"), _backward_launch(
-                            logits3, labels, lse, logp, grad3, -100, None
+                        yield (
+                            Situation("token_logprobs backward", f"{what} {gname}"),
+                            _backward_launch(logits3, labels, lse, logp, grad3, -100, None),
                         )
 
 
@@ -183,8 +187,9 @@ def _head_launches() -> Iterator[tuple[Situation, Any]]:
                             for kl in launches:
                                 yield Situation("linear_token_logprobs", f"{what} stats={stats} argmax={argmax}"), kl
                         with capture_launches() as launches:
-                            _backward_sweep(h, w, b, labels, st.lse(), _meta(n, dtype=torch.float32), spec, kept,
-                                            True, True, True)
+                            _backward_sweep(
+                                h, w, b, labels, st.lse(), _meta(n, dtype=torch.float32), spec, kept, True, True, True
+                            )
                         for kl in launches:
                             yield Situation("linear_token_logprobs backward", what), kl
 
@@ -216,7 +221,8 @@ def _backend(arch: int):
 
 @functools.cache
 def _binder(kernel: Any):
-    """Triton's own argument binder/specializer for ``kernel`` (divisibility by 16 and ``== 1`` are arch-independent)."""
+    """Triton's own argument binder/specializer for ``kernel`` (divisibility by 16 and ``== 1`` are
+    arch-independent)."""
     from triton.runtime.jit import create_function_from_signature
 
     _, backend = _backend(90)
@@ -363,12 +369,17 @@ def compile_specialization(sp: Specialization, arch: int, sass: bool = True) -> 
 _compiled: dict[tuple[str, int], CompiledStats] = {}
 
 
-def compile_all(specs: list[Specialization], archs: tuple[int, ...] = ARCHS, workers: int = 2, sass: bool = True
-                ) -> dict[tuple[str, int], CompiledStats | str]:
+def compile_all(
+    specs: list[Specialization], archs: tuple[int, ...] = ARCHS, workers: int = 2, sass: bool = True
+) -> dict[tuple[str, int], CompiledStats | str]:
     """Compile every specialization for every arch (cached in-process); failures map to their error text."""
     _check_compiled_mode()
-    jobs = [(sp, arch) for sp in specs for arch in archs
-            if (sp.key, arch) not in _compiled or (sass and not _compiled[(sp.key, arch)].instructions)]
+    jobs = [
+        (sp, arch)
+        for sp in specs
+        for arch in archs
+        if (sp.key, arch) not in _compiled or (sass and not _compiled[(sp.key, arch)].instructions)
+    ]
     results: dict[tuple[str, int], CompiledStats | str] = {}
     # processes, not threads: Triton's compiler passes hold the GIL. Forked workers inherit the imported kernels.
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
@@ -450,15 +461,21 @@ def _loop_cell(st: CompiledStats) -> tuple[str, str, str, str, str, str]:
     if not st.loops:
         return ("-",) * 6
     lp = st.loops[0]
-    fmt = lambda d: " ".join(f"{v}x{k}" for k, v in sorted(d.items(), key=lambda kv: -int(kv[0]))) or "-"
+
+    def fmt(d: dict) -> str:
+        return " ".join(f"{v}x{k}" for k, v in sorted(d.items(), key=lambda kv: -int(kv[0]))) or "-"
+
     return (str(lp.instructions), str(lp.barriers), str(lp.shuffles), str(lp.mufu), fmt(lp.loads), fmt(lp.stores))
 
 
 def _variant(sp: Specialization) -> str:
     """Kernel variant for the summary: its flag constexprs and element types (ints and alignment left out)."""
     flags = [f"{k}" for k, v in sp.constexprs.items() if isinstance(v, bool) and v]
-    ptrs = [v[1:] for k, v in sp.signature.items() if v.startswith("*") and k.split("_")[0] in ("logits", "x", "values",
-                                                                                                 "grad", "out")]
+    ptrs = [
+        v[1:]
+        for k, v in sp.signature.items()
+        if v.startswith("*") and k.split("_")[0] in ("logits", "x", "values", "grad", "out")
+    ]
     labels = [v[1:] for k, v in sp.signature.items() if k.startswith("labels")]
     strided = [k for k in ("stride_v", "gstride_v") if k in sp.signature and sp.constexprs.get(k) != 1]
     layout = [f"{'+'.join(strided)} != 1"] if strided else []
@@ -479,10 +496,13 @@ def target_specializations(specs: list[Specialization]) -> dict[int, list[Specia
     for i, (kernel, flags, dtype, _) in enumerate(TARGETS):
         for sp in specs:
             first_ptr = next(v for v in sp.signature.values() if v.startswith("*"))
-            if (sp.kernel == kernel and first_ptr == f"*{dtype}"
-                    and not ("stride_v" in sp.signature and sp.constexprs.get("stride_v") != 1)
-                    and all(sp.constexprs.get(f) is True for f in flags)
-                    and not any(v is True and k not in flags for k, v in sp.constexprs.items())):
+            if (
+                sp.kernel == kernel
+                and first_ptr == f"*{dtype}"
+                and not ("stride_v" in sp.signature and sp.constexprs.get("stride_v") != 1)
+                and all(sp.constexprs.get(f) is True for f in flags)
+                and not any(v is True and k not in flags for k, v in sp.constexprs.items())
+            ):
                 found.setdefault(i, []).append(sp)
     return found
 
@@ -492,21 +512,38 @@ def target_results(specs: list[Specialization], results: dict) -> list[dict[str,
     out = []
     for i, group in target_specializations(specs).items():
         kernel, flags, dtype, bound = TARGETS[i]
-        got = [(per_element(sp, st), st.loops[0].barriers) for sp in group
-               if isinstance(st := results.get((sp.key, 90)), CompiledStats) and st.loops]
+        got = [
+            (per_element(sp, st), st.loops[0].barriers)
+            for sp in group
+            if isinstance(st := results.get((sp.key, 90)), CompiledStats) and st.loops
+        ]
         if got:
             ipe, bars = max(got)
-            out.append({"kernel": kernel, "variant": f"{' '.join(flags) or 'base'} {dtype}", "bound": bound,
-                        "instr_per_element": round(ipe, 2), "barriers": bars, "met": ipe <= bound and bars == 0})
+            out.append(
+                {
+                    "kernel": kernel,
+                    "variant": f"{' '.join(flags) or 'base'} {dtype}",
+                    "bound": bound,
+                    "instr_per_element": round(ipe, 2),
+                    "barriers": bars,
+                    "met": ipe <= bound and bars == 0,
+                }
+            )
     return out
 
 
 def targets_table(specs: list[Specialization], results: dict) -> list[str]:
-    lines = ["## Targets (sm_90, unit vocabulary stride, worst specialization)", "",
-             "| kernel | variant | target instr/elem | measured | BAR in loop | met |", "|---|---|---|---|---|---|"]
+    lines = [
+        "## Targets (sm_90, unit vocabulary stride, worst specialization)",
+        "",
+        "| kernel | variant | target instr/elem | measured | BAR in loop | met |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in target_results(specs, results):
-        lines.append(f"| `{t['kernel']}` | {t['variant']} | <= {t['bound']} | {t['instr_per_element']:.2f} | "
-                     f"{t['barriers']} | {'yes' if t['met'] else 'NO'} |")
+        lines.append(
+            f"| `{t['kernel']}` | {t['variant']} | <= {t['bound']} | {t['instr_per_element']:.2f} | "
+            f"{t['barriers']} | {'yes' if t['met'] else 'NO'} |"
+        )
     return lines + [""]
 
 
@@ -533,14 +570,18 @@ def summary_table(specs: list[Specialization], results: dict, arch: int) -> list
         sts = [st for _, st in items]
         loops = [st.loops[0] for st in sts if st.loops]
         ipes = [v for sp, st in items if (v := per_element(sp, st)) is not None]
-        loads = sorted({" ".join(f"{n}x{w}" for w, n in sorted(lp.loads.items(), key=lambda kv: -int(kv[0])))
-                        for lp in loops})
+        loads = sorted(
+            {" ".join(f"{n}x{w}" for w, n in sorted(lp.loads.items(), key=lambda kv: -int(kv[0]))) for lp in loops}
+        )
         lines.append(
             f"| `{kernel}` | {variant} | {len(items)} | {rng([st.registers for st in sts])} | "
             f"{max(st.spill_instructions for st in sts)} | "
-            + (f"{rng([lp.instructions for lp in loops])} | {rng([lp.barriers for lp in loops])} | "
-               f"{rng([lp.shuffles for lp in loops])} | {rng([lp.mufu for lp in loops])} | {', '.join(loads)} | "
-               if loops else "- | - | - | - | - | ")
+            + (
+                f"{rng([lp.instructions for lp in loops])} | {rng([lp.barriers for lp in loops])} | "
+                f"{rng([lp.shuffles for lp in loops])} | {rng([lp.mufu for lp in loops])} | {', '.join(loads)} | "
+                if loops
+                else "- | - | - | - | - | "
+            )
             + (f"{rng(ipes, '{:.2f}')} |" if ipes else "- |")
         )
     return lines + [""]
@@ -616,8 +657,11 @@ def gate(archs: tuple[int, ...] = ARCHS, workers: int = 2) -> dict[str, Any]:
     results.update(compile_all(targeted, (90,), workers, sass=True) if 90 in archs else {})
     targets = target_results(specs, results)
     failures = [f"{k[0]} sm_{k[1]}: {v}" for k, v in results.items() if isinstance(v, str)]
-    spills = [f"{k[0]} sm_{k[1]}: {v.stack} B stack, {v.local} B local memory"
-              for k, v in results.items() if not isinstance(v, str) and (v.spill_instructions or v.local or v.stack)]
+    spills = [
+        f"{k[0]} sm_{k[1]}: {v.stack} B stack, {v.local} B local memory"
+        for k, v in results.items()
+        if not isinstance(v, str) and (v.spill_instructions or v.local or v.stack)
+    ]
     kernels: dict[str, list[dict[str, Any]]] = {}
     for sp in specs:
         kernels.setdefault(sp.kernel, []).append({"constexprs": sp.constexprs, "signature": sp.signature})
@@ -636,7 +680,9 @@ def gate(archs: tuple[int, ...] = ARCHS, workers: int = 2) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdpo.benchmarks.sass_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdpo.benchmarks.sass_report", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", default="benchmarks/results", help="directory for sass-TAG.md / sass-TAG.json")
     parser.add_argument("--tag", default="current", help="report name (sass-TAG.*)")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=[80, 86, 89, 90])
@@ -644,8 +690,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate", action="store_true", help="compile only; print a JSON summary; exit 1 on failure")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("sass_report: unset TRITON_INTERPRET (ahead-of-time compilation needs the compiled kernels)",
-              file=sys.stderr)
+        print(
+            "sass_report: unset TRITON_INTERPRET (ahead-of-time compilation needs the compiled kernels)",
+            file=sys.stderr,
+        )
         return 2
     if args.gate:
         summary = gate(tuple(args.arch), args.workers)

@@ -9,9 +9,9 @@ engine): reference forward, policy forward, loss, backward, gradient average ove
 * timing (plain glibc malloc): ``--warmup`` steps, then the median of ``--steps`` step times (rank 0's; the ranks
   synchronize in every step);
 * memory: :func:`fastdpo.benchmarks.memory_measure.measure_sequence_parallel` (``k`` processes with
-  ``MALLOC_ENV``, freed tensors leave the resident set at once): each rank's peak resident set over its pre-model baseline during one step after a warm-up step --
-  weights, gradients, reference and the step's peak -- next to the estimator's per-rank peak
-  (:func:`fastdpo.memory.estimate`, :mod:`fastdpo.sp_memory` for ``k > 1``).
+  ``MALLOC_ENV``, freed tensors leave the resident set at once): each rank's peak resident set over its pre-model
+  baseline during one step after a warm-up step -- weights, gradients, reference and the step's peak -- next to the
+  estimator's per-rank peak (:func:`fastdpo.memory.estimate`, :mod:`fastdpo.sp_memory` for ``k > 1``).
 
 Usage::
 
@@ -20,6 +20,7 @@ Usage::
 
 CPU only (the GPU path of the engine is the same code; this driver does not launch NCCL ranks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,16 +37,21 @@ MIB = 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastdpo.benchmarks.sequence_parallel",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m fastdpo.benchmarks.sequence_parallel", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--sp", default="1,2", help="comma-separated sequence-parallel group sizes (default 1,2)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads in total, shared by a group's ranks")
     p.add_argument("--pairs", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=4096, help="prompt + completion tokens per sequence")
     p.add_argument("--completion-len", type=int, default=512)
-    p.add_argument("--packing", choices=("pad", "prefix_shared"), default="pad",
-                   help="pad: 2 equal rows per pair, causal attention without a mask; prefix_shared: one "
-                   "[prompt, chosen, rejected] row per pair with its full-length mask")
+    p.add_argument(
+        "--packing",
+        choices=("pad", "prefix_shared"),
+        default="pad",
+        help="pad: 2 equal rows per pair, causal attention without a mask; prefix_shared: one "
+        "[prompt, chosen, rejected] row per pair with its full-length mask",
+    )
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=32000)
@@ -56,10 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: dict[str, Any]) -> dict[str, Any]:
-    return {"model_type": "llama", "vocab_size": args["vocab"], "hidden_size": args["hidden"],
-            "intermediate_size": 4 * args["hidden"], "num_hidden_layers": args["layers"], "num_attention_heads": 4,
-            "num_key_value_heads": 2, "head_dim": args["hidden"] // 4, "tie_word_embeddings": False,
-            "max_position_embeddings": 4 * args["seq_len"], "rms_norm_eps": 1e-6}
+    return {
+        "model_type": "llama",
+        "vocab_size": args["vocab"],
+        "hidden_size": args["hidden"],
+        "intermediate_size": 4 * args["hidden"],
+        "num_hidden_layers": args["layers"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": args["hidden"] // 4,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 4 * args["seq_len"],
+        "rms_norm_eps": 1e-6,
+    }
 
 
 def worker(args: dict[str, Any], rank: int, world: int, init_file: str) -> dict[str, Any]:
@@ -77,8 +92,9 @@ def worker(args: dict[str, Any], rank: int, world: int, init_file: str) -> dict[
 
     torch.set_num_threads(max(1, args["threads"] // world))
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=600))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=600)
+        )
     config = hf_config(_config(args), None, "fp32")
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
@@ -92,8 +108,10 @@ def worker(args: dict[str, Any], rank: int, world: int, init_file: str) -> dict[
     def ids(n: int) -> list[int]:
         return torch.randint(3, args["vocab"], (n,), generator=gen).tolist()
 
-    rows = [{"prompt_input_ids": ids(p), "chosen_input_ids": ids(c), "rejected_input_ids": ids(c)}
-            for _ in range(args["pairs"])]
+    rows = [
+        {"prompt_input_ids": ids(p), "chosen_input_ids": ids(c), "rejected_input_ids": ids(c)}
+        for _ in range(args["pairs"])
+    ]
     batch = PreferenceCollator(id_tokenizer(args["vocab"]), packing=args["packing"])(rows)
 
     def step() -> float:
@@ -110,8 +128,11 @@ def worker(args: dict[str, Any], rank: int, world: int, init_file: str) -> dict[
         return time.perf_counter() - t0
 
     try:
-        out: dict[str, Any] = {"rank": rank, "shape": list(batch["input_ids"].shape),
-                               "loss_check": float(engine.step(batch)[0].detach())}
+        out: dict[str, Any] = {
+            "rank": rank,
+            "shape": list(batch["input_ids"].shape),
+            "loss_check": float(engine.step(batch)[0].detach()),
+        }
         opt.zero_grad(set_to_none=True)
         for _ in range(args["warmup"]):
             step()
@@ -129,10 +150,26 @@ def launch(args: dict[str, Any], k: int) -> list[dict[str, Any]]:
         spec = os.path.join(tmp, "spec.json")
         with open(spec, "w") as fh:
             json.dump(args, fh)
-        procs = [subprocess.Popen([sys.executable, "-m", "fastdpo.benchmarks.sequence_parallel", "--worker", spec,
-                                   str(r), str(k), os.path.join(tmp, "init"), os.path.join(tmp, f"{r}.json")],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for r in range(k)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fastdpo.benchmarks.sequence_parallel",
+                    "--worker",
+                    spec,
+                    str(r),
+                    str(k),
+                    os.path.join(tmp, "init"),
+                    os.path.join(tmp, f"{r}.json"),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for r in range(k)
+        ]
         outputs = [proc.communicate()[0] for proc in procs]
         results = []
         for r, proc in enumerate(procs):
@@ -147,10 +184,17 @@ def launch(args: dict[str, Any], k: int) -> list[dict[str, Any]]:
 def _step(args: dict[str, Any], k: int) -> Any:
     from fastdpo import memory as M
 
-    return M.StepConfig(pairs=args["pairs"], prompt_len=args["seq_len"] - args["completion_len"],
-                        completion_len=args["completion_len"], dtype="fp32", optimizer="sgd", reference="model",
-                        device="cpu", packing="prefix_shared" if args["packing"] == "prefix_shared" else "padding_free",
-                        sequence_parallel=k)
+    return M.StepConfig(
+        pairs=args["pairs"],
+        prompt_len=args["seq_len"] - args["completion_len"],
+        completion_len=args["completion_len"],
+        dtype="fp32",
+        optimizer="sgd",
+        reference="model",
+        device="cpu",
+        packing="prefix_shared" if args["packing"] == "prefix_shared" else "padding_free",
+        sequence_parallel=k,
+    )
 
 
 def run(args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -165,10 +209,18 @@ def run(args: dict[str, Any]) -> list[dict[str, Any]]:
         if "error" in mem:
             raise RuntimeError(f"sp={k} memory: {mem['error']}")
         est = M.estimate(M.shape_from_config(_config(args)), step, "fastdpo")
-        rows.append({"sp": k, "threads_per_rank": max(1, args["threads"] // k), "shape": timed[0]["shape"],
-                     "loss": timed[0]["loss_check"], "step_s": timed[0]["step_s"],
-                     "peak_mb": [x / MIB for x in mem["rank_peaks"]], "estimate_mb": est["peak"] / MIB,
-                     "activations_mb": est["activations"] / MIB})
+        rows.append(
+            {
+                "sp": k,
+                "threads_per_rank": max(1, args["threads"] // k),
+                "shape": timed[0]["shape"],
+                "loss": timed[0]["loss_check"],
+                "step_s": timed[0]["step_s"],
+                "peak_mb": [x / MIB for x in mem["rank_peaks"]],
+                "estimate_mb": est["peak"] / MIB,
+                "activations_mb": est["activations"] / MIB,
+            }
+        )
     return rows
 
 
@@ -190,15 +242,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("sequence_parallel benchmark: need --sp sizes >= 1 and --seq-len > --completion-len >= 2")
     args = dict(vars(ns), sp=sizes)
     rows = run(args)
-    print(f"tiny Llama (hidden {ns.hidden}, {ns.layers} layers, V {ns.vocab}, fp32), {ns.pairs} pair(s) of "
-          f"{ns.seq_len - ns.completion_len} + {ns.completion_len} tokens, packing {ns.packing}, "
-          f"{ns.threads} threads in total")
-    print(f"{'sp':>3} {'rows x cols':>12} {'thr/rank':>8} {'step s':>8} {'peak MB per rank':>20} "
-          f"{'estimate MB':>11} {'loss':>10}")
+    print(
+        f"tiny Llama (hidden {ns.hidden}, {ns.layers} layers, V {ns.vocab}, fp32), {ns.pairs} pair(s) of "
+        f"{ns.seq_len - ns.completion_len} + {ns.completion_len} tokens, packing {ns.packing}, "
+        f"{ns.threads} threads in total"
+    )
+    print(
+        f"{'sp':>3} {'rows x cols':>12} {'thr/rank':>8} {'step s':>8} {'peak MB per rank':>20} "
+        f"{'estimate MB':>11} {'loss':>10}"
+    )
     for r in rows:
         peaks = " / ".join(f"{x:.0f}" for x in r["peak_mb"])
-        print(f"{r['sp']:>3} {'x'.join(map(str, r['shape'])):>12} {r['threads_per_rank']:>8} {r['step_s']:>8.2f} "
-              f"{peaks:>20} {r['estimate_mb']:>11.0f} {r['loss']:>10.6f}")
+        print(
+            f"{r['sp']:>3} {'x'.join(map(str, r['shape'])):>12} {r['threads_per_rank']:>8} {r['step_s']:>8.2f} "
+            f"{peaks:>20} {r['estimate_mb']:>11.0f} {r['loss']:>10.6f}"
+        )
     if ns.json:
         with open(ns.json, "w") as fh:
             json.dump({"args": args, "rows": rows}, fh, indent=1)

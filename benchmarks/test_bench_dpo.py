@@ -5,6 +5,7 @@ forward + backward): ``fastdpo.nn.FusedLinearDPOLoss`` against naive PyTorch and
 Each case also checks the loss and the hidden / weight gradients against a float64 recomputation (the sigmoid DPO
 formula of LOSSES.md written out), within the naive same-dtype error (``conftest.py``).
 """
+
 from __future__ import annotations
 
 import pytest

@@ -6,6 +6,7 @@ Each case checks its loss against a float64 oracle of its own (each sequence's l
 logits, the sigmoid formula of LOSSES.md), within the first-order propagation of the naive fp32 path's log-prob error,
 and the gradients are finite -- so every packing is checked independently, in any order or process.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,22 @@ import torch
 from fastdpo.benchmarks import engine_step
 from fastdpo.reference import naive_batch_logps, naive_dpo_loss
 
-ARGS = ["--pairs", "2", "--prompt-len", "32", "--completion-len", "12", "--vocab", "1024", "--hidden", "64",
-        "--layers", "2", "--heads", "4"]
+ARGS = [
+    "--pairs",
+    "2",
+    "--prompt-len",
+    "32",
+    "--completion-len",
+    "12",
+    "--vocab",
+    "1024",
+    "--hidden",
+    "64",
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+]
 BETA = 0.1
 
 

@@ -5,6 +5,7 @@ Run with ``pytest benchmarks/`` (``--benchmark-disable`` to only check, as CI do
 log-probs and both gradients against a float64 recomputation within the naive same-dtype error (``conftest.py``), so
 the suite fails when an implementation is wrong, not only when it is slow.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -35,7 +36,8 @@ def test_bench_head_fwd_bwd(benchmark, bench_case, check_within_naive, name):
     impl, problem, out = bench_case("head", name, SHAPE, DTYPE, DEVICE, seed=5)
     hidden, weight = problem.leaves
     naive, ref = _plain(problem, DTYPE), _plain(problem, torch.float64)
-    for label, got, n, r in zip(("log-probs", "hidden.grad", "weight.grad"), (out, hidden.grad, weight.grad),
-                                naive, ref):
+    for label, got, n, r in zip(
+        ("log-probs", "hidden.grad", "weight.grad"), (out, hidden.grad, weight.grad), naive, ref
+    ):
         check_within_naive(f"{name} {label}", got, n, r)
     benchmark.extra_info.update(tokens=SHAPE.tokens, hidden=SHAPE.hidden, vocab=SHAPE.vocab, impl=impl.label(DEVICE))

@@ -4,6 +4,7 @@ PyTorch and TRL's selective_log_softmax, on small CPU shapes. Run with ``pytest 
 Each case also checks the result and the logits gradient against a float64 recomputation, within the naive
 same-dtype error (``conftest.py``).
 """
+
 from __future__ import annotations
 
 import pytest

@@ -13,6 +13,7 @@ sends), which together must stay under the 64 MiB a device call carries.
 
 Exit status 0 when every wheel is there, no dependency is missing and the total fits; 1 otherwise; 2 on bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,17 @@ PINS = {
     "dill": "0.4.1",  # datasets: dill>=0.3,<0.4.2; multiprocess 0.70.19: dill>=0.4.1
     "multiprocess": "0.70.19",  # datasets: multiprocess<0.70.20 (a py312-specific wheel)
 }
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64")
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
 # Python distributions of the GPU image ('cuda'), as KINDS.md lists them (read on a machine on 2026-11-17).
-IMAGE = frozenset(canonicalize_name(n) for n in """
+IMAGE = frozenset(
+    canonicalize_name(n)
+    for n in """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
 charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
 cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools
@@ -62,18 +70,40 @@ sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server 
 tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm
 transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel
 wrapt xarray xxhash yarl zipp
-""".split())
+""".split()
+)
 
 
 def marker_env(python_version: str) -> dict[str, str]:
-    return {"python_version": python_version, "python_full_version": f"{python_version}.0", "os_name": "posix",
-            "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-            "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+    return {
+        "python_version": python_version,
+        "python_full_version": f"{python_version}.0",
+        "os_name": "posix",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "extra": "",
+    }
 
 
 def download(dest: Path, python_version: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
-           "--python-version", python_version, "--dest", str(dest), "--disable-pip-version-check"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--implementation",
+        "cp",
+        "--python-version",
+        python_version,
+        "--dest",
+        str(dest),
+        "--disable-pip-version-check",
+    ]
     for plat in PLATFORMS:
         cmd += ["--platform", plat]
     cmd += [f"{name}=={version}" for name, version in PINS.items()]
@@ -123,8 +153,12 @@ def missing_requirements(wheels: list[Path], python_version: str) -> dict[str, l
 
 def tree_bytes(repo: Path) -> int:
     """Bytes of the files the device tool sends: tracked plus untracked-not-ignored (``git ls-files``)."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
-                         capture_output=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=repo,
+        capture_output=True,
+        check=True,
+    ).stdout
     return sum((repo / p).stat().st_size for p in out.decode().split("\0") if p and (repo / p).is_file())
 
 
@@ -159,9 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {w.stat().st_size / 2**20:7.2f} MiB  {w.name}")
     if removed:
         print(f"  removed: {', '.join(removed)}")
-    print(f"wheels {wheel_bytes / 2**20:.2f} MiB in {args.dest}; working tree {tree / 2**20:.2f} MiB; together "
-          f"{(wheel_bytes + tree) / 2**20:.2f} MiB of the {CARRY_LIMIT / 2**20:.0f} MiB a device call carries; "
-          f"dependencies {'all present' if not lacking else 'MISSING (above)'}")
+    print(
+        f"wheels {wheel_bytes / 2**20:.2f} MiB in {args.dest}; working tree {tree / 2**20:.2f} MiB; together "
+        f"{(wheel_bytes + tree) / 2**20:.2f} MiB of the {CARRY_LIMIT / 2**20:.0f} MiB a device call carries; "
+        f"dependencies {'all present' if not lacking else 'MISSING (above)'}"
+    )
     if wheel_bytes + tree > CARRY_LIMIT:
         print("wheels.py: over the carry limit", file=sys.stderr)
         status = 1

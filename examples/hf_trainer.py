@@ -16,6 +16,7 @@ Run::
     python examples/hf_trainer.py               # 150 steps on the bundled demo set
     python examples/hf_trainer.py --steps 10    # a quick smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,18 +80,37 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
-            output_dir=args.output_dir or tmp, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=64, learning_rate=args.lr, warmup_steps=10, max_grad_norm=1.0,
-            logging_steps=max(1, args.steps // 6), eval_strategy="no", save_strategy="no", report_to="none",
-            remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=0,
+            output_dir=args.output_dir or tmp,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=64,
+            learning_rate=args.lr,
+            warmup_steps=10,
+            max_grad_norm=1.0,
+            logging_steps=max(1, args.steps // 6),
+            eval_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            remove_unused_columns=False,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+            seed=0,
         )
-        trainer = EngineDPOTrainer(model=policy, args=training_args, train_dataset=train_rows,
-                                   eval_dataset=eval_rows, data_collator=PreferenceCollator(tokenizer), engine=engine)
+        trainer = EngineDPOTrainer(
+            model=policy,
+            args=training_args,
+            train_dataset=train_rows,
+            eval_dataset=eval_rows,
+            data_collator=PreferenceCollator(tokenizer),
+            engine=engine,
+        )
         before = trainer.evaluate()
         trainer.train()
         after = trainer.evaluate()
-    print(f"held-out rewards/accuracies {before['eval_rewards/accuracies']:.3f} -> "
-          f"{after['eval_rewards/accuracies']:.3f} (loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f})")
+    print(
+        f"held-out rewards/accuracies {before['eval_rewards/accuracies']:.3f} -> "
+        f"{after['eval_rewards/accuracies']:.3f} (loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f})"
+    )
     return after
 
 

@@ -17,6 +17,7 @@ Run::
     python examples/plain_loop.py                # 150 steps on the bundled demo set
     python examples/plain_loop.py --steps 20     # a quick smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ from fastdpo.data import demo_data_files, load_preference_file
 from fastdpo.tiny import build_tiny_model, train_tokenizer
 
 
-def held_out_metrics(engine: DPOEngine, collator: PreferenceCollator, rows: list[dict], batch_size: int = 64
-                     ) -> dict[str, float]:
+def held_out_metrics(
+    engine: DPOEngine, collator: PreferenceCollator, rows: list[dict], batch_size: int = 64
+) -> dict[str, float]:
     """Pair-weighted mean of the engine's metrics over ``rows``, without gradients."""
     engine.model.eval()
     sums: dict[str, float] = {}
@@ -79,13 +81,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == args.steps:
             accuracy, margin = float(metrics["rewards/accuracies"]), float(metrics["rewards/margins"])
-            print(f"step {step:4d}  loss {loss.item():.4f}  rewards/accuracies {accuracy:.3f}  "
-                  f"rewards/margins {margin:.4f}")
+            print(
+                f"step {step:4d}  loss {loss.item():.4f}  rewards/accuracies {accuracy:.3f}  "
+                f"rewards/margins {margin:.4f}"
+            )
 
     # 5. held-out evaluation
     after = held_out_metrics(engine, collator, eval_rows)
-    print(f"held-out rewards/accuracies {before['rewards/accuracies']:.3f} -> {after['rewards/accuracies']:.3f} "
-          f"(loss {before['loss']:.4f} -> {after['loss']:.4f})")
+    print(
+        f"held-out rewards/accuracies {before['rewards/accuracies']:.3f} -> {after['rewards/accuracies']:.3f} "
+        f"(loss {before['loss']:.4f} -> {after['loss']:.4f})"
+    )
     return after
 
 

@@ -6,6 +6,7 @@ imported from the module that owns it: :mod:`fastdpo.head` (the fused LM head), 
 zoo), :mod:`fastdpo.reference` (naive oracles), :mod:`fastdpo.nn` (drop-in modules), :mod:`fastdpo.ref_cache`,
 :mod:`fastdpo.attention`, :mod:`fastdpo.integrations.trl`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -54,7 +55,19 @@ _MOVED: dict[str, str] = {
     "RefLogpCache": "fastdpo.ref_cache",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "DPOEngine",
+    "PreferenceCollator",
+    "PreferenceLossConfig",
+    "__version__",
+    "linear_sequence_logprobs",
+    "linear_token_logprobs",
+    "nn",
+    "preference_loss",
+    "sequence_logprobs",
+    "token_logprobs",
+]
+assert sorted(_EXPORTS) == sorted(n for n in __all__ if n != "__version__")
 
 
 def __getattr__(name: str) -> Any:

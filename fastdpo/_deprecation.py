@@ -1,4 +1,5 @@
 """Renamed keywords: the old name keeps working for a while, with a ``DeprecationWarning`` naming the new one."""
+
 from __future__ import annotations
 
 import warnings

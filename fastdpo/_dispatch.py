@@ -4,6 +4,7 @@
 this needs ``TRITON_INTERPRET=1``, which is how the test-suite runs them); ``backend="torch"`` forces the torch path.
 The environment variable ``FASTDPO_BACKEND`` overrides ``"auto"``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,8 +44,9 @@ def resolve_backend(backend: Backend, device: torch.device) -> Literal["triton",
     if backend == "auto":
         env = os.environ.get(ENV_VAR) or "auto"
         if env not in _BACKENDS:
-            raise ValueError(f"environment variable {ENV_VAR} must be 'auto', 'triton' or 'torch' (or unset), "
-                             f"got {env!r}")
+            raise ValueError(
+                f"environment variable {ENV_VAR} must be 'auto', 'triton' or 'torch' (or unset), got {env!r}"
+            )
         if env == "auto":
             return "triton" if device.type == "cuda" and triton_available() else "torch"
         backend, source = env, f"{ENV_VAR}={env}"  # type: ignore[assignment]

@@ -1,4 +1,5 @@
 """The accumulation dtype: the one precision rule shared by the log-prob, segment-sum, fused-head and loss code."""
+
 from __future__ import annotations
 
 import torch

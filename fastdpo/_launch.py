@@ -7,6 +7,7 @@ foreign memory. The same descriptions drive the ahead-of-time compile gate and t
 (``fastdpo.benchmarks.sass_report``), which collect them with :func:`capture_launches` on ``meta`` tensors instead of
 running them, so the gate compiles exactly what the library launches.
 """
+
 from __future__ import annotations
 
 import contextlib

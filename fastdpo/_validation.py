@@ -4,6 +4,7 @@ Scalars: :func:`check_int` and :func:`check_number` (``bool`` is refused as a nu
 ``ValueError`` for a wrong value). Tensors: :func:`check_float`, :func:`check_index`, :func:`check_same_device`,
 :func:`check_labels`.
 """
+
 from __future__ import annotations
 
 import math

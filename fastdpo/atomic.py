@@ -12,6 +12,7 @@
   file, never silently used. The file stays a plain ``torch.save`` dict (``torch.load`` reads it; the digest is one
   more string entry).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -111,8 +112,9 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *,
-                 previous: str | os.PathLike[str] | None = None) -> None:
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *, previous: str | os.PathLike[str] | None = None
+) -> None:
     """Write ``path`` through ``write(binary file)`` atomically (temporary file in the same folder, fsync,
     ``os.replace``). With ``previous``, an existing ``path`` is first moved there (after the new content is safely on
     disk), so two generations exist. On any exception the temporary file is removed and ``path`` is untouched."""
@@ -215,8 +217,9 @@ def content_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def save_checksummed(path: str | os.PathLike[str], obj: dict[str, Any], *,
-                     previous: str | os.PathLike[str] | None = None) -> None:
+def save_checksummed(
+    path: str | os.PathLike[str], obj: dict[str, Any], *, previous: str | os.PathLike[str] | None = None
+) -> None:
     """``torch.save(obj + {CHECKSUM_KEY: content_digest(obj)})`` through :func:`atomic_write`."""
     if CHECKSUM_KEY in obj:
         raise ValueError(f"{CHECKSUM_KEY!r} is reserved for the checksum")
@@ -237,7 +240,9 @@ def read_dict(path: str | os.PathLike[str], *, what: str = "file", weights_only:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:
-        raise CorruptFileError(f"{path} is not a {what}: unreadable (truncated or corrupt: {type(exc).__name__})") from exc
+        raise CorruptFileError(
+            f"{path} is not a {what}: unreadable (truncated or corrupt: {type(exc).__name__})"
+        ) from exc
     if not isinstance(obj, dict):
         raise CorruptFileError(f"{path} is not a {what} (it holds a {type(obj).__name__}, not a dict)")
     return obj
@@ -255,13 +260,14 @@ def verify_checksum(obj: dict[str, Any], path: str | os.PathLike[str], *, what: 
     except TypeError as exc:
         raise CorruptFileError(f"{path} is not a {what} ({exc})") from exc
     if actual != stored:
-        raise CorruptFileError(f"{path} is corrupt: its content does not match the checksum stored when it was "
-                               f"written (the {what} was damaged on disk); it is not used")
+        raise CorruptFileError(
+            f"{path} is corrupt: its content does not match the checksum stored when it was "
+            f"written (the {what} was damaged on disk); it is not used"
+        )
     return obj
 
 
-def load_checksummed(path: str | os.PathLike[str], *, what: str = "file",
-                     weights_only: bool = True) -> dict[str, Any]:
+def load_checksummed(path: str | os.PathLike[str], *, what: str = "file", weights_only: bool = True) -> dict[str, Any]:
     """Load a dict written by :func:`save_checksummed` (:func:`read_dict` + :func:`verify_checksum`): the content
     without the checksum entry, or ``FileNotFoundError`` / :class:`CorruptFileError` naming ``path``."""
     return verify_checksum(read_dict(path, what=what, weights_only=weights_only), path, what=what)

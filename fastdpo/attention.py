@@ -37,6 +37,7 @@ Limits:
 * flex_attention through transformers is ``torch.compile``-d; on CPU (torch 2.13) inductor takes tens of seconds per
   shape and fails to build its C++ kernel for sliding-window masks -- flex is for CUDA; sdpa/eager work everywhere.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -120,8 +121,9 @@ def resolve_impl(packing: str, attn: str, impl: str = "auto") -> str:
     return impl
 
 
-def allowed_mask(batch: dict[str, Any], *, sliding_window: int | None = None,
-                 device: torch.device | None = None) -> torch.Tensor:
+def allowed_mask(
+    batch: dict[str, Any], *, sliding_window: int | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """Bool ``[R, L, L]``: ``out[r, q, k]`` is True when token ``q`` of row ``r`` may attend to token ``k``.
 
     Built from ``token_seq``/``token_pair``/``token_role``/``position_ids`` of a packed batch (see module docstring).
@@ -248,8 +250,11 @@ def build_attention_kwargs(batch: dict[str, Any], model: Any, *, impl: str = "au
     """
     if not isinstance(batch, dict):
         raise TypeError(f"batch must be the dict a PreferenceCollator returns, got {type(batch).__name__}")
-    missing = [k for k in ("packing", "attention_mask", "position_ids", "token_seq", "token_pair", "token_role")
-               if k not in batch]
+    missing = [
+        k
+        for k in ("packing", "attention_mask", "position_ids", "token_seq", "token_pair", "token_role")
+        if k not in batch
+    ]
     if missing:
         raise ValueError(f"batch lacks {missing}; build it with fastdpo.PreferenceCollator")
     config = _model_config(model)

@@ -5,6 +5,7 @@ subcommand are one line on stderr and exit code 2, never a traceback: parsers ar
 prints only its error line), argument values go through the checking ``type=`` functions below (which name the
 argument in argparse's ``argument --x: ...`` message), and later checks raise :class:`UsageError`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,9 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def float_in(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-             high_open: bool = False) -> Callable[[str], float]:
+def float_in(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
     """argparse ``type=``: a finite float in the interval ``low .. high`` (``None``: unbounded; ``*_open``: the bound
     itself excluded). NaN and infinities are refused."""
 
@@ -86,8 +88,9 @@ def float_in(low: float | None = None, high: float | None = None, *, low_open: b
         if not math.isfinite(value) or too_low or too_high:
             lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
             hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-            raise argparse.ArgumentTypeError(f"must be a finite number {' and '.join(b for b in (lo, hi) if b)}, "
-                                             f"got {text}")
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {' and '.join(b for b in (lo, hi) if b)}, got {text}"
+            )
         return value
 
     return parse

@@ -34,9 +34,11 @@ Packings:
 
 Which hidden state scores which token: a completion token at view index ``k >= 1`` of its sequence (view = prompt +
 that completion) is predicted by the hidden state of view index ``k - 1``; a completion token at view index 0 (empty
-prompt, or a completion cut at the front) has no predictor and is not scored -- exactly TRL's ``completion_mask[:, 1:]``.
-In "prefix_shared" the first rejected token is therefore predicted by the last *prompt* token, not the last chosen one.
+prompt, or a completion cut at the front) has no predictor and is not scored -- exactly TRL's ``completion_mask[:,
+1:]``. In "prefix_shared" the first rejected token is therefore predicted by the last *prompt* token, not the last
+chosen one.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +82,10 @@ def _check_messages(name: str, value: list) -> None:
 def _as_id_list(name: str, value: Any, vocab_size: int) -> list[int]:
     if isinstance(value, torch.Tensor):
         if value.dtype.is_floating_point or value.dtype == torch.bool or value.ndim != 1:
-            raise TypeError(f"{name} must be a 1-D integer sequence, got a tensor of shape {tuple(value.shape)} "
-                            f"and dtype {value.dtype}")
+            raise TypeError(
+                f"{name} must be a 1-D integer sequence, got a tensor of shape {tuple(value.shape)} "
+                f"and dtype {value.dtype}"
+            )
         value = value.tolist()
     elif type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         value = value.tolist()
@@ -196,8 +200,10 @@ class PreferenceCollator:
                 f"messages), or pre-tokenized 'prompt_input_ids', 'chosen_input_ids' and 'rejected_input_ids'"
             )
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-        kinds = {k: ("messages" if _is_messages(v) else "str" if isinstance(v, str) else None)
-                 for k, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))}
+        kinds = {
+            k: ("messages" if _is_messages(v) else "str" if isinstance(v, str) else None)
+            for k, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))
+        }
         for k, kind in kinds.items():
             if kind is None:
                 raise TypeError(
@@ -244,7 +250,7 @@ class PreferenceCollator:
         keep_end = self.truncation_mode == "keep_end"
         if self.max_prompt_length is not None and len(prompt) > self.max_prompt_length:
             mpl = self.max_prompt_length
-            prompt = prompt[len(prompt) - mpl:] if keep_end else prompt[:mpl]
+            prompt = prompt[len(prompt) - mpl :] if keep_end else prompt[:mpl]
         if self.max_completion_length is not None:
             completion = completion[: self.max_completion_length]
         ml = self.max_length
@@ -252,7 +258,7 @@ class PreferenceCollator:
             if keep_end:
                 cut = len(prompt) + len(completion) - ml  # tokens removed from the front
                 if cut >= len(prompt):
-                    completion = completion[cut - len(prompt):]
+                    completion = completion[cut - len(prompt) :]
                     prompt = []
                 else:
                     prompt = prompt[cut:]
@@ -334,11 +340,11 @@ class PreferenceCollator:
                     n = len(tokens)
                     run_start[(s, role)] = r * L + col
                     if n:
-                        input_ids[r, col:col + n] = torch.tensor(tokens, dtype=torch.long)
-                        position_ids[r, col:col + n] = torch.arange(pos0, pos0 + n)
-                        token_seq[r, col:col + n] = s
-                        token_role[r, col:col + n] = role
-                        token_pair[r, col:col + n] = pair
+                        input_ids[r, col : col + n] = torch.tensor(tokens, dtype=torch.long)
+                        position_ids[r, col : col + n] = torch.arange(pos0, pos0 + n)
+                        token_seq[r, col : col + n] = s
+                        token_role[r, col : col + n] = role
+                        token_pair[r, col : col + n] = pair
                     col += n
             # padding tail: positions keep counting in "pad" (HF's default arange), restart at 0 when packed
             if col < L:

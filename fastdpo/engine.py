@@ -29,6 +29,7 @@ prepare the model after the engine was built on it), ``step(batch, wrapped_model
 ``DistributedDataParallel`` wrapper, and ``gather=`` / ``gather_totals=`` turn the metrics into global ones over the
 ranks (TRL's gathering).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,17 +41,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fastdpo.losses.config import PreferenceLossConfig, resolve_loss_config
+from fastdpo.losses.metrics import ENTROPY, LOGITS_CHOSEN, LOGITS_REJECTED, MEAN_TOKEN_ACCURACY
 from fastdpo.models import (
     LMParts,
-    disable_dropout as _disable_dropout,
     enable_gradient_checkpointing,
     is_peft_model,
     keep_requires_grad,
     resolve_lm,
     unwrap_ddp,
 )
-from fastdpo.losses.config import PreferenceLossConfig, resolve_loss_config
-from fastdpo.losses.metrics import ENTROPY, LOGITS_CHOSEN, LOGITS_REJECTED, MEAN_TOKEN_ACCURACY
+from fastdpo.models import (
+    disable_dropout as _disable_dropout,
+)
 from fastdpo.quantize import quantize_model
 from fastdpo.ref_cache import RefLogpCache, model_fingerprint
 
@@ -61,11 +64,32 @@ REFERENCE_MODES: tuple[str, ...] = ("model", "adapter", "precomputed")
 #: all-gathers a tensor over data-parallel ranks along dim 0 (``accelerator.gather`` semantics), see DPOEngine.step
 MetricGather = Callable[[torch.Tensor], torch.Tensor]
 
-_BATCH_KEYS = ("input_ids", "position_ids", "attention_mask", "logp_index", "logp_labels", "logp_seq",
-               "chosen_lengths", "rejected_lengths", "num_pairs")
+_BATCH_KEYS = (
+    "input_ids",
+    "position_ids",
+    "attention_mask",
+    "logp_index",
+    "logp_labels",
+    "logp_seq",
+    "chosen_lengths",
+    "rejected_lengths",
+    "num_pairs",
+)
 # batch tensors the forwards and the head consume: they must live on the model's device
-_DEVICE_KEYS = ("input_ids", "position_ids", "attention_mask", "token_seq", "token_role", "token_pair", "logp_index",
-                "logp_labels", "logp_seq", "logp_pos", "chosen_lengths", "rejected_lengths")
+_DEVICE_KEYS = (
+    "input_ids",
+    "position_ids",
+    "attention_mask",
+    "token_seq",
+    "token_role",
+    "token_pair",
+    "logp_index",
+    "logp_labels",
+    "logp_seq",
+    "logp_pos",
+    "chosen_lengths",
+    "rejected_lengths",
+)
 
 
 class DPOEngine:
@@ -193,8 +217,7 @@ class DPOEngine:
             if ref_quantization is not None:
                 if ref_quantization not in (4, 8):
                     raise ValueError(f"ref_quantization must be 4, 8 or None, got {ref_quantization!r}")
-                ref_model = quantize_model(ref_model if ref_model is not None else unwrap_ddp(model),
-                                           ref_quantization)
+                ref_model = quantize_model(ref_model if ref_model is not None else unwrap_ddp(model), ref_quantization)
             if ref_model is None:
                 raise ValueError(
                     "reference='model' needs ref_model (or ref_quantization=8|4 to build a quantized copy of the "
@@ -218,8 +241,10 @@ class DPOEngine:
                 raise ValueError("ref_quantization is only used with reference='model'")
             if ref_cache is None:
                 if ref_model is not None:
-                    raise ValueError("reference='precomputed' without ref_cache reads the batch's ref_*_logps; "
-                                     "ref_model is only used to check a ref_cache")
+                    raise ValueError(
+                        "reference='precomputed' without ref_cache reads the batch's ref_*_logps; "
+                        "ref_model is only used to check a ref_cache"
+                    )
             elif isinstance(ref_cache, (str, os.PathLike)):
                 ref_cache = RefLogpCache.load(ref_cache, model=ref_model, settings=self.ref_settings)
             elif isinstance(ref_cache, RefLogpCache):
@@ -347,8 +372,9 @@ class DPOEngine:
         m = batch["logp_index"].shape[0]
         for key in ("logp_labels", "logp_seq"):
             if batch[key].shape != (m,):
-                raise ValueError(f"batch[{key!r}] must have shape [{m}] like batch['logp_index'], "
-                                 f"got {list(batch[key].shape)}")
+                raise ValueError(
+                    f"batch[{key!r}] must have shape [{m}] like batch['logp_index'], got {list(batch[key].shape)}"
+                )
         if batch["input_ids"].dim() != 2:
             raise ValueError(f"batch['input_ids'] must be [rows, length], got {list(batch['input_ids'].shape)}")
         return num_pairs
@@ -364,14 +390,16 @@ class DPOEngine:
         if cached is not None and cached[0] is batch["input_ids"] and cached[1] == key:
             return cached[2]
         kwargs: dict[str, Any] = {"position_ids": batch["position_ids"]}
-        kwargs.update(build_attention_kwargs(batch if isinstance(batch, dict) else dict(batch), parts.hf_model,
-                                             impl=self.attn_impl))
+        kwargs.update(
+            build_attention_kwargs(
+                batch if isinstance(batch, dict) else dict(batch), parts.hf_model, impl=self.attn_impl
+            )
+        )
         if self._in_step:
             self._kwargs_cache = (batch["input_ids"], key, kwargs)
         return kwargs
 
-    def _completion_hidden(self, parts: LMParts,
-                           batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _completion_hidden(self, parts: LMParts, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model forward, then the hidden states that predict completion tokens: ``([M, D], anchor)`` where
         ``anchor`` (exactly 0, or None) must be added to whatever the head's output feeds (see
         :meth:`fastdpo.models.LMParts.forward`: it keeps the wrapper's output hooks in the backward graph).
@@ -391,12 +419,20 @@ class DPOEngine:
 
         if self.ld_alpha is None:
             return segment_sum(token_logps, batch["logp_seq"], 2 * num_pairs, validate=self.validate)
-        return ld_logps(token_logps, batch["logp_pos"], batch["logp_seq"], batch["chosen_lengths"],
-                        batch["rejected_lengths"], self.ld_alpha, validate=self.validate)
+        return ld_logps(
+            token_logps,
+            batch["logp_pos"],
+            batch["logp_seq"],
+            batch["chosen_lengths"],
+            batch["rejected_lengths"],
+            self.ld_alpha,
+            validate=self.validate,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
-    def compute_logps(self, model: nn.Module, batch: Mapping[str, Any], with_grad: bool,
-                      *, token_stats: bool = False) -> dict[str, Any]:
+    def compute_logps(
+        self, model: nn.Module, batch: Mapping[str, Any], with_grad: bool, *, token_stats: bool = False
+    ) -> dict[str, Any]:
         """Per-sequence log-probs of ``model`` on ``batch`` through backbone + fused head.
 
         Returns a dict with ``chosen_logps``, ``rejected_logps`` (``[P]`` fp32; LD-weighted under LD-DPO),
@@ -413,20 +449,33 @@ class DPOEngine:
         ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
         with ctx, _quiet_bnb():
             hidden, anchor = self._completion_hidden(parts, batch)
-            sp_shard = None if self.sequence_parallel is None else self.sequence_parallel.shard(
-                batch, parts.hf_model, cache=True)
+            sp_shard = (
+                None
+                if self.sequence_parallel is None
+                else self.sequence_parallel.shard(batch, parts.hf_model, cache=True)
+            )
             labels = batch["logp_labels"] if sp_shard is None else batch["logp_labels"].index_select(0, sp_shard.owned)
 
             def head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gather: Any) -> Any:
                 h, weight, bias, head_ctx = _head_operands(h, weight, bias)
                 with head_ctx:
                     return linear_token_logprobs(
-                        h, weight, labels, bias=bias, softcap=parts.softcap,
-                        logit_scale=parts.logit_scale, temperature=self.temperature,
-                        return_entropy=token_stats, return_mean_logit=token_stats, return_argmax_hit=token_stats,
+                        h,
+                        weight,
+                        labels,
+                        bias=bias,
+                        softcap=parts.softcap,
+                        logit_scale=parts.logit_scale,
+                        temperature=self.temperature,
+                        return_entropy=token_stats,
+                        return_mean_logit=token_stats,
+                        return_argmax_hit=token_stats,
                         return_log_sum_p2=token_stats and self.use_weighting,
-                        token_tile=self.token_tile, vocab_tile=self.vocab_tile, validate=self.validate,
-                        backend=self.backend, gather_context=gather,
+                        token_tile=self.token_tile,
+                        vocab_tile=self.vocab_tile,
+                        validate=self.validate,
+                        backend=self.backend,
+                        gather_context=gather,
                     )
 
             stats = parts.call_head(head, hidden)  # under ZeRO-3 as a call of the head module (its hooks gather)
@@ -438,8 +487,11 @@ class DPOEngine:
             if anchor is not None and anchor.requires_grad:
                 seq = seq + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
             # plain -sum log p, differentiable: the NLL ("sft") term of an LD-DPO loss trains on it (as TRL does)
-            nll_sum = -seq if self.ld_alpha is None else -segment_sum(
-                stats.logprobs, batch["logp_seq"], 2 * num_pairs, validate=False)
+            nll_sum = (
+                -seq
+                if self.ld_alpha is None
+                else -segment_sum(stats.logprobs, batch["logp_seq"], 2 * num_pairs, validate=False)
+            )
         return {
             "chosen_logps": seq[:num_pairs],
             "rejected_logps": seq[num_pairs:],
@@ -469,8 +521,10 @@ class DPOEngine:
             if self.ref_cache is not None:
                 return self.ref_cache.lookup(batch)
             if "ref_chosen_logps" not in batch or "ref_rejected_logps" not in batch:
-                raise ValueError("reference='precomputed' without ref_cache needs batch['ref_chosen_logps'] and "
-                                 "batch['ref_rejected_logps'] (rows with those columns, or pass ref_cache)")
+                raise ValueError(
+                    "reference='precomputed' without ref_cache needs batch['ref_chosen_logps'] and "
+                    "batch['ref_rejected_logps'] (rows with those columns, or pass ref_cache)"
+                )
             device = batch["input_ids"].device
             out = []
             for key in ("ref_chosen_logps", "ref_rejected_logps"):
@@ -494,8 +548,9 @@ class DPOEngine:
             raise ValueError("reference log-probs come from the batch: there is no reference model to fingerprint")
         return self.ref_cache.model_hash
 
-    def precompute_reference(self, batches: Iterable[Mapping[str, Any]],
-                             path: str | os.PathLike[str] | None = None) -> RefLogpCache:
+    def precompute_reference(
+        self, batches: Iterable[Mapping[str, Any]], path: str | os.PathLike[str] | None = None
+    ) -> RefLogpCache:
         """Reference log-probs of every pair in ``batches`` as a :class:`RefLogpCache` (saved atomically to ``path``
         when given). Use it later with ``DPOEngine(model, reference="precomputed", ref_cache=path)``.
 
@@ -506,17 +561,25 @@ class DPOEngine:
         if self.reference == "precomputed":
             raise ValueError("precompute_reference needs a live reference (reference='model' or 'adapter')")
         if path is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            return RefLogpCache.build_distributed(self.reference_logps, batches, path,
-                                                  model_hash=self.reference_fingerprint(), settings=self.ref_settings)
-        cache = RefLogpCache.build(self.reference_logps, batches, model_hash=self.reference_fingerprint(),
-                                   settings=self.ref_settings)
+            return RefLogpCache.build_distributed(
+                self.reference_logps, batches, path, model_hash=self.reference_fingerprint(), settings=self.ref_settings
+            )
+        cache = RefLogpCache.build(
+            self.reference_logps, batches, model_hash=self.reference_fingerprint(), settings=self.ref_settings
+        )
         if path is not None:
             cache.save(path)
         return cache
 
     # ------------------------------------------------------------------------------------------------------------
-    def step(self, batch: Mapping[str, Any], model: nn.Module | None = None, *, gather: MetricGather | None = None,
-             gather_totals: MetricGather | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def step(
+        self,
+        batch: Mapping[str, Any],
+        model: nn.Module | None = None,
+        *,
+        gather: MetricGather | None = None,
+        gather_totals: MetricGather | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One DPO step's loss and metrics on a collated batch (``backward`` and the optimizer are the caller's).
 
         Args:
@@ -561,33 +624,45 @@ class DPOEngine:
             metrics.update(_gathered_reward_metrics(pol_c, pol_r, ref_c, ref_r, self.beta, gather))
         return loss, metrics
 
-    def _step(self, batch: Mapping[str, Any], parts: LMParts, num_pairs: int, ref_c: torch.Tensor,
-              ref_r: torch.Tensor, gather_totals: MetricGather | None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    def _step(
+        self,
+        batch: Mapping[str, Any],
+        parts: LMParts,
+        num_pairs: int,
+        ref_c: torch.Tensor,
+        ref_r: torch.Tensor,
+        gather_totals: MetricGather | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """``(loss, metrics, policy chosen logps [P], policy rejected logps [P])`` through ``parts.model``."""
         from fastdpo.losses import preference_loss, wpo_weights
 
         pol = self.compute_logps(parts.model, batch, with_grad=True, token_stats=self.policy_token_stats)
         extra: dict[str, Any] = {}
         if self.use_weighting:
-            w = wpo_weights(pol["token_logps"], pol["log_sum_p2"], batch["logp_seq"], 2 * num_pairs,
-                            validate=self.validate)
+            w = wpo_weights(
+                pol["token_logps"], pol["log_sum_p2"], batch["logp_seq"], 2 * num_pairs, validate=self.validate
+            )
             extra = {"wpo_chosen_weights": w[:num_pairs], "wpo_rejected_weights": w[num_pairs:]}
         if self.ld_alpha is not None:
             extra["policy_chosen_nll_sum"] = pol["nll_sum"][:num_pairs]
             extra["policy_rejected_nll_sum"] = pol["nll_sum"][num_pairs:]
         loss, metrics = preference_loss(
-            pol["chosen_logps"], pol["rejected_logps"], ref_c, ref_r,
-            chosen_lengths=batch["chosen_lengths"], rejected_lengths=batch["rejected_lengths"],
-            loss_config=self._sequence_loss_config, **extra,
+            pol["chosen_logps"],
+            pol["rejected_logps"],
+            ref_c,
+            ref_r,
+            chosen_lengths=batch["chosen_lengths"],
+            rejected_lengths=batch["rejected_lengths"],
+            loss_config=self._sequence_loss_config,
+            **extra,
         )
         if self.compute_token_metrics:
             metrics.update(token_metrics(pol, batch["logp_seq"], num_pairs, gather_totals=gather_totals))
         return loss, metrics, pol["chosen_logps"], pol["rejected_logps"]
 
-    def _step_grad_in_forward(self, batch: Mapping[str, Any], parts: LMParts, num_pairs: int, ref_c: torch.Tensor,
-                              ref_r: torch.Tensor
-                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    def _step_grad_in_forward(
+        self, batch: Mapping[str, Any], parts: LMParts, num_pairs: int, ref_c: torch.Tensor, ref_r: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Like :meth:`_step` with the head's gradients formed in the forward (no token metrics).
 
         LD-DPO enters as per-token weights of the sequence sums; LD-DPO's plain NLL sums and WPO's ``log sum p^2`` sums
@@ -604,8 +679,9 @@ class DPOEngine:
         num_seqs = 2 * num_pairs
         token_weights = None
         if self.ld_alpha is not None:
-            token_weights = ld_token_weights(batch["logp_pos"], seg, lengths_c, lengths_r, self.ld_alpha,
-                                             validate=self.validate)
+            token_weights = ld_token_weights(
+                batch["logp_pos"], seg, lengths_c, lengths_r, self.ld_alpha, validate=self.validate
+            )
         with_stats = self.use_weighting or self.ld_alpha is not None
 
         def extras(stats: SegmentStats | None, k: int) -> dict[str, torch.Tensor]:
@@ -621,20 +697,28 @@ class DPOEngine:
                 out["policy_rejected_log_sum_p2"] = stats.log_sum_p2_sum[k:]
             return out
 
-        def pair_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor,
-                      stats: SegmentStats | None = None) -> torch.Tensor:
+        def pair_loss(
+            seq_logps: torch.Tensor, seg_ids: torch.Tensor, stats: SegmentStats | None = None
+        ) -> torch.Tensor:
             # seg_ids == [i, P + i]: one pair's contribution to the batch-mean loss (batch totals for its mean)
             i = seg_ids[:1].to(ref_c.device)
             num_chosen_tokens = lengths_c.to(seq_logps.dtype).sum().clamp(min=1.0) if sft else None
             return partial_preference_loss(
-                seq_logps[0:1], seq_logps[1:2], ref_c.index_select(0, i), ref_r.index_select(0, i),
-                loss_config=config, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-                chosen_lengths=lengths_c.index_select(0, i), rejected_lengths=lengths_r.index_select(0, i),
+                seq_logps[0:1],
+                seq_logps[1:2],
+                ref_c.index_select(0, i),
+                ref_r.index_select(0, i),
+                loss_config=config,
+                num_pairs=num_pairs,
+                num_chosen_tokens=num_chosen_tokens,
+                chosen_lengths=lengths_c.index_select(0, i),
+                rejected_lengths=lengths_r.index_select(0, i),
                 **extras(stats, 1),
             )
 
-        def batch_loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor,
-                       stats: SegmentStats | None = None) -> torch.Tensor:
+        def batch_loss(
+            seq_logps: torch.Tensor, seg_ids: torch.Tensor, stats: SegmentStats | None = None
+        ) -> torch.Tensor:
             ids = seg_ids.to(seq_logps.device)
 
             def ordered(t: torch.Tensor) -> torch.Tensor:
@@ -643,9 +727,15 @@ class DPOEngine:
             if stats is not None:
                 lsp2 = stats.log_sum_p2_sum
                 stats = SegmentStats(ordered(stats.logp_sum), None if lsp2 is None else ordered(lsp2))
-            loss, _ = preference_loss(*ordered(seq_logps).split(num_pairs), ref_c, ref_r, chosen_lengths=lengths_c,
-                                      rejected_lengths=lengths_r, loss_config=config,
-                                      **extras(stats, num_pairs))
+            loss, _ = preference_loss(
+                *ordered(seq_logps).split(num_pairs),
+                ref_c,
+                ref_r,
+                chosen_lengths=lengths_c,
+                rejected_lengths=lengths_r,
+                loss_config=config,
+                **extras(stats, num_pairs),
+            )
             return loss
 
         sft = "sft" in config.loss_type
@@ -654,16 +744,31 @@ class DPOEngine:
         else:  # batch-coupled (sorting over the batch, WPO-weighted SFT): one group of all sequences
             loss_fn, groups = batch_loss, None
 
-        def head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 gather: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def head(
+            h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gather: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             h, weight, bias, head_ctx = _head_operands(h, weight, bias)
             with head_ctx:
                 return linear_logprobs_loss_grad_in_forward(
-                    h, weight, batch["logp_labels"], seg, num_seqs, loss_fn, bias=bias,
-                    softcap=parts.softcap, logit_scale=parts.logit_scale, temperature=self.temperature, groups=groups,
-                    token_weights=token_weights, segment_stats=with_stats, segment_log_sum_p2=self.use_weighting,
-                    token_tile=self.token_tile, vocab_tile=self.vocab_tile, validate=self.validate,
-                    backend=self.backend, gather_context=gather,
+                    h,
+                    weight,
+                    batch["logp_labels"],
+                    seg,
+                    num_seqs,
+                    loss_fn,
+                    bias=bias,
+                    softcap=parts.softcap,
+                    logit_scale=parts.logit_scale,
+                    temperature=self.temperature,
+                    groups=groups,
+                    token_weights=token_weights,
+                    segment_stats=with_stats,
+                    segment_log_sum_p2=self.use_weighting,
+                    token_tile=self.token_tile,
+                    vocab_tile=self.vocab_tile,
+                    validate=self.validate,
+                    backend=self.backend,
+                    gather_context=gather,
                 )
 
         loss, seq = parts.call_head(head, hidden)
@@ -673,8 +778,9 @@ class DPOEngine:
         return loss, metrics, seq[:num_pairs], seq[num_pairs:]
 
 
-def _head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, contextlib.AbstractContextManager]:
+def _head_operands(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, contextlib.AbstractContextManager]:
     """``(hidden, weight, bias, context)`` to call the fused head with, honouring an enclosing ``torch.autocast``.
 
     Under autocast (TRL's default bf16/fp16 mixed precision) the model's own ``nn.Linear`` head would run in the
@@ -696,8 +802,9 @@ def _head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return cast(hidden), cast(weight), cast(bias), torch.autocast(device_type, enabled=False)
 
 
-def token_metric_totals(logps: Mapping[str, Any], logp_seq: torch.Tensor,
-                        num_pairs: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def token_metric_totals(
+    logps: Mapping[str, Any], logp_seq: torch.Tensor, num_pairs: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: (sum, count)}`` behind :func:`token_metrics`: detached 0-dim fp32 sums of the head's statistics over
     the selected completion tokens and the fp32 token counts (what data-parallel ranks add up before dividing)."""
     chosen = logp_seq < num_pairs
@@ -719,8 +826,9 @@ def token_metric_totals(logps: Mapping[str, Any], logp_seq: torch.Tensor,
     return out
 
 
-def token_metrics(logps: Mapping[str, Any], logp_seq: torch.Tensor, num_pairs: int, *,
-                  gather_totals: MetricGather | None = None) -> dict[str, torch.Tensor]:
+def token_metrics(
+    logps: Mapping[str, Any], logp_seq: torch.Tensor, num_pairs: int, *, gather_totals: MetricGather | None = None
+) -> dict[str, torch.Tensor]:
     """TRL's token-level metrics from the head's statistics (detached 0-dim fp32 tensors, no host sync).
 
     ``logits/chosen`` / ``logits/rejected``: token-weighted mean over chosen / rejected completion tokens of the
@@ -738,8 +846,14 @@ def token_metrics(logps: Mapping[str, Any], logp_seq: torch.Tensor, num_pairs: i
     return {name: total / count.clamp(min=1) for name, (total, count) in totals.items()}
 
 
-def _gathered_reward_metrics(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
-                             beta: float, gather: MetricGather) -> dict[str, torch.Tensor]:
+def _gathered_reward_metrics(
+    pol_c: torch.Tensor,
+    pol_r: torch.Tensor,
+    ref_c: torch.Tensor,
+    ref_r: torch.Tensor,
+    beta: float,
+    gather: MetricGather,
+) -> dict[str, torch.Tensor]:
     """:func:`fastdpo.losses.dpo_metrics` over every rank's pairs: the four ``[P]`` log-prob vectors are gathered as
     one ``[P, 4]`` tensor (one collective) into ``[sum P, 4]``."""
     from fastdpo.losses import dpo_metrics

@@ -19,6 +19,7 @@ row counts for means; the logits sums by ``count * T * V``), detached.
 Differences from Liger (deliberate, as in :mod:`fastdpo.nn`): a row without target tokens has log-prob 0 (Liger: NaN
 with ``average_log_prob``); ``compiled`` and ``chunk_size`` are accepted for signature compatibility only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +65,9 @@ class FusedLinearKTOLoss(torch.nn.Module):
         head_chunk_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        token_tile, vocab_tile = _legacy_tiles(type(self).__name__, head_chunk_size, token_tile, vocab_tile,
-                                               old="head_chunk_size")
+        token_tile, vocab_tile = _legacy_tiles(
+            type(self).__name__, head_chunk_size, token_tile, vocab_tile, old="head_chunk_size"
+        )
         self.ignore_index = check_int("ignore_index", ignore_index)
         self.beta = check_number("beta", beta)
         self.compiled = bool(compiled)  # accepted for Liger compatibility; nothing to compile
@@ -77,17 +79,33 @@ class FusedLinearKTOLoss(torch.nn.Module):
         self.validate = bool(validate)
         self.backend = backend
 
-    def _row_logps(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
-                   labels: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _row_logps(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        index: torch.Tensor,
+        labels: torch.Tensor,
+        rows: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:
         """``[B]`` fp32 summed (or averaged) target log-probs of the rows of ``x [B, T, D]``."""
         from fastdpo.head.function import linear_sequence_logprobs
 
         hidden = x.reshape(-1, x.shape[-1]).index_select(0, index)
         sums = linear_sequence_logprobs(
-            hidden, weight, labels, bias=bias, segment_ids=rows, num_segments=counts.shape[0],
-            ignore_index=self.ignore_index, token_tile=self.token_tile, vocab_tile=self.vocab_tile,
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            segment_ids=rows,
+            num_segments=counts.shape[0],
+            ignore_index=self.ignore_index,
+            token_tile=self.token_tile,
+            vocab_tile=self.vocab_tile,
             keep_logits_bytes=self.keep_logits_bytes,
-            validate=self.validate, backend=self.backend,
+            validate=self.validate,
+            backend=self.backend,
         )
         return sums / counts.clamp(min=1).to(sums.dtype) if self.average_log_prob else sums
 
@@ -109,15 +127,19 @@ class FusedLinearKTOLoss(torch.nn.Module):
         if _input.dim() != 3 or _input.shape[0] == 0:
             raise ValueError(f"_input must be [B, T, D] with B > 0, got {list(_input.shape)}")
         if target.shape != _input.shape[:2]:
-            raise ValueError(f"target must have shape {list(_input.shape[:2])} (= _input.shape[:2]), got "
-                             f"{list(target.shape)}")
+            raise ValueError(
+                f"target must have shape {list(_input.shape[:2])} (= _input.shape[:2]), got {list(target.shape)}"
+            )
         if lin_weight.dim() != 2 or lin_weight.shape[1] != _input.shape[2]:
             raise ValueError(f"lin_weight must be [V, {_input.shape[2]}], got {list(lin_weight.shape)}")
         b = _input.shape[0]
         if preference_labels is None:
             raise ValueError("preference_labels ([B] bool, True = desirable) must be provided for the KTO loss")
-        if not isinstance(preference_labels, torch.Tensor) or preference_labels.dtype != torch.bool or \
-                preference_labels.shape != (b,):
+        if (
+            not isinstance(preference_labels, torch.Tensor)
+            or preference_labels.dtype != torch.bool
+            or preference_labels.shape != (b,)
+        ):
             raise ValueError(f"preference_labels must be a bool tensor of shape [{b}]")
         if kl is not None:
             check_float("kl", kl)
@@ -129,9 +151,17 @@ class FusedLinearKTOLoss(torch.nn.Module):
             check_float("ref_input", ref_input)
             if ref_input.shape != _input.shape:
                 raise ValueError(f"ref_input must have shape {list(_input.shape)}, got {list(ref_input.shape)}")
-        check_same_device(_input=_input, lin_weight=lin_weight, target=target, bias=bias,
-                          preference_labels=preference_labels, ref_input=ref_input, ref_weight=ref_weight,
-                          ref_bias=ref_bias, kl=kl)
+        check_same_device(
+            _input=_input,
+            lin_weight=lin_weight,
+            target=target,
+            bias=bias,
+            preference_labels=preference_labels,
+            ref_input=ref_input,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            kl=kl,
+        )
 
         t = target.shape[1]
         flat = target.reshape(-1)
@@ -158,8 +188,11 @@ class FusedLinearKTOLoss(torch.nn.Module):
             if bias is not None:
                 row_logits = row_logits + t * bias.sum(dtype=torch.float32)
             aux = (
-                (logps.detach() * want).sum(), (logps.detach() * (1.0 - want)).sum(),
-                (row_logits * want).sum(), (row_logits * (1.0 - want)).sum(),
-                (rewards * want).sum(), (rewards * (1.0 - want)).sum(),
+                (logps.detach() * want).sum(),
+                (logps.detach() * (1.0 - want)).sum(),
+                (row_logits * want).sum(),
+                (row_logits * (1.0 - want)).sum(),
+                (rewards * want).sum(),
+                (rewards * (1.0 - want)).sum(),
             )
         return loss, aux

@@ -116,8 +116,20 @@ def _backward_launch(
     B, T, V = logits3.shape
     block, warps = _triton_config(V, block_v)
     (base, offset), (gbase, goffset) = aligned_base(logits3), aligned_base(grad3)
-    args = (base, offset, labels, lse, grad_logp, gbase, goffset, T, V, *logits3.stride(), *grad3.stride(),
-            ignore_index)
+    args = (
+        base,
+        offset,
+        labels,
+        lse,
+        grad_logp,
+        gbase,
+        goffset,
+        T,
+        V,
+        *logits3.stride(),
+        *grad3.stride(),
+        ignore_index,
+    )
     meta = {"BLOCK_V": block, "ALIGN": min(_vector(logits3), _vector(grad3))}
     return KernelLaunch(logprobs_bwd_kernel, (B * T,), args, meta, warps, logits3.device)
 

@@ -1,5 +1,5 @@
-"""The memory of one DPO training step, computed from shapes (the model behind ``fastdpo memory``), for naive PyTorch, TRL and fastdpo
-with each of its options, so that where the savings come from is visible at a glance.
+"""The memory of one DPO training step, computed from shapes (the model behind ``fastdpo memory``), for naive PyTorch,
+TRL and fastdpo with each of its options, so that where the savings come from is visible at a glance.
 
 Variants (same model, optimizer and reference unless the variant changes it):
 
@@ -29,6 +29,7 @@ the embedding's dense gradient briefly exists next to the lm_head's), optimizer 
 
 The command (table, ``--plot``, ``--measure``) is :mod:`fastdpo.memory_cli`.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("naive", "trl", "fastdpo", "fastdpo+prefix_shared", "fastdpo+grad_in_forward", "fastdpo+precomputed_ref",
-            "fastdpo+all")
+VARIANTS = (
+    "naive",
+    "trl",
+    "fastdpo",
+    "fastdpo+prefix_shared",
+    "fastdpo+grad_in_forward",
+    "fastdpo+precomputed_ref",
+    "fastdpo+all",
+)
 #: what each fastdpo option variant changes in the step (see :meth:`StepConfig.for_variant`)
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "fastdpo+prefix_shared": {"packing": "prefix_shared"},
@@ -84,23 +92,65 @@ class ModelShape:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "Llama-3-8B": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                       tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       max_position_embeddings=8192),
-    "Llama-3.2-1B": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=500000.0,
-                         max_position_embeddings=131072),
-    "Qwen2.5-0.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
-                         tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                         max_position_embeddings=32768),
-    "Gemma-2-2B": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
-                       num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                       tie_word_embeddings=True, rms_norm_eps=1e-6, final_logit_softcapping=30.0,
-                       attn_logit_softcapping=50.0, query_pre_attn_scalar=256, sliding_window=4096,
-                       max_position_embeddings=8192),
+    "Llama-3-8B": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
+    "Llama-3.2-1B": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+    ),
+    "Qwen2.5-0.5B": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+    ),
+    "Gemma-2-2B": dict(
+        model_type="gemma2",
+        vocab_size=256000,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        max_position_embeddings=8192,
+    ),
 }
 
 
@@ -112,8 +162,10 @@ def shape_from_config(config: dict[str, Any], name: str = "custom") -> ModelShap
         raise ValueError(f"config {name!r} is not a JSON object")
     for key in ("hidden_size", "num_attention_heads", "vocab_size", "intermediate_size", "num_hidden_layers"):
         if key not in cfg:
-            raise ValueError(f"config {name!r} lacks {key!r} (need vocab_size, hidden_size, intermediate_size, "
-                             "num_hidden_layers, num_attention_heads)")
+            raise ValueError(
+                f"config {name!r} lacks {key!r} (need vocab_size, hidden_size, intermediate_size, "
+                "num_hidden_layers, num_attention_heads)"
+            )
 
     def size(key: str, default: Any = None) -> int:
         value = cfg.get(key) if cfg.get(key) is not None else default
@@ -124,21 +176,29 @@ def shape_from_config(config: dict[str, Any], name: str = "custom") -> ModelShap
     hidden, heads = size("hidden_size"), size("num_attention_heads")
     kv_heads = size("num_key_value_heads", heads)
     if heads % kv_heads:
-        raise ValueError(f"config {name!r}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
-                         f"({kv_heads})")
+        raise ValueError(
+            f"config {name!r}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+        )
     softcap = cfg.get("final_logit_softcapping")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not math.isfinite(softcap) or softcap <= 0):
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0
+    ):
         raise ValueError(f"config {name!r}: final_logit_softcapping must be a positive number or null, got {softcap!r}")
     return ModelShape(
-        name=name, model_type=str(cfg.get("model_type", "llama")), vocab_size=size("vocab_size"),
-        hidden_size=hidden, intermediate_size=size("intermediate_size"),
-        num_hidden_layers=size("num_hidden_layers"), num_attention_heads=heads, num_key_value_heads=kv_heads,
+        name=name,
+        model_type=str(cfg.get("model_type", "llama")),
+        vocab_size=size("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=size("intermediate_size"),
+        num_hidden_layers=size("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         head_dim=size("head_dim", hidden // heads if hidden >= heads else None),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", cfg.get("model_type") in ("gemma2", "qwen2"))),
         attention_bias=bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2",
         final_logit_softcapping=softcap,
-        attention_layer_types=_attention_layer_types(cfg))
+        attention_layer_types=_attention_layer_types(cfg),
+    )
 
 
 def _attention_layer_types(cfg: dict[str, Any]) -> int:
@@ -185,8 +245,15 @@ def param_counts(m: ModelShape) -> dict[str, int]:
     embed = m.vocab_size * d
     lm_head = 0 if m.tie_word_embeddings else m.vocab_size * d
     total = embed + m.num_hidden_layers * layer + d + lm_head
-    return {"embed": embed, "layer": layer, "layers": m.num_hidden_layers * layer, "final_norm": d,
-            "lm_head": lm_head, "total": total, "largest": embed}
+    return {
+        "embed": embed,
+        "layer": layer,
+        "layers": m.num_hidden_layers * layer,
+        "final_norm": d,
+        "lm_head": lm_head,
+        "total": total,
+        "largest": embed,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -220,8 +287,9 @@ class StepConfig:
     def __post_init__(self) -> None:
         for name in ("pairs", "prompt_len", "completion_len"):
             if int(getattr(self, name)) < (0 if name == "prompt_len" else 1):
-                raise ValueError(f"{name} must be {'>= 0' if name == 'prompt_len' else 'positive'}, got "
-                                 f"{getattr(self, name)}")
+                raise ValueError(
+                    f"{name} must be {'>= 0' if name == 'prompt_len' else 'positive'}, got {getattr(self, name)}"
+                )
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.optimizer not in ("adamw", "sgd"):
@@ -448,8 +516,11 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
     tied_extra = (2 if variant == "naive" else 1) * p["embed"] * b if m.tie_word_embeddings else 0
     parts = {
         # the reference forward keeps one layer's working set and its head's forward-only peak
-        "reference forward": {**resident, "attention_mask": mask if step.reference == "model" else 0,
-                              "logits": head["ref_peak"] if step.reference == "model" else 0},
+        "reference forward": {
+            **resident,
+            "attention_mask": mask if step.reference == "model" else 0,
+            "logits": head["ref_peak"] if step.reference == "model" else 0,
+        },
         "policy forward": {**resident, "attention_mask": mask, "activations": act, "logits": head["fwd_peak"]},
         "backward start": {**resident, "activations": act, "logits": head["bwd_peak"]},
         "backward end": {**resident, "grads": grads + tied_extra},
@@ -457,11 +528,23 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
     }
     phases = {name: sum(bytes_.values()) for name, bytes_ in parts.items()}
     peak_phase = max(phases, key=phases.__getitem__)
-    return {"variant": variant, "weights": weights, "grads": grads, "optimizer": optimizer, "reference": reference,
-            "activations": act, "attention_mask": mask, "logits": max(head["fwd_peak"], head["bwd_peak"]),
-            "logits_saved": head["saved"], "head_positions": head["positions"], "peak": phases[peak_phase],
-            "peak_phase": peak_phase, "phases": phases, "peak_parts": {k: v for k, v in parts[peak_phase].items()
-                                                                        if v}, "params": p["total"]}
+    return {
+        "variant": variant,
+        "weights": weights,
+        "grads": grads,
+        "optimizer": optimizer,
+        "reference": reference,
+        "activations": act,
+        "attention_mask": mask,
+        "logits": max(head["fwd_peak"], head["bwd_peak"]),
+        "logits_saved": head["saved"],
+        "head_positions": head["positions"],
+        "peak": phases[peak_phase],
+        "peak_phase": peak_phase,
+        "phases": phases,
+        "peak_parts": {k: v for k, v in parts[peak_phase].items() if v},
+        "params": p["total"],
+    }
 
 
 SHARDS = ("zero3", "fsdp2")
@@ -536,13 +619,32 @@ def estimate_sharded(m: ModelShape, step: StepConfig, variant: str, world: int, 
         bwd_phase = resident + act + tail + head["bwd_peak"] + head_w * b // n
         end_phase = resident + grads + tail
         opt_phase = resident + grads + (2 * p["largest"] * b // n if adamw else 0)
-    phases = {"reference forward": ref_phase, "policy forward": fwd_phase, "backward start": bwd_phase,
-              "backward end": end_phase, "optimizer step": opt_phase}
+    phases = {
+        "reference forward": ref_phase,
+        "policy forward": fwd_phase,
+        "backward start": bwd_phase,
+        "backward end": end_phase,
+        "optimizer step": opt_phase,
+    }
     peak_phase = max(phases, key=phases.__getitem__)
-    return {"variant": variant, "weights": weights, "grads": grads, "optimizer": optimizer, "reference": reference,
-            "activations": act, "attention_mask": mask, "logits": max(head["fwd_peak"], head["bwd_peak"]),
-            "logits_saved": head["saved"], "head_positions": head["positions"], "peak": phases[peak_phase],
-            "peak_phase": peak_phase, "phases": phases, "params": total, "world_size": world, "shard": shard}
+    return {
+        "variant": variant,
+        "weights": weights,
+        "grads": grads,
+        "optimizer": optimizer,
+        "reference": reference,
+        "activations": act,
+        "attention_mask": mask,
+        "logits": max(head["fwd_peak"], head["bwd_peak"]),
+        "logits_saved": head["saved"],
+        "head_positions": head["positions"],
+        "peak": phases[peak_phase],
+        "peak_phase": peak_phase,
+        "phases": phases,
+        "params": total,
+        "world_size": world,
+        "shard": shard,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ each variant's step in its own process on CPU, reporting peak RSS over the proce
 variant with ``prefix_shared`` runs the real :class:`fastdpo.DPOEngine` step on a :class:`fastdpo.PreferenceCollator`
 batch. The measuring workers are :mod:`fastdpo.benchmarks.memory_measure` (imported only for ``--measure``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,9 +55,15 @@ def _png_path(text: str) -> Path:
     return path
 
 
-_PLOT_PARTS = (("weights", "weights"), ("optimizer", "optimizer state"), ("reference", "reference model"),
-               ("grads", "gradients"), ("activations", "activations"), ("attention_mask", "attention mask"),
-               ("logits", "logits / log-prob head"))
+_PLOT_PARTS = (
+    ("weights", "weights"),
+    ("optimizer", "optimizer state"),
+    ("reference", "reference model"),
+    ("grads", "gradients"),
+    ("activations", "activations"),
+    ("attention_mask", "attention mask"),
+    ("logits", "logits / log-prob head"),
+)
 
 
 def plot_estimates(path: Path, title: str, estimates: dict[str, dict[str, Any]]) -> None:
@@ -79,8 +86,14 @@ def plot_estimates(path: Path, title: str, estimates: dict[str, dict[str, Any]])
             ax.bar(names, values, bottom=bottoms, label=label, color=color)
             bottoms = [b + v for b, v in zip(bottoms, values)]
     for i, n in enumerate(names):
-        ax.text(i, bottoms[i], f"{estimates[n]['peak'] / 2**30:.1f}\n{estimates[n]['peak_phase']}", ha="center",
-                va="bottom", fontsize=8)
+        ax.text(
+            i,
+            bottoms[i],
+            f"{estimates[n]['peak'] / 2**30:.1f}\n{estimates[n]['peak_phase']}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_ylabel("GiB at the peak")
     ax.set_ylim(0, max(bottoms) * 1.18)
     ax.set_title(title, fontsize=9)
@@ -94,40 +107,73 @@ def plot_estimates(path: Path, title: str, estimates: dict[str, dict[str, Any]])
 def build_parser() -> argparse.ArgumentParser:
     from fastdpo.cli import ArgParser, int_in
 
-    p = ArgParser(prog="fastdpo memory", description="Memory of one DPO step, broken down, for naive PyTorch, TRL 1.16 "
-                  "and fastdpo with each of its options (GiB unless marked). Default: Llama-3-8B, 4 pairs of 512 + "
-                  "512 tokens, bf16, AdamW, a reference model, on a GPU.")
-    p.add_argument("--model", default="Llama-3-8B",
-                   help=f"preset ({', '.join(PRESETS)}) or path to a config.json (default Llama-3-8B)")
+    p = ArgParser(
+        prog="fastdpo memory",
+        description="Memory of one DPO step, broken down, for naive PyTorch, TRL 1.16 "
+        "and fastdpo with each of its options (GiB unless marked). Default: Llama-3-8B, 4 pairs of 512 + "
+        "512 tokens, bf16, AdamW, a reference model, on a GPU.",
+    )
+    p.add_argument(
+        "--model",
+        default="Llama-3-8B",
+        help=f"preset ({', '.join(PRESETS)}) or path to a config.json (default Llama-3-8B)",
+    )
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (default 4)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--completion-len", type=int, default=512)
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None, help="default bf16 (fp32 with --measure)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     p.add_argument("--reference", choices=("model", "precomputed"), default="model")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="step device (default cuda; cpu with "
-                   "--measure)")
-    p.add_argument("--packing", choices=PACKINGS, default="padding_free",
-                   help="fastdpo's row layout: padding_free (2 rows per pair, no mask; default) or prefix_shared "
-                   "(one [prompt, chosen, rejected] row per pair, 4-D attention mask); naive and TRL always use 2 rows "
-                   "per pair")
-    p.add_argument("--pairs-per-row", type=int, default=1,
-                   help="prefix_shared: pairs packed per row (default 1; the collator's default max_tokens_per_row="
-                   "None packs all of them: --pairs-per-row PAIRS)")
-    p.add_argument("--sequence-parallel", type=int_in(1), default=1, metavar="K",
-                   help="fastdpo's sequence-parallel group size: its column is per rank (--measure runs K CPU "
-                   "processes and reports the peak rank); naive and TRL stay single-process")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="step device (default cuda; cpu with --measure)"
+    )
+    p.add_argument(
+        "--packing",
+        choices=PACKINGS,
+        default="padding_free",
+        help="fastdpo's row layout: padding_free (2 rows per pair, no mask; default) or prefix_shared "
+        "(one [prompt, chosen, rejected] row per pair, 4-D attention mask); naive and TRL always use 2 rows "
+        "per pair",
+    )
+    p.add_argument(
+        "--pairs-per-row",
+        type=int,
+        default=1,
+        help="prefix_shared: pairs packed per row (default 1; the collator's default max_tokens_per_row="
+        "None packs all of them: --pairs-per-row PAIRS)",
+    )
+    p.add_argument(
+        "--sequence-parallel",
+        type=int_in(1),
+        default=1,
+        metavar="K",
+        help="fastdpo's sequence-parallel group size: its column is per rank (--measure runs K CPU "
+        "processes and reports the peak rank); naive and TRL stay single-process",
+    )
     p.add_argument("--layers", type=int_in(1), default=None, help="override num_hidden_layers (scaled model)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--plot", type=_png_path, default=None, metavar="PNG",
-                   help="also write a stacked bar chart of each variant's peak (by part) to this .png file")
+    p.add_argument(
+        "--plot",
+        type=_png_path,
+        default=None,
+        metavar="PNG",
+        help="also write a stacked bar chart of each variant's peak (by part) to this .png file",
+    )
     p.add_argument("--measure", action="store_true", help="also run each variant's step on CPU and compare")
-    p.add_argument("--world-size", type=int_in(1, 1 << 20), default=1,
-                   help="ranks the model is sharded over (with --shard); --pairs are then each rank's pairs")
-    p.add_argument("--shard", choices=SHARDS, default=None,
-                   help="per-rank memory with DeepSpeed ZeRO-3 or FSDP2 sharding over --world-size ranks; with "
-                   "--measure the fastdpo engine step runs on --world-size CPU processes (torchrun, gloo)")
+    p.add_argument(
+        "--world-size",
+        type=int_in(1, 1 << 20),
+        default=1,
+        help="ranks the model is sharded over (with --shard); --pairs are then each rank's pairs",
+    )
+    p.add_argument(
+        "--shard",
+        choices=SHARDS,
+        default=None,
+        help="per-rank memory with DeepSpeed ZeRO-3 or FSDP2 sharding over --world-size ranks; with "
+        "--measure the fastdpo engine step runs on --world-size CPU processes (torchrun, gloo)",
+    )
     return p
 
 
@@ -152,18 +198,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.layers is not None:
             shape = replace(shape, num_hidden_layers=args.layers)
         try:
-            step = StepConfig(pairs=args.pairs, prompt_len=args.prompt_len, completion_len=args.completion_len,
-                              dtype=args.dtype or ("fp32" if args.measure else "bf16"), optimizer=args.optimizer,
-                              reference=args.reference, device=args.device or ("cpu" if args.measure else "cuda"),
-                              packing=args.packing, pairs_per_row=args.pairs_per_row,
-                              sequence_parallel=args.sequence_parallel)
+            step = StepConfig(
+                pairs=args.pairs,
+                prompt_len=args.prompt_len,
+                completion_len=args.completion_len,
+                dtype=args.dtype or ("fp32" if args.measure else "bf16"),
+                optimizer=args.optimizer,
+                reference=args.reference,
+                device=args.device or ("cpu" if args.measure else "cuda"),
+                packing=args.packing,
+                pairs_per_row=args.pairs_per_row,
+                sequence_parallel=args.sequence_parallel,
+            )
         except ValueError as exc:
-            flag = {"pairs": "--pairs", "prompt_len": "--prompt-len", "completion_len": "--completion-len",
-                    "pairs_per_row": "--pairs-per-row"}.get(str(exc).split()[0], "")
+            flag = {
+                "pairs": "--pairs",
+                "prompt_len": "--prompt-len",
+                "completion_len": "--completion-len",
+                "pairs_per_row": "--pairs-per-row",
+            }.get(str(exc).split()[0], "")
             raise UsageError(f"{flag + ': ' if flag else ''}{exc}") from None
         if shape.num_attention_heads % step.sequence_parallel:
-            raise UsageError(f"--sequence-parallel: {step.sequence_parallel} does not divide the model's "
-                             f"{shape.num_attention_heads} attention heads")
+            raise UsageError(
+                f"--sequence-parallel: {step.sequence_parallel} does not divide the model's "
+                f"{shape.num_attention_heads} attention heads"
+            )
         gif = [v for v in variants if VARIANT_OPTIONS.get(v, {}).get("grad_in_forward")]
         if step.sequence_parallel > 1 and gif:  # DPOEngine refuses grad_in_forward with sequence parallelism
             if args.variants != build_parser().get_default("variants"):
@@ -179,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         estimates = {v: estimate_sharded(shape, step, v, args.world_size, args.shard) for v in variants}
         measured = {}
         if args.measure:  # the sharded measurement runs the fastdpo engine step only
-            measured = {v: {"variant": v, "error": "not measured (sharded: fastdpo's engine step only)"}
-                        for v in variants}
+            measured = {
+                v: {"variant": v, "error": "not measured (sharded: fastdpo's engine step only)"} for v in variants
+            }
             if "fastdpo" in variants:
                 from fastdpo.benchmarks.memory_measure import measure_sharded
 
@@ -209,14 +269,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _headline(shape: ModelShape, step: StepConfig) -> str:
     p = param_counts(shape)["total"]
-    return (f"{shape.name} ({shape.model_type}, {p / 1e9:.3f} B params, {shape.num_hidden_layers} layers, "
-            f"V={shape.vocab_size}, D={shape.hidden_size}); {step.pairs} pairs × ({step.prompt_len} prompt + "
-            f"{step.completion_len} completion) tokens, {step.dtype}, {step.optimizer}, reference {step.reference}, "
-            f"{step.device}; fastdpo packing {step.packing}"
-            + (f" ({step.pairs_per_row} pair{'s' if step.pairs_per_row != 1 else ''} per row)"
-               if step.packing == "prefix_shared" else "")
-            + (f"; fastdpo sequence-parallel over {step.sequence_parallel} ranks: its columns are the peak rank"
-               if step.sequence_parallel > 1 else ""))
+    return (
+        f"{shape.name} ({shape.model_type}, {p / 1e9:.3f} B params, {shape.num_hidden_layers} layers, "
+        f"V={shape.vocab_size}, D={shape.hidden_size}); {step.pairs} pairs × ({step.prompt_len} prompt + "
+        f"{step.completion_len} completion) tokens, {step.dtype}, {step.optimizer}, reference {step.reference}, "
+        f"{step.device}; fastdpo packing {step.packing}"
+        + (
+            f" ({step.pairs_per_row} pair{'s' if step.pairs_per_row != 1 else ''} per row)"
+            if step.packing == "prefix_shared"
+            else ""
+        )
+        + (
+            f"; fastdpo sequence-parallel over {step.sequence_parallel} ranks: its columns are the peak rank"
+            if step.sequence_parallel > 1
+            else ""
+        )
+    )
 
 
 def _check_shard_args(args: argparse.Namespace) -> None:
@@ -224,20 +292,27 @@ def _check_shard_args(args: argparse.Namespace) -> None:
     from fastdpo.cli import UsageError
 
     if args.world_size > 1 and args.shard is None:
-        raise UsageError("--world-size needs --shard zero3|fsdp2 (data parallelism without sharding keeps a full "
-                         "replica on each rank: the estimate without --world-size)")
+        raise UsageError(
+            "--world-size needs --shard zero3|fsdp2 (data parallelism without sharding keeps a full "
+            "replica on each rank: the estimate without --world-size)"
+        )
     if args.shard is not None and args.sequence_parallel > 1:
-        raise UsageError("--sequence-parallel with --shard: the per-rank estimate models either fastdpo's sequence "
-                         "parallelism (on DDP) or ZeRO-3/FSDP2 sharding, not both together")
+        raise UsageError(
+            "--sequence-parallel with --shard: the per-rank estimate models either fastdpo's sequence "
+            "parallelism (on DDP) or ZeRO-3/FSDP2 sharding, not both together"
+        )
     if args.shard is not None and args.measure:
         cpus = os.cpu_count() or 1
         if args.world_size > max(2, cpus):
-            raise UsageError(f"--measure with --shard runs one process per rank: --world-size {args.world_size} is "
-                             f"more than this machine's {cpus} CPUs")
+            raise UsageError(
+                f"--measure with --shard runs one process per rank: --world-size {args.world_size} is "
+                f"more than this machine's {cpus} CPUs"
+            )
 
 
-def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict[str, Any]],
-                  measured: dict[str, dict[str, Any]]) -> None:
+def _print_report(
+    shape: ModelShape, step: StepConfig, estimates: dict[str, dict[str, Any]], measured: dict[str, dict[str, Any]]
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -256,23 +331,35 @@ def _print_report(shape: ModelShape, step: StepConfig, estimates: dict[str, dict
     base = estimates.get("trl", estimates.get("naive"))
     if base is not None:
         ref_name = "trl" if "trl" in estimates else "naive"
-        table.add_row(f"peak vs {ref_name}", *(f"{(e['peak'] - base['peak']) / 2**30:+,.2f}"
-                                               for e in estimates.values()))
+        table.add_row(
+            f"peak vs {ref_name}", *(f"{(e['peak'] - base['peak']) / 2**30:+,.2f}" for e in estimates.values())
+        )
     table.add_row("head positions", *(f"{e['head_positions']:,}" for e in estimates.values()))
     if measured:
-        table.add_row("measured peak", *(_gb(measured[v]["peak"]) if "peak" in measured[v] else
-                                         measured[v].get("error", "-") for v in estimates))
-        table.add_row("estimate error", *(f"{measured[v]['estimate_error_pct']:+.1f}%" if "peak" in measured[v]
-                                          else "-" for v in estimates))
+        table.add_row(
+            "measured peak",
+            *(_gb(measured[v]["peak"]) if "peak" in measured[v] else measured[v].get("error", "-") for v in estimates),
+        )
+        table.add_row(
+            "estimate error",
+            *(f"{measured[v]['estimate_error_pct']:+.1f}%" if "peak" in measured[v] else "-" for v in estimates),
+        )
         if any("rank_peaks" in measured[v] for v in estimates):
-            table.add_row("measured per rank", *(" / ".join(_gb(x) for x in measured[v]["rank_peaks"])
-                                                 if "rank_peaks" in measured[v] else "-" for v in estimates))
+            table.add_row(
+                "measured per rank",
+                *(
+                    " / ".join(_gb(x) for x in measured[v]["rank_peaks"]) if "rank_peaks" in measured[v] else "-"
+                    for v in estimates
+                ),
+            )
     console.print(table)
-    console.print("weights/grads/optimizer/reference are resident; activations = saved for backward by the policy "
-                  "backbone; attention mask = prefix_shared's packed-row masks during the forwards; logits = the "
-                  "head's transient peak on top; peak = largest phase total. fastdpo+X: fastdpo with option X "
-                  "(prefix_shared: the prompt once per pair; grad_in_forward: head gradients in the forward, 3 GEMMs "
-                  "instead of 4; precomputed_ref: cached reference log-probs, no reference weights; all: the three).")
+    console.print(
+        "weights/grads/optimizer/reference are resident; activations = saved for backward by the policy "
+        "backbone; attention mask = prefix_shared's packed-row masks during the forwards; logits = the "
+        "head's transient peak on top; peak = largest phase total. fastdpo+X: fastdpo with option X "
+        "(prefix_shared: the prompt once per pair; grad_in_forward: head gradients in the forward, 3 GEMMs "
+        "instead of 4; precomputed_ref: cached reference log-probs, no reference weights; all: the three)."
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ A Hugging Face model card: YAML metadata (``library_name`` ``transformers``, or 
 and a text with the training settings, the held-out metrics before and after training, and how to load the model.
 ``huggingface_hub.ModelCard.load`` reads it back.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -22,9 +23,17 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def write_model_card(folder: str | Path, *, name: str, location: str, base: str, adapter: str | None,
-                     settings: Mapping[str, Any], metrics_before: Mapping[str, float] | None,
-                     metrics_after: Mapping[str, float] | None) -> Path:
+def write_model_card(
+    folder: str | Path,
+    *,
+    name: str,
+    location: str,
+    base: str,
+    adapter: str | None,
+    settings: Mapping[str, Any],
+    metrics_before: Mapping[str, float] | None,
+    metrics_after: Mapping[str, float] | None,
+) -> Path:
     """Write ``folder/README.md`` and return its path.
 
     Args:
@@ -44,23 +53,32 @@ def write_model_card(folder: str | Path, *, name: str, location: str, base: str,
     tags = ["fastdpo", "dpo", f"fastdpo-packing-{settings.get('packing', 'pad')}"]
     if adapter:
         tags.append(adapter)
-    data = ModelCardData(library_name="peft" if adapter else "transformers", tags=tags,
-                         base_model=base if is_hub_id else None, model_name=name)
+    data = ModelCardData(
+        library_name="peft" if adapter else "transformers",
+        tags=tags,
+        base_model=base if is_hub_id else None,
+        model_name=name,
+    )
     rows = "\n".join(f"| {k} | `{_value(v)}` |" for k, v in settings.items())
     keys = sorted({*(metrics_before or {}), *(metrics_after or {})})
     metric_rows = "\n".join(
         f"| {k.removeprefix('eval_')} | {_value((metrics_before or {}).get(k, '-'))} | "
-        f"{_value((metrics_after or {}).get(k, '-'))} |" for k in keys)
+        f"{_value((metrics_after or {}).get(k, '-'))} |"
+        for k in keys
+    )
     if adapter:
-        load = ("```python\nfrom peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-                f"model = AutoPeftModelForCausalLM.from_pretrained(\"{location}\")  # base: {base}\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{location}\")\n```")
-        what = (f"a {'QLoRA (4-bit bitsandbytes base)' if adapter == 'qlora' else 'LoRA'} adapter for `{base}`, "
-                "trained")
+        load = (
+            "```python\nfrom peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{location}")  # base: {base}\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{location}")\n```'
+        )
+        what = f"a {'QLoRA (4-bit bitsandbytes base)' if adapter == 'qlora' else 'LoRA'} adapter for `{base}`, trained"
     else:
-        load = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f"model = AutoModelForCausalLM.from_pretrained(\"{location}\")\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{location}\")\n```")
+        load = (
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{location}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{location}")\n```'
+        )
         what = f"`{base}` fine-tuned"
     text = (
         f"# {name}\n\n"

@@ -27,6 +27,7 @@ extra all-gather of the head for nothing).
 Also here: :func:`max_logit_error`, a check that the split reproduces the model's own logits. The bitsandbytes
 reference copies are in :mod:`fastdpo.quantize`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -436,8 +437,12 @@ def _logit_scale(hf_model: nn.Module, config: Any) -> float:
     ``config.logit_scale`` (Cohere) or the model's ``logit_scale`` attribute, ``config.output_multiplier``,
     ``config.lm_head_multiplier`` (Falcon-H1), ``config.logits_scaling`` (divides: Granite, MiniCPM3; multiplies:
     HyperCLOVA X) — the same sources TRL's fused LM head reads."""
-    for value in (getattr(config, "logit_scale", None), getattr(hf_model, "logit_scale", None),
-                  getattr(config, "output_multiplier", None), getattr(config, "lm_head_multiplier", None)):
+    for value in (
+        getattr(config, "logit_scale", None),
+        getattr(hf_model, "logit_scale", None),
+        getattr(config, "output_multiplier", None),
+        getattr(config, "lm_head_multiplier", None),
+    ):
         number = _number(value)
         if number is not None:
             return number
@@ -484,8 +489,16 @@ def resolve_lm(model: nn.Module) -> LMParts:
             f"{type(model).__name__}/FSDP wrapper without materializing the logits; wrapped models need a causal LM "
             "whose forward takes logits_to_keep (transformers >= 4.50 models do)"
         )
-    return LMParts(model=model, hf_model=hf_model, backbone=backbone, head=head, softcap=softcap, logit_scale=scale,
-                   through_model=through_model, needs_anchor=any(_is_fsdp2(m) for m in model.modules()))
+    return LMParts(
+        model=model,
+        hf_model=hf_model,
+        backbone=backbone,
+        head=head,
+        softcap=softcap,
+        logit_scale=scale,
+        through_model=through_model,
+        needs_anchor=any(_is_fsdp2(m) for m in model.modules()),
+    )
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ loss (:func:`fastdpo.losses.is_pair_local`; :func:`fastdpo.head.linear_logprobs_
 one group per pair, :func:`fastdpo.segments.pair_groups`); the batch-coupled ``aot``/``aot_unpaired`` use the
 recompute path.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -75,10 +76,18 @@ class DPOLoss(torch.nn.Module):
     when the loss or a metric is NaN/inf (one host sync per call), as :func:`~fastdpo.losses.preference_loss`.
     """
 
-    _PER_BATCH = frozenset({
-        "chosen_lengths", "rejected_lengths", "policy_chosen_nll_sum", "policy_rejected_nll_sum",
-        "wpo_chosen_weights", "wpo_rejected_weights", "policy_chosen_log_sum_p2", "policy_rejected_log_sum_p2",
-    })
+    _PER_BATCH = frozenset(
+        {
+            "chosen_lengths",
+            "rejected_lengths",
+            "policy_chosen_nll_sum",
+            "policy_rejected_nll_sum",
+            "wpo_chosen_weights",
+            "wpo_rejected_weights",
+            "policy_chosen_log_sum_p2",
+            "policy_rejected_log_sum_p2",
+        }
+    )
 
     def __init__(
         self,
@@ -97,8 +106,10 @@ class DPOLoss(torch.nn.Module):
         super().__init__()
         config = resolve_loss_config(loss_config, locals())
         if config.ld_alpha is not None:
-            raise ValueError("DPOLoss works on sequence log-probs: apply ld_alpha with fastdpo.losses.ld_logps "
-                             "and pass a loss_config without it")
+            raise ValueError(
+                "DPOLoss works on sequence log-probs: apply ld_alpha with fastdpo.losses.ld_logps "
+                "and pass a loss_config without it"
+            )
         self.loss_config = config
         self.loss_types, self.loss_weights = config.loss_type, config.loss_weights
         self.beta = config.beta
@@ -118,8 +129,13 @@ class DPOLoss(torch.nn.Module):
                 f"unexpected keyword arguments {sorted(unknown)}; per-batch inputs are {sorted(self._PER_BATCH)}"
             )
         return preference_loss(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            loss_config=self.loss_config, validate=self.validate, **per_batch,
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            loss_config=self.loss_config,
+            validate=self.validate,
+            **per_batch,
         )
 
     def extra_repr(self) -> str:
@@ -186,9 +202,9 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
     (gradients formed in the forward pass; pair-local losses only), ``token_tile`` / ``vocab_tile`` (the head's
     projection tile; ``head_chunk_size`` is their deprecated spelling), ``keep_logits_bytes`` (raw logits the head
     may keep for its backward, default the head's bounded budget; 0 keeps none; with ``grad_in_forward`` the logits
-    one chunk of pairs keeps), ``validate`` (the head's label range check and non-finite warning, one sync each; with ``False`` a target
-    outside the vocabulary gives a NaN log-prob and a zero gradient row), ``backend`` (``"auto"``, ``"triton"``,
-    ``"torch"``).
+    one chunk of pairs keeps), ``validate`` (the head's label range check and non-finite warning, one sync each; with
+    ``False`` a target outside the vocabulary gives a NaN log-prob and a zero gradient row), ``backend`` (``"auto"``,
+    ``"triton"``, ``"torch"``).
     """
 
     use_ref_model: bool = False
@@ -214,12 +230,17 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         head_chunk_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        token_tile, vocab_tile = _legacy_tiles(type(self).__name__, head_chunk_size, token_tile, vocab_tile,
-                                               old="head_chunk_size", stacklevel=4)
+        token_tile, vocab_tile = _legacy_tiles(
+            type(self).__name__, head_chunk_size, token_tile, vocab_tile, old="head_chunk_size", stacklevel=4
+        )
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        for name, value in (("beta", beta), ("alpha", alpha), ("logit_scale", logit_scale),
-                            ("temperature", temperature)):
+        for name, value in (
+            ("beta", beta),
+            ("alpha", alpha),
+            ("logit_scale", logit_scale),
+            ("temperature", temperature),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a float, got {type(value).__name__}")
         if logit_scale <= 0 or temperature <= 0:
@@ -253,16 +274,18 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         return ()
 
     # -- helpers -----------------------------------------------------------------------------------------------
-    def _check(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
-               bias: torch.Tensor | None) -> None:
+    def _check(
+        self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
         check_float("_input", _input)
         check_float("lin_weight", lin_weight)
         check_index("target", target)
         if _input.dim() != 3:
             raise ValueError(f"_input must be [2B, T, D] (chosen rows first), got {list(_input.shape)}")
         if target.shape != _input.shape[:2]:
-            raise ValueError(f"target must have shape {list(_input.shape[:2])} (= _input.shape[:2]), got "
-                             f"{list(target.shape)}")
+            raise ValueError(
+                f"target must have shape {list(_input.shape[:2])} (= _input.shape[:2]), got {list(target.shape)}"
+            )
         if _input.shape[0] == 0 or _input.shape[0] % 2:
             raise ValueError(f"_input must stack B chosen then B rejected rows (even, > 0), got {_input.shape[0]} rows")
         if lin_weight.dim() != 2 or lin_weight.shape[1] != _input.shape[2]:
@@ -270,9 +293,16 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         check_same_device(lin_weight=lin_weight, _input=_input, target=target, bias=bias)
 
     def _head_kwargs(self) -> dict:
-        return dict(ignore_index=self.ignore_index, logit_scale=self.logit_scale, temperature=self.temperature,
-                    token_tile=self.token_tile, vocab_tile=self.vocab_tile, keep_logits_bytes=self.keep_logits_bytes,
-                    validate=self.validate, backend=self.backend)
+        return dict(
+            ignore_index=self.ignore_index,
+            logit_scale=self.logit_scale,
+            temperature=self.temperature,
+            token_tile=self.token_tile,
+            vocab_tile=self.vocab_tile,
+            keep_logits_bytes=self.keep_logits_bytes,
+            validate=self.validate,
+            backend=self.backend,
+        )
 
     def _seq_sums(
         self, batch: _Batch, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -280,28 +310,46 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         from fastdpo.head.function import linear_sequence_logprobs
 
         return linear_sequence_logprobs(
-            batch.hidden(x), weight, batch.labels, bias=bias, segment_ids=batch.seq_ids, num_segments=batch.num_seqs,
+            batch.hidden(x),
+            weight,
+            batch.labels,
+            bias=bias,
+            segment_ids=batch.seq_ids,
+            num_segments=batch.num_seqs,
             **self._head_kwargs(),
         )
 
     def _as_loss_logps(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return sums / counts.clamp(min=1).to(sums.dtype) if self.average_log_prob else sums
 
-    def _separate_nll(self, nll_target: torch.Tensor, target: torch.Tensor, _input: torch.Tensor,
-                      weight: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
+    def _separate_nll(
+        self,
+        nll_target: torch.Tensor,
+        target: torch.Tensor,
+        _input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        p: int,
+    ) -> torch.Tensor:
         """Token-mean ``-log p(nll_target)`` over the chosen rows' positions where ``nll_target [2B, T]`` is not
         ``ignore_index`` (Liger's ``nll_target``); 0-dim fp32, differentiable, 0 when no position is scored."""
         from fastdpo.head.function import linear_sequence_logprobs
 
         check_index("nll_target", nll_target)
         if nll_target.shape != target.shape:
-            raise ValueError(f"nll_target must have the shape of target {list(target.shape)}, got "
-                             f"{list(nll_target.shape)}")
+            raise ValueError(
+                f"nll_target must have the shape of target {list(target.shape)}, got {list(nll_target.shape)}"
+            )
         check_same_device(_input=_input, nll_target=nll_target)
         chosen = _Batch(_input[:p], nll_target[:p], self.ignore_index)
         total = linear_sequence_logprobs(
-            chosen.hidden(_input[:p]), weight, chosen.labels, bias=bias,
-            segment_ids=torch.zeros_like(chosen.labels), num_segments=1, **self._head_kwargs(),
+            chosen.hidden(_input[:p]),
+            weight,
+            chosen.labels,
+            bias=bias,
+            segment_ids=torch.zeros_like(chosen.labels),
+            num_segments=1,
+            **self._head_kwargs(),
         )
         return -total[0] / chosen.labels.numel() if chosen.labels.numel() else total[0] * 0.0
 
@@ -330,8 +378,11 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         cnt_c, cnt_r = counts[:p], counts[p:]
         n_tok = cnt_c.sum().clamp(min=1).to(torch.float32)
         # Liger's nll_target: the NLL term scores the chosen rows against other labels (its own positions)
-        sep_nll = self._separate_nll(nll_target, target, _input, lin_weight, bias, p) \
-            if nll_target is not None and self.compute_nll_loss else None
+        sep_nll = (
+            self._separate_nll(nll_target, target, _input, lin_weight, bias, p)
+            if nll_target is not None and self.compute_nll_loss
+            else None
+        )
 
         ref_c = ref_r = None
         if self.use_ref_model:
@@ -341,8 +392,9 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
             ref_c, ref_r = ref[:p], ref[p:]
 
         if self.grad_in_forward and self._pair_local():
-            loss, sums = self._grad_in_forward(batch, lin_weight, _input, bias, ref_c, ref_r, n_tok,
-                                               nll=sep_nll is None)
+            loss, sums = self._grad_in_forward(
+                batch, lin_weight, _input, bias, ref_c, ref_r, n_tok, nll=sep_nll is None
+            )
         else:
             sums = self._seq_sums(batch, _input, lin_weight, bias)
             logps = self._as_loss_logps(sums, counts)
@@ -364,10 +416,13 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
             rr = r - ref_r if ref_r is not None else r
             scale = self.logit_scale / self.temperature
             aux = (
-                c, r,
+                c,
+                r,
                 _logits_mean(_input[:p], lin_weight, bias, scale),
                 _logits_mean(_input[p:], lin_weight, bias, scale),
-                nll, self.beta * rc, self.beta * rr,
+                nll,
+                self.beta * rc,
+                self.beta * rr,
                 *self._extra_outputs(c, r),
             )
         return loss, aux
@@ -402,16 +457,24 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
             return out
 
         return linear_logprobs_loss_grad_in_forward(
-            batch.hidden(_input), weight, batch.labels, batch.seq_ids, batch.num_seqs, loss_fn, bias=bias,
-            groups=pair_groups(p), **self._head_kwargs(),
+            batch.hidden(_input),
+            weight,
+            batch.labels,
+            batch.seq_ids,
+            batch.num_seqs,
+            loss_fn,
+            bias=bias,
+            groups=pair_groups(p),
+            **self._head_kwargs(),
         )
 
 
 class _ReferenceFreeBase(_FusedLinearPreferenceBase):
     """Liger's call of the reference-free losses (SimPO, CPO, ORPO): ``forward(lin_weight, _input, target, bias)``."""
 
-    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
-                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def forward(
+        self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         return self._run(lin_weight, _input, target, bias, None, None, None)
 
 
@@ -471,20 +534,30 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
         **head_options: object,
     ) -> None:
         super().__init__(
-            ignore_index=ignore_index, beta=loss_config.beta if isinstance(loss_config, PreferenceLossConfig) else beta,
-            alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled, chunk_size=chunk_size, **head_options,
+            ignore_index=ignore_index,
+            beta=loss_config.beta if isinstance(loss_config, PreferenceLossConfig) else beta,
+            alpha=alpha,
+            compute_nll_loss=compute_nll_loss,
+            compiled=compiled,
+            chunk_size=chunk_size,
+            **head_options,
         )
         if loss_config is None:
             _liger_config_checks(loss_type, label_smoothing)
         config = resolve_loss_config(loss_config, locals())
         if config.use_weighting or config.ld_alpha is not None:
-            raise ValueError("FusedLinearDPOLoss cannot apply use_weighting (WPO) or ld_alpha (LD-DPO): they need "
-                             "per-token statistics of the policy; use fastdpo.DPOEngine")
+            raise ValueError(
+                "FusedLinearDPOLoss cannot apply use_weighting (WPO) or ld_alpha (LD-DPO): they need "
+                "per-token statistics of the policy; use fastdpo.DPOEngine"
+            )
         self.loss_config = config
         self.loss_types, self.loss_weights = config.loss_type, config.loss_weights
         # Liger's attributes
-        self.loss_type = loss_type if loss_config is None else (
-            config.loss_type[0] if len(config.loss_type) == 1 else list(config.loss_type))
+        self.loss_type = (
+            loss_type
+            if loss_config is None
+            else (config.loss_type[0] if len(config.loss_type) == 1 else list(config.loss_type))
+        )
         self.use_ref_model = bool(use_ref_model)
         self.average_log_prob = bool(average_log_prob)
         self.label_smoothing = config.label_smoothing
@@ -497,8 +570,17 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
 
     def _pair_terms(self, t: _Pairs) -> torch.Tensor:
         return dpo_loss_sum(
-            t.c, t.r, t.ref_c, t.ref_r, self.loss_config, input_dtype=t.c.dtype, chosen_lengths=t.cnt_c,
-            rejected_lengths=t.cnt_r, chosen_nll_sum=t.nll_c, pair_weights=None, num_pairs=t.num_pairs,
+            t.c,
+            t.r,
+            t.ref_c,
+            t.ref_r,
+            self.loss_config,
+            input_dtype=t.c.dtype,
+            chosen_lengths=t.cnt_c,
+            rejected_lengths=t.cnt_r,
+            chosen_nll_sum=t.nll_c,
+            pair_weights=None,
+            num_pairs=t.num_pairs,
             num_chosen_tokens=t.num_chosen_tokens,
         )
 
@@ -538,8 +620,13 @@ class FusedLinearSimPOLoss(_ReferenceFreeBase):
         **head_options: object,
     ) -> None:
         super().__init__(
-            ignore_index=ignore_index, beta=beta, alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled,
-            chunk_size=chunk_size, **head_options,
+            ignore_index=ignore_index,
+            beta=beta,
+            alpha=alpha,
+            compute_nll_loss=compute_nll_loss,
+            compiled=compiled,
+            chunk_size=chunk_size,
+            **head_options,
         )
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.gamma = float(gamma)
@@ -569,8 +656,13 @@ class FusedLinearCPOLoss(_ReferenceFreeBase):
         **head_options: object,
     ) -> None:
         super().__init__(
-            ignore_index=ignore_index, beta=beta, alpha=alpha, compute_nll_loss=compute_nll_loss, compiled=compiled,
-            chunk_size=chunk_size, **head_options,
+            ignore_index=ignore_index,
+            beta=beta,
+            alpha=alpha,
+            compute_nll_loss=compute_nll_loss,
+            compiled=compiled,
+            chunk_size=chunk_size,
+            **head_options,
         )
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.average_log_prob = bool(average_log_prob)
@@ -602,13 +694,23 @@ class FusedLinearORPOLoss(_ReferenceFreeBase):
         **head_options: object,
     ) -> None:
         super().__init__(
-            ignore_index=ignore_index, beta=beta, alpha=1.0, compute_nll_loss=compute_nll_loss, compiled=compiled,
-            chunk_size=chunk_size, **head_options,
+            ignore_index=ignore_index,
+            beta=beta,
+            alpha=1.0,
+            compute_nll_loss=compute_nll_loss,
+            compiled=compiled,
+            chunk_size=chunk_size,
+            **head_options,
         )
 
-    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
-                bias: torch.Tensor | None = None, nll_target: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def forward(
+        self,
+        lin_weight: torch.Tensor,
+        _input: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        nll_target: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         return self._run(lin_weight, _input, target, bias, None, None, None, nll_target)
 
     def _pair_terms(self, t: _Pairs) -> torch.Tensor:

@@ -6,6 +6,7 @@ device. :func:`quantized_linear` builds one layer. On CPUs with AVX512-BF16, bit
 repacks 4-bit weights in place on their first forward in eval mode and computes in bf16; that path is switched off on
 these layers, and :func:`four_bit_forward_problem` probes the CPU forward once per process and refuses a wrong one.
 """
+
 from __future__ import annotations
 
 import copy
@@ -106,12 +107,19 @@ def quantized_linear(
     weight = lin.weight.detach().to("cpu", torch.float32)
     bias = None if lin.bias is None else lin.bias.detach().to("cpu", compute_dtype).clone()
     if bits == 8:
-        new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False,
-                                  threshold=threshold, device="meta")
+        new = bnb.nn.Linear8bitLt(
+            lin.in_features, lin.out_features, bias=False, has_fp16_weights=False, threshold=threshold, device="meta"
+        )
         new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     elif bits == 4:
-        new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=compute_dtype,
-                                quant_type=quant_type, device="meta")
+        new = bnb.nn.Linear4bit(
+            lin.in_features,
+            lin.out_features,
+            bias=False,
+            compute_dtype=compute_dtype,
+            quant_type=quant_type,
+            device="meta",
+        )
         new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, module=new)
         new.support_avx512bf16_for_cpu = False  # no in-place repack into the bf16-only CPU layout
     else:
@@ -154,13 +162,21 @@ def four_bit_forward_problem(layer: nn.Module, x: torch.Tensor) -> str | None:
             out = layer(x)
         except Exception as exc:  # noqa: BLE001 - any failure of the library's forward is the finding
             return f"bitsandbytes {bnb.__version__}'s 4-bit CPU forward fails ({type(exc).__name__}: {exc})"
-    if weight.data.shape != data.shape or not torch.equal(weight.data, data) or state.absmax.dtype != absmax.dtype \
-            or not torch.equal(state.absmax, absmax):
-        return (f"bitsandbytes {bnb.__version__}'s 4-bit CPU forward rewrote the layer's weight in place (another "
-                "layout after the first call)")
+    if (
+        weight.data.shape != data.shape
+        or not torch.equal(weight.data, data)
+        or state.absmax.dtype != absmax.dtype
+        or not torch.equal(state.absmax, absmax)
+    ):
+        return (
+            f"bitsandbytes {bnb.__version__}'s 4-bit CPU forward rewrote the layer's weight in place (another "
+            "layout after the first call)"
+        )
     eps = torch.finfo(layer.compute_dtype or torch.float32).eps
     err = (out.double() - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
     if not err <= 16 * eps:
-        return (f"bitsandbytes {bnb.__version__}'s 4-bit CPU forward differs from the dequantized weights by "
-                f"{err:.2e} (relative), more than {layer.compute_dtype} rounding")
+        return (
+            f"bitsandbytes {bnb.__version__}'s 4-bit CPU forward differs from the dequantized weights by "
+            f"{err:.2e} (relative), more than {layer.compute_dtype} rounding"
+        )
     return None

@@ -25,6 +25,7 @@ File format (``fastdpo-ref-logps-v2``): a ``torch.save`` dict of plain types and
 checksum) are refused with a message to rebuild them: their values cannot be verified, and rebuilding costs one
 reference pass over the data.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -272,8 +273,9 @@ class RefLogpCache:
             dist.all_gather_object(shards, local, group=group)
         main = not distributed or dist.get_rank(group) == 0
         if main:
-            all_keys, all_values = cls._dedup([k for shard in shards for k in shard[0]],
-                                              torch.cat([shard[1] for shard in shards]))
+            all_keys, all_values = cls._dedup(
+                [k for shard in shards for k in shard[0]], torch.cat([shard[1] for shard in shards])
+            )
             cls(all_keys, all_values, model_hash=model_hash, settings=settings).save(path)
         if distributed:
             dist.barrier(group=group)
@@ -295,8 +297,10 @@ class RefLogpCache:
         for key in keys:
             j = self._index.get(key)
             if j is None:
-                raise ValueError(f"pair key {key} is not in the reference cache ({len(self)} pairs, data fingerprint "
-                                 f"{self.data_hash[:16]}…)")
+                raise ValueError(
+                    f"pair key {key} is not in the reference cache ({len(self)} pairs, data fingerprint "
+                    f"{self.data_hash[:16]}…)"
+                )
             idx.append(j)
         vals = self.values[torch.tensor(idx, dtype=torch.long)] if idx else torch.zeros(0, 2)
         return vals[:, 0].clone(), vals[:, 1].clone()
@@ -360,14 +364,17 @@ class RefLogpCache:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the cache to ``path`` atomically and checksummed (:func:`fastdpo.atomic.save_checksummed`)."""
-        save_checksummed(path, {
-            "format": CACHE_FORMAT,
-            "model_hash": self.model_hash,
-            "data_hash": self.data_hash,
-            "settings": self.settings,
-            "keys": self.keys,
-            "values": self.values,
-        })
+        save_checksummed(
+            path,
+            {
+                "format": CACHE_FORMAT,
+                "model_hash": self.model_hash,
+                "data_hash": self.data_hash,
+                "settings": self.settings,
+                "keys": self.keys,
+                "values": self.values,
+            },
+        )
 
     @classmethod
     def load(
@@ -400,8 +407,9 @@ class RefLogpCache:
                 "cannot be verified and it is not used; rebuild it with DPOEngine.precompute_reference"
             )
         if fmt != CACHE_FORMAT:
-            raise ValueError(f"{name!r} is not a fastdpo reference cache ({CACHE_FORMAT}): its 'format' entry is "
-                             f"{fmt!r}")
+            raise ValueError(
+                f"{name!r} is not a fastdpo reference cache ({CACHE_FORMAT}): its 'format' entry is {fmt!r}"
+            )
         try:
             payload = verify_checksum(payload, path, what=what)
         except CorruptFileError as err:
@@ -412,10 +420,17 @@ class RefLogpCache:
         keys, values = payload["keys"], payload["values"]
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise ValueError(f"reference cache {name!r}: 'keys' must be a list of strings")
-        if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[1] != 2 \
-                or values.shape[0] != len(keys) or not values.is_floating_point():
-            raise ValueError(f"reference cache {name!r}: 'values' must be a float [{len(keys)}, 2] tensor, got "
-                             f"{getattr(values, 'shape', type(values).__name__)}")
+        if (
+            not isinstance(values, torch.Tensor)
+            or values.dim() != 2
+            or values.shape[1] != 2
+            or values.shape[0] != len(keys)
+            or not values.is_floating_point()
+        ):
+            raise ValueError(
+                f"reference cache {name!r}: 'values' must be a float [{len(keys)}, 2] tensor, got "
+                f"{getattr(values, 'shape', type(values).__name__)}"
+            )
         if not isinstance(payload["settings"], dict) or not isinstance(payload["model_hash"], str):
             raise ValueError(f"reference cache {name!r}: 'settings' must be a dict and 'model_hash' a string")
         cache = cls(keys, values, model_hash=payload["model_hash"], settings=payload["settings"])

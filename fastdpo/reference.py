@@ -18,6 +18,7 @@ A float64 reference is the same function on float64 inputs (``logits.double()``,
 rule of the tests and benchmarks (:func:`assert_within_naive`): the fast path's error against float64 must not exceed
 the naive path's error in the same dtype plus :func:`tolerance` of that dtype (relative to the reference's scale).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -147,8 +148,8 @@ def naive_linear_token_logprobs(
     chunk_size: int | tuple[int, int] | None = None,
 ) -> TokenStats:
     """Reference: materialize all logits in the input dtype (``hidden @ weight.T``), ``log_softmax`` in fp32 (fp64
-    for fp64), gather. Same signature and outputs as :func:`fastdpo.head.linear_token_logprobs` (the tiles, ``backend`` and
-    ``keep_logits_bytes`` are accepted and ignored; ``chunk_size`` warns as there). Memory ``O(N * V)``: baseline
+    for fp64), gather. Same signature and outputs as :func:`fastdpo.head.linear_token_logprobs` (the tiles, ``backend``
+    and ``keep_logits_bytes`` are accepted and ignored; ``chunk_size`` warns as there). Memory ``O(N * V)``: baseline
     and test oracle only.
     """
     from fastdpo.head.checks import _check_inputs

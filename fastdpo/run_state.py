@@ -5,6 +5,7 @@ it as ``checkpoint.prev.pt`` (a damaged newest file is moved aside to ``checkpoi
 ``metrics.jsonl`` (one JSON record per optimizer step and evaluation; on resume, records past the checkpoint's step and
 a partial last line are dropped). :class:`DataOrder` is the seeded epoch-wise shuffling that resumes mid-epoch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -111,8 +112,14 @@ class DataOrder:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_rows": self.num_rows, "batch_size": self.batch_size, "seed": self.seed, "epoch": self.epoch,
-                "cursor": self.cursor, "order": list(self.order)}
+        return {
+            "num_rows": self.num_rows,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "order": list(self.order),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["num_rows"], state["batch_size"]) != (self.num_rows, self.batch_size):
@@ -140,8 +147,9 @@ class MetricsLog:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     if lineno != len(lines):
-                        print(f"fastdpo train: warning: {path} line {lineno} is not valid JSON; dropped",
-                              file=sys.stderr)
+                        print(
+                            f"fastdpo train: warning: {path} line {lineno} is not valid JSON; dropped", file=sys.stderr
+                        )
                     continue
                 if isinstance(record, dict) and record.get("step", 0) <= resume_step:
                     kept.append(line)
@@ -175,10 +183,16 @@ def find_checkpoint(out: Path) -> dict[str, Any]:
                 os.replace(newest, out / (CHECKPOINT_NAME + ".corrupt"))
             continue
         if path == previous:
-            print(f"fastdpo train: warning: {problems[0]}; resuming from the previous checkpoint {previous} "
-                  f"(step {state['step']})" + (" (the damaged file is kept as checkpoint.pt.corrupt)"
-                                                if (out / (CHECKPOINT_NAME + ".corrupt")).exists() else ""),
-                  file=sys.stderr)
+            print(
+                f"fastdpo train: warning: {problems[0]}; resuming from the previous checkpoint {previous} "
+                f"(step {state['step']})"
+                + (
+                    " (the damaged file is kept as checkpoint.pt.corrupt)"
+                    if (out / (CHECKPOINT_NAME + ".corrupt")).exists()
+                    else ""
+                ),
+                file=sys.stderr,
+            )
         return state
     if all("does not exist" in p for p in problems):
         raise UsageError(f"--resume given but {newest} does not exist")

@@ -115,8 +115,9 @@ def _segment_sum_launch(
     from fastdpo.kernels.segment_sum import segment_sum_kernel
 
     num_segments = offsets.shape[0] - 1
-    return KernelLaunch(segment_sum_kernel, (num_segments,), (values, order, offsets, out), {"BLOCK": block}, 4,
-                        values.device)
+    return KernelLaunch(
+        segment_sum_kernel, (num_segments,), (values, order, offsets, out), {"BLOCK": block}, 4, values.device
+    )
 
 
 def _segment_sum_triton(values: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, block: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ data-parallel wrapper over all ``dp × sp`` ranks computes (``DistributedDataPar
 the average), so with such a wrapper the gradients equal the single-process ones without any extra call; a model
 without a wrapper needs :func:`average_gradients` (``DPOEngine.reduce_sequence_parallel_gradients()``) after backward.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,14 @@ __all__ = [
 ]
 
 # batch tensors laid out [R, L]: padded to [R, Lp] (fill value), then sliced per rank where the forward needs them
-_ROW_KEYS = {"input_ids": None, "position_ids": None, "attention_mask": 0, "token_seq": -1, "token_role": -1,
-             "token_pair": -1}
+_ROW_KEYS = {
+    "input_ids": None,
+    "position_ids": None,
+    "attention_mask": 0,
+    "token_seq": -1,
+    "token_role": -1,
+    "token_pair": -1,
+}
 
 _GROUPS: dict[tuple[int, int], Any] = {}
 
@@ -74,13 +81,17 @@ def resolve_group(size: int, group: Any = None) -> Any:
     multiple of ``size`` or the group has another size.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("sequence_parallel_size > 1 needs torch.distributed initialized (torchrun / "
-                           "dist.init_process_group) before the engine is built")
+        raise RuntimeError(
+            "sequence_parallel_size > 1 needs torch.distributed initialized (torchrun / "
+            "dist.init_process_group) before the engine is built"
+        )
     world = dist.get_world_size()
     if group is None:
         if world % size:
-            raise ValueError(f"sequence_parallel_size={size} must divide the world size {world} "
-                             "(world = data-parallel size x sequence-parallel size)")
+            raise ValueError(
+                f"sequence_parallel_size={size} must divide the world size {world} "
+                "(world = data-parallel size x sequence-parallel size)"
+            )
         key = (size, world)
         if key not in _GROUPS:
             _GROUPS[key] = dist.new_subgroups(group_size=size)[0]
@@ -148,7 +159,7 @@ def average_gradients(model: nn.Module, group: Any, bucket_bytes: int = 25 * 2**
         flat.div_(size)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     for p in model.parameters():
@@ -156,8 +167,10 @@ def average_gradients(model: nn.Module, group: Any, bucket_bytes: int = 25 * 2**
         if g is None:
             continue
         if type(g).__name__ == "DTensor" or g.is_sparse:
-            raise TypeError(f"average_gradients handles dense local gradients; got a {type(g).__name__}"
-                            f"{' (sparse)' if g.is_sparse else ''} -- its FSDP2/DDP wrapper reduces it")
+            raise TypeError(
+                f"average_gradients handles dense local gradients; got a {type(g).__name__}"
+                f"{' (sparse)' if g.is_sparse else ''} -- its FSDP2/DDP wrapper reduces it"
+            )
         bucket = buckets.setdefault((g.dtype, g.device), [])
         if bucket and (sum(t.numel() for t in bucket) + g.numel()) * g.element_size() > bucket_bytes:
             flush(bucket)
@@ -223,8 +236,9 @@ class _ImplView:
         return self._model.parameters()
 
 
-def full_attention_kwargs(padded: dict[str, Any], hf_model: nn.Module, impl: str,
-                          attn_impl: str = "auto") -> dict[str, Any]:
+def full_attention_kwargs(
+    padded: dict[str, Any], hf_model: nn.Module, impl: str, attn_impl: str = "auto"
+) -> dict[str, Any]:
     """Full-length attention kwargs (no position ids) for a padded batch and the model's underlying implementation.
 
     Packed batches get :func:`fastdpo.attention.build_attention_kwargs`' masks (or flash varlen ``cu_seq_lens``) for
@@ -278,11 +292,18 @@ def _fingerprint(batch: Mapping[str, Any]) -> torch.Tensor:
     weights = torch.arange(1, ids.numel() + 1, device=ids.device, dtype=torch.int64).view_as(ids) % 65521
     labels = batch["logp_labels"]
     lw = torch.arange(1, labels.numel() + 1, device=labels.device, dtype=torch.int64) % 65521
-    return torch.stack([
-        torch.tensor(ids.shape[0], device=ids.device), torch.tensor(ids.shape[1], device=ids.device),
-        torch.tensor(idx.numel(), device=ids.device), torch.tensor(int(batch["num_pairs"]), device=ids.device),
-        (ids * weights).sum(), (batch["position_ids"] * weights).sum(), (labels * lw).sum(), (idx * lw).sum(),
-    ]).to(torch.int64)
+    return torch.stack(
+        [
+            torch.tensor(ids.shape[0], device=ids.device),
+            torch.tensor(ids.shape[1], device=ids.device),
+            torch.tensor(idx.numel(), device=ids.device),
+            torch.tensor(int(batch["num_pairs"]), device=ids.device),
+            (ids * weights).sum(),
+            (batch["position_ids"] * weights).sum(),
+            (labels * lw).sum(),
+            (idx * lw).sum(),
+        ]
+    ).to(torch.int64)
 
 
 class SequenceParallel:
@@ -346,8 +367,10 @@ class SequenceParallel:
         """
         impl = underlying_implementation(getattr(hf_model.config, "_attn_implementation", None))
         if impl is None:
-            raise ValueError(f"{type(hf_model).__name__} does not run Ulysses attention; the engine prepares the "
-                             "models it is given (DPOEngine(sequence_parallel_size=k))")
+            raise ValueError(
+                f"{type(hf_model).__name__} does not run Ulysses attention; the engine prepares the "
+                "models it is given (DPOEngine(sequence_parallel_size=k))"
+            )
         param = next((p for p in hf_model.parameters() if p.is_floating_point()), None)
         key = (impl, None if param is None else (param.dtype, param.device))
         if self._cached is not None and self._cached[0] is batch["input_ids"] and self._cached[1] == key:
@@ -357,7 +380,7 @@ class SequenceParallel:
         padded_length = padded["input_ids"].shape[1]
         ls = padded_length // self.size
         cols = slice(self.rank * ls, (self.rank + 1) * ls)
-        owned = (token_owners(batch["logp_index"], batch["input_ids"].shape[1], self.size) == self.rank)
+        owned = token_owners(batch["logp_index"], batch["input_ids"].shape[1], self.size) == self.rank
         owned = owned.nonzero().flatten()
         idx = padded["logp_index"]
         row, col = idx // padded_length, idx % padded_length
@@ -387,6 +410,7 @@ class SequenceParallel:
         local = torch.stack([getattr(stats, n).detach().to(dtype) for n in names])
         full = local.new_zeros(len(names), num_tokens).index_copy(1, owned, local)
         dist.all_reduce(full, group=self.group)
-        out = {n: full[i].to(getattr(stats, n).dtype) if n != "argmax_hit" else full[i] > 0.5
-               for i, n in enumerate(names)}
+        out = {
+            n: full[i].to(getattr(stats, n).dtype) if n != "argmax_hit" else full[i] > 0.5 for i, n in enumerate(names)
+        }
         return TokenStats(logprobs, **out)

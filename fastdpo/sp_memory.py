@@ -17,6 +17,7 @@ Layout of the engine's step (what ``--measure`` runs,
 ``"pad"`` layout with equal-length rows (2 rows per pair, no padding, so no mask for SDPA: causal attention is exact),
 the rows of :class:`fastdpo.memory.StepConfig`; ``"prefix_shared"`` is the collator's packed rows and mask.
 """
+
 from __future__ import annotations
 
 import math
@@ -130,7 +131,7 @@ def owned_tokens(step: Any) -> list[int]:
         score(p - 1, p + c - 2, 2 * step.pairs)
     else:
         score(0, c - 2, 2 * step.pairs)
-    return [sum(counts[r * ls:(r + 1) * ls]) for r in range(k)]
+    return [sum(counts[r * ls : (r + 1) * ls]) for r in range(k)]
 
 
 def estimate_parts(m: Any, step: Any) -> tuple[int, int, dict[str, int]]:

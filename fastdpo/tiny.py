@@ -20,6 +20,7 @@ Usage::
     tok = make_tokenizer()
     model = make_model("llama", tok, attn_implementation="sdpa")
 """
+
 from __future__ import annotations
 
 import functools

@@ -44,6 +44,7 @@ Reliability:
   from the second step.
 * Usage errors (bad arguments, missing or malformed files) are one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,9 +108,17 @@ def _scalar(value: Any) -> float:
     return float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def evaluate(engine, model: torch.nn.Module, collator, rows: list[dict[str, Any]], batch_size: int,
-             device: torch.device, max_batches: int | None = None,
-             autocast: torch.dtype | None = None, world: Any = None) -> dict[str, float]:
+def evaluate(
+    engine,
+    model: torch.nn.Module,
+    collator,
+    rows: list[dict[str, Any]],
+    batch_size: int,
+    device: torch.device,
+    max_batches: int | None = None,
+    autocast: torch.dtype | None = None,
+    world: Any = None,
+) -> dict[str, float]:
     """Held-out metrics: every engine metric (rewards/accuracies, rewards/margins, ...) and the loss, averaged over
     pairs (each batch weighted by its pair count). Runs under ``torch.no_grad`` with the model in eval mode (and
     under ``torch.autocast(dtype=autocast)`` when given). With a multi-process ``world``
@@ -144,8 +153,9 @@ def evaluate(engine, model: torch.nn.Module, collator, rows: list[dict[str, Any]
         model.train(was_training)
     if world is not None:
         keys = list(totals)  # the same order on every process (same engine, same metrics)
-        summed = tp.all_sum(torch.tensor([totals[k] for k in keys] + [float(seen)], dtype=torch.float64,
-                                         device=device), world).tolist()
+        summed = tp.all_sum(
+            torch.tensor([totals[k] for k in keys] + [float(seen)], dtype=torch.float64, device=device), world
+        ).tolist()
         totals, seen = dict(zip(keys, summed[:-1])), int(summed[-1])
     return {f"eval_{k}": v / max(seen, 1) for k, v in totals.items()}
 
@@ -199,8 +209,9 @@ def _load_data(args: argparse.Namespace) -> tuple[list[dict], list[str], list[di
             eval_rows, eval_where = read("--eval-data", args.eval_data)
         else:
             try:
-                train_rows, train_where, eval_rows, eval_where = split_rows(train_rows, train_where,
-                                                                             args.eval_fraction, args.seed)
+                train_rows, train_where, eval_rows, eval_where = split_rows(
+                    train_rows, train_where, args.eval_fraction, args.seed
+                )
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         data_desc = f"{args.data} ({len(train_rows)} train / {len(eval_rows)} held-out pairs)"
@@ -221,8 +232,9 @@ def _nonfinite(model: torch.nn.Module) -> list[str]:
 def _tiny_model_bytes(tokenizer, args: argparse.Namespace) -> int:
     """Memory a tiny-model run needs for its weights: policy + reference + gradients + two AdamW states."""
     with torch.device("meta"):
-        model = build_tiny_model(tokenizer, args.arch, hidden_size=args.hidden_size, num_layers=args.layers,
-                                 seed=args.seed)
+        model = build_tiny_model(
+            tokenizer, args.arch, hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed
+        )
     params = sum(p.numel() for p in model.parameters())
     return 5 * params * 4
 
@@ -257,8 +269,10 @@ def _build_policy(args: argparse.Namespace, source: str, dtype: torch.dtype, dev
     try:
         base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"--model {source}: cannot load the model ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise UsageError(
+            f"--model {source}: cannot load the model ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     for module in base.modules():  # like TRL's disable_dropout default
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -280,13 +294,18 @@ def _build_policy(args: argparse.Namespace, source: str, dtype: torch.dtype, dev
     base.requires_grad_(False)
     r = args.lora_r or 16
     targets = args.lora_target_modules or "all-linear"
-    config = LoraConfig(r=r, lora_alpha=args.lora_alpha or 2 * r, lora_dropout=args.lora_dropout,
-                        target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=args.lora_alpha or 2 * r,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     try:
         policy = get_peft_model(base, config)
     except ValueError as exc:
         raise UsageError(f"--lora-target-modules {targets}: {str(exc).splitlines()[0]}") from None
-    for name, p in policy.named_parameters():  # the adapter trains in fp32 whatever the base's dtype
+    for p in policy.parameters():  # the adapter trains in fp32 whatever the base's dtype
         if p.requires_grad and p.dtype != torch.float32 and dtype == torch.float32:
             p.data = p.data.float()
     return policy.train(), None, "adapter"
@@ -337,8 +356,10 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
     tp.barrier(world)
     earlier = [name for name in RUN_FILES[:5] if (out / name).exists()]
     if earlier and not (args.resume or args.overwrite):
-        raise UsageError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue "
-                         "it or --overwrite to start over")
+        raise UsageError(
+            f"--output-dir {out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue "
+            "it or --overwrite to start over"
+        )
     ckpt_path, prev_path = out / CHECKPOINT_NAME, out / PREVIOUS_CHECKPOINT_NAME
     ref_dir = out / "reference"
     staged_ref: Path | None = None
@@ -353,9 +374,13 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
         saved = checkpoint["args"]
         differ = [k for k in _RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
         if differ:
-            raise UsageError("--resume needs the same " + ", ".join(f"--{k.replace('_', '-')}" for k in differ)
-                             + " as the interrupted run (checkpoint: "
-                             + ", ".join(f"{k}={saved[k]}" for k in differ) + ")")
+            raise UsageError(
+                "--resume needs the same "
+                + ", ".join(f"--{k.replace('_', '-')}" for k in differ)
+                + " as the interrupted run (checkpoint: "
+                + ", ".join(f"{k}={saved[k]}" for k in differ)
+                + ")"
+            )
 
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -377,14 +402,18 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
     # saved under reference/ so that --resume rebuilds the very same reference)
     if args.model is not None:
         if not (Path(args.model) / "config.json").is_file():
-            raise UsageError(f"--model {args.model}: not a local model folder (no config.json there); fastdpo train "
-                             "loads save_pretrained folders and downloads nothing")
+            raise UsageError(
+                f"--model {args.model}: not a local model folder (no config.json there); fastdpo train "
+                "loads save_pretrained folders and downloads nothing"
+            )
         ref_source = args.model
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"--model {args.model}: cannot load its tokenizer ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise UsageError(
+                f"--model {args.model}: cannot load its tokenizer ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from None
     elif args.resume and (ref_dir / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(ref_dir)
         ref_source = str(ref_dir)
@@ -397,17 +426,20 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
 
         available = psutil.virtual_memory().available
         if device.type == "cpu" and need * world.size > available:
-            raise UsageError(f"--hidden-size {args.hidden_size} --layers {args.layers}: the tiny model's weights, "
-                             f"gradients and optimizer need ~{need * world.size / 2**30:.1f} GiB, "
-                             f"{available / 2**30:.1f} GiB available")
+            raise UsageError(
+                f"--hidden-size {args.hidden_size} --layers {args.layers}: the tiny model's weights, "
+                f"gradients and optimizer need ~{need * world.size / 2**30:.1f} GiB, "
+                f"{available / 2**30:.1f} GiB available"
+            )
         # staged under a temporary name (the main process's pid) and put in place only once the whole setup
         # succeeded (with --overwrite, the earlier run stays intact until then)
         staged_ref = out / f".reference.{_main_pid(world)}.tmp"
         if world.main:
             shutil.rmtree(staged_ref, ignore_errors=True)
             staged.append(staged_ref)
-            init = build_tiny_model(tokenizer, args.arch, hidden_size=args.hidden_size, num_layers=args.layers,
-                                    seed=args.seed)
+            init = build_tiny_model(
+                tokenizer, args.arch, hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed
+            )
             init.save_pretrained(staged_ref)
             tokenizer.save_pretrained(staged_ref)
             del init
@@ -418,18 +450,26 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
 
     policy, ref_model, reference = _build_policy(args, ref_source, dtype, device)
 
-    engine_kwargs: dict[str, Any] = {"loss_type": args.loss_type if len(args.loss_type) > 1 else args.loss_type[0],
-                                     "beta": args.beta, "label_smoothing": args.label_smoothing,
-                                     "grad_in_forward": args.grad_in_forward}
+    engine_kwargs: dict[str, Any] = {
+        "loss_type": args.loss_type if len(args.loss_type) > 1 else args.loss_type[0],
+        "beta": args.beta,
+        "label_smoothing": args.label_smoothing,
+        "grad_in_forward": args.grad_in_forward,
+    }
     if args.loss_weights is not None:
         engine_kwargs["loss_weights"] = args.loss_weights
     try:
         engine = DPOEngine(policy, ref_model, reference=reference, **engine_kwargs)
     except (ValueError, TypeError) as exc:  # e.g. an unknown --loss-type, exo_pair without --label-smoothing
         raise UsageError(f"--loss-type {' '.join(args.loss_type)}: {exc}") from None
-    collator = PreferenceCollator(tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                  max_completion_length=args.max_completion_length,
-                                  truncation_mode=args.truncation_mode, packing=args.packing)
+    collator = PreferenceCollator(
+        tokenizer,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        max_completion_length=args.max_completion_length,
+        truncation_mode=args.truncation_mode,
+        packing=args.packing,
+    )
     # tokenize once up front (collating pre-tokenized rows gives the same batches, minus per-step tokenization)
     try:
         train_rows = pretokenize(collator, train_rows, train_where)
@@ -451,12 +491,16 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
         base_path = Path(args.model) if args.model is not None else ref_dir
         policy.peft_config["default"].base_model_name_or_path = str(base_path.resolve())
 
-    lr = args.lr if args.lr is not None else (1e-6 if args.model is not None and not lora else 3e-3 if
-                                              args.model is None else 1e-4)
+    lr = (
+        args.lr
+        if args.lr is not None
+        else (1e-6 if args.model is not None and not lora else 3e-3 if args.model is None else 1e-4)
+    )
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.lr_schedule, args.warmup_steps,
-                                                                        args.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(args.lr_schedule, args.warmup_steps, args.steps)
+    )
     scaler = torch.amp.GradScaler(device.type) if amp is not None else None
     order = DataOrder(len(train_rows), global_batch, args.seed)
     step = 0
@@ -466,8 +510,10 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
             _load_trainable_state(policy, checkpoint["model"], lora)
             optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, RuntimeError, KeyError) as exc:
-            raise UsageError(f"--resume: the checkpoint does not fit this run ({str(exc).splitlines()[0]}; same "
-                             "--data, --batch-size and number of processes?)") from None
+            raise UsageError(
+                f"--resume: the checkpoint does not fit this run ({str(exc).splitlines()[0]}; same "
+                "--data, --batch-size and number of processes?)"
+            ) from None
         scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint.get("scaler") is not None:
             scaler.load_state_dict(checkpoint["scaler"])
@@ -488,13 +534,19 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
     def checkpoint_now() -> None:
         bad = _nonfinite(policy)
         if bad:  # the guarded step never applies a non-finite update; whatever the cause, never write such weights
-            raise NonFiniteError(f"the policy holds non-finite values at step {step} ({bad[0]}, ...); no checkpoint or "
-                                 "model written")
+            raise NonFiniteError(
+                f"the policy holds non-finite values at step {step} ({bad[0]}, ...); no checkpoint or model written"
+            )
         if world.main:
-            state = {"model": _trainable_state(policy, lora), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "data_order": order.state_dict(), "step": step,
-                     "rng": rng_state(),
-                     "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+            state = {
+                "model": _trainable_state(policy, lora),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "data_order": order.state_dict(),
+                "step": step,
+                "rng": rng_state(),
+                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            }
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             save_checkpoint(ckpt_path, state, previous=prev_path)
@@ -515,8 +567,11 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
         if board is not None:
             for key, value in entry.items():
                 if key not in ("step", "skipped") and isinstance(value, (int, float)) and math.isfinite(value):
-                    board.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}",
-                                     value, entry["step"])
+                    board.add_scalar(
+                        key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}",
+                        value,
+                        entry["step"],
+                    )
             board.flush()
 
     def say(text: str) -> None:
@@ -525,20 +580,38 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
 
     show = ("loss", "rewards/accuracies", "rewards/margins")
     eval_show = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
-    mode = f"LoRA r={policy.peft_config['default'].r}" + (" over a 4-bit base (QLoRA)" if args.qlora else "") \
-        if lora else "full fine-tuning"
+    mode = (
+        f"LoRA r={policy.peft_config['default'].r}" + (" over a 4-bit base (QLoRA)" if args.qlora else "")
+        if lora
+        else "full fine-tuning"
+    )
     if world.main:
-        print(f"fastdpo train: {type(engine.policy_parts.hf_model).__name__} "
-              f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params, {mode}) on {device}"
-              + (f" x {world.size} processes" if world.distributed else "")
-              + f", {data_desc}, loss {args.loss_type}, beta {args.beta}, packing {args.packing}, {args.steps} steps "
-              f"of {args.batch_size * args.grad_accum * world.size} pairs"
-              + (f", resuming at step {step}" if step else ""), flush=True)
+        print(
+            f"fastdpo train: {type(engine.policy_parts.hf_model).__name__} "
+            f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params, {mode}) on {device}"
+            + (f" x {world.size} processes" if world.distributed else "")
+            + f", {data_desc}, loss {args.loss_type}, beta {args.beta}, packing {args.packing}, {args.steps} steps "
+            f"of {args.batch_size * args.grad_accum * world.size} pairs"
+            + (f", resuming at step {step}" if step else ""),
+            flush=True,
+        )
 
     def run_eval() -> dict[str, Any]:
         rng = rng_state()  # evaluation must not perturb the training RNG stream
-        entry = {"step": step, **evaluate(engine, policy, collator, eval_rows, args.eval_batch_size, device,
-                                          args.eval_batches, autocast=amp, world=world)}
+        entry = {
+            "step": step,
+            **evaluate(
+                engine,
+                policy,
+                collator,
+                eval_rows,
+                args.eval_batch_size,
+                device,
+                args.eval_batches,
+                autocast=amp,
+                world=world,
+            ),
+        }
         set_rng_state(rng)
         record(entry)
         return entry
@@ -557,8 +630,7 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
             raise KeyboardInterrupt
         interrupted = True
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if _is_main_thread() else {}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if _is_main_thread() else {}
     bar = None
     if not args.no_progress and world.main:
         from tqdm.auto import tqdm
@@ -601,8 +673,11 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
             if bad is None:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")))
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(
+                        params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                    )
+                )
                 if not math.isfinite(grad_norm) and scaler is None:
                     bad = "gradient"
             lr = scheduler.get_last_lr()[0]
@@ -618,8 +693,13 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
                     scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            entry = {"step": step, "epoch": order.epoch + order.cursor / order.num_rows, "loss": loss_value,
-                     "lr": lr, **({k: v / pairs_seen for k, v in totals.items() if k != "loss"} if bad is None else {})}
+            entry = {
+                "step": step,
+                "epoch": order.epoch + order.cursor / order.num_rows,
+                "loss": loss_value,
+                "lr": lr,
+                **({k: v / pairs_seen for k, v in totals.items() if k != "loss"} if bad is None else {}),
+            }
             if grad_norm is not None:
                 entry["grad_norm"] = grad_norm
             if scaler is not None:
@@ -632,8 +712,7 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
                 break
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}",
-                                acc=f"{entry.get('rewards/accuracies', float('nan')):.2f}")
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry.get('rewards/accuracies', float('nan')):.2f}")
             if args.log_every and step % args.log_every == 0:
                 say(_format(entry, show))
             if args.eval_every and step % args.eval_every == 0 and step < args.steps:
@@ -662,8 +741,11 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
         if world.main:
             last = f"the last checkpoint ({ckpt_path}) is from before it" if ckpt_path.exists() else "no checkpoint"
             hint = "lower --lr" + (", use --dtype float32" if args.dtype != "float32" else "")
-            print(f"fastdpo train: {nonfinite_stop}; stopped without an optimizer step or a model ({last}); {hint}, "
-                  "or pass --on-nonfinite skip", file=sys.stderr)
+            print(
+                f"fastdpo train: {nonfinite_stop}; stopped without an optimizer step or a model ({last}); {hint}, "
+                "or pass --on-nonfinite skip",
+                file=sys.stderr,
+            )
         return 1
     if step < args.steps:
         close_logs()
@@ -682,20 +764,27 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
         print(_format(last_eval, eval_show) + f" | {step - start_step} steps in {elapsed:.1f}s")
         first_eval = first_eval or first_eval_record(out / LOG_NAME)
         if first_eval is not None:
-            print(f"held-out rewards/accuracies: {first_eval.get('eval_rewards/accuracies', float('nan')):.3f} before "
-                  f"training -> {last_eval.get('eval_rewards/accuracies', float('nan')):.3f} after (chance: 0.5; "
-                  "before training policy == reference, rewards are ~0 and ties count as wrong, as in TRL)")
+            print(
+                f"held-out rewards/accuracies: {first_eval.get('eval_rewards/accuracies', float('nan')):.3f} before "
+                f"training -> {last_eval.get('eval_rewards/accuracies', float('nan')):.3f} after (chance: 0.5; "
+                "before training policy == reference, rewards are ~0 and ties count as wrong, as in TRL)"
+            )
         from fastdpo.model_card import write_model_card
 
         base = str(Path(args.model).resolve()) if args.model is not None else str(ref_dir.resolve())
         with atomic_dir(model_dir) as tmp_model:  # model/ appears complete or not at all
             policy.save_pretrained(tmp_model)
             tokenizer.save_pretrained(tmp_model)
-            write_model_card(tmp_model, name=out.resolve().name, location=str(model_dir.resolve()), base=base,
-                             adapter=("qlora" if args.qlora else "lora") if lora else None,
-                             settings=_card_settings(args, world, reference, lr),
-                             metrics_before={k: v for k, v in (first_eval or {}).items() if k != "step"},
-                             metrics_after={k: v for k, v in last_eval.items() if k != "step"})
+            write_model_card(
+                tmp_model,
+                name=out.resolve().name,
+                location=str(model_dir.resolve()),
+                base=base,
+                adapter=("qlora" if args.qlora else "lora") if lora else None,
+                settings=_card_settings(args, world, reference, lr),
+                metrics_before={k: v for k, v in (first_eval or {}).items() if k != "step"},
+                metrics_after={k: v for k, v in last_eval.items() if k != "step"},
+            )
         print(f"model written to {model_dir.resolve()}")
     tp.barrier(world)
     return 0
@@ -703,17 +792,28 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
 
 def _card_settings(args: argparse.Namespace, world, reference: str, lr: float) -> dict[str, Any]:
     settings: dict[str, Any] = {
-        "loss_type": args.loss_type, "loss_weights": args.loss_weights or "-", "beta": args.beta,
-        "label_smoothing": args.label_smoothing, "packing": args.packing, "grad_in_forward": args.grad_in_forward,
+        "loss_type": args.loss_type,
+        "loss_weights": args.loss_weights or "-",
+        "beta": args.beta,
+        "label_smoothing": args.label_smoothing,
+        "packing": args.packing,
+        "grad_in_forward": args.grad_in_forward,
         "reference": "base model, adapter disabled" if reference == "adapter" else "frozen copy of the initial model",
-        "max_length": args.max_length or "-", "truncation_mode": args.truncation_mode, "steps": args.steps,
-        "batch_size (pairs per micro-batch and process)": args.batch_size, "grad_accum": args.grad_accum,
-        "processes": world.size, "learning_rate": lr, "lr_schedule": args.lr_schedule, "dtype": args.dtype,
+        "max_length": args.max_length or "-",
+        "truncation_mode": args.truncation_mode,
+        "steps": args.steps,
+        "batch_size (pairs per micro-batch and process)": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "processes": world.size,
+        "learning_rate": lr,
+        "lr_schedule": args.lr_schedule,
+        "dtype": args.dtype,
         "seed": args.seed,
     }
     if args.lora_r is not None or args.qlora:
-        settings.update({"lora_r": args.lora_r or 16, "lora_alpha": args.lora_alpha or 2 * (args.lora_r or 16),
-                         "qlora": args.qlora})
+        settings.update(
+            {"lora_r": args.lora_r or 16, "lora_alpha": args.lora_alpha or 2 * (args.lora_r or 16), "qlora": args.qlora}
+        )
     return settings
 
 

@@ -9,6 +9,7 @@ is scaled by its share of the global batch (:func:`loss_scale`), so the averaged
 global pair mean, as one process on the whole batch would compute it. Decisions that must be the same everywhere
 (a non-finite loss somewhere, an interrupt on one process) are agreed on with one all-reduce (:func:`any_true`).
 """
+
 from __future__ import annotations
 
 import os
@@ -66,7 +67,7 @@ def shard(rows: list[Any], world: World) -> list[Any]:
     """This process's share of a global batch: contiguous, sizes differing by at most one (rank order)."""
     base, extra = divmod(len(rows), world.size)
     start = world.rank * base + min(world.rank, extra)
-    return rows[start: start + base + (world.rank < extra)]
+    return rows[start : start + base + (world.rank < extra)]
 
 
 def loss_scale(local: int, total: int, world: World) -> float:

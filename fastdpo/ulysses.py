@@ -29,6 +29,7 @@ rep)`` through a thin view of the attention module. The only requirement is ``H 
 Attention weights are not returned under sequence parallelism (``output_attentions`` is unsupported); attention dropout
 would draw different masks than a single process (the engine disables dropout by default).
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,8 +58,14 @@ PREFIX = "fastdpo_ulysses_"
 #: the forward kwarg carrying the :class:`UlyssesContext` down to the attention function
 KWARG = "fastdpo_ulysses"
 #: implementations that can run under Ulysses (the model's own must be one of them)
-UNDERLYING: tuple[str, ...] = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
-                               "flash_attention_4")
+UNDERLYING: tuple[str, ...] = (
+    "eager",
+    "sdpa",
+    "flex_attention",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+)
 
 
 @dataclass(frozen=True)
@@ -145,8 +152,8 @@ class _ModuleView:
 
 def underlying_implementation(name: str | None) -> str | None:
     """``"sdpa"`` for ``"fastdpo_ulysses_sdpa"`` etc.; ``None`` for a name that is not a Ulysses implementation."""
-    if isinstance(name, str) and name.startswith(PREFIX) and name[len(PREFIX):] in UNDERLYING:
-        return name[len(PREFIX):]
+    if isinstance(name, str) and name.startswith(PREFIX) and name[len(PREFIX) :] in UNDERLYING:
+        return name[len(PREFIX) :]
     return None
 
 
@@ -181,8 +188,16 @@ def _check_mask_length(mask: Any, length: int) -> None:
         )
 
 
-def ulysses_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                              attention_mask: Any, *, underlying: str, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+def ulysses_attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    *,
+    underlying: str,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
     """Attention function with transformers' signature (registered per ``underlying``; see the module docstring).
 
     Args:
@@ -203,8 +218,9 @@ def ulysses_attention_forward(module: Any, query: torch.Tensor, key: torch.Tenso
     if ctx is None or ctx.size == 1:
         if ctx is not None and ctx.position_ids is not None:
             kwargs["position_ids"] = ctx.position_ids
-        return fn(_ModuleView(module, **overrides) if overrides else module, query, key, value, attention_mask,
-                  **kwargs)
+        return fn(
+            _ModuleView(module, **overrides) if overrides else module, query, key, value, attention_mask, **kwargs
+        )
     k = ctx.size
     heads, kv_heads = query.shape[1], key.shape[1]
     if heads % k:
@@ -279,6 +295,8 @@ def enable_ulysses_attention(hf_model: Any, size: int) -> str:
     register_ulysses_attention()
     hf_model.set_attn_implementation(PREFIX + current)
     if getattr(hf_model.config, "_attn_implementation", None) != PREFIX + current:
-        raise ValueError(f"{type(hf_model).__name__} does not let fastdpo set its attention implementation "
-                         "(it does not use transformers' AttentionInterface)")
+        raise ValueError(
+            f"{type(hf_model).__name__} does not let fastdpo set its attention implementation "
+            "(it does not use transformers' AttentionInterface)"
+        )
     return current

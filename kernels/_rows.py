@@ -27,6 +27,7 @@ absolute accuracy in the exponent, visible at large logits).
 ``exp2(-inf - finite) = 0`` and never ``-inf - -inf = NaN``; a row whose logits are all -inf keeps ``s = 0`` and
 ``lse = m + log(0) = -inf``.
 """
+
 from __future__ import annotations
 
 import triton

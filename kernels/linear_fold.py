@@ -13,6 +13,7 @@ walked in aligned vector blocks with per-thread state and one combine per tile r
 The target logit is one scalar load per row. A label outside ``[0, vocab)`` (only possible with validation off) gives a
 NaN target (so a NaN log-prob) in the fold and a zero gradient row, and is never used as an address.
 """
+
 from __future__ import annotations
 
 import triton
@@ -111,8 +112,11 @@ def linear_fold_kernel(
     z_sum = tl.where(cols < n_body, z, 0.0)
     m, s, t, s2, zs, ai = _fold_update(z_in, z_sum, n_full + slot_col, m, s, t, s2, zs, ai, STATS, ARGMAX)
     j, ok = edge_offsets(head, n_body, n_cols, ALIGN)
-    ze = tl.where(ok, _transform(tl.load(x_ptr + r0 + j, mask=ok, other=0.0), scale, inv_softcap, out_mult,
-                                 HAS_SOFTCAP), float("-inf"))
+    ze = tl.where(
+        ok,
+        _transform(tl.load(x_ptr + r0 + j, mask=ok, other=0.0), scale, inv_softcap, out_mult, HAS_SOFTCAP),
+        float("-inf"),
+    )
     # combine the slots, the edges and the running state of the previous tiles
     m_prev = tl.load(m_ptr + row)
     mx = tl.maximum(tl.max(m, axis=0), tl.max(ze, axis=0))
@@ -188,9 +192,9 @@ def linear_grad_kernel(
 
     d/dz of ``g * log_softmax(z)[label]`` is ``g * (onehot(label) - softmax(z))``; the chain rule through the
     transform multiplies by ``scale * out_mult * inv_softcap * (1 - tanh^2)`` with a softcap and by
-    ``scale * out_mult`` without. ``hi``, ``r`` (the split logsumexp, see ``_dx``) and ``g`` are fp32 ``[rows]``. Every element gets ``-g * p * dz/dx`` in one
-    pass; after a barrier the label element (if in this tile) gets ``g * (1 - p) * dz/dx`` from its logit read before
-    the pass. A label outside ``[0, vocab)`` gives a zero row.
+    ``scale * out_mult`` without. ``hi``, ``r`` (the split logsumexp, see ``_dx``) and ``g`` are fp32 ``[rows]``. Every
+    element gets ``-g * p * dz/dx`` in one pass; after a barrier the label element (if in this tile) gets ``g * (1 - p)
+    * dz/dx`` from its logit read before the pass. A label outside ``[0, vocab)`` gives a zero row.
     """
     row = tl.program_id(0).to(tl.int64)
     r0 = row * stride_x  # row base in x and in out (same strides: same alignment, vector loads and stores)

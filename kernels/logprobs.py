@@ -85,8 +85,24 @@ def logprobs_fwd_kernel(
 
 
 @triton.jit
-def _grad_pass(x_ptr, g_ptr, r0, g0, start, gstart, head, n_body, V, stride_v, gstride_v, lse, neg_g,
-               BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, ALIGNED: tl.constexpr):
+def _grad_pass(
+    x_ptr,
+    g_ptr,
+    r0,
+    g0,
+    start,
+    gstart,
+    head,
+    n_body,
+    V,
+    stride_v,
+    gstride_v,
+    lse,
+    neg_g,
+    BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """``grad[g0 + j] = -g * exp(x[r0 + j] - lse)`` for the whole row: the body from element ``head`` (at ``start``
     in ``x``, ``gstart`` in ``grad``), then the edges. ``ALIGNED``: both body starts are 16-byte aligned (vector
     tiles); otherwise a flat block, so loads and stores share one register layout (no shuffle through shared memory)."""
@@ -155,11 +171,43 @@ def logprobs_bwd_kernel(
         start, head, n_body = row_layout(r0, V, stride_v, ALIGN)
         if ((g0 - r0) % ALIGN == 0) & (stride_v == 1) & (gstride_v == 1):  # same alignment in both: vector stores
             gstart = tl.multiple_of(g0 + (start - r0), ALIGN)
-            _grad_pass(logits_ptr, grad_ptr, r0, g0, start, gstart, head, n_body, V, stride_v, gstride_v, lse, -g,
-                       BLOCK_V, ALIGN, True)
+            _grad_pass(
+                logits_ptr,
+                grad_ptr,
+                r0,
+                g0,
+                start,
+                gstart,
+                head,
+                n_body,
+                V,
+                stride_v,
+                gstride_v,
+                lse,
+                -g,
+                BLOCK_V,
+                ALIGN,
+                True,
+            )
         else:  # rare (e.g. a sliced logits view and a fresh gradient buffer of another row stride)
-            _grad_pass(logits_ptr, grad_ptr, r0, g0, r0 + head, g0 + head, head, n_body, V, stride_v, gstride_v,
-                       lse, -g, BLOCK_V, ALIGN, False)
+            _grad_pass(
+                logits_ptr,
+                grad_ptr,
+                r0,
+                g0,
+                r0 + head,
+                g0 + head,
+                head,
+                n_body,
+                V,
+                stride_v,
+                gstride_v,
+                lse,
+                -g,
+                BLOCK_V,
+                ALIGN,
+                False,
+            )
         tl.debug_barrier()  # every thread's write of the label element has landed
         dx_label = g - g * tl.exp2((x_label - lse) * LOG2E)
         tl.store(grad_ptr + g0 + label * gstride_v, dx_label.to(grad_ptr.dtype.element_ty))

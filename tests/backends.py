@@ -4,6 +4,7 @@ The Triton cases run the kernels on CPU tensors through the interpreter (tests/c
 except under `pytest -m gpu`, where CPU tensors cannot reach a compiled kernel), and are reported as skipped where
 that is impossible. The offline model/tokenizer fixtures are in :mod:`fastdpo.tiny`.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -7,12 +7,14 @@
 
 ``pytest_configure`` sets the variable before collection imports ``fastdpo.kernels`` (where ``@triton.jit`` reads it).
 """
+
 import os
 import sys
 from pathlib import Path
 
 # `python -m pytest` puts the working directory (the repository root) first on sys.path, which would make `kernels/`
-# importable as a top-level module; the suite tests the installed layout (`fastdpo.kernels` only) however it is launched.
+# importable as a top-level module; the suite tests the installed layout (`fastdpo.kernels` only) however it is
+# launched.
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
@@ -47,11 +49,16 @@ def pytest_report_header(config: pytest.Config) -> str:
             module = importlib.import_module(f"fastdpo.kernels.{name}")
         except ImportError:
             continue
-        kinds |= {type(v).__name__ for v in vars(module).values()
-                  if type(v).__name__ in ("JITFunction", "InterpretedFunction")}
+        kinds |= {
+            type(v).__name__
+            for v in vars(module).values()
+            if type(v).__name__ in ("JITFunction", "InterpretedFunction")
+        }
     mode = "gpu (-m gpu)" if _GPU_MODE else "plain"
-    return (f"fastdpo test mode: {mode}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}; "
-            f"kernels: {','.join(sorted(kinds)) or 'none'}; CUDA available: {torch.cuda.is_available()}")
+    return (
+        f"fastdpo test mode: {mode}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}; "
+        f"kernels: {','.join(sorted(kinds)) or 'none'}; CUDA available: {torch.cuda.is_available()}"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -26,6 +26,7 @@ Scenarios:
 All losses are means over pairs and every rank gets the same number of pairs, so the data-parallel gradient (an
 average over ranks for both DDP and FSDP2) equals the single-process full-batch gradient.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -12,6 +12,7 @@ Triton decides between its interpreter and the compiler when ``@triton.jit`` dec
 So the variable must be set before test collection imports fastdpo -- ``pytest_configure`` is that point (importing
 ``torch`` imports ``triton`` itself, but no kernel is decorated then).
 """
+
 from __future__ import annotations
 
 import itertools

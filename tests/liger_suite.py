@@ -13,6 +13,7 @@ The five preference-loss files, every parametrization (975 tests, ~45 s on one C
 ``tests/test_liger_suite.py`` runs the same in the CI suite, one file per test. The runs use one intra-op thread
 (``OMP_NUM_THREADS=1``): the shapes are small, and threads only contend with the suite's other workers.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -51,8 +52,20 @@ def fetch_tests(root: Path | None = None, timeout: float = 300.0) -> Path:
             return root
         download = root / "sdist"
         shutil.rmtree(download, ignore_errors=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-               "--disable-pip-version-check", "--quiet", f"liger-kernel=={LIGER_VERSION}", "-d", str(download)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            f"liger-kernel=={LIGER_VERSION}",
+            "-d",
+            str(download),
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
@@ -65,9 +78,8 @@ def fetch_tests(root: Path | None = None, timeout: float = 300.0) -> Path:
         try:
             with tarfile.open(archives[0]) as tar:
                 for member in tar.getmembers():
-                    name = member.name[len(prefix):] if member.name.startswith(prefix) else ""
-                    if member.isfile() and any(name == m or (m.endswith("/") and name.startswith(m))
-                                               for m in _MEMBERS):
+                    name = member.name[len(prefix) :] if member.name.startswith(prefix) else ""
+                    if member.isfile() and any(name == m or (m.endswith("/") and name.startswith(m)) for m in _MEMBERS):
                         member.name = name
                         tar.extract(member, root, filter="data")
         except (tarfile.TarError, OSError) as exc:
@@ -96,22 +108,43 @@ def _env(root: Path) -> dict[str, str]:
     """The environment of the Liger run: ``tests/`` (the plugin) and Liger's test root importable, nothing of an
     enclosing pytest run (xdist worker ids, addopts) inherited."""
     paths = [str(_HERE), str(root), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONDONTWRITEBYTECODE": "1",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     for key in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST"):
         env.pop(key, None)
     return env
 
 
-def run_suite(root: Path, files: list[str], extra: list[str] | None = None, timeout: float = 7200.0
-              ) -> SuiteResult:
+def run_suite(root: Path, files: list[str], extra: list[str] | None = None, timeout: float = 7200.0) -> SuiteResult:
     """Run Liger's ``test/chunked_loss/<files>`` with the ``liger_swap`` plugin in a fresh process; outcomes from
     its JUnit XML (``passed``, ``failed``, ``error``, ``skipped``, ``xfailed``, ``xpassed``)."""
     report = root / f"junit-{os.getpid()}-{abs(hash(tuple(files) + tuple(extra or ())))}.xml"
     env = _env(root)
-    cmd = [sys.executable, "-m", "pytest", "-p", "liger_swap", "-p", "no:cacheprovider", "-q", "-rfE",
-           "-o", "junit_family=xunit1", f"--junitxml={report}", "--rootdir", str(root), "-c", str(root / "pytest.ini"),
-           *[str(root / "test" / "chunked_loss" / f) for f in files], *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "liger_swap",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rfE",
+        "-o",
+        "junit_family=xunit1",
+        f"--junitxml={report}",
+        "--rootdir",
+        str(root),
+        "-c",
+        str(root / "pytest.ini"),
+        *[str(root / "test" / "chunked_loss" / f) for f in files],
+        *(extra or []),
+    ]
     proc = subprocess.run(cmd, cwd=str(root), env=env, capture_output=True, text=True, timeout=timeout, check=False)
     result = SuiteResult(proc.returncode, output=(proc.stdout + proc.stderr)[-6000:])
     if report.is_file():
@@ -141,9 +174,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"liger_suite: {exc}", file=sys.stderr)
         return 2
     env = _env(root)
-    cmd = [sys.executable, "-m", "pytest", "-p", "liger_swap", "-p", "no:cacheprovider", "-q", "-rfEx",
-           "--rootdir", str(root), "-c", str(root / "pytest.ini"),
-           *[str(root / "test" / "chunked_loss" / f) for f in TEST_FILES], *(argv if argv is not None else sys.argv[1:])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "liger_swap",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rfEx",
+        "--rootdir",
+        str(root),
+        "-c",
+        str(root / "pytest.ini"),
+        *[str(root / "test" / "chunked_loss" / f) for f in TEST_FILES],
+        *(argv if argv is not None else sys.argv[1:]),
+    ]
     return subprocess.run(cmd, cwd=str(root), env=env, check=False).returncode
 
 

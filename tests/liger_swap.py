@@ -21,6 +21,7 @@ they agree exactly. With only one of them swapped -- Liger's function against fa
 implementations are compared on that ill-conditioned loss, equally far from float64:
 ``tests/test_liger_suite.py::test_sppo_hard_cross_implementation_is_ill_conditioned`` measures it.)
 """
+
 from __future__ import annotations
 
 import importlib
@@ -72,6 +73,7 @@ LARGE_SHAPE = (8, 128, 1024, 4096)
 SCALED_SHAPE = (8, 32, 128, 512)
 _SHAPE_KEYS = ("B", "T", "H", "V")
 
+
 def _resolve(spec: str) -> object:
     module, name = spec.split(":")
     return getattr(importlib.import_module(module), name)
@@ -99,6 +101,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         if callspec is None:
             continue
-        if all(k in callspec.params for k in _SHAPE_KEYS) and \
-                tuple(callspec.params[k] for k in _SHAPE_KEYS) == LARGE_SHAPE:
+        if (
+            all(k in callspec.params for k in _SHAPE_KEYS)
+            and tuple(callspec.params[k] for k in _SHAPE_KEYS) == LARGE_SHAPE
+        ):
             callspec.params.update(zip(_SHAPE_KEYS, SCALED_SHAPE))

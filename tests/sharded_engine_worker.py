@@ -34,6 +34,7 @@ Modes:
 For FSDP2 ``head_gathers`` counts all-gathers that include the head weight (FSDP2 group unshards holding it, and
 fastdpo's ``DTensor`` gather).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,18 +65,46 @@ BETA = 0.5
 LR = 0.5
 CHUNK = 64  # vocabulary tile of the fused head: V=384 -> 6 tiles, so a per-tile gather would show in the counts
 #: every loss type of TRL 1.16 (scenario "loss:<type>")
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 
 
 def scenario_config(name: str) -> dict[str, Any]:
     """Engine/model options of a scenario name (``loss:<type>`` and ``gif_loss:<type>`` for every loss type)."""
-    base: dict[str, Any] = dict(tied=False, lora=None, reference="model", loss_type="sigmoid", grad_in_forward=False,
-                                ld_alpha=None, use_weighting=False, packing="pad", label_smoothing=0.0)
+    base: dict[str, Any] = dict(
+        tied=False,
+        lora=None,
+        reference="model",
+        loss_type="sigmoid",
+        grad_in_forward=False,
+        ld_alpha=None,
+        use_weighting=False,
+        packing="pad",
+        label_smoothing=0.0,
+    )
     if name.startswith(("loss:", "gif_loss:")):
         loss_type = name.split(":", 1)[1]
-        return {**base, "loss_type": loss_type, "grad_in_forward": name.startswith("gif_"),
-                "label_smoothing": 1e-3 if loss_type == "exo_pair" else 0.0}
+        return {
+            **base,
+            "loss_type": loss_type,
+            "grad_in_forward": name.startswith("gif_"),
+            "label_smoothing": 1e-3 if loss_type == "exo_pair" else 0.0,
+        }
     table = {
         "base": {},
         "tied": {"tied": True, "packing": "prefix_shared"},
@@ -133,8 +162,9 @@ def build(cfg: dict[str, Any], seed: int = 0) -> tuple[nn.Module, nn.Module | No
         targets = ["q_proj", "v_proj", "up_proj"] + (["lm_head"] if cfg["lora"] == "head" else [])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 7)
-            policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-                                                       init_lora_weights=False))
+            policy = get_peft_model(
+                policy, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+            )
     policy.train()
     return policy, ref, tok
 
@@ -142,17 +172,25 @@ def build(cfg: dict[str, Any], seed: int = 0) -> tuple[nn.Module, nn.Module | No
 def engine_for(policy: nn.Module, ref: nn.Module | None, cfg: dict[str, Any]) -> Any:
     from fastdpo import DPOEngine
 
-    return DPOEngine(policy, ref, reference=cfg["reference"], loss_type=cfg["loss_type"], beta=BETA,
-                     label_smoothing=cfg["label_smoothing"],
-                     grad_in_forward=cfg["grad_in_forward"], ld_alpha=cfg["ld_alpha"],
-                     use_weighting=cfg["use_weighting"], vocab_tile=CHUNK)
+    return DPOEngine(
+        policy,
+        ref,
+        reference=cfg["reference"],
+        loss_type=cfg["loss_type"],
+        beta=BETA,
+        label_smoothing=cfg["label_smoothing"],
+        grad_in_forward=cfg["grad_in_forward"],
+        ld_alpha=cfg["ld_alpha"],
+        use_weighting=cfg["use_weighting"],
+        vocab_tile=CHUNK,
+    )
 
 
 def shard_batch(tok: Any, cfg: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     from fastdpo import PreferenceCollator
 
     per = len(ROWS) // world
-    batch = PreferenceCollator(tok, packing=cfg["packing"])(ROWS[rank * per:(rank + 1) * per])
+    batch = PreferenceCollator(tok, packing=cfg["packing"])(ROWS[rank * per : (rank + 1) * per])
     return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -161,7 +199,7 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def _strip(name: str) -> str:
-    return name[len("module."):] if name.startswith("module.") else name
+    return name[len("module.") :] if name.startswith("module.") else name
 
 
 def single_shard_result(scenario: str, rank: int, world: int = 2) -> dict[str, Any]:
@@ -173,8 +211,12 @@ def single_shard_result(scenario: str, rank: int, world: int = 2) -> dict[str, A
     loss.backward()
     grads = {n: p.grad.detach().float().cpu().clone() for n, p in _trainable(policy) if p.grad is not None}
     params = {n: p.detach().float().cpu().clone() for n, p in _trainable(policy)}
-    return {"loss": float(loss.detach()), "metrics": {k: float(v) for k, v in metrics.items()}, "grads": grads,
-            "params": params}
+    return {
+        "loss": float(loss.detach()),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "grads": grads,
+        "params": params,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- ZeRO-3
@@ -188,8 +230,11 @@ def _zero3_gather_counter(param: nn.Parameter) -> dict[str, int]:
 
     class Watched(base):  # type: ignore[misc, valid-type]
         def __setattr__(self, name: str, value: Any) -> None:
-            if name == "ds_status" and value != ZeroParamStatus.NOT_AVAILABLE and \
-                    getattr(self, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE:
+            if (
+                name == "ds_status"
+                and value != ZeroParamStatus.NOT_AVAILABLE
+                and getattr(self, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
+            ):
                 counts["n"] += 1
             super().__setattr__(name, value)
 
@@ -206,8 +251,10 @@ class _WeightSizedAllocations(TorchDispatchMode):
     def __init__(self, numel: int, head: nn.Module) -> None:
         super().__init__()
         self.numel, self.records, self.phase = numel, [], None
-        self._handles = [head.register_forward_pre_hook(lambda *_: self._open("forward"), prepend=True),
-                         head.register_forward_hook(lambda *_: self._close())]
+        self._handles = [
+            head.register_forward_pre_hook(lambda *_: self._open("forward"), prepend=True),
+            head.register_forward_hook(lambda *_: self._close()),
+        ]
         from fastdpo.head.function import _LinearLogprobs
 
         self._fn, self._backward = _LinearLogprobs, _LinearLogprobs.backward
@@ -237,11 +284,17 @@ class _WeightSizedAllocations(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         if self.phase is not None:
-            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor) and t.device.type != "meta"
+            }
             for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.numel() >= self.numel and \
-                        t.untyped_storage().data_ptr() not in inputs:
+                if (
+                    isinstance(t, torch.Tensor)
+                    and t.numel() >= self.numel
+                    and t.untyped_storage().data_ptr() not in inputs
+                ):
                     self.records.append((self.phase, str(func), tuple(t.shape)))
         return out
 
@@ -252,11 +305,23 @@ def run_zero3(scenario: str, rank: int, world: int, mode: str = "zero3") -> dict
 
     cfg = scenario_config(scenario)
     policy, ref, tok = build(cfg)
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 20_000,
-            "allgather_bucket_size": 20_000, "stage3_prefetch_bucket_size": 0, **ZERO3_OPTIONS[mode]}
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
-              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "gradient_clipping": 0.0,
-              "zero_force_ds_cpu_optimizer": False}
+    zero = {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "reduce_bucket_size": 20_000,
+        "allgather_bucket_size": 20_000,
+        "stage3_prefetch_bucket_size": 0,
+        **ZERO3_OPTIONS[mode],
+    }
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,
+        "zero_force_ds_cpu_optimizer": False,
+    }
     trainable = [p for p in policy.parameters() if p.requires_grad]
     ds_policy, *_ = deepspeed.initialize(model=policy, optimizer=torch.optim.SGD(trainable, lr=LR), config=config)
     if ref is not None:  # as TRL's prepare_deepspeed: a ZeRO-3 inference engine, no optimizer
@@ -267,8 +332,12 @@ def run_zero3(scenario: str, rank: int, world: int, mode: str = "zero3") -> dict
     head = engine.policy_parts.head
     weight = getattr(head, "base_layer", head).weight
     # 0 elements outside the gather; each rank holds a 1/world partition
-    sharded = hasattr(weight, "ds_id") and weight.numel() == 0 and weight.ds_tensor.numel() * world >= weight.ds_numel \
+    sharded = (
+        hasattr(weight, "ds_id")
+        and weight.numel() == 0
+        and weight.ds_tensor.numel() * world >= weight.ds_numel
         and (world == 1 or weight.ds_tensor.numel() < weight.ds_numel)
+    )
     counter = _zero3_gather_counter(weight)
     trainable_before = sorted(n for n, _ in _trainable(policy))
     audit = _WeightSizedAllocations(weight.ds_numel, head) if scenario == "base" else None
@@ -292,9 +361,15 @@ def run_zero3(scenario: str, rank: int, world: int, mode: str = "zero3") -> dict
             for name, p in _trainable(policy):
                 with deepspeed.zero.GatheredParameters([p]):
                     params[name] = p.detach().float().cpu().clone()
-            out = {"loss": float(loss.detach()), "metrics": {k: float(v) for k, v in metrics.items()},
-                   "grads": grads, "params": params, "head_gathers_first": gathers, "sharded": sharded,
-                   "allocations": None if audit is None else audit.records}
+            out = {
+                "loss": float(loss.detach()),
+                "metrics": {k: float(v) for k, v in metrics.items()},
+                "grads": grads,
+                "params": params,
+                "head_gathers_first": gathers,
+                "sharded": sharded,
+                "allocations": None if audit is None else audit.records,
+            }
         else:
             ds_policy.step()
             out["head_gathers"] = gathers
@@ -351,12 +426,20 @@ def _accelerate_fsdp2(model: nn.Module, rank: int) -> nn.Module:
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["LlamaDecoderLayer"], reshard_after_forward=True,
-        cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT",
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+        reshard_after_forward=True,
+        cpu_ram_efficient_loading=False,
+        state_dict_type="FULL_STATE_DICT",
     )
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
-                                  mixed_precision="no", is_main_process=rank == 0, device=DEVICE)
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        torch_device_mesh=None,
+        mixed_precision="no",
+        is_main_process=rank == 0,
+        device=DEVICE,
+    )
     return fsdp2_prepare_model(accelerator, model)
 
 
@@ -404,9 +487,14 @@ def run_fsdp2(mode: str, scenario: str, rank: int, world: int) -> dict[str, Any]
         if step == 0:
             grads = {n: _full(p.grad) for n, p in _trainable(policy) if p.grad is not None}
             opt.step()
-            out = {"loss": float(loss.detach()), "metrics": {k: float(v) for k, v in metrics.items()},
-                   "grads": grads, "params": {n: _full(p) for n, p in _trainable(policy)},
-                   "head_gathers_first": gathers, "sharded": sharded}
+            out = {
+                "loss": float(loss.detach()),
+                "metrics": {k: float(v) for k, v in metrics.items()},
+                "grads": grads,
+                "params": {n: _full(p) for n, p in _trainable(policy)},
+                "head_gathers_first": gathers,
+                "sharded": sharded,
+            }
         else:
             opt.step()
             out["head_gathers"] = gathers
@@ -427,9 +515,13 @@ def _reference_cache(engine: Any, batch: dict[str, Any], scenario: str) -> dict[
     path = Path(_OUT) / f"{_MODE}-ref.pt"
     cache = engine.precompute_reference([batch], path)
     on_disk = RefLogpCache.load(path)
-    return {"ref_fingerprint": engine.reference_fingerprint(), "ref_cache_pairs": len(cache),
-            "ref_cache_values": on_disk.values.clone(), "ref_cache_keys": list(on_disk.keys),
-            "ref_cache_tmp_files": sorted(p.name for p in Path(_OUT).iterdir() if p.name.endswith(".tmp"))}
+    return {
+        "ref_fingerprint": engine.reference_fingerprint(),
+        "ref_cache_pairs": len(cache),
+        "ref_cache_values": on_disk.values.clone(),
+        "ref_cache_keys": list(on_disk.keys),
+        "ref_cache_tmp_files": sorted(p.name for p in Path(_OUT).iterdir() if p.name.endswith(".tmp")),
+    }
 
 
 _OUT, _MODE = ".", ""

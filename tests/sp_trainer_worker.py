@@ -9,6 +9,7 @@ pairs all data-parallel ranks see together. Every process trains the same seeded
 param after training}, "inputs": [sum of the input_ids compute_loss received, per training step], "wrapped": type
 names of the models compute_loss received, "num_processes": int}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     model = make_model("llama", tok, attn_implementation="sdpa", seed=0).train()
     ref = make_model("llama", tok, attn_implementation="sdpa", seed=1)
     config = DPOConfig(
-        output_dir=str(out_dir / f"run-sp{args.sp}"), per_device_train_batch_size=args.batch_size, max_steps=STEPS,
-        logging_steps=1, optim="sgd", learning_rate=0.05, lr_scheduler_type="constant", seed=0, report_to="none",
-        save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, beta=0.5,
+        output_dir=str(out_dir / f"run-sp{args.sp}"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=STEPS,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        seed=0,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+        beta=0.5,
         per_device_eval_batch_size=args.batch_size,
     )
     cache_dir = out_dir / f"hf_cache-sp{args.sp}"
@@ -62,21 +76,32 @@ def main(argv: list[str] | None = None) -> int:
                 self.recorded.append((type(model).__name__, int(inputs["input_ids"].sum())))
             return super().compute_loss(model, inputs, *a, **kw)
 
-    trainer = Recording(model=model, ref_model=ref, args=config, train_dataset=train, eval_dataset=evals,
-                        processing_class=tok, packing="prefix_shared", sequence_parallel_size=args.sp)
+    trainer = Recording(
+        model=model,
+        ref_model=ref,
+        args=config,
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=tok,
+        packing="prefix_shared",
+        sequence_parallel_size=args.sp,
+    )
     trainer.recorded = []
     trainer.train()
     eval_metrics = trainer.evaluate()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    torch.save({
-        "steps": [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h],
-        "eval": eval_metrics,
-        "params": {n: p.detach().float().clone() for n, p in unwrapped.named_parameters()},
-        "inputs": [s for _, s in trainer.recorded],
-        "wrapped": sorted({w for w, _ in trainer.recorded}),
-        "num_processes": trainer.accelerator.num_processes,
-        "attn": unwrapped.config._attn_implementation,
-    }, out_dir / f"rank{rank}.pt")
+    torch.save(
+        {
+            "steps": [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h],
+            "eval": eval_metrics,
+            "params": {n: p.detach().float().clone() for n, p in unwrapped.named_parameters()},
+            "inputs": [s for _, s in trainer.recorded],
+            "wrapped": sorted({w for w, _ in trainer.recorded}),
+            "num_processes": trainer.accelerator.num_processes,
+            "attn": unwrapped.config._attn_implementation,
+        },
+        out_dir / f"rank{rank}.pt",
+    )
     return 0
 
 

@@ -26,6 +26,7 @@ Rank ``R`` writes ``rank{R}.pt``: ``{job: {"loss", "chosen", "rejected" (fp64 li
 | {"error", "traceback"}}``; rank 0 adds ``"single:<case>"`` entries: the same step in one process
 (``sequence_parallel_size=1``, full batch, no wrapper) -- the reference the test compares against.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,11 +103,27 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     preset, dtype, packing = spec.rsplit("-", 2)
     # Qwen: 4 key/value heads for 8 query heads, 2 per rank (transformers copies them when it repeats them)
     heads, kv_heads = (8, 4) if preset.startswith("Qwen") else (4, 2)
-    cfg = dict(M.PRESETS[preset], vocab_size=997, hidden_size=64, intermediate_size=96, num_attention_heads=heads,
-               num_key_value_heads=kv_heads, head_dim=64 // heads, num_hidden_layers=2)
+    cfg = dict(
+        M.PRESETS[preset],
+        vocab_size=997,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=64 // heads,
+        num_hidden_layers=2,
+    )
     shape = M.shape_from_config(cfg, preset)
-    step = M.StepConfig(pairs=3, prompt_len=9, completion_len=6, dtype=dtype, device="cpu", packing=packing,
-                        pairs_per_row=2 if packing == "prefix_shared" else 1, sequence_parallel=sp)
+    step = M.StepConfig(
+        pairs=3,
+        prompt_len=9,
+        completion_len=6,
+        dtype=dtype,
+        device="cpu",
+        packing=packing,
+        pairs_per_row=2 if packing == "prefix_shared" else 1,
+        sequence_parallel=sp,
+    )
     torch.manual_seed(0)
     _, model, _ = build_models({"dtype": dtype, "reference": "precomputed"}, cfg, None)
     gen = torch.Generator().manual_seed(1)
@@ -114,8 +131,16 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     def ids(n: int) -> list[int]:
         return torch.randint(0, 997, (n,), generator=gen).tolist()
 
-    rows = [{"prompt_input_ids": ids(9), "chosen_input_ids": ids(6), "rejected_input_ids": ids(6),
-             "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0} for _ in range(step.pairs)]
+    rows = [
+        {
+            "prompt_input_ids": ids(9),
+            "chosen_input_ids": ids(6),
+            "rejected_input_ids": ids(6),
+            "ref_chosen_logps": 0.0,
+            "ref_rejected_logps": 0.0,
+        }
+        for _ in range(step.pairs)
+    ]
     if packing == "prefix_shared":
         collator = PreferenceCollator(id_tokenizer(997), packing=packing, max_tokens_per_row=2 * (9 + 12))
     else:
@@ -126,8 +151,11 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     masks = shard.attention_kwargs.get("attention_mask")
     masks = [m for m in (masks.values() if isinstance(masks, dict) else [masks]) if m is not None]
     exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    exclude |= {t.untyped_storage().data_ptr() for t in (*batch.values(), *masks, shard.input_ids,
-                                                            shard.position_ids) if isinstance(t, torch.Tensor)}
+    exclude |= {
+        t.untyped_storage().data_ptr()
+        for t in (*batch.values(), *masks, shard.input_ids, shard.position_ids)
+        if isinstance(t, torch.Tensor)
+    }
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -138,10 +166,16 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         engine.policy_parts.forward(shard.input_ids, **shard.forward_kwargs())
     saved = sum(n for ptr, n in seen.items() if ptr not in exclude)
-    return {"saved": saved, "estimate": sp_memory.activation_bytes(shape, step),
-            "mask": sum(m.untyped_storage().nbytes() for m in masks), "mask_estimate": sp_memory.mask_bytes(shape, step),
-            "owned": int(shard.owned.numel()), "owned_estimate": sp_memory.owned_tokens(step)[dist.get_rank()],
-            "eager": shape.eager_attention, "shape": tuple(batch["input_ids"].shape)}
+    return {
+        "saved": saved,
+        "estimate": sp_memory.activation_bytes(shape, step),
+        "mask": sum(m.untyped_storage().nbytes() for m in masks),
+        "mask_estimate": sp_memory.mask_bytes(shape, step),
+        "owned": int(shard.owned.numel()),
+        "owned_estimate": sp_memory.owned_tokens(step)[dist.get_rank()],
+        "eager": shape.eager_attention,
+        "shape": tuple(batch["input_ids"].shape),
+    }
 
 
 def case_rows(case: str, vocab: int) -> list[dict[str, list[int]]]:
@@ -158,8 +192,12 @@ def collate(case: str, tok: Any, rows: list[dict[str, list[int]]]) -> dict[str, 
     from fastdpo import PreferenceCollator
 
     spec = CASES[case]
-    collator = PreferenceCollator(tok, packing=spec["packing"], max_tokens_per_row=ROW_CAP[spec["packing"]],
-                                  pad_to_multiple_of=spec.get("pad_to_multiple_of"))
+    collator = PreferenceCollator(
+        tok,
+        packing=spec["packing"],
+        max_tokens_per_row=ROW_CAP[spec["packing"]],
+        pad_to_multiple_of=spec.get("pad_to_multiple_of"),
+    )
     return collator(rows)
 
 
@@ -187,7 +225,7 @@ def build(case: str, dp_rank: int = 0, dp_size: int = 1) -> tuple[Any, Any, dict
     ref.eval().requires_grad_(False)
     rows = case_rows(case, len(tok))
     per = len(rows) // dp_size
-    return policy, ref, collate(case, tok, rows[dp_rank * per:(dp_rank + 1) * per])
+    return policy, ref, collate(case, tok, rows[dp_rank * per : (dp_rank + 1) * per])
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -237,17 +275,27 @@ def step(case: str, mode: str, sp: int, rank: int, world: int) -> dict[str, Any]
         for layer in policy.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(policy, mesh=mesh)
-    kwargs = dict(ENGINE_KWARGS[spec["arch"]], beta=0.1,
-                  gradient_checkpointing=bool(spec.get("gradient_checkpointing")))
+    kwargs = dict(
+        ENGINE_KWARGS[spec["arch"]], beta=0.1, gradient_checkpointing=bool(spec.get("gradient_checkpointing"))
+    )
     if spec.get("lora"):
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(3)
-        model = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                                  target_modules=["q_proj", "v_proj", "up_proj"]))
+        model = get_peft_model(
+            policy,
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                lora_dropout=0.0,
+                init_lora_weights=False,
+                target_modules=["q_proj", "v_proj", "up_proj"],
+            ),
+        )
         ref, kwargs["reference"] = None, "adapter"
-    engine = DPOEngine(model, ref, sequence_parallel_size=1 if mode == "single" else sp,
-                       sequence_parallel_group=group, **kwargs)
+    engine = DPOEngine(
+        model, ref, sequence_parallel_size=1 if mode == "single" else sp, sequence_parallel_group=group, **kwargs
+    )
     loss, metrics = engine.step(batch)
     logps = engine.compute_logps(model, batch, with_grad=False)
     loss.backward()
@@ -280,8 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.abspath(args.init_file)}", rank=args.rank,
-                            world_size=args.world_size, timeout=timedelta(seconds=90))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{os.path.abspath(args.init_file)}",
+        rank=args.rank,
+        world_size=args.world_size,
+        timeout=timedelta(seconds=90),
+    )
     results: dict[str, Any] = {}
 
     def record(key: str, fn: Any) -> None:

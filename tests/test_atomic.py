@@ -8,6 +8,7 @@
 - ``fastdpo train`` killed in the middle of writing a checkpoint resumes from the previous one with ``--resume``.
 - :meth:`RefLogpCache.load` refuses a cache made for another reference model, another dataset or other settings.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -235,6 +236,7 @@ def test_ref_cache_refuses_other_model_dataset_settings(tmp_path: Path) -> None:
 def test_ref_cache_refuses_other_dataset_batches(tmp_path: Path) -> None:
     """Through collated batches: a cache built on one dataset refuses batches (and lookups) of another."""
     from fastdpo import PreferenceCollator, tiny
+
     make_tokenizer, preference_rows = tiny.make_tokenizer, tiny.preference_rows
     from fastdpo.ref_cache import RefLogpCache
 
@@ -272,6 +274,7 @@ def test_engine_precomputed_cache_refuses_mismatch(tmp_path: Path) -> None:
     import copy
 
     from fastdpo import DPOEngine, PreferenceCollator, tiny
+
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0)
     ref = tiny.make_model("llama", tok, attn_implementation="eager", seed=1)

@@ -1,5 +1,6 @@
 """fastdpo.atomic: temporary files of dead writers are removed (and only those), folders appear whole or not at all,
 and the content digest is stable through torch.save / torch.load yet sees one changed bit."""
+
 from __future__ import annotations
 
 import os
@@ -63,16 +64,17 @@ def test_atomic_dir(tmp_path: Path) -> None:
         assert not target.exists()
     with atomic_dir(target) as tmp:
         (tmp / "b").write_text("2")
-    assert sorted(p.name for p in target.iterdir()) == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == [
-        "model"]
+    assert sorted(p.name for p in target.iterdir()) == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_content_digest_round_trip_and_sensitivity(tmp_path: Path) -> None:
     rng = np.random.RandomState(3)
     state = {
         "model": {"w": torch.randn(7, 5), "h": torch.randn(4, dtype=torch.bfloat16), "b": torch.tensor(True)},
-        "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.99),
-                                                                                  "foreach": None, "params": [0]}]},
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0)}},
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.99), "foreach": None, "params": [0]}],
+        },
         "rng": {"python": random.Random(1).getstate(), "numpy": rng.get_state(), "torch": torch.get_rng_state()},
         "args": {"steps": 4, "name": "ü", "ratio": 0.1},
     }

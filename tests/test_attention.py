@@ -1,4 +1,5 @@
 """Packed-row attention: per-sequence log-probs from every packing equal each sequence run alone (tiny HF models)."""
+
 from __future__ import annotations
 
 import types
@@ -143,8 +144,9 @@ def test_allowed_mask_matches_rule(tok):
         batch = PreferenceCollator(tok, packing=packing, max_tokens_per_row=50, pad_to_multiple_of=8)(rows)
         for window in (None, 4):
             got = allowed_mask(batch, sliding_window=window)
-            seq, role, pair, pos = (batch[k].tolist() for k in ("token_seq", "token_role", "token_pair",
-                                                                  "position_ids"))
+            seq, role, pair, pos = (
+                batch[k].tolist() for k in ("token_seq", "token_role", "token_pair", "position_ids")
+            )
             R, L = batch["input_ids"].shape
             for r in range(R):
                 for q in range(L):
@@ -154,8 +156,7 @@ def test_allowed_mask_matches_rule(tok):
                         elif packing == "padding_free":
                             want = k <= q and seq[r][k] == seq[r][q]
                         else:
-                            want = (k <= q and pair[r][k] == pair[r][q]
-                                    and not (role[r][q] == 2 and role[r][k] == 1))
+                            want = k <= q and pair[r][k] == pair[r][q] and not (role[r][q] == 2 and role[r][k] == 1)
                         if want and window is not None and seq[r][q] >= 0:
                             want = pos[r][q] - pos[r][k] < window
                         assert bool(got[r, q, k]) == want, (packing, window, r, q, k)
@@ -181,8 +182,9 @@ def test_flex_block_mask_equals_naive(tok, monkeypatch, arch, window):
     _eager_flex(monkeypatch)  # the BlockMask semantics are under test here, not inductor's CPU codegen
     rows = preference_rows(3, seed=13)
     model = make_model(arch, tok, attn_implementation="flex_attention", sliding_window=window, seed=6)
-    ref = naive_logps(make_model(arch, tok, attn_implementation="eager", sliding_window=window, seed=6),
-                      _pieces(tok, rows))
+    ref = naive_logps(
+        make_model(arch, tok, attn_implementation="eager", sliding_window=window, seed=6), _pieces(tok, rows)
+    )
     for packing in ("padding_free", "prefix_shared"):
         batch = PreferenceCollator(tok, packing=packing)(rows)
         kwargs = build_attention_kwargs(batch, model)
@@ -234,8 +236,10 @@ def test_flash_varlen_equals_naive_cuda(tok):
     rows = preference_rows(4, seed=2)
     model = make_model("llama", tok, attn_implementation="flash_attention_2", seed=7).to("cuda", torch.bfloat16)
     ref_model = make_model("llama", tok, attn_implementation="sdpa", seed=7).to("cuda", torch.bfloat16)
-    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v
-             for k, v in PreferenceCollator(tok, packing="padding_free")(rows).items()}
+    batch = {
+        k: v.cuda() if isinstance(v, torch.Tensor) else v
+        for k, v in PreferenceCollator(tok, packing="padding_free")(rows).items()
+    }
     kwargs = build_attention_kwargs(batch, model)
     assert all(v.is_cuda for v in kwargs.values() if isinstance(v, torch.Tensor))
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """``backend="auto"`` and the ``FASTDPO_BACKEND`` override: resolution per device, the environment read at every call,
 bad values refused with a message naming the variable, and the override reaching the kernels through every public
 entry point (spied at the launch helpers) and through ``DPOEngine``."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,10 +44,17 @@ def test_auto_picks_torch_on_cpu_and_triton_on_cuda(env: pytest.MonkeyPatch) -> 
 
 
 @needs_triton
-@pytest.mark.parametrize("value,device,expected", [
-    ("torch", CUDA, "torch"), ("auto", CUDA, "triton"), ("", CPU, "torch"), ("", CUDA, "triton"),
-    ("triton", CPU, "triton"), ("auto", CPU, "torch"),
-])
+@pytest.mark.parametrize(
+    "value,device,expected",
+    [
+        ("torch", CUDA, "torch"),
+        ("auto", CUDA, "triton"),
+        ("", CPU, "torch"),
+        ("", CUDA, "triton"),
+        ("triton", CPU, "triton"),
+        ("auto", CPU, "torch"),
+    ],
+)
 def test_env_overrides_auto_only(env: pytest.MonkeyPatch, value: str, device: torch.device, expected: str) -> None:
     env.setenv("FASTDPO_BACKEND", value)
     assert resolve_backend("auto", device) == expected
@@ -101,8 +109,9 @@ def test_env_reaches_the_kernels(env: pytest.MonkeyPatch, value: str) -> None:
     seg = _count_calls(env, segments_module, ("_segment_sum_triton",))
     g = torch.Generator().manual_seed(0)
     sequence_logprobs(torch.randn(2, 3, 37, generator=g), torch.randint(0, 37, (2, 3), generator=g))
-    linear_token_logprobs(torch.randn(5, 8, generator=g), torch.randn(37, 8, generator=g),
-                          torch.randint(0, 37, (5,), generator=g))
+    linear_token_logprobs(
+        torch.randn(5, 8, generator=g), torch.randn(37, 8, generator=g), torch.randint(0, 37, (5,), generator=g)
+    )
     segment_sum(torch.randn(6, generator=g), torch.tensor([0, 1, 1, 2, 0, 2]), 3)
     triton = value == "triton"
     assert lp == {"_triton_forward": int(triton), "_torch_forward": int(not triton)}

@@ -13,6 +13,7 @@ For each of ``sequence_logprobs``, ``token_logprobs``, ``linear_sequence_logprob
 
 Mixed devices cannot be built without a GPU except with the ``meta`` device, which is what these tests use.
 """
+
 from __future__ import annotations
 
 import copy
@@ -148,8 +149,9 @@ def test_logits_wrong_dims_and_dtypes(fn: str, backend: str) -> None:
         _raises(TypeError, "segment_ids", lambda: f(flat, flat_labels, segment_ids=seg.float(), backend=backend))
         bad = seg.clone()
         bad[4] = 7
-        _raises(ValueError, "segment_ids", lambda: f(flat, flat_labels, segment_ids=bad, num_segments=3,
-                                                     backend=backend))
+        _raises(
+            ValueError, "segment_ids", lambda: f(flat, flat_labels, segment_ids=bad, num_segments=3, backend=backend)
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -341,8 +343,13 @@ def test_head_empty_batch(fn: str, backend: str) -> None:
     f = HEAD_FNS[fn]
     _, weight, _, _ = _head_case()
     weight = weight.clone().requires_grad_(True)
-    cases = [(torch.randn(0, 5, 11), torch.zeros(0, 5, dtype=torch.long), (0,) if fn == "linear_sequence_logprobs"
-              else (0, 5))]
+    cases = [
+        (
+            torch.randn(0, 5, 11),
+            torch.zeros(0, 5, dtype=torch.long),
+            (0,) if fn == "linear_sequence_logprobs" else (0, 5),
+        )
+    ]
     if fn == "linear_token_logprobs":  # the flat [0, D] tokens the engine's head call gets
         cases.append((torch.randn(0, 11), torch.zeros(0, dtype=torch.long), (0,)))
     for hidden, labels, expected in cases:
@@ -499,8 +506,11 @@ def test_preference_loss_bad_inputs() -> None:
     _raises(ValueError, "beta", lambda: _pl(pc, pr, rc, rr, beta=0.0))
     _raises(ValueError, "beta", lambda: _pl(pc, pr, rc, rr, beta=-0.5))
     _raises(ValueError, "chosen_lengths", lambda: _pl(pc, pr, rc, rr, loss_type="ipo"))
-    _raises(ValueError, "chosen_lengths", lambda: _pl(pc, pr, rc, rr, loss_type="ipo",
-                                                      chosen_lengths=torch.ones(4), rejected_lengths=torch.ones(5)))
+    _raises(
+        ValueError,
+        "chosen_lengths",
+        lambda: _pl(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=torch.ones(4), rejected_lengths=torch.ones(5)),
+    )
     # empty batch
     e = torch.zeros(0)
     _raises(ValueError, "pair|empty|policy_chosen_logps", lambda: _pl(e, e, e, e))
@@ -532,8 +542,12 @@ def test_preference_loss_empty_completion_and_strided() -> None:
 # NaN anywhere, and the infinities that push a pair's loss to +inf (chosen policy / rejected reference log-prob
 # -inf, or rejected policy / chosen reference +inf). The opposite infinities saturate that pair's sigmoid loss at its
 # exact limit 0, which is a correct finite value.
-NONFINITE_PL = [(w, float("nan")) for w in range(4)] + [(0, float("-inf")), (1, float("inf")), (2, float("inf")),
-                                                         (3, float("-inf"))]
+NONFINITE_PL = [(w, float("nan")) for w in range(4)] + [
+    (0, float("-inf")),
+    (1, float("inf")),
+    (2, float("inf")),
+    (3, float("-inf")),
+]
 
 
 @pytest.mark.parametrize("which,bad", NONFINITE_PL)
@@ -592,8 +606,9 @@ def test_fused_dpo_loss_bad_inputs() -> None:
     _raises(TypeError, "_input", lambda: loss_fn(w, x.long(), target, **kw))
     _raises(TypeError, "lin_weight", lambda: loss_fn(w.long(), x, target, **kw))
     _raises(TypeError, "target", lambda: loss_fn(w, x, target.float(), **kw))
-    _raises(ValueError, "_input|rows|empty", lambda: loss_fn(w, x[:0], target[:0], ref_input=ref_x[:0],
-                                                             ref_weight=ref_w))
+    _raises(
+        ValueError, "_input|rows|empty", lambda: loss_fn(w, x[:0], target[:0], ref_input=ref_x[:0], ref_weight=ref_w)
+    )
     msg = _raises(ValueError, "device", lambda: loss_fn(w, x.to("meta"), target, **kw))
     assert "_input" in msg, msg
     msg = _raises(ValueError, "device", lambda: loss_fn(w, x, target, ref_input=ref_x.to("meta"), ref_weight=ref_w))
@@ -640,6 +655,7 @@ def test_fused_dpo_loss_nonfinite_input(bad: float) -> None:
 @pytest.fixture(scope="module")
 def tiny_parts() -> tuple[Any, torch.nn.Module, torch.nn.Module]:
     from fastdpo import tiny
+
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -668,12 +684,17 @@ def test_collator_bad_rows(tiny_parts: Any, packing: str) -> None:
     _raises(TypeError, "prompt", lambda: collate([{"prompt": 3, "chosen": "a", "rejected": "b"}]))
     _raises(TypeError, "rejected", lambda: collate([{"prompt": "x", "chosen": "a", "rejected": None}]))
     v = len(tok)
-    _raises(ValueError, "chosen_input_ids|vocab", lambda: collate(
-        [{"prompt_input_ids": [1, 5], "chosen_input_ids": [7, v], "rejected_input_ids": [8]}]))
-    _raises((ValueError, TypeError), "prompt_input_ids", lambda: collate(
-        [{"prompt_input_ids": [1, 2.5], "chosen_input_ids": [7], "rejected_input_ids": [8]}]))
-    _raises(ValueError, "rejected_input_ids", lambda: collate(
-        [{"prompt_input_ids": [1, 5], "chosen_input_ids": [7]}]))
+    _raises(
+        ValueError,
+        "chosen_input_ids|vocab",
+        lambda: collate([{"prompt_input_ids": [1, 5], "chosen_input_ids": [7, v], "rejected_input_ids": [8]}]),
+    )
+    _raises(
+        (ValueError, TypeError),
+        "prompt_input_ids",
+        lambda: collate([{"prompt_input_ids": [1, 2.5], "chosen_input_ids": [7], "rejected_input_ids": [8]}]),
+    )
+    _raises(ValueError, "rejected_input_ids", lambda: collate([{"prompt_input_ids": [1, 5], "chosen_input_ids": [7]}]))
     _raises(ValueError, "packing", lambda: PreferenceCollator(tok, packing="tight"))
     _raises(ValueError, "max_length", lambda: PreferenceCollator(tok, max_length=0))
 
@@ -688,8 +709,13 @@ def test_collator_and_engine_empty_completion(tiny_parts: Any, packing: str) -> 
 
     tok, policy, ref = tiny_parts
     ids = [tok(r["prompt"])["input_ids"] for r in ROWS]
-    comp = [(tok(r["chosen"], add_special_tokens=False)["input_ids"],
-             tok(r["rejected"], add_special_tokens=False)["input_ids"]) for r in ROWS]
+    comp = [
+        (
+            tok(r["chosen"], add_special_tokens=False)["input_ids"],
+            tok(r["rejected"], add_special_tokens=False)["input_ids"],
+        )
+        for r in ROWS
+    ]
     rows = [
         {"prompt_input_ids": ids[0], "chosen_input_ids": comp[0][0], "rejected_input_ids": comp[0][1]},
         {"prompt_input_ids": ids[1], "chosen_input_ids": [], "rejected_input_ids": comp[1][1]},

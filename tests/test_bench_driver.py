@@ -1,5 +1,6 @@
 """``fastdpo bench`` driver: a --quick run on tiny shapes writes a table, JSON, CSV and PNG that parse, with the
 measured numbers consistent; the in-process measurement primitives behave (extra peak RSS tracks an allocation)."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,11 @@ from fastdpo.benchmarks import driver, impls, measure
 from fastdpo.benchmarks.impls import Shape
 
 #: peers that install and run on CPU (``.ci/run`` installs them); CCE and Liger's head need CUDA
-CPU_IMPLS = {"head": {"naive", "fastdpo", "trl", "torch_lce"}, "logprobs": {"naive", "fastdpo", "trl"},
-             "dpo": {"naive", "fastdpo", "liger"}}
+CPU_IMPLS = {
+    "head": {"naive", "fastdpo", "trl", "torch_lce"},
+    "logprobs": {"naive", "fastdpo", "trl"},
+    "dpo": {"naive", "fastdpo", "liger"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +65,9 @@ def test_quick_run_writes_parseable_outputs(quick_run, capsys):
             assert r["speedup_vs_naive"] == pytest.approx(naive[r["workload"], r["vocab"]]["step_ms"] / r["step_ms"])
     rows = list(csv.DictReader(csv_path.open()))
     assert len(rows) == len(results) and set(driver.CSV_FIELDS) <= set(rows[0])
-    assert [(row["workload"], row["impl"], row["status"]) for row in rows] == \
-        [(r["workload"], r["impl"], r["status"]) for r in results]
+    assert [(row["workload"], row["impl"], row["status"]) for row in rows] == [
+        (r["workload"], r["impl"], r["status"]) for r in results
+    ]
     pngs = sorted(out.glob("quick-cpu-*-vs-vocab.png"))
     assert len(pngs) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert sorted(meta["plots"]) == sorted(str(p) for p in pngs)
@@ -76,9 +81,27 @@ def test_memory_columns_see_the_logits(tmp_path):
     allocate the logits gradient (L)."""
     n, v = 2048, 32000
     logits_mb = n * v * 4 / 2**20
-    rc = driver.main(["--device", "cpu", "--workloads", "head,logprobs", "--impls", "naive,fastdpo", "--tokens",
-                      str(n), "--hidden", "8", "--vocab", str(v), "--repeats", "1", "--no-plots", "--out",
-                      str(tmp_path)])
+    rc = driver.main(
+        [
+            "--device",
+            "cpu",
+            "--workloads",
+            "head,logprobs",
+            "--impls",
+            "naive,fastdpo",
+            "--tokens",
+            str(n),
+            "--hidden",
+            "8",
+            "--vocab",
+            str(v),
+            "--repeats",
+            "1",
+            "--no-plots",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     (json_path,) = tmp_path.glob("cpu-*.json")
     rec = {(r["workload"], r["impl"]): r for r in json.loads(json_path.read_text())["results"]}
@@ -173,8 +196,25 @@ def test_head_bound_reports_consistent_figures(tmp_path, one_thread, capsys):
     figures = {}
     for budget_mb in (0.0, 1.0):  # the fp32 logits are 96 * 1100 * 4 B = 0.40 MiB
         out = tmp_path / f"bound-{budget_mb}.json"
-        assert head_bound.main(["--tokens", str(n), "--hidden", str(d), "--vocab", str(v), "--budget-mb",
-                                str(budget_mb), "--repeats", "1", "--json", str(out)]) == 0
+        assert (
+            head_bound.main(
+                [
+                    "--tokens",
+                    str(n),
+                    "--hidden",
+                    str(d),
+                    "--vocab",
+                    str(v),
+                    "--budget-mb",
+                    str(budget_mb),
+                    "--repeats",
+                    "1",
+                    "--json",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         printed = capsys.readouterr().out
         r = figures[budget_mb] = json.loads(out.read_text())
         assert r["tile"] == list(_plan(n, v, torch.device("cpu")))

@@ -1,6 +1,7 @@
 """Every ``fastdpo`` subcommand answers absurd arguments and bad input files with exit code 2 and ONE line on stderr
 naming the argument (or the file and row), never a traceback (issue 13, item 10): negative, zero, NaN, infinite,
 huge and mistyped values, missing files, folders given for files, files given for folders, malformed rows."""
+
 from __future__ import annotations
 
 import json
@@ -100,16 +101,14 @@ def test_train_bad_paths(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert_usage_error(["train", "--output-dir", str(a_file)], capsys, "--output-dir", "not a folder")
     assert_usage_error(["train", "--output-dir", str(a_file / "sub")], capsys, "--output-dir")
     out = ["--output-dir", str(tmp_path / "out"), "--no-progress"]
-    assert_usage_error(["train", *out, "--model", str(tmp_path / "no-such-model")], capsys, "--model",
-                       "no config.json")
+    assert_usage_error(["train", *out, "--model", str(tmp_path / "no-such-model")], capsys, "--model", "no config.json")
     assert_usage_error(["train", *out, "--model", "meta-llama/Llama-3-8B"], capsys, "--model", "downloads nothing")
     assert_usage_error(["train", *out, "--model", str(tmp_path)], capsys, "--model")
     assert_usage_error(["train", *out, "--data", str(tmp_path / "missing.jsonl")], capsys, "--data", "not found")
     assert_usage_error(["train", *out, "--data", str(tmp_path)], capsys, "--data", "folder")
     assert_usage_error(["train", *out, "--eval-data", str(tmp_path / "missing.jsonl")], capsys, "--eval-data")
     # a tiny model too large for this machine's memory: refused before allocating it
-    assert_usage_error(["train", *out, "--hidden-size", "1048576", "--layers", "1000"], capsys, "--hidden-size",
-                       "GiB")
+    assert_usage_error(["train", *out, "--hidden-size", "1048576", "--layers", "1000"], capsys, "--hidden-size", "GiB")
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -124,19 +123,42 @@ def test_train_malformed_files_name_file_and_line(tmp_path: Path, capsys: pytest
     out = ["--output-dir", str(tmp_path / "out"), "--no-progress"]
     cases = {
         "broken.jsonl": ([GOOD, GOOD, '{"prompt": "x", "chosen": '], "line 3", "not valid JSON"),
-        "null_prompt.jsonl": ([GOOD, json.dumps({"prompt": None, "chosen": "a", "rejected": "b"})], "line 2",
-                              "'prompt'"),
-        "number.jsonl": ([GOOD, GOOD, GOOD, json.dumps({"prompt": 5, "chosen": "a", "rejected": "b"})], "line 4",
-                         "got a number"),
+        "null_prompt.jsonl": (
+            [GOOD, json.dumps({"prompt": None, "chosen": "a", "rejected": "b"})],
+            "line 2",
+            "'prompt'",
+        ),
+        "number.jsonl": (
+            [GOOD, GOOD, GOOD, json.dumps({"prompt": 5, "chosen": "a", "rejected": "b"})],
+            "line 4",
+            "got a number",
+        ),
         "not_object.jsonl": ([GOOD, "[1, 2, 3]"], "line 2", "expected an object"),
         "missing_key.jsonl": ([GOOD, json.dumps({"prompt": "p", "chosen": "a"})], "line 2", "rejected"),
-        "bad_message.jsonl": ([GOOD, json.dumps({"prompt": [{"role": "user"}], "chosen": [{"role": "assistant",
-                              "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]})], "line 2",
-                              "message 0"),
-        "mixed.jsonl": ([GOOD, json.dumps({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}],
-                                           "rejected": "b"})], "line 2", "mixes"),
-        "blank_lines.jsonl": (["", GOOD, "", json.dumps({"prompt": "p", "chosen": [], "rejected": "b"})], "line 4",
-                              "'chosen'"),
+        "bad_message.jsonl": (
+            [
+                GOOD,
+                json.dumps(
+                    {
+                        "prompt": [{"role": "user"}],
+                        "chosen": [{"role": "assistant", "content": "a"}],
+                        "rejected": [{"role": "assistant", "content": "b"}],
+                    }
+                ),
+            ],
+            "line 2",
+            "message 0",
+        ),
+        "mixed.jsonl": (
+            [GOOD, json.dumps({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"})],
+            "line 2",
+            "mixes",
+        ),
+        "blank_lines.jsonl": (
+            ["", GOOD, "", json.dumps({"prompt": "p", "chosen": [], "rejected": "b"})],
+            "line 4",
+            "'chosen'",
+        ),
     }
     for name, (lines, where, what) in cases.items():
         path = _write(tmp_path / name, lines)
@@ -154,17 +176,21 @@ def test_train_malformed_files_name_file_and_line(tmp_path: Path, capsys: pytest
     assert_usage_error(["train", *out, "--data", str(js)], capsys, str(js), "item 1", "'chosen'")
     js.write_text("{not json")
     assert_usage_error(["train", *out, "--data", str(js)], capsys, str(js), "not valid JSON")
-    tokenized = _write(tmp_path / "tok.jsonl", [json.dumps({"prompt_input_ids": [1, 2], "chosen_input_ids": [3],
-                                                            "rejected_input_ids": [4]})] * 3)
+    tokenized = _write(
+        tmp_path / "tok.jsonl",
+        [json.dumps({"prompt_input_ids": [1, 2], "chosen_input_ids": [3], "rejected_input_ids": [4]})] * 3,
+    )
     assert_usage_error(["train", *out, "--data", str(tokenized)], capsys, "pre-tokenized rows need --model")
-    negative = _write(tmp_path / "neg.jsonl", [json.dumps({"prompt_input_ids": [1, 2], "chosen_input_ids": [3],
-                                                           "rejected_input_ids": [4]}),
-                                               json.dumps({"prompt_input_ids": [1, -2], "chosen_input_ids": [3],
-                                                           "rejected_input_ids": [4]})])
+    negative = _write(
+        tmp_path / "neg.jsonl",
+        [
+            json.dumps({"prompt_input_ids": [1, 2], "chosen_input_ids": [3], "rejected_input_ids": [4]}),
+            json.dumps({"prompt_input_ids": [1, -2], "chosen_input_ids": [3], "rejected_input_ids": [4]}),
+        ],
+    )
     assert_usage_error(["train", *out, "--data", str(negative)], capsys, "line 2", "'prompt_input_ids'", "-2")
     # --eval-data is checked the same way
-    assert_usage_error(["train", *out, "--eval-data", str(tmp_path / "broken.jsonl")], capsys, "--eval-data",
-                       "line 3")
+    assert_usage_error(["train", *out, "--eval-data", str(tmp_path / "broken.jsonl")], capsys, "--eval-data", "line 3")
 
 
 def test_train_token_id_outside_vocabulary_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -179,21 +205,57 @@ def test_train_token_id_outside_vocabulary_names_the_line(tmp_path: Path, capsys
     rows = [json.dumps({"prompt_input_ids": [5, 6], "chosen_input_ids": [7], "rejected_input_ids": [8]})] * 12
     rows[9] = json.dumps({"prompt_input_ids": [5, 6], "chosen_input_ids": [10**6], "rejected_input_ids": [8]})
     data = _write(tmp_path / "ids.jsonl", rows)
-    assert_usage_error(["train", "--output-dir", str(tmp_path / "out"), "--no-progress", "--model", str(model_dir),
-                        "--data", str(data)], capsys, f"{data} line 10", "1000000", "vocabulary")
+    assert_usage_error(
+        [
+            "train",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+        ],
+        capsys,
+        f"{data} line 10",
+        "1000000",
+        "vocabulary",
+    )
 
 
 def test_train_unknown_loss_type(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert_usage_error(["train", "--output-dir", str(tmp_path / "out"), "--no-progress", "--hidden-size", "16",
-                        "--layers", "1", "--loss-type", "nope"], capsys, "--loss-type", "nope")
+    assert_usage_error(
+        [
+            "train",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--hidden-size",
+            "16",
+            "--layers",
+            "1",
+            "--loss-type",
+            "nope",
+        ],
+        capsys,
+        "--loss-type",
+        "nope",
+    )
     # the refused run left nothing behind
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
 # -------------------------------------------------------------------------------------------------- fastdpo memory
 def _config(tmp_path: Path, name: str, **overrides: object) -> Path:
-    cfg = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    cfg = {
+        "model_type": "llama",
+        "vocab_size": 1000,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     cfg.update(overrides)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(cfg))
@@ -277,7 +339,13 @@ def test_top_level(capsys: pytest.CaptureFixture) -> None:
 def test_real_processes_exit_2_with_one_line(tmp_path: Path) -> None:
     """The installed entry point: the exit status the shell sees is 2 and stderr is one line."""
     for args in (["train", "--lr", "nan"], ["memory", "--variants", ""], ["bench", "--repeats", "0"]):
-        proc = subprocess.run([sys.executable, "-m", "fastdpo.cli", *args], capture_output=True, text=True,
-                              cwd=str(tmp_path), timeout=120, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastdpo.cli", *args],
+            capture_output=True,
+            text=True,
+            cwd=str(tmp_path),
+            timeout=120,
+            check=False,
+        )
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)

@@ -1,4 +1,5 @@
 """PreferenceCollator: TRL 1.16 token parity, labels/indices for every packing, truncation, chat, errors."""
+
 from __future__ import annotations
 
 import types
@@ -161,8 +162,8 @@ def test_chosen_and_rejected_order_is_trl(tok):
         p, c, r = PreferenceCollator(tok).tokenize_row(row)
         assert _sequences(batch)[i] == p + c
         assert _sequences(batch)[3 + i] == p + r
-        assert batch["token_role"][i][len(p):len(p) + len(c)].eq(1).all()
-        assert batch["token_role"][3 + i][len(p):len(p) + len(r)].eq(2).all()
+        assert batch["token_role"][i][len(p) : len(p) + len(c)].eq(1).all()
+        assert batch["token_role"][3 + i][len(p) : len(p) + len(r)].eq(2).all()
         assert batch["token_pair"][3 + i][0] == i
 
 
@@ -194,10 +195,8 @@ def _pad_seqs(tok, **kw) -> list[list[int]]:
 
 
 def test_truncation_max_length(tok):
-    assert _pad_seqs(tok, max_length=12, truncation_mode="keep_end") == [
-        P_IDS[4:] + C_IDS, P_IDS[1:] + R_IDS]
-    assert _pad_seqs(tok, max_length=12, truncation_mode="keep_start") == [
-        P_IDS + C_IDS[:2], P_IDS + R_IDS[:2]]
+    assert _pad_seqs(tok, max_length=12, truncation_mode="keep_end") == [P_IDS[4:] + C_IDS, P_IDS[1:] + R_IDS]
+    assert _pad_seqs(tok, max_length=12, truncation_mode="keep_start") == [P_IDS + C_IDS[:2], P_IDS + R_IDS[:2]]
     # completion longer than the budget: keep_end cuts into the completion; its first kept token is not scored
     b = PreferenceCollator(tok, max_length=4, truncation_mode="keep_end")([ROW])
     assert _sequences(b) == [C_IDS[2:], R_IDS[:0] + P_IDS[-1:] + R_IDS]
@@ -211,7 +210,9 @@ def test_truncation_prompt_and_completion_caps(tok):
     assert _pad_seqs(tok, max_completion_length=2) == [P_IDS + C_IDS[:2], P_IDS + R_IDS[:2]]
     # caps compose: prompt cap, completion cap, then max_length
     assert _pad_seqs(tok, max_prompt_length=6, max_completion_length=4, max_length=8, truncation_mode="keep_end") == [
-        P_IDS[-4:] + C_IDS[:4], P_IDS[-5:] + R_IDS]
+        P_IDS[-4:] + C_IDS[:4],
+        P_IDS[-5:] + R_IDS,
+    ]
 
 
 @pytest.mark.parametrize("packing", PACKINGS)
@@ -228,7 +229,8 @@ def test_empty_completions_are_legal(tok, packing):
     assert set(batch["logp_seq"].tolist()) == {3, 4}
     # a batch with no scored token at all is still a valid batch
     empty = PreferenceCollator(tok, packing=packing)(
-        [{"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}])
+        [{"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}]
+    )
     _check_batch(empty, 1)
     assert empty["logp_index"].numel() == 0 and empty["input_ids"].shape[1] >= 1
 
@@ -253,7 +255,7 @@ def test_chat_messages_use_the_template(tok):
     assert _sequences(batch)[0] == list(full)
     n = len(prompt["input_ids"])
     assert full[:n] == list(prompt["input_ids"])
-    assert batch["token_role"][0, :n].eq(0).all() and batch["token_role"][0, n:len(full)].eq(1).all()
+    assert batch["token_role"][0, :n].eq(0).all() and batch["token_role"][0, n : len(full)].eq(1).all()
     assert full[0] == tok.bos_token_id and full[-1] == tok.eos_token_id  # template's BOS/EOS, none added on top
     assert int((batch["input_ids"][0] == tok.eos_token_id).sum()) == 2  # user turn + assistant turn
 
@@ -264,14 +266,23 @@ def test_pretokenized_rows_are_verbatim(tok):
     assert _sequences(a) == _sequences(b) == [P_IDS + C_IDS, P_IDS + R_IDS]
     assert a["chosen_lengths"].tolist() == [len(C_IDS)]
     np = pytest.importorskip("numpy")
-    c = PreferenceCollator(tok)([{"prompt_input_ids": np.array(P_IDS), "chosen_input_ids": [np.int64(t) for t in C_IDS],
-                                  "rejected_input_ids": R_IDS}])
+    c = PreferenceCollator(tok)(
+        [
+            {
+                "prompt_input_ids": np.array(P_IDS),
+                "chosen_input_ids": [np.int64(t) for t in C_IDS],
+                "rejected_input_ids": R_IDS,
+            }
+        ]
+    )
     assert _sequences(c) == _sequences(a)
 
 
 def test_ref_logps_pass_through(tok):
-    rows = [dict(ROW, ref_chosen_logps=-1.5, ref_rejected_logps=-2.25), dict(ROW, ref_chosen_logps=-3.0,
-                                                                             ref_rejected_logps=-0.5)]
+    rows = [
+        dict(ROW, ref_chosen_logps=-1.5, ref_rejected_logps=-2.25),
+        dict(ROW, ref_chosen_logps=-3.0, ref_rejected_logps=-0.5),
+    ]
     batch = PreferenceCollator(tok)(rows)
     assert batch["ref_chosen_logps"].dtype == torch.float32
     assert batch["ref_chosen_logps"].tolist() == [-1.5, -3.0]
@@ -293,8 +304,15 @@ def test_bad_inputs(tok):
     with pytest.raises(TypeError, match="mixes strings and chat messages"):
         col([{"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}])
     with pytest.raises(ValueError, match="'role' and 'content'"):
-        col([{"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "b"}],
-              "rejected": [{"role": "assistant", "content": "c"}]}])
+        col(
+            [
+                {
+                    "prompt": [{"role": "user"}],
+                    "chosen": [{"role": "assistant", "content": "b"}],
+                    "rejected": [{"role": "assistant", "content": "c"}],
+                }
+            ]
+        )
     with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
         col([{"prompt_input_ids": [1], "chosen_input_ids": [len(tok)], "rejected_input_ids": [2]}])
     with pytest.raises(TypeError, match="must contain ints"):

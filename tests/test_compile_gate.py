@@ -6,6 +6,7 @@ tile/block sizes for the real vocabulary sizes, specializes each launch exactly 
 ahead of time with ``triton.compile`` and the ptxas bundled in the Triton wheel. It runs in a subprocess because this
 test session runs the kernels through the interpreter (``TRITON_INTERPRET=1``, tests/conftest.py).
 """
+
 from __future__ import annotations
 
 import ast
@@ -40,7 +41,10 @@ def gate() -> dict:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
         [sys.executable, "-m", "fastdpo.benchmarks.sass_report", "--gate", "--workers", "2"],
-        capture_output=True, text=True, env=env, timeout=1200,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
     )
     assert proc.stdout.strip(), f"gate printed nothing (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -16,6 +16,7 @@ shapes), ``preference_loss``, ``nn.FusedLinearDPOLoss`` (with and without grad-i
 The scheduling-order half of the promise is checked by the ``gpu`` cases at the end (``pytest -m gpu``): the compiled
 kernels on CUDA with many programs in flight, at shapes with many vocabulary tiles and unsorted segments.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,9 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # determinism at a fixed thr
 
 RUNS = 3  # torch path; the Triton interpreter is slow, so its cases repeat twice (enough to catch run-to-run drift)
 
-def _assert_bitwise_repeatable(
-    run: Callable[[], dict[str, torch.Tensor]], runs: int = RUNS
-) -> dict[str, torch.Tensor]:
+
+def _assert_bitwise_repeatable(run: Callable[[], dict[str, torch.Tensor]], runs: int = RUNS) -> dict[str, torch.Tensor]:
     """Call ``run`` ``runs`` times; every returned tensor must be bit-identical to the first run's."""
     first = run()
     for name, t in first.items():
@@ -77,8 +77,11 @@ def test_sequence_logprobs_deterministic(backend: str, dtype: torch.dtype) -> No
 
     def run() -> dict[str, torch.Tensor]:
         x = base.clone().requires_grad_(True)
-        out = sequence_logprobs(x, labels, backend=backend, chunk_rows=5) if backend == "torch" else \
-            sequence_logprobs(x, labels, backend=backend, block_v=256)
+        out = (
+            sequence_logprobs(x, labels, backend=backend, chunk_rows=5)
+            if backend == "torch"
+            else sequence_logprobs(x, labels, backend=backend, block_v=256)
+        )
         return {"out": out.detach(), **_grads(out, {"logits": x})}
 
     _assert_bitwise_repeatable(run, RUNS if backend == "torch" else 2)
@@ -120,17 +123,43 @@ def test_fused_head_deterministic(backend: str) -> None:
     def run() -> dict[str, torch.Tensor]:
         h, w, b = (t.clone().requires_grad_(True) for t in (h0, w0, b0))
         # small tiles: many token x vocab tiles, so the fp32 weight-gradient accumulation order matters
-        seq = linear_sequence_logprobs(h, w, labels, bias=b, segment_ids=seg, num_segments=11, softcap=20.0,
-                                       token_tile=tiles[0], vocab_tile=tiles[1], backend=backend)
-        stats = linear_token_logprobs(h, w, labels, bias=b, return_entropy=True, return_log_sum_p2=True,
-                                      return_mean_logit=True, return_argmax_hit=True, token_tile=tiles[0], vocab_tile=tiles[1],
-                                      backend=backend)
+        seq = linear_sequence_logprobs(
+            h,
+            w,
+            labels,
+            bias=b,
+            segment_ids=seg,
+            num_segments=11,
+            softcap=20.0,
+            token_tile=tiles[0],
+            vocab_tile=tiles[1],
+            backend=backend,
+        )
+        stats = linear_token_logprobs(
+            h,
+            w,
+            labels,
+            bias=b,
+            return_entropy=True,
+            return_log_sum_p2=True,
+            return_mean_logit=True,
+            return_argmax_hit=True,
+            token_tile=tiles[0],
+            vocab_tile=tiles[1],
+            backend=backend,
+        )
         total = seq.sum() * 0.5 + (stats.logprobs * torch.linspace(-1, 1, n)).sum()
         grads = torch.autograd.grad(total, [h, w, b])
         return {
-            "seq": seq.detach(), "tok": stats.logprobs.detach(), "entropy": stats.entropy,
-            "log_sum_p2": stats.log_sum_p2, "mean_logit": stats.mean_logit, "argmax_hit": stats.argmax_hit.float(),
-            "grad_hidden": grads[0], "grad_weight": grads[1], "grad_bias": grads[2],
+            "seq": seq.detach(),
+            "tok": stats.logprobs.detach(),
+            "entropy": stats.entropy,
+            "log_sum_p2": stats.log_sum_p2,
+            "mean_logit": stats.mean_logit,
+            "argmax_hit": stats.argmax_hit.float(),
+            "grad_hidden": grads[0],
+            "grad_weight": grads[1],
+            "grad_bias": grads[2],
         }
 
     _assert_bitwise_repeatable(run, RUNS if backend == "torch" else 2)
@@ -145,12 +174,24 @@ def test_preference_loss_deterministic() -> None:
 
     def run() -> dict[str, torch.Tensor]:
         pc, pr = (t.clone().requires_grad_(True) for t in inputs[:2])
-        loss, metrics = preference_loss(pc, pr, inputs[2], inputs[3], loss_type=["sigmoid", "ipo", "aot"],
-                                        loss_weights=[1.0, 0.5, 0.25], beta=0.2, chosen_lengths=lengths[0],
-                                        rejected_lengths=lengths[1])
+        loss, metrics = preference_loss(
+            pc,
+            pr,
+            inputs[2],
+            inputs[3],
+            loss_type=["sigmoid", "ipo", "aot"],
+            loss_weights=[1.0, 0.5, 0.25],
+            beta=0.2,
+            chosen_lengths=lengths[0],
+            rejected_lengths=lengths[1],
+        )
         gc, gr = torch.autograd.grad(loss, [pc, pr])
-        return {"loss": loss.detach(), "grad_c": gc, "grad_r": gr,
-                **{k: torch.as_tensor(v).float() for k, v in metrics.items()}}
+        return {
+            "loss": loss.detach(),
+            "grad_c": gc,
+            "grad_r": gr,
+            **{k: torch.as_tensor(v).float() for k, v in metrics.items()},
+        }
 
     _assert_bitwise_repeatable(run)
 
@@ -172,8 +213,12 @@ def test_fused_linear_dpo_loss_deterministic(grad_in_forward: bool) -> None:
         x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
         loss, aux = loss_fn(w, x, target, ref_input=ref_x, ref_weight=w0)
         gx, gw = torch.autograd.grad(loss, [x, w])
-        return {"loss": loss.detach(), "grad_input": gx, "grad_weight": gw,
-                **{f"aux{i}": a.detach().float() for i, a in enumerate(aux)}}
+        return {
+            "loss": loss.detach(),
+            "grad_input": gx,
+            "grad_weight": gw,
+            **{f"aux{i}": a.detach().float() for i, a in enumerate(aux)},
+        }
 
     _assert_bitwise_repeatable(run)
 
@@ -181,6 +226,7 @@ def test_fused_linear_dpo_loss_deterministic(grad_in_forward: bool) -> None:
 @pytest.mark.parametrize("grad_in_forward", [False, True])
 def test_engine_step_deterministic(grad_in_forward: bool) -> None:
     from fastdpo import DPOEngine, PreferenceCollator, tiny
+
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -231,19 +277,25 @@ def _kernel_cases(device: torch.device, runs: int, scale: int = 1) -> None:
 
     def fused_head() -> dict[str, torch.Tensor]:
         h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
-        seq = linear_sequence_logprobs(h, w, labels, segment_ids=seg, num_segments=s, softcap=30.0,
-                                       backend="triton")
+        seq = linear_sequence_logprobs(h, w, labels, segment_ids=seg, num_segments=s, softcap=30.0, backend="triton")
         stats = linear_token_logprobs(h, w, labels, return_entropy=True, return_argmax_hit=True, backend="triton")
         total = seq.sum() + (stats.logprobs * upstream).sum()
         gh, gw = torch.autograd.grad(total, [h, w])
-        return {"seq": seq.detach(), "tok": stats.logprobs.detach(), "entropy": stats.entropy,
-                "argmax_hit": stats.argmax_hit.float(), "grad_hidden": gh, "grad_weight": gw}
+        return {
+            "seq": seq.detach(),
+            "tok": stats.logprobs.detach(),
+            "entropy": stats.entropy,
+            "argmax_hit": stats.argmax_hit.float(),
+            "grad_hidden": gh,
+            "grad_weight": gw,
+        }
 
     def grad_in_forward() -> dict[str, torch.Tensor]:
         x, w = h0.clone().view(2 * 4, n // 8, d).requires_grad_(True), w0.clone().requires_grad_(True)
         target = labels.view(2 * 4, n // 8)
         loss, _ = FusedLinearDPOLoss(beta=0.1, grad_in_forward=True, backend="triton")(
-            w, x, target, ref_input=x.detach() * 0.9, ref_weight=w0)
+            w, x, target, ref_input=x.detach() * 0.9, ref_weight=w0
+        )
         gx, gw = torch.autograd.grad(loss, [x, w])
         return {"loss": loss.detach(), "grad_input": gx, "grad_weight": gw}
 
@@ -278,11 +330,14 @@ def test_engine_step_deterministic_cuda(grad_in_forward: bool) -> None:
 
 def _engine_step_cuda(grad_in_forward: bool) -> None:
     from fastdpo import DPOEngine, PreferenceCollator, tiny
+
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).to("cuda", torch.bfloat16).train()
     ref = tiny.make_model("llama", tok, attn_implementation="eager", seed=1).to("cuda", torch.bfloat16)
-    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v
-             for k, v in PreferenceCollator(tok, packing="padding_free")(tiny.preference_rows(8, seed=5)).items()}
+    batch = {
+        k: v.cuda() if isinstance(v, torch.Tensor) else v
+        for k, v in PreferenceCollator(tok, packing="padding_free")(tiny.preference_rows(8, seed=5)).items()
+    }
     engine = DPOEngine(policy, ref, grad_in_forward=grad_in_forward, backend="triton")
 
     _assert_bitwise_repeatable(lambda: _step_outputs(engine, policy, batch), 4)

@@ -13,6 +13,7 @@ Host-side bookkeeping that is CPU by design is listed in :data:`HOST_SIDE` (revi
 ints, they never meet the batch). The collator is host-side by contract (:data:`HOST_FILES`: it has no device; batches
 are moved with ``.to(device)`` by the caller or the trainer's data loader).
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,12 @@ class StrayFactoriesToMeta(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = dict(kwargs or {})
-        if (func in _FACTORIES and kwargs.get("device") is None and "out" not in kwargs
-                and not any(isinstance(a, torch.Tensor) for a in args)):  # torch.as_tensor(t) keeps t's device
+        if (
+            func in _FACTORIES
+            and kwargs.get("device") is None
+            and "out" not in kwargs
+            and not any(isinstance(a, torch.Tensor) for a in args)
+        ):  # torch.as_tensor(t) keeps t's device
             frame = sys._getframe(1)  # the Python line that called the factory
             path = os.path.abspath(frame.f_code.co_filename)
             func_frame = frame
@@ -89,9 +94,12 @@ def _assert_all_on(obj: Any, device: torch.device, hits: list[str]) -> None:
 def test_redirect_catches_a_device_less_factory() -> None:
     """The probe itself: a device-less ``torch.arange`` in fastdpo's source ends up on meta and fails to mix with a
     CPU tensor (what the unfixed flash-varlen kwargs did); one with ``device=`` passes untouched."""
-    code = compile("def stray(x):\n    return torch.arange(x.shape[0])[:, None] + x\n"
-                   "def placed(x):\n    return torch.arange(x.shape[0], device=x.device)[:, None] + x\n",
-                   os.path.join(_FASTDPO_DIR, "_probe.py"), "exec")
+    code = compile(
+        "def stray(x):\n    return torch.arange(x.shape[0])[:, None] + x\n"
+        "def placed(x):\n    return torch.arange(x.shape[0], device=x.device)[:, None] + x\n",
+        os.path.join(_FASTDPO_DIR, "_probe.py"),
+        "exec",
+    )
     ns: dict[str, Any] = {"torch": torch}
     exec(code, ns)
     x = torch.ones(3, 2)
@@ -113,9 +121,12 @@ class _AttnStub(torch.nn.Module):
 
 
 # (flash + prefix_shared is a ValueError, tested in test_attention)
-ATTN_CASES = [(p, a, w) for p in ("pad", "padding_free", "prefix_shared")
-              for a, w in (("flash_attention_2", None), ("sdpa", None), ("eager", None), ("eager", 3), ("sdpa", 3))
-              if not (a.startswith("flash") and p == "prefix_shared")]
+ATTN_CASES = [
+    (p, a, w)
+    for p in ("pad", "padding_free", "prefix_shared")
+    for a, w in (("flash_attention_2", None), ("sdpa", None), ("eager", None), ("eager", 3), ("sdpa", 3))
+    if not (a.startswith("flash") and p == "prefix_shared")
+]
 
 
 @pytest.mark.parametrize("packing,attn,window", ATTN_CASES)
@@ -123,8 +134,9 @@ def test_attention_kwargs_built_on_the_model_device(packing: str, attn: str, win
     """Regression (issue 19.1): the flash varlen ``cu_seq_lens`` were built from ``torch.arange(R)`` and
     ``torch.tensor([R * L])`` on the CPU, so every flash-attention model with padding_free failed at step 1 on GPU."""
     tok = make_tokenizer()
-    batch = PreferenceCollator(tok, packing=packing, max_tokens_per_row=60 if packing != "pad" else None,
-                               pad_to_multiple_of=8)(preference_rows(4, seed=3))
+    batch = PreferenceCollator(
+        tok, packing=packing, max_tokens_per_row=60 if packing != "pad" else None, pad_to_multiple_of=8
+    )(preference_rows(4, seed=3))
     model = _AttnStub(attn, window)
     want = build_attention_kwargs(batch, model)
     with StrayFactoriesToMeta() as mode:
@@ -155,8 +167,11 @@ ENGINE_CASES = {
 @pytest.fixture(scope="module")
 def engine_parts() -> tuple[Any, torch.nn.Module, torch.nn.Module]:
     tok = make_tokenizer()
-    return (tok, make_model("llama", tok, attn_implementation="eager", seed=0),
-            make_model("llama", tok, attn_implementation="eager", seed=1))
+    return (
+        tok,
+        make_model("llama", tok, attn_implementation="eager", seed=0),
+        make_model("llama", tok, attn_implementation="eager", seed=1),
+    )
 
 
 @pytest.mark.parametrize("packing", ["pad", "padding_free", "prefix_shared"])
@@ -199,13 +214,26 @@ def test_fast_dpo_trainer_step_builds_nothing_off_device(tmp_path: Any) -> None:
     from fastdpo.integrations.trl import FastDPOTrainer
 
     tok = make_tokenizer()
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, logging_steps=1,
-                     report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False,
-                     padding_free=True, dataloader_num_workers=0)
-    trainer = FastDPOTrainer(model=make_model("llama", tok, attn_implementation="eager", seed=0),
-                             ref_model=make_model("llama", tok, attn_implementation="eager", seed=1), args=args,
-                             train_dataset=datasets.Dataset.from_list(preference_rows(4, seed=2)),
-                             processing_class=tok)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        padding_free=True,
+        dataloader_num_workers=0,
+    )
+    trainer = FastDPOTrainer(
+        model=make_model("llama", tok, attn_implementation="eager", seed=0),
+        ref_model=make_model("llama", tok, attn_implementation="eager", seed=1),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(preference_rows(4, seed=2)),
+        processing_class=tok,
+    )
     with StrayFactoriesToMeta() as mode:
         trainer.train()
     assert mode.hits == []

@@ -1,6 +1,7 @@
 """``fastdpo bench`` keeps what it measured (issue 13, item 9): without matplotlib it warns at start and writes its
 JSON/CSV (before, it imported matplotlib only after the whole run, crashed, and lost every result), and the JSON/CSV
 are rewritten atomically as results arrive, so a run killed half-way keeps its finished cases."""
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,9 @@ from fastdpo.benchmarks import driver
 QUICK = ["--quick", "--device", "cpu", "--workloads", "logprobs", "--impls", "naive", "--threads", "1"]
 
 
-def test_without_matplotlib_results_are_written_and_plots_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                   capsys: pytest.CaptureFixture) -> None:
+def test_without_matplotlib_results_are_written_and_plots_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
@@ -44,10 +46,31 @@ def test_killed_run_keeps_finished_cases(tmp_path: Path) -> None:
     """SIGKILL once the first worker's results are in: the JSON and CSV on disk parse, say the run is incomplete,
     and hold those results."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "fastdpo.cli", "bench", "--quick", "--device", "cpu", "--threads", "1",
-           "--workloads", "logprobs,head", "--impls", "naive,fastdpo", "--no-plots", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(tmp_path),
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastdpo.cli",
+        "bench",
+        "--quick",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--workloads",
+        "logprobs,head",
+        "--impls",
+        "naive,fastdpo",
+        "--no-plots",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=str(tmp_path),
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     found: dict | None = None
     deadline = time.monotonic() + 240
     try:
@@ -74,4 +97,5 @@ def test_killed_run_keeps_finished_cases(tmp_path: Path) -> None:
     rows = list(csv.DictReader(csv_path.open()))
     assert len(rows) >= len(data["results"])
     assert [(r["workload"], r["impl"], r["status"]) for r in rows[: len(data["results"])]] == [
-        (r["workload"], r["impl"], r["status"]) for r in data["results"]]
+        (r["workload"], r["impl"], r["status"]) for r in data["results"]
+    ]

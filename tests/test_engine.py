@@ -1,5 +1,6 @@
 """DPOEngine against a naive full-logits oracle: log-probs for every packing and architecture, metrics, gradients of a
 training step, reference modes (separate model, PEFT adapter, precomputed cache, bitsandbytes 8/4-bit), options."""
+
 from __future__ import annotations
 
 import copy
@@ -82,8 +83,13 @@ def test_logps_all_packings_match_naive(arch: str, tok) -> None:
         naive_ref = _naive_seq_logps(_naive_token_stats(ref, pad))
     assert (naive_pol - naive_ref).abs().max() > 1.0  # policy and reference differ: the checks can fail
     p = len(rows)
-    for packing, kw in [("pad", {}), ("padding_free", {}), ("prefix_shared", {}),
-                        ("padding_free", {"max_tokens_per_row": 40}), ("prefix_shared", {"max_tokens_per_row": 60})]:
+    for packing, kw in [
+        ("pad", {}),
+        ("padding_free", {}),
+        ("prefix_shared", {}),
+        ("padding_free", {"max_tokens_per_row": 40}),
+        ("prefix_shared", {"max_tokens_per_row": 60}),
+    ]:
         batch = _batch(tok, rows, packing, **kw)
         assert pair_keys(batch) == pair_keys(pad)  # same pairs, same tokens
         out = engine.compute_logps(policy, batch, with_grad=True)
@@ -98,8 +104,11 @@ def test_empty_completions_are_legal(tok) -> None:
     policy, ref = _model("llama", tok), _model("llama", tok, seed=1)
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     rows = [
-        {"prompt_input_ids": ids("What color is the sky?"), "chosen_input_ids": ids(" Blue."),
-         "rejected_input_ids": []},
+        {
+            "prompt_input_ids": ids("What color is the sky?"),
+            "chosen_input_ids": ids(" Blue."),
+            "rejected_input_ids": [],
+        },
         {"prompt_input_ids": ids("Tell me a joke"), "chosen_input_ids": [], "rejected_input_ids": []},
         {"prompt_input_ids": ids("Hello!"), "chosen_input_ids": ids(" Hi there"), "rejected_input_ids": ids(" No")},
     ]
@@ -115,8 +124,9 @@ def test_empty_completions_are_legal(tok) -> None:
         policy.zero_grad()
         loss, _ = engine.step(batch)
         loss.backward()
-        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in policy.parameters()
-                                            if p.grad is not None)
+        assert torch.isfinite(loss) and all(
+            torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None
+        )
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -129,8 +139,13 @@ def test_metrics_match_naive(arch: str, tok) -> None:
     with torch.no_grad():
         for _ in range(4):
             greedy.append(int(policy(input_ids=torch.tensor([greedy])).logits[0, -1].argmax()))
-    rows = _rows(3, seed=5) + [{"prompt_input_ids": prompt, "chosen_input_ids": greedy[len(prompt):],
-                                "rejected_input_ids": tok(" lazy dog", add_special_tokens=False)["input_ids"]}]
+    rows = _rows(3, seed=5) + [
+        {
+            "prompt_input_ids": prompt,
+            "chosen_input_ids": greedy[len(prompt) :],
+            "rejected_input_ids": tok(" lazy dog", add_special_tokens=False)["input_ids"],
+        }
+    ]
     beta = 0.3
     engine = DPOEngine(policy, ref, beta=beta)
     pad = _batch(tok, rows, "pad")
@@ -186,8 +201,9 @@ def test_train_step_gradients_match_naive(arch: str, tok) -> None:
         loss.backward()
         for name, param in policy.named_parameters():
             scale = naive_grads[name].abs().max().clamp(min=1e-8)
-            torch.testing.assert_close(param.grad, naive_grads[name], rtol=1e-4, atol=1e-4 * float(scale),
-                                       msg=f"{packing}: grad of {name}")
+            torch.testing.assert_close(
+                param.grad, naive_grads[name], rtol=1e-4, atol=1e-4 * float(scale), msg=f"{packing}: grad of {name}"
+            )
         before = {n: p.detach().clone() for n, p in policy.named_parameters()}
         torch.optim.SGD(policy.parameters(), lr=0.1).step()
         changed = [n for n, p in policy.named_parameters() if not torch.equal(p, before[n])]
@@ -304,8 +320,9 @@ def test_temperature_scales_logits(tok) -> None:
         with torch.no_grad():
             logp = (policy(input_ids=ids[None]).logits[0, :-1] / 2.0).log_softmax(-1)
         expected.append(logp.gather(-1, ids[1:, None])[:, 0][role[1:] > 0].sum())
-    torch.testing.assert_close(torch.cat([out["chosen_logps"], out["rejected_logps"]]), torch.stack(expected),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.cat([out["chosen_logps"], out["rejected_logps"]]), torch.stack(expected), rtol=1e-5, atol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------------------------ reference modes
@@ -314,8 +331,10 @@ def test_reference_modes_give_the_same_loss(tok, tmp_path) -> None:
     rows = _rows(5, seed=23)
     base = _model("llama", tok)
     ref_copy = copy.deepcopy(base)
-    policy = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"],
-                                                       lora_dropout=0.0, init_lora_weights=False))
+    policy = peft.get_peft_model(
+        base,
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0, init_lora_weights=False),
+    )
     batches = [_batch(tok, rows[:3], "prefix_shared"), _batch(tok, rows[3:], "prefix_shared")]
 
     model_engine = DPOEngine(policy, ref_copy, reference="model")
@@ -374,8 +393,9 @@ def test_reference_equal_to_policy_gives_exactly_zero_rewards(arch: str, tok) ->
             if not kw.get("use_weighting"):  # WPO scales the per-pair terms by weights < 1
                 assert float(loss) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-6)  # -log sigmoid(0)
     peft = pytest.importorskip("peft")
-    lora = peft.get_peft_model(copy.deepcopy(policy), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                                      lora_dropout=0.0))  # B = 0: adapter is a no-op
+    lora = peft.get_peft_model(
+        copy.deepcopy(policy), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )  # B = 0: adapter is a no-op
     _, metrics = DPOEngine(lora, reference="adapter").step(_batch(tok, rows, "prefix_shared"))
     assert float(metrics["rewards/margins"]) == 0.0 and float(metrics["rewards/accuracies"]) == 0.0
 
@@ -495,19 +515,41 @@ def test_loss_and_metrics_match_trl_dpo_trainer(tmp_path) -> None:
     from fastdpo.benchmarks.engine_step import make_models, make_rows
     from fastdpo.benchmarks.engine_step import make_tokenizer as make_id_tokenizer
 
-    args = argparse.Namespace(pairs=3, prompt_len=21, completion_len=7, jitter=0.5, vocab=211, hidden=32, layers=1,
-                              heads=4, seed=5)
+    args = argparse.Namespace(
+        pairs=3, prompt_len=21, completion_len=7, jitter=0.5, vocab=211, hidden=32, layers=1, heads=4, seed=5
+    )
     rows = make_rows(args)
     tok = make_id_tokenizer(args.vocab)
     policy, ref = make_models(args)
     trl_policy = copy.deepcopy(policy)
-    config = DPOConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=args.pairs,
-                       max_length=None, beta=0.2, use_cpu=True, bf16=False, save_strategy="no",
-                       logging_strategy="no")
-    trainer = DPOTrainer(model=trl_policy, ref_model=ref, args=config, processing_class=tok,
-                         train_dataset=Dataset.from_list([{"prompt": "t3", "chosen": " t4", "rejected": " t5"}]))
-    trl_batch = trainer.data_collator([{"prompt_ids": r["prompt_input_ids"], "chosen_ids": r["chosen_input_ids"],
-                                        "rejected_ids": r["rejected_input_ids"]} for r in rows])
+    config = DPOConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        per_device_train_batch_size=args.pairs,
+        max_length=None,
+        beta=0.2,
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        logging_strategy="no",
+    )
+    trainer = DPOTrainer(
+        model=trl_policy,
+        ref_model=ref,
+        args=config,
+        processing_class=tok,
+        train_dataset=Dataset.from_list([{"prompt": "t3", "chosen": " t4", "rejected": " t5"}]),
+    )
+    trl_batch = trainer.data_collator(
+        [
+            {
+                "prompt_ids": r["prompt_input_ids"],
+                "chosen_ids": r["chosen_input_ids"],
+                "rejected_ids": r["rejected_input_ids"],
+            }
+            for r in rows
+        ]
+    )
     trl_loss = trainer.compute_loss(trainer.model, trl_batch)
     trl_loss.backward()
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
@@ -516,8 +558,18 @@ def test_loss_and_metrics_match_trl_dpo_trainer(tmp_path) -> None:
     loss, metrics = engine.step(PreferenceCollator(tok, packing="prefix_shared")(rows))
     loss.backward()
     assert float(loss) == pytest.approx(float(trl_loss), rel=1e-5)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "entropy",
+        "mean_token_accuracy",
+    ):
         assert float(metrics[key]) == pytest.approx(trl_metrics[key], rel=1e-4, abs=1e-5), key
     trl_params = dict(trl_policy.named_parameters())
     for name, param in policy.named_parameters():

@@ -12,6 +12,7 @@ actually move the loss.
 The naive path takes token ids, masks and positions from the collated batch but derives which tokens are scored (and
 for which sequence) itself from ``token_role`` / ``token_seq``, independently of the collator's ``logp_*`` indices.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,6 +29,7 @@ NUM_ROWS = 16
 BETA = 0.1
 LR = 3e-3
 TOL = 1e-3
+
 
 def naive_sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """``[2P]`` fp32 summed completion log-probs from the model's full logits (chosen 0..P-1, rejected P..2P-1)."""
@@ -51,15 +53,23 @@ def _tiny_llama(tok: Any, seed: int) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, rms_norm_eps=1e-6,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        rms_norm_eps=1e-6,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
         with torch.no_grad():
-            for name, p in sorted(model.named_parameters()):
+            for _name, p in sorted(model.named_parameters()):
                 if p.ndim >= 2:
                     p.normal_(0.0, 0.1)
     return model
@@ -80,6 +90,7 @@ def _short_rows(tiny: Any, n: int, seed: int) -> list[dict[str, str]]:
 @pytest.mark.usefixtures("one_thread")
 def test_200_step_dpo_matches_naive() -> None:
     from fastdpo import DPOEngine, PreferenceCollator, tiny
+
     tok = tiny.make_tokenizer()
     base = _tiny_llama(tok, seed=0)
     ref = copy.deepcopy(base).eval().requires_grad_(False)
@@ -90,8 +101,14 @@ def test_200_step_dpo_matches_naive() -> None:
     batches = [collate(rows[i : i + PAIRS_PER_BATCH]) for i in range(0, len(rows), PAIRS_PER_BATCH)]
 
     cache = DPOEngine(fast_model, ref, loss_type="sigmoid", beta=BETA).precompute_reference(batches)
-    engine = DPOEngine(fast_model, reference="precomputed", ref_cache=cache, loss_type="sigmoid", beta=BETA,
-                       compute_token_metrics=False)
+    engine = DPOEngine(
+        fast_model,
+        reference="precomputed",
+        ref_cache=cache,
+        loss_type="sigmoid",
+        beta=BETA,
+        compute_token_metrics=False,
+    )
     with torch.no_grad():
         naive_ref = [naive_sequence_logps(ref, b) for b in batches]
     opt_fast = torch.optim.AdamW(fast_model.parameters(), lr=LR, weight_decay=0.0)
@@ -123,4 +140,4 @@ def test_200_step_dpo_matches_naive() -> None:
     # training really happened (the comparison is not between two flat lines): at step 0 policy == reference, so the
     # loss is log 2; the last epoch's loss is well below it
     assert abs(naive_losses[0] - 0.693147) < 1e-4, naive_losses[0]
-    assert float(naive[-len(batches):].mean()) < 0.4, naive_losses[-len(batches):]
+    assert float(naive[-len(batches) :].mean()) < 0.4, naive_losses[-len(batches) :]

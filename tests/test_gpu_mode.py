@@ -5,6 +5,7 @@ The command-line runs are real ``python -m pytest`` subprocesses with CUDA hidde
 they check the same thing on CPU and GPU machines: which ``TRITON_INTERPRET`` the run set, what ``@triton.jit`` made of
 fastdpo's kernels (``JITFunction`` = compiled, ``InterpretedFunction`` = interpreter), and why each gpu test skipped.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,12 +22,23 @@ ROOT = Path(__file__).resolve().parent.parent
 GPU_FILES = ["tests/test_large_index.py", "tests/test_segments.py"]
 
 
-@pytest.mark.parametrize("expr,expected", [
-    ("gpu", True), ("gpu and not distributed", True), ("(gpu)", True), ("not (not gpu)", True),
-    ("gpu and distributed", True),
-    ("", False), (None, False), ("not gpu", False), ("gpu or distributed", False), ("distributed", False),
-    ("gpu and not gpu", False), ("not distributed", False),
-])
+@pytest.mark.parametrize(
+    "expr,expected",
+    [
+        ("gpu", True),
+        ("gpu and not distributed", True),
+        ("(gpu)", True),
+        ("not (not gpu)", True),
+        ("gpu and distributed", True),
+        ("", False),
+        (None, False),
+        ("not gpu", False),
+        ("gpu or distributed", False),
+        ("distributed", False),
+        ("gpu and not gpu", False),
+        ("not distributed", False),
+    ],
+)
 def test_mode_selection(expr: str | None, expected: bool) -> None:
     assert gpu_mode.selects_only_gpu(expr) is expected
     assert gpu_mode.triton_interpret_value(expected) == ("0" if expected else "1")
@@ -34,11 +46,20 @@ def test_mode_selection(expr: str | None, expected: bool) -> None:
 
 def _pytest(*args: str) -> tuple[int, str]:
     """``(exit code, stdout)`` of a fresh ``python -m pytest`` (none of this run's pytest / xdist variables)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST") and not k.startswith("PYTEST_XDIST")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TRITON_INTERPRET", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST") and not k.startswith("PYTEST_XDIST")
+    }
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-rs", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-rs", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc.returncode, proc.stdout
 
 
@@ -54,8 +75,9 @@ def _skip_reasons(out: str) -> list[str]:
 def test_gpu_mode_without_cuda_skips_every_gpu_test_compiled() -> None:
     rc, out = _pytest("-m", "gpu", *GPU_FILES)
     assert rc == 0, out
-    assert _header(out) == ("fastdpo test mode: gpu (-m gpu); TRITON_INTERPRET=0; kernels: JITFunction; "
-                            "CUDA available: False"), out
+    assert _header(out) == (
+        "fastdpo test mode: gpu (-m gpu); TRITON_INTERPRET=0; kernels: JITFunction; CUDA available: False"
+    ), out
     reasons = _skip_reasons(out)
     assert reasons and set(reasons) == {gpu_mode.SKIP_NO_CUDA}, out
     (summary,) = re.findall(r"^=+ (.*) in [\d.]+s.* =+$", out, flags=re.M)
@@ -65,8 +87,8 @@ def test_gpu_mode_without_cuda_skips_every_gpu_test_compiled() -> None:
 def test_plain_mode_interprets_and_leaves_gpu_tests_to_the_gpu_mode() -> None:
     rc, out = _pytest(*GPU_FILES, "-k", "cuda")
     assert rc == 0, out
-    assert _header(out) == ("fastdpo test mode: plain; TRITON_INTERPRET=1; kernels: InterpretedFunction; "
-                            "CUDA available: False"), out
+    assert _header(out) == (
+        "fastdpo test mode: plain; TRITON_INTERPRET=1; kernels: InterpretedFunction; CUDA available: False"
+    ), out
     reasons = _skip_reasons(out)
     assert reasons and set(reasons) == {gpu_mode.SKIP_NOT_GPU_MODE}, out
-

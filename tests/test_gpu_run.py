@@ -6,6 +6,7 @@ must be reported and skipped), then every section on tiny shapes with the Triton
 exist and parse, and the correctness column must pass. Plus: the time guard, the install fallback, the wheel
 dependency check, the Liger head implementation the GPU run compares against, the targets summary, CLI errors.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,8 +41,13 @@ def dry_run(tmp_path_factory):
     hide.mkdir(parents=True)
     (hide / "__init__.py").write_text(f"raise ImportError({HIDDEN!r})\n")
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(tmp / "hide"), TMPDIR=str(tmp))
-    proc = subprocess.run(["bash", str(RUN), str(tmp / "out"), "--dry-run", "--wheels", str(tmp / "no-wheels")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(RUN), str(tmp / "out"), "--dry-run", "--wheels", str(tmp / "no-wheels")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = _outputs(tmp / "out")
     return proc, files, json.loads(files["json"].read_text())
@@ -121,9 +127,24 @@ def test_dry_run_installed_fastdpo_outside_the_checkout(dry_run):
 def test_time_guard_skips_cases_and_still_writes(tmp_path):
     """A budget below the reserve: every case is recorded as skipped, the outputs are still complete."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "fastdpo.benchmarks.gpu_bench", str(tmp_path / "out"), "--dry-run",
-                           "--budget-s", "1", "--sections", "logprobs"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastdpo.benchmarks.gpu_bench",
+            str(tmp_path / "out"),
+            "--dry-run",
+            "--budget-s",
+            "1",
+            "--sections",
+            "logprobs",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = _outputs(tmp_path / "out", png=False)  # nothing ran: nothing to plot
     data = json.loads(files["json"].read_text())
@@ -146,21 +167,33 @@ def test_install_falls_back_to_the_declared_layout(tmp_path):
 def _fake_wheel(path: Path, name: str, requires: list[str]) -> Path:
     wheel = path / f"{name}-1.0-py3-none-any.whl"
     meta = "Metadata-Version: 2.1\nName: {}\nVersion: 1.0\n{}\n".format(
-        name, "".join(f"Requires-Dist: {r}\n" for r in requires))
+        name, "".join(f"Requires-Dist: {r}\n" for r in requires)
+    )
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(f"{name}-1.0.dist-info/METADATA", meta)
     return wheel
 
 
 def test_wheel_dependency_check(tmp_path):
-    a = _fake_wheel(tmp_path, "fakepeer", ["dill>=0.3", "numpy", "not-in-the-image (>=1)", "fakeother",
-                                           'pytest-nothere; extra == "test"', 'old-backport; python_version < "3.10"'])
+    a = _fake_wheel(
+        tmp_path,
+        "fakepeer",
+        [
+            "dill>=0.3",
+            "numpy",
+            "not-in-the-image (>=1)",
+            "fakeother",
+            'pytest-nothere; extra == "test"',
+            'old-backport; python_version < "3.10"',
+        ],
+    )
     b = _fake_wheel(tmp_path, "fakeother", ["torch", "Also_Missing"])
     assert wheels.requirements(a, "3.12") == ["dill", "numpy", "not-in-the-image", "fakeother"]
-    assert wheels.missing_requirements([a, b], "3.12") == {a.name: ["dill", "not-in-the-image"],
-                                                            b.name: ["also-missing"]}
-    assert wheels.missing_requirements([a], "3.9")[a.name] == ["dill", "fakeother", "not-in-the-image",
-                                                               "old-backport"]
+    assert wheels.missing_requirements([a, b], "3.12") == {
+        a.name: ["dill", "not-in-the-image"],
+        b.name: ["also-missing"],
+    }
+    assert wheels.missing_requirements([a], "3.9")[a.name] == ["dill", "fakeother", "not-in-the-image", "old-backport"]
 
 
 def test_liger_head_impl_gives_logprobs_and_their_gradient():
@@ -183,28 +216,46 @@ def test_liger_head_impl_gives_logprobs_and_their_gradient():
 
 def test_targets_summary():
     recs = [
-        {"section": "logprobs", "status": "ok", "dtype": "bfloat16", "N": 4096, "V": 32000, "fwd_pct_copy": 90.0,
-         "bwd_pct_copy": 80.0},
+        {
+            "section": "logprobs",
+            "status": "ok",
+            "dtype": "bfloat16",
+            "N": 4096,
+            "V": 32000,
+            "fwd_pct_copy": 90.0,
+            "bwd_pct_copy": 80.0,
+        },
         {"section": "head", "status": "ok", "V": 128256, "impl": "fastdpo", "tflops": 640.0, "pct_mm": 82.0},
         {"section": "head", "status": "ok", "V": 128256, "impl": "trl", "tflops": 400.0},
-        {"section": "dpo", "status": "ok", "attn": "sdpa", "impl": "prefix_shared", "tokens_per_s": 30000.0,
-         "peak_mb": 20000.0},
+        {
+            "section": "dpo",
+            "status": "ok",
+            "attn": "sdpa",
+            "impl": "prefix_shared",
+            "tokens_per_s": 30000.0,
+            "peak_mb": 20000.0,
+        },
         {"section": "dpo", "status": "ok", "attn": "sdpa", "impl": "trl", "tokens_per_s": 15000.0, "peak_mb": 30000.0},
         {"section": "dpo", "status": "skipped: peer trl missing", "attn": "sdpa", "impl": "padding_free"},
     ]
     lines = gpu_report.targets(recs)
     assert lines[0].endswith("target >= 85: met") and lines[1].endswith("target >= 85: NOT met")
     assert "82.0 % of torch.mm (target >= 80: met); 1.60x TRL's chunked head (target >= 1.3: met)" in lines[2]
-    assert lines[3] == "DPO step sdpa prefix_shared: 2.00x TRL tokens/s at 0.67x TRL's peak memory " \
-                       "(target >= 1.5x at <= 1x: met)"
+    assert (
+        lines[3] == "DPO step sdpa prefix_shared: 2.00x TRL tokens/s at 0.67x TRL's peak memory "
+        "(target >= 1.5x at <= 1x: met)"
+    )
     assert len(lines) == 4
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "usage: benchmarks/gpu_run.sh OUTDIR"),
-    (["OUT", "--budget-s", "soon"], "--budget-s must be a whole number of seconds"),
-    (["OUT", "--frobnicate"], "unknown argument --frobnicate"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "usage: benchmarks/gpu_run.sh OUTDIR"),
+        (["OUT", "--budget-s", "soon"], "--budget-s must be a whole number of seconds"),
+        (["OUT", "--frobnicate"], "unknown argument --frobnicate"),
+    ],
+)
 def test_gpu_run_cli_errors(tmp_path, args, message):
     args = [str(tmp_path / a) if a == "OUT" else a for a in args]
     proc = subprocess.run(["bash", str(RUN), *args], capture_output=True, text=True, timeout=60)
@@ -212,6 +263,11 @@ def test_gpu_run_cli_errors(tmp_path, args, message):
 
 
 def test_gpu_bench_cli_errors(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastdpo.benchmarks.gpu_bench", str(tmp_path), "--sections", "heads"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastdpo.benchmarks.gpu_bench", str(tmp_path), "--sections", "heads"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unknown section" in proc.stderr

@@ -2,6 +2,7 @@
 their deprecated spellings, and tiles that reach every mode (grad-in-forward included) instead of being dropped.
 
 The tiles a call actually uses are observed by wrapping the head's forward sweep and reading its ``_Spec``."""
+
 from __future__ import annotations
 
 import warnings
@@ -84,9 +85,12 @@ def test_tiles_reach_the_sweep(monkeypatch: pytest.MonkeyPatch, no_warnings: Non
     assert [s[:2] for s in seen] == [(5, 16), (n, 16), (5, V), (3, 40)]
 
 
-@pytest.mark.parametrize("chunk_size, tiles", [(16, {"vocab_tile": 16}), ((5, 16), {"token_tile": 5, "vocab_tile": 16})])
-def test_chunk_size_is_the_deprecated_spelling_of_the_tiles(monkeypatch: pytest.MonkeyPatch, chunk_size: Any,
-                                                            tiles: dict[str, int]) -> None:
+@pytest.mark.parametrize(
+    "chunk_size, tiles", [(16, {"vocab_tile": 16}), ((5, 16), {"token_tile": 5, "vocab_tile": 16})]
+)
+def test_chunk_size_is_the_deprecated_spelling_of_the_tiles(
+    monkeypatch: pytest.MonkeyPatch, chunk_size: Any, tiles: dict[str, int]
+) -> None:
     seen = _spy(monkeypatch, head_function)
     hidden, weight, labels = _inputs()
     with warnings.catch_warnings():
@@ -97,8 +101,7 @@ def test_chunk_size_is_the_deprecated_spelling_of_the_tiles(monkeypatch: pytest.
     assert seen[0] == seen[1]
     torch.testing.assert_close(old, new, rtol=0, atol=0)
     with pytest.warns(DeprecationWarning, match="linear_sequence_logprobs"):
-        seq = head.linear_sequence_logprobs(hidden[None], weight, labels[None], chunk_size=chunk_size,
-                                            backend="torch")
+        seq = head.linear_sequence_logprobs(hidden[None], weight, labels[None], chunk_size=chunk_size, backend="torch")
     assert seen[2] == seen[0]
     torch.testing.assert_close(seq, new.sum()[None], rtol=1e-6, atol=1e-6)
     with pytest.warns(DeprecationWarning, match="naive_linear_token_logprobs"):

@@ -11,6 +11,7 @@ inputs' dtype (``tol = 2e-6 * max|f64|``, plus one rounding -- ``eps / 2`` of th
 outputs, plus one more for bf16 through the Triton *interpreter*, which truncates fp32 -> bf16 stores where GPUs
 round). Float64 inputs (the loss formulas) are compared at 1e-12.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,12 +41,20 @@ def check(name: str, got: torch.Tensor, naive: torch.Tensor, ref: torch.Tensor, 
     scale = max(float(ref.abs().max()), 1e-30) if ref.numel() else 1.0
     err = float((got.detach().double() - ref).abs().max()) if ref.numel() else 0.0
     naive_err = float((naive.detach().double() - ref).abs().max()) if ref.numel() else 0.0
-    assert err <= naive_err + (2e-6 + u) * scale, f"{name}: error {err:.3e} > naive {naive_err:.3e} (+tol, scale " \
-                                                  f"{scale:.3e})"
+    assert err <= naive_err + (2e-6 + u) * scale, (
+        f"{name}: error {err:.3e} > naive {naive_err:.3e} (+tol, scale {scale:.3e})"
+    )
 
 
-def logits_of(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, scale: float = 1.0,
-              softcap: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+def logits_of(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """The documented logit transform, in ``hidden``'s dtype: ``softcap * tanh(x * scale / softcap) / temperature``."""
     x = hidden @ weight.T
     if bias is not None:
@@ -107,8 +116,8 @@ def test_sequence_and_token_logprobs(backend: str, dtype: torch.dtype) -> None:
             seq = t.to(acc).sum(-1)
             avg = seq / (labels != IGNORE).sum(-1).clamp(min=1)
             tok = t.to(acc)
-        g_seq, = _grads(seq, [x], up_seq)
-        g_tok, = _grads(tok, [x], up_tok)
+        (g_seq,) = _grads(seq, [x], up_seq)
+        (g_tok,) = _grads(tok, [x], up_tok)
         results[kind] = (seq, avg, tok, g_seq, g_tok)
     u = _tol_u(dtype, backend)
     for i, name in enumerate(("sequence", "average", "token", "grad(sequence)", "grad(token)")):
@@ -130,8 +139,11 @@ def test_sequence_logprobs_packed_segments(backend: str) -> None:
     res = {}
     for kind, x in (("f64", logits.double()), ("naive", logits.clone()), ("op", logits.clone())):
         x.requires_grad_(True)
-        out = (sequence_logprobs(x, labels, segment_ids=ids, num_segments=s, backend=backend) if kind == "op"
-               else loop_segment_sum(token_logps_of(x, labels), ids, s))
+        out = (
+            sequence_logprobs(x, labels, segment_ids=ids, num_segments=s, backend=backend)
+            if kind == "op"
+            else loop_segment_sum(token_logps_of(x, labels), ids, s)
+        )
         res[kind] = (out, *_grads(out, [x], up))
     check("packed", res["op"][0], res["naive"][0], res["f64"][0])
     check("packed grad", res["op"][1], res["naive"][1], res["f64"][1])
@@ -193,10 +205,20 @@ def test_linear_token_logprobs(backend: str, dtype: torch.dtype, transform: str)
         h, w, b = (t.to(cast).clone().requires_grad_(True) for t in (hidden0, weight0, bias0))
         leaves = [h, w, b] if use_bias else [h, w]
         if kind == "op":
-            stats = linear_token_logprobs(h, w, labels, bias=b if use_bias else None, softcap=opts.get("softcap"),
-                                          logit_scale=opts.get("scale", 1.0), temperature=opts.get("temperature", 1.0),
-                                          return_entropy=True, return_log_sum_p2=True, return_mean_logit=True,
-                                          return_argmax_hit=True, backend=backend)
+            stats = linear_token_logprobs(
+                h,
+                w,
+                labels,
+                bias=b if use_bias else None,
+                softcap=opts.get("softcap"),
+                logit_scale=opts.get("scale", 1.0),
+                temperature=opts.get("temperature", 1.0),
+                return_entropy=True,
+                return_log_sum_p2=True,
+                return_mean_logit=True,
+                return_argmax_hit=True,
+                backend=backend,
+            )
             out = stats.logprobs
             extra = (stats.entropy, stats.log_sum_p2, stats.mean_logit, stats.argmax_hit)
         else:
@@ -204,8 +226,10 @@ def test_linear_token_logprobs(backend: str, dtype: torch.dtype, transform: str)
             out = token_logps_of(z, labels).to(torch.float64 if kind == "f64" else torch.float32)
             logp = torch.log_softmax(z.detach().double() if kind == "f64" else z.detach().float(), dim=-1)
             p, valid = logp.exp(), labels != IGNORE
-            extra = tuple(torch.where(valid, t, torch.zeros_like(t)) for t in (
-                -(p * logp).sum(-1), torch.logsumexp(2 * logp, dim=-1), z.detach().to(logp.dtype).mean(-1)))
+            extra = tuple(
+                torch.where(valid, t, torch.zeros_like(t))
+                for t in (-(p * logp).sum(-1), torch.logsumexp(2 * logp, dim=-1), z.detach().to(logp.dtype).mean(-1))
+            )
             extra = (*extra, valid & (z.detach().argmax(-1) == labels))
         res[kind] = (out, *_grads(out, leaves, up), extra)
     u = _tol_u(dtype, backend)
@@ -213,7 +237,10 @@ def test_linear_token_logprobs(backend: str, dtype: torch.dtype, transform: str)
     for i, leaf in enumerate(("hidden", "weight", "bias")[: len(res["op"]) - 2], start=1):
         check(f"grad {leaf}", res["op"][i], res["naive"][i], res["f64"][i], u)
     (ent, lsp2, mean_z, hit), (n_ent, n_lsp2, n_mean, _), (r_ent, r_lsp2, r_mean, r_hit) = (
-        res["op"][-1], res["naive"][-1], res["f64"][-1])
+        res["op"][-1],
+        res["naive"][-1],
+        res["f64"][-1],
+    )
     check("entropy", ent, n_ent, r_ent)
     check("log sum p^2", lsp2, n_lsp2, r_lsp2)
     check("mean logit", mean_z, n_mean, r_mean)
@@ -253,10 +280,12 @@ def test_linear_sequence_logprobs(backend: str, average: bool) -> None:
 
 def _pair_dpo(beta: float, ref_c: torch.Tensor, ref_r: torch.Tensor, num_pairs: int):
     """``loss_fn(seq_logps, ids)`` of one pair ``ids = [i, P + i]``: its share of the batch-mean sigmoid DPO loss."""
+
     def loss_fn(seq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         i = int(ids[0])
         margin = (seq[0] - ref_c[i]) - (seq[1] - ref_r[i])
         return -F.logsigmoid(beta * margin) / num_pairs
+
     return loss_fn
 
 
@@ -280,8 +309,19 @@ def test_linear_logprobs_loss_grad_in_forward(backend: str, token_weights: bool)
         ref_c, ref_r = ref[:P].to(cast), ref[P:].to(cast)
         if kind == "op":
             loss, seq = linear_logprobs_loss_grad_in_forward(
-                h, w, labels, seg, 2 * P, _pair_dpo(beta, ref_c, ref_r, P), bias=b, softcap=6.0, temperature=1.2,
-                groups=groups, token_weights=weights, backend=backend)
+                h,
+                w,
+                labels,
+                seg,
+                2 * P,
+                _pair_dpo(beta, ref_c, ref_r, P),
+                bias=b,
+                softcap=6.0,
+                temperature=1.2,
+                groups=groups,
+                token_weights=weights,
+                backend=backend,
+            )
         else:
             tok = token_logps_of(logits_of(h, w, b, softcap=6.0, temperature=1.2), labels)
             seq = loop_segment_sum(tok * (weights.to(cast) if weights is not None else 1.0), seg, 2 * P)
@@ -296,6 +336,7 @@ def test_linear_logprobs_loss_grad_in_forward(backend: str, token_weights: bool)
 # preference_loss: LOSSES.md, typed in again
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _scores(logratio: torch.Tensor, f_div: str, alpha: float) -> torch.Tensor:
     if f_div == "reverse_kl":
         return logratio
@@ -306,8 +347,21 @@ def _scores(logratio: torch.Tensor, f_div: str, alpha: float) -> torch.Tensor:
     return (torch.exp(torch.clamp((alpha - 1) * logratio, max=80.0)) - 1) / (alpha - 1)
 
 
-def losses_md(kind: str, pc, pr, rc, rr, len_c, len_r, *, beta: float, eps: float, tau: float = 0.05,
-              f_div: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
+def losses_md(
+    kind: str,
+    pc,
+    pr,
+    rc,
+    rr,
+    len_c,
+    len_r,
+    *,
+    beta: float,
+    eps: float,
+    tau: float = 0.05,
+    f_div: str = "reverse_kl",
+    alpha: float = 0.5,
+) -> torch.Tensor:
     """Per-pair loss of LOSSES.md (``sft``: the batch scalar), float64."""
     c, r = pc - rc, pr - rr
     sc, sr = _scores(c, f_div, alpha), _scores(r, f_div, alpha)
@@ -350,8 +404,23 @@ def losses_md(kind: str, pc, pr, rc, rr, len_c, len_r, *, beta: float, eps: floa
     raise AssertionError(kind)
 
 
-LOSS_KINDS = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LOSS_KINDS = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 EPS = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}
 
 
@@ -370,8 +439,9 @@ def test_preference_loss_matches_losses_md(kind: str) -> None:
     pc, pr, rc, rr, len_c, len_r = _pl_inputs(seed=LOSS_KINDS.index(kind))
     beta, eps = 0.3, EPS.get(kind, 0.0)
     a, b = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
-    loss, metrics = preference_loss(a, b, rc, rr, loss_type=kind, beta=beta, label_smoothing=eps,
-                                    chosen_lengths=len_c, rejected_lengths=len_r)
+    loss, metrics = preference_loss(
+        a, b, rc, rr, loss_type=kind, beta=beta, label_smoothing=eps, chosen_lengths=len_c, rejected_lengths=len_r
+    )
     a2, b2 = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
     ref = losses_md(kind, a2, b2, rc, rr, len_c, len_r, beta=beta, eps=eps).mean()
     assert loss.dtype == torch.float64
@@ -384,15 +454,26 @@ def test_preference_loss_matches_losses_md(kind: str) -> None:
         else:
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     c, r = pc - rc, pr - rr  # TRL's metrics
-    want_metrics = {"rewards/chosen": beta * c.mean(), "rewards/rejected": beta * r.mean(),
-                    "rewards/accuracies": (beta * c > beta * r).double().mean(),
-                    "rewards/margins": (beta * (c - r)).mean(), "logps/chosen": pc.mean(), "logps/rejected": pr.mean()}
+    want_metrics = {
+        "rewards/chosen": beta * c.mean(),
+        "rewards/rejected": beta * r.mean(),
+        "rewards/accuracies": (beta * c > beta * r).double().mean(),
+        "rewards/margins": (beta * (c - r)).mean(),
+        "logps/chosen": pc.mean(),
+        "logps/rejected": pr.mean(),
+    }
     for key, value in want_metrics.items():
         assert float(metrics[key]) == pytest.approx(float(value), rel=1e-12, abs=1e-12), key
 
 
-@pytest.mark.parametrize("f_div,kind", [(f, k) for f in ("forward_kl", "js_divergence", "alpha_divergence")
-                                        for k in ("sigmoid", "ipo", "robust", "sigmoid_norm")])
+@pytest.mark.parametrize(
+    "f_div,kind",
+    [
+        (f, k)
+        for f in ("forward_kl", "js_divergence", "alpha_divergence")
+        for k in ("sigmoid", "ipo", "robust", "sigmoid_norm")
+    ],
+)
 def test_preference_loss_f_divergences(f_div: str, kind: str) -> None:
     from fastdpo import preference_loss
 
@@ -402,8 +483,19 @@ def test_preference_loss_f_divergences(f_div: str, kind: str) -> None:
     eps = EPS.get(kind, 0.0)
     # the coefficient is read by alpha_divergence only (the others refuse a non-default one)
     alpha = {"f_alpha_divergence_coef": 0.3} if f_div == "alpha_divergence" else {}
-    loss, _ = preference_loss(pc, pr, rc, rr, loss_type=kind, beta=0.2, label_smoothing=eps, f_divergence_type=f_div,
-                              chosen_lengths=len_c, rejected_lengths=len_r, **alpha)
+    loss, _ = preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        loss_type=kind,
+        beta=0.2,
+        label_smoothing=eps,
+        f_divergence_type=f_div,
+        chosen_lengths=len_c,
+        rejected_lengths=len_r,
+        **alpha,
+    )
     ref = losses_md(kind, pc, pr, rc, rr, len_c, len_r, beta=0.2, eps=eps, f_div=f_div, alpha=0.3).mean()
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
 
@@ -416,19 +508,35 @@ def test_preference_loss_mixture_and_wpo() -> None:
 
     pc, pr, rc, rr, len_c, len_r = _pl_inputs(seed=21)
     g = torch.Generator().manual_seed(22)
-    lsp2_c, lsp2_r = (-(torch.rand(7, generator=g, dtype=torch.float64) * 5) * len_c.clamp(min=1),
-                      -(torch.rand(7, generator=g, dtype=torch.float64) * 5) * len_r.clamp(min=1))
+    lsp2_c, lsp2_r = (
+        -(torch.rand(7, generator=g, dtype=torch.float64) * 5) * len_c.clamp(min=1),
+        -(torch.rand(7, generator=g, dtype=torch.float64) * 5) * len_r.clamp(min=1),
+    )
     a, b = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
-    loss, _ = preference_loss(a, b, rc, rr, loss_type=["sigmoid", "ipo", "sft"], loss_weights=[1.0, 0.5, 0.2],
-                              beta=0.3, chosen_lengths=len_c, rejected_lengths=len_r, use_weighting=True,
-                              policy_chosen_log_sum_p2=lsp2_c, policy_rejected_log_sum_p2=lsp2_r)
+    loss, _ = preference_loss(
+        a,
+        b,
+        rc,
+        rr,
+        loss_type=["sigmoid", "ipo", "sft"],
+        loss_weights=[1.0, 0.5, 0.2],
+        beta=0.3,
+        chosen_lengths=len_c,
+        rejected_lengths=len_r,
+        use_weighting=True,
+        policy_chosen_log_sum_p2=lsp2_c,
+        policy_rejected_log_sum_p2=lsp2_r,
+    )
     a2, b2 = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
-    w = (torch.exp((a2.detach() - lsp2_c) / len_c.double().clamp(min=1))
-         * torch.exp((b2.detach() - lsp2_r) / len_r.double().clamp(min=1)))
+    w = torch.exp((a2.detach() - lsp2_c) / len_c.double().clamp(min=1)) * torch.exp(
+        (b2.detach() - lsp2_r) / len_r.double().clamp(min=1)
+    )
     args = (a2, b2, rc, rr, len_c, len_r)
-    ref = ((losses_md("sigmoid", *args, beta=0.3, eps=0) * w).mean()
-           + 0.5 * (losses_md("ipo", *args, beta=0.3, eps=0) * w).mean()
-           + 0.2 * (losses_md("sft", *args, beta=0.3, eps=0) * w).mean())  # TRL: the batch scalar, per pair
+    ref = (
+        (losses_md("sigmoid", *args, beta=0.3, eps=0) * w).mean()
+        + 0.5 * (losses_md("ipo", *args, beta=0.3, eps=0) * w).mean()
+        + 0.2 * (losses_md("sft", *args, beta=0.3, eps=0) * w).mean()
+    )  # TRL: the batch scalar, per pair
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     for got, want in zip(torch.autograd.grad(loss, [a, b]), torch.autograd.grad(ref, [a2, b2])):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -437,6 +545,7 @@ def test_preference_loss_mixture_and_wpo() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # nn modules
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _module_case(seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
@@ -452,8 +561,22 @@ def _module_case(seed: int) -> tuple[torch.Tensor, ...]:
     return x, w, bias, ref_x, ref_w, target
 
 
-def _module_oracle(name: str, x, w, bias, ref_x, ref_w, target, *, beta: float, alpha: float, gamma: float,
-                   eps: float, compute_nll: bool, average: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def _module_oracle(
+    name: str,
+    x,
+    w,
+    bias,
+    ref_x,
+    ref_w,
+    target,
+    *,
+    beta: float,
+    alpha: float,
+    gamma: float,
+    eps: float,
+    compute_nll: bool,
+    average: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Liger's definitions over explicit logits in ``x``'s dtype: the loss and (c, r, chosen / rejected mean logit,
     nll, chosen / rejected rewards, *extra)."""
     p = x.shape[0] // 2
@@ -481,8 +604,7 @@ def _module_oracle(name: str, x, w, bias, ref_x, ref_w, target, *, beta: float, 
         rewards = (beta * c, beta * r)
         extra = (F.logsigmoid(log_odds).mean(), log_odds.mean())
     loss = pref + (alpha * nll if compute_nll else 0.0)
-    aux = (c, r, z[:p].mean(), z[p:].mean(), nll if compute_nll else torch.zeros((), dtype=x.dtype), *rewards,
-           *extra)
+    aux = (c, r, z[:p].mean(), z[p:].mean(), nll if compute_nll else torch.zeros((), dtype=x.dtype), *rewards, *extra)
     return loss, aux
 
 
@@ -504,15 +626,19 @@ def test_fused_modules(case: str, grad_in_forward: bool) -> None:
     name = case.split("_")[0]
     module = getattr(fnn, cls_name)(**opts, grad_in_forward=grad_in_forward)
     x0, w0, bias0, ref_x, ref_w, target = _module_case(seed=30)
-    settings = dict(beta=opts["beta"], alpha=opts.get("alpha", 1.0), gamma=opts.get("gamma", 0.0),
-                    eps=opts.get("label_smoothing", 0.0),
-                    compute_nll=opts.get("compute_nll_loss", name != "dpo"),
-                    average=opts.get("average_log_prob", name in ("simpo", "orpo")))
+    settings = dict(
+        beta=opts["beta"],
+        alpha=opts.get("alpha", 1.0),
+        gamma=opts.get("gamma", 0.0),
+        eps=opts.get("label_smoothing", 0.0),
+        compute_nll=opts.get("compute_nll_loss", name != "dpo"),
+        average=opts.get("average_log_prob", name in ("simpo", "orpo")),
+    )
     res = {}
     for kind, cast in (("f64", torch.float64), ("naive", torch.float32), ("op", torch.float32)):
         x, w, b = (t.to(cast).clone().requires_grad_(True) for t in (x0, w0, bias0))
         if kind == "op":
-            loss, aux = (module(w, x, target, b, ref_x, ref_w) if name == "dpo" else module(w, x, target, b))
+            loss, aux = module(w, x, target, b, ref_x, ref_w) if name == "dpo" else module(w, x, target, b)
         else:
             loss, aux = _module_oracle(name, x, w, b, ref_x.to(cast), ref_w.to(cast), target, **settings)
         grads = torch.autograd.grad(loss, [x, w, b])
@@ -530,8 +656,11 @@ def test_dpo_loss_module() -> None:
 
     pc, pr, rc, rr, len_c, len_r = _pl_inputs(seed=40)
     loss, metrics = DPOLoss(["hinge", "sigmoid_norm"], loss_weights=[0.4, 1.0], beta=0.25)(
-        pc, pr, rc, rr, chosen_lengths=len_c, rejected_lengths=len_r)
-    ref = (0.4 * losses_md("hinge", pc, pr, rc, rr, len_c, len_r, beta=0.25, eps=0).mean()
-           + losses_md("sigmoid_norm", pc, pr, rc, rr, len_c, len_r, beta=0.25, eps=0).mean())
+        pc, pr, rc, rr, chosen_lengths=len_c, rejected_lengths=len_r
+    )
+    ref = (
+        0.4 * losses_md("hinge", pc, pr, rc, rr, len_c, len_r, beta=0.25, eps=0).mean()
+        + losses_md("sigmoid_norm", pc, pr, rc, rr, len_c, len_r, beta=0.25, eps=0).mean()
+    )
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     assert float(metrics["rewards/margins"]) == pytest.approx(float((0.25 * ((pc - rc) - (pr - rr))).mean()))

@@ -5,6 +5,7 @@ memory; the guard makes the tensors' device current. On CPU the guard is a no-op
 each kernel of ``fastdpo.kernels`` is wrapped so that a launch outside the (recording) guard, or under a guard for a
 different device, fails — while every op runs on the interpreter.
 """
+
 from __future__ import annotations
 
 import ast
@@ -114,8 +115,17 @@ def test_every_launch_site_is_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
     hidden = torch.randn(5, 8, generator=gen, requires_grad=True)
     weight = torch.randn(37, 8, generator=gen, requires_grad=True)
     lab = torch.randint(0, 37, (5,), generator=gen)
-    out = linear_token_logprobs(hidden, weight, lab, softcap=5.0, return_entropy=True, return_argmax_hit=True,
-                                token_tile=4, vocab_tile=16, backend="triton")
+    out = linear_token_logprobs(
+        hidden,
+        weight,
+        lab,
+        softcap=5.0,
+        return_entropy=True,
+        return_argmax_hit=True,
+        token_tile=4,
+        vocab_tile=16,
+        backend="triton",
+    )
     out.logprobs.sum().backward()
     loss, _ = linear_logprobs_loss_grad_in_forward(
         hidden, weight, lab, torch.tensor([0, 0, 1, 1, 1]), 2, lambda s, ids: s.sum(), backend="triton"

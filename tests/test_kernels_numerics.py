@@ -6,6 +6,7 @@ Accuracy rule (the suite's): error against a float64 reference no larger than th
 same dtype plus a small tolerance. References here are written out in the test (``torch.log_softmax`` of explicit
 logits), independent of the library's own naive helpers.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,14 @@ def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
 
 
-def _explicit_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float = 1.0,
-                     softcap: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+def _explicit_logits(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     z = h @ w.t()
     if b is not None:
         z = z + b
@@ -40,8 +47,9 @@ def _explicit_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s
     return z / temperature
 
 
-def _oracle(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, labels: torch.Tensor, gout: torch.Tensor,
-            **transform: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+def _oracle(
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, labels: torch.Tensor, gout: torch.Tensor, **transform: Any
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Per-token log-probs and the gradients of ``sum(gout * logp)``: plain autograd through ``log_softmax`` of the
     explicit logits, in the inputs' own dtype (fp32 math for the softmax of half logits, like the models do)."""
     params = [p.detach().clone().requires_grad_(True) if p is not None else None for p in (h, w, b)]
@@ -77,9 +85,19 @@ def test_fused_head_whole_masked_tiles_stay_finite(transform: dict) -> None:
     kw = {"logit_scale": transform.get("scale", 1.0), "temperature": transform.get("temperature", 1.0)}
 
     params = [t.clone().requires_grad_(True) for t in (h, w, b)]
-    out = linear_token_logprobs(*params[:2], labels, bias=params[2], token_tile=4, vocab_tile=16, backend="triton",
-                                return_entropy=True, return_log_sum_p2=True, return_mean_logit=True,
-                                return_argmax_hit=True, **kw)
+    out = linear_token_logprobs(
+        *params[:2],
+        labels,
+        bias=params[2],
+        token_tile=4,
+        vocab_tile=16,
+        backend="triton",
+        return_entropy=True,
+        return_log_sum_p2=True,
+        return_mean_logit=True,
+        return_argmax_hit=True,
+        **kw,
+    )
     grads = torch.autograd.grad((out.logprobs * gout).sum(), params)
 
     ref, ref_grads = _oracle(h.double(), w.double(), b.double(), labels, gout.double(), **transform)
@@ -147,8 +165,16 @@ def test_fused_head_out_of_range_labels_give_nan_and_zero_gradient() -> None:
     bad = torch.tensor([1, 4, 6])
     labels[bad] = torch.tensor([vocab, -3, 10**12])
     params = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
-    out = linear_token_logprobs(*params, labels, validate=False, token_tile=4, vocab_tile=16, backend="triton",
-                                return_entropy=True, return_argmax_hit=True).logprobs
+    out = linear_token_logprobs(
+        *params,
+        labels,
+        validate=False,
+        token_tile=4,
+        vocab_tile=16,
+        backend="triton",
+        return_entropy=True,
+        return_argmax_hit=True,
+    ).logprobs
     is_bad = torch.zeros(n, dtype=torch.bool)
     is_bad[bad] = True
     assert torch.isnan(out[is_bad]).all() and torch.isfinite(out[~is_bad]).all()
@@ -185,8 +211,11 @@ def test_logprob_kernels_every_row_alignment(dtype: torch.dtype, vocab: int) -> 
     """V below one vector (the head is the whole row), odd V, several 32-wide blocks plus a partial one; rows on
     and off the 16-byte grid, a non-unit vocabulary stride, gradients in place and into a fresh buffer."""
     gen = torch.Generator().manual_seed(vocab)
-    cases = [(name, logits, inplace) for name, logits in _layouts(vocab, dtype, gen).items()
-             for inplace in ((False, True) if name in ("contiguous", "sliced [:, :-1]") else (False,))]
+    cases = [
+        (name, logits, inplace)
+        for name, logits in _layouts(vocab, dtype, gen).items()
+        for inplace in ((False, True) if name in ("contiguous", "sliced [:, :-1]") else (False,))
+    ]
     for name, logits, inplace in cases:
         labels = torch.randint(0, vocab, logits.shape[:2], generator=gen)
         labels[0, 0] = IGNORE
@@ -245,8 +274,18 @@ def test_fused_head_with_the_cuda_tiles_and_blocks(dtype: torch.dtype, launches:
     gout = torch.randn(n, generator=gen)
     transform = {"softcap": 30.0, "temperature": 0.9}
     params = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
-    out = linear_token_logprobs(*params, labels, token_tile=tiles[0], vocab_tile=tiles[1], backend="triton", return_entropy=True,
-                                return_log_sum_p2=True, return_mean_logit=True, return_argmax_hit=True, **transform)
+    out = linear_token_logprobs(
+        *params,
+        labels,
+        token_tile=tiles[0],
+        vocab_tile=tiles[1],
+        backend="triton",
+        return_entropy=True,
+        return_log_sum_p2=True,
+        return_mean_logit=True,
+        return_argmax_hit=True,
+        **transform,
+    )
     grads = torch.autograd.grad((out.logprobs * gout).sum(), params)
     folds = [s for s in launches if s.kernel.__name__ == "linear_fold_kernel"]
     grads_k = [s for s in launches if s.kernel.__name__ == "linear_grad_kernel"]
@@ -279,7 +318,9 @@ def test_logprob_kernels_with_the_cuda_block(launches: list) -> None:
     gout = torch.randn(1, 3, generator=gen)
     (g,) = torch.autograd.grad(out, x, grad_outputs=gout)
     assert {(s.kernel.__name__, s.constexprs["BLOCK_V"], s.num_warps) for s in launches} == {
-        ("logprobs_fwd_kernel", 4096, 8), ("logprobs_bwd_kernel", 4096, 8)}
+        ("logprobs_fwd_kernel", 4096, 8),
+        ("logprobs_bwd_kernel", 4096, 8),
+    }
     x64 = logits.double().requires_grad_(True)
     ref = torch.log_softmax(x64, -1).gather(-1, labels.unsqueeze(-1))[..., 0]
     (g_ref,) = torch.autograd.grad(ref, x64, grad_outputs=gout.double())

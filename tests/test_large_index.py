@@ -8,6 +8,7 @@
   within the naive same-dtype path's error (the suite's rule). The upstream gradient is non-zero only on the checked
   rows, so the float64 weight gradient is cheap to form exactly.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -90,8 +91,9 @@ def test_fused_head_beyond_int32_cpu_backward() -> None:
     assert err_w <= 2 * (naive_w - ref_w).abs().max() + 1e-6, err_w
 
 
-def _assert_within_naive(name: str, got: torch.Tensor, naive: torch.Tensor, ref: torch.Tensor,
-                         groups: dict[str, torch.Tensor]) -> None:
+def _assert_within_naive(
+    name: str, got: torch.Tensor, naive: torch.Tensor, ref: torch.Tensor, groups: dict[str, torch.Tensor]
+) -> None:
     """The suite's rule (:func:`fastdpo.reference.assert_within_naive`: ``|got - ref| <= |naive - ref| + tol``, for
     half precision one more rounding to that dtype: the kernel stores an fp32 result once, the naive path's own final
     rounding can be luckier on a handful of entries), per group of entries.
@@ -140,8 +142,9 @@ def test_logprob_kernel_beyond_int32_cuda() -> None:
     naive, naive_grad = naive_rows(torch.bfloat16)  # the naive path in the kernel's dtype
     _assert_within_naive("log-probs", out.detach()[rows], naive, ref, {"all": torch.ones_like(ref, dtype=torch.bool)})
     assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
-    _assert_within_naive("logits.grad", logits.grad[rows], naive_grad, ref_grad,
-                         _label_groups(labels[rows], tuple(ref_grad.shape)))
+    _assert_within_naive(
+        "logits.grad", logits.grad[rows], naive_grad, ref_grad, _label_groups(labels[rows], tuple(ref_grad.shape))
+    )
     others = torch.ones(n, dtype=torch.bool, device=dev)
     others[rows] = False
     assert (logits.grad[others] == 0).all()
@@ -178,13 +181,18 @@ def test_fused_head_beyond_int32_cuda() -> None:
     everything = {"all": torch.ones_like(ref, dtype=torch.bool)}
     _assert_within_naive("log-probs", out.detach()[rows], naive, ref, everything)
     assert hidden.grad is not None and weight.grad is not None
-    _assert_within_naive("hidden.grad", hidden.grad[rows], naive_h, ref_h,
-                         {"all": torch.ones_like(ref_h, dtype=torch.bool)})
+    _assert_within_naive(
+        "hidden.grad", hidden.grad[rows], naive_h, ref_h, {"all": torch.ones_like(ref_h, dtype=torch.bool)}
+    )
     label_rows = torch.zeros(V, dtype=torch.bool, device=dev)
     label_rows[labels[rows]] = True  # weight rows of the checked labels carry the O(1) part of the gradient
-    _assert_within_naive("weight.grad", weight.grad, naive_w, ref_w,
-                         {"label rows": label_rows[:, None].expand(V, d),
-                          "other rows": ~label_rows[:, None].expand(V, d)})
+    _assert_within_naive(
+        "weight.grad",
+        weight.grad,
+        naive_w,
+        ref_w,
+        {"label rows": label_rows[:, None].expand(V, d), "other rows": ~label_rows[:, None].expand(V, d)},
+    )
     others = torch.ones(n, dtype=torch.bool, device=dev)
     others[rows] = False
     assert (hidden.grad[others] == 0).all()

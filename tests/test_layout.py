@@ -43,8 +43,10 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_public_names_are_the_readmes_and_import_stays_cheap() -> None:
     """``fastdpo.__all__`` is what the README shows; ``import fastdpo`` loads neither torch nor transformers; every
     public name resolves (and is then a real object, not a lazy stub)."""
-    code = ("import sys, fastdpo; heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "print(heavy, sorted(fastdpo.__all__))")
+    code = (
+        "import sys, fastdpo; heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "print(heavy, sorted(fastdpo.__all__))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out.startswith("[] "), out
     import fastdpo
@@ -73,23 +75,49 @@ def test_moved_names_warn_and_resolve() -> None:
 # The README's architecture table, bottom up: a module imports only from its own layer and the ones before it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("fastdpo.kernels",)),
-    ("foundations", ("fastdpo._launch", "fastdpo._dispatch", "fastdpo._dtypes", "fastdpo._validation",
-                     "fastdpo._deprecation", "fastdpo.atomic")),
+    (
+        "foundations",
+        (
+            "fastdpo._launch",
+            "fastdpo._dispatch",
+            "fastdpo._dtypes",
+            "fastdpo._validation",
+            "fastdpo._deprecation",
+            "fastdpo.atomic",
+        ),
+    ),
     ("ops", ("fastdpo.logprobs", "fastdpo.segments")),
     ("fused head", ("fastdpo.head", "fastdpo.linear_logprobs")),
     ("losses", ("fastdpo.losses",)),
     ("attention and sequence parallelism", ("fastdpo.attention", "fastdpo.ulysses", "fastdpo.sequence_parallel")),
     ("engine", ("fastdpo.models", "fastdpo.collator", "fastdpo.engine", "fastdpo.ref_cache", "fastdpo.quantize")),
-    ("drop-ins", ("fastdpo.nn", "fastdpo.fused_kto", "fastdpo.functional", "fastdpo.integrations",
-                  "fastdpo.model_card")),
+    (
+        "drop-ins",
+        ("fastdpo.nn", "fastdpo.fused_kto", "fastdpo.functional", "fastdpo.integrations", "fastdpo.model_card"),
+    ),
     ("references and fixtures", ("fastdpo.reference", "fastdpo.tiny")),
-    ("commands", ("fastdpo.cli", "fastdpo.train", "fastdpo.train_args", "fastdpo.run_state", "fastdpo.train_parallel",
-                  "fastdpo.data", "fastdpo.memory", "fastdpo.sp_memory", "fastdpo.memory_cli")),
+    (
+        "commands",
+        (
+            "fastdpo.cli",
+            "fastdpo.train",
+            "fastdpo.train_args",
+            "fastdpo.run_state",
+            "fastdpo.train_parallel",
+            "fastdpo.data",
+            "fastdpo.memory",
+            "fastdpo.sp_memory",
+            "fastdpo.memory_cli",
+        ),
+    ),
     ("benchmarks", ("fastdpo.benchmarks",)),
 ]
 # the README's two exceptions: old import paths re-exporting the oracles, and --measure's lazy import of its workers
-ALLOWED_UPWARD = {("fastdpo.logprobs", "fastdpo.reference"), ("fastdpo.linear_logprobs", "fastdpo.reference"),
-                  ("fastdpo.memory_cli", "fastdpo.benchmarks.memory_measure")}
+ALLOWED_UPWARD = {
+    ("fastdpo.logprobs", "fastdpo.reference"),
+    ("fastdpo.linear_logprobs", "fastdpo.reference"),
+    ("fastdpo.memory_cli", "fastdpo.benchmarks.memory_measure"),
+}
 
 
 def _layer(module: str) -> int | None:
@@ -110,11 +138,14 @@ def test_every_module_is_in_one_layer_and_imports_only_downward() -> None:
 
     pkg = Path(fastdpo.__file__).resolve().parent
     root = pkg.parent
-    files = {f"fastdpo.{'.'.join(p.relative_to(pkg).with_suffix('').parts)}".removesuffix(".__init__"): p
-             for p in pkg.rglob("*.py")}
+    files = {
+        f"fastdpo.{'.'.join(p.relative_to(pkg).with_suffix('').parts)}".removesuffix(".__init__"): p
+        for p in pkg.rglob("*.py")
+    }
     files.update({f"fastdpo.kernels.{p.stem}".removesuffix(".__init__"): p for p in (root / "kernels").glob("*.py")})
-    files.update({f"fastdpo.benchmarks.{p.stem}".removesuffix(".__init__"): p
-                  for p in (root / "benchmarks").glob("*.py")})
+    files.update(
+        {f"fastdpo.benchmarks.{p.stem}".removesuffix(".__init__"): p for p in (root / "benchmarks").glob("*.py")}
+    )
     unplaced = sorted(m for m in files if m != "fastdpo" and _layer(m) is None)
     assert not unplaced, f"modules missing from the architecture table: {unplaced}"
     upward = []
@@ -122,7 +153,7 @@ def test_every_module_is_in_one_layer_and_imports_only_downward() -> None:
         own = _layer(module)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fastdpo"):
-                targets = ([f"fastdpo.{a.name}" for a in node.names] if node.module == "fastdpo" else [node.module])
+                targets = [f"fastdpo.{a.name}" for a in node.names] if node.module == "fastdpo" else [node.module]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names if a.name.startswith("fastdpo")]
             else:

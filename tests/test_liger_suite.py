@@ -4,6 +4,7 @@ functional forms (issue 18, item 6): the tests come from Liger's source distribu
 
 All 975 tests of the five files run (one pytest process per file; ~45 s of one CPU thread in all), as with
 ``python tests/liger_suite.py``. Skipped, saying why, when the registry cannot be reached."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,9 @@ def liger_root():
         pytest.skip(f"Liger-Kernel {liger_suite.LIGER_VERSION}'s tests are unavailable: {exc}")
 
 
-@pytest.mark.parametrize("test_file", ["test_dpo_loss.py", "test_cpo_loss.py", "test_orpo_loss.py",
-                                       "test_simpo_loss.py", "test_kto_loss.py"])
+@pytest.mark.parametrize(
+    "test_file", ["test_dpo_loss.py", "test_cpo_loss.py", "test_orpo_loss.py", "test_simpo_loss.py", "test_kto_loss.py"]
+)
 def test_liger_chunked_loss_tests_pass(liger_root, test_file):
     result = liger_suite.run_suite(liger_root, [test_file])
     bad = result.outcomes.get("failed", []) + result.outcomes.get("error", [])
@@ -53,16 +55,31 @@ def test_sppo_hard_cross_implementation_is_ill_conditioned(capsys):
 
         def liger(dtype, x=x, w=w, bias=bias, xr=xr, wr=wr, target=target):
             ww = w.to(dtype).clone().requires_grad_(True)
-            out = LigerFusedLinearDPOFunction.apply(x.to(dtype), ww, target, bias.to(dtype), xr.to(dtype),
-                                                    wr.to(dtype), None, -100, 0.1, True, False, True, False, 1,
-                                                    "sppo_hard")
+            out = LigerFusedLinearDPOFunction.apply(
+                x.to(dtype),
+                ww,
+                target,
+                bias.to(dtype),
+                xr.to(dtype),
+                wr.to(dtype),
+                None,
+                -100,
+                0.1,
+                True,
+                False,
+                True,
+                False,
+                1,
+                "sppo_hard",
+            )
             out[0].backward()
             return out[0].double(), out[1], ww.grad.double()
 
         truth, theirs = liger(torch.float64), liger(torch.float32)
         ww = w.clone().requires_grad_(True)
         loss, aux = FusedLinearDPOLoss(beta=0.1, loss_type="sppo_hard", compute_nll_loss=True)(
-            ww, x, target, bias, xr, wr, None)
+            ww, x, target, bias, xr, wr, None
+        )
         loss.backward()
         ours = (loss.double(), aux, ww.grad.double())
         for name, res in (("liger", theirs), ("ours", ours)):
@@ -76,10 +93,12 @@ def test_sppo_hard_cross_implementation_is_ill_conditioned(capsys):
         beyond["fastdpo_vs_liger"] += mismatches(ours[2], theirs[2])
     mean = {k: sum(v_) / len(v_) for k, v_ in stats.items()}
     with capsys.disabled():
-        print(f"\nsppo_hard over 16 draws: loss rel. error vs float64 Liger {mean['loss_liger']:.2e} / fastdpo "
-              f"{mean['loss_ours']:.2e}; sequence log-prob abs. error Liger {mean['seq_liger']:.2e} / fastdpo "
-              f"{mean['seq_ours']:.2e}; weight-gradient entries beyond the test's tolerance: Liger float32 vs its "
-              f"float64 {beyond['liger_vs_float64']}, fastdpo vs Liger {beyond['fastdpo_vs_liger']}")
+        print(
+            f"\nsppo_hard over 16 draws: loss rel. error vs float64 Liger {mean['loss_liger']:.2e} / fastdpo "
+            f"{mean['loss_ours']:.2e}; sequence log-prob abs. error Liger {mean['seq_liger']:.2e} / fastdpo "
+            f"{mean['seq_ours']:.2e}; weight-gradient entries beyond the test's tolerance: Liger float32 vs its "
+            f"float64 {beyond['liger_vs_float64']}, fastdpo vs Liger {beyond['fastdpo_vs_liger']}"
+        )
     # the tolerance is below float32's reach on this loss: Liger's own float32 result misses its float64 one
     assert beyond["liger_vs_float64"] > 0
     # and fastdpo is as close to float64 as Liger (sequence log-probs: the part that differs between them)

@@ -4,6 +4,7 @@ Error rule: |fused - float64 reference| <= |naive same-dtype - float64 reference
 in the input dtype). Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on tiny
 shapes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,8 +69,15 @@ def _check_against_reference(dtype, transform, masked, backend, chunk, shape, se
     hidden, weight, bias, labels, gout = _inputs(n, d, v, dtype, masked, seed)
     params = [hidden, weight, bias]
     fused = linear_token_logprobs(
-        hidden, weight, labels, bias=bias, **tiles, backend=backend, keep_logits_bytes=keep,
-        **transform, **STAT_FLAGS,
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        **tiles,
+        backend=backend,
+        keep_logits_bytes=keep,
+        **transform,
+        **STAT_FLAGS,
     )
     naive = naive_linear_token_logprobs(hidden, weight, labels, bias=bias, **transform, **STAT_FLAGS)
     p64 = [_f64(p) for p in params]
@@ -223,7 +231,9 @@ def test_saved_bytes_do_not_grow_with_vocab(keep):
         hidden, weight, _, labels, _ = _inputs(40, 16, v, torch.float32, 0.0, seed=8, bias=False)
         counter = _Counter([hidden, weight, labels])
         with counter():
-            out = linear_token_logprobs(hidden, weight, labels, token_tile=16, vocab_tile=64, keep_logits_bytes=keep).logprobs
+            out = linear_token_logprobs(
+                hidden, weight, labels, token_tile=16, vocab_tile=64, keep_logits_bytes=keep
+            ).logprobs
         out.sum().backward()
         assert counter.count > 0
         saved.append(counter.bytes)
@@ -261,7 +271,9 @@ def test_bit_identical_reruns():
     hidden, weight, bias, labels, gout = _inputs(37, 11, 90, torch.float32, 0.25, seed=11)
     runs = []
     for _ in range(2):
-        out = linear_token_logprobs(hidden, weight, labels, bias=bias, softcap=5.0, token_tile=8, vocab_tile=16).logprobs
+        out = linear_token_logprobs(
+            hidden, weight, labels, bias=bias, softcap=5.0, token_tile=8, vocab_tile=16
+        ).logprobs
         runs.append([out.detach()] + _grads(out, gout, [hidden, weight, bias]))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -326,7 +338,15 @@ def test_grad_in_forward_matches_recompute(transform, chunk_tokens):
 
     groups = [torch.tensor([i, pairs + i]) for i in range(pairs - 1)]  # last pair in no group: no loss
     loss, seq = linear_logprobs_loss_grad_in_forward(
-        hidden, weight, labels, seg, s, loss_fn, bias=bias, groups=groups, chunk_tokens=chunk_tokens,
+        hidden,
+        weight,
+        labels,
+        seg,
+        s,
+        loss_fn,
+        bias=bias,
+        groups=groups,
+        chunk_tokens=chunk_tokens,
         keep_logits_bytes=None if chunk_tokens is None else 12 * 83 * 4 // 2,  # partially kept chunk logits
         **transform,
     )
@@ -350,7 +370,17 @@ def test_grad_in_forward_triton_interpreter():
 
     groups = [torch.tensor([i, pairs + i]) for i in range(pairs)]
     loss, _ = linear_logprobs_loss_grad_in_forward(
-        hidden, weight, labels, seg, s, loss_fn, bias=bias, groups=groups, chunk_tokens=30, backend="triton", softcap=6.0
+        hidden,
+        weight,
+        labels,
+        seg,
+        s,
+        loss_fn,
+        bias=bias,
+        groups=groups,
+        chunk_tokens=30,
+        backend="triton",
+        softcap=6.0,
     )
     seq_r = linear_sequence_logprobs(hidden, weight, labels, bias=bias, segment_ids=seg, num_segments=s, softcap=6.0)
     loss_r = sum(loss_fn(seq_r[g], g) for g in groups)
@@ -378,9 +408,21 @@ def test_grad_in_forward_token_weights_and_segment_stats(backend):
 
     groups = [torch.tensor([i, pairs + i]) for i in range(pairs)]
     loss, seq = linear_logprobs_loss_grad_in_forward(
-        hidden, weight, labels, seg, s, loss_fn, bias=bias, groups=groups, token_weights=tw, segment_stats=True,
-        segment_log_sum_p2=True, chunk_tokens=20, backend=backend,
+        hidden,
+        weight,
+        labels,
+        seg,
+        s,
+        loss_fn,
+        bias=bias,
+        groups=groups,
+        token_weights=tw,
+        segment_stats=True,
+        segment_log_sum_p2=True,
+        chunk_tokens=20,
+        backend=backend,
     )
+
     def reference(nll_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq_logps, loss) by autograd through the recompute path; ``nll_coef`` weighs the plain-sum term."""
         stats = linear_token_logprobs(hidden, weight, labels, bias=bias, return_log_sum_p2=True)
@@ -457,7 +499,11 @@ def test_dtensor_weight_is_gathered_and_grad_redistributed(tmp_path):
     ],
 )
 def test_bad_input_raises(kwargs: dict[str, Any], exc: type, match: str):
-    args: dict[str, Any] = {"hidden": torch.randn(3, 4), "weight": torch.randn(10, 4), "labels": torch.tensor([0, 1, 2])}
+    args: dict[str, Any] = {
+        "hidden": torch.randn(3, 4),
+        "weight": torch.randn(10, 4),
+        "labels": torch.tensor([0, 1, 2]),
+    }
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         linear_token_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)

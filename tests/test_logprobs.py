@@ -291,8 +291,12 @@ def test_bad_inputs_raise_before_launch() -> None:
         sequence_logprobs(logits, labels, backend="cuda")  # type: ignore[arg-type]
     if "triton" in BACKENDS:
         # float64 always takes the torch path, whatever backend says (issue 13)
-        torch.testing.assert_close(sequence_logprobs(logits.double(), labels, backend="triton"),
-                                   sequence_logprobs(logits.double(), labels, backend="torch"), rtol=0, atol=0)
+        torch.testing.assert_close(
+            sequence_logprobs(logits.double(), labels, backend="triton"),
+            sequence_logprobs(logits.double(), labels, backend="torch"),
+            rtol=0,
+            atol=0,
+        )
         with pytest.raises(ValueError, match="block_v"):
             sequence_logprobs(logits, labels, backend="triton", block_v=100)
     # validate=False skips the label scan but still computes the same result for valid labels.

@@ -1,6 +1,7 @@
 """One loss configuration (issue 14): :class:`PreferenceLossConfig` gives every entry point the loss its keywords give,
 refuses invalid and conflicting configurations and options the selected loss would ignore; one definition of
 pair-local losses; the reference-free defaults and TRL's metric names in one place."""
+
 from __future__ import annotations
 
 import inspect
@@ -40,9 +41,16 @@ def _pairs(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch
     g = torch.Generator().manual_seed(seed)
     pc, pr, rc, rr = (-torch.rand(P, generator=g, dtype=torch.float64).to(dtype) * 20 - 1 for _ in range(4))
     w_c, w_r = (torch.rand(P, generator=g, dtype=torch.float64).to(dtype) + 0.1 for _ in range(2))
-    return dict(pc=pc, pr=pr, rc=rc, rr=rr, chosen_lengths=torch.randint(1, 9, (P,), generator=g),
-                rejected_lengths=torch.randint(1, 9, (P,), generator=g), wpo_chosen_weights=w_c,
-                wpo_rejected_weights=w_r)
+    return dict(
+        pc=pc,
+        pr=pr,
+        rc=rc,
+        rr=rr,
+        chosen_lengths=torch.randint(1, 9, (P,), generator=g),
+        rejected_lengths=torch.randint(1, 9, (P,), generator=g),
+        wpo_chosen_weights=w_c,
+        wpo_rejected_weights=w_r,
+    )
 
 
 def _per_batch(x: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
@@ -83,8 +91,10 @@ def test_fused_dpo_module_takes_the_config(name: str, grad_in_forward: bool) -> 
     target = torch.randint(0, v, (2 * b, t), generator=g)
     target[:, :2] = -100
     results = []
-    for module in (FusedLinearDPOLoss(grad_in_forward=grad_in_forward, **kw),
-                   FusedLinearDPOLoss(grad_in_forward=grad_in_forward, loss_config=PreferenceLossConfig(**kw))):
+    for module in (
+        FusedLinearDPOLoss(grad_in_forward=grad_in_forward, **kw),
+        FusedLinearDPOLoss(grad_in_forward=grad_in_forward, loss_config=PreferenceLossConfig(**kw)),
+    ):
         ww = w.clone().requires_grad_(True)
         loss, aux = module(ww, x, target, None, xr, wr, None)
         loss.backward()
@@ -131,14 +141,32 @@ def test_trainer_takes_the_config(tmp_path) -> None:
     tok = make_tokenizer()
 
     def first_loss(args_kw: dict, trainer_kw: dict) -> float:
-        args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, logging_steps=1,
-                         optim="sgd", learning_rate=0.02, seed=0, report_to="none", save_strategy="no",
-                         disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-                         dataloader_num_workers=0, **args_kw)
-        trainer = FastDPOTrainer(model=make_model("llama", tok, attn_implementation="eager", seed=0),
-                                 ref_model=make_model("llama", tok, attn_implementation="eager", seed=1), args=args,
-                                 train_dataset=datasets.Dataset.from_list(preference_rows(4, seed=3)),
-                                 processing_class=tok, **trainer_kw)
+        args = DPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=1,
+            logging_steps=1,
+            optim="sgd",
+            learning_rate=0.02,
+            seed=0,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            dataloader_num_workers=0,
+            **args_kw,
+        )
+        trainer = FastDPOTrainer(
+            model=make_model("llama", tok, attn_implementation="eager", seed=0),
+            ref_model=make_model("llama", tok, attn_implementation="eager", seed=1),
+            args=args,
+            train_dataset=datasets.Dataset.from_list(preference_rows(4, seed=3)),
+            processing_class=tok,
+            **trainer_kw,
+        )
         assert trainer._engine().loss_config == PreferenceLossConfig(**kw)
         torch.manual_seed(1234)
         trainer.train()
@@ -163,12 +191,19 @@ INVALID = [
     (dict(beta="0.1"), TypeError, "beta must be a float, got str"),
     (dict(beta=float("nan")), ValueError, "beta must be finite"),
     (dict(loss_type="exo_pair"), ValueError, "loss_type 'exo_pair' needs label_smoothing > 0"),
-    (dict(loss_type="robust", label_smoothing=0.5), ValueError, r"loss_type 'robust' needs label_smoothing in \[0, 0.5\)"),
+    (
+        dict(loss_type="robust", label_smoothing=0.5),
+        ValueError,
+        r"loss_type 'robust' needs label_smoothing in \[0, 0.5\)",
+    ),
     (dict(label_smoothing=1.0, loss_type="aot"), ValueError, r"label_smoothing must lie in \[0, 1\), got 1.0"),
     (dict(f_divergence_type="tv"), ValueError, "Unknown f_divergence_type 'tv'"),
     (dict(loss_type="hinge", f_divergence_type="forward_kl"), ValueError, None),  # hinge is an f-divergence type
-    (dict(loss_type="bco_pair", f_divergence_type="forward_kl"), ValueError,
-     "f_divergence_type='forward_kl' is only defined for loss types"),
+    (
+        dict(loss_type="bco_pair", f_divergence_type="forward_kl"),
+        ValueError,
+        "f_divergence_type='forward_kl' is only defined for loss types",
+    ),
     (dict(loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau must be > 0, got 0.0"),
     (dict(loss_type="aot", use_weighting=True), ValueError, "use_weighting \\(WPO\\) is not defined for 'aot'"),
     (dict(ld_alpha=1.5), ValueError, r"ld_alpha must be None or a number in \[0, 1\], got 1.5"),
@@ -188,16 +223,28 @@ def test_invalid_configs_raise_at_construction(case: int) -> None:
     x = _pairs()
     # every entry point reports the configuration's own error
     with pytest.raises(exc, match=message):
-        preference_loss(x["pc"], x["pr"], x["rc"], x["rr"], chosen_lengths=x["chosen_lengths"],
-                        rejected_lengths=x["rejected_lengths"], **kw)
+        preference_loss(
+            x["pc"],
+            x["pr"],
+            x["rc"],
+            x["rr"],
+            chosen_lengths=x["chosen_lengths"],
+            rejected_lengths=x["rejected_lengths"],
+            **kw,
+        )
     with pytest.raises(exc, match=message):
         DPOLoss(**kw)
     with pytest.raises(exc, match=message):
-        normalize_loss_config(kw.get("loss_type", "sigmoid"), kw.get("loss_weights"), beta=kw.get("beta", 0.1),
-                              label_smoothing=kw.get("label_smoothing", 0.0),
-                              f_divergence_type=kw.get("f_divergence_type", "reverse_kl"),
-                              f_alpha_divergence_coef=0.5, discopop_tau=kw.get("discopop_tau", 0.05),
-                              use_weighting=kw.get("use_weighting", False))
+        normalize_loss_config(
+            kw.get("loss_type", "sigmoid"),
+            kw.get("loss_weights"),
+            beta=kw.get("beta", 0.1),
+            label_smoothing=kw.get("label_smoothing", 0.0),
+            f_divergence_type=kw.get("f_divergence_type", "reverse_kl"),
+            f_alpha_divergence_coef=0.5,
+            discopop_tau=kw.get("discopop_tau", 0.05),
+            use_weighting=kw.get("use_weighting", False),
+        )
 
 
 def test_config_is_frozen_and_normalized() -> None:
@@ -232,13 +279,16 @@ def test_conflicting_keyword_and_config_raise() -> None:
 
 
 # ------------------------------------------------------------------------------------------ options that are not read
-@pytest.mark.parametrize("kw, message", [
-    (dict(loss_type="sigmoid", label_smoothing=0.1), "label_smoothing=0.1 is read only by loss types"),
-    (dict(loss_type=["ipo", "hinge"], label_smoothing=0.3), "label_smoothing=0.3 is read only by loss types"),
-    (dict(f_alpha_divergence_coef=0.3), "f_alpha_divergence_coef=0.3 is read only with f_divergence_type"),
-    (dict(f_divergence_type="js_divergence", f_alpha_divergence_coef=0.3), "f_alpha_divergence_coef=0.3"),
-    (dict(loss_type="sigmoid", discopop_tau=0.2), "discopop_tau=0.2 is read only by loss_type 'discopop'"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(loss_type="sigmoid", label_smoothing=0.1), "label_smoothing=0.1 is read only by loss types"),
+        (dict(loss_type=["ipo", "hinge"], label_smoothing=0.3), "label_smoothing=0.3 is read only by loss types"),
+        (dict(f_alpha_divergence_coef=0.3), "f_alpha_divergence_coef=0.3 is read only with f_divergence_type"),
+        (dict(f_divergence_type="js_divergence", f_alpha_divergence_coef=0.3), "f_alpha_divergence_coef=0.3"),
+        (dict(loss_type="sigmoid", discopop_tau=0.2), "discopop_tau=0.2 is read only by loss_type 'discopop'"),
+    ],
+)
 def test_options_the_loss_would_ignore_raise(kw: dict, message: str) -> None:
     """Before the config, each of these was accepted and silently had no effect (as in TRL 1.16 and Liger)."""
     x = _pairs()
@@ -275,24 +325,48 @@ def test_pair_local_definition() -> None:
     assert PreferenceLossConfig(["ipo", "sft"]).pair_local
 
 
-@pytest.mark.parametrize("kw", [dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.4]),
-                                dict(loss_type=["sft", "robust"], label_smoothing=0.2, use_weighting=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.4]),
+        dict(loss_type=["sft", "robust"], label_smoothing=0.2, use_weighting=True),
+    ],
+)
 def test_partial_losses_add_up_to_the_batch_loss(kw: dict) -> None:
     """The definition is right: pair by pair with the batch totals gives the batch loss exactly when pair-local
     (``sft`` included), and the batch-coupled configuration refuses to be split."""
     config = PreferenceLossConfig(**kw)
     x = _pairs(seed=3, dtype=torch.float64)
-    w = dict(wpo_chosen_weights=x["wpo_chosen_weights"], wpo_rejected_weights=x["wpo_rejected_weights"]) \
-        if config.use_weighting else {}
-    full, _ = preference_loss(x["pc"], x["pr"], x["rc"], x["rr"], loss_config=config,
-                              chosen_lengths=x["chosen_lengths"], rejected_lengths=x["rejected_lengths"], **w)
+    w = (
+        dict(wpo_chosen_weights=x["wpo_chosen_weights"], wpo_rejected_weights=x["wpo_rejected_weights"])
+        if config.use_weighting
+        else {}
+    )
+    full, _ = preference_loss(
+        x["pc"],
+        x["pr"],
+        x["rc"],
+        x["rr"],
+        loss_config=config,
+        chosen_lengths=x["chosen_lengths"],
+        rejected_lengths=x["rejected_lengths"],
+        **w,
+    )
     n_tok = x["chosen_lengths"].double().sum()
 
     def part(i: int) -> torch.Tensor:
         s = slice(i, i + 1)
         return partial_preference_loss(
-            x["pc"][s], x["pr"][s], x["rc"][s], x["rr"][s], loss_config=config, num_pairs=P, num_chosen_tokens=n_tok,
-            chosen_lengths=x["chosen_lengths"][s], rejected_lengths=x["rejected_lengths"][s])
+            x["pc"][s],
+            x["pr"][s],
+            x["rc"][s],
+            x["rr"][s],
+            loss_config=config,
+            num_pairs=P,
+            num_chosen_tokens=n_tok,
+            chosen_lengths=x["chosen_lengths"][s],
+            rejected_lengths=x["rejected_lengths"][s],
+        )
 
     if not config.pair_local:
         with pytest.raises(ValueError, match="couples the pairs"):
@@ -347,8 +421,9 @@ def test_engine_and_fused_module_agree_on_sft_grouping(tok, monkeypatch, use_wei
     x, w = torch.randn(6, 5, 16, generator=g), torch.randn(53, 16, generator=g) * 0.3
     target = torch.randint(0, 53, (6, 5), generator=g)
     target[:, 0] = -100
-    module = FusedLinearDPOLoss(grad_in_forward=True, use_ref_model=False, **{k: v for k, v in kw.items()
-                                                                             if k != "use_weighting"})
+    module = FusedLinearDPOLoss(
+        grad_in_forward=True, use_ref_model=False, **{k: v for k, v in kw.items() if k != "use_weighting"}
+    )
     module(w.clone().requires_grad_(True), x, target)
     assert [g.tolist() for g in seen[0]] == [[i, 3 + i] for i in range(3)]
 
@@ -388,7 +463,9 @@ def test_trl_metric_names_live_in_one_place(tok) -> None:
 
 
 def test_importing_the_losses_stays_cheap() -> None:
-    code = ("import sys, fastdpo, fastdpo.losses; "
-            "print(sorted(m for m in ('transformers', 'trl', 'fastdpo.engine', 'fastdpo.nn') if m in sys.modules))")
+    code = (
+        "import sys, fastdpo, fastdpo.losses; "
+        "print(sorted(m for m in ('transformers', 'trl', 'fastdpo.engine', 'fastdpo.nn') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

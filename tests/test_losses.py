@@ -3,6 +3,7 @@
 The reference formulas below are written out from TRL's ``DPOTrainer._compute_loss`` (padded per-token layout where
 TRL works on tokens) without calling :mod:`fastdpo.losses`.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,23 @@ def ref_scores(lr: torch.Tensor, fdiv: str, alpha: float, fp16: bool = False) ->
 
 
 def ref_dpo(
-    pc, pr, rc, rr, *, types, weights=None, beta=0.1, eps=0.0, tau=0.05, fdiv="reverse_kl", alpha=0.5,
-    lc=None, lr_=None, chosen_token_logps=None, pair_w=None, fp16=False,
+    pc,
+    pr,
+    rc,
+    rr,
+    *,
+    types,
+    weights=None,
+    beta=0.1,
+    eps=0.0,
+    tau=0.05,
+    fdiv="reverse_kl",
+    alpha=0.5,
+    lc=None,
+    lr_=None,
+    chosen_token_logps=None,
+    pair_w=None,
+    fp16=False,
 ):
     """TRL 1.16 loss on float64 per-pair tensors; chosen_token_logps: list of 1-D tensors (for sft)."""
     weights = weights or [1.0] * len(types)
@@ -137,8 +153,14 @@ def make_batch(p: int, seed: int, *, spread: float = 3.0):
 # ----------------------------------------------------------------------------------------------------------------
 # every loss type, every f-divergence it admits, float32 and float64, gradients
 # ----------------------------------------------------------------------------------------------------------------
-FDIV_CASES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5),
-              ("alpha_divergence", 1.0), ("alpha_divergence", 1.7)]
+FDIV_CASES = [
+    ("reverse_kl", 0.5),
+    ("forward_kl", 0.5),
+    ("js_divergence", 0.5),
+    ("alpha_divergence", 0.5),
+    ("alpha_divergence", 1.0),
+    ("alpha_divergence", 1.7),
+]
 CASES = [(t, f, a) for t in LOSS_TYPES for (f, a) in FDIV_CASES if f == "reverse_kl" or t in F_DIVERGENCE_LOSS_TYPES]
 
 
@@ -147,8 +169,16 @@ def test_loss_types_match_float64_reference(loss_type: str, fdiv: str, alpha: fl
     p = 7
     sums, toks, lc, lr_ = make_batch(p, seed=zlib.crc32(f"{loss_type}/{fdiv}/{alpha}".encode()))
     eps = 0.2 if loss_type in ("exo_pair", "robust", "aot", "aot_unpaired") else 0.0
-    kw = dict(beta=0.3, eps=eps, tau=0.05, fdiv=fdiv, alpha=alpha, lc=lc.to(D64), lr_=lr_.to(D64),
-              chosen_token_logps=toks["pc"])
+    kw = dict(
+        beta=0.3,
+        eps=eps,
+        tau=0.05,
+        fdiv=fdiv,
+        alpha=alpha,
+        lc=lc.to(D64),
+        lr_=lr_.to(D64),
+        chosen_token_logps=toks["pc"],
+    )
     leaves = {k: v.clone().requires_grad_(True) for k, v in sums.items()}
     # the chosen sums are built from per-token leaves so that sft's token mean is connected to them
     tok_leaves = [t.clone().requires_grad_(True) for t in toks["pc"]]
@@ -161,8 +191,16 @@ def test_loss_types_match_float64_reference(loss_type: str, fdiv: str, alpha: fl
     ref_grads["pc"] = chosen_sum_grad(tok_leaves, leaves["pc"])
     rows = lc > 0  # d loss / d sum of an empty completion is not defined by the token-level reference
 
-    common = dict(loss_type=loss_type, beta=0.3, label_smoothing=eps, f_divergence_type=fdiv,
-                  f_alpha_divergence_coef=alpha, discopop_tau=0.05, chosen_lengths=lc, rejected_lengths=lr_)
+    common = dict(
+        loss_type=loss_type,
+        beta=0.3,
+        label_smoothing=eps,
+        f_divergence_type=fdiv,
+        f_alpha_divergence_coef=alpha,
+        discopop_tau=0.05,
+        chosen_lengths=lc,
+        rejected_lengths=lr_,
+    )
     # float64 in: float64 math, agreement to rounding, gradients by autograd
     ours64 = {k: v.clone().requires_grad_(True) for k, v in sums.items()}
     loss64, _ = preference_loss(ours64["pc"], ours64["pr"], ours64["rc"], ours64["rr"], **common)
@@ -194,10 +232,12 @@ def test_alpha_divergence_clamp_large_logratio_and_fp16() -> None:
     pr, rc, rr = (torch.randn(6, generator=g, dtype=D64) for _ in range(3))
     for dtype, fp16 in ((torch.float32, False), (torch.float16, True)):
         args = [t.to(dtype) for t in (pc, pr, rc, rr)]
-        loss, _ = preference_loss(*args, loss_type="hinge", beta=0.5,
-                                  f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.5)
-        ref = ref_dpo(*[t.double() for t in args], types=["hinge"], beta=0.5, fdiv="alpha_divergence",
-                      alpha=1.5, fp16=fp16)
+        loss, _ = preference_loss(
+            *args, loss_type="hinge", beta=0.5, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.5
+        )
+        ref = ref_dpo(
+            *[t.double() for t in args], types=["hinge"], beta=0.5, fdiv="alpha_divergence", alpha=1.5, fp16=fp16
+        )
         assert torch.isfinite(loss)
         torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -205,10 +245,29 @@ def test_alpha_divergence_clamp_large_logratio_and_fp16() -> None:
 def test_loss_mixture_weights_average_per_type() -> None:
     sums, toks, lc, lr_ = make_batch(9, seed=11)
     types, weights = ["sigmoid", "sft", "bco_pair", "ipo"], [0.7, 1.3, 0.25, 0.05]
-    loss, _ = preference_loss(sums["pc"], sums["pr"], sums["rc"], sums["rr"], loss_type=types, loss_weights=weights,
-                              beta=0.2, chosen_lengths=lc, rejected_lengths=lr_)
-    ref = ref_dpo(sums["pc"], sums["pr"], sums["rc"], sums["rr"], types=types, weights=weights, beta=0.2,
-                  lc=lc.to(D64), lr_=lr_.to(D64), chosen_token_logps=toks["pc"])
+    loss, _ = preference_loss(
+        sums["pc"],
+        sums["pr"],
+        sums["rc"],
+        sums["rr"],
+        loss_type=types,
+        loss_weights=weights,
+        beta=0.2,
+        chosen_lengths=lc,
+        rejected_lengths=lr_,
+    )
+    ref = ref_dpo(
+        sums["pc"],
+        sums["pr"],
+        sums["rc"],
+        sums["rr"],
+        types=types,
+        weights=weights,
+        beta=0.2,
+        lc=lc.to(D64),
+        lr_=lr_.to(D64),
+        chosen_token_logps=toks["pc"],
+    )
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
 
 
@@ -227,9 +286,12 @@ def test_metrics_trl_definitions() -> None:
     c = 0.25 * (sums["pc"] - sums["rc"])
     r = 0.25 * (sums["pr"] - sums["rr"])
     expect = {
-        "rewards/chosen": c.mean(), "rewards/rejected": r.mean(),
+        "rewards/chosen": c.mean(),
+        "rewards/rejected": r.mean(),
         "rewards/accuracies": torch.tensor(sum(float(a > b) for a, b in zip(c, r, strict=True)) / 8, dtype=D64),
-        "rewards/margins": (c - r).mean(), "logps/chosen": sums["pc"].mean(), "logps/rejected": sums["pr"].mean(),
+        "rewards/margins": (c - r).mean(),
+        "logps/chosen": sums["pc"].mean(),
+        "logps/rejected": sums["pr"].mean(),
     }
     assert set(m) == set(expect)
     for k, v in expect.items():
@@ -250,7 +312,7 @@ def padded_layout(p: int, seed: int):
     starts = torch.randint(0, 3, (2 * p,), generator=g)
     mask = torch.zeros(2 * p, t, dtype=D64)
     for s in range(2 * p):
-        mask[s, starts[s]:starts[s] + lens[s]] = 1
+        mask[s, starts[s] : starts[s] + lens[s]] = 1
     tok = -torch.rand(2 * p, t, generator=g, dtype=D64) * 4
     lsp2 = -torch.rand(2 * p, t, generator=g, dtype=D64) * 2
     tok = tok * mask  # TRL's per-token logps are 0 off the completion (labels -100)
@@ -274,26 +336,66 @@ def test_wpo_weights_helper_and_loss() -> None:
     lc, lr_ = lens[:p], lens[p:]
     chosen_toks = [tok[s][mask[s].bool()] for s in range(p)]
     for types in (["sigmoid"], ["ipo", "sft"], ["discopop", "apo_down"]):
-        ref = ref_dpo(logps[:p], logps[p:], ref_logps[:p], ref_logps[p:], types=types, beta=0.4, lc=lc.to(D64),
-                      lr_=lr_.to(D64), chosen_token_logps=chosen_toks, pair_w=ref_w[:p] * ref_w[p:])
+        ref = ref_dpo(
+            logps[:p],
+            logps[p:],
+            ref_logps[:p],
+            ref_logps[p:],
+            types=types,
+            beta=0.4,
+            lc=lc.to(D64),
+            lr_=lr_.to(D64),
+            chosen_token_logps=chosen_toks,
+            pair_w=ref_w[:p] * ref_w[p:],
+        )
         # ready weights from the helper
-        loss_a, _ = preference_loss(logps[:p], logps[p:], ref_logps[:p], ref_logps[p:], loss_type=types, beta=0.4,
-                                    chosen_lengths=lc, rejected_lengths=lr_, use_weighting=True,
-                                    wpo_chosen_weights=w[:p], wpo_rejected_weights=w[p:])
+        loss_a, _ = preference_loss(
+            logps[:p],
+            logps[p:],
+            ref_logps[:p],
+            ref_logps[p:],
+            loss_type=types,
+            beta=0.4,
+            chosen_lengths=lc,
+            rejected_lengths=lr_,
+            use_weighting=True,
+            wpo_chosen_weights=w[:p],
+            wpo_rejected_weights=w[p:],
+        )
         torch.testing.assert_close(loss_a, ref, rtol=1e-5, atol=1e-7)
         # per-sequence log-sum-p2 sums
         lsp2_sum = (lsp2 * mask).sum(1)
         pc = logps[:p].clone().requires_grad_(True)
-        loss_b, _ = preference_loss(pc, logps[p:], ref_logps[:p], ref_logps[p:], loss_type=types, beta=0.4,
-                                    chosen_lengths=lc, rejected_lengths=lr_, use_weighting=True,
-                                    policy_chosen_log_sum_p2=lsp2_sum[:p], policy_rejected_log_sum_p2=lsp2_sum[p:])
+        loss_b, _ = preference_loss(
+            pc,
+            logps[p:],
+            ref_logps[:p],
+            ref_logps[p:],
+            loss_type=types,
+            beta=0.4,
+            chosen_lengths=lc,
+            rejected_lengths=lr_,
+            use_weighting=True,
+            policy_chosen_log_sum_p2=lsp2_sum[:p],
+            policy_rejected_log_sum_p2=lsp2_sum[p:],
+        )
         torch.testing.assert_close(loss_b, ref, rtol=1e-10, atol=1e-12)
         # weights carry no gradient: d loss / d pc equals the weighted un-differentiated-weight gradient
         tok_leaves = [t.clone().requires_grad_(True) for t in chosen_toks]
         pc_ref = torch.stack([t.sum() for t in tok_leaves])
         pc_ref.retain_grad()
-        ref_dpo(pc_ref, logps[p:], ref_logps[:p], ref_logps[p:], types=types, beta=0.4, lc=lc.to(D64),
-                lr_=lr_.to(D64), chosen_token_logps=tok_leaves, pair_w=(ref_w[:p] * ref_w[p:])).backward()
+        ref_dpo(
+            pc_ref,
+            logps[p:],
+            ref_logps[:p],
+            ref_logps[p:],
+            types=types,
+            beta=0.4,
+            lc=lc.to(D64),
+            lr_=lr_.to(D64),
+            chosen_token_logps=tok_leaves,
+            pair_w=(ref_w[:p] * ref_w[p:]),
+        ).backward()
         loss_b.backward()
         rows = lc > 0
         torch.testing.assert_close(pc.grad[rows], chosen_sum_grad(tok_leaves, pc_ref)[rows], rtol=1e-9, atol=1e-12)
@@ -332,15 +434,28 @@ def test_sft_with_ld_weighted_logps_uses_plain_nll() -> None:
     ld = ld_logps(ftok, pos, seq_ids, lens[:p], lens[p:], 0.5)
     plain = tok.sum(1)
     chosen_toks = [tok[s][mask[s].bool()] for s in range(p)]
-    loss, _ = preference_loss(ld[:p], ld[p:], ld[:p] * 0.9, ld[p:] * 1.1, loss_type=["sft"], chosen_lengths=lens[:p],
-                              policy_chosen_nll_sum=-plain[:p])
+    loss, _ = preference_loss(
+        ld[:p],
+        ld[p:],
+        ld[:p] * 0.9,
+        ld[p:] * 1.1,
+        loss_type=["sft"],
+        chosen_lengths=lens[:p],
+        policy_chosen_nll_sum=-plain[:p],
+    )
     torch.testing.assert_close(loss, -torch.cat(chosen_toks).mean(), rtol=1e-12, atol=1e-12)
 
 
 def test_sft_empty_batch_is_zero_not_nan() -> None:
     pc = torch.zeros(3, requires_grad=True)
-    loss, _ = preference_loss(pc, torch.zeros(3), torch.zeros(3), torch.zeros(3), loss_type="sft",
-                              chosen_lengths=torch.zeros(3, dtype=torch.long))
+    loss, _ = preference_loss(
+        pc,
+        torch.zeros(3),
+        torch.zeros(3),
+        torch.zeros(3),
+        loss_type="sft",
+        chosen_lengths=torch.zeros(3, dtype=torch.long),
+    )
     loss.backward()  # no token carries the loss; the gradient wrt the (empty) sums stays finite
     assert float(loss.detach()) == 0.0 and torch.isfinite(pc.grad).all()
 
@@ -395,8 +510,14 @@ def test_invalid_tensors() -> None:
     with pytest.raises(ValueError, match="both"):
         preference_loss(pc, pr, rc, None)
     with pytest.raises(ValueError, match="seq_ids"):
-        ld_logps(torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 9]),
-                 torch.ones(2, dtype=torch.long), torch.ones(2, dtype=torch.long), 0.5)
+        ld_logps(
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.long),
+            torch.tensor([0, 1, 9]),
+            torch.ones(2, dtype=torch.long),
+            torch.ones(2, dtype=torch.long),
+            0.5,
+        )
     with pytest.raises(ValueError, match="token_log_sum_p2"):
         wpo_weights(torch.zeros(3), torch.zeros(4), torch.zeros(3, dtype=torch.long), 2)
 
@@ -423,8 +544,11 @@ def test_simpo_matches_paper() -> None:
         z = beta * pc / lc.clamp(min=1) - beta * pr / lr_.clamp(min=1) - gamma
         return (-(1 - eps) * ls(z) - eps * ls(-z)).mean()
 
-    _grad_check(lambda pc, pr: simpo_loss(pc, pr, lc, lr_, beta=beta, gamma=gamma, label_smoothing=eps)[0], ref,
-                [sums["pc"], sums["pr"]])
+    _grad_check(
+        lambda pc, pr: simpo_loss(pc, pr, lc, lr_, beta=beta, gamma=gamma, label_smoothing=eps)[0],
+        ref,
+        [sums["pc"], sums["pr"]],
+    )
     _, m = simpo_loss(sums["pc"], sums["pr"], lc, lr_, beta=beta, gamma=gamma)
     torch.testing.assert_close(m["rewards/chosen"], (beta * sums["pc"] / lc.clamp(min=1)).mean())
 
@@ -480,12 +604,18 @@ def test_kto_matches_trl() -> None:
     def ref(pl_, rl_):
         kl = max(float((kp - kr).mean()), 0.0)
         lr_ = pl_ - rl_
-        losses = [wd * (1 - sig(beta * (lr_[i] - kl))) if des[i] else wu * (1 - sig(beta * (kl - lr_[i])))
-                  for i in range(n)]
+        losses = [
+            wd * (1 - sig(beta * (lr_[i] - kl))) if des[i] else wu * (1 - sig(beta * (kl - lr_[i]))) for i in range(n)
+        ]
         return torch.stack(losses).mean()
 
-    _grad_check(lambda a, b: kto_loss(a, b, des, policy_kl_logps=kp, ref_kl_logps=kr, beta=beta,
-                                      desirable_weight=wd, undesirable_weight=wu)[0], ref, [pl, rl])
+    _grad_check(
+        lambda a, b: kto_loss(
+            a, b, des, policy_kl_logps=kp, ref_kl_logps=kr, beta=beta, desirable_weight=wd, undesirable_weight=wu
+        )[0],
+        ref,
+        [pl, rl],
+    )
     _, m = kto_loss(pl, rl, des, policy_kl_logps=kp, ref_kl_logps=kr, beta=beta)
     torch.testing.assert_close(m["kl"], (kp - kr).mean().clamp(min=0))
     torch.testing.assert_close(m["rewards/chosen"], (beta * (pl - rl))[des].mean())
@@ -496,31 +626,52 @@ def test_kto_matches_trl() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # cross-check against TRL 1.16's own DPOTrainer._compute_loss (a stand-in model returns per-token statistics)
 # ----------------------------------------------------------------------------------------------------------------
-def _trl_compute_loss(cfg: dict, token_logps: torch.Tensor, lsp2: torch.Tensor, completion_mask: torch.Tensor,
-                      ref_c: torch.Tensor, ref_r: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def _trl_compute_loss(
+    cfg: dict,
+    token_logps: torch.Tensor,
+    lsp2: torch.Tensor,
+    completion_mask: torch.Tensor,
+    ref_c: torch.Tensor,
+    ref_r: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
     from collections import defaultdict
     from types import SimpleNamespace
 
     dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
     rows, length = completion_mask.shape
     outputs = SimpleNamespace(
-        log_probs=token_logps, entropy=torch.zeros(rows, length - 1), mean_logits=torch.zeros(rows, length - 1),
-        is_top1=torch.zeros(rows, length - 1, dtype=torch.bool), log_sum_sq_probs=lsp2,
+        log_probs=token_logps,
+        entropy=torch.zeros(rows, length - 1),
+        mean_logits=torch.zeros(rows, length - 1),
+        is_top1=torch.zeros(rows, length - 1, dtype=torch.bool),
+        log_sum_sq_probs=lsp2,
     )
     loss_types = cfg["loss_type"] if isinstance(cfg["loss_type"], list) else [cfg["loss_type"]]
     fake = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=SimpleNamespace(
-            device=torch.device("cpu"), gather_for_metrics=lambda t: t, gather=lambda t: t),
-        aux_loss_enabled=False, precompute_ref_logps=True, ld_alpha=cfg.get("ld_alpha"),
+        model=SimpleNamespace(training=True),
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda t: t, gather=lambda t: t),
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        ld_alpha=cfg.get("ld_alpha"),
         f_divergence_type=cfg.get("f_divergence_type", "reverse_kl"),
-        f_alpha_divergence_coef=cfg.get("f_alpha_divergence_coef", 0.5), loss_types=loss_types,
-        loss_weights=cfg.get("loss_weights") or [1.0] * len(loss_types), beta=cfg["beta"],
-        label_smoothing=cfg.get("label_smoothing", 0.0), use_weighting=cfg.get("use_weighting", False),
+        f_alpha_divergence_coef=cfg.get("f_alpha_divergence_coef", 0.5),
+        loss_types=loss_types,
+        loss_weights=cfg.get("loss_weights") or [1.0] * len(loss_types),
+        beta=cfg["beta"],
+        label_smoothing=cfg.get("label_smoothing", 0.0),
+        use_weighting=cfg.get("use_weighting", False),
         args=SimpleNamespace(discopop_tau=cfg.get("discopop_tau", 0.05)),
-        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
     )
-    inputs = {"input_ids": torch.zeros(rows, length, dtype=torch.long), "attention_mask": torch.ones(rows, length),
-              "completion_mask": completion_mask, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    inputs = {
+        "input_ids": torch.zeros(rows, length, dtype=torch.long),
+        "attention_mask": torch.ones(rows, length),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": ref_c,
+        "ref_rejected_logps": ref_r,
+    }
     loss = dpo_trainer.DPOTrainer._compute_loss(fake, lambda **kw: outputs, inputs, False)
     return loss, {k: v[-1] for k, v in fake._metrics["train"].items()}
 
@@ -544,7 +695,7 @@ def test_matches_trl_dpo_trainer(cfg: dict) -> None:
     for s in range(2 * p):
         start = int(torch.randint(1, 5, (1,), generator=g))
         n = int(torch.randint(0 if s == 3 else 1, length - start + 1, (1,), generator=g))
-        mask[s, start:start + n] = 1
+        mask[s, start : start + n] = 1
     shift = mask[:, 1:]
     raw = -torch.rand(2 * p, length - 1, generator=g) * 3
     lsp2 = -torch.rand(2 * p, length - 1, generator=g) * 2
@@ -576,9 +727,17 @@ def test_matches_trl_dpo_trainer(cfg: dict) -> None:
     if cfg.get("use_weighting"):
         w = wpo_weights(leaf, lsp2[flat], seq_ids, 2 * p)
         kw.update(wpo_chosen_weights=w[:p], wpo_rejected_weights=w[p:])
-    loss, metrics = preference_loss(seq[:p], seq[p:], ref[:p], ref[p:], chosen_lengths=lengths[:p],
-                                    rejected_lengths=lengths[p:], policy_chosen_nll_sum=-plain[:p],
-                                    policy_rejected_nll_sum=-plain[p:], **kw)
+    loss, metrics = preference_loss(
+        seq[:p],
+        seq[p:],
+        ref[:p],
+        ref[p:],
+        chosen_lengths=lengths[:p],
+        rejected_lengths=lengths[p:],
+        policy_chosen_nll_sum=-plain[:p],
+        policy_rejected_nll_sum=-plain[p:],
+        **kw,
+    )
     loss.backward()
     torch.testing.assert_close(loss, trl_loss.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(leaf.grad, trl_leaf.grad[flat], rtol=1e-4, atol=1e-6)

@@ -1,5 +1,6 @@
 """``fastdpo memory``: the estimator's arithmetic against hand-computed byte counts, published parameter counts, and
 deterministic counts of the bytes autograd saves (``saved_tensors_hooks``) on tiny HF models and log-prob heads."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,11 @@ def test_resident_parts_hand_computed():
     e = M.estimate(shape, step, "fastdpo")
     p = 8_030_261_248
     assert (e["weights"], e["grads"], e["optimizer"], e["reference"]) == (2 * p, 2 * p, 4 * p, 2 * p)
-    pre = M.estimate(shape, M.StepConfig(pairs=1, prompt_len=3, completion_len=5, dtype="fp32", optimizer="sgd",
-                                         reference="precomputed"), "naive")
+    pre = M.estimate(
+        shape,
+        M.StepConfig(pairs=1, prompt_len=3, completion_len=5, dtype="fp32", optimizer="sgd", reference="precomputed"),
+        "naive",
+    )
     assert (pre["weights"], pre["grads"], pre["optimizer"], pre["reference"]) == (4 * p, 4 * p, 0, 0)
 
 
@@ -62,8 +66,16 @@ def test_naive_head_hand_computed():
 
 
 def _tiny_config(name: str) -> dict:
-    return dict(M.PRESETS[name], vocab_size=997, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, num_hidden_layers=2)
+    return dict(
+        M.PRESETS[name],
+        vocab_size=997,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=2,
+    )
 
 
 def _saved_bytes(fn, exclude: set[int]) -> int:
@@ -120,7 +132,8 @@ def test_prefix_shared_activation_bytes_hand_computed():
     phases = M.estimate(shape, step, "fastdpo")["phases"]
     resident = (2 + 4 + 2) * 1_235_814_400  # bf16 weights, AdamW states, reference
     assert phases["policy forward"] - phases["reference forward"] == 24_051_924 + (
-        M.head_bytes("fastdpo", shape, step)["fwd_peak"] - M.head_bytes("fastdpo", shape, step)["ref_peak"])
+        M.head_bytes("fastdpo", shape, step)["fwd_peak"] - M.head_bytes("fastdpo", shape, step)["ref_peak"]
+    )
     assert phases["reference forward"] == resident + 13 * 13 + M.head_bytes("fastdpo", shape, step)["ref_peak"]
     padded = M.StepConfig(pairs=3, prompt_len=3, completion_len=5, packing="prefix_shared", pairs_per_row=2)
     assert (padded.rows, padded.seq_len) == (2, 26)  # the collator's greedy rows: 2 pairs, then 1 pair + padding
@@ -142,16 +155,26 @@ def test_prefix_shared_activations_match_engine_forward(name, dtype, prompt_len,
     shape = M.shape_from_config(cfg, name)
     torch.manual_seed(0)
     _, model, _ = build_models({"dtype": dtype, "reference": "precomputed"}, cfg, None)
-    step = M.StepConfig(pairs=3, prompt_len=prompt_len, completion_len=12, dtype=dtype, device="cpu",
-                        packing="prefix_shared", pairs_per_row=pairs_per_row)
+    step = M.StepConfig(
+        pairs=3,
+        prompt_len=prompt_len,
+        completion_len=12,
+        dtype=dtype,
+        device="cpu",
+        packing="prefix_shared",
+        pairs_per_row=pairs_per_row,
+    )
 
     def ids(n: int) -> list[int]:
         return torch.randint(0, 997, (n,)).tolist()
 
-    rows = [{"prompt_input_ids": ids(prompt_len), "chosen_input_ids": ids(12), "rejected_input_ids": ids(12)}
-            for _ in range(step.pairs)]
-    collator = PreferenceCollator(id_tokenizer(997), packing="prefix_shared",
-                                  max_tokens_per_row=pairs_per_row * (prompt_len + 2 * 12))
+    rows = [
+        {"prompt_input_ids": ids(prompt_len), "chosen_input_ids": ids(12), "rejected_input_ids": ids(12)}
+        for _ in range(step.pairs)
+    ]
+    collator = PreferenceCollator(
+        id_tokenizer(997), packing="prefix_shared", max_tokens_per_row=pairs_per_row * (prompt_len + 2 * 12)
+    )
     batch = collator(rows)
     assert tuple(batch["input_ids"].shape) == (step.rows, step.seq_len)
     assert batch["logp_index"].numel() == step.scored_tokens == M.head_bytes("fastdpo", shape, step)["positions"]
@@ -178,8 +201,9 @@ def test_prefix_shared_saves_the_second_prompt_pass():
         pf = M.StepConfig(pairs=pairs, prompt_len=prompt_len, completion_len=c, dtype="bf16")
         ps = M.StepConfig(pairs=pairs, prompt_len=prompt_len, completion_len=c, dtype="bf16", packing="prefix_shared")
         row = prompt_len + 2 * c
-        price = (layers * (pairs * row * row * b + pairs * row * 2 * b * (q - kv))
-                 + 2 * hd * b * (pairs * row - (prompt_len + c)))
+        price = layers * (pairs * row * row * b + pairs * row * 2 * b * (q - kv)) + 2 * hd * b * (
+            pairs * row - (prompt_len + c)
+        )
         saving = pairs * prompt_len * per_token
         assert M.activation_bytes(shape, pf) - M.activation_bytes(shape, ps) == saving - price
         e_pf, e_ps = M.estimate(shape, pf, "fastdpo"), M.estimate(shape, ps, "fastdpo")
@@ -198,10 +222,26 @@ def test_prefix_shared_measured_engine_step(monkeypatch):
     """``--measure`` for prefix_shared runs the real engine step (collator, DPOEngine.step, backward, optimizer) in
     its own process; its peak RSS over the baseline matches the estimate (a ~210 MiB step: 2 layers, V 32000)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = dict(M.PRESETS["Llama-3.2-1B"], vocab_size=32000, hidden_size=256, intermediate_size=1024,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=2)
-    step = M.StepConfig(pairs=4, prompt_len=192, completion_len=64, dtype="fp32", optimizer="sgd",
-                        reference="precomputed", device="cpu", packing="prefix_shared")
+    cfg = dict(
+        M.PRESETS["Llama-3.2-1B"],
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=2,
+    )
+    step = M.StepConfig(
+        pairs=4,
+        prompt_len=192,
+        completion_len=64,
+        dtype="fp32",
+        optimizer="sgd",
+        reference="precomputed",
+        device="cpu",
+        packing="prefix_shared",
+    )
     measured = measure(cfg, step, ["fastdpo"], None)["fastdpo"]
     assert "error" not in measured, measured
     assert M.estimate(M.shape_from_config(cfg), step, "fastdpo")["peak"] == pytest.approx(measured["peak"], rel=0.1)
@@ -227,8 +267,9 @@ def test_head_saved_bytes_deterministic(variant):
 
     def trl() -> torch.Tensor:
         h = hidden[:, :-1].reshape(-1, 48)
-        lp = ChunkedLogProbFunction.apply(h, weight, None, tgt.clamp(min=0).reshape(-1), 1.0, M.TRL_VOCAB_TILE,
-                                          None, 1.0, ("log_probs",))[0]
+        lp = ChunkedLogProbFunction.apply(
+            h, weight, None, tgt.clamp(min=0).reshape(-1), 1.0, M.TRL_VOCAB_TILE, None, 1.0, ("log_probs",)
+        )[0]
         return (lp.view(r, seq - 1) * (tgt != -100)).sum(-1)
 
     exclude = {weight.untyped_storage().data_ptr()}
@@ -263,8 +304,12 @@ def test_config_json_and_cli(tmp_path, capsys):
 
 
 def test_cli_packing(capsys):
-    assert memory_cli.main(["--model", "Llama-3.2-1B", "--packing", "prefix_shared", "--pairs-per-row", "2", "--pairs", "3",
-                   "--json"]) == 0
+    assert (
+        memory_cli.main(
+            ["--model", "Llama-3.2-1B", "--packing", "prefix_shared", "--pairs-per-row", "2", "--pairs", "3", "--json"]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["step"]["packing"] == "prefix_shared" and report["step"]["pairs_per_row"] == 2
     shape, _ = M.load_model("Llama-3.2-1B")

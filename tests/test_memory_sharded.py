@@ -1,5 +1,6 @@
 """``fastdpo memory --world-size N --shard zero3|fsdp2``: the per-rank estimate's arithmetic, the CLI's checks, and
 ``--measure`` on 2 CPU processes (the real DPOEngine step under DeepSpeed ZeRO-3 / FSDP2) within the issue's ±15%."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,18 @@ from fastdpo import memory as M
 
 pytestmark = pytest.mark.distributed
 
-SMALL = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1408,
-         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "tie_word_embeddings": False,
-         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+SMALL = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+}
 
 
 def test_sharded_resident_parts_hand_computed():
@@ -22,8 +32,12 @@ def test_sharded_resident_parts_hand_computed():
     p, n = 8_030_261_248, 8
     z = M.estimate_sharded(shape, step, "fastdpo", n, "zero3")
     # bf16 partitions, fp32 master partitions + AdamW moments, bf16 gradient partitions, the reference's partitions
-    assert (z["weights"], z["grads"], z["optimizer"], z["reference"]) == (2 * p // n, 2 * p // n,
-                                                                          4 * p // n + 8 * p // n, 2 * p // n)
+    assert (z["weights"], z["grads"], z["optimizer"], z["reference"]) == (
+        2 * p // n,
+        2 * p // n,
+        4 * p // n + 8 * p // n,
+        2 * p // n,
+    )
     single = M.estimate(shape, step, "fastdpo")
     head = M.head_bytes("fastdpo", shape, step)
     live = M.ZERO3_MAX_LIVE_PARAMS * 2
@@ -49,12 +63,16 @@ def test_sharded_estimate_rejects_bad_input():
 def test_cli_shard_errors_are_one_line(capsys):
     from fastdpo.cli import main
 
-    for argv, msg in ((["memory", "--world-size", "4"], "--world-size needs --shard"),
-                      (["memory", "--world-size", "0", "--shard", "zero3"], "--world-size"),
-                      (["memory", "--shard", "zero4"], "--shard"),
-                      (["memory", "--world-size", "100000", "--shard", "fsdp2", "--measure"], "CPUs"),
-                      (["memory", "--world-size", "2", "--shard", "zero3", "--sequence-parallel", "2"],
-                       "--sequence-parallel with --shard")):
+    for argv, msg in (
+        (["memory", "--world-size", "4"], "--world-size needs --shard"),
+        (["memory", "--world-size", "0", "--shard", "zero3"], "--world-size"),
+        (["memory", "--shard", "zero4"], "--shard"),
+        (["memory", "--world-size", "100000", "--shard", "fsdp2", "--measure"], "CPUs"),
+        (
+            ["memory", "--world-size", "2", "--shard", "zero3", "--sequence-parallel", "2"],
+            "--sequence-parallel with --shard",
+        ),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2, argv
@@ -80,8 +98,30 @@ def test_measured_two_processes_within_15_percent(shard, tmp_path, capsys):
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(SMALL))
-    assert main(["memory", "--model", str(config), "--pairs", "2", "--prompt-len", "128", "--completion-len", "64",
-                 "--world-size", "2", "--shard", shard, "--measure", "--variants", "fastdpo", "--json"]) == 0
+    assert (
+        main(
+            [
+                "memory",
+                "--model",
+                str(config),
+                "--pairs",
+                "2",
+                "--prompt-len",
+                "128",
+                "--completion-len",
+                "64",
+                "--world-size",
+                "2",
+                "--shard",
+                shard,
+                "--measure",
+                "--variants",
+                "fastdpo",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     measured = report["measured"]["fastdpo"]
     assert "peak" in measured, measured
@@ -91,6 +131,7 @@ def test_measured_two_processes_within_15_percent(shard, tmp_path, capsys):
     peaks = [r["peak"] for r in measured["per_rank"]]
     assert max(peaks) - min(peaks) < 0.05 * max(peaks), peaks
     shape, _ = M.load_model(str(config))
-    single = M.estimate(replace(shape), M.StepConfig(pairs=2, prompt_len=128, completion_len=64, dtype="fp32",
-                                                     device="cpu"), "fastdpo")
+    single = M.estimate(
+        replace(shape), M.StepConfig(pairs=2, prompt_len=128, completion_len=64, dtype="fp32", device="cpu"), "fastdpo"
+    )
     assert report["estimates"]["fastdpo"]["peak"] < single["peak"]  # sharding saves memory per rank

@@ -1,5 +1,6 @@
 """``fastdpo memory`` defaults (issue 18, item 8): a representative DPO setup with every fastdpo option beside TRL and
 naive, each option's saving where it comes from, estimates against measured CPU steps of the options, ``--plot``."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,15 @@ def test_defaults_show_a_representative_setup_and_every_option(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["name"] == "Llama-3-8B"
     step = report["step"]
-    assert (step["pairs"], step["prompt_len"], step["completion_len"], step["dtype"], step["optimizer"],
-            step["reference"], step["device"]) == (4, 512, 512, "bf16", "adamw", "model", "cuda")
+    assert (
+        step["pairs"],
+        step["prompt_len"],
+        step["completion_len"],
+        step["dtype"],
+        step["optimizer"],
+        step["reference"],
+        step["device"],
+    ) == (4, 512, 512, "bf16", "adamw", "model", "cuda")
     e = report["estimates"]
     assert list(e) == list(M.VARIANTS)
     for v in e.values():
@@ -48,10 +56,19 @@ def test_option_estimates_match_measured_steps(monkeypatch, dtype):
     grad_in_forward, with everything (prefix_shared + grad_in_forward + precomputed reference), and the head with a
     precomputed reference; peak RSS over the baseline within the estimator's 10 %."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = dict(M.PRESETS["Llama-3.2-1B"], vocab_size=32000, hidden_size=256, intermediate_size=1024,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=2)
-    step = M.StepConfig(pairs=4, prompt_len=192, completion_len=64, dtype=dtype, optimizer="adamw",
-                        reference="model", device="cpu")
+    cfg = dict(
+        M.PRESETS["Llama-3.2-1B"],
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=2,
+    )
+    step = M.StepConfig(
+        pairs=4, prompt_len=192, completion_len=64, dtype=dtype, optimizer="adamw", reference="model", device="cpu"
+    )
     variants = ["fastdpo+grad_in_forward", "fastdpo+precomputed_ref", "fastdpo+all"]
     measured = measure(cfg, step, variants, None)
     shape = M.shape_from_config(cfg)

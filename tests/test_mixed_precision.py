@@ -19,6 +19,7 @@ Under autocast (and the trainers' mixed precision, which autocasts only the mode
 in the autocast dtype like the model's ``nn.Linear`` head would (``fastdpo.engine._head_operands``): checked by
 watching the head's operands.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,12 +63,15 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _watch_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[torch.dtype, ...]]]:
     """Record ``(hidden, weight, autocast on)`` dtypes/state of every fused-head call the engine makes."""
     seen: list[tuple[Any, ...]] = []
-    for module, name in ((head_function, "linear_token_logprobs"),
-                         (head_grad_in_forward, "linear_logprobs_loss_grad_in_forward")):
+    for module, name in (
+        (head_function, "linear_token_logprobs"),
+        (head_grad_in_forward, "linear_logprobs_loss_grad_in_forward"),
+    ):
         original = getattr(module, name)
 
-        def spy(hidden: torch.Tensor, weight: torch.Tensor, *args: Any, _original: Any = original,
-                **kwargs: Any) -> Any:
+        def spy(
+            hidden: torch.Tensor, weight: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any
+        ) -> Any:
             seen.append((hidden.dtype, weight.dtype, torch.is_autocast_enabled(hidden.device.type)))
             return _original(hidden, weight, *args, **kwargs)
 
@@ -83,19 +87,22 @@ def tok() -> Any:
 @pytest.mark.parametrize("packing", ["pad", "padding_free", "prefix_shared"])
 @pytest.mark.parametrize("grad_in_forward", [False, True], ids=["recompute", "grad_in_forward"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_engine_step_half_precision_vs_float64(tok: Any, monkeypatch: pytest.MonkeyPatch, mode: str,
-                                               grad_in_forward: bool, packing: str) -> None:
+def test_engine_step_half_precision_vs_float64(
+    tok: Any, monkeypatch: pytest.MonkeyPatch, mode: str, grad_in_forward: bool, packing: str
+) -> None:
     model_dtype, autocast = MODES[mode]
-    _check_engine_half(tok, monkeypatch, torch.device("cpu"), "eager", model_dtype, autocast, grad_in_forward,
-                       packing)
+    _check_engine_half(tok, monkeypatch, torch.device("cpu"), "eager", model_dtype, autocast, grad_in_forward, packing)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attn,packing", [("sdpa", "pad"), ("sdpa", "padding_free"), ("sdpa", "prefix_shared"),
-                                          ("flash_attention_2", "padding_free")])
+@pytest.mark.parametrize(
+    "attn,packing",
+    [("sdpa", "pad"), ("sdpa", "padding_free"), ("sdpa", "prefix_shared"), ("flash_attention_2", "padding_free")],
+)
 @pytest.mark.parametrize("grad_in_forward", [False, True], ids=["recompute", "grad_in_forward"])
-def test_engine_step_cuda_bf16_vs_float64(tok: Any, monkeypatch: pytest.MonkeyPatch, attn: str, packing: str,
-                                          grad_in_forward: bool) -> None:
+def test_engine_step_cuda_bf16_vs_float64(
+    tok: Any, monkeypatch: pytest.MonkeyPatch, attn: str, packing: str, grad_in_forward: bool
+) -> None:
     """The first GPU step: a bf16 model on CUDA, the batch on CUDA, compiled Triton head (``backend="auto"``), every
     packing with sdpa and flash-attention varlen padding-free (issue 19.1), against the CPU float64 oracle."""
     if attn.startswith("flash"):
@@ -103,9 +110,16 @@ def test_engine_step_cuda_bf16_vs_float64(tok: Any, monkeypatch: pytest.MonkeyPa
     _check_engine_half(tok, monkeypatch, torch.device("cuda"), attn, torch.bfloat16, None, grad_in_forward, packing)
 
 
-def _check_engine_half(tok: Any, monkeypatch: pytest.MonkeyPatch, device: torch.device, attn: str,
-                       model_dtype: torch.dtype, autocast: torch.dtype | None, grad_in_forward: bool,
-                       packing: str) -> None:
+def _check_engine_half(
+    tok: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    device: torch.device,
+    attn: str,
+    model_dtype: torch.dtype,
+    autocast: torch.dtype | None,
+    grad_in_forward: bool,
+    packing: str,
+) -> None:
     """Engine step + backward on ``device`` against the float64 oracle (CPU, eager attention), within the naive
     same-precision path's error (see the module docstring)."""
     half = autocast or model_dtype
@@ -172,8 +186,9 @@ def _check_engine_half(tok: Any, monkeypatch: pytest.MonkeyPatch, device: torch.
 _SKIP_KEYS = {"epoch", "step", "learning_rate"}
 
 
-def _train(trainer_cls: Any, tmp_path: Any, *, model_dtype: torch.dtype = torch.float32, **config: Any
-           ) -> list[dict[str, float]]:
+def _train(
+    trainer_cls: Any, tmp_path: Any, *, model_dtype: torch.dtype = torch.float32, **config: Any
+) -> list[dict[str, float]]:
     datasets = pytest.importorskip("datasets")
     from trl import DPOConfig
 
@@ -183,12 +198,30 @@ def _train(trainer_cls: Any, tmp_path: Any, *, model_dtype: torch.dtype = torch.
     for m in (policy, ref):  # every run starts from the same bf16-representable weights
         m.to(torch.bfloat16).to(model_dtype)
     policy.train()
-    args = DPOConfig(output_dir=str(tmp_path / trainer_cls.__name__), per_device_train_batch_size=4, max_steps=3,
-                     logging_steps=1, optim="sgd", learning_rate=0.02, lr_scheduler_type="constant", seed=0,
-                     report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, beta=0.5,
-                     dataloader_num_workers=0, **{"bf16": False, "fp16": False, **config})
-    trainer = trainer_cls(model=policy, ref_model=ref, args=args, processing_class=tok,
-                          train_dataset=datasets.Dataset.from_list(preference_rows(12, seed=3)))
+    args = DPOConfig(
+        output_dir=str(tmp_path / trainer_cls.__name__),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=0.02,
+        lr_scheduler_type="constant",
+        seed=0,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        beta=0.5,
+        dataloader_num_workers=0,
+        **{"bf16": False, "fp16": False, **config},
+    )
+    trainer = trainer_cls(
+        model=policy,
+        ref_model=ref,
+        args=args,
+        processing_class=tok,
+        train_dataset=datasets.Dataset.from_list(preference_rows(12, seed=3)),
+    )
     torch.manual_seed(1234)  # the train sampler draws from the global generator
     trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
@@ -203,8 +236,9 @@ def fp32_run(tmp_path_factory: Any) -> list[dict[str, float]]:
 
 
 @pytest.mark.parametrize("setup", ["DPOConfig(bf16=True)", "bf16 model"])
-def test_trainer_bf16_matches_trl_within_its_own_bf16_error(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
-                                                            fp32_run: list[dict[str, float]], setup: str) -> None:
+def test_trainer_bf16_matches_trl_within_its_own_bf16_error(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, fp32_run: list[dict[str, float]], setup: str
+) -> None:
     from trl import DPOTrainer
 
     from fastdpo.integrations.trl import FastDPOTrainer

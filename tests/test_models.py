@@ -1,5 +1,6 @@
 """Model glue: backbone + head split reproduces each model's own logits (softcap, logit scale, tied weights, PEFT),
 and the bitsandbytes reference copy."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,18 @@ def _ids(b: int = 2, t: int = 11, seed: int = 0) -> torch.Tensor:
 
 
 def _extra_model(kind: str) -> torch.nn.Module:
-    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if kind == "cohere":
         config = transformers.CohereConfig(**common, logit_scale=0.37)
     elif kind == "granite":
@@ -87,8 +98,9 @@ def test_head_bias_and_gradient_reaches_tied_embedding() -> None:
 def test_peft_lora_backbone_and_head_fold() -> None:
     peft = pytest.importorskip("peft")
     model = _model("llama")
-    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0,
-                          init_lora_weights=False)
+    cfg = peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0, init_lora_weights=False
+    )
     pm = peft.get_peft_model(model, cfg)
     parts = resolve_lm(pm)
     assert parts.hf_model is pm.get_base_model()
@@ -108,8 +120,9 @@ def test_peft_lora_backbone_and_head_fold() -> None:
 
 def test_peft_modules_to_save_head() -> None:
     peft = pytest.importorskip("peft")
-    pm = peft.get_peft_model(_model("qwen2"),
-                             peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    pm = peft.get_peft_model(
+        _model("qwen2"), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
     head = pm.get_base_model().lm_head
     with torch.no_grad():
         head.modules_to_save["default"].weight.add_(0.5)
@@ -123,8 +136,7 @@ def test_peft_modules_to_save_head() -> None:
 
 def test_lora_dropout_on_head_in_training_is_refused() -> None:
     peft = pytest.importorskip("peft")
-    pm = peft.get_peft_model(_model("llama"),
-                             peft.LoraConfig(r=2, target_modules=["lm_head"], lora_dropout=0.1))
+    pm = peft.get_peft_model(_model("llama"), peft.LoraConfig(r=2, target_modules=["lm_head"], lora_dropout=0.1))
     pm.train()
     with pytest.raises(ValueError, match="lora_dropout"):
         resolve_lm(pm).head_weight_bias()

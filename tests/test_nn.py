@@ -1,5 +1,6 @@
 """Loss modules: fused preference losses against Liger 0.8.5 (CPU, compiled=False) and an independent float64
 reference; grad-in-forward against recompute; DPOLoss against preference_loss."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,9 @@ LIGER_TYPES = sorted(LigerFusedLinearDPOLoss._SUPPORTED_LOSS_TYPES)
 D64 = torch.float64
 
 
-def make_inputs(b: int = 3, t: int = 7, d: int = 40, v: int = 601, *, seed: int = 0, dtype=torch.float32,
-                empty_row: bool = True):
+def make_inputs(
+    b: int = 3, t: int = 7, d: int = 40, v: int = 601, *, seed: int = 0, dtype=torch.float32, empty_row: bool = True
+):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2 * b, t, d, generator=g, dtype=dtype)
     w = torch.randn(v, d, generator=g, dtype=dtype) * 0.2
@@ -39,7 +41,7 @@ def make_inputs(b: int = 3, t: int = 7, d: int = 40, v: int = 601, *, seed: int 
         target[row, : prompt[row]] = -100  # prompt positions
         tail = int(torch.randint(0, 2, (1,), generator=g))
         if tail:
-            target[row, t - tail:] = -100  # padding
+            target[row, t - tail :] = -100  # padding
     if empty_row:
         target[b + 1] = -100  # a rejected completion without tokens
     return x, w, bias, xr, wr, br, target
@@ -68,8 +70,9 @@ def assert_same(a, b, *, rtol: float, atol: float) -> None:
         if u is None or v is None:
             assert u is None and v is None, name
             continue
-        torch.testing.assert_close(u.double(), v.double(), rtol=rtol, atol=atol,
-                                   msg=lambda m, name=name: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            u.double(), v.double(), rtol=rtol, atol=atol, msg=lambda m, name=name: f"grad {name}: {m}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,13 +88,19 @@ CONFIGS = [
 @pytest.mark.parametrize("loss_type", LIGER_TYPES)
 def test_dpo_matches_liger(loss_type: str, cfg: int) -> None:
     c = CONFIGS[cfg]
-    x, w, bias, xr, wr, br, target = make_inputs(seed=LIGER_TYPES.index(loss_type) * 7 + cfg,
-                                                 empty_row=c["empty_row"])
+    x, w, bias, xr, wr, br, target = make_inputs(seed=LIGER_TYPES.index(loss_type) * 7 + cfg, empty_row=c["empty_row"])
     bias_ = bias if c["bias"] else None
     ref = (xr, wr, br if c["bias"] else None) if c["use_ref_model"] else None
     eps = 0.1 if loss_type in ("exo_pair", "robust") else 0.0
-    opts = dict(beta=0.3, alpha=0.7, compute_nll_loss=c["compute_nll_loss"], use_ref_model=c["use_ref_model"],
-                average_log_prob=c["average_log_prob"], loss_type=loss_type, label_smoothing=eps)
+    opts = dict(
+        beta=0.3,
+        alpha=0.7,
+        compute_nll_loss=c["compute_nll_loss"],
+        use_ref_model=c["use_ref_model"],
+        average_log_prob=c["average_log_prob"],
+        loss_type=loss_type,
+        label_smoothing=eps,
+    )
     theirs = run(LigerFusedLinearDPOLoss(compiled=False, **opts), x, w, bias_, target, ref)
     ours = run(FusedLinearDPOLoss(**opts), x, w, bias_, target, ref)
     assert_same(ours, theirs, rtol=2e-5, atol=2e-6)
@@ -107,8 +116,11 @@ def test_dpo_matches_liger(loss_type: str, cfg: int) -> None:
 def test_simpo_cpo_orpo_match_liger(which: str) -> None:
     x, w, bias, _, _, _, target = make_inputs(seed=50, empty_row=False)
     theirs_cls, ours_cls, opts = {
-        "simpo": (LigerFusedLinearSimPOLoss, FusedLinearSimPOLoss,
-                  dict(beta=0.4, alpha=0.6, label_smoothing=0.1, gamma=0.3)),
+        "simpo": (
+            LigerFusedLinearSimPOLoss,
+            FusedLinearSimPOLoss,
+            dict(beta=0.4, alpha=0.6, label_smoothing=0.1, gamma=0.3),
+        ),
         "simpo_no_nll": (LigerFusedLinearSimPOLoss, FusedLinearSimPOLoss, dict(compute_nll_loss=False)),
         "cpo": (LigerFusedLinearCPOLoss, FusedLinearCPOLoss, dict(beta=0.2, alpha=1.3, label_smoothing=0.05)),
         "cpo_avg": (LigerFusedLinearCPOLoss, FusedLinearCPOLoss, dict(average_log_prob=True)),
@@ -230,8 +242,18 @@ def test_dpo_loss_module_matches_function() -> None:
     lc, lr_ = torch.randint(1, 9, (5,), generator=g), torch.randint(1, 9, (5,), generator=g)
     module = DPOLoss(["ipo", "robust"], loss_weights=[0.5, 2.0], beta=0.2, label_smoothing=0.2)
     loss, metrics = module(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr_)
-    ref, ref_m = preference_loss(pc, pr, rc, rr, loss_type=["ipo", "robust"], loss_weights=[0.5, 2.0], beta=0.2,
-                                 label_smoothing=0.2, chosen_lengths=lc, rejected_lengths=lr_)
+    ref, ref_m = preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        loss_type=["ipo", "robust"],
+        loss_weights=[0.5, 2.0],
+        beta=0.2,
+        label_smoothing=0.2,
+        chosen_lengths=lc,
+        rejected_lengths=lr_,
+    )
     torch.testing.assert_close(loss, ref)
     assert metrics.keys() == ref_m.keys()
     with pytest.raises(TypeError, match="unexpected"):
@@ -268,8 +290,17 @@ def test_liger_positional_constructor_order() -> None:
     refuses a discopop_tau that the selected loss would ignore)."""
     ours = FusedLinearDPOLoss(-1, 0.25, 0.5, True, False, False, True, 2, "discopop", 0.0, 0.1)
     theirs = LigerFusedLinearDPOLoss(-1, 0.25, 0.5, True, False, False, True, 2, "discopop", 0.0, 0.1)
-    for name in ("ignore_index", "beta", "alpha", "compute_nll_loss", "use_ref_model", "average_log_prob",
-                 "loss_type", "label_smoothing", "discopop_tau"):
+    for name in (
+        "ignore_index",
+        "beta",
+        "alpha",
+        "compute_nll_loss",
+        "use_ref_model",
+        "average_log_prob",
+        "loss_type",
+        "label_smoothing",
+        "discopop_tau",
+    ):
         assert getattr(ours, name) == getattr(theirs, name), name
     x, w, bias, _, _, _, target = make_inputs(seed=4, empty_row=False)
     target = target.masked_fill(target == -100, -1)
@@ -305,7 +336,8 @@ def test_grad_in_forward_path_is_taken_for_pair_local_losses_only() -> None:
     x, w, bias, xr, wr, br, target = make_inputs(seed=6)
     ww, xx = w.clone().requires_grad_(True), x.clone().requires_grad_(True)
     loss, _ = FusedLinearDPOLoss(loss_type="robust", label_smoothing=0.2, grad_in_forward=True)(
-        ww, xx, target, bias, xr, wr, br)
+        ww, xx, target, bias, xr, wr, br
+    )
     assert "StoredGrad" in type(loss.grad_fn).__name__
     loss, _ = FusedLinearDPOLoss(loss_type=["sigmoid", "aot"], grad_in_forward=True)(ww, xx, target, bias, xr, wr, br)
     assert "StoredGrad" not in type(loss.grad_fn).__name__  # batch-coupled: recompute path

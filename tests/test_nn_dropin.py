@@ -1,5 +1,6 @@
 """The Liger drop-in surface added for issue 18 (item 6), checked without the network: the fused KTO module against a
 float64 reference and Liger 0.8.5's module, ORPO's ``nll_target``, the functional forms, Liger's error wording."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,6 +40,7 @@ def _rows(b: int, t: int, d: int, v: int, seed: int, dtype=torch.float32, ignore
 
 def _kto_reference(x, w, bias, xr, wr, target, labels, kl, beta, average, dt=D64):
     """KTO from full logits in ``dt`` (TRL's KTOTrainer formula, Liger's reduction): the naive path."""
+
     def logps(xx, ww, bb):
         lp = torch.log_softmax(xx.to(dt) @ ww.to(dt).T + (bb.to(dt) if bb is not None else 0), -1)
         mask = target != -100
@@ -70,7 +72,7 @@ def test_kto_matches_float64_and_is_no_worse_than_naive(average):
     for got, ref in zip(leaves, leaves64, strict=True):
         torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-5, atol=1e-7)
     # aux: sums over desirable / undesirable rows
-    logps = (r.detach() + 0)  # reward = beta * logratio
+    logps = r.detach() + 0  # reward = beta * logratio
     torch.testing.assert_close(aux[4].double(), (beta * logps[labels]).sum(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux[5].double(), (beta * logps[~labels]).sum(), rtol=1e-5, atol=1e-6)
     logits = x.double() @ w.double().T + bias.double()
@@ -92,8 +94,11 @@ def test_kto_matches_liger_and_functional():
         return [loss.detach(), *[a.detach() for a in aux], xx.grad, ww.grad]
 
     ours = run(lambda xx, ww: FusedLinearKTOLoss(beta=0.2, use_ref_model=True)(xx, ww, target, bias, labels, xr, wr))
-    theirs = run(lambda xx, ww: liger_kto.LigerFusedLinearKTOLoss(beta=0.2, use_ref_model=True, compiled=False)(
-        xx, ww, target, bias, labels, xr, wr))
+    theirs = run(
+        lambda xx, ww: liger_kto.LigerFusedLinearKTOLoss(beta=0.2, use_ref_model=True, compiled=False)(
+            xx, ww, target, bias, labels, xr, wr
+        )
+    )
     functional = run(lambda xx, ww: fused_linear_kto(xx, ww, target, labels, bias, xr, wr, None, None, -100, 0.2))
     for a, b, c in zip(ours, theirs, functional, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
@@ -147,16 +152,26 @@ def test_functional_forms_equal_the_modules():
     x, w, bias, xr, wr, target = _rows(4, 6, 16, 89, seed=3)
     target[1] = 5
     cases = [
-        (lambda: fused_linear_dpo(x, w, target, bias, xr, wr, None, -100, 0.2, True, True, True, False, 1, "hinge",
-                                  0.0, 0.05, 0.7),
-         lambda: FusedLinearDPOLoss(beta=0.2, alpha=0.7, compute_nll_loss=True, loss_type="hinge")(
-             w, x, target, bias, xr, wr, None)),
-        (lambda: fused_linear_cpo(x, w, target, bias, -100, 0.2, 0.5, 0.1),
-         lambda: FusedLinearCPOLoss(beta=0.2, alpha=0.5, label_smoothing=0.1)(w, x, target, bias)),
-        (lambda: fused_linear_simpo(x, w, target, None, -100, 0.2, 1.0, 0.0, True, True, 0.3),
-         lambda: FusedLinearSimPOLoss(beta=0.2, gamma=0.3, compute_nll_loss=True)(w, x, target)),
-        (lambda: fused_linear_orpo(x, w, target, bias, -100, 0.2),
-         lambda: FusedLinearORPOLoss(beta=0.2)(w, x, target, bias)),
+        (
+            lambda: fused_linear_dpo(
+                x, w, target, bias, xr, wr, None, -100, 0.2, True, True, True, False, 1, "hinge", 0.0, 0.05, 0.7
+            ),
+            lambda: FusedLinearDPOLoss(beta=0.2, alpha=0.7, compute_nll_loss=True, loss_type="hinge")(
+                w, x, target, bias, xr, wr, None
+            ),
+        ),
+        (
+            lambda: fused_linear_cpo(x, w, target, bias, -100, 0.2, 0.5, 0.1),
+            lambda: FusedLinearCPOLoss(beta=0.2, alpha=0.5, label_smoothing=0.1)(w, x, target, bias),
+        ),
+        (
+            lambda: fused_linear_simpo(x, w, target, None, -100, 0.2, 1.0, 0.0, True, True, 0.3),
+            lambda: FusedLinearSimPOLoss(beta=0.2, gamma=0.3, compute_nll_loss=True)(w, x, target),
+        ),
+        (
+            lambda: fused_linear_orpo(x, w, target, bias, -100, 0.2),
+            lambda: FusedLinearORPOLoss(beta=0.2)(w, x, target, bias),
+        ),
     ]
     for functional, module in cases:
         (a, aux_a), (b, aux_b) = functional(), module()

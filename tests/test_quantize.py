@@ -1,5 +1,5 @@
-"""bitsandbytes reference copies (:func:`fastdpo.quantize.quantize_model`): what they hold, where they are quantized, and
-that the 4-bit CPU forward computes the same thing on every CPU family.
+"""bitsandbytes reference copies (:func:`fastdpo.quantize.quantize_model`): what they hold, where they are quantized,
+and that the 4-bit CPU forward computes the same thing on every CPU family.
 
 Root cause of the Intel/AMD-Zen-4 failure (issue 13, item 13): bitsandbytes >= 0.49 registers a fused 4-bit CPU kernel
 when the CPU has AVX512-BF16; ``Linear4bit.forward`` then (eval mode, input without grad) rewrites the layer's weight
@@ -7,6 +7,7 @@ in place into that kernel's layout (``_convert_weight_packed_for_cpu``: other ni
 bf16) and computes in bf16 from then on, and fails outright on layers whose sizes are not multiples of 32 / the block
 size. quantize_model switches that path off on its layers and checks the CPU forward once per process.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,14 +29,21 @@ def _odd_llama(hidden: int = 48, intermediate: int = 72, layers: int = 1, vocab:
     """A Llama whose projection sizes are not multiples of 32 (k/v: 24 rows, MLP: 72) nor of the 64-block size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         model = LlamaForCausalLM(config)
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.ndim >= 2:
                     p.normal_(0, 0.1)
     return model.eval()
@@ -254,8 +262,15 @@ def test_quantize_model_peak_memory() -> None:
     from fastdpo.benchmarks.measure import MALLOC_ENV
 
     env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=os.path.dirname(__file__), check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_CHILD],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=os.path.dirname(__file__),
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     linear_bytes = res["linear_bytes"]

@@ -2,6 +2,7 @@
 checksummed, so a flipped bit in the values (which silently changed a loss from 0.930 to 2.453 before), a truncated or
 an empty file, a file that is no cache, a cache missing fields, or a cache of the old unchecksummed format is a
 ``ValueError`` naming the file, never a silently different reference."""
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,9 @@ from fastdpo.ref_cache import CACHE_FORMAT, RefLogpCache
 def _cache(n: int = 40) -> RefLogpCache:
     gen = torch.Generator().manual_seed(5)
     keys = [f"{i:032x}" for i in range(n)]
-    return RefLogpCache(keys, -torch.rand(n, 2, generator=gen) * 50, model_hash="m",
-                        settings={"ld_alpha": None, "temperature": 1.0})
+    return RefLogpCache(
+        keys, -torch.rand(n, 2, generator=gen) * 50, model_hash="m", settings={"ld_alpha": None, "temperature": 1.0}
+    )
 
 
 def _flip_bit_in(path: Path, needle: bytes, bit: int = 0x40) -> None:
@@ -75,7 +77,7 @@ def test_damaged_files_name_the_file(tmp_path: Path, damage: str) -> None:
         key = cache.keys[17].encode()
         at = data.find(key)
         assert at >= 0
-        path.write_bytes(data[:at] + key.replace(b"1", b"3", 1) + data[at + len(key):])
+        path.write_bytes(data[:at] + key.replace(b"1", b"3", 1) + data[at + len(key) :])
     with pytest.raises(CorruptFileError, match=re.escape(str(path))):
         RefLogpCache.load(path)
 
@@ -96,12 +98,23 @@ def test_not_a_cache_and_missing_fields(tmp_path: Path) -> None:
     # a checksummed file of the right format that lacks fields (a KeyError before)
     partial = tmp_path / "partial.pt"
     save_checksummed(partial, {"format": CACHE_FORMAT, "model_hash": "m", "keys": ["a" * 32]})
-    with pytest.raises(ValueError, match=rf"{re.escape(str(partial))}.*lacks the field\(s\) \['data_hash', 'settings', 'values'\]"):
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(partial))}.*lacks the field\(s\) \['data_hash', 'settings', 'values'\]"
+    ):
         RefLogpCache.load(partial)
     # fields of the wrong kind
     bad_values = tmp_path / "bad_values.pt"
-    save_checksummed(bad_values, {"format": CACHE_FORMAT, "model_hash": "m", "data_hash": "x", "settings": {},
-                                  "keys": ["a" * 32, "b" * 32], "values": torch.zeros(3, 2)})
+    save_checksummed(
+        bad_values,
+        {
+            "format": CACHE_FORMAT,
+            "model_hash": "m",
+            "data_hash": "x",
+            "settings": {},
+            "keys": ["a" * 32, "b" * 32],
+            "values": torch.zeros(3, 2),
+        },
+    )
     with pytest.raises(ValueError, match=rf"{re.escape(str(bad_values))}.*'values' must be a float \[2, 2\] tensor"):
         RefLogpCache.load(bad_values)
     # a folder and a missing path
@@ -116,14 +129,34 @@ def test_old_unchecksummed_format_is_refused(tmp_path: Path) -> None:
     its values cannot be verified, and rebuilding costs one reference pass)."""
     cache = _cache()
     path = tmp_path / "old.pt"
-    torch.save({"format": "fastdpo-ref-logps-v1", "model_hash": cache.model_hash, "data_hash": cache.data_hash,
-                "settings": cache.settings, "keys": cache.keys, "values": cache.values}, path)
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*old format 'fastdpo-ref-logps-v1'.*checksum.*rebuild"):
+    torch.save(
+        {
+            "format": "fastdpo-ref-logps-v1",
+            "model_hash": cache.model_hash,
+            "data_hash": cache.data_hash,
+            "settings": cache.settings,
+            "keys": cache.keys,
+            "values": cache.values,
+        },
+        path,
+    )
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(path))}.*old format 'fastdpo-ref-logps-v1'.*checksum.*rebuild"
+    ):
         RefLogpCache.load(path)
     # a v2 file whose checksum entry was removed is not accepted either
     stripped = tmp_path / "stripped.pt"
-    torch.save({"format": CACHE_FORMAT, "model_hash": "m", "data_hash": cache.data_hash, "settings": cache.settings,
-                "keys": cache.keys, "values": cache.values}, stripped)
+    torch.save(
+        {
+            "format": CACHE_FORMAT,
+            "model_hash": "m",
+            "data_hash": cache.data_hash,
+            "settings": cache.settings,
+            "keys": cache.keys,
+            "values": cache.values,
+        },
+        stripped,
+    )
     with pytest.raises(CorruptFileError, match=rf"{re.escape(str(stripped))}.*no checksum"):
         RefLogpCache.load(stripped)
 

@@ -1,6 +1,7 @@
 """The shared oracles (:mod:`fastdpo.reference`), fixtures (:mod:`fastdpo.tiny`), scalar checks
 (:mod:`fastdpo._validation`) and the measuring workers' entry (:mod:`fastdpo.benchmarks.memory_measure`): the pieces
 every other suite leans on, checked against independent computations here."""
+
 from __future__ import annotations
 
 import math
@@ -62,8 +63,9 @@ def test_naive_sequence_logprobs_packed_segments_match_rows() -> None:
     labels = torch.randint(0, 9, (2, 6), generator=g)
     labels[0, :2] = -100
     rows = naive_sequence_logprobs(logits, labels)
-    packed = naive_sequence_logprobs(logits.reshape(12, 9), labels.reshape(12),
-                                     segment_ids=torch.arange(2).repeat_interleave(6))
+    packed = naive_sequence_logprobs(
+        logits.reshape(12, 9), labels.reshape(12), segment_ids=torch.arange(2).repeat_interleave(6)
+    )
     torch.testing.assert_close(packed, rows)
 
 
@@ -82,15 +84,16 @@ def test_naive_batch_logps_same_for_every_packing() -> None:
     model = make_model("llama", tok, attn_implementation="eager").double()
     rows = preference_rows(3, seed=4)
     with torch.no_grad():
-        out = {p: naive_batch_logps(model, PreferenceCollator(tok, packing=p)(rows))
-               for p in ("pad", "padding_free", "prefix_shared")}
+        out = {
+            p: naive_batch_logps(model, PreferenceCollator(tok, packing=p)(rows))
+            for p in ("pad", "padding_free", "prefix_shared")
+        }
     split = [PreferenceCollator(tok).tokenize_row(r) for r in rows]
     pieces = [(p, c) for p, c, _ in split] + [(p, r) for p, _, r in split]
     want = [naive_completion_logps(model, p, c) for p, c in pieces]
     assert out["pad"].dtype == torch.float64 and out["pad"].shape == (6,)
     for packing, got in out.items():
-        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-8, atol=1e-9,
-                                   msg=packing)
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-8, atol=1e-9, msg=packing)
 
 
 def test_tolerance_by_dtype() -> None:

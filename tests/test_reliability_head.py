@@ -11,6 +11,7 @@ Oracle: plain autograd over ``torch.log_softmax`` of explicit logits written her
 suite: ``|fast - float64| <= |naive same-dtype - float64| + tol``. ``backend="triton"`` runs the kernels through the
 interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -142,8 +143,14 @@ def test_head_retain_graph_twice_gives_twice_the_gradient(backend: str, keep: st
     h, w, b, labels, gout = _data(N, D, V, seed=1)
     params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
     out = linear_token_logprobs(
-        params[0], params[1], labels, bias=params[2], **TILES, backend=backend,
-        keep_logits_bytes=KEEP[keep], **TRANSFORMS[transform],
+        params[0],
+        params[1],
+        labels,
+        bias=params[2],
+        **TILES,
+        backend=backend,
+        keep_logits_bytes=KEEP[keep],
+        **TRANSFORMS[transform],
     ).logprobs
     kept = len(_head_node(out).kept_keys)  # the kept-tile path is really exercised: all, some, none of the tiles
     assert {"default": kept == N_TILES, "partial": 0 < kept < N_TILES, "none": kept == 0}[keep], kept
@@ -164,8 +171,14 @@ def test_head_two_losses_on_one_forward(backend: str) -> None:
     gout2 = torch.randn(N, generator=torch.Generator().manual_seed(20))
     params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
     seq = linear_sequence_logprobs(
-        params[0], params[1], labels, bias=params[2], segment_ids=torch.arange(N) % 3, num_segments=3,
-        **TILES, backend=backend,
+        params[0],
+        params[1],
+        labels,
+        bias=params[2],
+        segment_ids=torch.arange(N) % 3,
+        num_segments=3,
+        **TILES,
+        backend=backend,
     )
     assert len(_head_node(seq).kept_keys) == N_TILES
     tok_out = linear_token_logprobs(params[0], params[1], labels, bias=params[2], **TILES, backend=backend)
@@ -484,8 +497,15 @@ def test_head_gradient_precision_at_large_logits(backend: str, transform: dict, 
     assert ((top2[:, 0] - top2[:, 1]) < 4).sum() >= 3  # near-ties at the top in several rows
     params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
     out = linear_token_logprobs(
-        params[0], params[1], labels, bias=params[2], token_tile=16, vocab_tile=64, backend=backend,
-        keep_logits_bytes=KEEP[keep], **transform,
+        params[0],
+        params[1],
+        labels,
+        bias=params[2],
+        token_tile=16,
+        vocab_tile=64,
+        backend=backend,
+        keep_logits_bytes=KEEP[keep],
+        **transform,
     ).logprobs
     (out * gout).sum().backward()
     lp64, ref = _oracle_grads(h, w, b, labels, gout, transform, torch.float64)
@@ -543,7 +563,13 @@ def test_head_out_of_vocab_label_without_validation(backend: str, transform: str
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # validate=False also skips the non-finite warning
         out = linear_token_logprobs(
-            params[0], params[1], labels, bias=params[2], **TILES, validate=False, backend=backend,
+            params[0],
+            params[1],
+            labels,
+            bias=params[2],
+            **TILES,
+            validate=False,
+            backend=backend,
             **TRANSFORMS[transform],
         ).logprobs
     assert torch.isnan(out[bad]).all() and out[0] == 0
@@ -566,8 +592,9 @@ def test_head_out_of_vocab_label_without_validation(backend: str, transform: str
 def test_head_out_of_vocab_label_propagates_nan_to_sequences(backend: str) -> None:
     h, w, b, labels, _, bad = _bad_label_case(16)
     seg = torch.tensor([0, 0, 1, 1, 2, 3, 3, 4, 4, 5, 6, 6, 6])  # bad tokens: 2 (seg 1), 5 (3), 9 (5), 11 (6)
-    seq = linear_sequence_logprobs(h, w, labels, bias=b, segment_ids=seg, num_segments=7, **TILES,
-                                   validate=False, backend=backend)
+    seq = linear_sequence_logprobs(
+        h, w, labels, bias=b, segment_ids=seg, num_segments=7, **TILES, validate=False, backend=backend
+    )
     assert torch.isnan(seq[[1, 3, 5, 6]]).all() and torch.isfinite(seq[[0, 2, 4]]).all()
     # grad-in-forward: the same sequence log-probs, and a zero gradient row for each bad token
     hh = _leaf(h, torch.float32)
@@ -576,7 +603,15 @@ def test_head_out_of_vocab_label_propagates_nan_to_sequences(backend: str) -> No
         return (s * (ids + 1).float()).sum()
 
     loss, seq_gif = linear_logprobs_loss_grad_in_forward(
-        hh, w, labels, seg, 7, loss_fn, bias=b, groups=[torch.tensor([k]) for k in range(7)], validate=False,
+        hh,
+        w,
+        labels,
+        seg,
+        7,
+        loss_fn,
+        bias=b,
+        groups=[torch.tensor([k]) for k in range(7)],
+        validate=False,
         backend=backend,
     )
     torch.testing.assert_close(seq_gif, seq, equal_nan=True, rtol=1e-6, atol=1e-6)
@@ -585,8 +620,9 @@ def test_head_out_of_vocab_label_propagates_nan_to_sequences(backend: str) -> No
     assert torch.all(hh.grad[bad] == 0) and torch.isfinite(hh.grad).all()
     # the recompute path gives the same gradient for the same (linear) loss
     h2 = _leaf(h, torch.float32)
-    seq2 = linear_sequence_logprobs(h2, w, labels, bias=b, segment_ids=seg, num_segments=7, **TILES,
-                                    validate=False, backend=backend)
+    seq2 = linear_sequence_logprobs(
+        h2, w, labels, bias=b, segment_ids=seg, num_segments=7, **TILES, validate=False, backend=backend
+    )
     (seq2 * torch.arange(1, 8).float()).sum().backward()
     torch.testing.assert_close(hh.grad, h2.grad, rtol=1e-5, atol=1e-6)
 
@@ -632,8 +668,9 @@ print(json.dumps({"tok": [[None if x != x else x for x in r] for r in tok.tolist
 def test_from_logits_out_of_vocab_label_without_validation_triton() -> None:
     # run in a child process: the unfixed kernel reads outside the logits and crashes the process
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _FROM_LOGITS_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FROM_LOGITS_SCRIPT], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     assert proc.returncode == 0, f"process died with {proc.returncode}: {proc.stderr[-2000:]}"
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["tok"][0][5] is None and res["tok"][1][1] is None and res["tok"][1][2] is None

@@ -2,6 +2,7 @@
 meta tensors, float64 with ``backend="triton"``, ``num_segments`` without ``segment_ids``, stray huge segment ids,
 and ``grad_in_forward`` under ``torch.inference_mode`` (which must compute the loss, without gradients).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,8 +31,13 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 def _meta_cases() -> dict[str, Callable[[], Any]]:
     m = torch.device("meta")
-    f = lambda *s: torch.randn(*s, device=m)
-    i = lambda hi, *s: torch.randint(0, hi, s, device=m)
+
+    def f(*s: int) -> torch.Tensor:
+        return torch.randn(*s, device=m)
+
+    def i(hi: int, *s: int) -> torch.Tensor:
+        return torch.randint(0, hi, s, device=m)
+
     h, w, lab, seg = f(6, 4), f(11, 4), i(11, 6), i(2, 6)
     x3, t2 = f(4, 3, 4), i(11, 4, 3)
     p = [f(3) for _ in range(4)]
@@ -39,15 +45,17 @@ def _meta_cases() -> dict[str, Callable[[], Any]]:
     return {
         "token_logprobs": lambda: token_logprobs(f(2, 3, 5), i(5, 2, 3), validate=False),
         "sequence_logprobs": lambda: sequence_logprobs(f(2, 3, 5), i(5, 2, 3)),
-        "sequence_logprobs_packed": lambda: sequence_logprobs(f(6, 5), i(5, 6), segment_ids=seg, num_segments=2,
-                                                              validate=False),
+        "sequence_logprobs_packed": lambda: sequence_logprobs(
+            f(6, 5), i(5, 6), segment_ids=seg, num_segments=2, validate=False
+        ),
         "naive_sequence_logprobs": lambda: naive_sequence_logprobs(f(2, 3, 5), i(5, 2, 3)),
         "segment_sum": lambda: segment_sum(f(6), seg, 2, validate=False),
         "linear_token_logprobs": lambda: linear_token_logprobs(h, w, lab, validate=False),
         "linear_sequence_logprobs": lambda: linear_sequence_logprobs(h, w, lab, segment_ids=seg, num_segments=2),
         "naive_linear_token_logprobs": lambda: naive_linear_token_logprobs(h, w, lab, validate=False),
-        "grad_in_forward": lambda: linear_logprobs_loss_grad_in_forward(h, w, lab, seg, 2, lambda s, g: s.sum(),
-                                                                        validate=False),
+        "grad_in_forward": lambda: linear_logprobs_loss_grad_in_forward(
+            h, w, lab, seg, 2, lambda s, g: s.sum(), validate=False
+        ),
         "preference_loss": lambda: preference_loss(*p),
         "simpo_loss": lambda: simpo_loss(p[0], p[1], lens, lens),
         "cpo_loss": lambda: cpo_loss(p[0], p[1], lens),

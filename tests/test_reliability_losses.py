@@ -1,6 +1,7 @@
 """Preference losses with NaN inputs warn like the ops and propagate NaN (issue 13 item 4), and reject bad
 configurations with a clear error (item 11: ``loss_type=None``, ``beta <= 0`` for ORPO / KTO and the fused modules).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -64,17 +65,20 @@ def test_preference_loss_nan_input_warns_and_propagates(loss_type: str, which: i
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_preference_loss_finite_input_does_not_warn(loss_type: str) -> None:
-    (loss, _), warned = _run(lambda: preference_loss(*_logps(1), loss_type=loss_type, label_smoothing=_smoothing(loss_type),
-                                                     **_lengths()))
+    (loss, _), warned = _run(
+        lambda: preference_loss(*_logps(1), loss_type=loss_type, label_smoothing=_smoothing(loss_type), **_lengths())
+    )
     assert torch.isfinite(loss) and not warned
 
 
 REFERENCE_FREE = {
-    "simpo_loss": lambda a, **kw: simpo_loss(a[0], a[1], _lengths()["chosen_lengths"], _lengths()["rejected_lengths"],
-                                             **kw),
+    "simpo_loss": lambda a, **kw: simpo_loss(
+        a[0], a[1], _lengths()["chosen_lengths"], _lengths()["rejected_lengths"], **kw
+    ),
     "cpo_loss": lambda a, **kw: cpo_loss(a[0], a[1], _lengths()["chosen_lengths"], **kw),
-    "orpo_loss": lambda a, **kw: orpo_loss(a[0], a[1], _lengths()["chosen_lengths"], _lengths()["rejected_lengths"],
-                                           **kw),
+    "orpo_loss": lambda a, **kw: orpo_loss(
+        a[0], a[1], _lengths()["chosen_lengths"], _lengths()["rejected_lengths"], **kw
+    ),
     "kto_loss": lambda a, **kw: kto_loss(a[0], a[2], torch.tensor([True, False, True, False]), **kw),
 }
 

@@ -10,6 +10,7 @@
 - ``--dtype float16`` trains (mixed precision, loss scaling) instead of turning NaN; a non-finite loss stops the run
   (exit 1) without writing a model; ``--on-nonfinite skip`` skips such steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,15 @@ def test_checkpoint_checksum_catches_one_flipped_byte(tmp_path: Path) -> None:
     naming the file (before, --resume trained on from the damaged weights)."""
     path = tmp_path / "checkpoint.pt"
     w = torch.randn(64, 16)
-    state = {"model": {"w": w}, "optimizer": {}, "scheduler": {}, "data_order": {}, "step": 3, "rng": {},
-             "args": {"steps": 5}}
+    state = {
+        "model": {"w": w},
+        "optimizer": {},
+        "scheduler": {},
+        "data_order": {},
+        "step": 3,
+        "rng": {},
+        "args": {"steps": 5},
+    }
     save_checkpoint(path, state)
     assert torch.equal(load_checkpoint(path)["model"]["w"], w)
     data = bytearray(path.read_bytes())
@@ -86,7 +94,7 @@ def _damage(path: Path, how: str) -> None:
         needle = state["model"]["model.embed_tokens.weight"].numpy().tobytes()
         at = data.find(needle)
         assert at >= 0
-        data = data[: at + 100] + bytes([data[at + 100] ^ 0x10]) + data[at + 101:]
+        data = data[: at + 100] + bytes([data[at + 100] ^ 0x10]) + data[at + 101 :]
         path.write_bytes(data)
     elif how == "truncated":
         path.write_bytes(data[: len(data) // 3])
@@ -97,8 +105,9 @@ def _damage(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["flipped byte", "truncated", "empty", "missing"])
-def test_resume_falls_back_to_previous_checkpoint(full_run: Path, tmp_path: Path, how: str,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_resume_falls_back_to_previous_checkpoint(
+    full_run: Path, tmp_path: Path, how: str, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "run"
     common = ["--output-dir", str(out), "--steps", "6", "--save-every", "1", *TINY]
     assert main([*common, "--stop-after", "4"]) == 0
@@ -172,16 +181,28 @@ def test_kill9_at_random_times_then_resume(tmp_path: Path) -> None:
     model)."""
     out = tmp_path / "run"
     steps = 40
-    base = [sys.executable, "-m", "fastdpo.cli", "train", "--output-dir", str(out), "--steps", str(steps),
-            "--save-every", "1", *TINY]
+    base = [
+        sys.executable,
+        "-m",
+        "fastdpo.cli",
+        "train",
+        "--output-dir",
+        str(out),
+        "--steps",
+        str(steps),
+        "--save-every",
+        "1",
+        *TINY,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     rng = random.Random(1234)
     kills = 0
     for _ in range(4):
         resume = (out / "checkpoint.pt").exists() or (out / "checkpoint.prev.pt").exists()
         extra = ["--resume"] if resume else (["--overwrite"] if out.exists() else [])
-        proc = subprocess.Popen(base + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                cwd=str(tmp_path))
+        proc = subprocess.Popen(
+            base + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp_path)
+        )
         assert proc.stdout is not None
         started = False
         deadline = time.monotonic() + 120
@@ -208,8 +229,15 @@ def test_kill9_at_random_times_then_resume(tmp_path: Path) -> None:
         kills += 1
     assert kills >= 2, "the runs finished before they could be killed"
     resume = (out / "checkpoint.pt").exists() or (out / "checkpoint.prev.pt").exists()
-    result = subprocess.run(base + (["--resume"] if resume else ["--overwrite"]), capture_output=True, text=True,
-                            env=env, cwd=str(tmp_path), timeout=300, check=False)
+    result = subprocess.run(
+        base + (["--resume"] if resume else ["--overwrite"]),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert _tmp_files(out) == []
     assert _train_steps(out) == list(range(1, steps + 1))
@@ -241,8 +269,19 @@ def test_nonfinite_loss_stops_without_writing(tmp_path: Path, capsys: pytest.Cap
     """A learning rate of 1e30 blows the weights up after one step: the run stops with exit code 1 and one line,
     no optimizer step with the non-finite gradient, no model/, and every checkpoint on disk is finite."""
     out = tmp_path / "run"
-    common = ["--output-dir", str(out), "--lr", "1e30", "--warmup-steps", "0", "--steps", "6", "--save-every", "1",
-              *TINY]
+    common = [
+        "--output-dir",
+        str(out),
+        "--lr",
+        "1e30",
+        "--warmup-steps",
+        "0",
+        "--steps",
+        "6",
+        "--save-every",
+        "1",
+        *TINY,
+    ]
     capsys.readouterr()
     assert main(common) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -119,8 +119,12 @@ def test_segment_sum_rejects_bad_input() -> None:
     if "triton" in BACKENDS:
         # float64 always takes the torch path, whatever backend says (issue 13)
         ids = torch.tensor([0, 1, 1, 0, 1, 1])
-        torch.testing.assert_close(segment_sum(values.double(), ids, 2, backend="triton"),
-                                   segment_sum(values.double(), ids, 2, backend="torch"), rtol=0, atol=0)
+        torch.testing.assert_close(
+            segment_sum(values.double(), ids, 2, backend="triton"),
+            segment_sum(values.double(), ids, 2, backend="torch"),
+            rtol=0,
+            atol=0,
+        )
     # validate=False skips the range check (the caller vouches for the ids).
     assert segment_sum(values, torch.zeros(6, dtype=torch.long), 1, validate=False).shape == (1,)
 

@@ -489,10 +489,19 @@ def test_owned_tokens_match_the_collated_rows(packing: str, prompt_len: int, pai
     from fastdpo.sp_memory import owned_tokens
     from fastdpo.tiny import id_tokenizer
 
-    step = M.StepConfig(pairs=3, prompt_len=prompt_len, completion_len=5, device="cpu", packing=packing,
-                        pairs_per_row=pairs_per_row, sequence_parallel=k)
-    rows = [{"prompt_input_ids": [5 + i] * prompt_len, "chosen_input_ids": [7] * 5, "rejected_input_ids": [8] * 5}
-            for i in range(step.pairs)]
+    step = M.StepConfig(
+        pairs=3,
+        prompt_len=prompt_len,
+        completion_len=5,
+        device="cpu",
+        packing=packing,
+        pairs_per_row=pairs_per_row,
+        sequence_parallel=k,
+    )
+    rows = [
+        {"prompt_input_ids": [5 + i] * prompt_len, "chosen_input_ids": [7] * 5, "rejected_input_ids": [8] * 5}
+        for i in range(step.pairs)
+    ]
     tok = id_tokenizer(16)
     if packing == "prefix_shared":
         batch = PreferenceCollator(tok, packing=packing, max_tokens_per_row=pairs_per_row * (prompt_len + 10))(rows)
@@ -533,10 +542,27 @@ def test_memory_measure_sequence_parallel_within_15_percent(monkeypatch: pytest.
     from fastdpo.benchmarks.memory_measure import measure
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = dict(M.PRESETS["Llama-3.2-1B"], vocab_size=32000, hidden_size=256, intermediate_size=1024,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=2)
-    step = M.StepConfig(pairs=1, prompt_len=1536, completion_len=512, dtype="fp32", optimizer="sgd",
-                        reference="precomputed", device="cpu", packing="prefix_shared", sequence_parallel=2)
+    cfg = dict(
+        M.PRESETS["Llama-3.2-1B"],
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=2,
+    )
+    step = M.StepConfig(
+        pairs=1,
+        prompt_len=1536,
+        completion_len=512,
+        dtype="fp32",
+        optimizer="sgd",
+        reference="precomputed",
+        device="cpu",
+        packing="prefix_shared",
+        sequence_parallel=2,
+    )
     measured = measure(cfg, step, ["fastdpo"], None)["fastdpo"]
     assert "error" not in measured, measured
     assert len(measured["rank_peaks"]) == 2

@@ -9,8 +9,8 @@ fused head's weight gradient reached ZeRO's / FSDP2's reduction (the head's grad
 differs between shards) -- and that the parameters after one SGD step agree. Scenarios cover untied and tied
 embeddings, pad / padding_free / prefix_shared packing, a separate reference model (a ZeRO-3 inference engine, as
 TRL's ``prepare_deepspeed`` builds it; ``fully_shard`` as TRL's ``prepare_fsdp``), the PEFT adapter-off reference
-(LoRA in the body, on the LM head itself, and QLoRA: LoRA on a bitsandbytes 4-bit base), grad_in_forward, LD-DPO + WPO, and every loss type of TRL 1.16 with
-and without grad_in_forward.
+(LoRA in the body, on the LM head itself, and QLoRA: LoRA on a bitsandbytes 4-bit base), grad_in_forward, LD-DPO + WPO,
+and every loss type of TRL 1.16 with and without grad_in_forward.
 
 All-gathers of the head weight are counted in a second step (the steady state) with a vocabulary tile of 64 (6
 tiles over V=384, so a gather per tile would show): one per head pass (the reference pass through the policy's head

@@ -1,5 +1,6 @@
 """``fastdpo train``: the bundled demo set, a short run that learns, exact resume after an interrupt, --model with a
 local file, file formats and usage errors."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,12 +21,26 @@ from fastdpo.run_state import DataOrder, save_checkpoint
 from fastdpo.train import main
 
 # tiny and fast: hidden 32, batch 4, few steps, one thread (tests share the machine's cores)
-FAST = ["--hidden-size", "32", "--batch-size", "4", "--eval-batch-size", "16", "--eval-batches", "1",
-        "--threads", "1", "--no-progress", "--log-every", "0"]
+FAST = [
+    "--hidden-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-batch-size",
+    "16",
+    "--eval-batches",
+    "1",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--log-every",
+    "0",
+]
 
 
 # tiny models gain nothing from intra-op threads; one thread keeps the shared cores free for other workers
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -61,8 +76,26 @@ def test_demo_set_carries_signal_and_is_reproducible():
 
 def test_short_demo_run_learns(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--output-dir", str(out), "--steps", "40", "--eval-every", "0", "--warmup-steps", "5",
-            *FAST, "--batch-size", "16", "--hidden-size", "64", "--eval-batches", "4", "--eval-batch-size", "32"]
+    argv = [
+        "train",
+        "--output-dir",
+        str(out),
+        "--steps",
+        "40",
+        "--eval-every",
+        "0",
+        "--warmup-steps",
+        "5",
+        *FAST,
+        "--batch-size",
+        "16",
+        "--hidden-size",
+        "64",
+        "--eval-batches",
+        "4",
+        "--eval-batch-size",
+        "32",
+    ]
     assert cli_main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"model written to {(out / 'model').resolve()}"
@@ -147,8 +180,26 @@ def test_local_model_and_file_formats(tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist(rows), pq_path)
     assert load_preference_file(jsonl) == load_preference_file(js) == load_preference_file(pq_path) == rows
     out = tmp_path / "out"
-    assert main(["--model", str(model_dir), "--data", str(pq_path), "--output-dir", str(out), "--steps", "2",
-                 "--lr", "1e-3", "--eval-every", "0", *FAST]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(model_dir),
+                "--data",
+                str(pq_path),
+                "--output-dir",
+                str(out),
+                "--steps",
+                "2",
+                "--lr",
+                "1e-3",
+                "--eval-every",
+                "0",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"model written to {(out / 'model').resolve()}"
     evals = [r for r in _records(out) if "eval_loss" in r]
     assert len(evals) == 2 and evals[-1]["eval_rewards/margins"] != 0.0  # the policy moved off the reference

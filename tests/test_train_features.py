@@ -1,6 +1,7 @@
 """``fastdpo train`` as a real DPO job (issue 18, item 7): LoRA and QLoRA adapters loadable with peft, gradient
 accumulation, TensorBoard, torchrun data parallelism (2 gloo processes against one process), truncation mode, every
 packing, loss mixtures, the model card, resume of a LoRA run, and the new arguments' usage errors."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,21 @@ from fastdpo.train import main
 
 pytest.importorskip("peft")
 
-FAST = ["--hidden-size", "32", "--eval-batch-size", "16", "--threads", "1", "--no-progress", "--log-every", "0",
-        "--eval-every", "0", "--warmup-steps", "0"]
+FAST = [
+    "--hidden-size",
+    "32",
+    "--eval-batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--log-every",
+    "0",
+    "--eval-every",
+    "0",
+    "--warmup-steps",
+    "0",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,8 +97,25 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(tmp_path, capsys):
     from fastdpo.train import _build_policy, build_parser
 
     out = tmp_path / "qlora"
-    assert main(["--output-dir", str(out), "--steps", "3", "--batch-size", "4", "--qlora", "--lora-r", "4",
-                 "--lr", "1e-2", *FAST]) == 0
+    assert (
+        main(
+            [
+                "--output-dir",
+                str(out),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--qlora",
+                "--lora-r",
+                "4",
+                "--lr",
+                "1e-2",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert "QLoRA" in capsys.readouterr().out
     assert json.loads((out / "model" / "adapter_config.json").read_text())["r"] == 4
     assert any(float(v.abs().max()) > 0 for k, v in _weights(out / "model").items() if "lora_B" in k)
@@ -94,8 +125,9 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(tmp_path, capsys):
     four_bit = [m for m in policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and ref_model is None and reference == "adapter"
     assert all(not p.requires_grad for m in four_bit for p in m.parameters())
-    assert {n for n, p in policy.named_parameters() if p.requires_grad} and \
-        all("lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} and all(
+        "lora_" in n for n, p in policy.named_parameters() if p.requires_grad
+    )
 
 
 def test_lora_run_resumes_identically(tmp_path):
@@ -114,8 +146,9 @@ def test_grad_accum_equals_the_larger_batch(tmp_path):
     data = _data(tmp_path)
     one, accum = tmp_path / "one", tmp_path / "accum"
     assert main(["--output-dir", str(one), "--steps", "3", "--batch-size", "4", *data, *FAST]) == 0
-    assert main(["--output-dir", str(accum), "--steps", "3", "--batch-size", "2", "--grad-accum", "2", *data,
-                 *FAST]) == 0
+    assert (
+        main(["--output-dir", str(accum), "--steps", "3", "--batch-size", "2", "--grad-accum", "2", *data, *FAST]) == 0
+    )
     for a, b in zip(_steps(one), _steps(accum), strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
@@ -132,20 +165,26 @@ def test_every_packing_gives_the_same_step(tmp_path):
     runs = {}
     for packing in ("pad", "padding_free", "prefix_shared"):
         out = tmp_path / packing
-        assert main(["--output-dir", str(out), "--steps", "2", "--batch-size", "4", "--packing", packing, *data,
-                     *FAST]) == 0
+        assert (
+            main(["--output-dir", str(out), "--steps", "2", "--batch-size", "4", "--packing", packing, *data, *FAST])
+            == 0
+        )
         runs[packing] = _steps(out)
     for packing in ("padding_free", "prefix_shared"):
         for a, b in zip(runs["pad"], runs[packing], strict=True):
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and \
-                b["logps/chosen"] == pytest.approx(a["logps/chosen"], rel=1e-5), packing
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["logps/chosen"] == pytest.approx(
+                a["logps/chosen"], rel=1e-5
+            ), packing
 
 
 def test_loss_type_list_with_weights(tmp_path):
     data = _data(tmp_path)
     first = {}
-    for name, extra in (("sigmoid", ["--loss-type", "sigmoid"]), ("sft", ["--loss-type", "sft"]),
-                        ("mix", ["--loss-type", "sigmoid", "sft", "--loss-weights", "1.0", "0.25"])):
+    for name, extra in (
+        ("sigmoid", ["--loss-type", "sigmoid"]),
+        ("sft", ["--loss-type", "sft"]),
+        ("mix", ["--loss-type", "sigmoid", "sft", "--loss-weights", "1.0", "0.25"]),
+    ):
         out = tmp_path / name
         assert main(["--output-dir", str(out), "--steps", "1", "--batch-size", "4", *extra, *data, *FAST]) == 0
         first[name] = _steps(out)[0]["loss"]
@@ -164,8 +203,22 @@ def test_truncation_mode_reaches_the_collator(tmp_path):
     logps = {}
     for mode in ("keep_end", "keep_start"):
         out = tmp_path / mode
-        args = ["--output-dir", str(out), "--steps", "1", "--batch-size", "4", "--max-length", "12",
-                "--truncation-mode", mode, "--eval-batch-size", "8", *data, *FAST]
+        args = [
+            "--output-dir",
+            str(out),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "12",
+            "--truncation-mode",
+            mode,
+            "--eval-batch-size",
+            "8",
+            *data,
+            *FAST,
+        ]
         assert main(args) == 0
         logps[mode] = _records(out)[0]["eval_logps/chosen"]
         tok = AutoTokenizer.from_pretrained(out / "reference")
@@ -184,8 +237,24 @@ def test_report_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
-    assert main(["--output-dir", str(out), "--steps", "3", "--batch-size", "4", "--eval-batches", "1",
-                 "--report-to", "tensorboard", *FAST]) == 0
+    assert (
+        main(
+            [
+                "--output-dir",
+                str(out),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--eval-batches",
+                "1",
+                "--report-to",
+                "tensorboard",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     events = EventAccumulator(str(out / "runs"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -195,8 +264,10 @@ def test_report_to_tensorboard(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------- torchrun
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
 def test_torchrun_two_processes_equal_one_process(tmp_path):
     """2 gloo processes with 3 pairs each train like one process with the 6-pair batch: same losses, metrics,
     held-out metrics and final weights (the loss of each process is weighted by its share of the global batch)."""
@@ -204,9 +275,29 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     common = ["--steps", "3", "--seed", "1", *data, *FAST, "--eval-every", "2"]
     two, one = tmp_path / "two", tmp_path / "one"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fastdpo.cli", "train", "--output-dir", str(two), "--batch-size", "3", *common],
-                          capture_output=True, text=True, timeout=600, env=env, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fastdpo.cli",
+            "train",
+            "--output-dir",
+            str(two),
+            "--batch-size",
+            "3",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 processes" in proc.stdout and proc.stdout.count("model written to") == 1
     assert main(["--output-dir", str(one), "--batch-size", "6", *common]) == 0

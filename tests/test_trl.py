@@ -1,6 +1,7 @@
 """FastDPOTrainer against TRL 1.16's DPOTrainer: same tiny model, batches and seed -> same loss, gradients (through the
 logged grad norm) and metrics over 3 optimizer steps, for every loss type, with a separate reference model and with
 a PEFT LoRA policy; plus the options TRL has and fastdpo refuses."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,23 @@ from trl import DPOConfig, DPOTrainer
 from fastdpo.integrations.trl import FastDPOTrainer
 from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 _SMOOTHING = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}
 # metrics that must agree between the trainers (TRL's names); everything TRL logs per step is compared
 _SKIP = {"epoch", "step", "learning_rate"}
@@ -29,33 +45,67 @@ _SKIP = {"epoch", "step", "learning_rate"}
 # tiny models gain nothing from intra-op threads; one thread keeps the shared cores free for other workers
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 def _dataset(n: int = 12, seed: int = 3):
     return datasets.Dataset.from_list(preference_rows(n, seed=seed))
 
 
 def _config(tmp_path, **overrides) -> DPOConfig:
     kwargs = {
-        "output_dir": str(tmp_path), "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
-        "max_steps": 3, "logging_steps": 1, "optim": "sgd", "learning_rate": 0.02, "lr_scheduler_type": "constant",
-        "seed": 0, "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "use_cpu": True, "bf16": False,
-        "fp16": False, "gradient_checkpointing": False, "dataloader_num_workers": 0, "beta": 0.5,
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "max_steps": 3,
+        "logging_steps": 1,
+        "optim": "sgd",
+        "learning_rate": 0.02,
+        "lr_scheduler_type": "constant",
+        "seed": 0,
+        "report_to": "none",
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "bf16": False,
+        "fp16": False,
+        "gradient_checkpointing": False,
+        "dataloader_num_workers": 0,
+        "beta": 0.5,
     }
     kwargs.update(overrides)
     return DPOConfig(**kwargs)
 
 
-def _run(trainer_cls, tmp_path, *, peft: bool, evaluate: bool = False, args_kw: dict | None = None,
-         trainer_kw: dict | None = None):
+def _run(
+    trainer_cls,
+    tmp_path,
+    *,
+    peft: bool,
+    evaluate: bool = False,
+    args_kw: dict | None = None,
+    trainer_kw: dict | None = None,
+):
     tok = make_tokenizer()
     model = make_model("llama", tok, attn_implementation="eager", seed=0)
     model.train()
     ref = None if peft else make_model("llama", tok, attn_implementation="eager", seed=1)
-    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
-                             task_type="CAUSAL_LM") if peft else None
+    peft_config = (
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM"
+        )
+        if peft
+        else None
+    )
     args = _config(tmp_path / trainer_cls.__name__, **(args_kw or {}))
-    trainer = trainer_cls(model=model, ref_model=ref, args=args, train_dataset=_dataset(),
-                          eval_dataset=_dataset(6, seed=11) if evaluate else None, processing_class=tok,
-                          peft_config=peft_config, **(trainer_kw or {}))
+    trainer = trainer_cls(
+        model=model,
+        ref_model=ref,
+        args=args,
+        train_dataset=_dataset(),
+        eval_dataset=_dataset(6, seed=11) if evaluate else None,
+        processing_class=tok,
+        peft_config=peft_config,
+        **(trainer_kw or {}),
+    )
     torch.manual_seed(1234)  # the train sampler draws from the global generator
     trainer.train()
     steps = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
@@ -112,12 +162,29 @@ def test_matches_trl_with_peft_lora(tmp_path, loss_type):
         {"trainer_kw": {"packing": "prefix_shared"}},
         {"args_kw": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}},
     ],
-    ids=["mpo-weights", "alpha-div", "js-robust", "ld-alpha", "ld-sft", "wpo", "precompute", "grad-ckpt-trunc",
-         "padding-free", "prefix-shared", "grad-accum"],
+    ids=[
+        "mpo-weights",
+        "alpha-div",
+        "js-robust",
+        "ld-alpha",
+        "ld-sft",
+        "wpo",
+        "precompute",
+        "grad-ckpt-trunc",
+        "padding-free",
+        "prefix-shared",
+        "grad-accum",
+    ],
 )
 def test_matches_trl_options(tmp_path, case):
-    fast, fast_eval = _run(FastDPOTrainer, tmp_path, peft=False, evaluate=True, args_kw=case.get("args_kw"),
-                           trainer_kw=case.get("trainer_kw"))
+    fast, fast_eval = _run(
+        FastDPOTrainer,
+        tmp_path,
+        peft=False,
+        evaluate=True,
+        args_kw=case.get("args_kw"),
+        trainer_kw=case.get("trainer_kw"),
+    )
     ref, ref_eval = _run(DPOTrainer, tmp_path, peft=False, evaluate=True, args_kw=case.get("args_kw"))
     _assert_same(fast, ref)
     for key, value in ref_eval.items():
@@ -150,8 +217,9 @@ def test_matches_trl_retraining_an_existing_adapter(tmp_path):
         tok = make_tokenizer()
         base = make_model("llama", tok, attn_implementation="eager", seed=0)
         torch.manual_seed(7)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"],
-                                                task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"], task_type="CAUSAL_LM")
+        )
         with torch.no_grad():  # a "pre-trained" adapter: B != 0
             for name, p in model.named_parameters():
                 if "lora_B" in name:
@@ -171,8 +239,14 @@ def _trainer(tmp_path, **kw):
     tok = make_tokenizer()
     model = make_model("llama", tok, attn_implementation="eager")
     args = kw.pop("args", None) or _config(tmp_path)
-    return FastDPOTrainer(model=model, ref_model=kw.pop("ref_model", make_model("llama", tok, seed=1)), args=args,
-                          train_dataset=kw.pop("train_dataset", _dataset()), processing_class=tok, **kw)
+    return FastDPOTrainer(
+        model=model,
+        ref_model=kw.pop("ref_model", make_model("llama", tok, seed=1)),
+        args=args,
+        train_dataset=kw.pop("train_dataset", _dataset()),
+        processing_class=tok,
+        **kw,
+    )
 
 
 def test_unsupported_options_raise(tmp_path):
@@ -183,8 +257,7 @@ def test_unsupported_options_raise(tmp_path):
         rows = [dict(r, images=[]) for r in preference_rows(4)]
         _trainer(tmp_path, train_dataset=datasets.Dataset.from_list(rows))
     with pytest.raises(NotImplementedError, match="prompt-learning"):
-        _trainer(tmp_path, ref_model=None,
-                 peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+        _trainer(tmp_path, ref_model=None, peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(ValueError, match="packing"):
         _trainer(tmp_path, packing="bucketed")
 
@@ -194,9 +267,20 @@ def test_logs_trl_metric_names(tmp_path):
     assert trainer.packing == "pad"
     trainer.train()
     logged = trainer.state.log_history[0]
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy",
-                "mean_token_accuracy", "num_tokens"):
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "entropy",
+        "mean_token_accuracy",
+        "num_tokens",
+    ):
         assert key in logged, key
 
 

@@ -1,6 +1,7 @@
 """FastDPOTrainer drop-in fidelity (issue 18, items 1-5): torch_compile compiles the backbone, predict() returns the
 per-pair log-probs and rewards (and compute_metrics receives them), TRL's DataCollatorForPreference is accepted,
 use_liger_kernel is checked, and the model card names fastdpo and its settings."""
+
 from __future__ import annotations
 
 import os
@@ -26,10 +27,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _config(tmp_path, name: str, **overrides) -> DPOConfig:
     kwargs = {
-        "output_dir": str(tmp_path / name), "per_device_train_batch_size": 4, "per_device_eval_batch_size": 3,
-        "max_steps": 2, "logging_steps": 1, "optim": "sgd", "learning_rate": 0.02, "lr_scheduler_type": "constant",
-        "seed": 0, "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "use_cpu": True, "bf16": False,
-        "fp16": False, "dataloader_num_workers": 0, "beta": 0.5,
+        "output_dir": str(tmp_path / name),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 3,
+        "max_steps": 2,
+        "logging_steps": 1,
+        "optim": "sgd",
+        "learning_rate": 0.02,
+        "lr_scheduler_type": "constant",
+        "seed": 0,
+        "report_to": "none",
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "bf16": False,
+        "fp16": False,
+        "dataloader_num_workers": 0,
+        "beta": 0.5,
     }
     kwargs.update(overrides)
     return DPOConfig(**kwargs)
@@ -40,9 +54,15 @@ def _trainer(cls, tmp_path, name: str, *, args_kw: dict | None = None, n_eval: i
     model = make_model("llama", tok, attn_implementation="eager", seed=0)
     model.train()
     ref = make_model("llama", tok, attn_implementation="eager", seed=1)
-    return cls(model=model, ref_model=ref, args=_config(tmp_path, name, **(args_kw or {})),
-               train_dataset=datasets.Dataset.from_list(preference_rows(8, seed=3)),
-               eval_dataset=datasets.Dataset.from_list(preference_rows(n_eval, seed=11)), processing_class=tok, **kw)
+    return cls(
+        model=model,
+        ref_model=ref,
+        args=_config(tmp_path, name, **(args_kw or {})),
+        train_dataset=datasets.Dataset.from_list(preference_rows(8, seed=3)),
+        eval_dataset=datasets.Dataset.from_list(preference_rows(n_eval, seed=11)),
+        processing_class=tok,
+        **kw,
+    )
 
 
 def _train_losses(trainer) -> list[float]:
@@ -61,8 +81,9 @@ def test_torch_compile_compiles_the_backbone(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
     torch._dynamo.reset()
     counters.clear()
-    trainer = _trainer(FastDPOTrainer, tmp_path, "compiled",
-                       args_kw={"torch_compile": True, "torch_compile_backend": "aot_eager"})
+    trainer = _trainer(
+        FastDPOTrainer, tmp_path, "compiled", args_kw={"torch_compile": True, "torch_compile_backend": "aot_eager"}
+    )
     assert trainer.compiled_layers == 4  # 2 decoder layers of the policy + 2 of the reference
     compiled = _train_losses(trainer)
     graphs = counters["stats"]["unique_graphs"]
@@ -79,9 +100,13 @@ def test_torch_compile_refuses_a_model_without_decoder_layers(tmp_path, monkeypa
     model = make_model("llama", tok, attn_implementation="eager")
     model._no_split_modules = []
     with pytest.raises(NotImplementedError, match="torch_compile"):
-        FastDPOTrainer(model=model, ref_model=make_model("llama", tok, seed=1),
-                       args=_config(tmp_path, "x", torch_compile=True, torch_compile_backend="aot_eager"),
-                       train_dataset=datasets.Dataset.from_list(preference_rows(4)), processing_class=tok)
+        FastDPOTrainer(
+            model=model,
+            ref_model=make_model("llama", tok, seed=1),
+            args=_config(tmp_path, "x", torch_compile=True, torch_compile_backend="aot_eager"),
+            train_dataset=datasets.Dataset.from_list(preference_rows(4)),
+            processing_class=tok,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- 2. predict
@@ -100,17 +125,22 @@ def test_predict_returns_pair_logps_rewards_and_trl_labels(tmp_path, packing):
     assert out.predictions is not None and out.predictions.shape == (7, len(PREDICTION_COLUMNS))
     pred = dict(zip(PREDICTION_COLUMNS, out.predictions.T))
     beta = fast.args.beta
-    np.testing.assert_allclose(pred["chosen_rewards"], beta * (pred["chosen_logps"] - pred["ref_chosen_logps"]),
-                               rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(pred["rejected_rewards"],
-                               beta * (pred["rejected_logps"] - pred["ref_rejected_logps"]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        pred["chosen_rewards"], beta * (pred["chosen_logps"] - pred["ref_chosen_logps"]), rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        pred["rejected_rewards"], beta * (pred["rejected_logps"] - pred["ref_rejected_logps"]), rtol=1e-6, atol=1e-6
+    )
     # independent check: float64 log-probs from full logits of the policy and the reference
     rows = fast.eval_dataset
     for i in (0, 4, 6):
         row = rows[i]
         n = len(row["prompt_ids"])
-        for key, col, model in (("chosen_ids", "chosen_logps", fast.model), ("rejected_ids", "rejected_logps",
-                                fast.model), ("chosen_ids", "ref_chosen_logps", fast.ref_model)):
+        for key, col, model in (
+            ("chosen_ids", "chosen_logps", fast.model),
+            ("rejected_ids", "rejected_logps", fast.model),
+            ("chosen_ids", "ref_chosen_logps", fast.ref_model),
+        ):
             want = _naive_logps(model, row["prompt_ids"] + row[key], n)
             assert pred[col][i] == pytest.approx(want, rel=1e-5, abs=1e-4), (i, col)
     # label ids: what TRL's DPOTrainer.predict returns (its input_ids), whatever fastdpo's packing
@@ -178,15 +208,22 @@ def test_use_liger_kernel_on_cuda_matches_trl(tmp_path):
     fast = _trainer(FastDPOTrainer, tmp_path, "fast-liger", args_kw=kw)
     assert "Liger" in type(fast.model.model.norm).__name__  # Liger's layer kernels are in the backbone
     assert _train_losses(fast) == pytest.approx(
-        _train_losses(_trainer(DPOTrainer, tmp_path, "trl-liger", args_kw=kw)), rel=2e-4, abs=2e-5)
+        _train_losses(_trainer(DPOTrainer, tmp_path, "trl-liger", args_kw=kw)), rel=2e-4, abs=2e-5
+    )
 
 
 # --------------------------------------------------------------------------------------------------- 5. model card
 def test_model_card_names_fastdpo_and_its_settings(tmp_path):
     from huggingface_hub import ModelCard
 
-    trainer = _trainer(FastDPOTrainer, tmp_path, "card", packing="prefix_shared", grad_in_forward=True,
-                       args_kw={"save_strategy": "steps", "save_steps": 2})
+    trainer = _trainer(
+        FastDPOTrainer,
+        tmp_path,
+        "card",
+        packing="prefix_shared",
+        grad_in_forward=True,
+        args_kw={"save_strategy": "steps", "save_steps": 2},
+    )
     trainer.train()  # the checkpoint save writes the card
     readme = os.path.join(trainer.args.output_dir, "README.md")
     card = ModelCard.load(readme)

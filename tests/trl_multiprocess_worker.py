@@ -39,6 +39,7 @@ Result per rank: ``{case: {trainer: {"steps": [log entries with "loss"], "eval":
 "local_input_sums": [int per training micro-batch], "saved_model": folder of save_model() or None,
 "ref_cache_files": [names], "ref_forwards": int}}}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,13 +101,20 @@ def _recording(cls: type) -> type:
 def _ds_config(stage: int) -> dict[str, Any]:
     return {
         "zero_optimization": {
-            "stage": stage, "reduce_bucket_size": 50_000, "allgather_bucket_size": 50_000,
-            "stage3_param_persistence_threshold": 640, "stage3_prefetch_bucket_size": 50_000,
+            "stage": stage,
+            "reduce_bucket_size": 50_000,
+            "allgather_bucket_size": 50_000,
+            "stage3_param_persistence_threshold": 640,
+            "stage3_prefetch_bucket_size": 50_000,
             "stage3_gather_16bit_weights_on_model_save": True,
         },
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": False}, "fp16": {"enabled": False},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
     }
 
 
@@ -143,47 +151,91 @@ def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Pa
     tok = make_tokenizer()
     peft = case == "lora"
     with_ref = case in ("ref_model", "grad_accum", "zero1")
-    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
-                             task_type="CAUSAL_LM") if peft else None
+    peft_config = (
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM"
+        )
+        if peft
+        else None
+    )
     run_dir = out_dir / f"{setup}-{case}-{trainer_name}"
     extra: dict[str, Any] = {}
     if setup == "zero2":  # the zero1 case: the same launch, ZeRO stage 1
         extra["deepspeed"] = _ds_config(1 if case == "zero1" else 2)
     elif setup == "fsdp2":
         extra["fsdp"] = True
-        extra["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}
+        extra["fsdp_config"] = {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+        }
     resume = case == "resume"
 
     def make_args() -> Any:
         return DPOConfig(
-            output_dir=str(run_dir), per_device_train_batch_size=2, max_steps=STEPS, logging_steps=1, optim="sgd",
-            learning_rate=0.5 if peft else 0.02, lr_scheduler_type="constant", seed=0, report_to="none",
-            save_strategy="steps" if resume else "no", save_steps=2, disable_tqdm=True, use_cpu=True,
-            bf16=False, fp16=False, gradient_checkpointing=case == "grad_accum", dataloader_num_workers=0, beta=0.5,
-            per_device_eval_batch_size=2, precompute_ref_log_probs=case in ("precompute", "resume"),
-            precompute_ref_batch_size=2, gradient_accumulation_steps=2 if case == "grad_accum" else 1,
-            max_grad_norm=1.0, **extra,
+            output_dir=str(run_dir),
+            per_device_train_batch_size=2,
+            max_steps=STEPS,
+            logging_steps=1,
+            optim="sgd",
+            learning_rate=0.5 if peft else 0.02,
+            lr_scheduler_type="constant",
+            seed=0,
+            report_to="none",
+            save_strategy="steps" if resume else "no",
+            save_steps=2,
+            disable_tqdm=True,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=case == "grad_accum",
+            dataloader_num_workers=0,
+            beta=0.5,
+            per_device_eval_batch_size=2,
+            precompute_ref_log_probs=case in ("precompute", "resume"),
+            precompute_ref_batch_size=2,
+            gradient_accumulation_steps=2 if case == "grad_accum" else 1,
+            max_grad_norm=1.0,
+            **extra,
         )
 
     args = make_args()
     # Loaded after the DPOConfig exists, as a TRL user's script does: under the ZeRO-3 launcher config
     # (zero3_init_flag: true) from_pretrained then builds the model already partitioned (deepspeed.zero.Init).
-    model = AutoModelForCausalLM.from_pretrained(str(out_dir / "policy"), dtype=torch.float32,
-                                                 attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(out_dir / "policy"), dtype=torch.float32, attn_implementation="eager"
+    )
     model.train()
-    ref = AutoModelForCausalLM.from_pretrained(str(out_dir / "reference"), dtype=torch.float32,
-                                               attn_implementation="eager") if with_ref else None
-    train = datasets.load_dataset("json", data_files=str(data), split="train",
-                                  cache_dir=str(out_dir / f"hf_cache-{setup}-{case}-{trainer_name}"))
+    ref = (
+        AutoModelForCausalLM.from_pretrained(
+            str(out_dir / "reference"), dtype=torch.float32, attn_implementation="eager"
+        )
+        if with_ref
+        else None
+    )
+    train = datasets.load_dataset(
+        "json", data_files=str(data), split="train", cache_dir=str(out_dir / f"hf_cache-{setup}-{case}-{trainer_name}")
+    )
     evaluate = case == "ref_model"
-    evals = datasets.load_dataset("json", data_files=str(eval_data), split="train",
-                                  cache_dir=str(out_dir / f"hf_cache-{setup}-{case}-{trainer_name}"))
+    evals = datasets.load_dataset(
+        "json",
+        data_files=str(eval_data),
+        split="train",
+        cache_dir=str(out_dir / f"hf_cache-{setup}-{case}-{trainer_name}"),
+    )
     evals = evals if evaluate else None
 
     def make_trainer(m: Any, r: Any, args: Any) -> Any:
-        trainer = cls(model=m, ref_model=r, args=args, train_dataset=train, eval_dataset=evals,
-                      processing_class=tok, peft_config=peft_config)
+        trainer = cls(
+            model=m,
+            ref_model=r,
+            args=args,
+            train_dataset=train,
+            eval_dataset=evals,
+            processing_class=tok,
+            peft_config=peft_config,
+        )
         trainer.recorded_wrapped, trainer.recorded_inputs = [], []
         return trainer
 
@@ -195,8 +247,9 @@ def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Pa
         result["uninterrupted_steps"] = _steps(trainer)
         result["uninterrupted_params"] = _full_params(trainer)
         forwards_before = cls.ref_forwards
-        fresh = AutoModelForCausalLM.from_pretrained(str(out_dir / "policy"), dtype=torch.float32,
-                                                     attn_implementation="eager")
+        fresh = AutoModelForCausalLM.from_pretrained(
+            str(out_dir / "policy"), dtype=torch.float32, attn_implementation="eager"
+        )
         trainer = make_trainer(fresh.train(), None, make_args())  # a new run of the script
         result["resume_ref_forwards"] = cls.ref_forwards - forwards_before
         torch.manual_seed(1234)
@@ -210,21 +263,23 @@ def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Pa
         trainer.save_model(saved)
         acc.wait_for_everyone()
     cache_dir = run_dir / "fastdpo_ref_logps"
-    result.update({
-        "eval": eval_metrics,
-        "steps": _steps(trainer),
-        "params": _full_params(trainer),
-        "num_processes": acc.num_processes,
-        "distributed_type": str(acc.distributed_type),
-        "process_index": acc.process_index,
-        "zero_stage": None if plugin is None else plugin.zero_stage,
-        "fsdp_version": getattr(getattr(acc.state, "fsdp_plugin", None), "fsdp_version", None),
-        "wrapped": sorted(set(trainer.recorded_wrapped)),
-        "local_input_sums": trainer.recorded_inputs,
-        "saved_model": saved,
-        "ref_cache_files": sorted(p.name for p in cache_dir.iterdir()) if cache_dir.is_dir() else [],
-        "ref_forwards": cls.ref_forwards,
-    })
+    result.update(
+        {
+            "eval": eval_metrics,
+            "steps": _steps(trainer),
+            "params": _full_params(trainer),
+            "num_processes": acc.num_processes,
+            "distributed_type": str(acc.distributed_type),
+            "process_index": acc.process_index,
+            "zero_stage": None if plugin is None else plugin.zero_stage,
+            "fsdp_version": getattr(getattr(acc.state, "fsdp_plugin", None), "fsdp_version", None),
+            "wrapped": sorted(set(trainer.recorded_wrapped)),
+            "local_input_sums": trainer.recorded_inputs,
+            "saved_model": saved,
+            "ref_cache_files": sorted(p.name for p in cache_dir.iterdir()) if cache_dir.is_dir() else [],
+            "ref_forwards": cls.ref_forwards,
+        }
+    )
     acc.wait_for_everyone()
     return result
 
@@ -273,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         results[case] = {}
         names = ("fast",) if case == "resume" else ("trl", "fast")
         for trainer_name in names:  # an exception fails this rank; the launcher then stops its peer
-            results[case][trainer_name] = run_case(args.setup, case, trainer_name, Path(args.data),
-                                                   Path(args.eval_data), out_dir)
+            results[case][trainer_name] = run_case(
+                args.setup, case, trainer_name, Path(args.data), Path(args.eval_data), out_dir
+            )
     torch.save(results, out_dir / f"rank{rank}.pt")
     return 0
 

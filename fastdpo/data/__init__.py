@@ -1,5 +1,6 @@
 """Preference data: file reading and validation, tokenization, held-out splits (:mod:`fastdpo.data.preference`),
 and the bundled demo set (``make_demo.py``)."""
+
 from fastdpo.data.preference import (
     PAIR_KEYS,
     TOKENIZED_KEYS,

@@ -18,6 +18,7 @@ Regenerate (deterministic for a given seed) with::
 
     python fastdpo/data/make_demo.py            # writes demo_train.jsonl and demo_eval.jsonl next to this file
 """
+
 from __future__ import annotations
 
 import argparse

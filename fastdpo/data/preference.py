@@ -5,6 +5,7 @@ or pre-tokenized ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"
 Errors name the file and the row as it is in the file (``line N`` / ``item N`` / ``row N``). The bundled demo set is
 described in ``make_demo.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,8 @@ def read_preference_file(path: str | os.PathLike) -> tuple[list[dict[str, Any]],
                         raw.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise ValueError(
-                            f"{path} line {lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+                            f"{path} line {lineno}: not valid JSON ({exc.msg}, column {exc.colno})"
+                        ) from None
                     wheres.append(f"{path} line {lineno}")
         elif suffix == ".json":
             with open(path, encoding="utf-8") as f:
@@ -65,7 +67,8 @@ def read_preference_file(path: str | os.PathLike) -> tuple[list[dict[str, Any]],
                     obj = json.load(f)
                 except json.JSONDecodeError as exc:
                     raise ValueError(
-                        f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+                        f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
+                    ) from None
             if isinstance(obj, dict):
                 obj = obj.get("data", obj.get("train"))
             if not isinstance(obj, list):
@@ -79,8 +82,10 @@ def read_preference_file(path: str | os.PathLike) -> tuple[list[dict[str, Any]],
             try:
                 raw = pq.read_table(path).to_pylist()
             except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-                raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+                raise ValueError(
+                    f"{path}: not a readable Parquet file ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''})"
+                ) from None
             wheres = [f"{path} row {i}" for i in range(len(raw))]
         else:
             raise ValueError(f"unsupported preference file type {suffix!r} for {path}: use .json, .jsonl or .parquet")
@@ -108,8 +113,15 @@ def read_preference_file(path: str | os.PathLike) -> tuple[list[dict[str, Any]],
 
 
 def _json_type(value: Any) -> str:
-    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return {
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
 
 
 def _text_problem(value: Any) -> str | None:
@@ -117,8 +129,11 @@ def _text_problem(value: Any) -> str | None:
         return None
     if isinstance(value, list) and value:
         for j, message in enumerate(value):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
                 return f"message {j} must be an object with string 'role' and 'content'"
         return None
     return f"must be a string or a non-empty list of chat messages, got {_json_type(value)}"
@@ -145,8 +160,9 @@ def row_texts(row: dict[str, Any]) -> Iterator[str]:
                     yield message["content"]
 
 
-def pretokenize(collator, rows: list[dict[str, Any]], wheres: Sequence[str] | None = None
-                ) -> list[dict[str, list[int]]]:
+def pretokenize(
+    collator, rows: list[dict[str, Any]], wheres: Sequence[str] | None = None
+) -> list[dict[str, list[int]]]:
     """Rows tokenized once with ``collator.tokenize_row`` (EOS/BOS/chat template applied) as pre-tokenized rows
     ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}``, which the collator uses verbatim. A row the
     collator refuses (a token id outside the vocabulary, chat messages without a chat template) raises
@@ -162,8 +178,9 @@ def pretokenize(collator, rows: list[dict[str, Any]], wheres: Sequence[str] | No
     return out
 
 
-def split_rows(rows: list[dict], wheres: list[str], fraction: float, seed: int
-               ) -> tuple[list[dict], list[str], list[dict], list[str]]:
+def split_rows(
+    rows: list[dict], wheres: list[str], fraction: float, seed: int
+) -> tuple[list[dict], list[str], list[dict], list[str]]:
     """``(train rows, their wheres, held-out rows, their wheres)``: ``round(len(rows) * fraction)`` rows (at least
     one) held out by a permutation seeded from ``seed``; ``ValueError`` if that leaves no training row."""
     n_eval = max(1, round(len(rows) * fraction))

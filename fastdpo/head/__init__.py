@@ -8,6 +8,7 @@ fold, logit gradient), :mod:`~fastdpo.head.sweeps` (the forward and backward swe
 :mod:`~fastdpo.head.grad_in_forward` (pair-local losses with the head's gradients formed in the forward). The
 materializing reference (``naive_linear_token_logprobs``) is in :mod:`fastdpo.reference`.
 """
+
 from fastdpo.head.function import (
     TokenStats,
     linear_sequence_logprobs,

@@ -1,4 +1,5 @@
 """Input checks of the fused LM head, run before any GEMM or kernel: bad input is a Python exception."""
+
 from __future__ import annotations
 
 import math
@@ -62,4 +63,3 @@ def _check_inputs(
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
     if validate:
         check_labels(labels, weight.shape[0], ignore_index)
-

@@ -28,6 +28,7 @@ Statistics (entropy, ``log sum p^2``, vocabulary-mean logit, top-1 hit) are retu
 is differentiable; here it is a metric only). float64 inputs always use the torch path and return float64 log-probs.
 Distributed weights: :mod:`fastdpo.head.gather`.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -78,7 +79,6 @@ class TokenStats(NamedTuple):
     log_sum_p2: torch.Tensor | None = None
     mean_logit: torch.Tensor | None = None
     argmax_hit: torch.Tensor | None = None
-
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -158,7 +158,6 @@ class _LinearLogprobs(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None, None, None
 
 
-
 @_within_gather_context
 def linear_token_logprobs(
     hidden: torch.Tensor,
@@ -219,7 +218,9 @@ def linear_token_logprobs(
     hc, labc, idx = _compact(hidden, labels, ignore_index)
     w = w.contiguous() if gather_context is None else w
     tok, voc = _plan(hc.shape[0], weight.shape[0], hidden.device, token_tile=token_tile, vocab_tile=vocab_tile)
-    spec = _Spec(float(logit_scale), None if softcap is None else float(softcap), float(temperature), tok, voc, resolved)
+    spec = _Spec(
+        float(logit_scale), None if softcap is None else float(softcap), float(temperature), tok, voc, resolved
+    )
     stats = return_entropy or return_log_sum_p2 or return_mean_logit
     wants_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -360,4 +361,3 @@ def linear_sequence_logprobs(
     if average:
         out = out / segment_counts(seg, num_segments).clamp(min=1).to(out.dtype)
     return out
-

@@ -1,6 +1,7 @@
 """Distributed weights for the fused LM head: an FSDP2 ``DTensor`` weight is gathered once per call with
 ``full_tensor()`` (autograd returns its gradient, averaged, to the DTensor's placement); a ZeRO-3 partitioned weight
 is gathered by the caller's ``gather_context``, entered around the forward and again around the backward sweep."""
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,6 @@ def _gather_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def _gather_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else _gather_weight(bias)
-
 
 
 def _enter(gather_context: GatherContext | None) -> contextlib.AbstractContextManager[Any]:

@@ -7,6 +7,7 @@ logits fit ``keep_logits_bytes``. Per chunk: one forward sweep (keeping the chun
 backward sweep that turns the kept logits into the head's gradients, accumulated over chunks. The returned loss
 hands those stored gradients out on backward (:class:`_StoredGradLoss`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,7 +59,6 @@ class SegmentStats(NamedTuple):
 
     logp_sum: torch.Tensor
     log_sum_p2_sum: torch.Tensor | None
-
 
 
 class _StoredGradLoss(torch.autograd.Function):
@@ -155,12 +155,14 @@ def linear_logprobs_loss_grad_in_forward(
     """
     where = "linear_logprobs_loss_grad_in_forward"
     chunk_tokens = renamed(where, "chunk_size", chunk_size, "chunk_tokens", chunk_tokens, stacklevel=4)
-    keep_logits_bytes = renamed(where, "logits_budget_bytes", logits_budget_bytes, "keep_logits_bytes",
-                                keep_logits_bytes, stacklevel=4)
+    keep_logits_bytes = renamed(
+        where, "logits_budget_bytes", logits_budget_bytes, "keep_logits_bytes", keep_logits_bytes, stacklevel=4
+    )
     _check_tiles(token_tile, vocab_tile)
     _check_inputs(hidden, weight, labels, bias, softcap, logit_scale, temperature, ignore_index, validate)
-    _check_grad_in_forward_inputs(hidden, labels, segment_ids, num_segments, loss_fn, token_weights, chunk_tokens,
-                                  validate)
+    _check_grad_in_forward_inputs(
+        hidden, labels, segment_ids, num_segments, loss_fn, token_weights, chunk_tokens, validate
+    )
     budget = _check_keep_bytes(keep_logits_bytes, DEFAULT_GIF_LOGITS_BYTES)
     device = hidden.device
     resolved = _resolve(backend, hidden)
@@ -209,15 +211,17 @@ def linear_logprobs_loss_grad_in_forward(
             n_seg = len(seg_list)
             logp = logp.float()
             wc = None if token_weights is None else token_weights.index_select(0, rows).float()
-            seq_chunk = segment_sum(logp if wc is None else logp * wc, local_seg, n_seg, validate=False,
-                                    backend=backend)
+            seq_chunk = segment_sum(
+                logp if wc is None else logp * wc, local_seg, n_seg, validate=False, backend=backend
+            )
             seq_logps[torch.tensor(seg_list, dtype=torch.int64, device=device)] = seq_chunk
             stats_chunk = None
             if segment_stats:
                 stats_chunk = SegmentStats(
                     segment_sum(logp, local_seg, n_seg, validate=False, backend=backend),
-                    None if log_sum_p2 is None else segment_sum(log_sum_p2.float(), local_seg, n_seg,
-                                                                validate=False, backend=backend),
+                    None
+                    if log_sum_p2 is None
+                    else segment_sum(log_sum_p2.float(), local_seg, n_seg, validate=False, backend=backend),
                 )
             dseq, dplain = _chunk_loss(loss_fn, plan, chunk, seq_chunk, stats_chunk, need_grad, total_loss)
             if not need_grad or n == 0:
@@ -227,9 +231,7 @@ def linear_logprobs_loss_grad_in_forward(
                 g = g * wc
             if stats_chunk is not None:
                 g = g + dplain.index_select(0, local_seg)
-            gh_c, _, _ = _backward_sweep(
-                hc, w, b, labc, lse, g, spec, kept, need_h, need_w, need_b, grad_w, grad_b
-            )
+            gh_c, _, _ = _backward_sweep(hc, w, b, labc, lse, g, spec, kept, need_h, need_w, need_b, grad_w, grad_b)
             if need_h:
                 assert grad_h is not None and gh_c is not None
                 grad_h.index_copy_(0, rows, gh_c)
@@ -359,9 +361,9 @@ def _chunk_rows(toks: _SegmentTokens, seg_list: list[int], device: torch.device)
     ``seg_list`` (``[n]`` int64 each; ``local_seg`` is built on the host, then moved)."""
     parts = [toks.rows[toks.starts[s] : toks.starts[s + 1]] for s in seg_list]
     rows = torch.cat(parts) if parts else toks.rows[:0]
-    local_seg = torch.cat(
-        [torch.full((toks.counts[s],), k, dtype=torch.int64) for k, s in enumerate(seg_list)]
-    ).to(device)
+    local_seg = torch.cat([torch.full((toks.counts[s],), k, dtype=torch.int64) for k, s in enumerate(seg_list)]).to(
+        device
+    )
     return rows, local_seg
 
 

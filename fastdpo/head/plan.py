@@ -5,6 +5,7 @@ A call is described by a :class:`_Spec`: the transform ``z = softcap * tanh(scal
 :func:`_plan` picks, both fixed for the whole call. Every tile is ``token_chunk x vocab_chunk`` fp32 (fp64 for fp64
 inputs) except the last row/column of tiles; the budgets bound what is kept between the forward and backward.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -40,7 +41,6 @@ class _Spec(NamedTuple):
         if self.softcap is not None:
             return self.scale, 1.0 / self.softcap, self.softcap / self.temperature
         return self.scale, 1.0, 1.0 / self.temperature
-
 
 
 def _plan(

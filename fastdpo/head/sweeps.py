@@ -6,6 +6,7 @@ in place and accumulate ``grad_hidden`` / ``grad_weight`` / ``grad_bias`` with t
 (fixed tile order, vocabulary tiles outer, no atomics). Both take the compacted ``[n, D]`` hidden states of the
 labelled positions only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,7 +41,6 @@ class _Kept:
 
     def room_for(self, rows: int, cols: int, itemsize: int) -> bool:
         return self.used + rows * cols * itemsize <= self.budget
-
 
 
 def _forward_sweep(
@@ -173,9 +173,7 @@ def _backward_sweep(
         elif buf is None and tuple(x.shape) == full:
             buf = x
         if triton:
-            G = _grad_tile_triton(
-                x, labels[n0:n1], hi[n0:n1], r[n0:n1], gc[n0:n1], v0, vocab, spec, gemm_dtype
-            )
+            G = _grad_tile_triton(x, labels[n0:n1], hi[n0:n1], r[n0:n1], gc[n0:n1], v0, vocab, spec, gemm_dtype)
         elif tile_is_z:
             G = _grad_tile_plain(x, hi[n0:n1], inv_r[n0:n1], hits.get(ti, vj, n0, v0))  # type: ignore[union-attr]
             if tile_scale is not None:
@@ -216,4 +214,3 @@ def _backward_sweep(
     if grad_h is not None and row_scale is not None:
         grad_h.mul_(row_scale.unsqueeze(1))
     return grad_h, grad_w, grad_b
-

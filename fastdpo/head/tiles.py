@@ -21,6 +21,7 @@ A vocabulary tile whose logits are all -inf (a padded vocabulary masked through 
 by 0 while a row has seen only -inf, and such columns get exactly zero gradient. A label outside ``[0, V)``
 (``validate=False``) gives a NaN log-prob and a zero gradient row: it never indexes a tile (:func:`_out_of_vocab`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,6 @@ from fastdpo.head.plan import _Spec
 #: The log-probs-only fold takes a row's tile logsumexp from column 0 while log_softmax(z)_0 >= -limit (error
 #: ~ulp(limit) ~ 1e-6) and from the row's maximum otherwise (two more reductions).
 _LSE_COL0_LIMIT = 16.0
-
 
 
 def _project_tile(
@@ -347,8 +347,10 @@ def _grad_launch(
     from fastdpo.kernels.linear_fold import linear_grad_kernel
 
     if out.stride() != x.stride() or x.stride(1) != 1:
-        raise ValueError(f"the logit-gradient kernel needs out with x's strides and unit column stride, got "
-                         f"{out.stride()} and {x.stride()}")
+        raise ValueError(
+            f"the logit-gradient kernel needs out with x's strides and unit column stride, got "
+            f"{out.stride()} and {x.stride()}"
+        )
     rows, cols = x.shape
     scale, inv_softcap, out_mult = spec.kernel_consts()
     args = (x, x.stride(0), out, cols, v0, vocab, labels, hi, r, g, scale, inv_softcap, out_mult)
@@ -376,7 +378,6 @@ def _grad_tile_triton(
     out = x if out_dtype == x.dtype else torch.empty_strided(x.shape, x.stride(), dtype=out_dtype, device=x.device)
     launch(_grad_launch(x, out, labels, hi, r, g, v0, vocab, spec))
     return out
-
 
 
 def _projection_operands(
@@ -419,7 +420,6 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return torch.mm(a.to(acc), b.to(acc))
 
 
-
 def _outputs_from_fold(st: _Fold, labels: torch.Tensor, vocab: int):
     """``(lse [n] float64, logp, entropy, log_sum_p2, mean_logit, hit)``, the others in the fold's dtype."""
     lse = st.lse()
@@ -433,4 +433,3 @@ def _outputs_from_fold(st: _Fold, labels: torch.Tensor, vocab: int):
     if st.argmax:
         hit = st.aidx == labels
     return lse, logp, entropy, log_sum_p2, mean_logit, hit
-

@@ -69,6 +69,7 @@ through accelerate's ``parallelism_config`` or DeepSpeed (fastdpo's own sequence
 ``sequence_parallel_size=k``, on DDP), HSDP; and, after construction, other distributed types (XLA, ...) and
 ``torch_compile`` with several processes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,8 +100,14 @@ logger = logging.getLogger(__name__)
 __all__ = ["PREDICTION_COLUMNS", "FastDPOTrainer", "sequence_token_ids"]
 
 #: the columns of ``trainer.predict(...).predictions`` (``[P, 6]`` float32, one row per preference pair)
-PREDICTION_COLUMNS: tuple[str, ...] = ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards",
-                                       "ref_chosen_logps", "ref_rejected_logps")
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "chosen_logps",
+    "rejected_logps",
+    "chosen_rewards",
+    "rejected_rewards",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+)
 
 _PACKINGS = ("pad", "padding_free", "prefix_shared")
 # the order TRL 1.16 fills ``self._metrics`` in (log lines read the same)
@@ -119,8 +126,13 @@ class _TrainerCollator:
     cut and padded as TRL's collator would cut and pad them.
     """
 
-    def __init__(self, trainer: FastDPOTrainer, args: DPOConfig, packing: str,
-                 trl_collator: DataCollatorForPreference | None = None) -> None:
+    def __init__(
+        self,
+        trainer: FastDPOTrainer,
+        args: DPOConfig,
+        packing: str,
+        trl_collator: DataCollatorForPreference | None = None,
+    ) -> None:
         self._trainer = trainer
         self._args = args
         self.packing = packing
@@ -133,8 +145,11 @@ class _TrainerCollator:
             source = self.trl_collator if self.trl_collator is not None else self._args
             pad_to = source.pad_to_multiple_of if isinstance(source.pad_to_multiple_of, int) else None
             self._collator = PreferenceCollator(
-                self._trainer._tokenizer, max_length=source.max_length, truncation_mode=source.truncation_mode,
-                packing=self.packing, pad_to_multiple_of=pad_to,
+                self._trainer._tokenizer,
+                max_length=source.max_length,
+                truncation_mode=source.truncation_mode,
+                packing=self.packing,
+                pad_to_multiple_of=pad_to,
             )
             if self.trl_collator is not None:
                 self._collator.pad_token_id = int(self.trl_collator.pad_token_id)
@@ -224,16 +239,20 @@ class FastDPOTrainer(DPOTrainer):
             data_collator = None
         if isinstance(data_collator, PreferenceCollator):
             if packing is not None and packing != data_collator.packing:
-                raise ValueError(f"packing={packing!r} disagrees with the data_collator's packing "
-                                 f"{data_collator.packing!r}")
+                raise ValueError(
+                    f"packing={packing!r} disagrees with the data_collator's packing {data_collator.packing!r}"
+                )
             packing = data_collator.packing
         if packing is None:
             packing = "padding_free" if args.padding_free else "pad"
         if packing not in _PACKINGS:
             raise ValueError(f"packing must be one of {_PACKINGS}, got {packing!r}")
         self._fast_engine: DPOEngine | None = None
-        if isinstance(sequence_parallel_size, bool) or not isinstance(sequence_parallel_size, int) or \
-                sequence_parallel_size < 1:
+        if (
+            isinstance(sequence_parallel_size, bool)
+            or not isinstance(sequence_parallel_size, int)
+            or sequence_parallel_size < 1
+        ):
             raise ValueError(f"sequence_parallel_size must be a positive int, got {sequence_parallel_size!r}")
         if sequence_parallel_size > 1 and args.precompute_ref_log_probs:
             raise NotImplementedError(
@@ -241,15 +260,21 @@ class FastDPOTrainer(DPOTrainer):
                 "every rank, but the ranks of a sequence-parallel group must see the same batches; precompute with "
                 "sequence_parallel_size=1 (or DPOEngine.precompute_reference) and train on the stored columns"
             )
-        if sequence_parallel_size > 1 and (getattr(args, "deepspeed_plugin", None) is not None
-                                           or _requested_fsdp_version(args) is not None):
+        if sequence_parallel_size > 1 and (
+            getattr(args, "deepspeed_plugin", None) is not None or _requested_fsdp_version(args) is not None
+        ):
             raise NotImplementedError(
                 f"sequence_parallel_size={sequence_parallel_size} with DeepSpeed or FSDP: fastdpo's sequence "
                 "parallelism is validated on DDP (MULTI_CPU/MULTI_GPU) only; launch it without a DeepSpeed/FSDP config"
             )
-        self._engine_options = {"grad_in_forward": bool(grad_in_forward), "attn_impl": attn_impl,
-                                "token_tile": token_tile, "vocab_tile": vocab_tile, "backend": backend,
-                                "sequence_parallel_size": sequence_parallel_size}
+        self._engine_options = {
+            "grad_in_forward": bool(grad_in_forward),
+            "attn_impl": attn_impl,
+            "token_tile": token_tile,
+            "vocab_tile": vocab_tile,
+            "backend": backend,
+            "sequence_parallel_size": sequence_parallel_size,
+        }
         self._ref_adapter: str | None = None  # a PEFT "ref" adapter (re-training an existing adapter), see below
         if data_collator is None:
             data_collator = _TrainerCollator(self, args, packing, trl_collator)
@@ -259,10 +284,18 @@ class FastDPOTrainer(DPOTrainer):
         args.padding_free = False
         try:
             super().__init__(
-                model=model, ref_model=ref_model, args=args, data_collator=data_collator,
-                train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
-                quantization_config=quantization_config, peft_config=peft_config,
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
             )
         finally:
             args.padding_free = padding_free
@@ -278,8 +311,9 @@ class FastDPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ validation
     @staticmethod
-    def _check_supported(args: DPOConfig, data_collator: Any, train_dataset: Any, processing_class: Any,
-                         peft_config: Any) -> None:
+    def _check_supported(
+        args: DPOConfig, data_collator: Any, train_dataset: Any, processing_class: Any, peft_config: Any
+    ) -> None:
         from transformers import ProcessorMixin
 
         if not isinstance(args, DPOConfig):
@@ -291,23 +325,28 @@ class FastDPOTrainer(DPOTrainer):
                 "train without use_liger_kernel here"
             )
         if isinstance(processing_class, ProcessorMixin):
-            raise NotImplementedError("vision-language models (a ProcessorMixin processing_class) are not supported "
-                                      "by FastDPOTrainer")
+            raise NotImplementedError(
+                "vision-language models (a ProcessorMixin processing_class) are not supported by FastDPOTrainer"
+            )
         if train_dataset is not None:
             with contextlib.suppress(StopIteration, TypeError):
                 sample = next(iter(train_dataset))
                 if isinstance(sample, Mapping) and ("image" in sample or "images" in sample):
-                    raise NotImplementedError("vision datasets ('image'/'images' columns) are not supported by "
-                                              "FastDPOTrainer")
-        if isinstance(data_collator, DataCollatorForPreference) and \
-                type(data_collator).torch_call is not DataCollatorForPreference.torch_call:
+                    raise NotImplementedError(
+                        "vision datasets ('image'/'images' columns) are not supported by FastDPOTrainer"
+                    )
+        if (
+            isinstance(data_collator, DataCollatorForPreference)
+            and type(data_collator).torch_call is not DataCollatorForPreference.torch_call
+        ):
             raise NotImplementedError(
                 f"data_collator: {type(data_collator).__name__} overrides DataCollatorForPreference.torch_call; "
                 "FastDPOTrainer collates TRL's rows itself with DataCollatorForPreference's settings and cannot "
                 "reproduce a custom batch layout"
             )
         if data_collator is not None and not isinstance(
-                data_collator, (PreferenceCollator, _TrainerCollator, DataCollatorForPreference)):
+            data_collator, (PreferenceCollator, _TrainerCollator, DataCollatorForPreference)
+        ):
             raise NotImplementedError(
                 f"data_collator: FastDPOTrainer needs batches from fastdpo.PreferenceCollator (got "
                 f"{type(data_collator).__name__}); pass none (the trainer builds one from DPOConfig), a "
@@ -318,10 +357,15 @@ class FastDPOTrainer(DPOTrainer):
                 f"peft_config: prompt-learning PEFT methods ({type(peft_config).__name__}) prepend virtual tokens, "
                 "which FastDPOTrainer's token indexing does not model; use LoRA-style adapters"
             )
-        if args.model_init_kwargs and isinstance(args.model_init_kwargs, Mapping) and \
-                args.model_init_kwargs.get("output_router_logits"):
-            raise NotImplementedError("model_init_kwargs['output_router_logits']: the Mixture-of-Experts auxiliary "
-                                      "loss is not supported by FastDPOTrainer")
+        if (
+            args.model_init_kwargs
+            and isinstance(args.model_init_kwargs, Mapping)
+            and args.model_init_kwargs.get("output_router_logits")
+        ):
+            raise NotImplementedError(
+                "model_init_kwargs['output_router_logits']: the Mixture-of-Experts auxiliary "
+                "loss is not supported by FastDPOTrainer"
+            )
 
     def _check_parallelism(self) -> None:
         """Refuse the multi-process setups that are not supported, from the accelerator's state (the same checks as
@@ -338,8 +382,12 @@ class FastDPOTrainer(DPOTrainer):
         if config is not None:
             _check_parallelism_sizes(config, fsdp2=self.is_fsdp_enabled)
         if acc.num_processes > 1:
-            if acc.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU,
-                                            DistributedType.DEEPSPEED, DistributedType.FSDP):
+            if acc.distributed_type not in (
+                DistributedType.MULTI_CPU,
+                DistributedType.MULTI_GPU,
+                DistributedType.DEEPSPEED,
+                DistributedType.FSDP,
+            ):
                 raise NotImplementedError(
                     f"distributed type {acc.distributed_type} ({acc.num_processes} processes): FastDPOTrainer runs "
                     "DDP (MULTI_CPU, MULTI_GPU), DeepSpeed ZeRO and FSDP2 only"
@@ -350,8 +398,9 @@ class FastDPOTrainer(DPOTrainer):
                     "FastDPOTrainer; train multi-process without torch_compile"
                 )
         sp = self._engine_options["sequence_parallel_size"]
-        if sp > 1 and (acc.num_processes % sp or acc.distributed_type not in (DistributedType.MULTI_CPU,
-                                                                               DistributedType.MULTI_GPU)):
+        if sp > 1 and (
+            acc.num_processes % sp or acc.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+        ):
             raise ValueError(
                 f"sequence_parallel_size={sp} needs a multi-process DDP launch (MULTI_CPU/MULTI_GPU) whose process "
                 f"count is a multiple of it; got {acc.num_processes} process(es), {acc.distributed_type}"
@@ -363,7 +412,8 @@ class FastDPOTrainer(DPOTrainer):
 
         The engine never calls the ``torch.compile`` wrapper accelerate puts around the model (it runs the model's
         own forward and the fused head), so compiling the wrapper alone would compile nothing; the decoder layers
-        (``_no_split_modules`` of the Hugging Face model) hold nearly all of the backbone's work. ``NotImplementedError``
+        (``_no_split_modules`` of the Hugging Face model) hold nearly all of the backbone's work.
+        ``NotImplementedError``
         when a model names no decoder layer class."""
         args = self.args
         count = 0
@@ -390,10 +440,15 @@ class FastDPOTrainer(DPOTrainer):
         if self._fast_engine is not None:
             return self._fast_engine
         model = self.model
-        if is_peft_model(model) and getattr(model, "active_peft_config", None) is not None and \
-                getattr(model.active_peft_config, "is_prompt_learning", False):
-            raise NotImplementedError("prompt-learning PEFT models (virtual tokens) are not supported by "
-                                      "FastDPOTrainer; use LoRA-style adapters")
+        if (
+            is_peft_model(model)
+            and getattr(model, "active_peft_config", None) is not None
+            and getattr(model.active_peft_config, "is_prompt_learning", False)
+        ):
+            raise NotImplementedError(
+                "prompt-learning PEFT models (virtual tokens) are not supported by "
+                "FastDPOTrainer; use LoRA-style adapters"
+            )
         args = self.args
         if self.precompute_ref_logps:
             reference, ref_model = "precomputed", None
@@ -411,9 +466,16 @@ class FastDPOTrainer(DPOTrainer):
             raise ValueError("no reference: pass ref_model, a PEFT model, or precompute_ref_log_probs=True")
         opts = self._engine_options
         self._fast_engine = DPOEngine(
-            model, ref_model, reference=reference, loss_config=self._loss_config, disable_dropout=args.disable_dropout,
-            attn_impl=opts["attn_impl"], grad_in_forward=opts["grad_in_forward"],
-            token_tile=opts["token_tile"], vocab_tile=opts["vocab_tile"], backend=opts["backend"],
+            model,
+            ref_model,
+            reference=reference,
+            loss_config=self._loss_config,
+            disable_dropout=args.disable_dropout,
+            attn_impl=opts["attn_impl"],
+            grad_in_forward=opts["grad_in_forward"],
+            token_tile=opts["token_tile"],
+            vocab_tile=opts["vocab_tile"],
+            backend=opts["backend"],
             sequence_parallel_size=opts["sequence_parallel_size"],
         )
         return self._fast_engine
@@ -425,8 +487,9 @@ class FastDPOTrainer(DPOTrainer):
         loader = super()._get_dataloader(*args, **kwargs)
         sp = self._engine_options["sequence_parallel_size"]
         if sp > 1:
-            _shard_over_data_parallel(loader, self.accelerator.num_processes // sp,
-                                      self.accelerator.process_index // sp)
+            _shard_over_data_parallel(
+                loader, self.accelerator.num_processes // sp, self.accelerator.process_index // sp
+            )
         return loader
 
     @contextlib.contextmanager
@@ -438,8 +501,12 @@ class FastDPOTrainer(DPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         if is_peft_model(unwrapped) and (self.ref_model is None or model is not self.ref_model):
             adapter_ctx = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                keep_requires_grad(unwrapped), adapter_ctx:  # see fastdpo.models.keep_requires_grad (FSDP2 + PEFT)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            keep_requires_grad(unwrapped),
+            adapter_ctx,
+        ):  # see fastdpo.models.keep_requires_grad (FSDP2 + PEFT)
             yield unwrapped
 
     def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
@@ -467,31 +534,46 @@ class FastDPOTrainer(DPOTrainer):
                 "Dataset or set `precompute_ref_log_probs=False`."
             )
         settings = self._engine().ref_settings
-        keys = [key for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator,
-                                            shuffle=False) for key in pair_keys(batch)]
+        keys = [
+            key
+            for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+            for key in pair_keys(batch)
+        ]
         model_hash = [self._precompute_model_hash]
         broadcast_object_list(model_hash, from_process=0)  # ZeRO-3 may have partitioned the model at load
-        stamp = json.dumps({"model": model_hash[0], "data": dataset_fingerprint(keys), "settings": settings},
-                           sort_keys=True)
-        path = os.path.join(self.args.output_dir, "fastdpo_ref_logps",
-                            f"{name}-{hashlib.sha256(stamp.encode()).hexdigest()[:20]}.pt")
+        stamp = json.dumps(
+            {"model": model_hash[0], "data": dataset_fingerprint(keys), "settings": settings}, sort_keys=True
+        )
+        path = os.path.join(
+            self.args.output_dir, "fastdpo_ref_logps", f"{name}-{hashlib.sha256(stamp.encode()).hexdigest()[:20]}.pt"
+        )
         found = [os.path.exists(path)]
         broadcast_object_list(found, from_process=0)  # one decision for all ranks (they run collectives below)
         if found[0]:
             cache = RefLogpCache.load(path, model_hash=model_hash[0], settings=settings)
         else:
-            loader = self.accelerator.prepare(DataLoader(
-                dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
-                num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
-            ))
+            loader = self.accelerator.prepare(
+                DataLoader(
+                    dataset,
+                    batch_size=batch_size,
+                    collate_fn=self.data_collator,
+                    shuffle=False,
+                    num_workers=self.args.dataloader_num_workers,
+                    pin_memory=self.args.dataloader_pin_memory,
+                )
+            )
             model = self._precompute_reference_model()
             cache = RefLogpCache.build_distributed(
-                lambda batch: self.compute_ref_log_probs(model, batch), loader, path, model_hash=model_hash[0],
+                lambda batch: self.compute_ref_log_probs(model, batch),
+                loader,
+                path,
+                model_hash=model_hash[0],
                 settings=settings,
             )
         chosen, rejected = cache.values_for(keys)
         return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column(
-            "ref_rejected_logps", rejected.tolist())
+            "ref_rejected_logps", rejected.tolist()
+        )
 
     def _precompute_reference_model(self) -> torch.nn.Module:
         """The model the precompute pass runs, as TRL picks it: the reference model when there is one, else (full
@@ -506,8 +588,9 @@ class FastDPOTrainer(DPOTrainer):
             return self._precompute_engine
         return self.ref_model if self.ref_model is not None else self.model
 
-    def compute_ref_log_probs(self, model: torch.nn.Module, inputs: Mapping[str, Any]
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_ref_log_probs(
+        self, model: torch.nn.Module, inputs: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference ``(chosen_logps [P], rejected_logps [P])`` fp32 of one collated batch (TRL's precompute hook)."""
         engine = self._engine()
         with self._no_grad_reference(model) as ref, self.accelerator.autocast():
@@ -515,8 +598,13 @@ class FastDPOTrainer(DPOTrainer):
         return out["chosen_logps"], out["rejected_logps"]
 
     # ------------------------------------------------------------------------------------------------ loss path
-    def compute_loss(self, model: torch.nn.Module, inputs: Mapping[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: Mapping[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """DPO loss of one collated batch through :meth:`DPOEngine.step`; records TRL's metrics.
 
         ``return_outputs=True`` returns ``(loss, {"predictions": [P, 6] fp32})``, this rank's pairs, columns
@@ -550,16 +638,19 @@ class FastDPOTrainer(DPOTrainer):
             # the engine hands ``gather`` this rank's per-pair [P, 4] (policy c, policy r, reference c, reference r)
             # log-probs; record them on the way (identity in one process)
             gather = gathers.get("gather", lambda t: t)
-            gathers = {"gather_totals": gathers.get("gather_totals", lambda t: t),
-                       "gather": lambda t: (pairs.append(t), gather(t))[1]}
+            gathers = {
+                "gather_totals": gathers.get("gather_totals", lambda t: t),
+                "gather": lambda t: (pairs.append(t), gather(t))[1],
+            }
         with autocast():
             loss, metrics = engine.step(batch, policy, **gathers)
         self._record_metrics(mode, batch, metrics)
         if not return_outputs:
             return loss
         if len(pairs) != 1 or pairs[0].shape != (int(batch["num_pairs"]), 4):
-            raise RuntimeError(f"FastDPOTrainer: expected the engine's [P, 4] per-pair log-probs, got "
-                               f"{[list(t.shape) for t in pairs]}")
+            raise RuntimeError(
+                f"FastDPOTrainer: expected the engine's [P, 4] per-pair log-probs, got {[list(t.shape) for t in pairs]}"
+            )
         pc, pr, rc, rr = pairs[0].unbind(1)
         beta = engine.beta
         predictions = torch.stack([pc, pr, beta * (pc - rc), beta * (pr - rr), rc, rr], dim=1)
@@ -585,8 +676,10 @@ class FastDPOTrainer(DPOTrainer):
             if self.accelerator.num_processes > 1:
                 local = torch.tensor(tokens, dtype=torch.long, device=self.accelerator.device)
                 # the k ranks of a sequence-parallel group hold the same batch: count it once
-                tokens = int(self.accelerator.gather_for_metrics(local).sum().item()) // \
-                    self._engine_options["sequence_parallel_size"]
+                tokens = (
+                    int(self.accelerator.gather_for_metrics(local).sum().item())
+                    // self._engine_options["sequence_parallel_size"]
+                )
             self._total_train_tokens += tokens
         for key in TRL_METRIC_ORDER:
             if key == "num_tokens":  # a running total, like TRL
@@ -597,9 +690,13 @@ class FastDPOTrainer(DPOTrainer):
             if key not in TRL_METRIC_ORDER:
                 store[key].append(float(value))
 
-    def prediction_step(self, model: torch.nn.Module, inputs: Mapping[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: Mapping[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Evaluation step: the DPO loss (metrics recorded under ``eval``); unless ``prediction_loss_only``, also
         the per-pair predictions ``[P, 6]`` (:data:`PREDICTION_COLUMNS`) and TRL's label ids ``[2P, L]`` (see
         :func:`sequence_token_ids`). No logits are produced."""
@@ -631,8 +728,9 @@ class FastDPOTrainer(DPOTrainer):
             "torch_compile": f"{self.compiled_layers} decoder layers" if self.compiled_layers else False,
         }
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
-                          tags: str | list[str] | None = None) -> None:
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
         """TRL's model card plus fastdpo: the ``fastdpo`` tag, ``fastdpo-packing-<packing>`` and
         ``fastdpo-grad-in-forward`` tags, a "fastdpo settings" section and the fastdpo version."""
         import fastdpo
@@ -648,8 +746,11 @@ class FastDPOTrainer(DPOTrainer):
         path = Path(self.args.output_dir) / "README.md"
         text = path.read_text(encoding="utf-8")
         trained = "It has been trained using [TRL](https://github.com/huggingface/trl)."
-        text = text.replace(trained, trained[:-1] + " with fastdpo's DPO engine (`fastdpo.integrations.trl."
-                            "FastDPOTrainer`: fused LM head, no `[tokens, vocabulary]` logits).")
+        text = text.replace(
+            trained,
+            trained[:-1] + " with fastdpo's DPO engine (`fastdpo.integrations.trl."
+            "FastDPOTrainer`: fused LM head, no `[tokens, vocabulary]` logits).",
+        )
         section = "### fastdpo settings\n\n" + "".join(f"- {k}: `{v}`\n" for k, v in self._fastdpo_settings().items())
         anchor = "### Framework versions\n\n"
         if anchor in text:
@@ -686,29 +787,48 @@ def _shard_over_data_parallel(loader: Any, num_shards: int, shard: int) -> None:
     from accelerate.data_loader import BatchSamplerShard, DataLoaderDispatcher, IterableDatasetShard
 
     if isinstance(loader, DataLoaderDispatcher):
-        raise NotImplementedError("sequence_parallel_size > 1 with accelerate's batch dispatching "
-                                  "(dispatch_batches / iterable datasets): use a map-style dataset")
-    for candidate in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None),
-                      getattr(loader, "dataset", None)):
+        raise NotImplementedError(
+            "sequence_parallel_size > 1 with accelerate's batch dispatching "
+            "(dispatch_batches / iterable datasets): use a map-style dataset"
+        )
+    for candidate in (
+        getattr(loader, "batch_sampler", None),
+        getattr(loader, "sampler", None),
+        getattr(loader, "dataset", None),
+    ):
         if isinstance(candidate, (BatchSamplerShard, IterableDatasetShard)):
             candidate.num_processes, candidate.process_index = num_shards, shard
             return
-    raise NotImplementedError(f"sequence_parallel_size > 1: cannot re-shard a {type(loader).__name__} over the "
-                              "data-parallel ranks; use a map-style dataset")
+    raise NotImplementedError(
+        f"sequence_parallel_size > 1: cannot re-shard a {type(loader).__name__} over the "
+        "data-parallel ranks; use a map-style dataset"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- parallelism
-_LOSS_FIELDS = ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
-                "discopop_tau", "use_weighting", "ld_alpha")
+_LOSS_FIELDS = (
+    "loss_type",
+    "loss_weights",
+    "beta",
+    "label_smoothing",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "discopop_tau",
+    "use_weighting",
+    "ld_alpha",
+)
 
 
 def _loss_config(args: DPOConfig, loss_config: PreferenceLossConfig | None) -> PreferenceLossConfig:
-    """The trainer's loss configuration: ``loss_config``, or ``args``' loss fields (``DPOConfig`` defaults: not given).
-    """
+    """The trainer's loss configuration: ``loss_config``, or ``args``' loss fields (``DPOConfig`` defaults: not
+    given)."""
     import dataclasses
 
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                for f in dataclasses.fields(DPOConfig) if f.name in _LOSS_FIELDS}
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(DPOConfig)
+        if f.name in _LOSS_FIELDS
+    }
     keywords = {name: getattr(args, name) for name in _LOSS_FIELDS}
     return resolve_loss_config(loss_config, keywords, defaults)
 

@@ -13,6 +13,7 @@ Modules (everything public is re-exported here):
 
 Formulas: ``LOSSES.md``. Loss arithmetic runs in float32 (float64 stays float64).
 """
+
 from __future__ import annotations
 
 from fastdpo.losses.config import (

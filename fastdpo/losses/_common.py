@@ -1,4 +1,5 @@
 """Checks and small helpers shared by the loss modules (private)."""
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ validates them when it is built, so :func:`fastdpo.losses.preference_loss`, :cla
 :mod:`fastdpo.nn` modules and :class:`fastdpo.integrations.trl.FastDPOTrainer` share one definition of a valid
 configuration and its error messages.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -162,10 +163,16 @@ class PreferenceLossConfig:
             raise ValueError(
                 f"discopop_tau={tau} is read only by loss_type 'discopop'; loss_type {list(types)} would ignore it"
             )
-        for name, value in (("loss_type", types), ("loss_weights", weights), ("beta", beta),
-                            ("label_smoothing", eps), ("f_alpha_divergence_coef", f_alpha), ("discopop_tau", tau),
-                            ("use_weighting", bool(self.use_weighting)),
-                            ("ld_alpha", None if ld_alpha is None else float(ld_alpha))):
+        for name, value in (
+            ("loss_type", types),
+            ("loss_weights", weights),
+            ("beta", beta),
+            ("label_smoothing", eps),
+            ("f_alpha_divergence_coef", f_alpha),
+            ("discopop_tau", tau),
+            ("use_weighting", bool(self.use_weighting)),
+            ("ld_alpha", None if ld_alpha is None else float(ld_alpha)),
+        ):
             object.__setattr__(self, name, value)
 
     @property
@@ -182,9 +189,7 @@ _FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PreferenceLo
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(PreferenceLossConfig)}
 
 
-def _check_types_and_weights(
-    loss_type: object, loss_weights: object
-) -> tuple[tuple[str, ...], tuple[float, ...]]:
+def _check_types_and_weights(loss_type: object, loss_weights: object) -> tuple[tuple[str, ...], tuple[float, ...]]:
     if isinstance(loss_type, str):
         types: tuple[str, ...] = (loss_type,)
     elif isinstance(loss_type, (list, tuple)):
@@ -222,8 +227,9 @@ def _normalized(name: str, value: Any) -> Any:
     return value
 
 
-def resolve_loss_config(loss_config: PreferenceLossConfig | None, arguments: Mapping[str, Any],
-                        defaults: Mapping[str, Any] | None = None) -> PreferenceLossConfig:
+def resolve_loss_config(
+    loss_config: PreferenceLossConfig | None, arguments: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> PreferenceLossConfig:
     """The configuration of an entry point that takes ``loss_config=`` and the individual loss keywords.
 
     ``arguments``: the entry point's arguments (its ``locals()``, say); the config's field names among them are the
@@ -268,7 +274,13 @@ def normalize_loss_config(
     """``(loss_types, loss_weights)`` of a valid configuration; kept for callers of the 0.1 API, use
     :class:`PreferenceLossConfig` (which raises the same errors)."""
     config = PreferenceLossConfig(
-        loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, use_weighting=use_weighting,
+        loss_type,
+        loss_weights,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau,
+        use_weighting=use_weighting,
     )
     return config.loss_type, config.loss_weights  # type: ignore[return-value]

@@ -1,4 +1,5 @@
 """KTO (Ethayarajh et al. 2024, Eq. 7) on unpaired completions, as TRL's ``KTOTrainer`` computes it."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,14 @@ from fastdpo.losses._common import check_scalar, check_seq_tensor, loss_and_metr
 from fastdpo.losses.metrics import KL, LOGPS_CHOSEN, LOGPS_REJECTED, REWARDS_CHOSEN, REWARDS_MARGINS, REWARDS_REJECTED
 
 
-def kto_sample_losses(logratio: torch.Tensor, kl: torch.Tensor | float, desirable: torch.Tensor, beta: float,
-                      desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+def kto_sample_losses(
+    logratio: torch.Tensor,
+    kl: torch.Tensor | float,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
     """Per-completion KTO losses ``[N]``: desirable ``lambda_D (1 - sigma(beta (r - z0)))``, undesirable
     ``lambda_U (1 - sigma(beta (z0 - r)))``, with ``r = logratio [N]``, ``z0 = kl`` (broadcastable to ``[N]``)."""
     chosen = desirable_weight * (1.0 - torch.sigmoid(beta * (logratio - kl)))
@@ -63,8 +70,13 @@ def kto_loss(
         check_float("ref_kl_logps", ref_kl_logps)
         if policy_kl_logps.dim() != 1 or policy_kl_logps.shape != ref_kl_logps.shape or policy_kl_logps.numel() == 0:
             raise ValueError("policy_kl_logps and ref_kl_logps must be non-empty 1-D tensors of one shape")
-    check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable,
-                      policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
+    check_same_device(
+        policy_logps=policy_logps,
+        ref_logps=ref_logps,
+        desirable=desirable,
+        policy_kl_logps=policy_kl_logps,
+        ref_kl_logps=ref_kl_logps,
+    )
     beta = positive_beta(beta, "kto_loss")
     wd = check_scalar("desirable_weight", desirable_weight)
     wu = check_scalar("undesirable_weight", undesirable_weight)

@@ -6,6 +6,7 @@ Names as TRL 1.16 logs them (``LOSSES.md``): ``rewards/chosen`` = mean ``beta*c`
 the token metrics ``logits/chosen``, ``logits/rejected``, ``entropy``, ``mean_token_accuracy`` come from the fused
 head's statistics (:func:`fastdpo.engine.token_metrics`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,12 @@ LOG_ODDS_CHOSEN = "log_odds_chosen"
 KL = "kl"
 
 REWARD_METRICS: tuple[str, ...] = (
-    REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_ACCURACIES, REWARDS_MARGINS, LOGPS_CHOSEN, LOGPS_REJECTED,
+    REWARDS_CHOSEN,
+    REWARDS_REJECTED,
+    REWARDS_ACCURACIES,
+    REWARDS_MARGINS,
+    LOGPS_CHOSEN,
+    LOGPS_REJECTED,
 )
 """The per-pair metrics of :func:`dpo_metrics`, in TRL's order."""
 
@@ -35,7 +41,12 @@ TOKEN_METRICS: tuple[str, ...] = (LOGITS_CHOSEN, LOGITS_REJECTED, ENTROPY, MEAN_
 """The token-level metrics of the engine (from the fused head's no-grad statistics)."""
 
 TRL_METRIC_ORDER: tuple[str, ...] = (
-    ENTROPY, NUM_TOKENS, LOGITS_CHOSEN, LOGITS_REJECTED, MEAN_TOKEN_ACCURACY, *REWARD_METRICS,
+    ENTROPY,
+    NUM_TOKENS,
+    LOGITS_CHOSEN,
+    LOGITS_REJECTED,
+    MEAN_TOKEN_ACCURACY,
+    *REWARD_METRICS,
 )
 """The order in which TRL 1.16's ``DPOTrainer`` records its metrics (``num_tokens`` is a running total)."""
 

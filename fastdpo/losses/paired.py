@@ -21,6 +21,7 @@ the metrics are detached 0-dim float tensors. NaN/inf inputs propagate to the lo
 value; with ``validate=True`` (the default) the public losses warn (``RuntimeWarning``) when the loss or a metric is
 non-finite, which costs one host sync (``validate=False`` skips it).
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,6 @@ def f_divergence_scores(
         t = torch.clamp((a - 1.0) * logratios, max=clamp_max)
         return (torch.exp(t) - 1.0) / (a - 1.0)
     raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}: valid are {list(F_DIVERGENCE_TYPES)}")
-
-
 
 
 def _per_pair_loss(
@@ -125,7 +124,6 @@ def _per_pair_loss(
     raise ValueError(f"Unknown loss_type {loss_type!r}: valid loss types are {list(LOSS_TYPES)}")
 
 
-
 def dpo_loss_sum(
     pc: torch.Tensor,
     pr: torch.Tensor,
@@ -165,8 +163,19 @@ def dpo_loss_sum(
                 term = term * pair_weights.sum() / num_pairs
         else:
             per_pair = _per_pair_loss(
-                loss_type, pc=pc, pr=pr, rc=rc_, rr=rr_, c=c, r=r, sc=sc, sr=sr,
-                len_c=chosen_lengths, len_r=rejected_lengths, beta=config.beta, eps=config.label_smoothing,
+                loss_type,
+                pc=pc,
+                pr=pr,
+                rc=rc_,
+                rr=rr_,
+                c=c,
+                r=r,
+                sc=sc,
+                sr=sr,
+                len_c=chosen_lengths,
+                len_r=rejected_lengths,
+                beta=config.beta,
+                eps=config.label_smoothing,
                 tau=config.discopop_tau,
             )
             if pair_weights is not None:
@@ -229,7 +238,9 @@ def _prepared(
     check_seq_tensor("chosen_lengths", chosen_lengths, p, integer_ok=True)
     check_seq_tensor("rejected_lengths", rejected_lengths, p, integer_ok=True)
     check_same_device(
-        policy_chosen_logps=policy_chosen_logps, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+        policy_chosen_logps=policy_chosen_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
         **floats,
     )
     for t in ("ipo", "sigmoid_norm"):
@@ -333,18 +344,39 @@ def preference_loss(
             TypeError: non-float log-probs, non-integer/float lengths.
     """
     config = _sequence_config(resolve_loss_config(loss_config, locals()))
-    x = _prepared(config, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                  chosen_lengths, rejected_lengths, policy_chosen_nll_sum, policy_rejected_nll_sum,
-                  wpo_chosen_weights, wpo_rejected_weights, policy_chosen_log_sum_p2, policy_rejected_log_sum_p2)
+    x = _prepared(
+        config,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        policy_chosen_nll_sum,
+        policy_rejected_nll_sum,
+        wpo_chosen_weights,
+        wpo_rejected_weights,
+        policy_chosen_log_sum_p2,
+        policy_rejected_log_sum_p2,
+    )
     pc = x["pc"]
     num_chosen_tokens = None
     if "sft" in config.loss_type:
         assert chosen_lengths is not None
         num_chosen_tokens = chosen_lengths.to(pc.dtype).sum().clamp(min=1.0)
     loss = dpo_loss_sum(
-        pc, x["pr"], x["rc"], x["rr"], config, input_dtype=x["input_dtype"], chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths, chosen_nll_sum=x["nll_c"], pair_weights=x["pair_weights"],
-        num_pairs=pc.shape[0], num_chosen_tokens=num_chosen_tokens,
+        pc,
+        x["pr"],
+        x["rc"],
+        x["rr"],
+        config,
+        input_dtype=x["input_dtype"],
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        chosen_nll_sum=x["nll_c"],
+        pair_weights=x["pair_weights"],
+        num_pairs=pc.shape[0],
+        num_chosen_tokens=num_chosen_tokens,
     )
     metrics = dpo_metrics(pc, x["pr"], x["rc"], x["rr"], config.beta)
     if validate:
@@ -378,17 +410,40 @@ def partial_preference_loss(
     """
     config = _sequence_config(loss_config)
     if not config.pair_local:
-        raise ValueError(f"loss_type {list(config.loss_type)} (use_weighting={config.use_weighting}) couples the "
-                         "pairs of a batch: use preference_loss on the whole batch")
+        raise ValueError(
+            f"loss_type {list(config.loss_type)} (use_weighting={config.use_weighting}) couples the "
+            "pairs of a batch: use preference_loss on the whole batch"
+        )
     if "sft" in config.loss_type and num_chosen_tokens is None:
         raise ValueError("loss_type 'sft' averages over the batch's chosen tokens: pass num_chosen_tokens")
-    x = _prepared(config, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                  chosen_lengths, rejected_lengths, policy_chosen_nll_sum, policy_rejected_nll_sum, None, None,
-                  policy_chosen_log_sum_p2, policy_rejected_log_sum_p2)
+    x = _prepared(
+        config,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        policy_chosen_nll_sum,
+        policy_rejected_nll_sum,
+        None,
+        None,
+        policy_chosen_log_sum_p2,
+        policy_rejected_log_sum_p2,
+    )
     loss = dpo_loss_sum(
-        x["pc"], x["pr"], x["rc"], x["rr"], config, input_dtype=x["input_dtype"], chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths, chosen_nll_sum=x["nll_c"], pair_weights=x["pair_weights"],
-        num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
+        x["pc"],
+        x["pr"],
+        x["rc"],
+        x["rr"],
+        config,
+        input_dtype=x["input_dtype"],
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        chosen_nll_sum=x["nll_c"],
+        pair_weights=x["pair_weights"],
+        num_pairs=num_pairs,
+        num_chosen_tokens=num_chosen_tokens,
     )
     if validate:
         warn_nonfinite_output(loss.detach().reshape(1).double(), "policy or reference log-probs", "loss")

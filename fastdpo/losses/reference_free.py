@@ -13,6 +13,7 @@ Each loss is a batch mean of per-pair terms, plus (CPO, ORPO) the token-mean NLL
 ``label_smoothing`` ``eps`` (SimPO, CPO) gives the conservative form ``-(1-eps) log sigma(z) - eps log sigma(-z)``
 (as TRL's CPO trainer and Liger). Arithmetic in float32 (float64 stays float64).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ from fastdpo.losses._common import (
 from fastdpo.losses.metrics import LOG_ODDS_CHOSEN, LOG_ODDS_RATIO, NLL_LOSS, dpo_metrics
 
 
-def simpo_pair_losses(avg_c: torch.Tensor, avg_r: torch.Tensor, beta: float, gamma: float,
-                      label_smoothing: float) -> torch.Tensor:
+def simpo_pair_losses(
+    avg_c: torch.Tensor, avg_r: torch.Tensor, beta: float, gamma: float, label_smoothing: float
+) -> torch.Tensor:
     """SimPO per pair ``[k]`` from average log-probs ``avg_c``/``avg_r`` ``[k]`` (``log pi(y) / |y|``)."""
     return smoothed_sigmoid(beta * (avg_c - avg_r) - gamma, label_smoothing)
 
@@ -65,14 +67,24 @@ def _chosen_nll(pc: torch.Tensor, chosen_lengths: torch.Tensor, nll_sum: torch.T
     return nll.sum() / chosen_lengths.to(pc.dtype).sum().clamp(min=1.0)
 
 
-def _check_inputs(pc: torch.Tensor, pr: torch.Tensor, chosen_lengths: torch.Tensor,
-                  rejected_lengths: torch.Tensor | None = None, nll_sum: torch.Tensor | None = None) -> None:
+def _check_inputs(
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor | None = None,
+    nll_sum: torch.Tensor | None = None,
+) -> None:
     p = check_pairs("policy_chosen_logps", pc, "policy_rejected_logps", pr)
     check_seq_tensor("chosen_lengths", chosen_lengths, p, integer_ok=True)
     check_seq_tensor("rejected_lengths", rejected_lengths, p, integer_ok=True)
     check_seq_tensor("policy_chosen_nll_sum", nll_sum, p)
-    check_same_device(policy_chosen_logps=pc, policy_rejected_logps=pr, chosen_lengths=chosen_lengths,
-                      rejected_lengths=rejected_lengths, policy_chosen_nll_sum=nll_sum)
+    check_same_device(
+        policy_chosen_logps=pc,
+        policy_rejected_logps=pr,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        policy_chosen_nll_sum=nll_sum,
+    )
 
 
 def _smoothing_and_beta(who: str, beta: object, label_smoothing: object) -> tuple[float, float]:
@@ -181,8 +193,7 @@ def orpo_loss(
         ``(loss, metrics)``; metrics add ``nll_loss``, ``log_odds_ratio`` (mean ``log sigma(log odds)``) and
         ``log_odds_chosen`` (mean log odds); rewards are ``beta * average log-prob``.
     """
-    _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
-                  policy_chosen_nll_sum)
+    _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, policy_chosen_nll_sum)
     beta = positive_beta(beta, "orpo_loss")
     dtype = accumulate_dtype(policy_chosen_logps.dtype)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)

@@ -6,6 +6,7 @@ pair's loss is multiplied by ``w_c * w_r``. LD-DPO (``ld_alpha``): a sequence's 
 reference alike. Token inputs are flat ``[M]`` vectors with a sequence id per token (chosen of pair ``i`` = ``i``,
 rejected = ``P + i``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -109,8 +110,11 @@ def ld_token_weights(
         shared = shared.new_zeros(1)
     pair = torch.where(inside, torch.where(seq >= p, seq - p, seq), 0)
     in_shared = (token_pos.to(torch.int64) < shared.index_select(0, pair)) | ~inside
-    return torch.where(in_shared, torch.ones((), dtype=dtype, device=token_pos.device),
-                       torch.full((), alpha, dtype=dtype, device=token_pos.device))
+    return torch.where(
+        in_shared,
+        torch.ones((), dtype=dtype, device=token_pos.device),
+        torch.full((), alpha, dtype=dtype, device=token_pos.device),
+    )
 
 
 def ld_logps(
@@ -140,8 +144,8 @@ def ld_logps(
     _check_token_inputs(seq_ids, token_logps=token_logps, token_pos=token_pos)
     check_same_device(token_logps=token_logps, chosen_lengths=chosen_lengths)
     dtype = accumulate_dtype(token_logps.dtype)
-    scale = ld_token_weights(token_pos, seq_ids, chosen_lengths, rejected_lengths, ld_alpha, dtype=dtype,
-                             validate=validate)
+    scale = ld_token_weights(
+        token_pos, seq_ids, chosen_lengths, rejected_lengths, ld_alpha, dtype=dtype, validate=validate
+    )
     p = chosen_lengths.shape[0]
     return segment_sum(token_logps.to(dtype) * scale, seq_ids, 2 * p, validate=validate).to(dtype)
-
