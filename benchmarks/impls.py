@@ -29,11 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastdpo.reference import (
-    naive_dpo_loss,
-    naive_linear_token_logprobs,
-    naive_sequence_logprobs,
-)
+from fastdpo.reference import naive_dpo_loss, naive_linear_token_logprobs, naive_sequence_logprobs
 
 WORKLOADS = ("head", "logprobs", "dpo")
 TRL_CHUNK_SIZE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16

@@ -106,11 +106,9 @@ def resolve_impl(packing: str, attn: str, impl: str = "auto") -> str:
             f"impl={impl!r} builds a 4-D/block mask, but the model runs {attn!r}, which ignores such masks; "
             f"use impl='flash_varlen' (padding_free) or load the model with sdpa/eager/flex_attention"
         )
-    compatible = {
-        "eager": ("eager",),
-        "sdpa": ("sdpa", "eager"),
-        "flex_attention": ("flex_attention", "eager"),
-    }.get(attn)
+    compatible = {"eager": ("eager",), "sdpa": ("sdpa", "eager"), "flex_attention": ("flex_attention", "eager")}.get(
+        attn
+    )
     if compatible is None:
         raise ValueError(f"unsupported attn_implementation={attn!r} for packed rows")
     if impl not in compatible:

@@ -51,9 +51,7 @@ from fastdpo.models import (
     resolve_lm,
     unwrap_ddp,
 )
-from fastdpo.models import (
-    disable_dropout as _disable_dropout,
-)
+from fastdpo.models import disable_dropout as _disable_dropout
 from fastdpo.quantize import quantize_model
 from fastdpo.ref_cache import RefLogpCache, model_fingerprint
 

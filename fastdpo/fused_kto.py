@@ -24,13 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdpo._validation import (
-    check_float,
-    check_index,
-    check_int,
-    check_number,
-    check_same_device,
-)
+from fastdpo._validation import check_float, check_index, check_int, check_number, check_same_device
 from fastdpo.head.plan import _legacy_tiles
 from fastdpo.losses.kto import kto_sample_losses
 

@@ -39,13 +39,7 @@ from torch import nn
 
 from fastdpo.atomic import CorruptFileError, read_dict, save_checksummed, verify_checksum
 
-__all__ = [
-    "RefLogpCache",
-    "pair_keys",
-    "dataset_fingerprint",
-    "model_fingerprint",
-    "CACHE_FORMAT",
-]
+__all__ = ["RefLogpCache", "pair_keys", "dataset_fingerprint", "model_fingerprint", "CACHE_FORMAT"]
 
 CACHE_FORMAT = "fastdpo-ref-logps-v2"
 _OLD_FORMATS = ("fastdpo-ref-logps-v1",)  # no checksum: refused, see the module docstring
@@ -171,12 +165,7 @@ class RefLogpCache:
     """
 
     def __init__(
-        self,
-        keys: list[str],
-        values: torch.Tensor,
-        *,
-        model_hash: str,
-        settings: Mapping[str, Any] | None = None,
+        self, keys: list[str], values: torch.Tensor, *, model_hash: str, settings: Mapping[str, Any] | None = None
     ) -> None:
         if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[1] != 2:
             raise ValueError(f"values must be a [N, 2] tensor, got {getattr(values, 'shape', type(values))}")

@@ -20,12 +20,7 @@ from typing import Any
 
 import torch
 
-from fastdpo.atomic import (
-    CorruptFileError,
-    atomic_write,
-    load_checksummed,
-    save_checksummed,
-)
+from fastdpo.atomic import CorruptFileError, atomic_write, load_checksummed, save_checksummed
 from fastdpo.cli import UsageError
 
 CHECKPOINT_NAME = "checkpoint.pt"

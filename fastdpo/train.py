@@ -62,24 +62,9 @@ from typing import Any
 
 import torch
 
-from fastdpo.atomic import (
-    atomic_dir,
-    remove_stale_tmp,
-    remove_stale_tmp_in,
-)
-from fastdpo.cli import (
-    UsageError,
-    make_output_dir,
-    report,
-    resolve_device,
-)
-from fastdpo.data import (
-    demo_data_files,
-    pretokenize,
-    read_preference_file,
-    row_texts,
-    split_rows,
-)
+from fastdpo.atomic import atomic_dir, remove_stale_tmp, remove_stale_tmp_in
+from fastdpo.cli import UsageError, make_output_dir, report, resolve_device
+from fastdpo.data import demo_data_files, pretokenize, read_preference_file, row_texts, split_rows
 from fastdpo.run_state import (
     CHECKPOINT_NAME,
     LOG_NAME,

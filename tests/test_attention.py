@@ -206,9 +206,7 @@ class _FlashStub(torch.nn.Module):
 
 
 def test_flash_varlen_kwargs_match_hf_position_id_split(tok):
-    from transformers.modeling_flash_attention_utils import (
-        prepare_fa_kwargs_from_position_ids,
-    )
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
     rows = preference_rows(4, seed=2)
     batch = PreferenceCollator(tok, packing="padding_free")(rows)

@@ -10,12 +10,7 @@ import torch
 import fastdpo.head.sweeps as head_sweeps_module
 import fastdpo.logprobs as logprobs_module
 import fastdpo.segments as segments_module
-from fastdpo import (
-    DPOEngine,
-    PreferenceCollator,
-    linear_token_logprobs,
-    sequence_logprobs,
-)
+from fastdpo import DPOEngine, PreferenceCollator, linear_token_logprobs, sequence_logprobs
 from fastdpo._dispatch import resolve_backend, triton_available
 from fastdpo.segments import segment_sum
 from fastdpo.tiny import make_model, make_tokenizer, preference_rows

@@ -251,11 +251,7 @@ def test_engine_step_deterministic(grad_in_forward: bool) -> None:
 def _kernel_cases(device: torch.device, runs: int, scale: int = 1) -> None:
     """The log-prob kernel, the fused head (recompute and grad-in-forward) and segment sums on ``device`` with
     ``backend="triton"``: many rows / vocabulary tiles / unsorted segments, bitwise over ``runs`` runs."""
-    from fastdpo import (
-        linear_sequence_logprobs,
-        linear_token_logprobs,
-        sequence_logprobs,
-    )
+    from fastdpo import linear_sequence_logprobs, linear_token_logprobs, sequence_logprobs
     from fastdpo.nn import FusedLinearDPOLoss
     from fastdpo.segments import segment_sum
 

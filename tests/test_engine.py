@@ -12,12 +12,7 @@ import torch.nn.functional as F
 
 from fastdpo.collator import PreferenceCollator
 from fastdpo.engine import DPOEngine
-from fastdpo.ref_cache import (
-    RefLogpCache,
-    dataset_fingerprint,
-    model_fingerprint,
-    pair_keys,
-)
+from fastdpo.ref_cache import RefLogpCache, dataset_fingerprint, model_fingerprint, pair_keys
 from fastdpo.reference import naive_dpo_loss
 from fastdpo.tiny import ARCHS, make_model, make_tokenizer, preference_rows
 

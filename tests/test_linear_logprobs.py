@@ -34,11 +34,7 @@ def _one_thread() -> Iterator[None]:
 
 
 STAT_FLAGS = {"return_entropy": True, "return_log_sum_p2": True, "return_mean_logit": True, "return_argmax_hit": True}
-TRANSFORMS = [
-    {},
-    {"softcap": 4.0, "logit_scale": 1.7, "temperature": 0.8},
-    {"logit_scale": 0.6, "temperature": 1.3},
-]
+TRANSFORMS = [{}, {"softcap": 4.0, "logit_scale": 1.7, "temperature": 0.8}, {"logit_scale": 0.6, "temperature": 1.3}]
 
 
 def _inputs(n: int, d: int, v: int, dtype: torch.dtype, masked: float, seed: int, bias: bool = True):
@@ -69,15 +65,7 @@ def _check_against_reference(dtype, transform, masked, backend, chunk, shape, se
     hidden, weight, bias, labels, gout = _inputs(n, d, v, dtype, masked, seed)
     params = [hidden, weight, bias]
     fused = linear_token_logprobs(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        **tiles,
-        backend=backend,
-        keep_logits_bytes=keep,
-        **transform,
-        **STAT_FLAGS,
+        hidden, weight, labels, bias=bias, **tiles, backend=backend, keep_logits_bytes=keep, **transform, **STAT_FLAGS
     )
     naive = naive_linear_token_logprobs(hidden, weight, labels, bias=bias, **transform, **STAT_FLAGS)
     p64 = [_f64(p) for p in params]

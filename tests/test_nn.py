@@ -7,13 +7,7 @@ import pytest
 import torch
 
 from fastdpo.losses import preference_loss
-from fastdpo.nn import (
-    DPOLoss,
-    FusedLinearCPOLoss,
-    FusedLinearDPOLoss,
-    FusedLinearORPOLoss,
-    FusedLinearSimPOLoss,
-)
+from fastdpo.nn import DPOLoss, FusedLinearCPOLoss, FusedLinearDPOLoss, FusedLinearORPOLoss, FusedLinearSimPOLoss
 
 liger_dpo = pytest.importorskip("liger_kernel.chunked_loss.dpo_loss")
 from liger_kernel.chunked_loss.cpo_loss import LigerFusedLinearCPOLoss
@@ -109,10 +103,7 @@ def test_dpo_matches_liger(loss_type: str, cfg: int) -> None:
         assert_same(gif, theirs, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize(
-    "which",
-    ["simpo", "simpo_no_nll", "cpo", "cpo_avg", "orpo"],
-)
+@pytest.mark.parametrize("which", ["simpo", "simpo_no_nll", "cpo", "cpo_avg", "orpo"])
 def test_simpo_cpo_orpo_match_liger(which: str) -> None:
     x, w, bias, _, _, _, target = make_inputs(seed=50, empty_row=False)
     theirs_cls, ours_cls, opts = {

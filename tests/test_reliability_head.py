@@ -28,11 +28,7 @@ import pytest
 import torch
 from backends import BACKENDS
 
-from fastdpo.head import (
-    linear_logprobs_loss_grad_in_forward,
-    linear_sequence_logprobs,
-    linear_token_logprobs,
-)
+from fastdpo.head import linear_logprobs_loss_grad_in_forward, linear_sequence_logprobs, linear_token_logprobs
 from fastdpo.logprobs import sequence_logprobs, token_logprobs
 from fastdpo.segments import segment_sum
 

@@ -16,13 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from fastdpo import linear_sequence_logprobs, linear_token_logprobs, preference_loss, sequence_logprobs, token_logprobs
 from fastdpo.head import linear_logprobs_loss_grad_in_forward
 from fastdpo.losses import cpo_loss, kto_loss, ld_logps, ld_token_weights, orpo_loss, simpo_loss, wpo_weights
-from fastdpo.nn import (
-    DPOLoss,
-    FusedLinearCPOLoss,
-    FusedLinearDPOLoss,
-    FusedLinearORPOLoss,
-    FusedLinearSimPOLoss,
-)
+from fastdpo.nn import DPOLoss, FusedLinearCPOLoss, FusedLinearDPOLoss, FusedLinearORPOLoss, FusedLinearSimPOLoss
 from fastdpo.reference import naive_linear_token_logprobs, naive_sequence_logprobs
 from fastdpo.segments import segment_sum
 
@@ -90,10 +84,7 @@ def test_float64_with_triton_backend_takes_the_torch_path() -> None:
     w = torch.randn(13, 5, dtype=torch.float64, generator=gen)
     lab = torch.randint(0, 13, (9,), generator=gen)
     seg = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3])
-    for fn, args in (
-        (linear_sequence_logprobs, (h, w, lab)),
-        (sequence_logprobs, (h @ w.T, lab)),
-    ):
+    for fn, args in ((linear_sequence_logprobs, (h, w, lab)), (sequence_logprobs, (h @ w.T, lab))):
         got = fn(*args, segment_ids=seg, num_segments=4, backend="triton")
         ref = fn(*args, segment_ids=seg, num_segments=4, backend="torch")
         assert got.dtype == torch.float64

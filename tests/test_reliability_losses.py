@@ -13,13 +13,7 @@ import torch
 
 from fastdpo import preference_loss
 from fastdpo.losses import LOSS_TYPES, cpo_loss, kto_loss, orpo_loss, simpo_loss
-from fastdpo.nn import (
-    DPOLoss,
-    FusedLinearCPOLoss,
-    FusedLinearDPOLoss,
-    FusedLinearORPOLoss,
-    FusedLinearSimPOLoss,
-)
+from fastdpo.nn import DPOLoss, FusedLinearCPOLoss, FusedLinearDPOLoss, FusedLinearORPOLoss, FusedLinearSimPOLoss
 
 P = 4
 

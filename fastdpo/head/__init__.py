@@ -9,15 +9,8 @@ fold, logit gradient), :mod:`~fastdpo.head.sweeps` (the forward and backward swe
 materializing reference (``naive_linear_token_logprobs``) is in :mod:`fastdpo.reference`.
 """
 
-from fastdpo.head.function import (
-    TokenStats,
-    linear_sequence_logprobs,
-    linear_token_logprobs,
-)
-from fastdpo.head.grad_in_forward import (
-    SegmentStats,
-    linear_logprobs_loss_grad_in_forward,
-)
+from fastdpo.head.function import TokenStats, linear_sequence_logprobs, linear_token_logprobs
+from fastdpo.head.grad_in_forward import SegmentStats, linear_logprobs_loss_grad_in_forward
 from fastdpo.head.plan import DEFAULT_GIF_LOGITS_BYTES, DEFAULT_KEEP_LOGITS_BYTES
 
 __all__ = [

@@ -6,12 +6,7 @@ import math
 
 import torch
 
-from fastdpo._validation import (
-    check_float,
-    check_index,
-    check_labels,
-    check_same_device,
-)
+from fastdpo._validation import check_float, check_index, check_labels, check_same_device
 
 
 def _check_positive(name: str, value: float | None, allow_none: bool) -> None:

@@ -36,28 +36,10 @@ from typing import Any, NamedTuple
 import torch
 
 from fastdpo._dispatch import Backend
-from fastdpo._validation import (
-    check_index,
-    check_same_device,
-    refuse_double_backward,
-    warn_nonfinite_output,
-)
+from fastdpo._validation import check_index, check_same_device, refuse_double_backward, warn_nonfinite_output
 from fastdpo.head.checks import _check_inputs
-from fastdpo.head.gather import (
-    GatherContext,
-    _enter,
-    _gather_bias,
-    _gather_weight,
-    _within_gather_context,
-)
-from fastdpo.head.plan import (
-    DEFAULT_KEEP_LOGITS_BYTES,
-    _check_keep_bytes,
-    _legacy_tiles,
-    _plan,
-    _resolve,
-    _Spec,
-)
+from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight, _within_gather_context
+from fastdpo.head.plan import DEFAULT_KEEP_LOGITS_BYTES, _check_keep_bytes, _legacy_tiles, _plan, _resolve, _Spec
 from fastdpo.head.sweeps import _backward_sweep, _forward_sweep, _Kept
 from fastdpo.head.tiles import _outputs_from_fold
 from fastdpo.segments import check_segments, segment_counts, segment_sum

@@ -27,20 +27,8 @@ from fastdpo._validation import (
     warn_nonfinite_output,
 )
 from fastdpo.head.checks import _check_inputs
-from fastdpo.head.gather import (
-    GatherContext,
-    _gather_bias,
-    _gather_weight,
-    _within_gather_context,
-)
-from fastdpo.head.plan import (
-    DEFAULT_GIF_LOGITS_BYTES,
-    _check_keep_bytes,
-    _check_tiles,
-    _plan,
-    _resolve,
-    _Spec,
-)
+from fastdpo.head.gather import GatherContext, _gather_bias, _gather_weight, _within_gather_context
+from fastdpo.head.plan import DEFAULT_GIF_LOGITS_BYTES, _check_keep_bytes, _check_tiles, _plan, _resolve, _Spec
 from fastdpo.head.sweeps import _backward_sweep, _forward_sweep, _Kept
 from fastdpo.head.tiles import _outputs_from_fold
 from fastdpo.segments import segment_counts, segment_sum

@@ -304,10 +304,7 @@ def _grad_tile_softcap(
 
 
 def _grad_tile_plain(
-    z: torch.Tensor,
-    hi: torch.Tensor,
-    inv_r: torch.Tensor,
-    hits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    z: torch.Tensor, hi: torch.Tensor, inv_r: torch.Tensor, hits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 ) -> torch.Tensor:
     """Tile of logits ``z`` -> ``E' = exp(z - hi) - onehot / r`` in place, two passes.
 

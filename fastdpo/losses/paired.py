@@ -34,12 +34,7 @@ import torch.nn.functional as F
 from fastdpo._dtypes import accumulate_dtype
 from fastdpo._validation import check_float, check_same_device, warn_nonfinite_output
 from fastdpo.losses._common import check_seq_tensor, length, loss_and_metrics, smoothed_sigmoid
-from fastdpo.losses.config import (
-    F_DIVERGENCE_TYPES,
-    LOSS_TYPES,
-    PreferenceLossConfig,
-    resolve_loss_config,
-)
+from fastdpo.losses.config import F_DIVERGENCE_TYPES, LOSS_TYPES, PreferenceLossConfig, resolve_loss_config
 from fastdpo.losses.metrics import dpo_metrics
 
 
