@@ -163,3 +163,16 @@ def test_every_module_is_in_one_layer_and_imports_only_downward() -> None:
                 if own is not None and layer is not None and layer > own and (module, target) not in ALLOWED_UPWARD:
                     upward.append(f"{module} ({LAYERS[own][0]}) imports {target} ({LAYERS[layer][0]})")
     assert not upward, upward
+
+
+def test_every_package_directory_is_installed() -> None:
+    """``[tool.setuptools] packages`` is an explicit list (``kernels/`` and ``benchmarks/`` are mapped into the
+    package): every folder of ``fastdpo/`` with an ``__init__.py`` must be in it, or a wheel ships without it."""
+    import fastdpo
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pkg = Path(fastdpo.__file__).resolve().parent
+    listed = set(tomllib.loads((pkg.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("fastdpo", *p.parent.relative_to(pkg).parts)) for p in pkg.rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
+    assert {"fastdpo.kernels", "fastdpo.benchmarks"} <= listed
