@@ -455,6 +455,36 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig, positions: int | N
     return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
 
 
+def _report(
+    variant: str,
+    weights: int,
+    grads: int,
+    optimizer: int,
+    reference: int,
+    activations: int,
+    attention_mask: int,
+    head: dict[str, int],
+    phases: dict[str, int],
+) -> dict[str, Any]:
+    """The fields :func:`estimate` and :func:`estimate_sharded` share (bytes), the peak phase being the largest."""
+    peak_phase = max(phases, key=phases.__getitem__)
+    return {
+        "variant": variant,
+        "weights": weights,
+        "grads": grads,
+        "optimizer": optimizer,
+        "reference": reference,
+        "activations": activations,
+        "attention_mask": attention_mask,
+        "logits": max(head["fwd_peak"], head["bwd_peak"]),
+        "logits_saved": head["saved"],
+        "head_positions": head["positions"],
+        "peak": phases[peak_phase],
+        "peak_phase": peak_phase,
+        "phases": phases,
+    }
+
+
 def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
     """Memory breakdown (bytes) of one DPO step with ``variant``'s log-prob head.
 
@@ -499,24 +529,8 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
         "optimizer step": {**resident, "grads": grads + (2 * p["largest"] * b if step.optimizer == "adamw" else 0)},
     }
     phases = {name: sum(bytes_.values()) for name, bytes_ in parts.items()}
-    peak_phase = max(phases, key=phases.__getitem__)
-    return {
-        "variant": variant,
-        "weights": weights,
-        "grads": grads,
-        "optimizer": optimizer,
-        "reference": reference,
-        "activations": act,
-        "attention_mask": mask,
-        "logits": max(head["fwd_peak"], head["bwd_peak"]),
-        "logits_saved": head["saved"],
-        "head_positions": head["positions"],
-        "peak": phases[peak_phase],
-        "peak_phase": peak_phase,
-        "phases": phases,
-        "peak_parts": {k: v for k, v in parts[peak_phase].items() if v},
-        "params": p["total"],
-    }
+    report = _report(variant, weights, grads, optimizer, reference, act, mask, head, phases)
+    return report | {"peak_parts": {k: v for k, v in parts[report["peak_phase"]].items() if v}, "params": p["total"]}
 
 
 SHARDS = ("zero3", "fsdp2")
@@ -598,25 +612,8 @@ def estimate_sharded(m: ModelShape, step: StepConfig, variant: str, world: int, 
         "backward end": end_phase,
         "optimizer step": opt_phase,
     }
-    peak_phase = max(phases, key=phases.__getitem__)
-    return {
-        "variant": variant,
-        "weights": weights,
-        "grads": grads,
-        "optimizer": optimizer,
-        "reference": reference,
-        "activations": act,
-        "attention_mask": mask,
-        "logits": max(head["fwd_peak"], head["bwd_peak"]),
-        "logits_saved": head["saved"],
-        "head_positions": head["positions"],
-        "peak": phases[peak_phase],
-        "peak_phase": peak_phase,
-        "phases": phases,
-        "params": total,
-        "world_size": world,
-        "shard": shard,
-    }
+    report = _report(variant, weights, grads, optimizer, reference, act, mask, head, phases)
+    return report | {"params": total, "world_size": world, "shard": shard}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
