@@ -413,15 +413,8 @@ class DPOEngine:
     def _head_options(self, parts: LMParts) -> dict[str, Any]:
         """The fused head's options both head passes (token statistics, grad-in-forward) take from ``parts`` and the
         engine."""
-        return dict(
-            softcap=parts.softcap,
-            logit_scale=parts.logit_scale,
-            temperature=self.temperature,
-            token_tile=self.token_tile,
-            vocab_tile=self.vocab_tile,
-            validate=self.validate,
-            backend=self.backend,
-        )
+        own = {n: getattr(self, n) for n in ("temperature", "token_tile", "vocab_tile", "validate", "backend")}
+        return {"softcap": parts.softcap, "logit_scale": parts.logit_scale, **own}
 
     def _sequence_logps(self, token_logps: torch.Tensor, batch: Mapping[str, Any], num_pairs: int) -> torch.Tensor:
         """``[2P]`` fp32 sequence log-probs (LD-weighted when ``ld_alpha`` is set) from ``[M]`` token log-probs."""

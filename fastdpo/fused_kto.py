@@ -30,6 +30,9 @@ from fastdpo.losses.kto import kto_sample_losses
 
 __all__ = ["FusedLinearKTOLoss"]
 
+# The head's options every fused module keeps as attributes of its own name and passes on to the head.
+HEAD_OPTIONS = ("ignore_index", "token_tile", "vocab_tile", "keep_logits_bytes", "validate", "backend")
+
 
 class FusedLinearKTOLoss(torch.nn.Module):
     """Drop-in for Liger 0.8.5's ``LigerFusedLinearKTOLoss`` (same positional constructor options and call).
@@ -94,12 +97,7 @@ class FusedLinearKTOLoss(torch.nn.Module):
             bias=bias,
             segment_ids=rows,
             num_segments=counts.shape[0],
-            ignore_index=self.ignore_index,
-            token_tile=self.token_tile,
-            vocab_tile=self.vocab_tile,
-            keep_logits_bytes=self.keep_logits_bytes,
-            validate=self.validate,
-            backend=self.backend,
+            **{name: getattr(self, name) for name in HEAD_OPTIONS},
         )
         return sums / counts.clamp(min=1).to(sums.dtype) if self.average_log_prob else sums
 

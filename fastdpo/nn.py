@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdpo._validation import check_float, check_index, check_rows_and_target, check_same_device
-from fastdpo.fused_kto import FusedLinearKTOLoss
+from fastdpo.fused_kto import HEAD_OPTIONS, FusedLinearKTOLoss
 from fastdpo.head.plan import _legacy_tiles
 from fastdpo.losses import (
     LOSS_TYPES,
@@ -285,16 +285,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         check_same_device(lin_weight=lin_weight, _input=_input, target=target, bias=bias)
 
     def _head_kwargs(self) -> dict:
-        return dict(
-            ignore_index=self.ignore_index,
-            logit_scale=self.logit_scale,
-            temperature=self.temperature,
-            token_tile=self.token_tile,
-            vocab_tile=self.vocab_tile,
-            keep_logits_bytes=self.keep_logits_bytes,
-            validate=self.validate,
-            backend=self.backend,
-        )
+        return {name: getattr(self, name) for name in (*HEAD_OPTIONS, "logit_scale", "temperature")}
 
     def _seq_sums(
         self, batch: _Batch, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
