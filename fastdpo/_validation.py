@@ -53,6 +53,22 @@ def check_index(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
 
 
+def check_rows_and_target(
+    _input: torch.Tensor, lin_weight: torch.Tensor, target: torch.Tensor, rows: str, *, nonempty: bool
+) -> None:
+    """The Liger-style modules' checks of ``_input [rows, T, D]`` (``rows`` as the message names it; ``nonempty``:
+    at least one row), ``lin_weight`` float and ``target [rows, T]`` integer, in that order."""
+    check_float("_input", _input)
+    check_float("lin_weight", lin_weight)
+    check_index("target", target)
+    if _input.dim() != 3 or (nonempty and _input.shape[0] == 0):
+        raise ValueError(f"_input must be {rows}, got {list(_input.shape)}")
+    if target.shape != _input.shape[:2]:
+        raise ValueError(
+            f"target must have shape {list(_input.shape[:2])} (= _input.shape[:2]), got {list(target.shape)}"
+        )
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     """Raise ``ValueError`` when the given tensors do not all live on one device, or live on the ``meta`` device.
 

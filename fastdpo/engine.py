@@ -410,6 +410,12 @@ class DPOEngine:
         hidden, anchor = parts.forward(batch["input_ids"], **kwargs)
         return hidden.flatten(0, 1).index_select(0, batch["logp_index"]), anchor
 
+    def _head_options(self, parts: LMParts) -> dict[str, Any]:
+        """The fused head's options both head passes (token statistics, grad-in-forward) take from ``parts`` and the
+        engine."""
+        own = {n: getattr(self, n) for n in ("temperature", "token_tile", "vocab_tile", "validate", "backend")}
+        return {"softcap": parts.softcap, "logit_scale": parts.logit_scale, **own}
+
     def _sequence_logps(self, token_logps: torch.Tensor, batch: Mapping[str, Any], num_pairs: int) -> torch.Tensor:
         """``[2P]`` fp32 sequence log-probs (LD-weighted when ``ld_alpha`` is set) from ``[M]`` token log-probs."""
         from fastdpo.losses import ld_logps
@@ -462,18 +468,12 @@ class DPOEngine:
                         weight,
                         labels,
                         bias=bias,
-                        softcap=parts.softcap,
-                        logit_scale=parts.logit_scale,
-                        temperature=self.temperature,
                         return_entropy=token_stats,
                         return_mean_logit=token_stats,
                         return_argmax_hit=token_stats,
                         return_log_sum_p2=token_stats and self.use_weighting,
-                        token_tile=self.token_tile,
-                        vocab_tile=self.vocab_tile,
-                        validate=self.validate,
-                        backend=self.backend,
                         gather_context=gather,
+                        **self._head_options(parts),
                     )
 
             stats = parts.call_head(head, hidden)  # under ZeRO-3 as a call of the head module (its hooks gather)
@@ -755,18 +755,12 @@ class DPOEngine:
                     num_seqs,
                     loss_fn,
                     bias=bias,
-                    softcap=parts.softcap,
-                    logit_scale=parts.logit_scale,
-                    temperature=self.temperature,
                     groups=groups,
                     token_weights=token_weights,
                     segment_stats=with_stats,
                     segment_log_sum_p2=self.use_weighting,
-                    token_tile=self.token_tile,
-                    vocab_tile=self.vocab_tile,
-                    validate=self.validate,
-                    backend=self.backend,
                     gather_context=gather,
+                    **self._head_options(parts),
                 )
 
         loss, seq = parts.call_head(head, hidden)

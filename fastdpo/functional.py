@@ -13,6 +13,9 @@ own autograd (``loss.backward()`` fills ``_input.grad``, ``weight.grad``, ``bias
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 import torch
 
 from fastdpo.fused_kto import FusedLinearKTOLoss
@@ -34,164 +37,110 @@ __all__ = [
 Output = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
 
 
+def _liger_apply(
+    module: type[torch.nn.Module], required: tuple[str, ...], optional: tuple[str, ...], **defaults: object
+) -> Callable[..., Output]:
+    """An ``apply(*required, *optional)`` taking Liger's positional parameter names in Liger's order.
+
+    A name the module's constructor takes is a constructor option (default: ``defaults`` where Liger's function
+    differs from the module, else the module's); every other name goes to the module's ``forward`` by keyword
+    (``weight`` as ``lin_weight``; default: ``forward``'s). Calling ``apply`` builds the module and calls it.
+    """
+    options = inspect.signature(module.__init__).parameters
+    inputs = inspect.signature(module.forward).parameters
+
+    def parameter(name: str, is_required: bool) -> inspect.Parameter:
+        own = options.get(name) or inputs["lin_weight" if name == "weight" else name]
+        default = inspect.Parameter.empty if is_required else defaults.get(name, own.default)
+        return own.replace(name=name, kind=inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+
+    signature = inspect.Signature(
+        [parameter(n, True) for n in required] + [parameter(n, False) for n in optional], return_annotation="Output"
+    )
+
+    def apply(*args: object, **kwargs: object) -> Output:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        built = module(**{n: v for n, v in arguments.items() if n in options})
+        return built(**{("lin_weight" if n == "weight" else n): v for n, v in arguments.items() if n not in options})
+
+    apply.__signature__ = signature  # type: ignore[attr-defined]
+    apply.__name__ = apply.__qualname__ = "apply"
+    apply.__module__ = __name__
+    return apply
+
+
+_TENSORS = ("_input", "weight", "target")
+
+
 class FusedLinearDPOFunction:
     """``apply`` with the arguments of Liger's ``LigerFusedLinearDPOFunction.apply`` (``alpha`` last, as Liger)."""
 
-    @staticmethod
-    def apply(
-        _input: torch.Tensor,
-        weight: torch.Tensor,
-        target: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        ref_input: torch.Tensor | None = None,
-        ref_weight: torch.Tensor | None = None,
-        ref_bias: torch.Tensor | None = None,
-        ignore_index: int = -100,
-        beta: float = 0.1,
-        compute_nll_loss: bool = False,
-        compiled: bool = True,
-        use_ref_model: bool = True,
-        average_log_prob: bool = False,
-        chunk_size: int = 1,
-        loss_type: str = "sigmoid",
-        label_smoothing: float = 0.0,
-        discopop_tau: float = 0.05,
-        alpha: float = 1.0,
-    ) -> Output:
-        module = FusedLinearDPOLoss(
-            ignore_index=ignore_index,
-            beta=beta,
-            alpha=alpha,
-            compute_nll_loss=compute_nll_loss,
-            compiled=compiled,
-            use_ref_model=use_ref_model,
-            average_log_prob=average_log_prob,
-            chunk_size=chunk_size,
-            loss_type=loss_type,
-            label_smoothing=label_smoothing,
-            discopop_tau=discopop_tau,
+    apply = staticmethod(
+        _liger_apply(
+            FusedLinearDPOLoss,
+            _TENSORS,
+            ("bias", "ref_input", "ref_weight", "ref_bias", "ignore_index", "beta", "compute_nll_loss", "compiled")
+            + ("use_ref_model", "average_log_prob", "chunk_size", "loss_type", "label_smoothing", "discopop_tau")
+            + ("alpha",),
         )
-        return module(weight, _input, target, bias, ref_input, ref_weight, ref_bias)
+    )
 
 
 class FusedLinearCPOFunction:
     """``apply`` with the arguments of Liger's ``LigerFusedLinearCPOFunction.apply``."""
 
-    @staticmethod
-    def apply(
-        _input: torch.Tensor,
-        weight: torch.Tensor,
-        target: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        ignore_index: int = -100,
-        beta: float = 0.1,
-        alpha: float = 1.0,
-        label_smoothing: float = 0.0,
-        compute_nll_loss: bool = True,
-        compiled: bool = True,
-        average_log_prob: bool = False,
-        chunk_size: int = 1,
-    ) -> Output:
-        module = FusedLinearCPOLoss(
-            ignore_index=ignore_index,
-            beta=beta,
-            alpha=alpha,
-            label_smoothing=label_smoothing,
-            compute_nll_loss=compute_nll_loss,
-            compiled=compiled,
-            average_log_prob=average_log_prob,
-            chunk_size=chunk_size,
+    apply = staticmethod(
+        _liger_apply(
+            FusedLinearCPOLoss,
+            _TENSORS,
+            ("bias", "ignore_index", "beta", "alpha", "label_smoothing", "compute_nll_loss", "compiled")
+            + ("average_log_prob", "chunk_size"),
         )
-        return module(weight, _input, target, bias)
+    )
 
 
 class FusedLinearSimPOFunction:
-    """``apply`` with the arguments of Liger's ``LigerFusedLinearSimPOFunction.apply``."""
+    """``apply`` with the arguments of Liger's ``LigerFusedLinearSimPOFunction.apply`` (``compute_nll_loss`` off by
+    default there, unlike the module)."""
 
-    @staticmethod
-    def apply(
-        _input: torch.Tensor,
-        weight: torch.Tensor,
-        target: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        ignore_index: int = -100,
-        beta: float = 0.1,
-        alpha: float = 1.0,
-        label_smoothing: float = 0.0,
-        compute_nll_loss: bool = False,
-        compiled: bool = True,
-        gamma: float = 0.5,
-        chunk_size: int = 1,
-    ) -> Output:
-        module = FusedLinearSimPOLoss(
-            ignore_index=ignore_index,
-            beta=beta,
-            alpha=alpha,
-            label_smoothing=label_smoothing,
-            compute_nll_loss=compute_nll_loss,
-            compiled=compiled,
-            gamma=gamma,
-            chunk_size=chunk_size,
+    apply = staticmethod(
+        _liger_apply(
+            FusedLinearSimPOLoss,
+            _TENSORS,
+            ("bias", "ignore_index", "beta", "alpha", "label_smoothing", "compute_nll_loss", "compiled", "gamma")
+            + ("chunk_size",),
+            compute_nll_loss=False,
         )
-        return module(weight, _input, target, bias)
+    )
 
 
 class FusedLinearORPOFunction:
     """``apply`` with the arguments of Liger's ``LigerFusedLinearORPOFunction.apply``."""
 
-    @staticmethod
-    def apply(
-        _input: torch.Tensor,
-        weight: torch.Tensor,
-        target: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        ignore_index: int = -100,
-        beta: float = 0.1,
-        compute_nll_loss: bool = True,
-        nll_target: torch.Tensor | None = None,
-        compiled: bool = True,
-        chunk_size: int = 1,
-    ) -> Output:
-        module = FusedLinearORPOLoss(
-            ignore_index=ignore_index,
-            beta=beta,
-            compute_nll_loss=compute_nll_loss,
-            compiled=compiled,
-            chunk_size=chunk_size,
+    apply = staticmethod(
+        _liger_apply(
+            FusedLinearORPOLoss,
+            _TENSORS,
+            ("bias", "ignore_index", "beta", "compute_nll_loss", "nll_target", "compiled", "chunk_size"),
         )
-        return module(weight, _input, target, bias, nll_target=nll_target)
+    )
 
 
 class FusedLinearKTOFunction:
-    """``apply`` with the arguments of Liger's ``LigerFusedLinearKTOFunction.apply``."""
+    """``apply`` with the arguments of Liger's ``LigerFusedLinearKTOFunction.apply`` (``use_ref_model`` on by
+    default there, unlike the module)."""
 
-    @staticmethod
-    def apply(
-        _input: torch.Tensor,
-        weight: torch.Tensor,
-        target: torch.Tensor,
-        preference_labels: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        ref_input: torch.Tensor | None = None,
-        ref_weight: torch.Tensor | None = None,
-        ref_bias: torch.Tensor | None = None,
-        kl: torch.Tensor | None = None,
-        ignore_index: int = -100,
-        beta: float = 0.1,
-        compiled: bool = True,
-        use_ref_model: bool = True,
-        average_log_prob: bool = False,
-        chunk_size: int = 1,
-    ) -> Output:
-        module = FusedLinearKTOLoss(
-            ignore_index=ignore_index,
-            beta=beta,
-            compiled=compiled,
-            use_ref_model=use_ref_model,
-            average_log_prob=average_log_prob,
-            chunk_size=chunk_size,
+    apply = staticmethod(
+        _liger_apply(
+            FusedLinearKTOLoss,
+            (*_TENSORS, "preference_labels"),
+            ("bias", "ref_input", "ref_weight", "ref_bias", "kl", "ignore_index", "beta", "compiled", "use_ref_model")
+            + ("average_log_prob", "chunk_size"),
+            use_ref_model=True,
         )
-        return module(_input, weight, target, bias, preference_labels, ref_input, ref_weight, ref_bias, kl)
+    )
 
 
 fused_linear_dpo = FusedLinearDPOFunction.apply

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from fastdpo._validation import check_float, check_index, check_int, check_number, check_same_device
+from fastdpo._validation import check_float, check_int, check_number, check_rows_and_target, check_same_device
 from fastdpo.head.plan import _legacy_tiles
 from fastdpo.losses.kto import kto_sample_losses
 
 __all__ = ["FusedLinearKTOLoss"]
+
+# The head's options every fused module keeps as attributes of its own name and passes on to the head.
+HEAD_OPTIONS = ("ignore_index", "token_tile", "vocab_tile", "keep_logits_bytes", "validate", "backend")
 
 
 class FusedLinearKTOLoss(torch.nn.Module):
@@ -94,12 +97,7 @@ class FusedLinearKTOLoss(torch.nn.Module):
             bias=bias,
             segment_ids=rows,
             num_segments=counts.shape[0],
-            ignore_index=self.ignore_index,
-            token_tile=self.token_tile,
-            vocab_tile=self.vocab_tile,
-            keep_logits_bytes=self.keep_logits_bytes,
-            validate=self.validate,
-            backend=self.backend,
+            **{name: getattr(self, name) for name in HEAD_OPTIONS},
         )
         return sums / counts.clamp(min=1).to(sums.dtype) if self.average_log_prob else sums
 
@@ -115,15 +113,7 @@ class FusedLinearKTOLoss(torch.nn.Module):
         ref_bias: torch.Tensor | None = None,
         kl: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        check_float("_input", _input)
-        check_float("lin_weight", lin_weight)
-        check_index("target", target)
-        if _input.dim() != 3 or _input.shape[0] == 0:
-            raise ValueError(f"_input must be [B, T, D] with B > 0, got {list(_input.shape)}")
-        if target.shape != _input.shape[:2]:
-            raise ValueError(
-                f"target must have shape {list(_input.shape[:2])} (= _input.shape[:2]), got {list(target.shape)}"
-            )
+        check_rows_and_target(_input, lin_weight, target, "[B, T, D] with B > 0", nonempty=True)
         if lin_weight.dim() != 2 or lin_weight.shape[1] != _input.shape[2]:
             raise ValueError(f"lin_weight must be [V, {_input.shape[2]}], got {list(lin_weight.shape)}")
         b = _input.shape[0]

@@ -116,35 +116,10 @@ def _backward_launch(
     B, T, V = logits3.shape
     block, warps = _triton_config(V, block_v)
     (base, offset), (gbase, goffset) = aligned_base(logits3), aligned_base(grad3)
-    args = (
-        base,
-        offset,
-        labels,
-        lse,
-        grad_logp,
-        gbase,
-        goffset,
-        T,
-        V,
-        *logits3.stride(),
-        *grad3.stride(),
-        ignore_index,
-    )
+    strides = (*logits3.stride(), *grad3.stride())
+    args = (base, offset, labels, lse, grad_logp, gbase, goffset, T, V, *strides, ignore_index)
     meta = {"BLOCK_V": block, "ALIGN": min(_vector(logits3), _vector(grad3))}
     return KernelLaunch(logprobs_bwd_kernel, (B * T,), args, meta, warps, logits3.device)
-
-
-def _triton_backward(
-    logits3: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    grad_logp: torch.Tensor,
-    grad3: torch.Tensor,
-    ignore_index: int,
-    block_v: int | None,
-) -> None:
-    """Write ``grad_logp[r] * (onehot - softmax)`` of every row into ``grad3 [B, T, V]`` (may be ``logits3``)."""
-    launch(_backward_launch(logits3, labels, lse, grad_logp, grad3, ignore_index, block_v))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,7 +179,8 @@ def _torch_backward(
     ignore_index: int,
     chunk_rows: int | None,
 ) -> None:
-    """Same contract as :func:`_triton_backward` (``grad3`` may be ``logits3``: each chunk is read, then written).
+    """Same contract as the :func:`_backward_launch` kernel: write ``grad_logp[r] * (onehot - softmax)`` of every
+    row into ``grad3 [B, T, V]`` (may be ``logits3``: each chunk is read, then written).
 
     Rows of ignored or out-of-vocabulary labels get exactly zero gradient.
     """
@@ -282,7 +258,7 @@ class _TokenLogprobs(torch.autograd.Function):
             logits3, grad3 = _as_3d(logits), _as_3d(grad_logits)
             grad_logp = grad_logp.contiguous()
             if backend == "triton":
-                _triton_backward(logits3, labels, lse, grad_logp, grad3, ignore_index, block_v)
+                launch(_backward_launch(logits3, labels, lse, grad_logp, grad3, ignore_index, block_v))
                 if inplace_backward:  # the kernel wrote behind autograd's back: later reads of the old values fail
                     torch.autograd.graph.increment_version(logits)
             else:

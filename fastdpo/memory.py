@@ -91,66 +91,31 @@ class ModelShape:
         return self.model_type == "gemma2"
 
 
+def _hf_config(
+    model_type: str,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    head_dim: int,
+    tie_word_embeddings: bool,
+    rms_norm_eps: float,
+    max_position_embeddings: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A decoder's HF ``config.json`` fields, positionally in this order (plus the model type's own ``extra``)."""
+    return {k: v for k, v in locals().items() if k != "extra"} | extra
+
+
+# model_type, vocab, hidden, intermediate, layers, heads, kv heads, head_dim, tied, rms_norm_eps, max positions
 PRESETS: dict[str, dict[str, Any]] = {
-    "Llama-3-8B": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-    ),
-    "Llama-3.2-1B": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-    ),
-    "Qwen2.5-0.5B": dict(
-        model_type="qwen2",
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        head_dim=64,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        max_position_embeddings=32768,
-    ),
-    "Gemma-2-2B": dict(
-        model_type="gemma2",
-        vocab_size=256000,
-        hidden_size=2304,
-        intermediate_size=9216,
-        num_hidden_layers=26,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=256,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-        final_logit_softcapping=30.0,
-        attn_logit_softcapping=50.0,
-        query_pre_attn_scalar=256,
-        sliding_window=4096,
-        max_position_embeddings=8192,
-    ),
+    "Llama-3-8B": _hf_config("llama", 128256, 4096, 14336, 32, 32, 8, 128, False, 1e-5, 8192, rope_theta=500000.0),
+    "Llama-3.2-1B": _hf_config("llama", 128256, 2048, 8192, 16, 32, 8, 64, True, 1e-5, 131072, rope_theta=500000.0),
+    "Qwen2.5-0.5B": _hf_config("qwen2", 151936, 896, 4864, 24, 14, 2, 64, True, 1e-6, 32768, rope_theta=1000000.0),
+    "Gemma-2-2B": _hf_config("gemma2", 256000, 2304, 9216, 26, 8, 4, 256, True, 1e-6, 8192)
+    | dict(final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=256, sliding_window=4096),
 }
 
 
@@ -341,6 +306,20 @@ class StepConfig:
         return replace(self, packing="padding_free", pairs_per_row=1, grad_in_forward=False, sequence_parallel=1)
 
 
+def norm_mlp_bytes(m: ModelShape, b: int) -> tuple[int, int]:
+    """Per token, with ``b`` the dtype's bytes: ``(layer, final_norm)``, the bytes one decoder layer's norms and MLP
+    save for backward and those the final norm saves without its output (the head's input, counted by
+    :func:`head_bytes`); the terms are :func:`activation_bytes`'."""
+    d = m.hidden_size
+    if m.norms_per_layer == 4:  # gemma2: input, post-attention, pre-feed-forward, post-feed-forward norms
+        norm_in = 8 * d + 4 + b * d
+        norms = 2 * norm_in + 2 * (8 * d + 4)
+    else:
+        norm_in = 4 * d + 2 * b * d + 4
+        norms = 2 * norm_in
+    return norms + 4 * b * m.intermediate_size, norm_in - b * d
+
+
 def activation_bytes(m: ModelShape, step: StepConfig) -> int:
     """Bytes the policy backbone saves for backward (HF Llama/Qwen2 decoder layers with SDPA attention, Gemma-2 with
     eager attention) on ``step.rows`` rows of ``L = step.seq_len`` tokens (``step.packing``'s layout), per token and
@@ -368,15 +347,9 @@ def activation_bytes(m: ModelShape, step: StepConfig) -> int:
     (tests/test_memory.py).
     """
     b = DTYPE_BYTES[step.dtype]
-    d, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
     tokens = step.rows * step.seq_len
-    if m.norms_per_layer == 4:  # gemma2: input, post-attention, pre-feed-forward, post-feed-forward norms
-        norm_in = 8 * d + 4 + b * d
-        norms = 2 * norm_in + 2 * (8 * d + 4)
-    else:
-        norm_in = 4 * d + 2 * b * d + 4
-        norms = 2 * norm_in
-    per_token = norms + 4 * b * m.intermediate_size
+    per_token, final_norm = norm_mlp_bytes(m, b)
     masked = step.packing == "prefix_shared"
     if m.eager_attention:
         per_token += 4 * b * q
@@ -385,7 +358,6 @@ def activation_bytes(m: ModelShape, step: StepConfig) -> int:
         per_token += b * (4 * q if masked else 2 * q + 2 * kv) + 4 * m.num_attention_heads
         scores = step.rows * step.seq_len**2 * b if masked else 0  # the per-layer additive copy of the mask
     rotary = 2 * (step.rows if masked else 1) * step.seq_len * m.head_dim * b
-    final_norm = norm_in - b * d  # its output is the head's input, counted by head_bytes
     return m.num_hidden_layers * (tokens * per_token + scores) + tokens * final_norm + rotary
 
 
@@ -483,6 +455,36 @@ def head_bytes(variant: str, m: ModelShape, step: StepConfig, positions: int | N
     return {"positions": n, "saved": saved, "fwd_peak": fwd, "bwd_peak": bwd, "ref_peak": ref}
 
 
+def _report(
+    variant: str,
+    weights: int,
+    grads: int,
+    optimizer: int,
+    reference: int,
+    activations: int,
+    attention_mask: int,
+    head: dict[str, int],
+    phases: dict[str, int],
+) -> dict[str, Any]:
+    """The fields :func:`estimate` and :func:`estimate_sharded` share (bytes), the peak phase being the largest."""
+    peak_phase = max(phases, key=phases.__getitem__)
+    return {
+        "variant": variant,
+        "weights": weights,
+        "grads": grads,
+        "optimizer": optimizer,
+        "reference": reference,
+        "activations": activations,
+        "attention_mask": attention_mask,
+        "logits": max(head["fwd_peak"], head["bwd_peak"]),
+        "logits_saved": head["saved"],
+        "head_positions": head["positions"],
+        "peak": phases[peak_phase],
+        "peak_phase": peak_phase,
+        "phases": phases,
+    }
+
+
 def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
     """Memory breakdown (bytes) of one DPO step with ``variant``'s log-prob head.
 
@@ -527,24 +529,8 @@ def estimate(m: ModelShape, step: StepConfig, variant: str) -> dict[str, Any]:
         "optimizer step": {**resident, "grads": grads + (2 * p["largest"] * b if step.optimizer == "adamw" else 0)},
     }
     phases = {name: sum(bytes_.values()) for name, bytes_ in parts.items()}
-    peak_phase = max(phases, key=phases.__getitem__)
-    return {
-        "variant": variant,
-        "weights": weights,
-        "grads": grads,
-        "optimizer": optimizer,
-        "reference": reference,
-        "activations": act,
-        "attention_mask": mask,
-        "logits": max(head["fwd_peak"], head["bwd_peak"]),
-        "logits_saved": head["saved"],
-        "head_positions": head["positions"],
-        "peak": phases[peak_phase],
-        "peak_phase": peak_phase,
-        "phases": phases,
-        "peak_parts": {k: v for k, v in parts[peak_phase].items() if v},
-        "params": p["total"],
-    }
+    report = _report(variant, weights, grads, optimizer, reference, act, mask, head, phases)
+    return report | {"peak_parts": {k: v for k, v in parts[report["peak_phase"]].items() if v}, "params": p["total"]}
 
 
 SHARDS = ("zero3", "fsdp2")
@@ -626,25 +612,8 @@ def estimate_sharded(m: ModelShape, step: StepConfig, variant: str, world: int, 
         "backward end": end_phase,
         "optimizer step": opt_phase,
     }
-    peak_phase = max(phases, key=phases.__getitem__)
-    return {
-        "variant": variant,
-        "weights": weights,
-        "grads": grads,
-        "optimizer": optimizer,
-        "reference": reference,
-        "activations": act,
-        "attention_mask": mask,
-        "logits": max(head["fwd_peak"], head["bwd_peak"]),
-        "logits_saved": head["saved"],
-        "head_positions": head["positions"],
-        "peak": phases[peak_phase],
-        "peak_phase": peak_phase,
-        "phases": phases,
-        "params": total,
-        "world_size": world,
-        "shard": shard,
-    }
+    report = _report(variant, weights, grads, optimizer, reference, act, mask, head, phases)
+    return report | {"params": total, "world_size": world, "shard": shard}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastdpo._validation import check_float, check_index, check_same_device
-from fastdpo.fused_kto import FusedLinearKTOLoss
+from fastdpo._validation import check_float, check_index, check_rows_and_target, check_same_device
+from fastdpo.fused_kto import HEAD_OPTIONS, FusedLinearKTOLoss
 from fastdpo.head.plan import _legacy_tiles
 from fastdpo.losses import (
     LOSS_TYPES,
@@ -212,13 +212,13 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
 
     def __init__(
         self,
-        *,
         ignore_index: int,
         beta: float,
         alpha: float,
         compute_nll_loss: bool,
         compiled: bool,
         chunk_size: int,
+        *,
         logit_scale: float = 1.0,
         temperature: float = 1.0,
         grad_in_forward: bool = False,
@@ -277,15 +277,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
     def _check(
         self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None
     ) -> None:
-        check_float("_input", _input)
-        check_float("lin_weight", lin_weight)
-        check_index("target", target)
-        if _input.dim() != 3:
-            raise ValueError(f"_input must be [2B, T, D] (chosen rows first), got {list(_input.shape)}")
-        if target.shape != _input.shape[:2]:
-            raise ValueError(
-                f"target must have shape {list(_input.shape[:2])} (= _input.shape[:2]), got {list(target.shape)}"
-            )
+        check_rows_and_target(_input, lin_weight, target, "[2B, T, D] (chosen rows first)", nonempty=False)
         if _input.shape[0] == 0 or _input.shape[0] % 2:
             raise ValueError(f"_input must stack B chosen then B rejected rows (even, > 0), got {_input.shape[0]} rows")
         if lin_weight.dim() != 2 or lin_weight.shape[1] != _input.shape[2]:
@@ -293,16 +285,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         check_same_device(lin_weight=lin_weight, _input=_input, target=target, bias=bias)
 
     def _head_kwargs(self) -> dict:
-        return dict(
-            ignore_index=self.ignore_index,
-            logit_scale=self.logit_scale,
-            temperature=self.temperature,
-            token_tile=self.token_tile,
-            vocab_tile=self.vocab_tile,
-            keep_logits_bytes=self.keep_logits_bytes,
-            validate=self.validate,
-            backend=self.backend,
-        )
+        return {name: getattr(self, name) for name in (*HEAD_OPTIONS, "logit_scale", "temperature")}
 
     def _seq_sums(
         self, batch: _Batch, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -619,15 +602,7 @@ class FusedLinearSimPOLoss(_ReferenceFreeBase):
         chunk_size: int = 1,
         **head_options: object,
     ) -> None:
-        super().__init__(
-            ignore_index=ignore_index,
-            beta=beta,
-            alpha=alpha,
-            compute_nll_loss=compute_nll_loss,
-            compiled=compiled,
-            chunk_size=chunk_size,
-            **head_options,
-        )
+        super().__init__(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size, **head_options)
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.gamma = float(gamma)
 
@@ -655,15 +630,7 @@ class FusedLinearCPOLoss(_ReferenceFreeBase):
         chunk_size: int = 1,
         **head_options: object,
     ) -> None:
-        super().__init__(
-            ignore_index=ignore_index,
-            beta=beta,
-            alpha=alpha,
-            compute_nll_loss=compute_nll_loss,
-            compiled=compiled,
-            chunk_size=chunk_size,
-            **head_options,
-        )
+        super().__init__(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size, **head_options)
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.average_log_prob = bool(average_log_prob)
 
@@ -693,15 +660,7 @@ class FusedLinearORPOLoss(_ReferenceFreeBase):
         chunk_size: int = 1,
         **head_options: object,
     ) -> None:
-        super().__init__(
-            ignore_index=ignore_index,
-            beta=beta,
-            alpha=1.0,
-            compute_nll_loss=compute_nll_loss,
-            compiled=compiled,
-            chunk_size=chunk_size,
-            **head_options,
-        )
+        super().__init__(ignore_index, beta, 1.0, compute_nll_loss, compiled, chunk_size, **head_options)
 
     def forward(
         self,

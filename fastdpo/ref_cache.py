@@ -145,6 +145,21 @@ def pair_keys(batch: Mapping[str, Any]) -> list[str]:
     return keys
 
 
+def _batch_rows(
+    compute_fn: Callable[[Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]], batch: Mapping[str, Any]
+) -> tuple[list[str], torch.Tensor]:
+    """``(pair_keys(batch), values [P, 2] fp32 cpu)``: ``compute_fn(batch)``'s chosen and rejected log-probs per pair;
+    ``ValueError`` unless each is ``[P]``."""
+    chosen, rejected = compute_fn(batch)
+    batch_keys = pair_keys(batch)
+    if chosen.shape != (len(batch_keys),) or rejected.shape != (len(batch_keys),):
+        raise ValueError(
+            f"compute_fn returned shapes {tuple(chosen.shape)}, {tuple(rejected.shape)} for a batch of "
+            f"{len(batch_keys)} pairs"
+        )
+    return batch_keys, torch.stack([chosen.detach().float().cpu(), rejected.detach().float().cpu()], dim=1)
+
+
 def dataset_fingerprint(keys: Iterable[str]) -> str:
     """SHA-256 (hex) of the set of pair keys: independent of order, batching and duplicates."""
     h = hashlib.sha256()
@@ -204,14 +219,7 @@ class RefLogpCache:
         rows: list[torch.Tensor] = []
         seen: set[str] = set()
         for batch in batches:
-            chosen, rejected = compute_fn(batch)
-            batch_keys = pair_keys(batch)
-            if chosen.shape != (len(batch_keys),) or rejected.shape != (len(batch_keys),):
-                raise ValueError(
-                    f"compute_fn returned shapes {tuple(chosen.shape)}, {tuple(rejected.shape)} for a batch of "
-                    f"{len(batch_keys)} pairs"
-                )
-            pair_values = torch.stack([chosen.detach().float().cpu(), rejected.detach().float().cpu()], dim=1)
+            batch_keys, pair_values = _batch_rows(compute_fn, batch)
             for j, key in enumerate(batch_keys):
                 if key not in seen:
                     seen.add(key)
@@ -245,15 +253,9 @@ class RefLogpCache:
         keys: list[str] = []
         rows: list[torch.Tensor] = []
         for batch in batches:
-            chosen, rejected = compute_fn(batch)
-            batch_keys = pair_keys(batch)
-            if chosen.shape != (len(batch_keys),) or rejected.shape != (len(batch_keys),):
-                raise ValueError(
-                    f"compute_fn returned shapes {tuple(chosen.shape)}, {tuple(rejected.shape)} for a batch of "
-                    f"{len(batch_keys)} pairs"
-                )
+            batch_keys, pair_values = _batch_rows(compute_fn, batch)
             keys.extend(batch_keys)
-            rows.append(torch.stack([chosen.detach().float().cpu(), rejected.detach().float().cpu()], dim=1))
+            rows.append(pair_values)
         local = (keys, torch.cat(rows) if rows else torch.zeros(0, 2))
         distributed = dist.is_available() and dist.is_initialized()
         shards: list[Any] = [local]

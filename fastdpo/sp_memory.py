@@ -50,21 +50,15 @@ def activation_bytes(m: Any, step: Any) -> int:
       times (``b`` soft-capped scores, fp32 softmax and its ``b`` copy);
     * rotary tables per row (the engine passes position ids): ``2 · R · Ls · head_dim · b``.
     """
-    from fastdpo.memory import DTYPE_BYTES
+    from fastdpo.memory import DTYPE_BYTES, norm_mlp_bytes
 
     k = step.sequence_parallel
     b = DTYPE_BYTES[step.dtype]
-    d, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
     ls = shard_length(step)
     lp, rows = k * ls, step.rows
     tokens = rows * ls
-    if m.norms_per_layer == 4:
-        norm_in = 8 * d + 4 + b * d
-        norms = 2 * norm_in + 2 * (8 * d + 4)
-    else:
-        norm_in = 4 * d + 2 * b * d + 4
-        norms = 2 * norm_in
-    per_token = norms + 4 * b * m.intermediate_size
+    per_token, final_norm = norm_mlp_bytes(m, b)
     if m.eager_attention:
         per_token += 4 * b * q
         scores = rows * (m.num_attention_heads // k) * lp**2 * (b + 4 + (b if b != 4 else 0))
@@ -76,7 +70,6 @@ def activation_bytes(m: Any, step: Any) -> int:
         per_token += b * (3 * q + 2 * kv_saved) + 4 * m.num_attention_heads
         scores = rows * lp**2 * b if step.packing == "prefix_shared" else 0
     rotary = 2 * rows * ls * m.head_dim * b
-    final_norm = norm_in - b * d
     return m.num_hidden_layers * (tokens * per_token + scores) + tokens * final_norm + rotary
 
 

@@ -90,10 +90,6 @@ def _grad_pass(
     g_ptr,
     r0,
     g0,
-    start,
-    gstart,
-    head,
-    n_body,
     V,
     stride_v,
     gstride_v,
@@ -103,13 +99,17 @@ def _grad_pass(
     ALIGN: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """``grad[g0 + j] = -g * exp(x[r0 + j] - lse)`` for the whole row: the body from element ``head`` (at ``start``
-    in ``x``, ``gstart`` in ``grad``), then the edges. ``ALIGNED``: both body starts are 16-byte aligned (vector
-    tiles); otherwise a flat block, so loads and stores share one register layout (no shuffle through shared memory)."""
+    """``grad[g0 + j] = -g * exp(x[r0 + j] - lse)`` for the whole row: the body (``row_layout`` of ``x``, from
+    element ``head``), then the edges. ``ALIGNED``: both body starts are 16-byte aligned (``g0 - r0`` a multiple of
+    ``ALIGN``, unit strides: vector tiles); otherwise a flat block, so loads and stores share one register layout (no
+    shuffle through shared memory)."""
     out_ty = g_ptr.dtype.element_ty
+    start, head, n_body = row_layout(r0, V, stride_v, ALIGN)
     if ALIGNED:
+        gstart = tl.multiple_of(g0 + (start - r0), ALIGN)
         offs = tile_offsets(BLOCK_V, ALIGN)
     else:
+        start, gstart = r0 + head, g0 + head
         offs = tl.arange(0, BLOCK_V)
     n_full = n_body // BLOCK_V * BLOCK_V
     for k in range(0, n_full, BLOCK_V):
@@ -168,46 +168,10 @@ def logprobs_bwd_kernel(
         g = tl.load(grad_logp_ptr + row).to(tl.float32)
         lse = tl.load(lse_ptr + row)
         x_label = tl.load(logits_ptr + r0 + label * stride_v).to(tl.float32)  # read before the pass may clobber it
-        start, head, n_body = row_layout(r0, V, stride_v, ALIGN)
         if ((g0 - r0) % ALIGN == 0) & (stride_v == 1) & (gstride_v == 1):  # same alignment in both: vector stores
-            gstart = tl.multiple_of(g0 + (start - r0), ALIGN)
-            _grad_pass(
-                logits_ptr,
-                grad_ptr,
-                r0,
-                g0,
-                start,
-                gstart,
-                head,
-                n_body,
-                V,
-                stride_v,
-                gstride_v,
-                lse,
-                -g,
-                BLOCK_V,
-                ALIGN,
-                True,
-            )
+            _grad_pass(logits_ptr, grad_ptr, r0, g0, V, stride_v, gstride_v, lse, -g, BLOCK_V, ALIGN, True)
         else:  # rare (e.g. a sliced logits view and a fresh gradient buffer of another row stride)
-            _grad_pass(
-                logits_ptr,
-                grad_ptr,
-                r0,
-                g0,
-                r0 + head,
-                g0 + head,
-                head,
-                n_body,
-                V,
-                stride_v,
-                gstride_v,
-                lse,
-                -g,
-                BLOCK_V,
-                ALIGN,
-                False,
-            )
+            _grad_pass(logits_ptr, grad_ptr, r0, g0, V, stride_v, gstride_v, lse, -g, BLOCK_V, ALIGN, False)
         tl.debug_barrier()  # every thread's write of the label element has landed
         dx_label = g - g * tl.exp2((x_label - lse) * LOG2E)
         tl.store(grad_ptr + g0 + label * gstride_v, dx_label.to(grad_ptr.dtype.element_ty))
