@@ -64,24 +64,6 @@ ZERO3_OPTIONS: dict[str, dict[str, Any]] = {
 BETA = 0.5
 LR = 0.5
 CHUNK = 64  # vocabulary tile of the fused head: V=384 -> 6 tiles, so a per-tile gather would show in the counts
-#: every loss type of TRL 1.16 (scenario "loss:<type>")
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
 
 
 def scenario_config(name: str) -> dict[str, Any]:

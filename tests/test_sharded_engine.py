@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from launch import load_worker, run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
 
+from fastdpo.losses import LOSS_TYPES
+
 pytest.importorskip("deepspeed")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
@@ -57,8 +59,8 @@ ZERO3 = [
     "ld_wpo",
     "gif_lora_tied",
     *QLORA,
-    *(f"loss:{t}" for t in W.LOSS_TYPES),
-    *(f"gif_loss:{t}" for t in W.LOSS_TYPES),
+    *(f"loss:{t}" for t in LOSS_TYPES),
+    *(f"gif_loss:{t}" for t in LOSS_TYPES),
 ]
 FSDP2_ACCELERATE = ["base", "tied", "lora", "gif_ld_wpo", "gif_lora_tied", *QLORA]
 FSDP2_LM_HEAD = ["base", "lora_head", "gif_ld_wpo"]

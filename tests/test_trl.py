@@ -4,7 +4,9 @@ a PEFT LoRA policy; plus the options TRL has and fastdpo refuses."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -18,25 +20,9 @@ from peft import LoraConfig, PromptTuningConfig
 from trl import DPOConfig, DPOTrainer
 
 from fastdpo.integrations.trl import FastDPOTrainer
+from fastdpo.losses import LOSS_TYPES
 from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
 _SMOOTHING = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}
 # metrics that must agree between the trainers (TRL's names); everything TRL logs per step is compared
 _SKIP = {"epoch", "step", "learning_rate"}
@@ -126,6 +112,14 @@ def _assert_same(fast: list[dict], ref: list[dict], *, rel: float = 2e-4, abs_: 
 def _losses_move(steps: list[dict]) -> None:
     """The comparison must be able to fail: the parameters change between steps (loss or rewards move)."""
     assert len({round(s["loss"], 7) for s in steps}) > 1 or len({round(s["rewards/margins"], 7) for s in steps}) > 1
+
+
+def test_loss_types_are_trls() -> None:
+    """The loss types run below are TRL's own: ``fastdpo.losses.LOSS_TYPES`` is the list ``DPOConfig.loss_type``
+    documents, in TRL's order."""
+    (field,) = [f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type"]
+    documented = field.metadata["help"].split("Possible values are:")[1].split(".")[0]
+    assert tuple(re.findall(r"`'(\w+)'`", documented)) == LOSS_TYPES
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
