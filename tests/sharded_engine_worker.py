@@ -42,7 +42,6 @@ import contextlib
 import copy
 import os
 import sys
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -517,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import torch.distributed as dist
+    from launch import outcome, saving_results
 
     global DEVICE, _OUT, _MODE
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -525,16 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         DEVICE = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(seconds=120))
     results: dict[str, dict[str, Any]] = {}
-
-    def record(mode: str, scenario: str, fn: Callable[[], Any]) -> None:
-        try:
-            results[mode][scenario] = fn()
-        except Exception as exc:  # recorded per scenario: one failure does not hide the others
-            import traceback
-
-            results[mode][scenario] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-
-    try:
+    with saving_results(results, args.out, rank):
         for job in args.jobs:
             mode, scenarios = job.split(":", 1)
             if mode not in MODES:
@@ -543,13 +534,10 @@ def main(argv: list[str] | None = None) -> int:
             for scenario in scenarios.split(","):
                 _OUT, _MODE = args.out, mode
                 if mode.startswith("zero3"):
-                    record(mode, scenario, lambda: run_zero3(scenario, rank, world, mode))
+                    results[mode][scenario] = outcome(lambda: run_zero3(scenario, rank, world, mode))
                 else:
-                    record(mode, scenario, lambda: run_fsdp2(mode, scenario, rank, world))
+                    results[mode][scenario] = outcome(lambda: run_fsdp2(mode, scenario, rank, world))
                 dist.barrier()
-    finally:
-        torch.save(results, Path(args.out) / f"rank{rank}.pt")
-        dist.destroy_process_group()
     return 0
 
 

@@ -33,9 +33,6 @@ import argparse
 import copy
 import os
 import sys
-import traceback
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -328,37 +325,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{os.path.abspath(args.init_file)}",
-        rank=args.rank,
-        world_size=args.world_size,
-        timeout=timedelta(seconds=90),
-    )
+    from launch import init_file_group, outcome, saving_results
+
+    init_file_group(args.init_file, args.rank, args.world_size)
     results: dict[str, Any] = {}
-
-    def record(key: str, fn: Any) -> None:
-        try:
-            results[key] = fn()
-        except Exception as exc:  # recorded per job: one failure must not hide the others
-            results[key] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-
-    try:
+    with saving_results(results, args.out, args.rank):
         for job in args.jobs:
             case, mode = job.split(":")
             if case == "sum_over_group":
-                record(job, lambda: sum_over_group_grads(args.world_size))
+                results[job] = outcome(lambda: sum_over_group_grads(args.world_size))
             elif case == "saved":
-                record(job, lambda mode=mode: saved_bytes_job(mode, args.sp))
+                results[job] = outcome(lambda: saved_bytes_job(mode, args.sp))
             else:
-                record(job, lambda case=case, mode=mode: step(case, mode, args.sp, args.rank, args.world_size))
+                results[job] = outcome(lambda: step(case, mode, args.sp, args.rank, args.world_size))
             dist.barrier()
         if args.rank == 0:
             for case in args.singles:
-                record(f"single:{case}", lambda case=case: step(case, "single", 1, 0, 1))
-    finally:
-        torch.save(results, Path(args.out) / f"rank{args.rank}.pt")
-        dist.destroy_process_group()
+                results[f"single:{case}"] = outcome(lambda: step(case, "single", 1, 0, 1))
     return 0
 
 

@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from helpers import measure_matches_estimate
 
 from fastdpo import memory as M
 from fastdpo import memory_cli
-from fastdpo.benchmarks.memory_measure import build_models, measure
+from fastdpo.benchmarks.memory_measure import build_models
 from fastdpo.reference import naive_sequence_logprobs
 from fastdpo.tiny import id_tokenizer
 
@@ -222,16 +223,6 @@ def test_prefix_shared_measured_engine_step(monkeypatch):
     """``--measure`` for prefix_shared runs the real engine step (collator, DPOEngine.step, backward, optimizer) in
     its own process; its peak RSS over the baseline matches the estimate (a ~210 MiB step: 2 layers, V 32000)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = dict(
-        M.PRESETS["Llama-3.2-1B"],
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_hidden_layers=2,
-    )
     step = M.StepConfig(
         pairs=4,
         prompt_len=192,
@@ -242,9 +233,7 @@ def test_prefix_shared_measured_engine_step(monkeypatch):
         device="cpu",
         packing="prefix_shared",
     )
-    measured = measure(cfg, step, ["fastdpo"], None)["fastdpo"]
-    assert "error" not in measured, measured
-    assert M.estimate(M.shape_from_config(cfg), step, "fastdpo")["peak"] == pytest.approx(measured["peak"], rel=0.1)
+    measure_matches_estimate(step, ["fastdpo"], rel=0.1)
 
 
 @pytest.mark.parametrize("variant", ["naive", "trl"])

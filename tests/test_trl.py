@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from helpers import dpo_config
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -37,28 +38,7 @@ def _dataset(n: int = 12, seed: int = 3):
 
 
 def _config(tmp_path, **overrides) -> DPOConfig:
-    kwargs = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 4,
-        "max_steps": 3,
-        "logging_steps": 1,
-        "optim": "sgd",
-        "learning_rate": 0.02,
-        "lr_scheduler_type": "constant",
-        "seed": 0,
-        "report_to": "none",
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "use_cpu": True,
-        "bf16": False,
-        "fp16": False,
-        "gradient_checkpointing": False,
-        "dataloader_num_workers": 0,
-        "beta": 0.5,
-    }
-    kwargs.update(overrides)
-    return DPOConfig(**kwargs)
+    return dpo_config(tmp_path, **{"per_device_eval_batch_size": 4, "gradient_checkpointing": False, **overrides})
 
 
 def _run(

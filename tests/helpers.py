@@ -1,0 +1,71 @@
+"""Helpers several test files share (``from helpers import ...``; tests/ is on sys.path through conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from fastdpo.memory import StepConfig
+
+#: TRL ``DPOConfig`` arguments of the tiny offline training runs: CPU, fp32, plain SGD at a constant rate, a log entry
+#: every step, nothing saved or reported
+TINY_DPO_ARGS: dict[str, Any] = dict(
+    per_device_train_batch_size=4,
+    max_steps=3,
+    logging_steps=1,
+    optim="sgd",
+    learning_rate=0.02,
+    lr_scheduler_type="constant",
+    seed=0,
+    report_to="none",
+    save_strategy="no",
+    disable_tqdm=True,
+    use_cpu=True,
+    bf16=False,
+    fp16=False,
+    dataloader_num_workers=0,
+    beta=0.5,
+)
+
+
+def dpo_config(output_dir: Path | str, **overrides: Any) -> Any:
+    """TRL's ``DPOConfig`` of :data:`TINY_DPO_ARGS` writing to ``output_dir``, with ``overrides`` on top."""
+    from trl import DPOConfig
+
+    return DPOConfig(output_dir=str(output_dir), **{**TINY_DPO_ARGS, **overrides})
+
+
+def scaled_llama() -> dict[str, Any]:
+    """Llama-3.2-1B scaled down so that ``memory --measure`` of one step takes a few hundred MiB on CPU: 2 layers,
+    hidden 256, 4 heads (2 KV), vocabulary 32000."""
+    from fastdpo import memory as M
+
+    return dict(
+        M.PRESETS["Llama-3.2-1B"],
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=2,
+    )
+
+
+def measure_matches_estimate(step: StepConfig, variants: list[str], rel: float) -> dict[str, dict[str, Any]]:
+    """Measure ``variants`` of ``step`` on :func:`scaled_llama` (each in its own process) and assert that every one
+    ran and that its peak RSS over the baseline is within ``rel`` of :func:`fastdpo.memory.estimate`'s peak; the
+    measurements by variant."""
+    from fastdpo import memory as M
+    from fastdpo.benchmarks.memory_measure import measure
+
+    cfg = scaled_llama()
+    measured = measure(cfg, step, variants, None)
+    shape = M.shape_from_config(cfg)
+    for v in variants:
+        assert "error" not in measured[v], measured[v]
+        assert M.estimate(shape, step, v)["peak"] == pytest.approx(measured[v]["peak"], rel=rel), v
+    return measured
