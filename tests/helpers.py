@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import torch
 
 if TYPE_CHECKING:
     from fastdpo.memory import StepConfig
@@ -69,3 +71,18 @@ def measure_matches_estimate(step: StepConfig, variants: list[str], rel: float) 
         assert "error" not in measured[v], measured[v]
         assert M.estimate(shape, step, v)["peak"] == pytest.approx(measured[v]["peak"], rel=rel), v
     return measured
+
+
+def saved_bytes(fn: Callable[[], Any], exclude: set[int]) -> int:
+    """Bytes of distinct storages autograd saves while ``fn`` runs, excluding the storages whose ``data_ptr`` is in
+    ``exclude`` (parameters, inputs)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(nbytes for ptr, nbytes in seen.items() if ptr not in exclude)

@@ -92,6 +92,8 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     (:mod:`fastdpo.sp_memory`) next to what this rank's engine forward really saves for backward
     (``saved_tensors_hooks``, distinct storages, parameters / batch / masks excluded), the bytes of the masks it
     builds and the scored tokens it owns, on a tiny model of the preset's architecture."""
+    from helpers import saved_bytes
+
     from fastdpo import DPOEngine, PreferenceCollator, sp_memory
     from fastdpo import memory as M
     from fastdpo.benchmarks.memory_measure import build_models
@@ -153,16 +155,7 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
         for t in (*batch.values(), *masks, shard.input_ids, shard.position_ids)
         if isinstance(t, torch.Tensor)
     }
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        engine.policy_parts.forward(shard.input_ids, **shard.forward_kwargs())
-    saved = sum(n for ptr, n in seen.items() if ptr not in exclude)
+    saved = saved_bytes(lambda: engine.policy_parts.forward(shard.input_ids, **shard.forward_kwargs()), exclude)
     return {
         "saved": saved,
         "estimate": sp_memory.activation_bytes(shape, step),
