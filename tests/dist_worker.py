@@ -141,20 +141,14 @@ ENGINE_ROWS = [
 
 def build_engine_parts(seed: int = 0) -> tuple[nn.Module, nn.Module, Any]:
     """``(policy, reference, tokenizer)``: a tiny Llama from :mod:`fastdpo.tiny` and a perturbed frozen copy."""
+    from helpers import perturbed_reference
+
     from fastdpo import tiny
 
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=seed)
     policy.train()
-    ref = copy.deepcopy(policy)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return policy, ref, tok
+    return policy, perturbed_reference(policy, seed=seed + 1), tok
 
 
 def engine_batch(tok: Any, rows: list[dict[str, str]]) -> dict[str, Any]:

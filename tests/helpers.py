@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,3 +87,14 @@ def saved_bytes(fn: Callable[[], Any], exclude: set[int]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(nbytes for ptr, nbytes in seen.items() if ptr not in exclude)
+
+
+def perturbed_reference(policy: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A frozen reference model near ``policy``: a deep copy in eval mode, each parameter plus ``0.02 * N(0, 1)`` noise
+    drawn from a generator seeded with ``seed`` (so the DPO rewards are not all zero)."""
+    ref = copy.deepcopy(policy)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return ref.eval().requires_grad_(False)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import sys
 from datetime import timedelta
@@ -117,6 +116,8 @@ def build(cfg: dict[str, Any], seed: int = 0) -> tuple[nn.Module, nn.Module | No
     """``(policy, reference or None, tokenizer)``: the tiny Llama (tied or not; a 4-bit base for QLoRA), LoRA
     adapters per the scenario (randomly initialised B, so the adapter-off reference differs from the policy), a
     perturbed frozen reference."""
+    from helpers import perturbed_reference
+
     from fastdpo.tiny import make_model, make_tokenizer
 
     tok = make_tokenizer()
@@ -131,12 +132,7 @@ def build(cfg: dict[str, Any], seed: int = 0) -> tuple[nn.Module, nn.Module | No
         policy.lm_head.weight = policy.model.embed_tokens.weight
     ref = None
     if cfg["reference"] == "model":
-        ref = copy.deepcopy(policy)
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=gen))
-        ref.eval().requires_grad_(False)
+        ref = perturbed_reference(policy, seed=seed + 1)
     if cfg["lora"] is not None:
         from peft import LoraConfig, get_peft_model
 

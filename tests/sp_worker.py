@@ -30,7 +30,6 @@ Rank ``R`` writes ``rank{R}.pt``: ``{job: {"loss", "chosen", "rejected" (fp64 li
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from typing import Any
@@ -195,6 +194,8 @@ def build(case: str, dp_rank: int = 0, dp_size: int = 1) -> tuple[Any, Any, dict
     """``(policy, reference, collated batch)`` of a case (seeded: identical on every rank); the batch holds the
     pairs of data-parallel rank ``dp_rank`` of ``dp_size`` (a contiguous equal share)."""
     spec = CASES[case]
+    from helpers import perturbed_reference
+
     from fastdpo import tiny
 
     tok = tiny.make_tokenizer()
@@ -207,12 +208,7 @@ def build(case: str, dp_rank: int = 0, dp_size: int = 1) -> tuple[Any, Any, dict
     else:
         policy = tiny.make_model(arch, tok, attn_implementation=attn, sliding_window=window)
     policy.train()
-    ref = copy.deepcopy(policy)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    ref.eval().requires_grad_(False)
+    ref = perturbed_reference(policy, seed=7)
     rows = case_rows(case, len(tok))
     per = len(rows) // dp_size
     return policy, ref, collate(case, tok, rows[dp_rank * per : (dp_rank + 1) * per])
