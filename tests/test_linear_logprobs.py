@@ -23,14 +23,8 @@ from fastdpo.head import (
 )
 from fastdpo.reference import naive_linear_token_logprobs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # tiny shapes: one intra-op thread avoids per-op synchronisation on the shared 2-core runner
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny shapes: one intra-op thread avoids per-op synchronisation on the shared 2-core runner
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 STAT_FLAGS = {"return_entropy": True, "return_log_sum_p2": True, "return_mean_logit": True, "return_argmax_hit": True}
