@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,3 +99,8 @@ def perturbed_reference(policy: torch.nn.Module, seed: int) -> torch.nn.Module:
         for p in ref.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=gen))
     return ref.eval().requires_grad_(False)
+
+
+def metrics_records(out_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``fastdpo train``'s ``metrics.jsonl`` in ``out_dir``, one dict a line."""
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
