@@ -14,6 +14,21 @@ import torch
 if TYPE_CHECKING:
     from fastdpo.memory import StepConfig
 
+#: the per-step metrics TRL 1.16's ``DPOTrainer`` logs for a sigmoid-loss step besides ``loss`` and ``num_tokens``
+#: (written out here, independently of :mod:`fastdpo.losses.metrics`)
+TRL_STEP_METRICS: tuple[str, ...] = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+)
+
 #: TRL ``DPOConfig`` arguments of the tiny offline training runs: CPU, fp32, plain SGD at a constant rate, a log entry
 #: every step, nothing saved or reported
 TINY_DPO_ARGS: dict[str, Any] = dict(
