@@ -22,7 +22,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
 import torch
+
+#: skips a test where torch.distributed has no gloo backend (the CPU multi-process tests need it)
+needs_gloo = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+#: the marks of a multi-process test module (``pytestmark = MULTI_PROCESS``)
+MULTI_PROCESS = [pytest.mark.distributed, needs_gloo]
 
 #: the environment every launch gets: one thread per rank (the CI machine has 2 cores), unbuffered output
 _ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}

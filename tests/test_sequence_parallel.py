@@ -22,17 +22,13 @@ import pytest
 import sp_worker  # tests/ is on sys.path (conftest.py)
 import torch
 import torch.distributed as dist
-from launch import run_ranks, torchrun  # tests/ is on sys.path (conftest.py)
+from launch import needs_gloo, run_ranks, torchrun  # tests/ is on sys.path (conftest.py)
 
 WORKER = Path(__file__).with_name("sp_worker.py")
 TIMEOUT_S = 300
 
 PLAIN_CASES = sorted(sp_worker.CASES)
 REL = 1e-5
-
-needs_gloo = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
-)
 
 
 def launch(out_dir: Path, world: int, sp: int, jobs: list[str], singles: list[str]) -> list[dict[str, Any]]:

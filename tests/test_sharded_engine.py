@@ -28,8 +28,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-from launch import load_worker, run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
+from launch import MULTI_PROCESS, load_worker, run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
 
 from fastdpo.losses import LOSS_TYPES
 
@@ -37,10 +36,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"),
-]
+pytestmark = MULTI_PROCESS
 
 WORKER = Path(__file__).with_name("sharded_engine_worker.py")
 WORLD = 2

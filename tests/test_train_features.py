@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import metrics_records
+from launch import needs_gloo
 
 from fastdpo.train import main
 
@@ -249,10 +250,7 @@ def test_report_to_tensorboard(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------- torchrun
-@pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with gloo",
-)
+@needs_gloo
 def test_torchrun_two_processes_equal_one_process(tmp_path):
     """2 gloo processes with 3 pairs each train like one process with the 6-pair batch: same losses, metrics,
     held-out metrics and final weights (the loss of each process is weighted by its share of the global batch)."""
