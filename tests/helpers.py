@@ -14,6 +14,14 @@ import torch
 if TYPE_CHECKING:
     from fastdpo.memory import StepConfig
 
+#: every optional token statistic of the fused head (``linear_token_logprobs`` and its naive oracle)
+STAT_FLAGS: dict[str, bool] = {
+    "return_entropy": True,
+    "return_log_sum_p2": True,
+    "return_mean_logit": True,
+    "return_argmax_hit": True,
+}
+
 #: the per-step metrics TRL 1.16's ``DPOTrainer`` logs for a sigmoid-loss step besides ``loss`` and ``num_tokens``
 #: (written out here, independently of :mod:`fastdpo.losses.metrics`)
 TRL_STEP_METRICS: tuple[str, ...] = (

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 from backends import BACKENDS
-from helpers import perturbed_reference
+from helpers import STAT_FLAGS, perturbed_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # determinism at a fixed thread count, fast on tiny ops
 
@@ -136,17 +136,7 @@ def test_fused_head_deterministic(backend: str) -> None:
             backend=backend,
         )
         stats = linear_token_logprobs(
-            h,
-            w,
-            labels,
-            bias=b,
-            return_entropy=True,
-            return_log_sum_p2=True,
-            return_mean_logit=True,
-            return_argmax_hit=True,
-            token_tile=tiles[0],
-            vocab_tile=tiles[1],
-            backend=backend,
+            h, w, labels, bias=b, **STAT_FLAGS, token_tile=tiles[0], vocab_tile=tiles[1], backend=backend
         )
         total = seq.sum() * 0.5 + (stats.logprobs * torch.linspace(-1, 1, n)).sum()
         grads = torch.autograd.grad(total, [h, w, b])

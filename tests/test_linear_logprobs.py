@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from backends import BACKENDS
+from helpers import STAT_FLAGS
 
 from fastdpo.head import (
     TokenStats,
@@ -27,7 +28,6 @@ from fastdpo.reference import naive_linear_token_logprobs
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-STAT_FLAGS = {"return_entropy": True, "return_log_sum_p2": True, "return_mean_logit": True, "return_argmax_hit": True}
 TRANSFORMS = [{}, {"softcap": 4.0, "logit_scale": 1.7, "temperature": 0.8}, {"logit_scale": 0.6, "temperature": 1.3}]
 
 
