@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastdpo.benchmarks.measure import MALLOC_ENV, proc_status_kb, reset_peak_rss
+from fastdpo.benchmarks.measure import MALLOC_ENV, proc_status_kb, reset_peak_rss, start_ranks
 from fastdpo.memory import TORCH_DTYPES, TRL_VOCAB_TILE, StepConfig
 from fastdpo.reference import naive_dpo_loss, naive_sequence_logprobs
 from fastdpo.tiny import id_tokenizer
@@ -455,25 +455,12 @@ def measure_sequence_parallel(
         spec_path = os.path.join(tmp, "spec.json")
         Path(spec_path).write_text(json.dumps(spec))
         env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fastdpo.benchmarks.memory_measure",
-                    "_sp_worker",
-                    spec_path,
-                    str(r),
-                    os.path.join(tmp, "init"),
-                    os.path.join(tmp, f"out{r}.json"),
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for r in range(k)
-        ]
+        procs = start_ranks(
+            "fastdpo.benchmarks.memory_measure",
+            lambda r: ["_sp_worker", spec_path, str(r), os.path.join(tmp, "init"), os.path.join(tmp, f"out{r}.json")],
+            k,
+            env,
+        )
         results, errors = [], []
         for r, proc in enumerate(procs):
             try:
