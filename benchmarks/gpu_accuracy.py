@@ -12,7 +12,7 @@ The tolerances are the suite's (``tests/test_logprobs.py``, ``tests/test_linear_
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -43,13 +43,7 @@ class Check:
         return self.err == self.err and self.err <= self.naive_err + self.tol  # NaN never passes
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "quantity": self.quantity,
-            "err": self.err,
-            "naive_err": self.naive_err,
-            "tol": self.tol,
-            "pass": self.passed,
-        }
+        return {**asdict(self), "pass": self.passed}
 
 
 def max_abs_err(result: torch.Tensor, ref: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import torch
@@ -69,14 +69,7 @@ class Passes:
     extra_mb: float | None  # that peak minus what was allocated before them (the case's working memory)
 
     def as_record(self) -> dict[str, Any]:
-        return {
-            "fwd_ms": self.fwd_ms,
-            "bwd_ms": self.bwd_ms,
-            "step_ms": self.step_ms,
-            "repeats": self.repeats,
-            "peak_mb": self.peak_mb,
-            "extra_mb": self.extra_mb,
-        }
+        return asdict(self)
 
 
 def time_passes(

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -30,6 +31,23 @@ import torch
 # glibc: serve every allocation above 64 KiB with mmap and never adapt the threshold, so freeing returns memory.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 MB = 1024.0 * 1024.0
+
+
+def start_ranks(
+    module: str, rank_args: Callable[[int], list[str]], world: int, env: dict[str, str]
+) -> list[subprocess.Popen[str]]:
+    """Start ``python -m module *rank_args(r)`` for each rank ``r < world`` (stdout and stderr captured together, as
+    text); the processes in rank order."""
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", module, *rank_args(r)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
 
 
 def proc_status_kb(key: str) -> int:

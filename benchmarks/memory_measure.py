@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastdpo.benchmarks.measure import MALLOC_ENV, proc_status_kb, reset_peak_rss
+from fastdpo.benchmarks.measure import MALLOC_ENV, proc_status_kb, reset_peak_rss, start_ranks
 from fastdpo.memory import TORCH_DTYPES, TRL_VOCAB_TILE, StepConfig
 from fastdpo.reference import naive_dpo_loss, naive_sequence_logprobs
 from fastdpo.tiny import id_tokenizer
@@ -329,13 +329,10 @@ def shard_measure_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"variant": "fastdpo", "peak": max(r["peak"] for r in everyone), "per_rank": everyone}
 
 
-def measure_sharded(
-    cfg: dict[str, Any], step: StepConfig, world: int, shard: str, layers: int | None, timeout: float = 1800.0
-) -> dict[str, dict[str, Any]]:
-    """Run :func:`shard_measure_worker` on ``world`` CPU processes (``torchrun``, gloo); ``{"fastdpo": result}``
-    with the largest per-rank peak (``per_rank``: each rank's), or ``{"fastdpo": {"error": ...}}``."""
-    spec = {
-        "shard": shard,
+def _step_spec(cfg: dict[str, Any], step: StepConfig, layers: int | None, **extra: Any) -> dict[str, Any]:
+    """The JSON spec a measuring process reads: the model config, the layer override, ``step``'s shape, dtype,
+    reference, optimizer and packing, and the ``extra`` fields of that worker."""
+    return {
         "config": cfg,
         "layers": layers,
         "dtype": step.dtype,
@@ -346,7 +343,16 @@ def measure_sharded(
         "optimizer": step.optimizer,
         "packing": step.packing,
         "pairs_per_row": step.pairs_per_row,
+        **extra,
     }
+
+
+def measure_sharded(
+    cfg: dict[str, Any], step: StepConfig, world: int, shard: str, layers: int | None, timeout: float = 1800.0
+) -> dict[str, dict[str, Any]]:
+    """Run :func:`shard_measure_worker` on ``world`` CPU processes (``torchrun``, gloo); ``{"fastdpo": result}``
+    with the largest per-rank peak (``per_rank``: each rank's), or ``{"fastdpo": {"error": ...}}``."""
+    spec = _step_spec(cfg, step, layers, shard=shard)
     with tempfile.TemporaryDirectory(prefix="fastdpo-mem-") as tmp:
         spec_path, res_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
         Path(spec_path).write_text(json.dumps(spec))
@@ -381,20 +387,8 @@ def measure(
         if vstep.sequence_parallel > 1:  # fastdpo over k processes: the peak rank
             out[variant] = measure_sequence_parallel(cfg, vstep, layers, timeout)
             continue
-        spec = {
-            "variant": "fastdpo" if variant.startswith("fastdpo") else variant,
-            "config": cfg,
-            "layers": layers,
-            "dtype": vstep.dtype,
-            "pairs": vstep.pairs,
-            "prompt_len": vstep.prompt_len,
-            "completion_len": vstep.completion_len,
-            "reference": vstep.reference,
-            "optimizer": vstep.optimizer,
-            "packing": vstep.packing,
-            "pairs_per_row": vstep.pairs_per_row,
-            "grad_in_forward": vstep.grad_in_forward,
-        }
+        variant_name = "fastdpo" if variant.startswith("fastdpo") else variant
+        spec = _step_spec(cfg, vstep, layers, variant=variant_name, grad_in_forward=vstep.grad_in_forward)
         with tempfile.TemporaryDirectory(prefix="fastdpo-mem-") as tmp:
             spec_path, res_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
             Path(spec_path).write_text(json.dumps(spec))
@@ -456,42 +450,17 @@ def measure_sequence_parallel(
     """Run :func:`sp_measure_worker` on ``k >= 1`` CPU processes; ``{"variant": "fastdpo", "peak": max over ranks,
     "rank_peaks": [...], ...}`` or ``{"variant": "fastdpo", "error": ...}``."""
     k = step.sequence_parallel
-    spec = {
-        "config": cfg,
-        "layers": layers,
-        "dtype": step.dtype,
-        "pairs": step.pairs,
-        "prompt_len": step.prompt_len,
-        "completion_len": step.completion_len,
-        "reference": step.reference,
-        "optimizer": step.optimizer,
-        "packing": step.packing,
-        "pairs_per_row": step.pairs_per_row,
-        "sequence_parallel": k,
-    }
+    spec = _step_spec(cfg, step, layers, sequence_parallel=k)
     with tempfile.TemporaryDirectory(prefix="fastdpo-spmem-") as tmp:
         spec_path = os.path.join(tmp, "spec.json")
         Path(spec_path).write_text(json.dumps(spec))
         env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fastdpo.benchmarks.memory_measure",
-                    "_sp_worker",
-                    spec_path,
-                    str(r),
-                    os.path.join(tmp, "init"),
-                    os.path.join(tmp, f"out{r}.json"),
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for r in range(k)
-        ]
+        procs = start_ranks(
+            "fastdpo.benchmarks.memory_measure",
+            lambda r: ["_sp_worker", spec_path, str(r), os.path.join(tmp, "init"), os.path.join(tmp, f"out{r}.json")],
+            k,
+            env,
+        )
         results, errors = [], []
         for r, proc in enumerate(procs):
             try:

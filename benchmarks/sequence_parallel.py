@@ -27,11 +27,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
+
+from fastdpo.benchmarks.measure import start_ranks
 
 MIB = 2**20
 
@@ -150,26 +151,12 @@ def launch(args: dict[str, Any], k: int) -> list[dict[str, Any]]:
         spec = os.path.join(tmp, "spec.json")
         with open(spec, "w") as fh:
             json.dump(args, fh)
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fastdpo.benchmarks.sequence_parallel",
-                    "--worker",
-                    spec,
-                    str(r),
-                    str(k),
-                    os.path.join(tmp, "init"),
-                    os.path.join(tmp, f"{r}.json"),
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for r in range(k)
-        ]
+        procs = start_ranks(
+            "fastdpo.benchmarks.sequence_parallel",
+            lambda r: ["--worker", spec, str(r), str(k), os.path.join(tmp, "init"), os.path.join(tmp, f"{r}.json")],
+            k,
+            env,
+        )
         outputs = [proc.communicate()[0] for proc in procs]
         results = []
         for r, proc in enumerate(procs):

@@ -31,11 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
-from collections.abc import Callable
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -145,20 +141,14 @@ ENGINE_ROWS = [
 
 def build_engine_parts(seed: int = 0) -> tuple[nn.Module, nn.Module, Any]:
     """``(policy, reference, tokenizer)``: a tiny Llama from :mod:`fastdpo.tiny` and a perturbed frozen copy."""
+    from helpers import perturbed_reference
+
     from fastdpo import tiny
 
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=seed)
     policy.train()
-    ref = copy.deepcopy(policy)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return policy, ref, tok
+    return policy, perturbed_reference(policy, seed=seed + 1), tok
 
 
 def engine_batch(tok: Any, rows: list[dict[str, str]]) -> dict[str, Any]:
@@ -298,36 +288,22 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     import torch.distributed as dist
+    from launch import init_file_group, outcome, saving_results
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{os.path.abspath(args.init_file)}",
-        rank=args.rank,
-        world_size=args.world_size,
-        timeout=timedelta(seconds=90),  # a rank that fails mid-collective must not hang its peer forever
-    )
+    init_file_group(args.init_file, args.rank, args.world_size)
     results: dict[str, dict[str, Any]] = {}
-
-    def record(scenario: str, key: str, fn: Callable[[], Any]) -> None:
-        # errors are recorded per (scenario, mode) so that one failing mode does not hide the others
-        try:
-            results[scenario][key] = fn()
-        except Exception as exc:
-            import traceback
-
-            results[scenario][key] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-
-    try:
+    with saving_results(results, args.out, args.rank):
         for job in args.jobs:
             scenario, modes = job.split(":")
             results[scenario] = {}
             for mode in modes.split(","):
-                record(scenario, mode, lambda: run_mode(scenario, mode, args.rank, args.world_size, args.seed))
+                results[scenario][mode] = outcome(
+                    lambda: run_mode(scenario, mode, args.rank, args.world_size, args.seed)
+                )
                 dist.barrier()
-            record(scenario, "local_grads", lambda: _local_grads(scenario, args.rank, args.world_size, args.seed))
-    finally:
-        torch.save(results, Path(args.out) / f"rank{args.rank}.pt")
-        dist.destroy_process_group()
+            results[scenario]["local_grads"] = outcome(
+                lambda: _local_grads(scenario, args.rank, args.world_size, args.seed)
+            )
     return 0
 
 

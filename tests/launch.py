@@ -2,22 +2,36 @@
 
 Every distributed test runs a worker script (``tests/*_worker.py``) in several processes, either through a launcher
 (``torchrun``, ``accelerate launch``: :func:`run_launcher`) or as one process per rank with a file rendezvous
-(:func:`run_ranks`). Each rank writes ``rank{r}.pt`` (a ``torch.save``-d result dict) under the output folder; a
-failure or a timeout fails the test with the tail of the ranks' output.
+(:func:`run_ranks`, :func:`init_file_group`). Each rank writes ``rank{r}.pt`` (a ``torch.save``-d result dict) under
+the output folder (:func:`saving_results`), with each job's outcome or error (:func:`outcome`); a failure or a timeout
+fails the test with the tail of the ranks' output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
 import torch
+
+#: skips a test where torch.distributed has no gloo backend (the CPU multi-process tests need it)
+needs_gloo = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+#: the marks of a multi-process test module (``pytestmark = MULTI_PROCESS``)
+MULTI_PROCESS = [pytest.mark.distributed, needs_gloo]
 
 #: the environment every launch gets: one thread per rank (the CI machine has 2 cores), unbuffered output
 _ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
@@ -35,6 +49,38 @@ def load_worker(path: Path, name: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def init_file_group(init_file: str, rank: int, world: int) -> None:
+    """Join the gloo process group of ``world`` ranks started by :func:`run_ranks` (rendezvous through
+    ``init_file``); a rank that fails mid-collective makes its peers fail after 90 s instead of hanging."""
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"file://{os.path.abspath(init_file)}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=90),
+    )
+
+
+def outcome(fn: Callable[[], Any]) -> Any:
+    """``fn()``, or ``{"error": "Type: message", "traceback": ...}`` when it raises: a worker records every job's
+    outcome so that one failing job does not hide the others."""
+    try:
+        return fn()
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+@contextlib.contextmanager
+def saving_results(results: dict[str, Any], out_dir: str | Path, rank: int) -> Iterator[None]:
+    """On leaving the block (an exception included) save ``results`` as ``out_dir/rank{rank}.pt``, the file the
+    launching test reads, and destroy the process group."""
+    try:
+        yield
+    finally:
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        torch.distributed.destroy_process_group()
 
 
 def _results(out_dir: Path, world: int) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,12 +121,10 @@ def _env(root: Path) -> dict[str, str]:
     return env
 
 
-def run_suite(root: Path, files: list[str], extra: list[str] | None = None, timeout: float = 7200.0) -> SuiteResult:
-    """Run Liger's ``test/chunked_loss/<files>`` with the ``liger_swap`` plugin in a fresh process; outcomes from
-    its JUnit XML (``passed``, ``failed``, ``error``, ``skipped``, ``xfailed``, ``xpassed``)."""
-    report = root / f"junit-{os.getpid()}-{abs(hash(tuple(files) + tuple(extra or ())))}.xml"
-    env = _env(root)
-    cmd = [
+def _pytest_command(root: Path, files: Iterable[str], options: list[str], extra: list[str]) -> list[str]:
+    """``python -m pytest`` with the ``liger_swap`` plugin, quiet, ``options``, in the fetched tree's configuration,
+    over its ``test/chunked_loss/<files>``, then ``extra`` arguments."""
+    return [
         sys.executable,
         "-m",
         "pytest",
@@ -134,17 +133,22 @@ def run_suite(root: Path, files: list[str], extra: list[str] | None = None, time
         "-p",
         "no:cacheprovider",
         "-q",
-        "-rfE",
-        "-o",
-        "junit_family=xunit1",
-        f"--junitxml={report}",
+        *options,
         "--rootdir",
         str(root),
         "-c",
         str(root / "pytest.ini"),
         *[str(root / "test" / "chunked_loss" / f) for f in files],
-        *(extra or []),
+        *extra,
     ]
+
+
+def run_suite(root: Path, files: list[str], extra: list[str] | None = None, timeout: float = 7200.0) -> SuiteResult:
+    """Run Liger's ``test/chunked_loss/<files>`` with the ``liger_swap`` plugin in a fresh process; outcomes from
+    its JUnit XML (``passed``, ``failed``, ``error``, ``skipped``, ``xfailed``, ``xpassed``)."""
+    report = root / f"junit-{os.getpid()}-{abs(hash(tuple(files) + tuple(extra or ())))}.xml"
+    env = _env(root)
+    cmd = _pytest_command(root, files, ["-rfE", "-o", "junit_family=xunit1", f"--junitxml={report}"], extra or [])
     proc = subprocess.run(cmd, cwd=str(root), env=env, capture_output=True, text=True, timeout=timeout, check=False)
     result = SuiteResult(proc.returncode, output=(proc.stdout + proc.stderr)[-6000:])
     if report.is_file():
@@ -174,23 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"liger_suite: {exc}", file=sys.stderr)
         return 2
     env = _env(root)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-p",
-        "liger_swap",
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        "-rfEx",
-        "--rootdir",
-        str(root),
-        "-c",
-        str(root / "pytest.ini"),
-        *[str(root / "test" / "chunked_loss" / f) for f in TEST_FILES],
-        *(argv if argv is not None else sys.argv[1:]),
-    ]
+    cmd = _pytest_command(root, TEST_FILES, ["-rfEx"], argv if argv is not None else sys.argv[1:])
     return subprocess.run(cmd, cwd=str(root), env=env, check=False).returncode
 
 

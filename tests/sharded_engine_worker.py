@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import sys
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -64,24 +62,6 @@ ZERO3_OPTIONS: dict[str, dict[str, Any]] = {
 BETA = 0.5
 LR = 0.5
 CHUNK = 64  # vocabulary tile of the fused head: V=384 -> 6 tiles, so a per-tile gather would show in the counts
-#: every loss type of TRL 1.16 (scenario "loss:<type>")
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
 
 
 def scenario_config(name: str) -> dict[str, Any]:
@@ -136,6 +116,8 @@ def build(cfg: dict[str, Any], seed: int = 0) -> tuple[nn.Module, nn.Module | No
     """``(policy, reference or None, tokenizer)``: the tiny Llama (tied or not; a 4-bit base for QLoRA), LoRA
     adapters per the scenario (randomly initialised B, so the adapter-off reference differs from the policy), a
     perturbed frozen reference."""
+    from helpers import perturbed_reference
+
     from fastdpo.tiny import make_model, make_tokenizer
 
     tok = make_tokenizer()
@@ -150,12 +132,7 @@ def build(cfg: dict[str, Any], seed: int = 0) -> tuple[nn.Module, nn.Module | No
         policy.lm_head.weight = policy.model.embed_tokens.weight
     ref = None
     if cfg["reference"] == "model":
-        ref = copy.deepcopy(policy)
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=gen))
-        ref.eval().requires_grad_(False)
+        ref = perturbed_reference(policy, seed=seed + 1)
     if cfg["lora"] is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -535,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import torch.distributed as dist
+    from launch import outcome, saving_results
 
     global DEVICE, _OUT, _MODE
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -543,16 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         DEVICE = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(seconds=120))
     results: dict[str, dict[str, Any]] = {}
-
-    def record(mode: str, scenario: str, fn: Callable[[], Any]) -> None:
-        try:
-            results[mode][scenario] = fn()
-        except Exception as exc:  # recorded per scenario: one failure does not hide the others
-            import traceback
-
-            results[mode][scenario] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-
-    try:
+    with saving_results(results, args.out, rank):
         for job in args.jobs:
             mode, scenarios = job.split(":", 1)
             if mode not in MODES:
@@ -561,13 +530,10 @@ def main(argv: list[str] | None = None) -> int:
             for scenario in scenarios.split(","):
                 _OUT, _MODE = args.out, mode
                 if mode.startswith("zero3"):
-                    record(mode, scenario, lambda: run_zero3(scenario, rank, world, mode))
+                    results[mode][scenario] = outcome(lambda: run_zero3(scenario, rank, world, mode))
                 else:
-                    record(mode, scenario, lambda: run_fsdp2(mode, scenario, rank, world))
+                    results[mode][scenario] = outcome(lambda: run_fsdp2(mode, scenario, rank, world))
                 dist.barrier()
-    finally:
-        torch.save(results, Path(args.out) / f"rank{rank}.pt")
-        dist.destroy_process_group()
     return 0
 
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     import datasets
-    from trl import DPOConfig
+    from helpers import dpo_config
 
     from fastdpo.integrations.trl import FastDPOTrainer
     from fastdpo.tiny import make_model, make_tokenizer
@@ -47,23 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     tok = make_tokenizer()
     model = make_model("llama", tok, attn_implementation="sdpa", seed=0).train()
     ref = make_model("llama", tok, attn_implementation="sdpa", seed=1)
-    config = DPOConfig(
-        output_dir=str(out_dir / f"run-sp{args.sp}"),
+    config = dpo_config(
+        out_dir / f"run-sp{args.sp}",
         per_device_train_batch_size=args.batch_size,
         max_steps=STEPS,
-        logging_steps=1,
-        optim="sgd",
         learning_rate=0.05,
-        lr_scheduler_type="constant",
-        seed=0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        dataloader_num_workers=0,
-        beta=0.5,
         per_device_eval_batch_size=args.batch_size,
     )
     cache_dir = out_dir / f"hf_cache-sp{args.sp}"

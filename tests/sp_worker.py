@@ -30,12 +30,8 @@ Rank ``R`` writes ``rank{R}.pt``: ``{job: {"loss", "chosen", "rejected" (fp64 li
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
-import traceback
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,6 +91,8 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
     (:mod:`fastdpo.sp_memory`) next to what this rank's engine forward really saves for backward
     (``saved_tensors_hooks``, distinct storages, parameters / batch / masks excluded), the bytes of the masks it
     builds and the scored tokens it owns, on a tiny model of the preset's architecture."""
+    from helpers import saved_bytes
+
     from fastdpo import DPOEngine, PreferenceCollator, sp_memory
     from fastdpo import memory as M
     from fastdpo.benchmarks.memory_measure import build_models
@@ -156,16 +154,7 @@ def saved_bytes_job(spec: str, sp: int) -> dict[str, Any]:
         for t in (*batch.values(), *masks, shard.input_ids, shard.position_ids)
         if isinstance(t, torch.Tensor)
     }
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        engine.policy_parts.forward(shard.input_ids, **shard.forward_kwargs())
-    saved = sum(n for ptr, n in seen.items() if ptr not in exclude)
+    saved = saved_bytes(lambda: engine.policy_parts.forward(shard.input_ids, **shard.forward_kwargs()), exclude)
     return {
         "saved": saved,
         "estimate": sp_memory.activation_bytes(shape, step),
@@ -205,6 +194,8 @@ def build(case: str, dp_rank: int = 0, dp_size: int = 1) -> tuple[Any, Any, dict
     """``(policy, reference, collated batch)`` of a case (seeded: identical on every rank); the batch holds the
     pairs of data-parallel rank ``dp_rank`` of ``dp_size`` (a contiguous equal share)."""
     spec = CASES[case]
+    from helpers import perturbed_reference
+
     from fastdpo import tiny
 
     tok = tiny.make_tokenizer()
@@ -217,12 +208,7 @@ def build(case: str, dp_rank: int = 0, dp_size: int = 1) -> tuple[Any, Any, dict
     else:
         policy = tiny.make_model(arch, tok, attn_implementation=attn, sliding_window=window)
     policy.train()
-    ref = copy.deepcopy(policy)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    ref.eval().requires_grad_(False)
+    ref = perturbed_reference(policy, seed=7)
     rows = case_rows(case, len(tok))
     per = len(rows) // dp_size
     return policy, ref, collate(case, tok, rows[dp_rank * per : (dp_rank + 1) * per])
@@ -328,37 +314,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{os.path.abspath(args.init_file)}",
-        rank=args.rank,
-        world_size=args.world_size,
-        timeout=timedelta(seconds=90),
-    )
+    from launch import init_file_group, outcome, saving_results
+
+    init_file_group(args.init_file, args.rank, args.world_size)
     results: dict[str, Any] = {}
-
-    def record(key: str, fn: Any) -> None:
-        try:
-            results[key] = fn()
-        except Exception as exc:  # recorded per job: one failure must not hide the others
-            results[key] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-
-    try:
+    with saving_results(results, args.out, args.rank):
         for job in args.jobs:
             case, mode = job.split(":")
             if case == "sum_over_group":
-                record(job, lambda: sum_over_group_grads(args.world_size))
+                results[job] = outcome(lambda: sum_over_group_grads(args.world_size))
             elif case == "saved":
-                record(job, lambda mode=mode: saved_bytes_job(mode, args.sp))
+                results[job] = outcome(lambda: saved_bytes_job(mode, args.sp))
             else:
-                record(job, lambda case=case, mode=mode: step(case, mode, args.sp, args.rank, args.world_size))
+                results[job] = outcome(lambda: step(case, mode, args.sp, args.rank, args.world_size))
             dist.barrier()
         if args.rank == 0:
             for case in args.singles:
-                record(f"single:{case}", lambda case=case: step(case, "single", 1, 0, 1))
-    finally:
-        torch.save(results, Path(args.out) / f"rank{args.rank}.pt")
-        dist.destroy_process_group()
+                results[f"single:{case}"] = outcome(lambda: step(case, "single", 1, 0, 1))
     return 0
 
 

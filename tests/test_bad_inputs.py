@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 from backends import BACKENDS
+from helpers import perturbed_reference
 
 from fastdpo.reference import naive_dpo_loss, naive_token_logprobs
 
@@ -658,12 +659,7 @@ def tiny_parts() -> tuple[Any, torch.nn.Module, torch.nn.Module]:
 
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).train()
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(1)
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    return tok, policy, ref
+    return tok, policy, perturbed_reference(policy, seed=1)
 
 
 ROWS = [

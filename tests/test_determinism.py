@@ -19,13 +19,13 @@ kernels on CUDA with many programs in flight, at shapes with many vocabulary til
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from backends import BACKENDS
+from helpers import STAT_FLAGS, perturbed_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # determinism at a fixed thread count, fast on tiny ops
 
@@ -136,17 +136,7 @@ def test_fused_head_deterministic(backend: str) -> None:
             backend=backend,
         )
         stats = linear_token_logprobs(
-            h,
-            w,
-            labels,
-            bias=b,
-            return_entropy=True,
-            return_log_sum_p2=True,
-            return_mean_logit=True,
-            return_argmax_hit=True,
-            token_tile=tiles[0],
-            vocab_tile=tiles[1],
-            backend=backend,
+            h, w, labels, bias=b, **STAT_FLAGS, token_tile=tiles[0], vocab_tile=tiles[1], backend=backend
         )
         total = seq.sum() * 0.5 + (stats.logprobs * torch.linspace(-1, 1, n)).sum()
         grads = torch.autograd.grad(total, [h, w, b])
@@ -229,11 +219,7 @@ def test_engine_step_deterministic(grad_in_forward: bool) -> None:
 
     tok = tiny.make_tokenizer()
     policy = tiny.make_model("llama", tok, attn_implementation="eager", seed=0).train()
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(1)
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    ref = perturbed_reference(policy, seed=1)
     batch = PreferenceCollator(tok, packing="padding_free")(tiny.preference_rows(4, seed=5))
     engine = DPOEngine(policy, ref, loss_type="sigmoid", beta=0.1, grad_in_forward=grad_in_forward)
     # (the engine runs the torch path on CPU; the Triton kernels' determinism is covered by the cases above)

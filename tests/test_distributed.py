@@ -14,13 +14,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-from launch import load_worker, run_ranks  # tests/ is on sys.path (conftest.py)
+from launch import MULTI_PROCESS, load_worker, run_ranks  # tests/ is on sys.path (conftest.py)
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"),
-]
+pytestmark = MULTI_PROCESS
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 WORLD = 2

@@ -4,7 +4,8 @@ The other test files compare against library code (``naive_sequence_logprobs``, 
 grad-in-forward oracle, ...), which shares the library's transform order and conventions: a wrong convention would be
 checked against itself. Here the oracle is only ``torch.log_softmax`` / ``torch.logsigmoid`` of explicitly built
 float64 logits (``z = softcap * tanh(((h @ W.T + b) * scale) / softcap) / temperature``), Python-loop segment sums and
-the LOSSES.md formulas typed in again -- nothing imported from fastdpo but the op under test.
+the LOSSES.md formulas typed in again -- nothing imported from fastdpo but the op under test (and the list of
+loss types it runs over, which ``test_trl.py`` checks against TRL's).
 
 Rule (the suite's): ``max|got - f64| <= max|naive - f64| + tol``, the naive path being the same formula evaluated in the
 inputs' dtype (``tol = 2e-6 * max|f64|``, plus one rounding -- ``eps / 2`` of the dtype -- for half-precision
@@ -21,6 +22,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from backends import BACKENDS
+
+from fastdpo.losses import LOSS_TYPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -404,23 +407,6 @@ def losses_md(
     raise AssertionError(kind)
 
 
-LOSS_KINDS = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
 EPS = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}
 
 
@@ -432,11 +418,11 @@ def _pl_inputs(seed: int, p: int = 7) -> tuple[torch.Tensor, ...]:
     return pc, pr, rc, rr, lens[0], lens[1]
 
 
-@pytest.mark.parametrize("kind", LOSS_KINDS)
+@pytest.mark.parametrize("kind", LOSS_TYPES)
 def test_preference_loss_matches_losses_md(kind: str) -> None:
     from fastdpo import preference_loss
 
-    pc, pr, rc, rr, len_c, len_r = _pl_inputs(seed=LOSS_KINDS.index(kind))
+    pc, pr, rc, rr, len_c, len_r = _pl_inputs(seed=LOSS_TYPES.index(kind))
     beta, eps = 0.3, EPS.get(kind, 0.0)
     a, b = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
     loss, metrics = preference_loss(

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import STAT_FLAGS
 
 import fastdpo._launch as launch_mod
 from fastdpo import linear_token_logprobs, token_logprobs
@@ -86,17 +87,7 @@ def test_fused_head_whole_masked_tiles_stay_finite(transform: dict) -> None:
 
     params = [t.clone().requires_grad_(True) for t in (h, w, b)]
     out = linear_token_logprobs(
-        *params[:2],
-        labels,
-        bias=params[2],
-        token_tile=4,
-        vocab_tile=16,
-        backend="triton",
-        return_entropy=True,
-        return_log_sum_p2=True,
-        return_mean_logit=True,
-        return_argmax_hit=True,
-        **kw,
+        *params[:2], labels, bias=params[2], token_tile=4, vocab_tile=16, backend="triton", **STAT_FLAGS, **kw
     )
     grads = torch.autograd.grad((out.logprobs * gout).sum(), params)
 
@@ -275,16 +266,7 @@ def test_fused_head_with_the_cuda_tiles_and_blocks(dtype: torch.dtype, launches:
     transform = {"softcap": 30.0, "temperature": 0.9}
     params = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
     out = linear_token_logprobs(
-        *params,
-        labels,
-        token_tile=tiles[0],
-        vocab_tile=tiles[1],
-        backend="triton",
-        return_entropy=True,
-        return_log_sum_p2=True,
-        return_mean_logit=True,
-        return_argmax_hit=True,
-        **transform,
+        *params, labels, token_tile=tiles[0], vocab_tile=tiles[1], backend="triton", **STAT_FLAGS, **transform
     )
     grads = torch.autograd.grad((out.logprobs * gout).sum(), params)
     folds = [s for s in launches if s.kernel.__name__ == "linear_fold_kernel"]

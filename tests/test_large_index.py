@@ -33,6 +33,24 @@ def _ref_rows(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
     return naive_token_logprobs(z, labels[rows])
 
 
+def _naive_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    gout: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log_softmax + gather on the checked ``rows`` only, in ``dtype``, backward of ``gout[rows]``: (log-probs,
+    gradient of those hidden rows, weight gradient)."""
+    h = hidden.detach()[rows].to(dtype).requires_grad_(True)
+    w = weight.detach().to(dtype).requires_grad_(True)
+    lp = naive_token_logprobs(h @ w.T, labels[rows])
+    lp.backward(gout[rows].to(dtype))
+    assert h.grad is not None and w.grad is not None
+    return lp.detach(), h.grad, w.grad
+
+
 def test_fused_head_beyond_int32_cpu() -> None:
     from fastdpo import linear_token_logprobs
 
@@ -67,18 +85,8 @@ def test_fused_head_beyond_int32_cpu_backward() -> None:
     gout[rows] = torch.linspace(-1.0, 1.0, rows.numel())
     out = linear_token_logprobs(hidden, weight, labels, backend="torch", keep_logits_bytes=0).logprobs
     out.backward(gout)
-
-    def naive_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """log_softmax + gather on the checked rows only, in ``dtype``: (log-probs, hidden grad, weight grad)."""
-        h = hidden.detach()[rows].to(dtype).requires_grad_(True)
-        w = weight.detach().to(dtype).requires_grad_(True)
-        lp = naive_token_logprobs(h @ w.T, labels[rows])
-        lp.backward(gout[rows].to(dtype))
-        assert h.grad is not None and w.grad is not None
-        return lp.detach().double(), h.grad.double(), w.grad.double()
-
-    ref, ref_h, ref_w = naive_rows(torch.float64)
-    _, naive_h, naive_w = naive_rows(torch.float32)
+    ref, ref_h, ref_w = _naive_rows(hidden, weight, labels, rows, gout, torch.float64)
+    _, naive_h, naive_w = _naive_rows(hidden, weight, labels, rows, gout, torch.float32)
     torch.testing.assert_close(out.detach()[rows].double(), ref, rtol=1e-5, atol=2e-4)
     assert hidden.grad is not None and weight.grad is not None
     others = torch.ones(n, dtype=torch.bool)
@@ -167,17 +175,8 @@ def test_fused_head_beyond_int32_cuda() -> None:
     gout[rows] = torch.linspace(-1, 1, rows.numel(), device=dev)
     out = linear_token_logprobs(hidden, weight, labels, backend="triton").logprobs
     out.backward(gout)
-
-    def naive_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = hidden.detach()[rows].to(dtype).requires_grad_(True)
-        w = weight.detach().to(dtype).requires_grad_(True)
-        lp = naive_token_logprobs(h @ w.T, labels[rows])
-        lp.backward(gout[rows].to(dtype))
-        assert h.grad is not None and w.grad is not None
-        return lp.detach(), h.grad, w.grad
-
-    ref, ref_h, ref_w = naive_rows(torch.float64)
-    naive, naive_h, naive_w = naive_rows(torch.float32)
+    ref, ref_h, ref_w = _naive_rows(hidden, weight, labels, rows, gout, torch.float64)
+    naive, naive_h, naive_w = _naive_rows(hidden, weight, labels, rows, gout, torch.float32)
     everything = {"all": torch.ones_like(ref, dtype=torch.bool)}
     _assert_within_naive("log-probs", out.detach()[rows], naive, ref, everything)
     assert hidden.grad is not None and weight.grad is not None

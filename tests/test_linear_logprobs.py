@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from backends import BACKENDS
+from helpers import STAT_FLAGS
 
 from fastdpo.head import (
     TokenStats,
@@ -23,17 +24,10 @@ from fastdpo.head import (
 )
 from fastdpo.reference import naive_linear_token_logprobs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # tiny shapes: one intra-op thread avoids per-op synchronisation on the shared 2-core runner
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny shapes: one intra-op thread avoids per-op synchronisation on the shared 2-core runner
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-STAT_FLAGS = {"return_entropy": True, "return_log_sum_p2": True, "return_mean_logit": True, "return_argmax_hit": True}
 TRANSFORMS = [{}, {"softcap": 4.0, "logit_scale": 1.7, "temperature": 0.8}, {"logit_scale": 0.6, "temperature": 1.3}]
 
 

@@ -335,9 +335,11 @@ def test_wpo_weights_helper_and_loss() -> None:
     ref_logps = -torch.rand(2 * p, generator=torch.Generator().manual_seed(1), dtype=D64) * 10
     lc, lr_ = lens[:p], lens[p:]
     chosen_toks = [tok[s][mask[s].bool()] for s in range(p)]
-    for types in (["sigmoid"], ["ipo", "sft"], ["discopop", "apo_down"]):
-        ref = ref_dpo(
-            logps[:p],
+    lsp2_sum = (lsp2 * mask).sum(1)  # per-sequence log-sum-p2 sums
+
+    def ref_loss(types: list[str], chosen: torch.Tensor, chosen_token_logps: list[torch.Tensor]) -> torch.Tensor:
+        return ref_dpo(
+            chosen,
             logps[p:],
             ref_logps[:p],
             ref_logps[p:],
@@ -345,57 +347,38 @@ def test_wpo_weights_helper_and_loss() -> None:
             beta=0.4,
             lc=lc.to(D64),
             lr_=lr_.to(D64),
-            chosen_token_logps=chosen_toks,
+            chosen_token_logps=chosen_token_logps,
             pair_w=ref_w[:p] * ref_w[p:],
         )
+
+    def fast_loss(types: list[str], chosen: torch.Tensor, **weights: torch.Tensor) -> torch.Tensor:
+        loss, _ = preference_loss(
+            chosen,
+            logps[p:],
+            ref_logps[:p],
+            ref_logps[p:],
+            loss_type=types,
+            beta=0.4,
+            chosen_lengths=lc,
+            rejected_lengths=lr_,
+            use_weighting=True,
+            **weights,
+        )
+        return loss
+
+    for types in (["sigmoid"], ["ipo", "sft"], ["discopop", "apo_down"]):
+        ref = ref_loss(types, logps[:p], chosen_toks)
         # ready weights from the helper
-        loss_a, _ = preference_loss(
-            logps[:p],
-            logps[p:],
-            ref_logps[:p],
-            ref_logps[p:],
-            loss_type=types,
-            beta=0.4,
-            chosen_lengths=lc,
-            rejected_lengths=lr_,
-            use_weighting=True,
-            wpo_chosen_weights=w[:p],
-            wpo_rejected_weights=w[p:],
-        )
+        loss_a = fast_loss(types, logps[:p], wpo_chosen_weights=w[:p], wpo_rejected_weights=w[p:])
         torch.testing.assert_close(loss_a, ref, rtol=1e-5, atol=1e-7)
-        # per-sequence log-sum-p2 sums
-        lsp2_sum = (lsp2 * mask).sum(1)
         pc = logps[:p].clone().requires_grad_(True)
-        loss_b, _ = preference_loss(
-            pc,
-            logps[p:],
-            ref_logps[:p],
-            ref_logps[p:],
-            loss_type=types,
-            beta=0.4,
-            chosen_lengths=lc,
-            rejected_lengths=lr_,
-            use_weighting=True,
-            policy_chosen_log_sum_p2=lsp2_sum[:p],
-            policy_rejected_log_sum_p2=lsp2_sum[p:],
-        )
+        loss_b = fast_loss(types, pc, policy_chosen_log_sum_p2=lsp2_sum[:p], policy_rejected_log_sum_p2=lsp2_sum[p:])
         torch.testing.assert_close(loss_b, ref, rtol=1e-10, atol=1e-12)
         # weights carry no gradient: d loss / d pc equals the weighted un-differentiated-weight gradient
         tok_leaves = [t.clone().requires_grad_(True) for t in chosen_toks]
         pc_ref = torch.stack([t.sum() for t in tok_leaves])
         pc_ref.retain_grad()
-        ref_dpo(
-            pc_ref,
-            logps[p:],
-            ref_logps[:p],
-            ref_logps[p:],
-            types=types,
-            beta=0.4,
-            lc=lc.to(D64),
-            lr_=lr_.to(D64),
-            chosen_token_logps=tok_leaves,
-            pair_w=(ref_w[:p] * ref_w[p:]),
-        ).backward()
+        ref_loss(types, pc_ref, tok_leaves).backward()
         loss_b.backward()
         rows = lc > 0
         torch.testing.assert_close(pc.grad[rows], chosen_sum_grad(tok_leaves, pc_ref)[rows], rtol=1e-9, atol=1e-12)

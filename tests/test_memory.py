@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from helpers import measure_matches_estimate, saved_bytes
 
 from fastdpo import memory as M
 from fastdpo import memory_cli
-from fastdpo.benchmarks.memory_measure import build_models, measure
+from fastdpo.benchmarks.memory_measure import build_models
 from fastdpo.reference import naive_sequence_logprobs
 from fastdpo.tiny import id_tokenizer
 
@@ -78,20 +79,6 @@ def _tiny_config(name: str) -> dict:
     )
 
 
-def _saved_bytes(fn, exclude: set[int]) -> int:
-    """Bytes of distinct storages autograd saves while ``fn`` runs, excluding the storages in ``exclude``."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(nbytes for ptr, nbytes in seen.items() if ptr not in exclude)
-
-
 @pytest.mark.parametrize("name", ["Llama-3.2-1B", "Qwen2.5-0.5B", "Gemma-2-2B"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_activations_and_params_match_tiny_hf_model(name, dtype):
@@ -104,7 +91,7 @@ def test_activations_and_params_match_tiny_hf_model(name, dtype):
     step = M.StepConfig(pairs=2, prompt_len=7, completion_len=12, dtype=dtype, device="cpu")
     ids = torch.randint(0, 997, (step.rows, step.seq_len))
     exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} | {ids.untyped_storage().data_ptr()}
-    saved = _saved_bytes(lambda: model.model(input_ids=ids), exclude)
+    saved = saved_bytes(lambda: model.model(input_ids=ids), exclude)
     _assert_matches_saved(shape, step, saved)
 
 
@@ -184,7 +171,7 @@ def test_prefix_shared_activations_match_engine_forward(name, dtype, prompt_len,
     assert sum(m.untyped_storage().nbytes() for m in masks) == M.mask_bytes(shape, step)
     exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
     exclude |= {t.untyped_storage().data_ptr() for t in (*batch.values(), *masks) if isinstance(t, torch.Tensor)}
-    saved = _saved_bytes(lambda: resolve_lm(model).forward(batch["input_ids"], **kwargs), exclude)
+    saved = saved_bytes(lambda: resolve_lm(model).forward(batch["input_ids"], **kwargs), exclude)
     _assert_matches_saved(shape, step, saved)
 
 
@@ -222,16 +209,6 @@ def test_prefix_shared_measured_engine_step(monkeypatch):
     """``--measure`` for prefix_shared runs the real engine step (collator, DPOEngine.step, backward, optimizer) in
     its own process; its peak RSS over the baseline matches the estimate (a ~210 MiB step: 2 layers, V 32000)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = dict(
-        M.PRESETS["Llama-3.2-1B"],
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_hidden_layers=2,
-    )
     step = M.StepConfig(
         pairs=4,
         prompt_len=192,
@@ -242,9 +219,7 @@ def test_prefix_shared_measured_engine_step(monkeypatch):
         device="cpu",
         packing="prefix_shared",
     )
-    measured = measure(cfg, step, ["fastdpo"], None)["fastdpo"]
-    assert "error" not in measured, measured
-    assert M.estimate(M.shape_from_config(cfg), step, "fastdpo")["peak"] == pytest.approx(measured["peak"], rel=0.1)
+    measure_matches_estimate(step, ["fastdpo"], rel=0.1)
 
 
 @pytest.mark.parametrize("variant", ["naive", "trl"])
@@ -273,7 +248,7 @@ def test_head_saved_bytes_deterministic(variant):
         return (lp.view(r, seq - 1) * (tgt != -100)).sum(-1)
 
     exclude = {weight.untyped_storage().data_ptr()}
-    saved = _saved_bytes(naive if variant == "naive" else trl, exclude)
+    saved = saved_bytes(naive if variant == "naive" else trl, exclude)
     est = M.head_bytes(variant, shape, step)["saved"]
     # beyond the model: the gather index / label mask (int64 / bool per position) autograd also keeps
     assert est == pytest.approx(saved, rel=0.02)

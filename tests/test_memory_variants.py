@@ -7,10 +7,10 @@ import json
 import struct
 
 import pytest
+from helpers import measure_matches_estimate
 
 from fastdpo import memory as M
 from fastdpo import memory_cli
-from fastdpo.benchmarks.memory_measure import measure
 
 GIB = 2**30
 
@@ -56,25 +56,11 @@ def test_option_estimates_match_measured_steps(monkeypatch, dtype):
     grad_in_forward, with everything (prefix_shared + grad_in_forward + precomputed reference), and the head with a
     precomputed reference; peak RSS over the baseline within the estimator's 10 %."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = dict(
-        M.PRESETS["Llama-3.2-1B"],
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_hidden_layers=2,
-    )
     step = M.StepConfig(
         pairs=4, prompt_len=192, completion_len=64, dtype=dtype, optimizer="adamw", reference="model", device="cpu"
     )
     variants = ["fastdpo+grad_in_forward", "fastdpo+precomputed_ref", "fastdpo+all"]
-    measured = measure(cfg, step, variants, None)
-    shape = M.shape_from_config(cfg)
-    for v in variants:
-        assert "error" not in measured[v], measured[v]
-        assert M.estimate(shape, step, v)["peak"] == pytest.approx(measured[v]["peak"], rel=0.1), v
+    measure_matches_estimate(step, variants, rel=0.1)
 
 
 def _png_size(path) -> tuple[int, int]:

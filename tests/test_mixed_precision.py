@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import dpo_config
 
 import fastdpo.head.function as head_function
 import fastdpo.head.grad_in_forward as head_grad_in_forward
@@ -190,31 +191,13 @@ def _train(
     trainer_cls: Any, tmp_path: Any, *, model_dtype: torch.dtype = torch.float32, **config: Any
 ) -> list[dict[str, float]]:
     datasets = pytest.importorskip("datasets")
-    from trl import DPOConfig
-
     tok = make_tokenizer()
     policy = make_model("llama", tok, attn_implementation="eager", seed=0)
     ref = make_model("llama", tok, attn_implementation="eager", seed=1)
     for m in (policy, ref):  # every run starts from the same bf16-representable weights
         m.to(torch.bfloat16).to(model_dtype)
     policy.train()
-    args = DPOConfig(
-        output_dir=str(tmp_path / trainer_cls.__name__),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        logging_steps=1,
-        optim="sgd",
-        learning_rate=0.02,
-        lr_scheduler_type="constant",
-        seed=0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        beta=0.5,
-        dataloader_num_workers=0,
-        **{"bf16": False, "fp16": False, **config},
-    )
+    args = dpo_config(tmp_path / trainer_cls.__name__, **config)
     trainer = trainer_cls(
         model=policy,
         ref_model=ref,

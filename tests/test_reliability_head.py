@@ -32,13 +32,8 @@ from fastdpo.head import linear_logprobs_loss_grad_in_forward, linear_sequence_l
 from fastdpo.logprobs import sequence_logprobs, token_logprobs
 from fastdpo.segments import segment_sum
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny shapes: one intra-op thread avoids per-op synchronisation on the shared 2-core runner
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TRANSFORMS = {

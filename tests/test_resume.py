@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics_records
 
 from fastdpo.atomic import CorruptFileError
 from fastdpo.run_state import load_checkpoint, save_checkpoint
@@ -36,12 +36,8 @@ TINY = ["--hidden-size", "32", "--layers", "1", "--batch-size", "4", "--eval-bat
         "--eval-every", "0", "--log-every", "0", "--no-progress", "--seed", "4"]  # fmt: skip
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def _train_steps(out: Path) -> list[int]:
-    return [r["step"] for r in _records(out) if "loss" in r and "eval_loss" not in r]
+    return [r["step"] for r in metrics_records(out) if "loss" in r and "eval_loss" not in r]
 
 
 def _tmp_files(out: Path) -> list[str]:
@@ -124,7 +120,7 @@ def test_resume_falls_back_to_previous_checkpoint(
     final = _weights(out / "checkpoint.pt")
     for name, value in _weights(full_run / "checkpoint.pt").items():
         assert torch.equal(final[name], value), name
-    assert _records(out) == _records(full_run)
+    assert metrics_records(out) == metrics_records(full_run)
     assert _tmp_files(out) == []
 
 
@@ -147,7 +143,7 @@ def test_partial_metrics_line_does_not_block_resume(full_run: Path, tmp_path: Pa
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "epoch": 0.008, "loss": 0.69')  # a crash mid-write: no newline, not JSON
     assert main([*common, "--resume"]) == 0
-    assert _records(out) == _records(full_run)
+    assert metrics_records(out) == metrics_records(full_run)
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -254,10 +250,10 @@ def test_float16_trains_with_loss_scaling(tmp_path: Path) -> None:
     learns on the held-out set, and the saved model is finite."""
     out = tmp_path / "run"
     assert main(["--output-dir", str(out), "--dtype", "float16", "--steps", "12", "--save-every", "0", *TINY]) == 0
-    steps = [r for r in _records(out) if "loss" in r and "eval_loss" not in r]
+    steps = [r for r in metrics_records(out) if "loss" in r and "eval_loss" not in r]
     assert len(steps) == 12 and all(r["loss"] == r["loss"] and abs(r["loss"]) < 10 for r in steps)
     assert all("loss_scale" in r for r in steps)
-    evals = [r for r in _records(out) if "eval_loss" in r]
+    evals = [r for r in metrics_records(out) if "eval_loss" in r]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it moved the right way (0.6931 at step 0)
     from transformers import AutoModelForCausalLM
 
@@ -293,7 +289,7 @@ def test_nonfinite_loss_stops_without_writing(tmp_path: Path, capsys: pytest.Cap
     # skipping instead: the run ends, the bad steps are marked, the model is finite
     skip = tmp_path / "skip"
     assert main([*common[:1], str(skip), *common[2:], "--on-nonfinite", "skip"]) == 0
-    records = [r for r in _records(skip) if "loss" in r and "eval_loss" not in r]
+    records = [r for r in metrics_records(skip) if "loss" in r and "eval_loss" not in r]
     assert any(r.get("skipped") for r in records)
     from transformers import AutoModelForCausalLM
 

@@ -22,17 +22,13 @@ import pytest
 import sp_worker  # tests/ is on sys.path (conftest.py)
 import torch
 import torch.distributed as dist
-from launch import run_ranks, torchrun  # tests/ is on sys.path (conftest.py)
+from launch import needs_gloo, run_ranks, torchrun  # tests/ is on sys.path (conftest.py)
 
 WORKER = Path(__file__).with_name("sp_worker.py")
 TIMEOUT_S = 300
 
 PLAIN_CASES = sorted(sp_worker.CASES)
 REL = 1e-5
-
-needs_gloo = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
-)
 
 
 def launch(out_dir: Path, world: int, sp: int, jobs: list[str], singles: list[str]) -> list[dict[str, Any]]:
@@ -538,20 +534,11 @@ def test_memory_cli_sequence_parallel(capsys: pytest.CaptureFixture[str]) -> Non
 def test_memory_measure_sequence_parallel_within_15_percent(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--measure`` with ``--sequence-parallel 2``: 2 CPU processes run the real engine step; the peak rank's RSS
     over its baseline is within 15% of the per-rank estimate (a ~0.3 GiB step with a 2560-token prefix_shared row)."""
+    from helpers import measure_matches_estimate
+
     from fastdpo import memory as M
-    from fastdpo.benchmarks.memory_measure import measure
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = dict(
-        M.PRESETS["Llama-3.2-1B"],
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_hidden_layers=2,
-    )
     step = M.StepConfig(
         pairs=1,
         prompt_len=1536,
@@ -563,10 +550,8 @@ def test_memory_measure_sequence_parallel_within_15_percent(monkeypatch: pytest.
         packing="prefix_shared",
         sequence_parallel=2,
     )
-    measured = measure(cfg, step, ["fastdpo"], None)["fastdpo"]
-    assert "error" not in measured, measured
+    measured = measure_matches_estimate(step, ["fastdpo"], rel=0.15)["fastdpo"]
     assert len(measured["rank_peaks"]) == 2
-    assert M.estimate(M.shape_from_config(cfg), step, "fastdpo")["peak"] == pytest.approx(measured["peak"], rel=0.15)
 
 
 @pytest.mark.gpu

@@ -28,17 +28,15 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-from launch import load_worker, run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
+from launch import MULTI_PROCESS, load_worker, run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
+
+from fastdpo.losses import LOSS_TYPES
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"),
-]
+pytestmark = MULTI_PROCESS
 
 WORKER = Path(__file__).with_name("sharded_engine_worker.py")
 WORLD = 2
@@ -57,8 +55,8 @@ ZERO3 = [
     "ld_wpo",
     "gif_lora_tied",
     *QLORA,
-    *(f"loss:{t}" for t in W.LOSS_TYPES),
-    *(f"gif_loss:{t}" for t in W.LOSS_TYPES),
+    *(f"loss:{t}" for t in LOSS_TYPES),
+    *(f"gif_loss:{t}" for t in LOSS_TYPES),
 ]
 FSDP2_ACCELERATE = ["base", "tied", "lora", "gif_ld_wpo", "gif_lora_tied", *QLORA]
 FSDP2_LM_HEAD = ["base", "lora_head", "gif_ld_wpo"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics_records
 
 import fastdpo
 from fastdpo.cli import main as cli_main
@@ -21,29 +22,13 @@ from fastdpo.run_state import DataOrder, save_checkpoint
 from fastdpo.train import main
 
 # tiny and fast: hidden 32, batch 4, few steps, one thread (tests share the machine's cores)
-FAST = [
-    "--hidden-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--eval-batch-size",
-    "16",
-    "--eval-batches",
-    "1",
-    "--threads",
-    "1",
-    "--no-progress",
-    "--log-every",
-    "0",
-]
+FAST = (
+    "--hidden-size 32 --batch-size 4 --eval-batch-size 16 --eval-batches 1 --threads 1 --no-progress --log-every 0"
+).split()
 
 
 # tiny models gain nothing from intra-op threads; one thread keeps the shared cores free for other workers
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def _load_make_demo():
@@ -99,7 +84,7 @@ def test_short_demo_run_learns(tmp_path, capsys):
     assert cli_main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"model written to {(out / 'model').resolve()}"
-    records = _records(out)
+    records = metrics_records(out)
     evals = [r for r in records if "eval_rewards/accuracies" in r]
     assert [r["step"] for r in evals] == [0, 40]
     assert abs(evals[0]["eval_rewards/margins"]) < 1e-5  # policy == reference before training
@@ -119,7 +104,7 @@ def test_short_demo_run_learns(tmp_path, capsys):
 
 
 def _same_run(full: Path, cut: Path) -> None:
-    a, b = _records(full), _records(cut)
+    a, b = metrics_records(full), metrics_records(cut)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
@@ -201,7 +186,7 @@ def test_local_model_and_file_formats(tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"model written to {(out / 'model').resolve()}"
-    evals = [r for r in _records(out) if "eval_loss" in r]
+    evals = [r for r in metrics_records(out) if "eval_loss" in r]
     assert len(evals) == 2 and evals[-1]["eval_rewards/margins"] != 0.0  # the policy moved off the reference
 
 

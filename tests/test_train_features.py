@@ -12,36 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics_records
+from launch import needs_gloo
 
 from fastdpo.train import main
 
 pytest.importorskip("peft")
 
-FAST = [
-    "--hidden-size",
-    "32",
-    "--eval-batch-size",
-    "16",
-    "--threads",
-    "1",
-    "--no-progress",
-    "--log-every",
-    "0",
-    "--eval-every",
-    "0",
-    "--warmup-steps",
-    "0",
-]
+FAST = (
+    "--hidden-size 32 --eval-batch-size 16 --threads 1 --no-progress --log-every 0 --eval-every 0 --warmup-steps 0"
+).split()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def _steps(out: Path) -> list[dict]:
-    return [r for r in _records(out) if "loss" in r and "eval_loss" not in r]
+    return [r for r in metrics_records(out) if "loss" in r and "eval_loss" not in r]
 
 
 def _data(tmp_path: Path, n_train: int = 24, n_eval: int = 8) -> list[str]:
@@ -136,7 +122,7 @@ def test_lora_run_resumes_identically(tmp_path):
     assert main(["--output-dir", str(full), *common]) == 0
     assert main(["--output-dir", str(cut), *common, "--stop-after", "2"]) == 0
     assert main(["--output-dir", str(cut), *common, "--resume"]) == 0
-    assert _records(full) == _records(cut)
+    assert metrics_records(full) == metrics_records(cut)
     a, b = _weights(full / "model"), _weights(cut / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -220,7 +206,7 @@ def test_truncation_mode_reaches_the_collator(tmp_path):
             *FAST,
         ]
         assert main(args) == 0
-        logps[mode] = _records(out)[0]["eval_logps/chosen"]
+        logps[mode] = metrics_records(out)[0]["eval_logps/chosen"]
         tok = AutoTokenizer.from_pretrained(out / "reference")
         model = AutoModelForCausalLM.from_pretrained(out / "reference")
         collator = PreferenceCollator(tok, max_length=12, truncation_mode=mode)
@@ -264,10 +250,7 @@ def test_report_to_tensorboard(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------- torchrun
-@pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with gloo",
-)
+@needs_gloo
 def test_torchrun_two_processes_equal_one_process(tmp_path):
     """2 gloo processes with 3 pairs each train like one process with the 6-pair batch: same losses, metrics,
     held-out metrics and final weights (the loss of each process is weighted by its share of the global batch)."""
@@ -301,7 +284,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 processes" in proc.stdout and proc.stdout.count("model written to") == 1
     assert main(["--output-dir", str(one), "--batch-size", "6", *common]) == 0
-    a, b = _records(one), _records(two)
+    a, b = metrics_records(one), metrics_records(two)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     token_level = ("logits/", "entropy", "mean_token_accuracy")
     for ra, rb in zip(a, b, strict=True):

@@ -4,10 +4,13 @@ a PEFT LoRA policy; plus the options TRL has and fastdpo refuses."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
+from helpers import TRL_STEP_METRICS, dpo_config
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -18,25 +21,9 @@ from peft import LoraConfig, PromptTuningConfig
 from trl import DPOConfig, DPOTrainer
 
 from fastdpo.integrations.trl import FastDPOTrainer
+from fastdpo.losses import LOSS_TYPES
 from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
 _SMOOTHING = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}
 # metrics that must agree between the trainers (TRL's names); everything TRL logs per step is compared
 _SKIP = {"epoch", "step", "learning_rate"}
@@ -51,28 +38,7 @@ def _dataset(n: int = 12, seed: int = 3):
 
 
 def _config(tmp_path, **overrides) -> DPOConfig:
-    kwargs = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 4,
-        "max_steps": 3,
-        "logging_steps": 1,
-        "optim": "sgd",
-        "learning_rate": 0.02,
-        "lr_scheduler_type": "constant",
-        "seed": 0,
-        "report_to": "none",
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "use_cpu": True,
-        "bf16": False,
-        "fp16": False,
-        "gradient_checkpointing": False,
-        "dataloader_num_workers": 0,
-        "beta": 0.5,
-    }
-    kwargs.update(overrides)
-    return DPOConfig(**kwargs)
+    return dpo_config(tmp_path, **{"per_device_eval_batch_size": 4, "gradient_checkpointing": False, **overrides})
 
 
 def _run(
@@ -126,6 +92,14 @@ def _assert_same(fast: list[dict], ref: list[dict], *, rel: float = 2e-4, abs_: 
 def _losses_move(steps: list[dict]) -> None:
     """The comparison must be able to fail: the parameters change between steps (loss or rewards move)."""
     assert len({round(s["loss"], 7) for s in steps}) > 1 or len({round(s["rewards/margins"], 7) for s in steps}) > 1
+
+
+def test_loss_types_are_trls() -> None:
+    """The loss types run below are TRL's own: ``fastdpo.losses.LOSS_TYPES`` is the list ``DPOConfig.loss_type``
+    documents, in TRL's order."""
+    (field,) = [f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type"]
+    documented = field.metadata["help"].split("Possible values are:")[1].split(".")[0]
+    assert tuple(re.findall(r"`'(\w+)'`", documented)) == LOSS_TYPES
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -267,20 +241,7 @@ def test_logs_trl_metric_names(tmp_path):
     assert trainer.packing == "pad"
     trainer.train()
     logged = trainer.state.log_history[0]
-    for key in (
-        "loss",
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/accuracies",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-        "logits/chosen",
-        "logits/rejected",
-        "entropy",
-        "mean_token_accuracy",
-        "num_tokens",
-    ):
+    for key in ("loss", *TRL_STEP_METRICS, "num_tokens"):
         assert key in logged, key
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
+from launch import needs_gloo
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -18,9 +18,7 @@ datasets = pytest.importorskip("datasets")
 
 from fastdpo.tiny import make_model, make_tokenizer, preference_rows
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
-)
+pytestmark = needs_gloo
 
 
 def test_engine_gathered_metrics_equal_full_batch():

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import dpo_config
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -26,27 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path, name: str, **overrides) -> DPOConfig:
-    kwargs = {
-        "output_dir": str(tmp_path / name),
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 3,
-        "max_steps": 2,
-        "logging_steps": 1,
-        "optim": "sgd",
-        "learning_rate": 0.02,
-        "lr_scheduler_type": "constant",
-        "seed": 0,
-        "report_to": "none",
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "use_cpu": True,
-        "bf16": False,
-        "fp16": False,
-        "dataloader_num_workers": 0,
-        "beta": 0.5,
-    }
-    kwargs.update(overrides)
-    return DPOConfig(**kwargs)
+    return dpo_config(tmp_path / name, **{"per_device_eval_batch_size": 3, "max_steps": 2, **overrides})
 
 
 def _trainer(cls, tmp_path, name: str, *, args_kw: dict | None = None, n_eval: int = 7, **kw):

@@ -29,21 +29,17 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 pytest.importorskip("deepspeed")
 datasets = pytest.importorskip("datasets")
 
-from launch import run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
+from launch import MULTI_PROCESS, run_launcher, torchrun  # tests/ is on sys.path (conftest.py)
 
 from fastdpo.tiny import preference_rows
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"),
-]
+pytestmark = MULTI_PROCESS
 
 WORKER = Path(__file__).with_name("trl_multiprocess_worker.py")
 WORLD = 2

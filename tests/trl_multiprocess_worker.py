@@ -139,9 +139,10 @@ def _full_params(trainer: Any) -> dict[str, torch.Tensor]:
 
 def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Path, out_dir: Path) -> dict[str, Any]:
     import datasets
+    from helpers import dpo_config
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from fastdpo.integrations.trl import FastDPOTrainer
     from fastdpo.tiny import make_tokenizer
@@ -173,25 +174,14 @@ def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Pa
     resume = case == "resume"
 
     def make_args() -> Any:
-        return DPOConfig(
-            output_dir=str(run_dir),
+        return dpo_config(
+            run_dir,
             per_device_train_batch_size=2,
             max_steps=STEPS,
-            logging_steps=1,
-            optim="sgd",
             learning_rate=0.5 if peft else 0.02,
-            lr_scheduler_type="constant",
-            seed=0,
-            report_to="none",
             save_strategy="steps" if resume else "no",
             save_steps=2,
-            disable_tqdm=True,
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
             gradient_checkpointing=case == "grad_accum",
-            dataloader_num_workers=0,
-            beta=0.5,
             per_device_eval_batch_size=2,
             precompute_ref_log_probs=case in ("precompute", "resume"),
             precompute_ref_batch_size=2,
