@@ -67,7 +67,6 @@ __all__ = [
     "sequence_logprobs",
     "token_logprobs",
 ]
-assert sorted(_EXPORTS) == sorted(n for n in __all__ if n != "__version__")
 
 
 def __getattr__(name: str) -> Any:

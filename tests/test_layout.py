@@ -57,6 +57,7 @@ def test_public_names_are_the_readmes_and_import_stays_cheap() -> None:
             assert f"fastdpo.{name}" in readme or re.search(rf"\b{name}\b", readme), name
             assert getattr(fastdpo, name) is not None
     assert fastdpo.DPOEngine.__module__ == "fastdpo.engine"
+    assert sorted(fastdpo._EXPORTS) == sorted(n for n in fastdpo.__all__ if n != "__version__")
 
 
 def test_moved_names_warn_and_resolve() -> None:
