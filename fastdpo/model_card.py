@@ -1,9 +1,13 @@
-"""The model card (``README.md``) ``fastdpo train`` writes next to the model it saves.
+"""The model cards (``README.md``) fastdpo writes next to the models it trains.
 
-A Hugging Face model card: YAML metadata (``library_name`` ``transformers``, or ``peft`` for a LoRA / QLoRA adapter,
-``tags`` ``fastdpo``, ``dpo``, the packing and ``lora``/``qlora`` when used, ``base_model`` when the base is a Hub id)
-and a text with the training settings, the held-out metrics before and after training, and how to load the model.
-``huggingface_hub.ModelCard.load`` reads it back.
+``fastdpo train`` (:func:`write_model_card`): a Hugging Face model card: YAML metadata (``library_name``
+``transformers``, or ``peft`` for a LoRA / QLoRA adapter, ``tags`` ``fastdpo``, ``dpo``, the packing and
+``lora``/``qlora`` when used, ``base_model`` when the base is a Hub id) and a text with the training settings, the
+held-out metrics before and after training, and how to load the model. ``huggingface_hub.ModelCard.load`` reads it
+back.
+
+``FastDPOTrainer`` (:func:`add_fastdpo_settings`): TRL's own card, its "trained using TRL" line naming fastdpo's
+engine, plus a "fastdpo settings" section and the fastdpo version under the framework versions.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_model_card"]
+__all__ = ["add_fastdpo_settings", "write_model_card"]
 
 
 def _value(v: Any) -> str:
@@ -92,3 +96,28 @@ def write_model_card(
     path = Path(folder) / "README.md"
     card.save(path)
     return path
+
+
+def add_fastdpo_settings(path: str | Path, settings: Mapping[str, Any]) -> None:
+    """Rewrite the TRL model card at ``path`` (atomically): TRL's "trained using TRL" sentence names fastdpo's engine
+    (``FastDPOTrainer``), a "### fastdpo settings" section lists ``settings`` (``- key: `value` `` lines) before TRL's
+    "### Framework versions" section, which gains a ``fastdpo`` line (the section goes at the end of a card without
+    one)."""
+    import fastdpo
+    from fastdpo.atomic import atomic_write
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    trained = "It has been trained using [TRL](https://github.com/huggingface/trl)."
+    text = text.replace(
+        trained,
+        trained[:-1] + " with fastdpo's DPO engine (`fastdpo.integrations.trl."
+        "FastDPOTrainer`: fused LM head, no `[tokens, vocabulary]` logits).",
+    )
+    section = "### fastdpo settings\n\n" + "".join(f"- {k}: `{v}`\n" for k, v in settings.items())
+    anchor = "### Framework versions\n\n"
+    if anchor in text:
+        text = text.replace(anchor, section + "\n" + anchor + f"- fastdpo: {fastdpo.__version__}\n", 1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

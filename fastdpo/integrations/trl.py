@@ -68,15 +68,15 @@ parallelism (``parallelism_config`` ``tp_size``, DeepSpeed AutoTP, ``tp_plan``),
 through accelerate's ``parallelism_config`` or DeepSpeed (fastdpo's own sequence parallelism is
 ``sequence_parallel_size=k``, on DDP), HSDP; and, after construction, other distributed types (XLA, ...) and
 ``torch_compile`` with several processes.
+
+The trainer is cut along its seams: the constructor's arguments and what they map to (:mod:`.trl_args`), the
+distributed setups and the data-parallel sharding of sequence parallelism (:mod:`.trl_distributed`), collation and
+the predictions (:mod:`.trl_collate`), the reference and its precomputed log-probs (:mod:`.trl_reference`), the model
+card (:func:`fastdpo.model_card.add_fastdpo_settings`); this module holds the trainer and its loss step.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -84,87 +84,33 @@ from typing import Any, ClassVar
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import use_adapter
 
-from fastdpo.collator import PreferenceCollator
 from fastdpo.engine import DPOEngine
 from fastdpo.head.plan import _legacy_tiles
-from fastdpo.losses.config import PreferenceLossConfig, resolve_loss_config
-from fastdpo.losses.metrics import TRL_METRIC_ORDER
-from fastdpo.models import is_deepspeed_engine, is_peft_model, keep_requires_grad
-from fastdpo.ref_cache import RefLogpCache, dataset_fingerprint, pair_keys
-
-logger = logging.getLogger(__name__)
-
-__all__ = ["PREDICTION_COLUMNS", "FastDPOTrainer", "sequence_token_ids"]
-
-#: the columns of ``trainer.predict(...).predictions`` (``[P, 6]`` float32, one row per preference pair)
-PREDICTION_COLUMNS: tuple[str, ...] = (
-    "chosen_logps",
-    "rejected_logps",
-    "chosen_rewards",
-    "rejected_rewards",
-    "ref_chosen_logps",
-    "ref_rejected_logps",
+from fastdpo.integrations.trl_args import check_supported, default_args, loss_config_from_args, resolve_packing
+from fastdpo.integrations.trl_collate import (
+    PREDICTION_COLUMNS,
+    TrainerCollator,
+    collator_pad_id,
+    pair_predictions,
+    sequence_token_ids,
 )
+from fastdpo.integrations.trl_distributed import (
+    check_accelerator,
+    check_distributed_config,
+    check_sequence_parallel_args,
+    shard_over_data_parallel,
+)
+from fastdpo.integrations.trl_reference import ReferenceMixin
+from fastdpo.losses.config import PreferenceLossConfig
+from fastdpo.losses.metrics import TRL_METRIC_ORDER
+from fastdpo.model_card import add_fastdpo_settings
+from fastdpo.models import is_deepspeed_engine, is_peft_model
 
-_PACKINGS = ("pad", "padding_free", "prefix_shared")
-# the order TRL 1.16 fills ``self._metrics`` in (log lines read the same)
-
-
-class _TrainerCollator:
-    """Data collator for the trainer: a :class:`PreferenceCollator` built on first use from the trainer's tokenizer
-    (TRL resolves the processing class inside ``DPOTrainer.__init__``) and the ``DPOConfig`` truncation options.
-
-    Rows are TRL's tokenized rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, optionally ``ref_chosen_logps``
-    / ``ref_rejected_logps``); the batch is the collator's (see :mod:`fastdpo.collator`) plus ``num_tokens`` (int:
-    prompt+completion tokens of both sequences of every pair after truncation, what TRL counts in ``num_tokens``).
-
-    With ``trl_collator`` (TRL's ``DataCollatorForPreference`` passed as ``data_collator``), its ``max_length``,
-    ``truncation_mode``, ``pad_to_multiple_of`` and ``pad_token_id`` replace the ``DPOConfig`` ones, so the rows are
-    cut and padded as TRL's collator would cut and pad them.
-    """
-
-    def __init__(
-        self,
-        trainer: FastDPOTrainer,
-        args: DPOConfig,
-        packing: str,
-        trl_collator: DataCollatorForPreference | None = None,
-    ) -> None:
-        self._trainer = trainer
-        self._args = args
-        self.packing = packing
-        self.trl_collator = trl_collator
-        self._collator: PreferenceCollator | None = None
-
-    @property
-    def collator(self) -> PreferenceCollator:
-        if self._collator is None:
-            source = self.trl_collator if self.trl_collator is not None else self._args
-            pad_to = source.pad_to_multiple_of if isinstance(source.pad_to_multiple_of, int) else None
-            self._collator = PreferenceCollator(
-                self._trainer._tokenizer,
-                max_length=source.max_length,
-                truncation_mode=source.truncation_mode,
-                packing=self.packing,
-                pad_to_multiple_of=pad_to,
-            )
-            if self.trl_collator is not None:
-                self._collator.pad_token_id = int(self.trl_collator.pad_token_id)
-        return self._collator
-
-    def __call__(self, rows: list[Mapping[str, Any]]) -> dict[str, Any]:
-        batch = self.collator(rows)
-        tokens = int(batch["attention_mask"].sum())
-        if self.packing == "prefix_shared":  # TRL feeds each pair's prompt twice (once per completion)
-            tokens += int((batch["token_role"] == 0).sum())
-        batch["num_tokens"] = tokens
-        return batch
+__all__ = ["PREDICTION_COLUMNS", "FastDPOTrainer", "check_distributed_config", "sequence_token_ids"]
 
 
-class FastDPOTrainer(DPOTrainer):
+class FastDPOTrainer(ReferenceMixin, DPOTrainer):
     """``trl.DPOTrainer`` (TRL 1.16) whose loss path is :class:`fastdpo.engine.DPOEngine`.
 
     See the module docstring for what differs from ``DPOTrainer`` by design (predictions, ``torch_compile``,
@@ -229,44 +175,14 @@ class FastDPOTrainer(DPOTrainer):
     ) -> None:
         token_tile, vocab_tile = _legacy_tiles(type(self).__name__, chunk_size, token_tile, vocab_tile)
         if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
-            args = DPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-FastDPO")
-        self._check_supported(args, data_collator, train_dataset, processing_class, peft_config)
-        self._loss_config = _loss_config(args, loss_config)
+            args = default_args(model)
+        check_supported(args, data_collator, train_dataset, processing_class, peft_config)
+        self._loss_config = loss_config_from_args(args, loss_config)
         check_distributed_config(args)  # before any model is loaded or any row tokenized
-        trl_collator = data_collator if isinstance(data_collator, DataCollatorForPreference) else None
-        if trl_collator is not None:
-            data_collator = None
-        if isinstance(data_collator, PreferenceCollator):
-            if packing is not None and packing != data_collator.packing:
-                raise ValueError(
-                    f"packing={packing!r} disagrees with the data_collator's packing {data_collator.packing!r}"
-                )
-            packing = data_collator.packing
-        if packing is None:
-            packing = "padding_free" if args.padding_free else "pad"
-        if packing not in _PACKINGS:
-            raise ValueError(f"packing must be one of {_PACKINGS}, got {packing!r}")
+        packing, data_collator, trl_collator = resolve_packing(packing, data_collator, args)
         self._fast_engine: DPOEngine | None = None
-        if (
-            isinstance(sequence_parallel_size, bool)
-            or not isinstance(sequence_parallel_size, int)
-            or sequence_parallel_size < 1
-        ):
-            raise ValueError(f"sequence_parallel_size must be a positive int, got {sequence_parallel_size!r}")
-        if sequence_parallel_size > 1 and args.precompute_ref_log_probs:
-            raise NotImplementedError(
-                "precompute_ref_log_probs with sequence_parallel_size > 1: TRL precomputes over a loader sharded over "
-                "every rank, but the ranks of a sequence-parallel group must see the same batches; precompute with "
-                "sequence_parallel_size=1 (or DPOEngine.precompute_reference) and train on the stored columns"
-            )
-        if sequence_parallel_size > 1 and (
-            getattr(args, "deepspeed_plugin", None) is not None or _requested_fsdp_version(args) is not None
-        ):
-            raise NotImplementedError(
-                f"sequence_parallel_size={sequence_parallel_size} with DeepSpeed or FSDP: fastdpo's sequence "
-                "parallelism is validated on DDP (MULTI_CPU/MULTI_GPU) only; launch it without a DeepSpeed/FSDP config"
-            )
+        check_sequence_parallel_args(sequence_parallel_size, args)
+        # DPOEngine's keywords, as given here (the engine is built on first use, see _engine)
         self._engine_options = {
             "grad_in_forward": bool(grad_in_forward),
             "attn_impl": attn_impl,
@@ -275,9 +191,9 @@ class FastDPOTrainer(DPOTrainer):
             "backend": backend,
             "sequence_parallel_size": sequence_parallel_size,
         }
-        self._ref_adapter: str | None = None  # a PEFT "ref" adapter (re-training an existing adapter), see below
+        self._ref_adapter: str | None = None  # a PEFT "ref" adapter (re-training an existing adapter), see _engine
         if data_collator is None:
-            data_collator = _TrainerCollator(self, args, packing, trl_collator)
+            data_collator = TrainerCollator(self, args, packing, trl_collator)
         # TRL 1.16 warns that padding_free is unavailable and falls back to padding; here it selects our packing, so
         # keep TRL from warning (and restore the user's flag afterwards).
         padding_free = args.padding_free
@@ -309,102 +225,17 @@ class FastDPOTrainer(DPOTrainer):
         self._engine()  # build now: configuration errors surface at construction
         self.compiled_layers = self._compile_backbone() if args.torch_compile else 0
 
-    # ------------------------------------------------------------------------------------------------ validation
-    @staticmethod
-    def _check_supported(
-        args: DPOConfig, data_collator: Any, train_dataset: Any, processing_class: Any, peft_config: Any
-    ) -> None:
-        from transformers import ProcessorMixin
-
-        if not isinstance(args, DPOConfig):
-            raise TypeError(f"args must be a trl.DPOConfig, got {type(args).__name__}")
-        if args.use_liger_kernel and args.device.type != "cuda":
-            raise NotImplementedError(
-                f"use_liger_kernel=True on {args.device.type}: Liger's layer kernels (which FastDPOTrainer keeps, "
-                "as TRL does; fastdpo's fused head replaces the loss) are Triton GPU kernels and need a CUDA device; "
-                "train without use_liger_kernel here"
-            )
-        if isinstance(processing_class, ProcessorMixin):
-            raise NotImplementedError(
-                "vision-language models (a ProcessorMixin processing_class) are not supported by FastDPOTrainer"
-            )
-        if train_dataset is not None:
-            with contextlib.suppress(StopIteration, TypeError):
-                sample = next(iter(train_dataset))
-                if isinstance(sample, Mapping) and ("image" in sample or "images" in sample):
-                    raise NotImplementedError(
-                        "vision datasets ('image'/'images' columns) are not supported by FastDPOTrainer"
-                    )
-        if (
-            isinstance(data_collator, DataCollatorForPreference)
-            and type(data_collator).torch_call is not DataCollatorForPreference.torch_call
-        ):
-            raise NotImplementedError(
-                f"data_collator: {type(data_collator).__name__} overrides DataCollatorForPreference.torch_call; "
-                "FastDPOTrainer collates TRL's rows itself with DataCollatorForPreference's settings and cannot "
-                "reproduce a custom batch layout"
-            )
-        if data_collator is not None and not isinstance(
-            data_collator, (PreferenceCollator, _TrainerCollator, DataCollatorForPreference)
-        ):
-            raise NotImplementedError(
-                f"data_collator: FastDPOTrainer needs batches from fastdpo.PreferenceCollator (got "
-                f"{type(data_collator).__name__}); pass none (the trainer builds one from DPOConfig), a "
-                "PreferenceCollator or TRL's DataCollatorForPreference"
-            )
-        if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-            raise NotImplementedError(
-                f"peft_config: prompt-learning PEFT methods ({type(peft_config).__name__}) prepend virtual tokens, "
-                "which FastDPOTrainer's token indexing does not model; use LoRA-style adapters"
-            )
-        if (
-            args.model_init_kwargs
-            and isinstance(args.model_init_kwargs, Mapping)
-            and args.model_init_kwargs.get("output_router_logits")
-        ):
-            raise NotImplementedError(
-                "model_init_kwargs['output_router_logits']: the Mixture-of-Experts auxiliary "
-                "loss is not supported by FastDPOTrainer"
-            )
-
+    # ------------------------------------------------------------------------------------------------ setup
     def _check_parallelism(self) -> None:
-        """Refuse the multi-process setups that are not supported, from the accelerator's state (the same checks as
-        :func:`check_distributed_config`, which runs on the arguments before anything is loaded): DDP
-        (``MULTI_CPU``/``MULTI_GPU``), DeepSpeed ZeRO stages 0-3 and FSDP2 run multi-process."""
-        from accelerate.utils import DistributedType
-
-        acc = self.accelerator
-        if self.is_deepspeed_enabled:
-            _check_deepspeed_config(getattr(getattr(acc.state, "deepspeed_plugin", None), "deepspeed_config", {}))
-        if self.is_fsdp_enabled:
-            _check_fsdp_version(getattr(getattr(acc.state, "fsdp_plugin", None), "fsdp_version", 1))
-        config = acc.parallelism_config
-        if config is not None:
-            _check_parallelism_sizes(config, fsdp2=self.is_fsdp_enabled)
-        if acc.num_processes > 1:
-            if acc.distributed_type not in (
-                DistributedType.MULTI_CPU,
-                DistributedType.MULTI_GPU,
-                DistributedType.DEEPSPEED,
-                DistributedType.FSDP,
-            ):
-                raise NotImplementedError(
-                    f"distributed type {acc.distributed_type} ({acc.num_processes} processes): FastDPOTrainer runs "
-                    "DDP (MULTI_CPU, MULTI_GPU), DeepSpeed ZeRO and FSDP2 only"
-                )
-            if self.args.torch_compile:
-                raise NotImplementedError(
-                    "torch_compile with several processes: the compiled wrapper around DDP is not validated with "
-                    "FastDPOTrainer; train multi-process without torch_compile"
-                )
-        sp = self._engine_options["sequence_parallel_size"]
-        if sp > 1 and (
-            acc.num_processes % sp or acc.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-        ):
-            raise ValueError(
-                f"sequence_parallel_size={sp} needs a multi-process DDP launch (MULTI_CPU/MULTI_GPU) whose process "
-                f"count is a multiple of it; got {acc.num_processes} process(es), {acc.distributed_type}"
-            )
+        """Refuse the multi-process setups that are not supported, from the accelerator's state
+        (:func:`~fastdpo.integrations.trl_distributed.check_accelerator`)."""
+        check_accelerator(
+            self.accelerator,
+            deepspeed=self.is_deepspeed_enabled,
+            fsdp=self.is_fsdp_enabled,
+            torch_compile=self.args.torch_compile,
+            sequence_parallel_size=self._engine_options["sequence_parallel_size"],
+        )
 
     def _compile_backbone(self) -> int:
         """``torch_compile``: compile every decoder layer of the policy and of a separate reference model in place
@@ -434,7 +265,6 @@ class FastDPOTrainer(DPOTrainer):
             count += len(layers)
         return count
 
-    # ------------------------------------------------------------------------------------------------ engine
     def _engine(self) -> DPOEngine:
         """The engine (built on first use: TRL's ``__init__`` may need reference log-probs before it returns)."""
         if self._fast_engine is not None:
@@ -449,34 +279,14 @@ class FastDPOTrainer(DPOTrainer):
                 "prompt-learning PEFT models (virtual tokens) are not supported by "
                 "FastDPOTrainer; use LoRA-style adapters"
             )
-        args = self.args
-        if self.precompute_ref_logps:
-            reference, ref_model = "precomputed", None
-        elif self.ref_model is not None:
-            reference, ref_model = "model", self.ref_model
-        elif is_peft_model(model):
-            if "ref" in model.peft_config:
-                # TRL copied a pre-trained adapter to "ref": the reference is that adapter, not the bare base model.
-                # Its log-probs are computed each step under use_adapter(model, "ref") and handed to the engine.
-                self._ref_adapter = "ref"
-                reference, ref_model = "precomputed", None
-            else:
-                reference, ref_model = "adapter", None
-        else:  # pragma: no cover - DPOTrainer always builds a reference for full fine-tuning
-            raise ValueError("no reference: pass ref_model, a PEFT model, or precompute_ref_log_probs=True")
-        opts = self._engine_options
+        reference, ref_model = self._reference_mode()
         self._fast_engine = DPOEngine(
             model,
             ref_model,
             reference=reference,
             loss_config=self._loss_config,
-            disable_dropout=args.disable_dropout,
-            attn_impl=opts["attn_impl"],
-            grad_in_forward=opts["grad_in_forward"],
-            token_tile=opts["token_tile"],
-            vocab_tile=opts["vocab_tile"],
-            backend=opts["backend"],
-            sequence_parallel_size=opts["sequence_parallel_size"],
+            disable_dropout=self.args.disable_dropout,
+            **self._engine_options,
         )
         return self._fast_engine
 
@@ -487,115 +297,8 @@ class FastDPOTrainer(DPOTrainer):
         loader = super()._get_dataloader(*args, **kwargs)
         sp = self._engine_options["sequence_parallel_size"]
         if sp > 1:
-            _shard_over_data_parallel(
-                loader, self.accelerator.num_processes // sp, self.accelerator.process_index // sp
-            )
+            shard_over_data_parallel(loader, self.accelerator.num_processes // sp, self.accelerator.process_index // sp)
         return loader
-
-    @contextlib.contextmanager
-    def _no_grad_reference(self, model: torch.nn.Module):
-        """No-grad context in which ``model`` computes reference log-probs (adapters swapped for a PEFT policy)."""
-        from trl.models.utils import disable_gradient_checkpointing
-
-        adapter_ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
-        unwrapped = self.accelerator.unwrap_model(model)
-        if is_peft_model(unwrapped) and (self.ref_model is None or model is not self.ref_model):
-            adapter_ctx = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            keep_requires_grad(unwrapped),
-            adapter_ctx,
-        ):  # see fastdpo.models.keep_requires_grad (FSDP2 + PEFT)
-            yield unwrapped
-
-    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
-        """TRL's ``precompute_ref_log_probs`` pass, sharded and cached by fastdpo (called by ``DPOTrainer.__init__``
-        for the train/eval datasets and by ``evaluate``).
-
-        The dataset is ``dataset`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, as TRL returns it. The
-        values come from a :class:`~fastdpo.ref_cache.RefLogpCache` at ``<output_dir>/fastdpo_ref_logps/<name>-<id>
-        .pt``, whose id hashes the reference's fingerprint (TRL's ``hash_module`` of the reference, rank 0's value),
-        the dataset's pairs (content keys of the collated tokens) and the settings that change reference log-probs.
-        When that file exists (a resumed run, a second ``evaluate``) it is read and verified (checksum, stamps) and
-        no reference forward runs. Otherwise every rank computes the log-probs of its own shard of the dataset (the
-        dataloader ``accelerate`` prepares; under ZeRO-3 the reference is TRL's DeepSpeed inference engine of the
-        policy, ``prepare_deepspeed``, or the prepared ``ref_model``), the rows are all-gathered and rank 0 writes the
-        file once, atomically and checksummed (:meth:`RefLogpCache.build_distributed`); every rank then reads the
-        same verified file. ``output_dir`` must be shared by the ranks (as for checkpoints).
-        """
-        from accelerate.utils import broadcast_object_list
-        from datasets import IterableDataset
-        from torch.utils.data import DataLoader
-
-        if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
-                "Dataset or set `precompute_ref_log_probs=False`."
-            )
-        settings = self._engine().ref_settings
-        keys = [
-            key
-            for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
-            for key in pair_keys(batch)
-        ]
-        model_hash = [self._precompute_model_hash]
-        broadcast_object_list(model_hash, from_process=0)  # ZeRO-3 may have partitioned the model at load
-        stamp = json.dumps(
-            {"model": model_hash[0], "data": dataset_fingerprint(keys), "settings": settings}, sort_keys=True
-        )
-        path = os.path.join(
-            self.args.output_dir, "fastdpo_ref_logps", f"{name}-{hashlib.sha256(stamp.encode()).hexdigest()[:20]}.pt"
-        )
-        found = [os.path.exists(path)]
-        broadcast_object_list(found, from_process=0)  # one decision for all ranks (they run collectives below)
-        if found[0]:
-            cache = RefLogpCache.load(path, model_hash=model_hash[0], settings=settings)
-        else:
-            loader = self.accelerator.prepare(
-                DataLoader(
-                    dataset,
-                    batch_size=batch_size,
-                    collate_fn=self.data_collator,
-                    shuffle=False,
-                    num_workers=self.args.dataloader_num_workers,
-                    pin_memory=self.args.dataloader_pin_memory,
-                )
-            )
-            model = self._precompute_reference_model()
-            cache = RefLogpCache.build_distributed(
-                lambda batch: self.compute_ref_log_probs(model, batch),
-                loader,
-                path,
-                model_hash=model_hash[0],
-                settings=settings,
-            )
-        chosen, rejected = cache.values_for(keys)
-        return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column(
-            "ref_rejected_logps", rejected.tolist()
-        )
-
-    def _precompute_reference_model(self) -> torch.nn.Module:
-        """The model the precompute pass runs, as TRL picks it: the reference model when there is one, else (full
-        fine-tuning under DeepSpeed, PEFT) the policy -- under DeepSpeed wrapped once in TRL's inference engine
-        (``prepare_deepspeed``: before ``train`` prepares it, the policy is not yet placed, and under ZeRO-3 it is
-        partitioned)."""
-        from trl.models import prepare_deepspeed
-
-        if self.ref_model is None and self.is_deepspeed_enabled:
-            if getattr(self, "_precompute_engine", None) is None:
-                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-            return self._precompute_engine
-        return self.ref_model if self.ref_model is not None else self.model
-
-    def compute_ref_log_probs(
-        self, model: torch.nn.Module, inputs: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference ``(chosen_logps [P], rejected_logps [P])`` fp32 of one collated batch (TRL's precompute hook)."""
-        engine = self._engine()
-        with self._no_grad_reference(model) as ref, self.accelerator.autocast():
-            out = engine.compute_logps(ref, inputs, with_grad=False, token_stats=engine.policy_token_stats)
-        return out["chosen_logps"], out["rejected_logps"]
 
     # ------------------------------------------------------------------------------------------------ loss path
     def compute_loss(
@@ -612,14 +315,8 @@ class FastDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         engine = self._engine()
         batch = dict(inputs)
-        # Mixed precision (bf16=True / fp16=True): accelerate autocasts only the model's forward, where TRL's lm_head
-        # runs; the fused head runs after it, so the step runs under the accelerator's autocast, in which the engine
-        # gives the head the autocast dtype (see fastdpo.engine._head_operands). A no-op without mixed precision.
-        autocast = self.accelerator.autocast
         if self._ref_adapter is not None and not self.precompute_ref_logps:
-            with self._no_grad_reference(self.model) as ref, autocast():
-                out = engine.compute_logps(ref, batch, with_grad=False, token_stats=engine.policy_token_stats)
-            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = out["chosen_logps"], out["rejected_logps"]
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = self.compute_ref_log_probs(self.model, batch)
         # Under DDP the Trainer hands the accelerate-prepared wrapper: the policy forward must run through it so that
         # DDP's reducer averages the gradients. Any other module (self.model; a torch.compile wrapper in a single
         # process) leaves the engine running its own, unwrapped policy.
@@ -630,31 +327,16 @@ class FastDPOTrainer(DPOTrainer):
                 "process training step; expected the DistributedDataParallel / DeepSpeedEngine wrapper or the FSDP2 "
                 "model accelerate prepared (running the unwrapped policy would leave the gradients unreduced)"
             )
-        gathers: dict[str, Any] = {}
-        if self.accelerator.num_processes > 1:  # metrics over all ranks, gathered like TRL's
-            gathers = {"gather": self.accelerator.gather, "gather_totals": self.accelerator.gather_for_metrics}
         pairs: list[torch.Tensor] = []
-        if return_outputs:
-            # the engine hands ``gather`` this rank's per-pair [P, 4] (policy c, policy r, reference c, reference r)
-            # log-probs; record them on the way (identity in one process)
-            gather = gathers.get("gather", lambda t: t)
-            gathers = {
-                "gather_totals": gathers.get("gather_totals", lambda t: t),
-                "gather": lambda t: (pairs.append(t), gather(t))[1],
-            }
-        with autocast():
-            loss, metrics = engine.step(batch, policy, **gathers)
+        # Mixed precision (bf16=True / fp16=True): accelerate autocasts only the model's forward, where TRL's lm_head
+        # runs; the fused head runs after it, so the step runs under the accelerator's autocast, in which the engine
+        # gives the head the autocast dtype (see fastdpo.engine._head_operands). A no-op without mixed precision.
+        with self.accelerator.autocast():
+            loss, metrics = engine.step(batch, policy, **self._metric_gathers(pairs if return_outputs else None))
         self._record_metrics(mode, batch, metrics)
         if not return_outputs:
             return loss
-        if len(pairs) != 1 or pairs[0].shape != (int(batch["num_pairs"]), 4):
-            raise RuntimeError(
-                f"FastDPOTrainer: expected the engine's [P, 4] per-pair log-probs, got {[list(t.shape) for t in pairs]}"
-            )
-        pc, pr, rc, rr = pairs[0].unbind(1)
-        beta = engine.beta
-        predictions = torch.stack([pc, pr, beta * (pc - rc), beta * (pr - rr), rc, rr], dim=1)
-        return loss, {"predictions": predictions}
+        return loss, {"predictions": pair_predictions(pairs, int(batch["num_pairs"]), engine.beta)}
 
     def _policy_wrapper(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The module the policy forward must run through: the ``DistributedDataParallel`` / ``DeepSpeedEngine``
@@ -666,6 +348,22 @@ class FastDPOTrainer(DPOTrainer):
         if self.is_fsdp_enabled and model is self._engine().model:
             return model
         return None
+
+    def _metric_gathers(self, pairs: list[torch.Tensor] | None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The ``gather`` / ``gather_totals`` keywords of :meth:`DPOEngine.step`: with several processes the metrics
+        are gathered over all ranks as TRL gathers them (none in one process). With ``pairs``, ``gather`` also appends
+        to it what the engine hands it: this rank's per-pair ``[P, 4]`` log-probs (policy chosen, policy rejected,
+        reference chosen, reference rejected)."""
+        gathers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        if self.accelerator.num_processes > 1:
+            gathers = {"gather": self.accelerator.gather, "gather_totals": self.accelerator.gather_for_metrics}
+        if pairs is None:
+            return gathers
+        gather = gathers.get("gather", lambda t: t)
+        return {
+            "gather_totals": gathers.get("gather_totals", lambda t: t),
+            "gather": lambda t: (pairs.append(t), gather(t))[1],
+        }
 
     def _record_metrics(self, mode: str, batch: Mapping[str, Any], metrics: Mapping[str, torch.Tensor]) -> None:
         """Append this step's metrics (already global over ranks, see :meth:`compute_loss`) to ``self._metrics``;
@@ -705,14 +403,7 @@ class FastDPOTrainer(DPOTrainer):
             if prediction_loss_only:
                 return self.compute_loss(model, inputs).detach(), None, None
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-        pad_id = self._fast_collator_pad_id()
-        return loss.detach(), outputs["predictions"], sequence_token_ids(inputs, pad_id)
-
-    def _fast_collator_pad_id(self) -> int:
-        collator = self.data_collator
-        if isinstance(collator, _TrainerCollator):
-            return collator.collator.pad_token_id
-        return int(getattr(collator, "pad_token_id", 0))
+        return loss.detach(), outputs["predictions"], sequence_token_ids(inputs, collator_pad_id(self.data_collator))
 
     # ------------------------------------------------------------------------------------------------ model card
     def _fastdpo_settings(self) -> dict[str, Any]:
@@ -732,192 +423,12 @@ class FastDPOTrainer(DPOTrainer):
         self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
     ) -> None:
         """TRL's model card plus fastdpo: the ``fastdpo`` tag, ``fastdpo-packing-<packing>`` and
-        ``fastdpo-grad-in-forward`` tags, a "fastdpo settings" section and the fastdpo version."""
-        import fastdpo
-        from fastdpo.atomic import atomic_write
-
+        ``fastdpo-grad-in-forward`` tags, a "fastdpo settings" section and the fastdpo version
+        (:func:`fastdpo.model_card.add_fastdpo_settings`)."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         tags += ["fastdpo", f"fastdpo-packing-{self.packing}"]
         if self._engine_options["grad_in_forward"]:
             tags.append("fastdpo-grad-in-forward")
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if not self.is_world_process_zero():
-            return
-        path = Path(self.args.output_dir) / "README.md"
-        text = path.read_text(encoding="utf-8")
-        trained = "It has been trained using [TRL](https://github.com/huggingface/trl)."
-        text = text.replace(
-            trained,
-            trained[:-1] + " with fastdpo's DPO engine (`fastdpo.integrations.trl."
-            "FastDPOTrainer`: fused LM head, no `[tokens, vocabulary]` logits).",
-        )
-        section = "### fastdpo settings\n\n" + "".join(f"- {k}: `{v}`\n" for k, v in self._fastdpo_settings().items())
-        anchor = "### Framework versions\n\n"
-        if anchor in text:
-            text = text.replace(anchor, section + "\n" + anchor + f"- fastdpo: {fastdpo.__version__}\n", 1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def sequence_token_ids(batch: Mapping[str, Any], pad_token_id: int) -> torch.Tensor:
-    """TRL's ``input_ids`` layout of a collated batch of any packing: ``[2P, L]`` int64, row ``s`` the tokens of
-    sequence ``s`` (prompt + completion; chosen of pair ``i`` is ``i``, rejected ``P + i``), right-padded with
-    ``pad_token_id`` to the longest sequence (what TRL's ``prediction_step`` returns as label ids)."""
-    p = int(batch["num_pairs"])
-    ids, seq, role, pair = (batch[k].reshape(-1) for k in ("input_ids", "token_seq", "token_role", "token_pair"))
-    shared_prompt = batch.get("packing") == "prefix_shared"  # prompt tokens carry the chosen id in that layout
-    rows = []
-    for s in range(2 * p):
-        i, k = s % p, s // p
-        prompt = (role == 0) & (pair == i) & ((seq == i) if shared_prompt else (seq == s))
-        rows.append(ids[prompt | ((role == 1 + k) & (seq == s))])
-    width = max(1, max(r.numel() for r in rows))
-    out = torch.full((2 * p, width), pad_token_id, dtype=torch.long, device=ids.device)
-    for s, r in enumerate(rows):
-        out[s, : r.numel()] = r
-    return out
-
-
-def _shard_over_data_parallel(loader: Any, num_shards: int, shard: int) -> None:
-    """Make an accelerate-prepared loader serve shard ``shard`` of ``num_shards`` (instead of one per process).
-
-    Raises ``NotImplementedError`` for loaders whose split cannot be changed after preparation (batch dispatching
-    from rank 0, ``datasets`` iterable datasets pre-sharded per process)."""
-    from accelerate.data_loader import BatchSamplerShard, DataLoaderDispatcher, IterableDatasetShard
-
-    if isinstance(loader, DataLoaderDispatcher):
-        raise NotImplementedError(
-            "sequence_parallel_size > 1 with accelerate's batch dispatching "
-            "(dispatch_batches / iterable datasets): use a map-style dataset"
-        )
-    for candidate in (
-        getattr(loader, "batch_sampler", None),
-        getattr(loader, "sampler", None),
-        getattr(loader, "dataset", None),
-    ):
-        if isinstance(candidate, (BatchSamplerShard, IterableDatasetShard)):
-            candidate.num_processes, candidate.process_index = num_shards, shard
-            return
-    raise NotImplementedError(
-        f"sequence_parallel_size > 1: cannot re-shard a {type(loader).__name__} over the "
-        "data-parallel ranks; use a map-style dataset"
-    )
-
-
-# ---------------------------------------------------------------------------------------------------- parallelism
-_LOSS_FIELDS = (
-    "loss_type",
-    "loss_weights",
-    "beta",
-    "label_smoothing",
-    "f_divergence_type",
-    "f_alpha_divergence_coef",
-    "discopop_tau",
-    "use_weighting",
-    "ld_alpha",
-)
-
-
-def _loss_config(args: DPOConfig, loss_config: PreferenceLossConfig | None) -> PreferenceLossConfig:
-    """The trainer's loss configuration: ``loss_config``, or ``args``' loss fields (``DPOConfig`` defaults: not
-    given)."""
-    import dataclasses
-
-    defaults = {
-        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        for f in dataclasses.fields(DPOConfig)
-        if f.name in _LOSS_FIELDS
-    }
-    keywords = {name: getattr(args, name) for name in _LOSS_FIELDS}
-    return resolve_loss_config(loss_config, keywords, defaults)
-
-
-def check_distributed_config(args: DPOConfig) -> None:
-    """Refuse, from ``args`` and the launcher's environment alone, a distributed setup FastDPOTrainer does not support.
-
-    ``FastDPOTrainer.__init__`` calls it first, before any model is loaded or any row tokenized (``DPOConfig``
-    already holds what ``accelerate launch`` configured: the DeepSpeed plugin and its config, the FSDP arguments,
-    the parallelism config). Supported: one process; DDP (``MULTI_CPU``/``MULTI_GPU``); DeepSpeed ZeRO stages 0-3
-    (``DPOConfig(deepspeed=...)`` or an accelerate DeepSpeed config); FSDP2 (``fsdp_version: 2``). Refused with a
-    ``NotImplementedError`` naming the setting: FSDP1; tensor parallelism (``parallelism_config`` ``tp_size``,
-    DeepSpeed AutoTP ``tensor_parallel``, a ``tp_plan`` in ``model_init_kwargs``); context and sequence parallelism
-    (``cp_size``/``sp_size``, DeepSpeed's ``sequence_parallel_size``); HSDP (``dp_replicate_size`` with sharding).
-    """
-    plugin = getattr(args, "deepspeed_plugin", None)
-    if plugin is not None:
-        _check_deepspeed_config(plugin.deepspeed_config)
-    version = _requested_fsdp_version(args)
-    if version is not None:
-        _check_fsdp_version(version)
-    config = getattr(args, "parallelism_config", None)
-    if config is None and os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() == "true":
-        from accelerate.parallelism_config import ParallelismConfig
-
-        config = ParallelismConfig()  # what accelerate builds from the launcher's PARALLELISM_CONFIG_* variables
-    if config is not None:
-        _check_parallelism_sizes(config, fsdp2=version == 2)
-    init_kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, Mapping) else {}
-    if init_kwargs.get("tp_plan") is not None or int(init_kwargs.get("tp_size") or 1) > 1:
-        raise NotImplementedError(
-            "model_init_kwargs['tp_plan'/'tp_size']: tensor parallelism is not supported by FastDPOTrainer (the fused "
-            "LM head needs the whole output embedding on each rank); use DeepSpeed ZeRO-3 or FSDP2 to shard the model"
-        )
-
-
-def _requested_fsdp_version(args: DPOConfig) -> int | None:
-    """The FSDP version ``args`` / the accelerate launcher ask for (``None``: no FSDP). Accelerate's own default is
-    version 1 when its config does not say (``FSDP_VERSION``); transformers' ``fsdp_config`` defaults to 2."""
-    plugin_args = getattr(args, "fsdp_plugin_args", None)
-    if plugin_args:
-        return int(plugin_args.get("fsdp_version", 1))
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        return int(os.environ.get("FSDP_VERSION", "1"))
-    return None
-
-
-def _check_fsdp_version(version: int) -> None:
-    if version != 2:
-        raise NotImplementedError(
-            f"FSDP version {version} (FSDP1, FlatParameter sharding) is not supported by FastDPOTrainer: use FSDP2 "
-            "(fsdp_version: 2 in the accelerate config, or DPOConfig(fsdp=..., fsdp_config={'version': 2}))"
-        )
-
-
-def _check_parallelism_sizes(config: Any, *, fsdp2: bool) -> None:
-    """Refuse tensor/context/sequence parallelism and HSDP in an accelerate ``ParallelismConfig``."""
-    sizes = {name: getattr(config, f"{name}_size", 1) or 1 for name in ("tp", "cp", "sp", "dp_shard", "dp_replicate")}
-    active = {name: size for name, size in sizes.items() if size > 1 and name in ("tp", "cp", "sp")}
-    if active:
-        raise NotImplementedError(
-            f"parallelism_config {active}: FastDPOTrainer supports data parallelism (DDP), DeepSpeed ZeRO and FSDP2 "
-            "sharding only; tensor/context/sequence parallelism are not supported (fastdpo's own sequence "
-            "parallelism: FastDPOTrainer(sequence_parallel_size=k))"
-        )
-    if sizes["dp_shard"] > 1 and not fsdp2:
-        raise NotImplementedError(
-            f"parallelism_config dp_shard_size={sizes['dp_shard']} without FSDP2: sharding through the parallelism "
-            "config needs fsdp_version: 2"
-        )
-    if sizes["dp_replicate"] > 1 and sizes["dp_shard"] > 1:
-        raise NotImplementedError(
-            f"parallelism_config dp_replicate_size={sizes['dp_replicate']} with dp_shard_size={sizes['dp_shard']} "
-            "(HSDP) is not validated with FastDPOTrainer; use FSDP2 over one data-parallel dimension or DeepSpeed"
-        )
-
-
-def _check_deepspeed_config(config: Mapping[str, Any]) -> None:
-    """Refuse the DeepSpeed features FastDPOTrainer does not support (ZeRO stages 0-3 are supported)."""
-    tp = config.get("tensor_parallel") or {}
-    autotp = tp.get("autotp_size", tp.get("tp_size", 1)) if isinstance(tp, Mapping) else 1
-    if int(autotp or 1) > 1:
-        raise NotImplementedError(
-            f"DeepSpeed tensor_parallel (AutoTP, size {autotp}): tensor parallelism is not supported by "
-            "FastDPOTrainer (the fused LM head needs the whole output embedding); use ZeRO-3 to shard the model"
-        )
-    sp = config.get("sequence_parallel_size", 1)
-    if int(sp or 1) > 1:
-        raise NotImplementedError(
-            f"DeepSpeed sequence_parallel_size={sp}: DeepSpeed's sequence parallelism is not supported by "
-            "FastDPOTrainer"
-        )
+        if self.is_world_process_zero():
+            add_fastdpo_settings(Path(self.args.output_dir) / "README.md", self._fastdpo_settings())
