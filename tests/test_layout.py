@@ -103,6 +103,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "fastdpo.cli",
             "fastdpo.train",
             "fastdpo.train_args",
+            "fastdpo.train_setup",
+            "fastdpo.train_loop",
             "fastdpo.run_state",
             "fastdpo.train_parallel",
             "fastdpo.data",
