@@ -193,8 +193,8 @@ def _setup(
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # no per-load "Loading weights" bars: one progress bar, ours
-    amp = torch.float16 if args.dtype == "float16" else None  # fp16: fp32 master weights + autocast + loss scaling
-    dtype = torch.float32 if amp is not None else getattr(torch, args.dtype)
+    # float16: fp32 master weights + autocast + loss scaling (Run.amp)
+    dtype = torch.float32 if args.dtype == "float16" else getattr(torch, args.dtype)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     train_rows, train_where, eval_rows, eval_where, data_desc = load_data(args)
@@ -223,29 +223,9 @@ def _setup(
     if lora:  # where the saved adapter's base lives: --model, or the initial tiny model under reference/
         base_path = Path(args.model) if args.model is not None else ref_dir
         policy.peft_config["default"].base_model_name_or_path = str(base_path.resolve())
-    params, optimizer, scheduler, scaler, lr = build_optimizer(args, policy, lora, amp, device)
+    optim = build_optimizer(args, policy, lora, device)
     order = DataOrder(len(train_rows), args.batch_size * world.size, args.seed)
-    run = Run(
-        args=args,
-        out=out,
-        device=device,
-        world=world,
-        amp=amp,
-        lora=lora,
-        policy=policy,
-        reference=reference,
-        tokenizer=tokenizer,
-        engine=engine,
-        collator=collator,
-        train_rows=train_rows,
-        eval_rows=eval_rows,
-        params=params,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        order=order,
-        lr=lr,
-    )
+    run = Run(args, device, world, policy, reference, tokenizer, engine, collator, train_rows, eval_rows, optim, order)
     return run, data_desc
 
 
@@ -389,7 +369,7 @@ def _card_settings(run: Run) -> dict[str, Any]:
         "batch_size (pairs per micro-batch and process)": args.batch_size,
         "grad_accum": args.grad_accum,
         "processes": run.world.size,
-        "learning_rate": run.lr,
+        "learning_rate": run.optim.lr,
         "lr_schedule": args.lr_schedule,
         "dtype": args.dtype,
         "seed": args.seed,

@@ -36,7 +36,7 @@ from fastdpo.run_state import (
     save_checkpoint,
     set_rng_state,
 )
-from fastdpo.train_setup import load_trainable_state, trainable_state
+from fastdpo.train_setup import Optimization, load_trainable_state, trainable_state
 
 __all__ = ["EVAL_SHOW", "SHOW", "NonFiniteError", "Reporter", "Run", "evaluate", "format_record"]
 
@@ -130,11 +130,8 @@ class Run:
     the last checkpoint written at ``saved_step`` (-1: none by this invocation and none resumed from)."""
 
     args: argparse.Namespace
-    out: Path
     device: torch.device
     world: tp.World
-    amp: torch.dtype | None  # float16: fp32 master weights + autocast + loss scaling
-    lora: bool
     policy: torch.nn.Module
     reference: str  # "model" (a frozen copy) or "adapter" (the LoRA base with the adapter disabled)
     tokenizer: Any
@@ -142,16 +139,25 @@ class Run:
     collator: Any
     train_rows: list[dict[str, Any]]
     eval_rows: list[dict[str, Any]]
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: Any  # torch.amp.GradScaler under --dtype float16, else None
+    optim: Optimization
     order: DataOrder
-    lr: float  # the peak learning rate
     step: int = 0
     saved_step: int = -1
     ddp: torch.nn.Module | None = None
     gathers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.output_dir)
+
+    @property
+    def lora(self) -> bool:
+        return self.args.lora_r is not None or self.args.qlora
+
+    @property
+    def amp(self) -> torch.dtype | None:
+        """float16 under ``--dtype float16``: fp32 master weights + autocast + loss scaling."""
+        return torch.float16 if self.args.dtype == "float16" else None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -163,15 +169,15 @@ class Run:
         try:
             self.order.load_state_dict(checkpoint["data_order"])
             load_trainable_state(self.policy, checkpoint["model"], self.lora)
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.optim.optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, RuntimeError, KeyError) as exc:
             raise UsageError(
                 f"--resume: the checkpoint does not fit this run ({str(exc).splitlines()[0]}; same "
                 "--data, --batch-size and number of processes?)"
             ) from None
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        if self.scaler is not None and checkpoint.get("scaler") is not None:
-            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.optim.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.optim.scaler is not None and checkpoint.get("scaler") is not None:
+            self.optim.scaler.load_state_dict(checkpoint["scaler"])
         self.step = self.saved_step = int(checkpoint["step"])
         set_rng_state(checkpoint["rng"])
 
@@ -197,15 +203,15 @@ class Run:
         if self.world.main:
             state = {
                 "model": trainable_state(self.policy, self.lora),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+                "optimizer": self.optim.optimizer.state_dict(),
+                "scheduler": self.optim.scheduler.state_dict(),
                 "data_order": self.order.state_dict(),
                 "step": self.step,
                 "rng": rng_state(),
                 "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
             }
-            if self.scaler is not None:
-                state["scaler"] = self.scaler.state_dict()
+            if self.optim.scaler is not None:
+                state["scaler"] = self.optim.scaler.state_dict()
             save_checkpoint(self.checkpoint_path, state, previous=self.out / PREVIOUS_CHECKPOINT_NAME)
         tp.barrier(self.world)
         self.saved_step = self.step
@@ -248,7 +254,7 @@ class Run:
                 if tp.any_true(not finite, world, self.device):  # every process skips the backward together
                     return pairs_seen, ("loss", _scalar(loss))
                 scaled = loss * (tp.loss_scale(len(mine), len(rows), world) / grad_accum)
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                (self.optim.scaler.scale(scaled) if self.optim.scaler is not None else scaled).backward()
             pair_loss = float(tp.all_sum(loss.detach().float().reshape(1) * len(mine), world)) / len(rows)
             totals["loss"] = totals.get("loss", 0.0) + pair_loss * len(rows)
             for key, value in metrics.items():
@@ -266,26 +272,27 @@ class Run:
         loss_value = totals["loss"] / pairs_seen if bad_loss is None else bad_loss[1]
         grad_norm = None
         skipped = False
-        scaler = self.scaler
+        optim = self.optim
+        scaler = optim.scaler
         if bad is None:
             if scaler is not None:
-                scaler.unscale_(self.optimizer)
+                scaler.unscale_(optim.optimizer)
             max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(optim.params, max_norm))
             if not math.isfinite(grad_norm) and scaler is None:
                 bad = "gradient"
-        lr = self.scheduler.get_last_lr()[0]
+        lr = optim.scheduler.get_last_lr()[0]
         if bad is None:
             if scaler is not None:  # an fp16 overflow makes the scaler skip the step and lower the scale
                 scale = scaler.get_scale()
-                scaler.step(self.optimizer)
+                scaler.step(optim.optimizer)
                 scaler.update()
                 skipped = scaler.get_scale() < scale
             else:
-                self.optimizer.step()
+                optim.optimizer.step()
             if not skipped:
-                self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+                optim.scheduler.step()
+        optim.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         order = self.order
         entry = {

@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from fastdpo.data import demo_data_files, read_preference_file, row_texts, split
 from fastdpo.tiny import build_tiny_model, train_tokenizer
 
 __all__ = [
+    "Optimization",
     "build_collator",
     "build_engine",
     "build_optimizer",
@@ -261,11 +263,23 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
+@dataclass
+class Optimization:
+    """What updates the policy: the trainable parameters, AdamW, its schedule, the fp16 loss scaler (``None`` unless
+    ``--dtype float16``) and the peak learning rate."""
+
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    lr: float
+
+
 def build_optimizer(
-    args: argparse.Namespace, policy: torch.nn.Module, lora: bool, amp: torch.dtype | None, device: torch.device
-) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, Any, float]:
-    """``(trainable parameters, AdamW, its schedule, fp16 loss scaler or None, peak lr)``. The peak lr is ``--lr``,
-    else 3e-3 for the tiny in-process model, 1e-6 with ``--model``, 1e-4 for a LoRA adapter on ``--model``."""
+    args: argparse.Namespace, policy: torch.nn.Module, lora: bool, device: torch.device
+) -> Optimization:
+    """AdamW over the policy's trainable parameters with the ``--lr-schedule``. The peak lr is ``--lr``, else 3e-3 for
+    the tiny in-process model, 1e-6 with ``--model``, 1e-4 for a LoRA adapter on ``--model``."""
     lr = (
         args.lr
         if args.lr is not None
@@ -274,8 +288,8 @@ def build_optimizer(
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, args.warmup_steps, args.steps))
-    scaler = torch.amp.GradScaler(device.type) if amp is not None else None
-    return params, optimizer, scheduler, scaler, lr
+    scaler = torch.amp.GradScaler(device.type) if args.dtype == "float16" else None
+    return Optimization(params, optimizer, scheduler, scaler, lr)
 
 
 def trainable_state(policy: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
