@@ -108,6 +108,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "fastdpo.run_state",
             "fastdpo.train_parallel",
             "fastdpo.data",
+            "fastdpo.model_shape",
             "fastdpo.memory",
             "fastdpo.sp_memory",
             "fastdpo.memory_cli",
