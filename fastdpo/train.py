@@ -43,6 +43,10 @@ Reliability:
   (``torch.amp.GradScaler``): pure fp16 AdamW underflows (its ``eps`` and squared gradients) and turns the loss NaN
   from the second step.
 * Usage errors (bad arguments, missing or malformed files) are one line on stderr and exit code 2.
+
+This module is the command, step by step (:func:`main`); its arguments are :mod:`fastdpo.train_args`, the setup
+(data, tokenizer, policy and reference, engine, optimizer) :mod:`fastdpo.train_setup`, the optimizer step, evaluation,
+checkpoints and records :mod:`fastdpo.train_loop`, a run's files :mod:`fastdpo.run_state`.
 """
 
 from __future__ import annotations
