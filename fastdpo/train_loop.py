@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,10 @@ from fastdpo.run_state import (
     set_rng_state,
 )
 from fastdpo.train_setup import Optimization, load_trainable_state, trainable_state
+
+if TYPE_CHECKING:
+    from fastdpo.collator import PreferenceCollator
+    from fastdpo.engine import DPOEngine
 
 __all__ = ["EVAL_SHOW", "SHOW", "NonFiniteError", "Reporter", "Run", "evaluate", "format_record"]
 
@@ -135,8 +139,8 @@ class Run:
     policy: torch.nn.Module
     reference: str  # "model" (a frozen copy) or "adapter" (the LoRA base with the adapter disabled)
     tokenizer: Any
-    engine: Any
-    collator: Any
+    engine: DPOEngine
+    collator: PreferenceCollator
     train_rows: list[dict[str, Any]]
     eval_rows: list[dict[str, Any]]
     optim: Optimization

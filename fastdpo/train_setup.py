@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,10 @@ from fastdpo import train_parallel as tp
 from fastdpo.cli import UsageError
 from fastdpo.data import demo_data_files, read_preference_file, row_texts, split_rows
 from fastdpo.tiny import build_tiny_model, train_tokenizer
+
+if TYPE_CHECKING:
+    from fastdpo.collator import PreferenceCollator
+    from fastdpo.engine import DPOEngine
 
 __all__ = [
     "Optimization",
@@ -213,7 +217,9 @@ def build_policy(
     return policy.train(), None, "adapter"
 
 
-def build_engine(args: argparse.Namespace, policy: torch.nn.Module, ref_model: torch.nn.Module | None, reference: str):
+def build_engine(
+    args: argparse.Namespace, policy: torch.nn.Module, ref_model: torch.nn.Module | None, reference: str
+) -> DPOEngine:
     """The :class:`fastdpo.DPOEngine` of ``--loss-type`` / ``--loss-weights`` / ``--beta`` / ``--label-smoothing`` /
     ``--grad-in-forward``; a loss the engine refuses is a usage error naming ``--loss-type``."""
     from fastdpo.engine import DPOEngine
@@ -232,7 +238,7 @@ def build_engine(args: argparse.Namespace, policy: torch.nn.Module, ref_model: t
         raise UsageError(f"--loss-type {' '.join(args.loss_type)}: {exc}") from None
 
 
-def build_collator(args: argparse.Namespace, tokenizer):
+def build_collator(args: argparse.Namespace, tokenizer) -> PreferenceCollator:
     """The :class:`fastdpo.collator.PreferenceCollator` of the truncation and ``--packing`` flags."""
     from fastdpo.collator import PreferenceCollator
 
