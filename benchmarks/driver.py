@@ -15,10 +15,8 @@ D ∈ {896, 2048, 4096}, V ∈ {32000, 128256, 151936, 262144}, up to 32k tokens
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import importlib.metadata
-import io
 import itertools
 import json
 import os
@@ -33,18 +31,18 @@ from typing import Any
 
 import torch
 
-from fastdpo.atomic import atomic_write, remove_stale_tmp_in
-from fastdpo.benchmarks.impls import IMPLS, WORKLOADS, Shape, flops, get_impl, impl_names, min_bytes
-from fastdpo.benchmarks.measure import MALLOC_ENV, is_finite, measure_ceilings
+from fastdpo.atomic import remove_stale_tmp_in
+from fastdpo.benchmarks.bench_results import CSV_FIELDS, MEMORY_NOTE, derive, print_table, status_record, write_results
+from fastdpo.benchmarks.impls import IMPLS, WORKLOADS, Shape, get_impl, impl_names, min_bytes
+from fastdpo.benchmarks.measure import MALLOC_ENV, measure_ceilings
+from fastdpo.benchmarks.plots import plotting_available
 from fastdpo.cli import ArgParser, UsageError, float_in, int_in, make_output_dir, output_dir, resolve_device, threads
+
+# CSV_FIELDS (now in fastdpo.benchmarks.bench_results) stays importable from here, where it was
+__all__ = ["CSV_FIELDS", "build_parser", "default_shapes", "main"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SUBJECTS = ("naive", "fastdpo")  # always measured; every other implementation is a peer that may be skipped
-MEMORY_NOTE = (
-    "memory = extra peak over setup (inputs, weights, upstream gradient already allocated); it INCLUDES the "
-    "gradient buffers backward allocates for the inputs (grad_mb column: hidden.grad + weight.grad, or "
-    "logits.grad)"
-)
 DTYPES = {
     "fp32": "float32",
     "float32": "float32",
@@ -112,43 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(
         prog="fastdpo bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on GPU")
-    p.add_argument("--tokens", type=_int_list, default=None, help="token counts N, e.g. 2048,8192")
-    p.add_argument("--hidden", type=_int_list, default=None, help="hidden sizes D")
-    p.add_argument("--vocab", type=_int_list, default=None, help="vocabulary sizes V")
-    p.add_argument(
-        "--impls",
-        type=_name_list,
-        default=None,
-        help=f"implementations (default all): {sorted({i.name for i in IMPLS})}",
-    )
-    p.add_argument("--workloads", type=_name_list, default=None, help=f"workloads (default all): {list(WORKLOADS)}")
-    p.add_argument("--repeats", type=int_in(1), default=None, help="timed repeats per case (default 3 CPU, 10 GPU)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on GPU")
+    p.add_argument("--tokens", type=_int_list, help="token counts N, e.g. 2048,8192")
+    p.add_argument("--hidden", type=_int_list, help="hidden sizes D")
+    p.add_argument("--vocab", type=_int_list, help="vocabulary sizes V")
+    p.add_argument("--impls", type=_name_list, help=f"implementations (default all): {sorted({i.name for i in IMPLS})}")
+    p.add_argument("--workloads", type=_name_list, help=f"workloads (default all): {list(WORKLOADS)}")
+    p.add_argument("--repeats", type=int_in(1), help="timed repeats per case (default 3 CPU, 10 GPU)")
     p.add_argument(
         "--time-budget",
         type=float_in(0.0, low_open=True),
-        default=None,
         help="stop repeating a case once this many seconds are spent (default 12 CPU, 30 GPU; >=1 repeat)",
     )
     p.add_argument(
         "--max-case-seconds",
         type=float_in(0.0, low_open=True),
-        default=None,
         help="skip a peer's shape whose step, extrapolated from that peer's previous shape, would take "
         "longer (default 40 CPU, 60 GPU; naive and fastdpo always run)",
     )
     p.add_argument(
         "--total-seconds",
         type=float_in(0.0),
-        default=None,
         help="wall-clock budget of the whole run: cases that would end later are skipped (default 540 on "
         "CPU, 0 = none on GPU); naive and fastdpo run first, then the peers",
     )
     p.add_argument("--out", type=output_dir, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat (smoke test)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--threads", type=threads, default=None, help="torch threads in the workers (CPU)")
+    p.add_argument("--threads", type=threads, help="torch threads in the workers (CPU)")
     return p
 
 
@@ -224,191 +214,12 @@ def _run_worker(spec: dict[str, Any], timeout: float, progress: Any, on_records:
         if (n, d, v) not in seen:
             reason = "timeout" if proc.returncode in (-9, None) else f"worker exited {proc.returncode}"
             tail = log.strip().splitlines()[-1:] if log.strip() else []
+            status = f"error: {reason} {' '.join(tail)}"[:300]
             records.append(
-                {
-                    "workload": spec["workload"],
-                    "impl": spec["impl"],
-                    "tokens": n,
-                    "hidden": d,
-                    "vocab": v,
-                    "dtype": spec["dtype"],
-                    "device": spec["device"],
-                    "status": f"error: {reason} {' '.join(tail)}"[:300],
-                }
+                status_record(spec["workload"], spec["impl"], Shape(n, d, v), spec["dtype"], spec["device"], status)
             )
             progress.update(1)
     return records
-
-
-def _derive(rec: dict[str, Any], ceilings: dict[str, float] | None) -> None:
-    """Add achieved TFLOP/s and GB/s (and % of the measured ceilings on GPU) for the full step."""
-    if rec.get("status") != "ok":
-        return
-    shape = Shape(rec["tokens"], rec["hidden"], rec["vocab"])
-    elem = torch.empty((), dtype=getattr(torch, rec["dtype"])).element_size()
-    step_s = rec["step_ms"] / 1e3
-    rec["tflops"] = flops(rec["workload"], shape)["step"] / step_s / 1e12
-    rec["gbps"] = min_bytes(rec["workload"], shape, elem)["step"] / step_s / 1e9
-    if ceilings:
-        rec["pct_matmul_ceiling"] = 100 * rec["tflops"] / ceilings["matmul_tflops"]
-        rec["pct_copy_ceiling"] = 100 * rec["gbps"] / ceilings["copy_gbps"]
-
-
-def _speedups(records: list[dict[str, Any]]) -> None:
-    naive = {
-        (r["workload"], r["tokens"], r["hidden"], r["vocab"]): r
-        for r in records
-        if r["impl"] == "naive" and r.get("status") == "ok"
-    }
-    for r in records:
-        base = naive.get((r["workload"], r["tokens"], r["hidden"], r["vocab"]))
-        if base is not None and r.get("status") == "ok":
-            r["speedup_vs_naive"] = base["step_ms"] / r["step_ms"]
-            r["mem_ratio_vs_naive"] = r["step_peak_mb"] / base["step_peak_mb"] if base["step_peak_mb"] > 0 else None
-
-
-CSV_FIELDS = (
-    "workload",
-    "impl",
-    "impl_label",
-    "status",
-    "device",
-    "dtype",
-    "tokens",
-    "hidden",
-    "vocab",
-    "repeats",
-    "fwd_ms",
-    "bwd_ms",
-    "step_ms",
-    "speedup_vs_naive",
-    "fwd_peak_mb",
-    "step_peak_mb",
-    "mem_ratio_vs_naive",
-    "grad_mb",
-    "grads_included",
-    "setup_mb",
-    "memory_method",
-    "tflops",
-    "gbps",
-    "pct_matmul_ceiling",
-    "pct_copy_ceiling",
-)
-
-
-def write_results(records: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path, stem: str) -> tuple[Path, Path]:
-    """Write ``<stem>.csv`` (one row per case) and then ``<stem>.json`` ({"meta", "results"}) under ``out_dir``, each
-    atomically (a reader, or a crash, never sees half a file). The JSON goes last: a run killed between the two
-    leaves a CSV holding every case the JSON holds (and at most this call's newer ones), never fewer."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in records:
-        w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write(csv_path, lambda fh: fh.write(buf.getvalue().encode()))
-    text = json.dumps({"meta": meta, "results": records}, indent=1)
-    atomic_write(json_path, lambda fh: fh.write(text.encode()))
-    return json_path, csv_path
-
-
-def plotting_available() -> str | None:
-    """``None`` when the plots can be drawn (matplotlib imports, with its non-interactive Agg backend), else why not."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot
-    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install failing in its own way
-        return f"matplotlib is not usable ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _fmt(v: Any, digits: int = 1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if not is_finite(v):
-            return "-"
-        return f"{v:,.{digits}f}"
-    return str(v)
-
-
-def print_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """One rich table per workload."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=max(160, Console().width))
-    cuda = meta["device"] == "cuda"
-    console.print(
-        f"[bold]fastdpo bench[/] on {meta['device_name']} ({meta['device']}, {meta['dtype']}), "
-        f"torch {meta['versions']['torch']}"
-    )
-    console.print(
-        f"time = median over repeats ({meta['timer']}); {MEMORY_NOTE}; memory method: {meta['memory_method']}"
-    )
-    if meta.get("ceilings"):
-        c = meta["ceilings"]
-        console.print(f"measured ceilings: copy {c['copy_gbps']:.0f} GB/s, matmul {c['matmul_tflops']:.0f} TFLOP/s")
-    for workload in meta["workloads"]:
-        rows = [r for r in records if r["workload"] == workload]
-        if not rows:
-            continue
-        t = Table(title=f"workload {workload}: {WORKLOAD_TITLES[workload]}", show_lines=False)
-        for col in (
-            "impl",
-            "N",
-            "D",
-            "V",
-            "reps",
-            "fwd ms",
-            "bwd ms",
-            "step ms",
-            "× naive",
-            "fwd MB",
-            "step MB",
-            "grad MB",
-            "TFLOP/s" + (" (%ceil)" if cuda else ""),
-            "status",
-        ):
-            t.add_column(
-                col,
-                justify="left" if col in ("impl", "status") else "right",
-                overflow="fold",
-                max_width=60 if col == "status" else None,
-            )
-        order = {name: i for i, name in enumerate(impl_names(workload))}
-        for r in sorted(rows, key=lambda r: (r["vocab"], r["tokens"], r["hidden"], order.get(r["impl"], 99))):
-            ok = r.get("status") == "ok"
-            tf = _fmt(r.get("tflops"), 3 if not cuda else 0)
-            if cuda and r.get("pct_matmul_ceiling") is not None:
-                tf += f" ({r['pct_matmul_ceiling']:.0f}%)"
-            t.add_row(
-                r.get("impl_label", r["impl"]),
-                str(r["tokens"]),
-                str(r["hidden"] or "-"),
-                str(r["vocab"]),
-                _fmt(r.get("repeats")),
-                _fmt(r.get("fwd_ms")),
-                _fmt(r.get("bwd_ms")),
-                _fmt(r.get("step_ms")),
-                _fmt(r.get("speedup_vs_naive"), 2),
-                _fmt(r.get("fwd_peak_mb"), 0),
-                _fmt(r.get("step_peak_mb"), 0),
-                _fmt(r.get("grad_mb"), 0),
-                tf if ok else "-",
-                "ok" if ok else r.get("status", "?"),
-            )
-        console.print(t)
-
-
-WORKLOAD_TITLES = {
-    "head": "per-token log-probs of hidden @ W.T, fwd + bwd (random upstream grad; hidden, W require grad)",
-    "logprobs": "per-sequence log-probs from logits [B, T, V], fwd + bwd",
-    "dpo": "sigmoid DPO loss from a fused linear head (policy + frozen reference), fwd + bwd",
-}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -543,9 +354,7 @@ def _run(
     def save(extra: Sequence[dict[str, Any]] = ()) -> None:
         """Rewrite the JSON/CSV with every record so far (``extra``: the running worker's)."""
         current = [dict(r) for r in [*records, *extra]]
-        for r in current:
-            _derive(r, meta.get("ceilings"))
-        _speedups(current)
+        derive(current, meta.get("ceilings"))
         write_results(current, meta, args.out, stem)
 
     total = sum(len(shapes) for _, _, shapes in plan)
@@ -558,19 +367,7 @@ def _run(
             if reason is None and deadline is not None and time.time() > deadline - 15:
                 reason = "skipped: run time budget (--total-seconds) spent"
             if reason is not None:
-                for s in shapes:
-                    records.append(
-                        {
-                            "workload": workload,
-                            "impl": name,
-                            "tokens": s.tokens,
-                            "hidden": s.hidden,
-                            "vocab": s.vocab,
-                            "dtype": dtype,
-                            "device": device.type,
-                            "status": reason,
-                        }
-                    )
+                records += [status_record(workload, name, s, dtype, device.type, reason) for s in shapes]
                 progress.update(len(shapes))
                 save()
                 continue
@@ -591,9 +388,7 @@ def _run(
             records += _run_worker(spec, timeout, progress, on_records=save)
             save()
 
-    for r in records:
-        _derive(r, meta.get("ceilings"))
-    _speedups(records)
+    derive(records, meta.get("ceilings"))
     meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     meta["wall_s"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)
     meta["complete"] = True

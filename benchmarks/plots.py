@@ -21,6 +21,18 @@ STYLE = {
 }
 
 
+def plotting_available() -> str | None:
+    """``None`` when the plots can be drawn (matplotlib imports, with its non-interactive Agg backend), else why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install failing in its own way
+        return f"matplotlib is not usable ({type(exc).__name__}: {exc})"
+    return None
+
+
 def _series(records: list[dict[str, Any]], workload: str, axis: str) -> tuple[dict[str, int], dict[str, list]] | None:
     """The largest group of ok records of ``workload`` that differ only along ``axis`` (>= 2 distinct values)."""
     others = [a for a in AXES if a != axis]

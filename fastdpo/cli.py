@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _COMMANDS = {
     "bench": ("fastdpo.benchmarks.driver", "benchmark fastdpo against naive PyTorch and the peers"),
@@ -94,6 +95,12 @@ def float_in(
         return value
 
     return parse
+
+
+def one_of(*values: str) -> dict[str, Any]:
+    """``add_argument`` keywords of a flag taking one of ``values``, the first one by default:
+    ``parser.add_argument("--packing", **one_of("pad", "padding_free"))``."""
+    return {"choices": values, "default": values[0]}
 
 
 def threads(text: str) -> int:

@@ -25,17 +25,14 @@ from fastdpo.memory import (
     DTYPE_BYTES,
     MIB,
     PACKINGS,
-    PRESETS,
     SHARDS,
     VARIANT_OPTIONS,
     VARIANTS,
-    ModelShape,
     StepConfig,
     estimate,
     estimate_sharded,
-    load_model,
-    param_counts,
 )
+from fastdpo.model_shape import PRESETS, ModelShape, load_model, param_counts
 
 
 def _gb(x: float) -> str:
@@ -105,7 +102,7 @@ def plot_estimates(path: Path, title: str, estimates: dict[str, dict[str, Any]])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastdpo.cli import ArgParser, int_in
+    from fastdpo.cli import ArgParser, int_in, one_of
 
     p = ArgParser(
         prog="fastdpo memory",
@@ -121,16 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (default 4)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--completion-len", type=int, default=512)
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None, help="default bf16 (fp32 with --measure)")
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    p.add_argument("--reference", choices=("model", "precomputed"), default="model")
-    p.add_argument(
-        "--device", choices=("cpu", "cuda"), default=None, help="step device (default cuda; cpu with --measure)"
-    )
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="default bf16 (fp32 with --measure)")
+    p.add_argument("--optimizer", **one_of("adamw", "sgd"))
+    p.add_argument("--reference", **one_of("model", "precomputed"))
+    p.add_argument("--device", choices=("cpu", "cuda"), help="step device (default cuda; cpu with --measure)")
     p.add_argument(
         "--packing",
-        choices=PACKINGS,
-        default="padding_free",
+        **one_of(*PACKINGS),
         help="fastdpo's row layout: padding_free (2 rows per pair, no mask; default) or prefix_shared "
         "(one [prompt, chosen, rejected] row per pair, 4-D attention mask); naive and TRL always use 2 rows "
         "per pair",
@@ -150,13 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fastdpo's sequence-parallel group size: its column is per rank (--measure runs K CPU "
         "processes and reports the peak rank); naive and TRL stay single-process",
     )
-    p.add_argument("--layers", type=int_in(1), default=None, help="override num_hidden_layers (scaled model)")
+    p.add_argument("--layers", type=int_in(1), help="override num_hidden_layers (scaled model)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--plot",
         type=_png_path,
-        default=None,
         metavar="PNG",
         help="also write a stacked bar chart of each variant's peak (by part) to this .png file",
     )
@@ -170,7 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard",
         choices=SHARDS,
-        default=None,
         help="per-rank memory with DeepSpeed ZeRO-3 or FSDP2 sharding over --world-size ranks; with "
         "--measure the fastdpo engine step runs on --world-size CPU processes (torchrun, gloo)",
     )

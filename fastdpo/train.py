@@ -43,13 +43,15 @@ Reliability:
   (``torch.amp.GradScaler``): pure fp16 AdamW underflows (its ``eps`` and squared gradients) and turns the loss NaN
   from the second step.
 * Usage errors (bad arguments, missing or malformed files) are one line on stderr and exit code 2.
+
+This module is the command, step by step (:func:`main`); its arguments are :mod:`fastdpo.train_args`, the setup
+(data, tokenizer, policy and reference, engine, optimizer) :mod:`fastdpo.train_setup`, the optimizer step, evaluation,
+checkpoints and records :mod:`fastdpo.train_loop`, a run's files :mod:`fastdpo.run_state`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import os
 import random
 import shutil
@@ -62,166 +64,27 @@ from typing import Any
 
 import torch
 
+from fastdpo import train_parallel as tp
 from fastdpo.atomic import atomic_dir, remove_stale_tmp, remove_stale_tmp_in
 from fastdpo.cli import UsageError, make_output_dir, report, resolve_device
-from fastdpo.data import demo_data_files, pretokenize, read_preference_file, row_texts, split_rows
+from fastdpo.data import pretokenize
 from fastdpo.run_state import (
-    CHECKPOINT_NAME,
     LOG_NAME,
-    PREVIOUS_CHECKPOINT_NAME,
     RUN_FILES,
     DataOrder,
-    MetricsLog,
     find_checkpoint,
     first_eval_record,
     load_resumable,
     remove_run,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
 )
-from fastdpo.tiny import build_tiny_model, train_tokenizer
 from fastdpo.train_args import _check_args, build_parser
+from fastdpo.train_loop import EVAL_SHOW, SHOW, NonFiniteError, Reporter, Run, format_record
+from fastdpo.train_setup import build_collator, build_engine, build_optimizer, load_data, load_tokenizer
+from fastdpo.train_setup import build_policy as _build_policy
 
+__all__ = ["build_parser", "main"]
 
-# ---------------------------------------------------------------------------------------------------- training
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _scalar(value: Any) -> float:
-    return float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value)
-
-
-def evaluate(
-    engine,
-    model: torch.nn.Module,
-    collator,
-    rows: list[dict[str, Any]],
-    batch_size: int,
-    device: torch.device,
-    max_batches: int | None = None,
-    autocast: torch.dtype | None = None,
-    world: Any = None,
-) -> dict[str, float]:
-    """Held-out metrics: every engine metric (rewards/accuracies, rewards/margins, ...) and the loss, averaged over
-    pairs (each batch weighted by its pair count). Runs under ``torch.no_grad`` with the model in eval mode (and
-    under ``torch.autocast(dtype=autocast)`` when given). With a multi-process ``world``
-    (:mod:`fastdpo.train_parallel`) each process evaluates its contiguous share of ``rows`` (``max_batches`` per
-    process) and the sums are added over the processes; with fewer rows than processes every process evaluates all.
-    Token-level metrics (``logits/*``, ``entropy``, ``mean_token_accuracy``) are token means per batch, so, as across
-    batches, their held-out value is the pair-weighted mean of those batch means."""
-    from fastdpo import train_parallel as tp
-
-    if world is not None and world.distributed and len(rows) >= world.size:
-        rows = tp.shard(rows, world)
-    else:
-        world = None
-    was_training = model.training
-    model.eval()
-    totals: dict[str, float] = {}
-    seen = 0
-    try:
-        with torch.no_grad():
-            for b, start in enumerate(range(0, len(rows), batch_size)):
-                if max_batches is not None and b >= max_batches:
-                    break
-                chunk = rows[start : start + batch_size]
-                with _autocast(device, autocast):
-                    loss, metrics = engine.step(_to_device(collator(chunk), device))
-                n = len(chunk)
-                seen += n
-                totals["loss"] = totals.get("loss", 0.0) + _scalar(loss) * n
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + _scalar(value) * n
-    finally:
-        model.train(was_training)
-    if world is not None:
-        keys = list(totals)  # the same order on every process (same engine, same metrics)
-        summed = tp.all_sum(
-            torch.tensor([totals[k] for k in keys] + [float(seen)], dtype=torch.float64, device=device), world
-        ).tolist()
-        totals, seen = dict(zip(keys, summed[:-1])), int(summed[-1])
-    return {f"eval_{k}": v / max(seen, 1) for k, v in totals.items()}
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _lr_lambda(schedule: str, warmup: int, total: int):
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
-
-    return fn
-
-
-def _format(record: dict[str, Any], keys: Sequence[str]) -> str:
-    parts = [f"step {record['step']}"]
-    for k in keys:
-        if k in record:
-            parts.append(f"{k} {record[k]:.4f}")
-    return " | ".join(parts)
-
-
-def _load_data(args: argparse.Namespace) -> tuple[list[dict], list[str], list[dict], list[str], str]:
-    """(train rows, where each is, held-out rows, where each is, description) from --data/--eval-data/
-    --eval-fraction or the demo set; ``UsageError`` naming the flag, file and row for bad input."""
-
-    def read(flag: str, path: str | os.PathLike) -> tuple[list[dict], list[str]]:
-        try:
-            return read_preference_file(path)
-        except FileNotFoundError as exc:
-            raise UsageError(f"{flag}: {exc}") from None
-        except (ValueError, ImportError, OSError) as exc:
-            raise UsageError(f"{flag} {exc}") from None
-
-    if args.data is None:
-        train_file, eval_file = demo_data_files()
-        train_rows, train_where = read("--data", train_file)
-        eval_rows, eval_where = read("--eval-data", args.eval_data or eval_file)
-        data_desc = f"bundled demo set ({len(train_rows)} train / {len(eval_rows)} held-out pairs)"
-    else:
-        train_rows, train_where = read("--data", args.data)
-        if args.eval_data:
-            eval_rows, eval_where = read("--eval-data", args.eval_data)
-        else:
-            try:
-                train_rows, train_where, eval_rows, eval_where = split_rows(
-                    train_rows, train_where, args.eval_fraction, args.seed
-                )
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
-        data_desc = f"{args.data} ({len(train_rows)} train / {len(eval_rows)} held-out pairs)"
-    if ("prompt_input_ids" in train_rows[0]) != ("prompt_input_ids" in eval_rows[0]):
-        raise UsageError("--data and --eval-data must both be pre-tokenized or both text")
-    return train_rows, train_where, eval_rows, eval_where, data_desc
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss, gradient or weight: the run stops (exit code 1) without writing it."""
-
-
-def _nonfinite(model: torch.nn.Module) -> list[str]:
-    """Names of ``model``'s parameters holding NaN or infinity."""
-    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
-
-
-def _tiny_model_bytes(tokenizer, args: argparse.Namespace) -> int:
-    """Memory a tiny-model run needs for its weights: policy + reference + gradients + two AdamW states."""
-    with torch.device("meta"):
-        model = build_tiny_model(
-            tokenizer, args.arch, hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed
-        )
-    params = sum(p.numel() for p in model.parameters())
-    return 5 * params * 4
+_RESUME_MUST_MATCH = ("steps", "seed", "dtype", "grad_accum", "lora_r", "qlora")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,83 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(path, ignore_errors=True)
 
 
-_RESUME_MUST_MATCH = ("steps", "seed", "dtype", "grad_accum", "lora_r", "qlora")
-
-
-def _build_policy(args: argparse.Namespace, source: str, dtype: torch.dtype, device: torch.device):
-    """The policy (full model, or a PEFT LoRA model over a dense / 4-bit frozen base) and the reference
-    (``(ref_model, mode)``: a separate frozen copy, or ``None, "adapter"`` for LoRA)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(
-            f"--model {source}: cannot load the model ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
-    for module in base.modules():  # like TRL's disable_dropout default
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if args.lora_r is None and not args.qlora:
-        ref_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        for module in ref_model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        ref_model.to(device).eval().requires_grad_(False)
-        return base.to(device).train(), ref_model, "model"
-    from peft import LoraConfig, get_peft_model
-
-    from fastdpo.quantize import quantize_model
-
-    if args.qlora:
-        base = quantize_model(base.to(device), bits=4, compute_dtype=dtype)
-    else:
-        base = base.to(device)
-    base.requires_grad_(False)
-    r = args.lora_r or 16
-    targets = args.lora_target_modules or "all-linear"
-    config = LoraConfig(
-        r=r,
-        lora_alpha=args.lora_alpha or 2 * r,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-    try:
-        policy = get_peft_model(base, config)
-    except ValueError as exc:
-        raise UsageError(f"--lora-target-modules {targets}: {str(exc).splitlines()[0]}") from None
-    for p in policy.parameters():  # the adapter trains in fp32 whatever the base's dtype
-        if p.requires_grad and p.dtype != torch.float32 and dtype == torch.float32:
-            p.data = p.data.float()
-    return policy.train(), None, "adapter"
-
-
-def _trainable_state(policy: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of the policy: every weight, or only the adapter's (the base is rebuilt from its
-    folder)."""
-    if not lora:
-        return policy.state_dict()
-    return {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad}
-
-
-def _load_trainable_state(policy: torch.nn.Module, state: dict[str, torch.Tensor], lora: bool) -> None:
-    if not lora:
-        policy.load_state_dict(state)
-        return
-    params = dict(policy.named_parameters())
-    wanted = {n for n, p in params.items() if p.requires_grad}
-    if set(state) != wanted:
-        raise ValueError(f"adapter weights differ: checkpoint has {len(state)}, this run {len(wanted)}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
 def _train(args: argparse.Namespace, staged: list[Path]) -> int:
-    from fastdpo import train_parallel as tp
-
     _check_args(args)
     device = resolve_device("--device", args.device)
     out = Path(args.output_dir)
@@ -331,9 +118,40 @@ def _train(args: argparse.Namespace, staged: list[Path]) -> int:
         tp.teardown(world)
 
 
-def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.device, world) -> int:
-    from fastdpo import train_parallel as tp
+def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.device, world: tp.World) -> int:
+    """The run, step by step: the output folder, the checkpoint to resume, the setup, the loop, the end."""
+    _check_output_dir(args, out, world)
+    checkpoint = _resume_checkpoint(args, out, world) if args.resume else None
+    run, data_desc = _setup(args, staged, out, device, world)
+    if checkpoint is not None:
+        run.restore(checkpoint)
+    run.wrap_distributed()
+    reporter = Reporter(args, out, world, run.step if checkpoint is not None else None)
+    _announce(run, data_desc)
+    first_eval = None
+    if run.step == 0:
+        first_eval = _evaluate(run, reporter)
+    start_step, t0 = run.step, time.perf_counter()
+    nonfinite_stop, interrupted = _loop(run, reporter)
+    if nonfinite_stop is not None or run.step < args.steps:
+        reporter.close()
+        return _stopped(run, nonfinite_stop, interrupted)
+    if run.saved_step != run.step:
+        run.save_checkpoint()
+    last_eval = run.evaluate()
+    reporter.record(last_eval)
+    reporter.close()
+    if world.main:
+        elapsed = time.perf_counter() - t0
+        print(format_record(last_eval, EVAL_SHOW) + f" | {run.step - start_step} steps in {elapsed:.1f}s")
+        _save_model(run, first_eval or first_eval_record(out / LOG_NAME), last_eval)
+    tp.barrier(world)
+    return 0
 
+
+def _check_output_dir(args: argparse.Namespace, out: Path, world: tp.World) -> None:
+    """Delete killed writers' temporary files (main process); refuse a folder holding an earlier run unless
+    ``--resume`` or ``--overwrite``."""
     if world.main:
         for name in RUN_FILES:  # killed writers' temporary files, including fastdpo <= 0.1's random names
             remove_stale_tmp(out / name)
@@ -345,126 +163,59 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
             f"--output-dir {out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue "
             "it or --overwrite to start over"
         )
-    ckpt_path, prev_path = out / CHECKPOINT_NAME, out / PREVIOUS_CHECKPOINT_NAME
-    ref_dir = out / "reference"
-    staged_ref: Path | None = None
-    checkpoint = None
-    lora = args.lora_r is not None or args.qlora
-    if args.resume:
-        if world.main:
-            checkpoint = find_checkpoint(out)
-        tp.barrier(world)  # the main process moved a damaged newest checkpoint aside; the others read the same one
-        if not world.main:
-            checkpoint = load_resumable(out)
-        saved = checkpoint["args"]
-        differ = [k for k in _RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
-        if differ:
-            raise UsageError(
-                "--resume needs the same "
-                + ", ".join(f"--{k.replace('_', '-')}" for k in differ)
-                + " as the interrupted run (checkpoint: "
-                + ", ".join(f"{k}={saved[k]}" for k in differ)
-                + ")"
-            )
 
-    from transformers import AutoTokenizer
+
+def _resume_checkpoint(args: argparse.Namespace, out: Path, world: tp.World) -> dict[str, Any]:
+    """The checkpoint ``--resume`` continues (the same on every process), checked to come from a run with the same
+    ``--steps``, ``--seed``, ``--dtype``, ``--grad-accum``, ``--lora-r`` and ``--qlora``."""
+    if world.main:
+        checkpoint = find_checkpoint(out)
+    tp.barrier(world)  # the main process moved a damaged newest checkpoint aside; the others read the same one
+    if not world.main:
+        checkpoint = load_resumable(out)
+    saved = checkpoint["args"]
+    differ = [k for k in _RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
+    if differ:
+        raise UsageError(
+            "--resume needs the same "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in differ)
+            + " as the interrupted run (checkpoint: "
+            + ", ".join(f"{k}={saved[k]}" for k in differ)
+            + ")"
+        )
+    return checkpoint
+
+
+def _setup(
+    args: argparse.Namespace, staged: list[Path], out: Path, device: torch.device, world: tp.World
+) -> tuple[Run, str]:
+    """``(the run at step 0, a description of its data)``: data, tokenizer, policy and reference, engine, collator
+    (rows tokenized once up front), optimizer and data order (:mod:`fastdpo.train_setup`). Only once every process
+    succeeded is anything of an earlier run replaced (``--overwrite``) and the staged tiny reference put in place."""
     from transformers.utils import logging as hf_logging
-
-    from fastdpo.collator import PreferenceCollator
-    from fastdpo.engine import DPOEngine
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # no per-load "Loading weights" bars: one progress bar, ours
-    amp = torch.float16 if args.dtype == "float16" else None  # fp16: fp32 master weights + autocast + loss scaling
-    dtype = torch.float32 if amp is not None else getattr(torch, args.dtype)
+    # float16: fp32 master weights + autocast + loss scaling (Run.amp)
+    dtype = torch.float32 if args.dtype == "float16" else getattr(torch, args.dtype)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-
-    train_rows, train_where, eval_rows, eval_where, data_desc = _load_data(args)
-
-    # model, reference, tokenizer: the reference is the initial policy (for a tiny model, its initial weights are
-    # saved under reference/ so that --resume rebuilds the very same reference)
-    if args.model is not None:
-        if not (Path(args.model) / "config.json").is_file():
-            raise UsageError(
-                f"--model {args.model}: not a local model folder (no config.json there); fastdpo train "
-                "loads save_pretrained folders and downloads nothing"
-            )
-        ref_source = args.model
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(
-                f"--model {args.model}: cannot load its tokenizer ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''})"
-            ) from None
-    elif args.resume and (ref_dir / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(ref_dir)
-        ref_source = str(ref_dir)
-    else:
-        if "prompt_input_ids" in train_rows[0]:
-            raise UsageError("pre-tokenized rows need --model (its tokenizer produced the ids)")
-        tokenizer = train_tokenizer([t for r in train_rows for t in row_texts(r)], vocab_size=args.vocab_size)
-        need = _tiny_model_bytes(tokenizer, args)
-        import psutil
-
-        available = psutil.virtual_memory().available
-        if device.type == "cpu" and need * world.size > available:
-            raise UsageError(
-                f"--hidden-size {args.hidden_size} --layers {args.layers}: the tiny model's weights, "
-                f"gradients and optimizer need ~{need * world.size / 2**30:.1f} GiB, "
-                f"{available / 2**30:.1f} GiB available"
-            )
-        # staged under a temporary name (the main process's pid) and put in place only once the whole setup
-        # succeeded (with --overwrite, the earlier run stays intact until then)
-        staged_ref = out / f".reference.{_main_pid(world)}.tmp"
-        if world.main:
-            shutil.rmtree(staged_ref, ignore_errors=True)
-            staged.append(staged_ref)
-            init = build_tiny_model(
-                tokenizer, args.arch, hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed
-            )
-            init.save_pretrained(staged_ref)
-            tokenizer.save_pretrained(staged_ref)
-            del init
-        tp.barrier(world)
-        ref_source = str(staged_ref)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
+    train_rows, train_where, eval_rows, eval_where, data_desc = load_data(args)
+    tokenizer, ref_source, staged_ref = load_tokenizer(args, out, train_rows, device, world, staged)
     policy, ref_model, reference = _build_policy(args, ref_source, dtype, device)
-
-    engine_kwargs: dict[str, Any] = {
-        "loss_type": args.loss_type if len(args.loss_type) > 1 else args.loss_type[0],
-        "beta": args.beta,
-        "label_smoothing": args.label_smoothing,
-        "grad_in_forward": args.grad_in_forward,
-    }
-    if args.loss_weights is not None:
-        engine_kwargs["loss_weights"] = args.loss_weights
-    try:
-        engine = DPOEngine(policy, ref_model, reference=reference, **engine_kwargs)
-    except (ValueError, TypeError) as exc:  # e.g. an unknown --loss-type, exo_pair without --label-smoothing
-        raise UsageError(f"--loss-type {' '.join(args.loss_type)}: {exc}") from None
-    collator = PreferenceCollator(
-        tokenizer,
-        max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length,
-        max_completion_length=args.max_completion_length,
-        truncation_mode=args.truncation_mode,
-        packing=args.packing,
-    )
+    engine = build_engine(args, policy, ref_model, reference)
+    collator = build_collator(args, tokenizer)
     # tokenize once up front (collating pre-tokenized rows gives the same batches, minus per-step tokenization)
     try:
         train_rows = pretokenize(collator, train_rows, train_where)
         eval_rows = pretokenize(collator, eval_rows, eval_where)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    global_batch = args.batch_size * world.size
     if len(train_rows) < world.size:
         raise UsageError(f"--data has {len(train_rows)} training pairs, fewer than the {world.size} processes")
     tp.barrier(world)  # every process set up: only now is anything of an earlier run replaced
+    ref_dir = out / "reference"
     if world.main:
         if args.overwrite:
             remove_run(out)
@@ -472,141 +223,50 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
             shutil.rmtree(ref_dir, ignore_errors=True)
             os.replace(staged_ref, ref_dir)
     tp.barrier(world)
+    lora = args.lora_r is not None or args.qlora
     if lora:  # where the saved adapter's base lives: --model, or the initial tiny model under reference/
         base_path = Path(args.model) if args.model is not None else ref_dir
         policy.peft_config["default"].base_model_name_or_path = str(base_path.resolve())
+    optim = build_optimizer(args, policy, lora, device)
+    order = DataOrder(len(train_rows), args.batch_size * world.size, args.seed)
+    run = Run(args, device, world, policy, reference, tokenizer, engine, collator, train_rows, eval_rows, optim, order)
+    return run, data_desc
 
-    lr = (
-        args.lr
-        if args.lr is not None
-        else (1e-6 if args.model is not None and not lora else 3e-3 if args.model is None else 1e-4)
-    )
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(args.lr_schedule, args.warmup_steps, args.steps)
-    )
-    scaler = torch.amp.GradScaler(device.type) if amp is not None else None
-    order = DataOrder(len(train_rows), global_batch, args.seed)
-    step = 0
-    if checkpoint is not None:
-        try:
-            order.load_state_dict(checkpoint["data_order"])
-            _load_trainable_state(policy, checkpoint["model"], lora)
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise UsageError(
-                f"--resume: the checkpoint does not fit this run ({str(exc).splitlines()[0]}; same "
-                "--data, --batch-size and number of processes?)"
-            ) from None
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler") is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        step = int(checkpoint["step"])
-        set_rng_state(checkpoint["rng"])
 
-    ddp = None
-    if world.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
-    gathers: dict[str, Any] = {}
-    if world.distributed:
-        gathers = {"gather": lambda t: tp.gather_cat(t, world)}
-
-    saved_step = step if checkpoint is not None else -1
-
-    def checkpoint_now() -> None:
-        bad = _nonfinite(policy)
-        if bad:  # the guarded step never applies a non-finite update; whatever the cause, never write such weights
-            raise NonFiniteError(
-                f"the policy holds non-finite values at step {step} ({bad[0]}, ...); no checkpoint or model written"
-            )
-        if world.main:
-            state = {
-                "model": _trainable_state(policy, lora),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "data_order": order.state_dict(),
-                "step": step,
-                "rng": rng_state(),
-                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            }
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            save_checkpoint(ckpt_path, state, previous=prev_path)
-        tp.barrier(world)
-        nonlocal saved_step
-        saved_step = step
-
-    log = MetricsLog(out / LOG_NAME, step if checkpoint is not None else None) if world.main else None
-    board = None
-    if args.report_to == "tensorboard" and world.main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        board = SummaryWriter(log_dir=str(out / "runs"), purge_step=step + 1 if checkpoint is not None else None)
-
-    def record(entry: dict[str, Any]) -> None:
-        if log is not None:
-            log.write(entry)
-        if board is not None:
-            for key, value in entry.items():
-                if key not in ("step", "skipped") and isinstance(value, (int, float)) and math.isfinite(value):
-                    board.add_scalar(
-                        key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}",
-                        value,
-                        entry["step"],
-                    )
-            board.flush()
-
-    def say(text: str) -> None:
-        if world.main:
-            write(text)
-
-    show = ("loss", "rewards/accuracies", "rewards/margins")
-    eval_show = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+def _announce(run: Run, data_desc: str) -> None:
+    """The first line (main process): model, size, mode, device, processes, data, loss, packing, steps, resume."""
+    args, world = run.args, run.world
+    if not world.main:
+        return
     mode = (
-        f"LoRA r={policy.peft_config['default'].r}" + (" over a 4-bit base (QLoRA)" if args.qlora else "")
-        if lora
+        f"LoRA r={run.policy.peft_config['default'].r}" + (" over a 4-bit base (QLoRA)" if args.qlora else "")
+        if run.lora
         else "full fine-tuning"
     )
-    if world.main:
-        print(
-            f"fastdpo train: {type(engine.policy_parts.hf_model).__name__} "
-            f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params, {mode}) on {device}"
-            + (f" x {world.size} processes" if world.distributed else "")
-            + f", {data_desc}, loss {args.loss_type}, beta {args.beta}, packing {args.packing}, {args.steps} steps "
-            f"of {args.batch_size * args.grad_accum * world.size} pairs"
-            + (f", resuming at step {step}" if step else ""),
-            flush=True,
-        )
+    print(
+        f"fastdpo train: {type(run.engine.policy_parts.hf_model).__name__} "
+        f"({sum(p.numel() for p in run.policy.parameters()) / 1e6:.2f}M params, {mode}) on {run.device}"
+        + (f" x {world.size} processes" if world.distributed else "")
+        + f", {data_desc}, loss {args.loss_type}, beta {args.beta}, packing {args.packing}, {args.steps} steps "
+        f"of {args.batch_size * args.grad_accum * world.size} pairs"
+        + (f", resuming at step {run.step}" if run.step else ""),
+        flush=True,
+    )
 
-    def run_eval() -> dict[str, Any]:
-        rng = rng_state()  # evaluation must not perturb the training RNG stream
-        entry = {
-            "step": step,
-            **evaluate(
-                engine,
-                policy,
-                collator,
-                eval_rows,
-                args.eval_batch_size,
-                device,
-                args.eval_batches,
-                autocast=amp,
-                world=world,
-            ),
-        }
-        set_rng_state(rng)
-        record(entry)
-        return entry
 
-    write = print
-    first_eval = None
-    if step == 0:
-        first_eval = run_eval()
-        say(_format(first_eval, eval_show))
+def _evaluate(run: Run, reporter: Reporter) -> dict[str, Any]:
+    """Evaluate now, record it and print its line."""
+    entry = run.evaluate()
+    reporter.record(entry)
+    reporter.say(format_record(entry, EVAL_SHOW))
+    return entry
 
+
+def _loop(run: Run, reporter: Reporter) -> tuple[str | None, bool]:
+    """Optimizer steps until ``--steps``, a non-finite loss or gradient under ``--on-nonfinite stop``, ``--stop-after``
+    steps of this invocation, or SIGINT/SIGTERM (on any process; the run checkpoints and stops after the current step,
+    a second signal stops it at once). Returns ``(what was non-finite and where, or None; interrupted)``."""
+    args, world = run.args, run.world
     interrupted = False
 
     def on_signal(signum, frame):
@@ -616,114 +276,40 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
         interrupted = True
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if _is_main_thread() else {}
-    bar = None
-    if not args.no_progress and world.main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=args.steps, initial=step, desc="fastdpo train", dynamic_ncols=True, file=sys.stderr)
-        write = bar.write
-    start_step, t0 = step, time.perf_counter()
-    last_eval: dict[str, Any] | None = None
-    nonfinite_stop: str | None = None
+    if not args.no_progress:
+        reporter.open_bar(args.steps, run.step)
+    start_step = run.step
     try:
-        while step < args.steps:
-            totals: dict[str, float] = {}
-            pairs_seen = 0
-            bad = None
-            bad_value = float("nan")
-            for micro in range(args.grad_accum):
-                rows = order.next_batch()
-                while len(rows) < world.size:  # an epoch's tail too small to give every process a pair
-                    rows = order.next_batch()
-                mine = [train_rows[i] for i in tp.shard(rows, world)]
-                batch = _to_device(collator(mine), device)
-                sync = contextlib.nullcontext() if ddp is None or micro == args.grad_accum - 1 else ddp.no_sync()
-                with sync:
-                    with _autocast(device, amp):
-                        loss, metrics = engine.step(batch, ddp, **gathers)
-                    finite = math.isfinite(_scalar(loss))
-                    if tp.any_true(not finite, world, device):  # every process skips the backward together
-                        bad, bad_value = "loss", _scalar(loss)
-                        break
-                    scaled = loss * (tp.loss_scale(len(mine), len(rows), world) / args.grad_accum)
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                pair_loss = float(tp.all_sum(loss.detach().float().reshape(1) * len(mine), world)) / len(rows)
-                totals["loss"] = totals.get("loss", 0.0) + pair_loss * len(rows)
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + _scalar(value) * len(rows)
-                pairs_seen += len(rows)
-            loss_value = totals["loss"] / pairs_seen if bad is None else bad_value
-            grad_norm = None
-            skipped = False
-            if bad is None:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                grad_norm = float(
-                    torch.nn.utils.clip_grad_norm_(
-                        params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-                    )
-                )
-                if not math.isfinite(grad_norm) and scaler is None:
-                    bad = "gradient"
-            lr = scheduler.get_last_lr()[0]
-            if bad is None:
-                if scaler is not None:  # an fp16 overflow makes the scaler skip the step and lower the scale
-                    scale = scaler.get_scale()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    skipped = scaler.get_scale() < scale
-                else:
-                    optimizer.step()
-                if not skipped:
-                    scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            entry = {
-                "step": step,
-                "epoch": order.epoch + order.cursor / order.num_rows,
-                "loss": loss_value,
-                "lr": lr,
-                **({k: v / pairs_seen for k, v in totals.items() if k != "loss"} if bad is None else {}),
-            }
-            if grad_norm is not None:
-                entry["grad_norm"] = grad_norm
-            if scaler is not None:
-                entry["loss_scale"] = scaler.get_scale()
-            if bad is not None or skipped:
-                entry["skipped"] = True
-            record(entry)
+        while run.step < args.steps:
+            entry, bad = run.optimizer_step()
+            reporter.record(entry)
             if bad is not None and args.on_nonfinite == "stop":
-                nonfinite_stop = f"non-finite {bad} ({loss_value if bad == 'loss' else grad_norm}) at step {step}"
-                break
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry.get('rewards/accuracies', float('nan')):.2f}")
-            if args.log_every and step % args.log_every == 0:
-                say(_format(entry, show))
-            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                last_eval = run_eval()
-                say(_format(last_eval, eval_show))
-            interrupted = tp.any_true(interrupted, world, device)  # a signal to any process stops them all
-            stop_now = interrupted or (args.stop_after is not None and step - start_step >= args.stop_after)
-            if (args.save_every and step % args.save_every == 0) or stop_now:
-                checkpoint_now()
+                value = entry["loss"] if bad == "loss" else entry["grad_norm"]
+                return f"non-finite {bad} ({value}) at step {run.step}", interrupted
+            reporter.advance(entry)
+            if args.log_every and run.step % args.log_every == 0:
+                reporter.say(format_record(entry, SHOW))
+            if args.eval_every and run.step % args.eval_every == 0 and run.step < args.steps:
+                _evaluate(run, reporter)
+            interrupted = tp.any_true(interrupted, world, run.device)  # a signal to any process stops them all
+            stop_now = interrupted or (args.stop_after is not None and run.step - start_step >= args.stop_after)
+            if (args.save_every and run.step % args.save_every == 0) or stop_now:
+                run.save_checkpoint()
             if stop_now:
                 break
     finally:
-        if bar is not None:
-            bar.close()
+        reporter.close_bar()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return None, interrupted
 
-    def close_logs() -> None:
-        if log is not None:
-            log.close()
-        if board is not None:
-            board.close()
 
+def _stopped(run: Run, nonfinite_stop: str | None, interrupted: bool) -> int:
+    """Say why the run ended before ``--steps`` (main process); the exit code: 1 for a non-finite loss or gradient,
+    130 interrupted, 0 after ``--stop-after`` steps."""
+    args, ckpt_path = run.args, run.checkpoint_path
     if nonfinite_stop is not None:
-        close_logs()
-        if world.main:
+        if run.world.main:
             last = f"the last checkpoint ({ckpt_path}) is from before it" if ckpt_path.exists() else "no checkpoint"
             hint = "lower --lr" + (", use --dtype float32" if args.dtype != "float32" else "")
             print(
@@ -732,50 +318,45 @@ def _run(args: argparse.Namespace, staged: list[Path], out: Path, device: torch.
                 file=sys.stderr,
             )
         return 1
-    if step < args.steps:
-        close_logs()
-        why = "interrupted" if interrupted else f"stopped after {args.stop_after} steps"
-        if world.main:
-            print(f"{why} at step {step}/{args.steps}; checkpoint written to {ckpt_path} (continue with --resume)")
-        return 130 if interrupted else 0
+    why = "interrupted" if interrupted else f"stopped after {args.stop_after} steps"
+    if run.world.main:
+        print(f"{why} at step {run.step}/{args.steps}; checkpoint written to {ckpt_path} (continue with --resume)")
+    return 130 if interrupted else 0
 
-    if saved_step != step:
-        checkpoint_now()
-    last_eval = run_eval()
-    close_logs()
-    elapsed = time.perf_counter() - t0
+
+def _save_model(run: Run, first_eval: dict[str, Any] | None, last_eval: dict[str, Any]) -> None:
+    """Print the held-out accuracy before and after; write ``model/`` (weights or adapter, tokenizer, model card)
+    atomically: it appears complete or not at all."""
+    from fastdpo.model_card import write_model_card
+
+    args, out = run.args, run.out
+    if first_eval is not None:
+        print(
+            f"held-out rewards/accuracies: {first_eval.get('eval_rewards/accuracies', float('nan')):.3f} before "
+            f"training -> {last_eval.get('eval_rewards/accuracies', float('nan')):.3f} after (chance: 0.5; "
+            "before training policy == reference, rewards are ~0 and ties count as wrong, as in TRL)"
+        )
     model_dir = out / "model"
-    if world.main:
-        print(_format(last_eval, eval_show) + f" | {step - start_step} steps in {elapsed:.1f}s")
-        first_eval = first_eval or first_eval_record(out / LOG_NAME)
-        if first_eval is not None:
-            print(
-                f"held-out rewards/accuracies: {first_eval.get('eval_rewards/accuracies', float('nan')):.3f} before "
-                f"training -> {last_eval.get('eval_rewards/accuracies', float('nan')):.3f} after (chance: 0.5; "
-                "before training policy == reference, rewards are ~0 and ties count as wrong, as in TRL)"
-            )
-        from fastdpo.model_card import write_model_card
-
-        base = str(Path(args.model).resolve()) if args.model is not None else str(ref_dir.resolve())
-        with atomic_dir(model_dir) as tmp_model:  # model/ appears complete or not at all
-            policy.save_pretrained(tmp_model)
-            tokenizer.save_pretrained(tmp_model)
-            write_model_card(
-                tmp_model,
-                name=out.resolve().name,
-                location=str(model_dir.resolve()),
-                base=base,
-                adapter=("qlora" if args.qlora else "lora") if lora else None,
-                settings=_card_settings(args, world, reference, lr),
-                metrics_before={k: v for k, v in (first_eval or {}).items() if k != "step"},
-                metrics_after={k: v for k, v in last_eval.items() if k != "step"},
-            )
-        print(f"model written to {model_dir.resolve()}")
-    tp.barrier(world)
-    return 0
+    base = str(Path(args.model).resolve()) if args.model is not None else str((out / "reference").resolve())
+    with atomic_dir(model_dir) as tmp_model:
+        run.policy.save_pretrained(tmp_model)
+        run.tokenizer.save_pretrained(tmp_model)
+        write_model_card(
+            tmp_model,
+            name=out.resolve().name,
+            location=str(model_dir.resolve()),
+            base=base,
+            adapter=("qlora" if args.qlora else "lora") if run.lora else None,
+            settings=_card_settings(run),
+            metrics_before={k: v for k, v in (first_eval or {}).items() if k != "step"},
+            metrics_after={k: v for k, v in last_eval.items() if k != "step"},
+        )
+    print(f"model written to {model_dir.resolve()}")
 
 
-def _card_settings(args: argparse.Namespace, world, reference: str, lr: float) -> dict[str, Any]:
+def _card_settings(run: Run) -> dict[str, Any]:
+    """The model card's settings table: the loss, data, optimization and precision of the run."""
+    args = run.args
     settings: dict[str, Any] = {
         "loss_type": args.loss_type,
         "loss_weights": args.loss_weights or "-",
@@ -783,34 +364,24 @@ def _card_settings(args: argparse.Namespace, world, reference: str, lr: float) -
         "label_smoothing": args.label_smoothing,
         "packing": args.packing,
         "grad_in_forward": args.grad_in_forward,
-        "reference": "base model, adapter disabled" if reference == "adapter" else "frozen copy of the initial model",
+        "reference": "base model, adapter disabled"
+        if run.reference == "adapter"
+        else "frozen copy of the initial model",
         "max_length": args.max_length or "-",
         "truncation_mode": args.truncation_mode,
         "steps": args.steps,
         "batch_size (pairs per micro-batch and process)": args.batch_size,
         "grad_accum": args.grad_accum,
-        "processes": world.size,
-        "learning_rate": lr,
+        "processes": run.world.size,
+        "learning_rate": run.optim.lr,
         "lr_schedule": args.lr_schedule,
         "dtype": args.dtype,
         "seed": args.seed,
     }
-    if args.lora_r is not None or args.qlora:
-        settings.update(
-            {"lora_r": args.lora_r or 16, "lora_alpha": args.lora_alpha or 2 * (args.lora_r or 16), "qlora": args.qlora}
-        )
+    if run.lora:
+        r = args.lora_r or 16
+        settings.update({"lora_r": r, "lora_alpha": args.lora_alpha or 2 * r, "qlora": args.qlora})
     return settings
-
-
-def _main_pid(world) -> int:
-    """The main process's pid, the same on every process (names the staged reference folder)."""
-    if not world.distributed:
-        return os.getpid()
-    import torch.distributed as dist
-
-    box = [os.getpid()]
-    dist.broadcast_object_list(box, src=0)
-    return int(box[0])
 
 
 def _is_main_thread() -> bool:

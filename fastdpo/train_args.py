@@ -1,6 +1,7 @@
 """The command line of ``fastdpo train``: its arguments (each value checked by argparse ``type=`` functions that name
 the flag) and the combinations argparse cannot check, all one-line usage errors with exit code 2 (see
-:mod:`fastdpo.cli`). The run itself is :mod:`fastdpo.train`.
+:mod:`fastdpo.cli`). The run itself is :mod:`fastdpo.train`. An option without a ``default=`` is ``None`` when not given
+(argparse's default): the run then picks its value (``--lr`` by the kind of model, ``--lora-alpha`` as ``2 r``, ...).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastdpo.cli import ArgParser, UsageError, float_in, int_in, output_dir, threads
+from fastdpo.cli import ArgParser, UsageError, float_in, int_in, one_of, output_dir, threads
 from fastdpo.tiny import ARCHS, TRAIN_SPECIAL_TOKENS
 
 __all__ = ["MIN_VOCAB", "build_parser"]
@@ -30,7 +31,7 @@ def build_parser() -> ArgParser:
         help="local model folder (save_pretrained format; nothing is downloaded). Default: a "
         "tiny model built from a config, with a tokenizer trained in-process on the data",
     )
-    g.add_argument("--arch", choices=ARCHS, default="llama", help="tiny model architecture (no --model)")
+    g.add_argument("--arch", **one_of(*ARCHS), help="tiny model architecture (no --model)")
     g.add_argument("--hidden-size", type=int_in(16), default=64, help="tiny model width, a multiple of 16 (no --model)")
     g.add_argument("--layers", type=int_in(1), default=2, help="tiny model depth (no --model)")
     g.add_argument(
@@ -43,16 +44,14 @@ def build_parser() -> ArgParser:
     g.add_argument(
         "--lora-r",
         type=int_in(1),
-        default=None,
         help="train a LoRA adapter of this rank (peft) instead of every weight; the reference is the base "
         "model with the adapter disabled (no second copy); model/ holds the adapter",
     )
-    g.add_argument("--lora-alpha", type=float_in(0.0, low_open=True), default=None, help="LoRA alpha (default 2 r)")
+    g.add_argument("--lora-alpha", type=float_in(0.0, low_open=True), help="LoRA alpha (default 2 r)")
     g.add_argument("--lora-dropout", type=float_in(0.0, 1.0, high_open=True), default=0.0)
     g.add_argument(
         "--lora-target-modules",
         nargs="+",
-        default=None,
         help="module names the adapter wraps (default: every linear layer but the LM head)",
     )
     g.add_argument(
@@ -62,13 +61,12 @@ def build_parser() -> ArgParser:
     )
     g.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default="float32",
+        **one_of("float32", "bfloat16", "float16"),
         help="float32; bfloat16 (weights and optimizer in bf16); float16 (mixed precision: fp32 weights and "
         "optimizer, fp16 autocast, dynamic loss scaling)",
     )
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--threads", type=threads, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=threads, help="CPU threads for torch (default: torch's choice)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="training preference file (.json/.jsonl/.parquet). Default: bundled demo set")
     g.add_argument(
@@ -82,26 +80,22 @@ def build_parser() -> ArgParser:
         default=0.1,
         help="held-out share of --data without --eval-data",
     )
-    g.add_argument("--max-length", type=int_in(1), default=None, help="truncate prompt+completion to this many tokens")
-    g.add_argument("--max-prompt-length", type=int_in(0), default=None, help="truncate the prompt first")
-    g.add_argument(
-        "--max-completion-length", type=int_in(0), default=None, help="keep the first N tokens of each completion"
-    )
+    g.add_argument("--max-length", type=int_in(1), help="truncate prompt+completion to this many tokens")
+    g.add_argument("--max-prompt-length", type=int_in(0), help="truncate the prompt first")
+    g.add_argument("--max-completion-length", type=int_in(0), help="keep the first N tokens of each completion")
     g.add_argument(
         "--truncation-mode",
-        choices=("keep_end", "keep_start"),
-        default="keep_end",
+        **one_of("keep_end", "keep_start"),
         help="which end --max-length and --max-prompt-length keep (TRL's truncation_mode)",
     )
     g.add_argument(
         "--packing",
-        choices=("pad", "padding_free", "prefix_shared"),
-        default="pad",
+        **one_of("pad", "padding_free", "prefix_shared"),
         help="pad (TRL's batch), padding_free (sequences back to back) or prefix_shared (each prompt once per pair)",
     )
     g = p.add_argument_group("DPO")
     g.add_argument("--loss-type", nargs="+", default=["sigmoid"], help="one or more TRL loss types")
-    g.add_argument("--loss-weights", type=float_in(), nargs="+", default=None)
+    g.add_argument("--loss-weights", type=float_in(), nargs="+")
     g.add_argument("--beta", type=float_in(0.0, low_open=True), default=0.1)
     g.add_argument("--label-smoothing", type=float_in(0.0, 1.0, high_open=True), default=0.0)
     g.add_argument(
@@ -122,7 +116,6 @@ def build_parser() -> ArgParser:
     g.add_argument(
         "--lr",
         type=float_in(0.0, low_open=True),
-        default=None,
         help="peak learning rate (default: 3e-3 for the tiny in-process model, 1e-6 with --model, 1e-4 for "
         "a LoRA adapter on --model)",
     )
@@ -132,8 +125,7 @@ def build_parser() -> ArgParser:
     g.add_argument("--max-grad-norm", type=float_in(0.0), default=1.0, help="0 disables clipping")
     g.add_argument(
         "--on-nonfinite",
-        choices=("stop", "skip"),
-        default="stop",
+        **one_of("stop", "skip"),
         help="a non-finite loss or gradient: stop the run (exit code 1, nothing non-finite is written; "
         'default) or skip that step (no optimizer step; logged with "skipped": true)',
     )
@@ -148,24 +140,19 @@ def build_parser() -> ArgParser:
     g.add_argument("--eval-every", type=int_in(0), default=50, help="evaluate every N steps (0: only before and after)")
     g.add_argument("--eval-batch-size", type=int_in(1), default=32)
     g.add_argument(
-        "--eval-batches",
-        type=int_in(1),
-        default=None,
-        help="cap on held-out batches per evaluation (per process under torchrun)",
+        "--eval-batches", type=int_in(1), help="cap on held-out batches per evaluation (per process under torchrun)"
     )
     g.add_argument("--save-every", type=int_in(0), default=50, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--log-every", type=int_in(0), default=10, help="print a metrics line every N steps (0: never)")
     g.add_argument(
         "--report-to",
-        choices=("none", "tensorboard"),
-        default="none",
+        **one_of("none", "tensorboard"),
         help="tensorboard: also write the metrics as TensorBoard scalars under --output-dir/runs",
     )
     g.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint.pt")
     g.add_argument(
         "--stop-after",
         type=int_in(1),
-        default=None,
         help="checkpoint and exit after N steps of this invocation (time-sliced jobs; resume later)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
