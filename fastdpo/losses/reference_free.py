@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from fastdpo._dtypes import accumulate_dtype
-from fastdpo._validation import check_same_device, warn_nonfinite_output
+from fastdpo._validation import check_same_device
 from fastdpo.losses._common import (
     check_pairs,
     check_scalar,
     check_seq_tensor,
+    checked_output,
     length,
-    loss_and_metrics,
     positive_beta,
     smoothed_sigmoid,
 )
@@ -129,9 +129,7 @@ def simpo_loss(
     ar = policy_rejected_logps.to(dtype) / length(rejected_lengths, dtype)
     loss = simpo_pair_losses(ac, ar, beta, gamma, eps).mean()
     metrics = dpo_metrics(ac, ar, None, None, beta)
-    if validate:
-        warn_nonfinite_output(loss_and_metrics(loss, metrics), "policy log-probs or lengths", "loss or metrics")
-    return loss, metrics
+    return checked_output(loss, metrics, validate, "policy log-probs or lengths")
 
 
 def cpo_loss(
@@ -168,9 +166,7 @@ def cpo_loss(
     loss = cpo_pair_losses(pc, pr, beta, eps).mean() + alpha * nll
     metrics = dpo_metrics(pc, pr, None, None, beta)
     metrics[NLL_LOSS] = nll.detach()
-    if validate:
-        warn_nonfinite_output(loss_and_metrics(loss, metrics), "policy log-probs", "loss or metrics")
-    return loss, metrics
+    return checked_output(loss, metrics, validate, "policy log-probs")
 
 
 def orpo_loss(
@@ -207,6 +203,4 @@ def orpo_loss(
     metrics[NLL_LOSS] = nll.detach()
     metrics[LOG_ODDS_RATIO] = ratio.detach().mean()
     metrics[LOG_ODDS_CHOSEN] = log_odds.detach().mean()
-    if validate:
-        warn_nonfinite_output(loss_and_metrics(loss, metrics), "policy log-probs", "loss or metrics")
-    return loss, metrics
+    return checked_output(loss, metrics, validate, "policy log-probs")
