@@ -69,7 +69,7 @@ def checked_output(
     """``(loss, metrics)`` of a public loss, after warning (``RuntimeWarning`` naming the ``inputs`` to look at) when
     ``validate`` and the loss or a metric is NaN/inf (one host sync)."""
     if validate:
-        warn_nonfinite_output(loss_and_metrics(loss, metrics), inputs, "loss or metrics")
+        warn_nonfinite_output(loss_and_metrics(loss, metrics), inputs, "loss or metrics", stacklevel=4)
     return loss, metrics
 
 

@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from fastdpo._validation import check_keywords
 from fastdpo.losses._common import check_scalar
 
 if TYPE_CHECKING:
@@ -203,11 +204,7 @@ class PreferenceLossConfig:
         else ``ValueError``. A name that is not a field is a ``TypeError`` naming ``where`` (a misspelt option is never
         dropped); so is a ``loss_config`` that is not a :class:`PreferenceLossConfig`.
         """
-        unknown = sorted(set(loss_options) - set(_FIELDS))
-        if unknown:
-            raise TypeError(
-                f"{where} got an unexpected keyword argument {unknown[0]!r}; the loss options are {list(_FIELDS)}"
-            )
+        check_keywords(where, loss_options, _FIELDS, "the loss options")
         if loss_config is None:
             return cls(**loss_options)
         if not isinstance(loss_config, PreferenceLossConfig):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdpo._dtypes import accumulate_dtype
-from fastdpo._validation import check_float, check_same_device, warn_nonfinite_output
+from fastdpo._validation import check_float, check_keywords, check_same_device, warn_nonfinite_output
 from fastdpo.losses._common import check_seq_tensor, checked_output, length, smoothed_sigmoid
 from fastdpo.losses.config import F_DIVERGENCE_TYPES, LOSS_TYPES, PreferenceLossConfig
 from fastdpo.losses.metrics import dpo_metrics
@@ -67,24 +67,27 @@ def f_divergence_scores(
     raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}: valid are {list(F_DIVERGENCE_TYPES)}")
 
 
-def _per_pair_loss(
-    loss_type: str,
-    *,
-    pc: torch.Tensor,
-    pr: torch.Tensor,
-    rc: torch.Tensor,
-    rr: torch.Tensor,
-    c: torch.Tensor,
-    r: torch.Tensor,
-    sc: torch.Tensor,
-    sr: torch.Tensor,
-    len_c: torch.Tensor | None,
-    len_r: torch.Tensor | None,
-    beta: float,
-    eps: float,
-    tau: float,
-) -> torch.Tensor:
-    """Per-pair loss ``[p]`` of one loss type (everything except ``sft``)."""
+class _Scores(NamedTuple):
+    """What the per-pair losses read (``[k]``, compute dtype): log-probs ``pc``, ``pr``, reference ``rc``, ``rr`` (0
+    without a reference), the log-ratios ``c``, ``r``, their f-divergence scores ``sc``, ``sr`` and the completion
+    lengths ``len_c``, ``len_r`` (or None)."""
+
+    pc: torch.Tensor
+    pr: torch.Tensor
+    rc: torch.Tensor
+    rr: torch.Tensor
+    c: torch.Tensor
+    r: torch.Tensor
+    sc: torch.Tensor
+    sr: torch.Tensor
+    len_c: torch.Tensor | None
+    len_r: torch.Tensor | None
+
+
+def _per_pair_loss(loss_type: str, scores: _Scores, config: PreferenceLossConfig) -> torch.Tensor:
+    """Per-pair loss ``[k]`` of one loss type (everything except ``sft``)."""
+    pc, pr, rc, rr, c, r, sc, sr, len_c, len_r = scores
+    beta, eps, tau = config.beta, config.label_smoothing, config.discopop_tau
     z = beta * (sc - sr)
     if loss_type == "sigmoid":
         return -F.logsigmoid(z)
@@ -154,6 +157,7 @@ def dpo_loss_sum(
     f_div, f_alpha = config.f_divergence_type, config.f_alpha_divergence_coef
     sc = f_divergence_scores(c, f_div, f_alpha, input_dtype)
     sr = f_divergence_scores(r, f_div, f_alpha, input_dtype)
+    scores = _Scores(pc, pr, rc_, rr_, c, r, sc, sr, chosen_lengths, rejected_lengths)
     total = zero
     for loss_type, weight in zip(config.loss_type, config.loss_weights, strict=True):
         if loss_type == "sft":
@@ -162,22 +166,7 @@ def dpo_loss_sum(
             if pair_weights is not None:
                 term = term * pair_weights.sum() / num_pairs
         else:
-            per_pair = _per_pair_loss(
-                loss_type,
-                pc=pc,
-                pr=pr,
-                rc=rc_,
-                rr=rr_,
-                c=c,
-                r=r,
-                sc=sc,
-                sr=sr,
-                len_c=chosen_lengths,
-                len_r=rejected_lengths,
-                beta=config.beta,
-                eps=config.label_smoothing,
-                tau=config.discopop_tau,
-            )
+            per_pair = _per_pair_loss(loss_type, scores, config)
             if pair_weights is not None:
                 per_pair = per_pair * pair_weights
             term = per_pair.sum() / num_pairs
@@ -201,47 +190,29 @@ class PairStatistics(TypedDict, total=False):
 
 def check_statistics_names(statistics: Mapping[str, object], where: str) -> None:
     """``TypeError`` naming ``where`` for a keyword that is not one of :class:`PairStatistics`."""
-    unknown = sorted(set(statistics) - set(PairStatistics.__annotations__))
-    if unknown:
-        raise TypeError(
-            f"{where} got unexpected keyword arguments {unknown}; per-batch inputs are "
-            f"{sorted(PairStatistics.__annotations__)}"
-        )
+    check_keywords(where, statistics, PairStatistics.__annotations__, "the per-batch inputs")
 
 
 class _Prepared(NamedTuple):
-    """Checked inputs of a loss in the compute dtype: log-probs ``pc``, ``pr`` and reference ``rc``, ``rr`` (or
-    None), the chosen NLL sums ``nll_c``, WPO ``pair_weights`` (or None), the lengths as given and the
-    ``input_dtype``."""
+    """Checked inputs of a loss in the compute dtype, named as :func:`dpo_loss_sum`'s parameters: log-probs ``pc``,
+    ``pr`` and reference ``rc``, ``rr`` (or None), the ``input_dtype``, the lengths as given, the chosen NLL sums
+    ``chosen_nll_sum`` and WPO ``pair_weights`` (or None)."""
 
     pc: torch.Tensor
     pr: torch.Tensor
     rc: torch.Tensor | None
     rr: torch.Tensor | None
-    nll_c: torch.Tensor
-    pair_weights: torch.Tensor | None
+    input_dtype: torch.dtype
     chosen_lengths: torch.Tensor | None
     rejected_lengths: torch.Tensor | None
-    input_dtype: torch.dtype
+    chosen_nll_sum: torch.Tensor
+    pair_weights: torch.Tensor | None
 
     def loss_sum(
         self, config: PreferenceLossConfig, num_pairs: int | torch.Tensor, num_chosen_tokens: torch.Tensor | None
     ) -> torch.Tensor:
         """:func:`dpo_loss_sum` of these pairs with the batch totals."""
-        return dpo_loss_sum(
-            self.pc,
-            self.pr,
-            self.rc,
-            self.rr,
-            config,
-            input_dtype=self.input_dtype,
-            chosen_lengths=self.chosen_lengths,
-            rejected_lengths=self.rejected_lengths,
-            chosen_nll_sum=self.nll_c,
-            pair_weights=self.pair_weights,
-            num_pairs=num_pairs,
-            num_chosen_tokens=num_chosen_tokens,
-        )
+        return dpo_loss_sum(config=config, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens, **self._asdict())
 
 
 def _sequence_config(config: PreferenceLossConfig) -> PreferenceLossConfig:
@@ -316,11 +287,11 @@ def _prepared(
         pr,
         cast(ref_chosen_logps),
         cast(ref_rejected_logps),
-        nll_c,
-        pair_weights,
+        input_dtype,
         chosen_lengths,
         rejected_lengths,
-        input_dtype,
+        nll_c,
+        pair_weights,
     )
 
 
@@ -411,16 +382,8 @@ def preference_loss(
             TypeError: non-float log-probs, non-integer/float lengths, a keyword that is no loss option.
     """
     config = _sequence_config(PreferenceLossConfig.resolve(loss_config, loss_options, where="preference_loss()"))
-    statistics = PairStatistics(
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        policy_chosen_nll_sum=policy_chosen_nll_sum,
-        policy_rejected_nll_sum=policy_rejected_nll_sum,
-        wpo_chosen_weights=wpo_chosen_weights,
-        wpo_rejected_weights=wpo_rejected_weights,
-        policy_chosen_log_sum_p2=policy_chosen_log_sum_p2,
-        policy_rejected_log_sum_p2=policy_rejected_log_sum_p2,
-    )
+    arguments = locals()
+    statistics = PairStatistics(**{name: arguments[name] for name in PairStatistics.__annotations__})
     x = _prepared(config, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, statistics)
     num_chosen_tokens = None
     if "sft" in config.loss_type:

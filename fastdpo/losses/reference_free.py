@@ -67,24 +67,14 @@ def _chosen_nll(pc: torch.Tensor, chosen_lengths: torch.Tensor, nll_sum: torch.T
     return nll.sum() / chosen_lengths.to(pc.dtype).sum().clamp(min=1.0)
 
 
-def _check_inputs(
-    pc: torch.Tensor,
-    pr: torch.Tensor,
-    chosen_lengths: torch.Tensor,
-    rejected_lengths: torch.Tensor | None = None,
-    nll_sum: torch.Tensor | None = None,
-) -> None:
+def _check_inputs(pc: torch.Tensor, pr: torch.Tensor, **optional: torch.Tensor | None) -> None:
+    """``policy_chosen_logps`` ``pc`` and ``policy_rejected_logps`` ``pr`` (non-empty ``[P]`` floats) and the
+    ``optional`` ``[P]`` tensors, named as the public losses' parameters (``*_lengths``: integer allowed), on one
+    device."""
     p = check_pairs("policy_chosen_logps", pc, "policy_rejected_logps", pr)
-    check_seq_tensor("chosen_lengths", chosen_lengths, p, integer_ok=True)
-    check_seq_tensor("rejected_lengths", rejected_lengths, p, integer_ok=True)
-    check_seq_tensor("policy_chosen_nll_sum", nll_sum, p)
-    check_same_device(
-        policy_chosen_logps=pc,
-        policy_rejected_logps=pr,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        policy_chosen_nll_sum=nll_sum,
-    )
+    for name, t in optional.items():
+        check_seq_tensor(name, t, p, integer_ok=name.endswith("_lengths"))
+    check_same_device(policy_chosen_logps=pc, policy_rejected_logps=pr, **optional)
 
 
 def _smoothing_and_beta(who: str, beta: object, label_smoothing: object) -> tuple[float, float]:
@@ -121,7 +111,9 @@ def simpo_loss(
     Returns:
         ``(loss, metrics)``; rewards are ``beta * average log-prob``, ``logps/*`` the average log-probs.
     """
-    _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
+    _check_inputs(
+        policy_chosen_logps, policy_rejected_logps, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths
+    )
     gamma = check_scalar("gamma", gamma)
     beta, eps = _smoothing_and_beta("simpo_loss", beta, label_smoothing)
     dtype = accumulate_dtype(policy_chosen_logps.dtype)
@@ -157,7 +149,12 @@ def cpo_loss(
     Returns:
         ``(loss, metrics)``; metrics add ``nll_loss``; rewards are ``beta * log-prob``.
     """
-    _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_lengths, nll_sum=policy_chosen_nll_sum)
+    _check_inputs(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        policy_chosen_nll_sum=policy_chosen_nll_sum,
+    )
     alpha = check_scalar("alpha", alpha)
     beta, eps = _smoothing_and_beta("cpo_loss", beta, label_smoothing)
     dtype = accumulate_dtype(policy_chosen_logps.dtype)
@@ -189,7 +186,13 @@ def orpo_loss(
         ``(loss, metrics)``; metrics add ``nll_loss``, ``log_odds_ratio`` (mean ``log sigma(log odds)``) and
         ``log_odds_chosen`` (mean log odds); rewards are ``beta * average log-prob``.
     """
-    _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, policy_chosen_nll_sum)
+    _check_inputs(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        policy_chosen_nll_sum=policy_chosen_nll_sum,
+    )
     beta = positive_beta(beta, "orpo_loss")
     dtype = accumulate_dtype(policy_chosen_logps.dtype)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
