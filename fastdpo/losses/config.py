@@ -194,7 +194,11 @@ class PreferenceLossConfig:
 
     @classmethod
     def resolve(
-        cls, loss_config: PreferenceLossConfig | None, loss_options: Mapping[str, Any], *, where: str = "the loss"
+        cls,
+        loss_config: PreferenceLossConfig | None,
+        loss_options: Mapping[str, Any],
+        *,
+        where: str = "PreferenceLossConfig.resolve()",
     ) -> PreferenceLossConfig:
         """The configuration of an entry point taking ``loss_config=`` and ``**loss_options`` (:class:`LossOptions`).
 

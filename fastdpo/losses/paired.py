@@ -382,7 +382,7 @@ def preference_loss(
             TypeError: non-float log-probs, non-integer/float lengths, a keyword that is no loss option.
     """
     config = _sequence_config(PreferenceLossConfig.resolve(loss_config, loss_options, where="preference_loss()"))
-    arguments = locals()
+    arguments = locals()  # the per-batch tensors are the parameters named as PairStatistics' keys
     statistics = PairStatistics(**{name: arguments[name] for name in PairStatistics.__annotations__})
     x = _prepared(config, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, statistics)
     num_chosen_tokens = None
