@@ -2,17 +2,27 @@
 
 Scalars: :func:`check_int` and :func:`check_number` (``bool`` is refused as a number; ``TypeError`` for a wrong type,
 ``ValueError`` for a wrong value). Tensors: :func:`check_float`, :func:`check_index`, :func:`check_same_device`,
-:func:`check_labels`.
+:func:`check_labels`. Keywords of a ``**options`` signature: :func:`check_keywords`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_keywords(where: str, given: Iterable[str], known: Iterable[str], what: str) -> None:
+    """``TypeError`` naming ``where`` for a keyword in ``given`` that is not ``known`` (``what`` names the known ones in
+    the message), as Python raises for a named parameter: a misspelt keyword is never dropped."""
+    known = list(known)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise TypeError(f"{where} got an unexpected keyword argument {unknown[0]!r}; {what} are {known}")
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
@@ -106,17 +116,18 @@ def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int, name:
         )
 
 
-def warn_nonfinite_output(out: torch.Tensor, source: str, result: str = "log-probs") -> None:
+def warn_nonfinite_output(out: torch.Tensor, source: str, result: str = "log-probs", *, stacklevel: int = 3) -> None:
     """Warn when a result carries NaN/inf (from NaN/inf in ``source``); O(output) check instead of scanning inputs.
 
     NaN is propagated, never replaced by a finite value: the warning is how the caller learns about it. One host
-    sync; the public ops skip it with ``validate=False``. ``result`` names what turned non-finite in the message.
+    sync; the public ops skip it with ``validate=False``. ``result`` names what turned non-finite in the message;
+    ``stacklevel`` points the warning at the public op's caller (3: the op calls this directly).
     """
     if out.numel() and not bool(torch.isfinite(out).all()):
         warnings.warn(
             f"non-finite result: {source} contain NaN or inf, which propagate to the output (NaN/inf {result})",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 

@@ -35,13 +35,13 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from fastdpo.losses.config import PreferenceLossConfig, resolve_loss_config
+from fastdpo.losses.config import PreferenceLossConfig
 from fastdpo.losses.metrics import ENTROPY, LOGITS_CHOSEN, LOGITS_REJECTED, MEAN_TOKEN_ACCURACY
 from fastdpo.models import (
     LMParts,
@@ -54,6 +54,11 @@ from fastdpo.models import (
 from fastdpo.models import disable_dropout as _disable_dropout
 from fastdpo.quantize import quantize_model
 from fastdpo.ref_cache import RefLogpCache, model_fingerprint
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from fastdpo.losses.config import LossOptions
 
 __all__ = ["DPOEngine", "REFERENCE_MODES"]
 
@@ -100,12 +105,11 @@ class DPOEngine:
         ref_model: the reference model for ``reference="model"``; for ``"precomputed"`` optionally the model the cache
             must have been built from (checked, then not kept).
         reference: ``"model"``, ``"adapter"`` or ``"precomputed"`` (see the module docstring).
-        loss_config: a :class:`fastdpo.losses.PreferenceLossConfig`, instead of the loss keywords below (a keyword
-            given as well must agree with it); kept as ``self.loss_config``.
-        loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
-        use_weighting: the fields of :class:`~fastdpo.losses.PreferenceLossConfig` (TRL 1.16 semantics), given to
-            :func:`fastdpo.losses.preference_loss`.
-        ld_alpha: LD-DPO — tokens beyond the shorter completion of a pair weigh ``ld_alpha`` (policy and reference).
+        loss_config: a :class:`fastdpo.losses.PreferenceLossConfig`, or
+        loss_options: its fields as keywords (``loss_type``, ``beta``, ..., ``use_weighting``, ``ld_alpha``:
+            :class:`~fastdpo.losses.LossOptions`, documented and defaulted by the config; TRL 1.16 semantics); a
+            keyword given with ``loss_config`` must agree with it. Kept as ``self.loss_config``; the engine applies
+            ``ld_alpha`` (LD-DPO) to the policy's and the reference's token log-probs.
         temperature: logits are divided by it before the softmax (policy and reference; TRL's DPO uses 1).
         attn_impl: attention implementation passed to :func:`fastdpo.attention.build_attention_kwargs`.
         grad_in_forward: compute the head's gradients during the forward pass
@@ -148,15 +152,6 @@ class DPOEngine:
         ref_model: nn.Module | None = None,
         *,
         reference: Literal["model", "adapter", "precomputed"] = "model",
-        loss_type: str | Sequence[str] = "sigmoid",
-        loss_weights: Sequence[float] | None = None,
-        beta: float = 0.1,
-        label_smoothing: float = 0.0,
-        f_divergence_type: str = "reverse_kl",
-        f_alpha_divergence_coef: float = 0.5,
-        discopop_tau: float = 0.05,
-        use_weighting: bool = False,
-        ld_alpha: float | None = None,
         temperature: float = 1.0,
         attn_impl: str = "auto",
         grad_in_forward: bool = False,
@@ -173,6 +168,7 @@ class DPOEngine:
         sequence_parallel_group: Any = None,
         chunk_size: int | tuple[int, int] | None = None,
         loss_config: PreferenceLossConfig | None = None,
+        **loss_options: Unpack[LossOptions],
     ) -> None:
         from fastdpo.head.plan import _legacy_tiles
 
@@ -180,7 +176,7 @@ class DPOEngine:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {list(REFERENCE_MODES)}, got {reference!r}")
-        config = resolve_loss_config(loss_config, locals())
+        config = PreferenceLossConfig.resolve(loss_config, loss_options, where="DPOEngine()")
         if not (isinstance(temperature, (int, float)) and float(temperature) > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.model = model

@@ -1,4 +1,5 @@
-"""Drop-in loss modules: :class:`DPOLoss` over precomputed log-probs, and fused LM-head preference losses.
+"""Drop-in loss modules: :class:`DPOLoss` over precomputed log-probs (:mod:`fastdpo.dpo_loss`, re-exported here), and
+fused LM-head preference losses (what they share with the KTO module: :mod:`fastdpo.fused_base`).
 
 The fused modules take the same constructor options and call as Liger 0.8.5's chunked losses
 (``LigerFusedLinearDPOLoss``, ``...SimPOLoss``, ``...CPOLoss``, ``...ORPOLoss``; ``...KTOLoss`` is
@@ -32,14 +33,15 @@ recompute path.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
 import torch
 import torch.nn.functional as F
 
-from fastdpo._validation import check_float, check_index, check_rows_and_target, check_same_device
-from fastdpo.fused_kto import HEAD_OPTIONS, FusedLinearKTOLoss
-from fastdpo.head.plan import _legacy_tiles
+from fastdpo._validation import check_index, check_same_device
+from fastdpo.dpo_loss import DPOLoss
+from fastdpo.fused_base import FusedHeadModule, HeadOptions, RowTokens, row_logit_sums
+from fastdpo.fused_kto import FusedLinearKTOLoss
 from fastdpo.losses import (
     LOSS_TYPES,
     PreferenceLossConfig,
@@ -48,11 +50,13 @@ from fastdpo.losses import (
     dpo_loss_sum,
     orpo_log_odds,
     orpo_pair_losses,
-    preference_loss,
     simpo_pair_losses,
 )
 from fastdpo.losses.config import resolve_loss_config
 from fastdpo.segments import pair_groups
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "DPOLoss",
@@ -64,102 +68,28 @@ __all__ = [
 ]
 
 
-class DPOLoss(torch.nn.Module):
-    """:func:`fastdpo.losses.preference_loss` as a module: the configuration is fixed (and validated) at construction.
+class PairedHeadOptions(HeadOptions, total=False):
+    """Keyword-only options of the paired fused modules: :class:`~fastdpo.fused_base.HeadOptions` and
+    ``logit_scale``, ``temperature`` (logits ``(h @ W.T + b) * logit_scale / temperature``), ``grad_in_forward``
+    (gradients formed in the forward pass; pair-local losses only; ``keep_logits_bytes`` then bounds the logits one
+    chunk of pairs keeps). Defaults: :class:`_FusedLinearPreferenceBase`'s constructor."""
 
-    ``forward(policy_chosen_logps [P], policy_rejected_logps [P], ref_chosen_logps [P] | None = None,
-    ref_rejected_logps [P] | None = None, **per_batch)`` -> ``(loss, metrics)``, where ``per_batch`` are the
-    per-batch tensors of :func:`~fastdpo.losses.preference_loss` (``chosen_lengths``, ``rejected_lengths``,
-    ``policy_chosen_nll_sum``, ``wpo_chosen_weights``, ...). The configuration is a
-    :class:`~fastdpo.losses.PreferenceLossConfig` (``loss_config=``, without ``ld_alpha``) or its fields as keywords
-    (a keyword given with ``loss_config`` must agree with it); it is kept as ``self.loss_config``. ``validate``: warn
-    when the loss or a metric is NaN/inf (one host sync per call), as :func:`~fastdpo.losses.preference_loss`.
-    """
-
-    _PER_BATCH = frozenset(
-        {
-            "chosen_lengths",
-            "rejected_lengths",
-            "policy_chosen_nll_sum",
-            "policy_rejected_nll_sum",
-            "wpo_chosen_weights",
-            "wpo_rejected_weights",
-            "policy_chosen_log_sum_p2",
-            "policy_rejected_log_sum_p2",
-        }
-    )
-
-    def __init__(
-        self,
-        loss_type: str | Sequence[str] = "sigmoid",
-        *,
-        loss_weights: Sequence[float] | None = None,
-        beta: float = 0.1,
-        label_smoothing: float = 0.0,
-        f_divergence_type: str = "reverse_kl",
-        f_alpha_divergence_coef: float = 0.5,
-        discopop_tau: float = 0.05,
-        use_weighting: bool = False,
-        validate: bool = True,
-        loss_config: PreferenceLossConfig | None = None,
-    ) -> None:
-        super().__init__()
-        config = resolve_loss_config(loss_config, locals())
-        if config.ld_alpha is not None:
-            raise ValueError(
-                "DPOLoss works on sequence log-probs: apply ld_alpha with fastdpo.losses.ld_logps "
-                "and pass a loss_config without it"
-            )
-        self.loss_config = config
-        self.loss_types, self.loss_weights = config.loss_type, config.loss_weights
-        self.beta = config.beta
-        self.validate = bool(validate)
-
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        ref_chosen_logps: torch.Tensor | None = None,
-        ref_rejected_logps: torch.Tensor | None = None,
-        **per_batch: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        unknown = set(per_batch) - self._PER_BATCH
-        if unknown:
-            raise TypeError(
-                f"unexpected keyword arguments {sorted(unknown)}; per-batch inputs are {sorted(self._PER_BATCH)}"
-            )
-        return preference_loss(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            loss_config=self.loss_config,
-            validate=self.validate,
-            **per_batch,
-        )
-
-    def extra_repr(self) -> str:
-        return f"loss_type={list(self.loss_types)}, loss_weights={list(self.loss_weights)}, beta={self.beta}"
+    logit_scale: float
+    temperature: float
+    grad_in_forward: bool
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# fused LM-head preference losses
-# ----------------------------------------------------------------------------------------------------------------
-class _Batch:
-    """Completion tokens of a ``[2B, T]`` target compacted for the head (one host sync for the count)."""
+class _DPOLossKeywords(TypedDict, total=False):
+    """The loss options :class:`FusedLinearDPOLoss` takes beyond Liger's (fields of
+    :class:`~fastdpo.losses.PreferenceLossConfig`, which documents and defaults them)."""
 
-    def __init__(self, _input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
-        rows, t = target.shape
-        flat = target.reshape(-1)
-        self.index = (flat != ignore_index).nonzero().squeeze(1)  # [M] flat positions r * T + t
-        self.labels = flat.index_select(0, self.index)
-        self.seq_ids = torch.div(self.index, t, rounding_mode="floor")  # row = sequence id (chosen i = i)
-        self.num_seqs = rows
-        self.num_pairs = rows // 2
-        self.counts = torch.bincount(self.seq_ids, minlength=rows)  # [2B] int64
+    loss_weights: Sequence[float] | None
+    f_divergence_type: str
+    f_alpha_divergence_coef: float
 
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+
+class FusedDPOOptions(PairedHeadOptions, _DPOLossKeywords, total=False):
+    """Keyword-only options of :class:`FusedLinearDPOLoss`."""
 
 
 class _Pairs(NamedTuple):
@@ -181,34 +111,19 @@ class _Pairs(NamedTuple):
 
 def _logits_mean(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Mean logit over all positions of ``x [R, T, D]`` and the vocabulary, without logits (fp32, no grad)."""
-    with torch.no_grad():
-        r, t, _ = x.shape
-        v = weight.shape[0]
-        # fp32 accumulation without fp32 copies of the input or the weight
-        total = x.sum(dim=(0, 1), dtype=torch.float32) @ weight.sum(dim=0, dtype=torch.float32)
-        if bias is not None:
-            total = total + (r * t) * bias.sum(dtype=torch.float32)
-        return total * scale / max(r * t * v, 1)
+    r, t, _ = x.shape
+    return row_logit_sums(x, weight, bias).sum() * scale / max(r * t * weight.shape[0], 1)
 
 
-class _FusedLinearPreferenceBase(torch.nn.Module):
-    """Shared machinery: compaction, policy/reference head passes, NLL, logits means, grad-in-forward groups.
+class _FusedLinearPreferenceBase(FusedHeadModule):
+    """Shared machinery of the paired modules: policy/reference head passes, NLL, logits means, grad-in-forward
+    groups.
 
     Subclasses define :meth:`_pair_terms` — the loss contribution of a subset of pairs given batch totals — and may
-    define :meth:`_extra_outputs`.
-
-    Keyword-only head options shared by every fused module (``**head_options`` of the subclasses):
-    ``logit_scale``, ``temperature`` (logits ``(h @ W.T + b) * logit_scale / temperature``), ``grad_in_forward``
-    (gradients formed in the forward pass; pair-local losses only), ``token_tile`` / ``vocab_tile`` (the head's
-    projection tile; ``head_chunk_size`` is their deprecated spelling), ``keep_logits_bytes`` (raw logits the head
-    may keep for its backward, default the head's bounded budget; 0 keeps none; with ``grad_in_forward`` the logits
-    one chunk of pairs keeps), ``validate`` (the head's label range check and non-finite warning, one sync each; with
-    ``False`` a target outside the vocabulary gives a NaN log-prob and a zero gradient row), ``backend`` (``"auto"``,
-    ``"triton"``, ``"torch"``).
+    define :meth:`_extra_outputs`. Keyword-only options: :class:`PairedHeadOptions`.
     """
 
-    use_ref_model: bool = False
-    average_log_prob: bool = False
+    _init_depth = 2
 
     def __init__(
         self,
@@ -222,19 +137,9 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         logit_scale: float = 1.0,
         temperature: float = 1.0,
         grad_in_forward: bool = False,
-        token_tile: int | None = None,
-        vocab_tile: int | None = None,
-        keep_logits_bytes: int | None = None,
-        validate: bool = True,
-        backend: str = "auto",
-        head_chunk_size: int | tuple[int, int] | None = None,
+        **head_options: Unpack[HeadOptions],
     ) -> None:
-        super().__init__()
-        token_tile, vocab_tile = _legacy_tiles(
-            type(self).__name__, head_chunk_size, token_tile, vocab_tile, old="head_chunk_size", stacklevel=4
-        )
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        super().__init__(ignore_index, compiled, chunk_size, **head_options)
         for name, value in (
             ("beta", beta),
             ("alpha", alpha),
@@ -247,19 +152,12 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
             raise ValueError(f"logit_scale and temperature must be > 0, got {logit_scale}, {temperature}")
         if not beta > 0 or beta == float("inf"):
             raise ValueError(f"beta must be a finite number > 0, got {beta}")
-        self.ignore_index = ignore_index
         self.beta = float(beta)
         self.alpha = float(alpha)
         self.compute_nll_loss = bool(compute_nll_loss)
-        self.compiled = bool(compiled)  # accepted for Liger compatibility; nothing to compile
-        self.chunk_size = chunk_size  # Liger's pairs-per-chunk; the fused head tiles on its own (vocab_tile)
         self.logit_scale = float(logit_scale)
         self.temperature = float(temperature)
         self.grad_in_forward = bool(grad_in_forward)
-        self.token_tile, self.vocab_tile = token_tile, vocab_tile
-        self.keep_logits_bytes = keep_logits_bytes
-        self.validate = bool(validate)
-        self.backend = backend
 
     # -- subclass hooks ----------------------------------------------------------------------------------------
     def _pair_terms(self, t: _Pairs) -> torch.Tensor:
@@ -274,36 +172,8 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         return ()
 
     # -- helpers -----------------------------------------------------------------------------------------------
-    def _check(
-        self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None
-    ) -> None:
-        check_rows_and_target(_input, lin_weight, target, "[2B, T, D] (chosen rows first)", nonempty=False)
-        if _input.shape[0] == 0 or _input.shape[0] % 2:
-            raise ValueError(f"_input must stack B chosen then B rejected rows (even, > 0), got {_input.shape[0]} rows")
-        if lin_weight.dim() != 2 or lin_weight.shape[1] != _input.shape[2]:
-            raise ValueError(f"lin_weight must be [V, {_input.shape[2]}], got {list(lin_weight.shape)}")
-        check_same_device(lin_weight=lin_weight, _input=_input, target=target, bias=bias)
-
     def _head_kwargs(self) -> dict:
-        return {name: getattr(self, name) for name in (*HEAD_OPTIONS, "logit_scale", "temperature")}
-
-    def _seq_sums(
-        self, batch: _Batch, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        from fastdpo.head.function import linear_sequence_logprobs
-
-        return linear_sequence_logprobs(
-            batch.hidden(x),
-            weight,
-            batch.labels,
-            bias=bias,
-            segment_ids=batch.seq_ids,
-            num_segments=batch.num_seqs,
-            **self._head_kwargs(),
-        )
-
-    def _as_loss_logps(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return sums / counts.clamp(min=1).to(sums.dtype) if self.average_log_prob else sums
+        return {**super()._head_kwargs(), "logit_scale": self.logit_scale, "temperature": self.temperature}
 
     def _separate_nll(
         self,
@@ -324,7 +194,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
                 f"nll_target must have the shape of target {list(target.shape)}, got {list(nll_target.shape)}"
             )
         check_same_device(_input=_input, nll_target=nll_target)
-        chosen = _Batch(_input[:p], nll_target[:p], self.ignore_index)
+        chosen = RowTokens(nll_target[:p], self.ignore_index)
         total = linear_sequence_logprobs(
             chosen.hidden(_input[:p]),
             weight,
@@ -347,16 +217,15 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         ref_bias: torch.Tensor | None,
         nll_target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        self._check(lin_weight, _input, target, bias)
+        self._check(lin_weight, _input, target, "[2B, T, D] (chosen rows first)", nonempty=False)
+        if _input.shape[0] == 0 or _input.shape[0] % 2:
+            raise ValueError(f"_input must stack B chosen then B rejected rows (even, > 0), got {_input.shape[0]} rows")
+        check_same_device(lin_weight=lin_weight, _input=_input, target=target, bias=bias)
+        self._check_ref(_input, ref_input, ref_weight)
         if self.use_ref_model:
-            if ref_input is None or ref_weight is None:
-                raise ValueError("use_ref_model=True needs ref_input and ref_weight")
-            check_float("ref_input", ref_input)
-            if ref_input.shape != _input.shape:
-                raise ValueError(f"ref_input must have shape {list(_input.shape)}, got {list(ref_input.shape)}")
             check_same_device(_input=_input, ref_input=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
-        batch = _Batch(_input, target, self.ignore_index)
-        p = batch.num_pairs
+        batch = RowTokens(target, self.ignore_index)
+        p = batch.num_seqs // 2
         counts = batch.counts
         cnt_c, cnt_r = counts[:p], counts[p:]
         n_tok = cnt_c.sum().clamp(min=1).to(torch.float32)
@@ -371,7 +240,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
         if self.use_ref_model:
             assert ref_input is not None and ref_weight is not None
             with torch.no_grad():
-                ref = self._as_loss_logps(self._seq_sums(batch, ref_input, ref_weight, ref_bias), counts)
+                ref = self._as_loss_logps(self._row_sums(batch, ref_input, ref_weight, ref_bias), counts)
             ref_c, ref_r = ref[:p], ref[p:]
 
         if self.grad_in_forward and self._pair_local():
@@ -379,7 +248,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
                 batch, lin_weight, _input, bias, ref_c, ref_r, n_tok, nll=sep_nll is None
             )
         else:
-            sums = self._seq_sums(batch, _input, lin_weight, bias)
+            sums = self._row_sums(batch, _input, lin_weight, bias)
             logps = self._as_loss_logps(sums, counts)
             loss = self._pair_terms(_Pairs(logps[:p], logps[p:], ref_c, ref_r, cnt_c, cnt_r, -sums[:p], p, n_tok))
             if self.compute_nll_loss and sep_nll is None:
@@ -412,7 +281,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
 
     def _grad_in_forward(
         self,
-        batch: _Batch,
+        batch: RowTokens,
         weight: torch.Tensor,
         _input: torch.Tensor,
         bias: torch.Tensor | None,
@@ -423,7 +292,7 @@ class _FusedLinearPreferenceBase(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from fastdpo.head.grad_in_forward import linear_logprobs_loss_grad_in_forward
 
-        p = batch.num_pairs
+        p = batch.num_seqs // 2
         counts = batch.counts
 
         def loss_fn(seq_logps: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -490,10 +359,11 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
     :func:`fastdpo.preference_loss` with every TRL 1.16 loss type (Liger's ten plus ``ipo``, ``sigmoid_norm`` and
     ``sft``, which use the rows' target token counts as completion lengths, and ``aot``/``aot_unpaired``), loss
     mixtures (``loss_type`` list + ``loss_weights``) and f-divergences. ``use_ref_model=False``: reference log-probs
-    are 0. ``loss_config``: a :class:`fastdpo.losses.PreferenceLossConfig` instead of the loss options (``beta``,
-    ``loss_type``, ``label_smoothing``, ``discopop_tau``, ``loss_weights``, f-divergence; a keyword given as well must
-    agree with it; WPO and LD-DPO need per-token statistics and are refused), kept as ``self.loss_config``.
-    Keyword-only head options as in :class:`_FusedLinearPreferenceBase` (``grad_in_forward``, ...).
+    are 0. The positional options are Liger's, with Liger's defaults; the loss options Liger lacks
+    (``loss_weights``, ``f_divergence_type``, ``f_alpha_divergence_coef``) are keywords (:class:`FusedDPOOptions`),
+    with the head options. ``loss_config``: a :class:`fastdpo.losses.PreferenceLossConfig` instead of the loss options
+    (a loss option given as well must agree with it, one left at its default is not read; WPO and LD-DPO need
+    per-token statistics and are refused), kept as ``self.loss_config``.
     """
 
     def __init__(
@@ -510,12 +380,10 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
         label_smoothing: float = 0.0,
         discopop_tau: float = 0.05,
         *,
-        loss_weights: Sequence[float] | None = None,
-        f_divergence_type: str = "reverse_kl",
-        f_alpha_divergence_coef: float = 0.5,
         loss_config: PreferenceLossConfig | None = None,
-        **head_options: object,
+        **options: Unpack[FusedDPOOptions],
     ) -> None:
+        loss_options = {name: options.pop(name) for name in _DPOLossKeywords.__annotations__ if name in options}
         super().__init__(
             ignore_index=ignore_index,
             beta=loss_config.beta if isinstance(loss_config, PreferenceLossConfig) else beta,
@@ -523,11 +391,12 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
             compute_nll_loss=compute_nll_loss,
             compiled=compiled,
             chunk_size=chunk_size,
-            **head_options,
+            **options,
         )
         if loss_config is None:
             _liger_config_checks(loss_type, label_smoothing)
-        config = resolve_loss_config(loss_config, locals())
+        liger = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
+        config = resolve_loss_config(loss_config, {**liger, **loss_options})
         if config.use_weighting or config.ld_alpha is not None:
             raise ValueError(
                 "FusedLinearDPOLoss cannot apply use_weighting (WPO) or ld_alpha (LD-DPO): they need "
@@ -600,7 +469,7 @@ class FusedLinearSimPOLoss(_ReferenceFreeBase):
         compiled: bool = True,
         gamma: float = 0.5,
         chunk_size: int = 1,
-        **head_options: object,
+        **head_options: Unpack[PairedHeadOptions],
     ) -> None:
         super().__init__(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size, **head_options)
         self.label_smoothing = check_label_smoothing(label_smoothing)
@@ -628,7 +497,7 @@ class FusedLinearCPOLoss(_ReferenceFreeBase):
         compiled: bool = True,
         average_log_prob: bool = False,
         chunk_size: int = 1,
-        **head_options: object,
+        **head_options: Unpack[PairedHeadOptions],
     ) -> None:
         super().__init__(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size, **head_options)
         self.label_smoothing = check_label_smoothing(label_smoothing)
@@ -658,7 +527,7 @@ class FusedLinearORPOLoss(_ReferenceFreeBase):
         compute_nll_loss: bool = True,
         compiled: bool = True,
         chunk_size: int = 1,
-        **head_options: object,
+        **head_options: Unpack[PairedHeadOptions],
     ) -> None:
         super().__init__(ignore_index, beta, 1.0, compute_nll_loss, compiled, chunk_size, **head_options)
 

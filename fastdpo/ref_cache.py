@@ -32,14 +32,18 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
 
+from fastdpo._validation import check_keywords
 from fastdpo.atomic import CorruptFileError, read_dict, save_checksummed, verify_checksum
 
-__all__ = ["RefLogpCache", "pair_keys", "dataset_fingerprint", "model_fingerprint", "CACHE_FORMAT"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["CacheExpectations", "RefLogpCache", "pair_keys", "dataset_fingerprint", "model_fingerprint", "CACHE_FORMAT"]
 
 CACHE_FORMAT = "fastdpo-ref-logps-v2"
 _OLD_FORMATS = ("fastdpo-ref-logps-v1",)  # no checksum: refused, see the module docstring
@@ -172,6 +176,19 @@ def _normalize_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     return {str(k): (None if v is None else float(v)) for k, v in sorted((settings or {}).items())}
 
 
+class CacheExpectations(TypedDict, total=False):
+    """What :meth:`RefLogpCache.check` / :meth:`RefLogpCache.load` compare a cache with (each optional): the reference
+    ``model`` (fingerprinted; ``exclude_adapters`` as :func:`model_fingerprint`) or its ``model_hash``; the dataset
+    as ``data_hash`` (:func:`dataset_fingerprint`) or collated ``batches``; the engine ``settings``."""
+
+    model: nn.Module | None
+    model_hash: str | None
+    exclude_adapters: bool
+    data_hash: str | None
+    batches: Iterable[Mapping[str, Any]] | None
+    settings: Mapping[str, Any] | None
+
+
 class RefLogpCache:
     """Reference log-probs per pair: ``key -> (chosen_logp, rejected_logp)`` fp32, with model/dataset stamps.
 
@@ -296,24 +313,19 @@ class RefLogpCache:
         vals = self.values[torch.tensor(idx, dtype=torch.long)] if idx else torch.zeros(0, 2)
         return vals[:, 0].clone(), vals[:, 1].clone()
 
-    def check(
-        self,
-        *,
-        model: nn.Module | None = None,
-        model_hash: str | None = None,
-        exclude_adapters: bool = False,
-        data_hash: str | None = None,
-        batches: Iterable[Mapping[str, Any]] | None = None,
-        settings: Mapping[str, Any] | None = None,
-    ) -> None:
+    def check(self, **expected: Unpack[CacheExpectations]) -> None:
         """Raise ``ValueError`` unless the cache was made for this reference model / dataset / settings.
 
-        Each of the checks runs only when its argument is given: ``model`` (fingerprinted with
-        :func:`model_fingerprint`) or ``model_hash``; ``data_hash`` or ``batches`` (collated batches of the
-        dataset); ``settings``.
+        Each of the checks (:class:`CacheExpectations`) runs only when its argument is given: ``model``
+        (fingerprinted with :func:`model_fingerprint`, ``exclude_adapters`` as there) or ``model_hash``;
+        ``data_hash`` or ``batches`` (collated batches of the dataset); ``settings``. ``TypeError`` for another
+        keyword.
         """
+        check_keywords("RefLogpCache.check()", expected, CacheExpectations.__annotations__, "the checks")
+        model, model_hash = expected.get("model"), expected.get("model_hash")
+        data_hash, batches, settings = expected.get("data_hash"), expected.get("batches"), expected.get("settings")
         if model is not None:
-            model_hash = model_fingerprint(model, exclude_adapters=exclude_adapters)
+            model_hash = model_fingerprint(model, exclude_adapters=expected.get("exclude_adapters", False))
         if model_hash is not None and model_hash != self.model_hash:
             raise ValueError(
                 f"reference cache was made for another model (cache model fingerprint {self.model_hash[:16]}…, "
@@ -368,23 +380,15 @@ class RefLogpCache:
         )
 
     @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        model: nn.Module | None = None,
-        model_hash: str | None = None,
-        exclude_adapters: bool = False,
-        data_hash: str | None = None,
-        batches: Iterable[Mapping[str, Any]] | None = None,
-        settings: Mapping[str, Any] | None = None,
-    ) -> RefLogpCache:
-        """Read a cache written by :meth:`save` and :meth:`check` it against the given model/dataset/settings.
+    def load(cls, path: str | os.PathLike[str], **expected: Unpack[CacheExpectations]) -> RefLogpCache:
+        """Read a cache written by :meth:`save` and :meth:`check` it against the ``expected`` model/dataset/settings
+        (:class:`CacheExpectations`).
 
         ``FileNotFoundError`` when ``path`` does not exist; ``ValueError`` naming ``path`` when it is not a fastdpo
         reference cache, misses fields, is of the old unchecksummed format, or is damaged
         (:class:`fastdpo.atomic.CorruptFileError`: empty, truncated, or its content does not match its checksum).
         """
+        check_keywords("RefLogpCache.load()", expected, CacheExpectations.__annotations__, "the checks")
         name = os.fspath(path)
         what = f"fastdpo reference cache ({CACHE_FORMAT})"
         try:
@@ -427,12 +431,5 @@ class RefLogpCache:
         cache = cls(keys, values, model_hash=payload["model_hash"], settings=payload["settings"])
         if cache.data_hash != payload["data_hash"]:
             raise ValueError(f"reference cache {name!r} is corrupt: its keys do not match its data hash")
-        cache.check(
-            model=model,
-            model_hash=model_hash,
-            exclude_adapters=exclude_adapters,
-            data_hash=data_hash,
-            batches=batches,
-            settings=settings,
-        )
+        cache.check(**expected)
         return cache

@@ -94,7 +94,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("fastdpo.models", "fastdpo.collator", "fastdpo.engine", "fastdpo.ref_cache", "fastdpo.quantize")),
     (
         "drop-ins",
-        ("fastdpo.nn", "fastdpo.fused_kto", "fastdpo.functional", "fastdpo.integrations", "fastdpo.model_card"),
+        (
+            "fastdpo.dpo_loss",
+            "fastdpo.fused_base",
+            "fastdpo.nn",
+            "fastdpo.fused_kto",
+            "fastdpo.functional",
+            "fastdpo.integrations",
+            "fastdpo.model_card",
+        ),
     ),
     ("references and fixtures", ("fastdpo.reference", "fastdpo.tiny")),
     (

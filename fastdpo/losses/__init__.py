@@ -2,8 +2,8 @@
 
 Modules (everything public is re-exported here):
 
-* :mod:`~fastdpo.losses.config` -- :class:`PreferenceLossConfig` (one validated loss configuration), the loss-type
-  tables and :func:`is_pair_local`;
+* :mod:`~fastdpo.losses.config` -- :class:`PreferenceLossConfig` (one validated loss configuration; its fields as
+  keywords: :class:`LossOptions`), the loss-type tables and :func:`is_pair_local`;
 * :mod:`~fastdpo.losses.paired` -- the paired DPO zoo of TRL's ``DPOTrainer``: :func:`preference_loss`,
   :func:`dpo_loss_sum`, :func:`f_divergence_scores`;
 * :mod:`~fastdpo.losses.reference_free` -- SimPO, CPO, ORPO and their per-pair terms;
@@ -23,6 +23,7 @@ from fastdpo.losses.config import (
     LABEL_SMOOTHING_LOSS_TYPES,
     LENGTH_LOSS_TYPES,
     LOSS_TYPES,
+    LossOptions,
     PreferenceLossConfig,
     check_label_smoothing,
     is_pair_local,
@@ -50,6 +51,7 @@ __all__ = [
     "LABEL_SMOOTHING_LOSS_TYPES",
     "LENGTH_LOSS_TYPES",
     "LOSS_TYPES",
+    "LossOptions",
     "PreferenceLossConfig",
     "check_label_smoothing",
     "cpo_loss",

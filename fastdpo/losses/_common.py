@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdpo._validation import check_float, check_index
+from fastdpo._validation import check_float, check_index, warn_nonfinite_output
 
 
 def check_scalar(name: str, value: object) -> float:
@@ -61,6 +61,16 @@ def loss_and_metrics(loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> to
     """The loss and every metric in one detached vector (one finiteness check, one sync)."""
     parts = [loss, *metrics.values()]
     return torch.stack([t.detach().reshape(()).double() for t in parts])
+
+
+def checked_output(
+    loss: torch.Tensor, metrics: dict[str, torch.Tensor], validate: bool, inputs: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss, metrics)`` of a public loss, after warning (``RuntimeWarning`` naming the ``inputs`` to look at) when
+    ``validate`` and the loss or a metric is NaN/inf (one host sync)."""
+    if validate:
+        warn_nonfinite_output(loss_and_metrics(loss, metrics), inputs, "loss or metrics", stacklevel=4)
+    return loss, metrics
 
 
 def smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,15 +6,23 @@ One frozen object holds the options of TRL 1.16's ``DPOTrainer`` loss (``loss_ty
 validates them when it is built, so :func:`fastdpo.losses.preference_loss`, :class:`fastdpo.engine.DPOEngine`, the
 :mod:`fastdpo.nn` modules and :class:`fastdpo.integrations.trl.FastDPOTrainer` share one definition of a valid
 configuration and its error messages.
+
+Entry points take the options either as one object or as keywords: ``loss_config: PreferenceLossConfig | None = None,
+**loss_options: Unpack[LossOptions]``. :class:`PreferenceLossConfig` documents the options and holds their defaults;
+:class:`LossOptions` only types the keywords; :meth:`PreferenceLossConfig.resolve` turns the two into one config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
+from fastdpo._validation import check_keywords
 from fastdpo.losses._common import check_scalar
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 LOSS_TYPES: tuple[str, ...] = (
     "sigmoid",
@@ -180,9 +188,57 @@ class PreferenceLossConfig:
         """:func:`is_pair_local` of this configuration."""
         return is_pair_local(self.loss_type, use_weighting=self.use_weighting)
 
-    def replace(self, **changes: Any) -> PreferenceLossConfig:
+    def replace(self, **changes: Unpack[LossOptions]) -> PreferenceLossConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def resolve(
+        cls,
+        loss_config: PreferenceLossConfig | None,
+        loss_options: Mapping[str, Any],
+        *,
+        where: str = "PreferenceLossConfig.resolve()",
+    ) -> PreferenceLossConfig:
+        """The configuration of an entry point taking ``loss_config=`` and ``**loss_options`` (:class:`LossOptions`).
+
+        ``loss_options`` holds the options the caller passed, and only those. Without ``loss_config`` the config is
+        built from them (the other fields keep this class's defaults; errors as at construction). With it, every
+        passed option must equal the config's field (in any spelling: ``"ipo"`` or ``["ipo"]``, ``1`` or ``1.0``),
+        else ``ValueError``. A name that is not a field is a ``TypeError`` naming ``where`` (a misspelt option is never
+        dropped); so is a ``loss_config`` that is not a :class:`PreferenceLossConfig`.
+        """
+        check_keywords(where, loss_options, _FIELDS, "the loss options")
+        if loss_config is None:
+            return cls(**loss_options)
+        if not isinstance(loss_config, PreferenceLossConfig):
+            raise TypeError(f"loss_config must be a PreferenceLossConfig, got {type(loss_config).__name__}")
+        for name, value in loss_options.items():
+            try:
+                same = _normalized(name, value) == getattr(loss_config, name)
+            except (TypeError, ValueError):
+                same = False
+            if not same:
+                raise ValueError(
+                    f"{name}={value!r} conflicts with loss_config.{name}={getattr(loss_config, name)!r}: pass the "
+                    "option either in loss_config or as a keyword"
+                )
+        return loss_config
+
+
+class LossOptions(TypedDict, total=False):
+    """The fields of :class:`PreferenceLossConfig` as keywords (``**loss_options: Unpack[LossOptions]``): names and
+    types only; the options' meaning, defaults and checks are the config's."""
+
+    loss_type: str | Sequence[str]
+    loss_weights: Sequence[float] | None
+    beta: float
+    label_smoothing: float
+    f_divergence_type: str
+    f_alpha_divergence_coef: float
+    discopop_tau: float
+    use_weighting: bool
+    ld_alpha: float | None
 
 
 _FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PreferenceLossConfig))
@@ -230,34 +286,19 @@ def _normalized(name: str, value: Any) -> Any:
 def resolve_loss_config(
     loss_config: PreferenceLossConfig | None, arguments: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
 ) -> PreferenceLossConfig:
-    """The configuration of an entry point that takes ``loss_config=`` and the individual loss keywords.
+    """:meth:`PreferenceLossConfig.resolve` for an entry point whose loss keywords always hold a value (TRL's
+    ``DPOConfig``, Liger's positional constructor), so that a value left at its default cannot be told from one
+    passed.
 
-    ``arguments``: the entry point's arguments (its ``locals()``, say); the config's field names among them are the
-    loss keywords. Without ``loss_config`` the config is built from those (raising as :class:`PreferenceLossConfig`
-    does). With it, a keyword left at its default (``defaults``, the entry point's own; the config's defaults
-    otherwise) is not read, and any other keyword must equal the config's field: a conflicting one raises
-    ``ValueError``.
+    ``arguments``: the entry point's arguments; the config's field names among them are the loss keywords. Without
+    ``loss_config`` all of them build the config. With it, a keyword at its default (``defaults``, the entry point's
+    own; the config's otherwise) counts as not passed, and any other must agree with the config.
     """
     keywords = {name: arguments[name] for name in _FIELDS if name in arguments}
-    if loss_config is None:
-        return PreferenceLossConfig(**keywords)
-    if not isinstance(loss_config, PreferenceLossConfig):
-        raise TypeError(f"loss_config must be a PreferenceLossConfig, got {type(loss_config).__name__}")
-    defaults = _DEFAULTS if defaults is None else defaults
-    for name, value in keywords.items():
-        default = defaults.get(name, _DEFAULTS[name])
-        if value is default or value == default:
-            continue
-        try:
-            same = _normalized(name, value) == getattr(loss_config, name)
-        except (TypeError, ValueError):
-            same = False
-        if not same:
-            raise ValueError(
-                f"{name}={value!r} conflicts with loss_config.{name}={getattr(loss_config, name)!r}: pass the option "
-                "either in loss_config or as a keyword"
-            )
-    return loss_config
+    if loss_config is not None:
+        default = {**_DEFAULTS, **(defaults or {})}
+        keywords = {n: v for n, v in keywords.items() if not (v is default[n] or v == default[n])}
+    return PreferenceLossConfig.resolve(loss_config, keywords)
 
 
 def normalize_loss_config(

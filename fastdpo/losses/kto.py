@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from fastdpo._dtypes import accumulate_dtype
-from fastdpo._validation import check_float, check_same_device, warn_nonfinite_output
-from fastdpo.losses._common import check_scalar, check_seq_tensor, loss_and_metrics, positive_beta
+from fastdpo._validation import check_float, check_same_device
+from fastdpo.losses._common import check_scalar, check_seq_tensor, checked_output, positive_beta
 from fastdpo.losses.metrics import KL, LOGPS_CHOSEN, LOGPS_REJECTED, REWARDS_CHOSEN, REWARDS_MARGINS, REWARDS_REJECTED
 
 
@@ -101,6 +101,4 @@ def kto_loss(
             metrics[LOGPS_REJECTED] = logps[~desirable].mean()
         if has_c and has_r:
             metrics[REWARDS_MARGINS] = metrics[REWARDS_CHOSEN] - metrics[REWARDS_REJECTED]
-    if validate:
-        warn_nonfinite_output(loss_and_metrics(loss, metrics), "policy or reference log-probs", "loss or metrics")
-    return loss, metrics
+    return checked_output(loss, metrics, validate, "policy or reference log-probs")

@@ -25,17 +25,22 @@ non-finite, which costs one host sync (``validate=False`` skips it).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
 import torch
 import torch.nn.functional as F
 
 from fastdpo._dtypes import accumulate_dtype
-from fastdpo._validation import check_float, check_same_device, warn_nonfinite_output
-from fastdpo.losses._common import check_seq_tensor, length, loss_and_metrics, smoothed_sigmoid
-from fastdpo.losses.config import F_DIVERGENCE_TYPES, LOSS_TYPES, PreferenceLossConfig, resolve_loss_config
+from fastdpo._validation import check_float, check_keywords, check_same_device, warn_nonfinite_output
+from fastdpo.losses._common import check_seq_tensor, checked_output, length, smoothed_sigmoid
+from fastdpo.losses.config import F_DIVERGENCE_TYPES, LOSS_TYPES, PreferenceLossConfig
 from fastdpo.losses.metrics import dpo_metrics
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from fastdpo.losses.config import LossOptions
 
 
 def f_divergence_scores(
@@ -62,24 +67,27 @@ def f_divergence_scores(
     raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}: valid are {list(F_DIVERGENCE_TYPES)}")
 
 
-def _per_pair_loss(
-    loss_type: str,
-    *,
-    pc: torch.Tensor,
-    pr: torch.Tensor,
-    rc: torch.Tensor,
-    rr: torch.Tensor,
-    c: torch.Tensor,
-    r: torch.Tensor,
-    sc: torch.Tensor,
-    sr: torch.Tensor,
-    len_c: torch.Tensor | None,
-    len_r: torch.Tensor | None,
-    beta: float,
-    eps: float,
-    tau: float,
-) -> torch.Tensor:
-    """Per-pair loss ``[p]`` of one loss type (everything except ``sft``)."""
+class _Scores(NamedTuple):
+    """What the per-pair losses read (``[k]``, compute dtype): log-probs ``pc``, ``pr``, reference ``rc``, ``rr`` (0
+    without a reference), the log-ratios ``c``, ``r``, their f-divergence scores ``sc``, ``sr`` and the completion
+    lengths ``len_c``, ``len_r`` (or None)."""
+
+    pc: torch.Tensor
+    pr: torch.Tensor
+    rc: torch.Tensor
+    rr: torch.Tensor
+    c: torch.Tensor
+    r: torch.Tensor
+    sc: torch.Tensor
+    sr: torch.Tensor
+    len_c: torch.Tensor | None
+    len_r: torch.Tensor | None
+
+
+def _per_pair_loss(loss_type: str, scores: _Scores, config: PreferenceLossConfig) -> torch.Tensor:
+    """Per-pair loss ``[k]`` of one loss type (everything except ``sft``)."""
+    pc, pr, rc, rr, c, r, sc, sr, len_c, len_r = scores
+    beta, eps, tau = config.beta, config.label_smoothing, config.discopop_tau
     z = beta * (sc - sr)
     if loss_type == "sigmoid":
         return -F.logsigmoid(z)
@@ -149,6 +157,7 @@ def dpo_loss_sum(
     f_div, f_alpha = config.f_divergence_type, config.f_alpha_divergence_coef
     sc = f_divergence_scores(c, f_div, f_alpha, input_dtype)
     sr = f_divergence_scores(r, f_div, f_alpha, input_dtype)
+    scores = _Scores(pc, pr, rc_, rr_, c, r, sc, sr, chosen_lengths, rejected_lengths)
     total = zero
     for loss_type, weight in zip(config.loss_type, config.loss_weights, strict=True):
         if loss_type == "sft":
@@ -157,27 +166,53 @@ def dpo_loss_sum(
             if pair_weights is not None:
                 term = term * pair_weights.sum() / num_pairs
         else:
-            per_pair = _per_pair_loss(
-                loss_type,
-                pc=pc,
-                pr=pr,
-                rc=rc_,
-                rr=rr_,
-                c=c,
-                r=r,
-                sc=sc,
-                sr=sr,
-                len_c=chosen_lengths,
-                len_r=rejected_lengths,
-                beta=config.beta,
-                eps=config.label_smoothing,
-                tau=config.discopop_tau,
-            )
+            per_pair = _per_pair_loss(loss_type, scores, config)
             if pair_weights is not None:
                 per_pair = per_pair * pair_weights
             term = per_pair.sum() / num_pairs
         total = total + weight * term
     return total
+
+
+class PairStatistics(TypedDict, total=False):
+    """The per-batch ``[P]`` tensors beside the log-probs that :func:`preference_loss` takes (documented there), as
+    keywords of :func:`partial_preference_loss` and :meth:`fastdpo.nn.DPOLoss.forward`."""
+
+    chosen_lengths: torch.Tensor | None
+    rejected_lengths: torch.Tensor | None
+    policy_chosen_nll_sum: torch.Tensor | None
+    policy_rejected_nll_sum: torch.Tensor | None
+    wpo_chosen_weights: torch.Tensor | None
+    wpo_rejected_weights: torch.Tensor | None
+    policy_chosen_log_sum_p2: torch.Tensor | None
+    policy_rejected_log_sum_p2: torch.Tensor | None
+
+
+def check_statistics_names(statistics: Mapping[str, object], where: str) -> None:
+    """``TypeError`` naming ``where`` for a keyword that is not one of :class:`PairStatistics`."""
+    check_keywords(where, statistics, PairStatistics.__annotations__, "the per-batch inputs")
+
+
+class _Prepared(NamedTuple):
+    """Checked inputs of a loss in the compute dtype, named as :func:`dpo_loss_sum`'s parameters: log-probs ``pc``,
+    ``pr`` and reference ``rc``, ``rr`` (or None), the ``input_dtype``, the lengths as given, the chosen NLL sums
+    ``chosen_nll_sum`` and WPO ``pair_weights`` (or None)."""
+
+    pc: torch.Tensor
+    pr: torch.Tensor
+    rc: torch.Tensor | None
+    rr: torch.Tensor | None
+    input_dtype: torch.dtype
+    chosen_lengths: torch.Tensor | None
+    rejected_lengths: torch.Tensor | None
+    chosen_nll_sum: torch.Tensor
+    pair_weights: torch.Tensor | None
+
+    def loss_sum(
+        self, config: PreferenceLossConfig, num_pairs: int | torch.Tensor, num_chosen_tokens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:func:`dpo_loss_sum` of these pairs with the batch totals."""
+        return dpo_loss_sum(config=config, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens, **self._asdict())
 
 
 def _sequence_config(config: PreferenceLossConfig) -> PreferenceLossConfig:
@@ -195,17 +230,9 @@ def _prepared(
     policy_rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor | None,
     ref_rejected_logps: torch.Tensor | None,
-    chosen_lengths: torch.Tensor | None,
-    rejected_lengths: torch.Tensor | None,
-    policy_chosen_nll_sum: torch.Tensor | None,
-    policy_rejected_nll_sum: torch.Tensor | None,
-    wpo_chosen_weights: torch.Tensor | None,
-    wpo_rejected_weights: torch.Tensor | None,
-    policy_chosen_log_sum_p2: torch.Tensor | None,
-    policy_rejected_log_sum_p2: torch.Tensor | None,
-) -> dict[str, Any]:
-    """Checked inputs of :func:`preference_loss` in the compute dtype: ``pc``, ``pr``, ``rc``, ``rr``, ``nll_c``,
-    ``pair_weights`` (WPO, or None) and the ``input_dtype``."""
+    statistics: PairStatistics,
+) -> _Prepared:
+    """Checked inputs of :func:`preference_loss` in the compute dtype."""
     types = config.loss_type
     check_float("policy_chosen_logps", policy_chosen_logps)
     if policy_chosen_logps.dim() != 1:
@@ -215,19 +242,16 @@ def _prepared(
         raise ValueError("preference_loss needs at least one pair (policy_chosen_logps is empty)")
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("ref_chosen_logps and ref_rejected_logps must both be tensors or both be None")
+    if policy_rejected_logps is None:
+        raise TypeError("policy_rejected_logps must be a torch.Tensor, got None")
+    stats: dict[str, torch.Tensor | None] = {name: statistics.get(name) for name in PairStatistics.__annotations__}
+    chosen_lengths, rejected_lengths = stats.pop("chosen_lengths"), stats.pop("rejected_lengths")
     floats = {
         "policy_rejected_logps": policy_rejected_logps,
         "ref_chosen_logps": ref_chosen_logps,
         "ref_rejected_logps": ref_rejected_logps,
-        "policy_chosen_nll_sum": policy_chosen_nll_sum,
-        "policy_rejected_nll_sum": policy_rejected_nll_sum,
-        "wpo_chosen_weights": wpo_chosen_weights,
-        "wpo_rejected_weights": wpo_rejected_weights,
-        "policy_chosen_log_sum_p2": policy_chosen_log_sum_p2,
-        "policy_rejected_log_sum_p2": policy_rejected_log_sum_p2,
+        **stats,
     }
-    if policy_rejected_logps is None:
-        raise TypeError("policy_rejected_logps must be a torch.Tensor, got None")
     for name, t in floats.items():
         check_seq_tensor(name, t, p)
     check_seq_tensor("chosen_lengths", chosen_lengths, p, integer_ok=True)
@@ -248,32 +272,58 @@ def _prepared(
 
     input_dtype = policy_chosen_logps.dtype
     dtype = accumulate_dtype(input_dtype)
-    pc = policy_chosen_logps.to(dtype)
-    pr = policy_rejected_logps.to(dtype)
-    rc = ref_chosen_logps.to(dtype) if ref_chosen_logps is not None else None
-    rr = ref_rejected_logps.to(dtype) if ref_rejected_logps is not None else None
-    nll_c = policy_chosen_nll_sum.to(dtype) if policy_chosen_nll_sum is not None else -pc
-    nll_r = policy_rejected_nll_sum.to(dtype) if policy_rejected_nll_sum is not None else -pr
 
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.to(dtype) if t is not None else None
+
+    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    nll_c = cast(stats["policy_chosen_nll_sum"])
+    nll_c = nll_c if nll_c is not None else -pc
     pair_weights = None
     if config.use_weighting:
-        if wpo_chosen_weights is not None or wpo_rejected_weights is not None:
-            if wpo_chosen_weights is None or wpo_rejected_weights is None:
-                raise ValueError("pass both wpo_chosen_weights and wpo_rejected_weights")
-            w_c, w_r = wpo_chosen_weights.detach().to(dtype), wpo_rejected_weights.detach().to(dtype)
-        else:
-            if policy_chosen_log_sum_p2 is None or policy_rejected_log_sum_p2 is None:
-                raise ValueError(
-                    "use_weighting=True needs wpo_chosen_weights/wpo_rejected_weights or "
-                    "policy_chosen_log_sum_p2/policy_rejected_log_sum_p2"
-                )
-            if chosen_lengths is None or rejected_lengths is None:
-                raise ValueError("use_weighting=True from log-sum-p2 sums needs chosen_lengths and rejected_lengths")
-            with torch.no_grad():
-                w_c = torch.exp((-nll_c - policy_chosen_log_sum_p2.to(dtype)) / length(chosen_lengths, dtype))
-                w_r = torch.exp((-nll_r - policy_rejected_log_sum_p2.to(dtype)) / length(rejected_lengths, dtype))
-        pair_weights = (w_c * w_r).detach()
-    return dict(pc=pc, pr=pr, rc=rc, rr=rr, nll_c=nll_c, pair_weights=pair_weights, input_dtype=input_dtype)
+        pair_weights = _wpo_pair_weights(stats, chosen_lengths, rejected_lengths, pc, pr, nll_c)
+    return _Prepared(
+        pc,
+        pr,
+        cast(ref_chosen_logps),
+        cast(ref_rejected_logps),
+        input_dtype,
+        chosen_lengths,
+        rejected_lengths,
+        nll_c,
+        pair_weights,
+    )
+
+
+def _wpo_pair_weights(
+    stats: Mapping[str, torch.Tensor | None],
+    chosen_lengths: torch.Tensor | None,
+    rejected_lengths: torch.Tensor | None,
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    nll_c: torch.Tensor,
+) -> torch.Tensor:
+    """WPO's ``w_c * w_r`` ``[P]`` (no gradient), from ready weights or from the log-sum-p2 sums."""
+    dtype = pc.dtype
+    w_c, w_r = stats["wpo_chosen_weights"], stats["wpo_rejected_weights"]
+    if w_c is not None or w_r is not None:
+        if w_c is None or w_r is None:
+            raise ValueError("pass both wpo_chosen_weights and wpo_rejected_weights")
+        return (w_c.detach().to(dtype) * w_r.detach().to(dtype)).detach()
+    lsp2_c, lsp2_r = stats["policy_chosen_log_sum_p2"], stats["policy_rejected_log_sum_p2"]
+    if lsp2_c is None or lsp2_r is None:
+        raise ValueError(
+            "use_weighting=True needs wpo_chosen_weights/wpo_rejected_weights or "
+            "policy_chosen_log_sum_p2/policy_rejected_log_sum_p2"
+        )
+    if chosen_lengths is None or rejected_lengths is None:
+        raise ValueError("use_weighting=True from log-sum-p2 sums needs chosen_lengths and rejected_lengths")
+    nll_r = stats["policy_rejected_nll_sum"]
+    nll_r = nll_r.to(dtype) if nll_r is not None else -pr
+    with torch.no_grad():
+        w_c = torch.exp((-nll_c - lsp2_c.to(dtype)) / length(chosen_lengths, dtype))
+        w_r = torch.exp((-nll_r - lsp2_r.to(dtype)) / length(rejected_lengths, dtype))
+    return (w_c * w_r).detach()
 
 
 def preference_loss(
@@ -283,23 +333,16 @@ def preference_loss(
     ref_rejected_logps: torch.Tensor | None,
     *,
     loss_config: PreferenceLossConfig | None = None,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     policy_chosen_nll_sum: torch.Tensor | None = None,
     policy_rejected_nll_sum: torch.Tensor | None = None,
-    use_weighting: bool = False,
     wpo_chosen_weights: torch.Tensor | None = None,
     wpo_rejected_weights: torch.Tensor | None = None,
     policy_chosen_log_sum_p2: torch.Tensor | None = None,
     policy_rejected_log_sum_p2: torch.Tensor | None = None,
     validate: bool = True,
+    **loss_options: Unpack[LossOptions],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO-family preference loss with TRL 1.16 ``DPOTrainer`` semantics, and TRL's reward metrics.
 
@@ -311,10 +354,10 @@ def preference_loss(
             (LD-weighted for LD-DPO, see :func:`~fastdpo.losses.ld_logps`).
         ref_chosen_logps, ref_rejected_logps: ``[P]`` float reference log-probs, or ``None`` for a reference-free
             objective (reference log-probs taken as 0, like Liger's ``use_ref_model=False``).
-        loss_config: a :class:`~fastdpo.losses.PreferenceLossConfig` (without ``ld_alpha``), instead of the loss
-            keywords below; a keyword given as well must agree with it.
-        loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
-        use_weighting: the fields of :class:`~fastdpo.losses.PreferenceLossConfig` (validated as it does).
+        loss_config: a :class:`~fastdpo.losses.PreferenceLossConfig` (without ``ld_alpha``), or
+        loss_options: its fields as keywords (``loss_type``, ``beta``, ``use_weighting``, ...;
+            :class:`~fastdpo.losses.LossOptions`, documented and defaulted by the config). With ``loss_config``, a
+            keyword given as well must agree with it (:meth:`~fastdpo.losses.PreferenceLossConfig.resolve`).
         chosen_lengths, rejected_lengths: ``[P]`` completion token counts (int or float; clamped at 1), required by
             ``ipo``, ``sigmoid_norm``, ``sft`` (chosen only) and by WPO from log-sum-p2 sums.
         policy_chosen_nll_sum, policy_rejected_nll_sum: ``[P]`` plain (un-LD-weighted) per-sequence sums of
@@ -336,47 +379,19 @@ def preference_loss(
     Raises:
         ValueError: invalid configuration (see :class:`~fastdpo.losses.PreferenceLossConfig`), a keyword that
             conflicts with ``loss_config``, missing lengths/WPO inputs, empty batch, mismatched shapes or devices.
-            TypeError: non-float log-probs, non-integer/float lengths.
+            TypeError: non-float log-probs, non-integer/float lengths, a keyword that is no loss option.
     """
-    config = _sequence_config(resolve_loss_config(loss_config, locals()))
-    x = _prepared(
-        config,
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        chosen_lengths,
-        rejected_lengths,
-        policy_chosen_nll_sum,
-        policy_rejected_nll_sum,
-        wpo_chosen_weights,
-        wpo_rejected_weights,
-        policy_chosen_log_sum_p2,
-        policy_rejected_log_sum_p2,
-    )
-    pc = x["pc"]
+    config = _sequence_config(PreferenceLossConfig.resolve(loss_config, loss_options, where="preference_loss()"))
+    arguments = locals()  # the per-batch tensors are the parameters named as PairStatistics' keys
+    statistics = PairStatistics(**{name: arguments[name] for name in PairStatistics.__annotations__})
+    x = _prepared(config, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, statistics)
     num_chosen_tokens = None
     if "sft" in config.loss_type:
         assert chosen_lengths is not None
-        num_chosen_tokens = chosen_lengths.to(pc.dtype).sum().clamp(min=1.0)
-    loss = dpo_loss_sum(
-        pc,
-        x["pr"],
-        x["rc"],
-        x["rr"],
-        config,
-        input_dtype=x["input_dtype"],
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        chosen_nll_sum=x["nll_c"],
-        pair_weights=x["pair_weights"],
-        num_pairs=pc.shape[0],
-        num_chosen_tokens=num_chosen_tokens,
-    )
-    metrics = dpo_metrics(pc, x["pr"], x["rc"], x["rr"], config.beta)
-    if validate:
-        warn_nonfinite_output(loss_and_metrics(loss, metrics), "policy or reference log-probs", "loss or metrics")
-    return loss, metrics
+        num_chosen_tokens = chosen_lengths.to(x.pc.dtype).sum().clamp(min=1.0)
+    loss = x.loss_sum(config, x.pc.shape[0], num_chosen_tokens)
+    metrics = dpo_metrics(x.pc, x.pr, x.rc, x.rr, config.beta)
+    return checked_output(loss, metrics, validate, "policy or reference log-probs")
 
 
 def partial_preference_loss(
@@ -388,21 +403,18 @@ def partial_preference_loss(
     loss_config: PreferenceLossConfig,
     num_pairs: int,
     num_chosen_tokens: torch.Tensor | None = None,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-    policy_chosen_nll_sum: torch.Tensor | None = None,
-    policy_rejected_nll_sum: torch.Tensor | None = None,
-    policy_chosen_log_sum_p2: torch.Tensor | None = None,
-    policy_rejected_log_sum_p2: torch.Tensor | None = None,
     validate: bool = True,
+    **statistics: Unpack[PairStatistics],
 ) -> torch.Tensor:
     """The contribution of a subset of ``k`` pairs to the batch's :func:`preference_loss` (the losses of disjoint
-    subsets covering the batch add up to it); inputs as :func:`preference_loss` but ``[k]``.
+    subsets covering the batch add up to it); inputs (``statistics``: :class:`PairStatistics`) as
+    :func:`preference_loss` but ``[k]``.
 
     Needs ``loss_config.pair_local`` and the batch totals: ``num_pairs`` ``P`` and, for ``sft``,
     ``num_chosen_tokens`` (the batch's chosen completion tokens, clamped at 1). ``validate`` warns when the
     contribution is non-finite. Returns a 0-dim tensor with a grad_fn.
     """
+    check_statistics_names(statistics, "partial_preference_loss()")
     config = _sequence_config(loss_config)
     if not config.pair_local:
         raise ValueError(
@@ -411,35 +423,8 @@ def partial_preference_loss(
         )
     if "sft" in config.loss_type and num_chosen_tokens is None:
         raise ValueError("loss_type 'sft' averages over the batch's chosen tokens: pass num_chosen_tokens")
-    x = _prepared(
-        config,
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        chosen_lengths,
-        rejected_lengths,
-        policy_chosen_nll_sum,
-        policy_rejected_nll_sum,
-        None,
-        None,
-        policy_chosen_log_sum_p2,
-        policy_rejected_log_sum_p2,
-    )
-    loss = dpo_loss_sum(
-        x["pc"],
-        x["pr"],
-        x["rc"],
-        x["rr"],
-        config,
-        input_dtype=x["input_dtype"],
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        chosen_nll_sum=x["nll_c"],
-        pair_weights=x["pair_weights"],
-        num_pairs=num_pairs,
-        num_chosen_tokens=num_chosen_tokens,
-    )
+    x = _prepared(config, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, statistics)
+    loss = x.loss_sum(config, num_pairs, num_chosen_tokens)
     if validate:
         warn_nonfinite_output(loss.detach().reshape(1).double(), "policy or reference log-probs", "loss")
     return loss

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from fastdpo._dtypes import accumulate_dtype
-from fastdpo._validation import check_same_device, warn_nonfinite_output
+from fastdpo._validation import check_same_device
 from fastdpo.losses._common import (
     check_pairs,
     check_scalar,
     check_seq_tensor,
+    checked_output,
     length,
-    loss_and_metrics,
     positive_beta,
     smoothed_sigmoid,
 )
@@ -67,24 +67,14 @@ def _chosen_nll(pc: torch.Tensor, chosen_lengths: torch.Tensor, nll_sum: torch.T
     return nll.sum() / chosen_lengths.to(pc.dtype).sum().clamp(min=1.0)
 
 
-def _check_inputs(
-    pc: torch.Tensor,
-    pr: torch.Tensor,
-    chosen_lengths: torch.Tensor,
-    rejected_lengths: torch.Tensor | None = None,
-    nll_sum: torch.Tensor | None = None,
-) -> None:
+def _check_inputs(pc: torch.Tensor, pr: torch.Tensor, **optional: torch.Tensor | None) -> None:
+    """``policy_chosen_logps`` ``pc`` and ``policy_rejected_logps`` ``pr`` (non-empty ``[P]`` floats) and the
+    ``optional`` ``[P]`` tensors, named as the public losses' parameters (``*_lengths``: integer allowed), on one
+    device."""
     p = check_pairs("policy_chosen_logps", pc, "policy_rejected_logps", pr)
-    check_seq_tensor("chosen_lengths", chosen_lengths, p, integer_ok=True)
-    check_seq_tensor("rejected_lengths", rejected_lengths, p, integer_ok=True)
-    check_seq_tensor("policy_chosen_nll_sum", nll_sum, p)
-    check_same_device(
-        policy_chosen_logps=pc,
-        policy_rejected_logps=pr,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        policy_chosen_nll_sum=nll_sum,
-    )
+    for name, t in optional.items():
+        check_seq_tensor(name, t, p, integer_ok=name.endswith("_lengths"))
+    check_same_device(policy_chosen_logps=pc, policy_rejected_logps=pr, **optional)
 
 
 def _smoothing_and_beta(who: str, beta: object, label_smoothing: object) -> tuple[float, float]:
@@ -121,7 +111,9 @@ def simpo_loss(
     Returns:
         ``(loss, metrics)``; rewards are ``beta * average log-prob``, ``logps/*`` the average log-probs.
     """
-    _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
+    _check_inputs(
+        policy_chosen_logps, policy_rejected_logps, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths
+    )
     gamma = check_scalar("gamma", gamma)
     beta, eps = _smoothing_and_beta("simpo_loss", beta, label_smoothing)
     dtype = accumulate_dtype(policy_chosen_logps.dtype)
@@ -129,9 +121,7 @@ def simpo_loss(
     ar = policy_rejected_logps.to(dtype) / length(rejected_lengths, dtype)
     loss = simpo_pair_losses(ac, ar, beta, gamma, eps).mean()
     metrics = dpo_metrics(ac, ar, None, None, beta)
-    if validate:
-        warn_nonfinite_output(loss_and_metrics(loss, metrics), "policy log-probs or lengths", "loss or metrics")
-    return loss, metrics
+    return checked_output(loss, metrics, validate, "policy log-probs or lengths")
 
 
 def cpo_loss(
@@ -159,7 +149,12 @@ def cpo_loss(
     Returns:
         ``(loss, metrics)``; metrics add ``nll_loss``; rewards are ``beta * log-prob``.
     """
-    _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_lengths, nll_sum=policy_chosen_nll_sum)
+    _check_inputs(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        policy_chosen_nll_sum=policy_chosen_nll_sum,
+    )
     alpha = check_scalar("alpha", alpha)
     beta, eps = _smoothing_and_beta("cpo_loss", beta, label_smoothing)
     dtype = accumulate_dtype(policy_chosen_logps.dtype)
@@ -168,9 +163,7 @@ def cpo_loss(
     loss = cpo_pair_losses(pc, pr, beta, eps).mean() + alpha * nll
     metrics = dpo_metrics(pc, pr, None, None, beta)
     metrics[NLL_LOSS] = nll.detach()
-    if validate:
-        warn_nonfinite_output(loss_and_metrics(loss, metrics), "policy log-probs", "loss or metrics")
-    return loss, metrics
+    return checked_output(loss, metrics, validate, "policy log-probs")
 
 
 def orpo_loss(
@@ -193,7 +186,13 @@ def orpo_loss(
         ``(loss, metrics)``; metrics add ``nll_loss``, ``log_odds_ratio`` (mean ``log sigma(log odds)``) and
         ``log_odds_chosen`` (mean log odds); rewards are ``beta * average log-prob``.
     """
-    _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, policy_chosen_nll_sum)
+    _check_inputs(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        policy_chosen_nll_sum=policy_chosen_nll_sum,
+    )
     beta = positive_beta(beta, "orpo_loss")
     dtype = accumulate_dtype(policy_chosen_logps.dtype)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
@@ -207,6 +206,4 @@ def orpo_loss(
     metrics[NLL_LOSS] = nll.detach()
     metrics[LOG_ODDS_RATIO] = ratio.detach().mean()
     metrics[LOG_ODDS_CHOSEN] = log_odds.detach().mean()
-    if validate:
-        warn_nonfinite_output(loss_and_metrics(loss, metrics), "policy log-probs", "loss or metrics")
-    return loss, metrics
+    return checked_output(loss, metrics, validate, "policy log-probs")
