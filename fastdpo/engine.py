@@ -47,6 +47,7 @@ from torch import nn
 
 from fastdpo.engine_inputs import call_fused_head, check_batch, check_device
 from fastdpo.engine_loss import (
+    LossInputs,
     MetricGather,
     gathered_reward_metrics,
     grad_in_forward_loss,
@@ -480,10 +481,11 @@ class DPOEngine:
         self._in_step = True
         try:
             ref_c, ref_r = self.reference_logps(batch)
+            x = LossInputs(batch, num_pairs, ref_c, ref_r, self._sequence_loss_config, self.ld_alpha, self.validate)
             if self.grad_in_forward and torch.is_grad_enabled():
-                loss, metrics, pol_c, pol_r = self._step_grad_in_forward(batch, parts, num_pairs, ref_c, ref_r)
+                loss, metrics, pol_c, pol_r = self._step_grad_in_forward(parts, x)
             else:
-                loss, metrics, pol_c, pol_r = self._step(batch, parts, num_pairs, ref_c, ref_r, gather_totals or gather)
+                loss, metrics, pol_c, pol_r = self._step(parts, x, gather_totals or gather)
         finally:
             self._in_step = False
             self._kwargs_cache = None
@@ -494,49 +496,24 @@ class DPOEngine:
         return loss, metrics
 
     def _step(
-        self,
-        batch: Mapping[str, Any],
-        parts: LMParts,
-        num_pairs: int,
-        ref_c: torch.Tensor,
-        ref_r: torch.Tensor,
-        gather_totals: MetricGather | None,
+        self, parts: LMParts, x: LossInputs, gather_totals: MetricGather | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """``(loss, metrics, policy chosen logps [P], policy rejected logps [P])`` through ``parts.model``."""
-        pol = self.compute_logps(parts.model, batch, with_grad=True, token_stats=self.policy_token_stats)
-        loss, metrics = sequence_loss(
-            pol,
-            batch,
-            num_pairs,
-            ref_c,
-            ref_r,
-            self._sequence_loss_config,
-            ld_alpha=self.ld_alpha,
-            validate=self.validate,
-        )
+        pol = self.compute_logps(parts.model, x.batch, with_grad=True, token_stats=self.policy_token_stats)
+        loss, metrics = sequence_loss(pol, x)
         if self.compute_token_metrics:
-            metrics.update(token_metrics(pol, batch["logp_seq"], num_pairs, gather_totals=gather_totals))
+            metrics.update(token_metrics(pol, x.batch["logp_seq"], x.num_pairs, gather_totals=gather_totals))
         return loss, metrics, pol["chosen_logps"], pol["rejected_logps"]
 
     def _step_grad_in_forward(
-        self, batch: Mapping[str, Any], parts: LMParts, num_pairs: int, ref_c: torch.Tensor, ref_r: torch.Tensor
+        self, parts: LMParts, x: LossInputs
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Like :meth:`_step` with the head's gradients formed in the forward (no token metrics; see
         :func:`fastdpo.engine_loss.grad_in_forward_loss`)."""
-        hidden, anchor = self._completion_hidden(parts, batch)
-        loss, seq = grad_in_forward_loss(
-            parts,
-            hidden,
-            batch,
-            num_pairs,
-            ref_c,
-            ref_r,
-            self._sequence_loss_config,
-            ld_alpha=self.ld_alpha,
-            validate=self.validate,
-            head_options=self._head_options(),
-        )
+        hidden, anchor = self._completion_hidden(parts, x.batch)
+        loss, seq = grad_in_forward_loss(parts, hidden, x, self._head_options())
         if anchor is not None and anchor.requires_grad:
             loss = loss + anchor  # + exactly 0: keeps the wrapper's output hooks (FSDP2 root) in backward
-        metrics = dpo_metrics(seq[:num_pairs], seq[num_pairs:], ref_c, ref_r, self.beta)
-        return loss, metrics, seq[:num_pairs], seq[num_pairs:]
+        p = x.num_pairs
+        metrics = dpo_metrics(seq[:p], seq[p:], x.ref_c, x.ref_r, self.beta)
+        return loss, metrics, seq[:p], seq[p:]

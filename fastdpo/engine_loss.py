@@ -23,6 +23,7 @@ over the data-parallel ranks (:func:`gathered_reward_metrics`, ``token_metrics(g
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from fastdpo.head.grad_in_forward import SegmentStats
 
 __all__ = [
+    "LossInputs",
     "MetricGather",
     "gathered_reward_metrics",
     "grad_in_forward_loss",
@@ -52,98 +54,100 @@ MetricGather = Callable[[torch.Tensor], torch.Tensor]
 _GroupLoss = Callable[..., torch.Tensor]
 
 
-def sequence_loss(
-    pol: Mapping[str, Any],
-    batch: Mapping[str, Any],
-    num_pairs: int,
-    ref_c: torch.Tensor,
-    ref_r: torch.Tensor,
-    config: PreferenceLossConfig,
-    *,
-    ld_alpha: float | None,
-    validate: bool,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``(loss, reward metrics)`` of the policy's :meth:`~fastdpo.engine.DPOEngine.compute_logps` output ``pol``.
+@dataclass(frozen=True)
+class LossInputs:
+    """What a step's loss reads besides the policy's pass (the same for both paths).
 
-    ``config`` is the sequence-level configuration (``ld_alpha=None``: LD-DPO's weighting is already in ``pol``'s
-    log-probs; ``ld_alpha`` says whether its NLL term takes ``pol["nll_sum"]``). WPO (``config.use_weighting``) needs
-    ``pol`` computed with the head's token statistics (``log_sum_p2``).
+    Attributes:
+        batch: the collated batch (:class:`~fastdpo.collator.PreferenceCollator`): ``logp_seq`` / ``logp_pos`` /
+            ``logp_labels`` ``[M]``, ``chosen_lengths`` / ``rejected_lengths`` ``[P]``.
+        num_pairs: ``P``.
+        ref_c, ref_r: the reference's ``[P]`` fp32 chosen / rejected log-probs.
+        config: the sequence-level loss configuration (``ld_alpha=None``: LD-DPO's weighting is applied to the token
+            log-probs, before the loss sees the sequence log-probs).
+        ld_alpha: LD-DPO's weight of tokens beyond the shorter completion of a pair, or ``None``; when set, the NLL
+            (``sft``) term takes the plain ``-sum log p`` of the sequences.
+        validate: the checks of :func:`fastdpo.losses.wpo_weights` / :func:`fastdpo.losses.ld_token_weights`.
     """
+
+    batch: Mapping[str, Any]
+    num_pairs: int
+    ref_c: torch.Tensor
+    ref_r: torch.Tensor
+    config: PreferenceLossConfig
+    ld_alpha: float | None
+    validate: bool
+
+
+def sequence_loss(pol: Mapping[str, Any], x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss, reward metrics)`` of the policy's :meth:`~fastdpo.engine.DPOEngine.compute_logps` output ``pol``
+    (LD-weighted sequence log-probs and the plain ``nll_sum`` under LD-DPO; with WPO, ``pol`` must carry the head's
+    ``log_sum_p2`` token statistics)."""
+    p = x.num_pairs
     extra: dict[str, Any] = {}
-    if config.use_weighting:
-        w = wpo_weights(pol["token_logps"], pol["log_sum_p2"], batch["logp_seq"], 2 * num_pairs, validate=validate)
-        extra = {"wpo_chosen_weights": w[:num_pairs], "wpo_rejected_weights": w[num_pairs:]}
-    if ld_alpha is not None:
-        extra["policy_chosen_nll_sum"] = pol["nll_sum"][:num_pairs]
-        extra["policy_rejected_nll_sum"] = pol["nll_sum"][num_pairs:]
+    if x.config.use_weighting:
+        w = wpo_weights(pol["token_logps"], pol["log_sum_p2"], x.batch["logp_seq"], 2 * p, validate=x.validate)
+        extra = {"wpo_chosen_weights": w[:p], "wpo_rejected_weights": w[p:]}
+    if x.ld_alpha is not None:
+        extra["policy_chosen_nll_sum"] = pol["nll_sum"][:p]
+        extra["policy_rejected_nll_sum"] = pol["nll_sum"][p:]
     return preference_loss(
         pol["chosen_logps"],
         pol["rejected_logps"],
-        ref_c,
-        ref_r,
-        chosen_lengths=batch["chosen_lengths"],
-        rejected_lengths=batch["rejected_lengths"],
-        loss_config=config,
+        x.ref_c,
+        x.ref_r,
+        chosen_lengths=x.batch["chosen_lengths"],
+        rejected_lengths=x.batch["rejected_lengths"],
+        loss_config=x.config,
         **extra,
     )
 
 
 def grad_in_forward_loss(
-    parts: LMParts,
-    hidden: torch.Tensor,
-    batch: Mapping[str, Any],
-    num_pairs: int,
-    ref_c: torch.Tensor,
-    ref_r: torch.Tensor,
-    config: PreferenceLossConfig,
-    *,
-    ld_alpha: float | None,
-    validate: bool,
-    head_options: Mapping[str, Any],
+    parts: LMParts, hidden: torch.Tensor, x: LossInputs, head_options: Mapping[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, policy sequence log-probs [2P])`` with the head's gradients formed in the forward.
 
-    ``hidden``: ``[M, D]`` states of the completion tokens' predecessors (``parts``' backbone); ``config`` and
-    ``ld_alpha`` as in :func:`sequence_loss`; ``head_options``: the fused head's tiles, temperature, backend,
-    validation. The loss has a grad_fn that hands out the stored gradients; the log-probs are detached sums.
+    ``hidden``: ``[M, D]`` states of the completion tokens' predecessors (``parts``' backbone); ``head_options``: the
+    fused head's tiles, temperature, backend, validation. The loss has a grad_fn that hands out the stored gradients;
+    the log-probs are detached sums.
     """
     from fastdpo.head.grad_in_forward import linear_logprobs_loss_grad_in_forward
     from fastdpo.segments import pair_groups
 
-    seg = batch["logp_seq"]
+    batch, seg = x.batch, x.batch["logp_seq"]
     token_weights = None
-    if ld_alpha is not None:
+    if x.ld_alpha is not None:
         token_weights = ld_token_weights(
-            batch["logp_pos"], seg, batch["chosen_lengths"], batch["rejected_lengths"], ld_alpha, validate=validate
+            batch["logp_pos"], seg, batch["chosen_lengths"], batch["rejected_lengths"], x.ld_alpha, validate=x.validate
         )
-    nll = ld_alpha is not None
-    if config.pair_local:
-        loss_fn, groups = _pair_loss(batch, num_pairs, ref_c, ref_r, config, nll), pair_groups(num_pairs)
+    if x.config.pair_local:
+        loss_fn, groups = _pair_loss(x), pair_groups(x.num_pairs)
     else:  # batch-coupled (sorting over the batch, WPO-weighted SFT): one group of all sequences
-        loss_fn, groups = _batch_loss(batch, num_pairs, ref_c, ref_r, config, nll), None
+        loss_fn, groups = _batch_loss(x), None
     return call_fused_head(
         parts,
         hidden,
         linear_logprobs_loss_grad_in_forward,
         batch["logp_labels"],
         seg,
-        2 * num_pairs,
+        2 * x.num_pairs,
         loss_fn,
         groups=groups,
         token_weights=token_weights,
-        segment_stats=config.use_weighting or nll,
-        segment_log_sum_p2=config.use_weighting,
+        segment_stats=x.config.use_weighting or x.ld_alpha is not None,
+        segment_log_sum_p2=x.config.use_weighting,
         **head_options,
     )
 
 
-def _stats_kwargs(stats: SegmentStats | None, k: int, nll: bool) -> dict[str, torch.Tensor]:
+def _stats_kwargs(stats: SegmentStats | None, k: int, x: LossInputs) -> dict[str, torch.Tensor]:
     """:func:`~fastdpo.losses.preference_loss` kwargs of a group's sequences (``k`` chosen first, then their
-    rejected): LD-DPO's NLL sums (``nll``) and WPO's ``log sum p^2`` sums from the head's ``stats``."""
+    rejected): LD-DPO's NLL sums and WPO's ``log sum p^2`` sums from the head's ``stats``."""
     if stats is None:
         return {}
     out: dict[str, torch.Tensor] = {}
-    if nll:
+    if x.ld_alpha is not None:
         out["policy_chosen_nll_sum"] = -stats.logp_sum[:k]
         out["policy_rejected_nll_sum"] = -stats.logp_sum[k:]
     if stats.log_sum_p2_sum is not None:  # WPO
@@ -152,46 +156,32 @@ def _stats_kwargs(stats: SegmentStats | None, k: int, nll: bool) -> dict[str, to
     return out
 
 
-def _pair_loss(
-    batch: Mapping[str, Any],
-    num_pairs: int,
-    ref_c: torch.Tensor,
-    ref_r: torch.Tensor,
-    config: PreferenceLossConfig,
-    nll: bool,
-) -> _GroupLoss:
+def _pair_loss(x: LossInputs) -> _GroupLoss:
     """The loss of a group ``seg_ids == [i, P + i]``: pair ``i``'s contribution to the batch-mean loss (with the
     batch totals for its mean)."""
-    lengths_c, lengths_r = batch["chosen_lengths"], batch["rejected_lengths"]
-    sft = "sft" in config.loss_type
+    lengths_c, lengths_r = x.batch["chosen_lengths"], x.batch["rejected_lengths"]
+    sft = "sft" in x.config.loss_type
 
     def loss(seq_logps: torch.Tensor, seg_ids: torch.Tensor, stats: SegmentStats | None = None) -> torch.Tensor:
-        i = seg_ids[:1].to(ref_c.device)
+        i = seg_ids[:1].to(x.ref_c.device)
         num_chosen_tokens = lengths_c.to(seq_logps.dtype).sum().clamp(min=1.0) if sft else None
         return partial_preference_loss(
             seq_logps[0:1],
             seq_logps[1:2],
-            ref_c.index_select(0, i),
-            ref_r.index_select(0, i),
-            loss_config=config,
-            num_pairs=num_pairs,
+            x.ref_c.index_select(0, i),
+            x.ref_r.index_select(0, i),
+            loss_config=x.config,
+            num_pairs=x.num_pairs,
             num_chosen_tokens=num_chosen_tokens,
             chosen_lengths=lengths_c.index_select(0, i),
             rejected_lengths=lengths_r.index_select(0, i),
-            **_stats_kwargs(stats, 1, nll),
+            **_stats_kwargs(stats, 1, x),
         )
 
     return loss
 
 
-def _batch_loss(
-    batch: Mapping[str, Any],
-    num_pairs: int,
-    ref_c: torch.Tensor,
-    ref_r: torch.Tensor,
-    config: PreferenceLossConfig,
-    nll: bool,
-) -> _GroupLoss:
+def _batch_loss(x: LossInputs) -> _GroupLoss:
     """The loss of one group of all ``2P`` sequences (in the head's segment order ``seg_ids``): the batch's loss."""
     from fastdpo.head.grad_in_forward import SegmentStats
 
@@ -205,13 +195,13 @@ def _batch_loss(
             lsp2 = stats.log_sum_p2_sum
             stats = SegmentStats(ordered(stats.logp_sum), None if lsp2 is None else ordered(lsp2))
         value, _ = preference_loss(
-            *ordered(seq_logps).split(num_pairs),
-            ref_c,
-            ref_r,
-            chosen_lengths=batch["chosen_lengths"],
-            rejected_lengths=batch["rejected_lengths"],
-            loss_config=config,
-            **_stats_kwargs(stats, num_pairs, nll),
+            *ordered(seq_logps).split(x.num_pairs),
+            x.ref_c,
+            x.ref_r,
+            chosen_lengths=x.batch["chosen_lengths"],
+            rejected_lengths=x.batch["rejected_lengths"],
+            loss_config=x.config,
+            **_stats_kwargs(stats, x.num_pairs, x),
         )
         return value
 
