@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -68,6 +68,9 @@ from fastdpo.losses.config import PreferenceLossConfig, resolve_loss_config
 from fastdpo.models import LMParts, enable_gradient_checkpointing, resolve_lm, unwrap_ddp
 from fastdpo.models import disable_dropout as _disable_dropout
 from fastdpo.ref_cache import RefLogpCache
+
+if TYPE_CHECKING:
+    from fastdpo.head.function import TokenStats
 
 # MetricGather, token_metrics and token_metric_totals are re-exported: their home was this module
 __all__ = ["DPOEngine", "REFERENCE_MODES", "MetricGather", "token_metric_totals", "token_metrics"]
@@ -374,7 +377,9 @@ class DPOEngine:
             "log_sum_p2": stats.log_sum_p2,
         }
 
-    def _token_stats(self, parts: LMParts, hidden: torch.Tensor, batch: Mapping[str, Any], token_stats: bool) -> Any:
+    def _token_stats(
+        self, parts: LMParts, hidden: torch.Tensor, batch: Mapping[str, Any], token_stats: bool
+    ) -> TokenStats:
         """The fused head's per-token statistics (``logprobs`` ``[M]`` fp32, and with ``token_stats`` the no-grad
         ``entropy``, ``mean_logit``, ``argmax_hit``, ``log_sum_p2``) of every completion token of ``batch`` from the
         ``hidden`` states of :meth:`_completion_hidden`. Sequence-parallel: the head runs on this rank's tokens, then
