@@ -54,6 +54,11 @@ TRUNCATION_MODES: tuple[str, ...] = ("keep_end", "keep_start")
 
 ROLE_PAD, ROLE_PROMPT, ROLE_CHOSEN, ROLE_REJECTED = -1, 0, 1, 2
 
+#: one pair's two sequences, each ``(prompt tokens, completion tokens)``: chosen, then rejected
+_Pair = list[tuple[list[int], list[int]]]
+#: a run of placed tokens: ``(tokens, seq_id, role, pair, first_position)``
+_Run = tuple[list[int], int, int, int, int]
+
 _PRETOKENIZED_KEYS: tuple[tuple[str, str, str], ...] = (
     ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),
     ("prompt_ids", "chosen_ids", "rejected_ids"),
@@ -275,38 +280,74 @@ class PreferenceCollator:
         if len(rows) == 0:
             raise ValueError("rows is empty: a batch needs at least one preference pair")
         P = len(rows)
-        # per pair: [(prompt_part, completion_part) for chosen, rejected]
-        seqs: list[list[tuple[list[int], list[int]]]] = []
+        seqs: list[_Pair] = []
         for i, row in enumerate(rows):
             prompt, chosen, rejected = self.tokenize_row(row, i)
             seqs.append([self._truncate(prompt, chosen), self._truncate(prompt, rejected)])
-
-        # Each placed unit is a list of token "runs": (tokens, seq_id, role, pair, first_position).
-        # views[s] lists the flat locations of the tokens of sequence s (prompt then completion), prompt_len[s].
-        units: list[list[tuple[list[int], int, int, int, int]]] = []
         if self.packing == "prefix_shared":
-            for i, ((pc, cc), (pr, cr)) in enumerate(seqs):
-                if pc != pr:
-                    shared = pc if len(pc) < len(pr) else pr
-                    if not self._warned_prompt_cut:
-                        warnings.warn(
-                            "prefix_shared: truncation cut the prompt differently for chosen and rejected; the pair "
-                            "keeps the shorter prompt suffix for both (packing='pad' keeps TRL's per-sequence cut)",
-                            UserWarning,
-                            stacklevel=2,
-                        )
-                        self._warned_prompt_cut = True
-                    seqs[i] = [(shared, cc), (shared, cr)]
-                    pc = shared
-                n = len(pc)
-                units.append([(pc, i, ROLE_PROMPT, i, 0), (cc, i, ROLE_CHOSEN, i, n), (cr, P + i, ROLE_REJECTED, i, n)])
-        else:
-            for s in range(2 * P):
-                i, k = s % P, s // P
-                p, c = seqs[i][k]
-                units.append([(p, s, ROLE_PROMPT, i, 0), (c, s, ROLE_CHOSEN + k, i, len(p))])
+            seqs = self._shared_prompts(seqs)
+        units = self._units(seqs)
+        rows_of_units, L = self._rows_of_units(units)
+        tokens, run_start = self._place(units, rows_of_units, L)
+        scored, lengths = self._scored_tokens(seqs, run_start, tokens["input_ids"])
+        batch: dict[str, Any] = {
+            "input_ids": tokens["input_ids"],
+            "position_ids": tokens["position_ids"],
+            "attention_mask": (tokens["token_seq"] >= 0).long(),
+            "token_seq": tokens["token_seq"],
+            "token_role": tokens["token_role"],
+            "token_pair": tokens["token_pair"],
+            **scored,
+            "chosen_lengths": lengths[:P].clone(),
+            "rejected_lengths": lengths[P:].clone(),
+            "num_pairs": P,
+            "packing": self.packing,
+        }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if all(key in row for row in rows):
+                batch[key] = torch.tensor([float(row[key]) for row in rows], dtype=torch.float32)
+        return batch
 
-        # Row assignment.
+    def _shared_prompts(self, seqs: list[_Pair]) -> list[_Pair]:
+        """ "prefix_shared": the pairs with one prompt for both sequences -- the shorter of the two truncated prompts
+        where truncation cut them differently (a one-time warning)."""
+        out: list[_Pair] = []
+        for (pc, cc), (pr, cr) in seqs:
+            if pc != pr:
+                shared = pc if len(pc) < len(pr) else pr
+                if not self._warned_prompt_cut:
+                    warnings.warn(
+                        "prefix_shared: truncation cut the prompt differently for chosen and rejected; the pair "
+                        "keeps the shorter prompt suffix for both (packing='pad' keeps TRL's per-sequence cut)",
+                        UserWarning,
+                        stacklevel=3,  # the caller of __call__
+                    )
+                    self._warned_prompt_cut = True
+                pc = pr = shared
+            out.append([(pc, cc), (pr, cr)])
+        return out
+
+    def _units(self, seqs: list[_Pair]) -> list[list[_Run]]:
+        """The units placed on rows, each a list of token runs ``(tokens, seq_id, role, pair, first_position)``:
+        one ``[prompt, chosen, rejected]`` unit per pair under "prefix_shared" (both completions continue the
+        prompt's positions), else one ``[prompt, completion]`` unit per sequence ``s = k * P + i``."""
+        P = len(seqs)
+        if self.packing == "prefix_shared":
+            return [
+                [(pc, i, ROLE_PROMPT, i, 0), (cc, i, ROLE_CHOSEN, i, len(pc)), (cr, P + i, ROLE_REJECTED, i, len(pc))]
+                for i, ((pc, cc), (_, cr)) in enumerate(seqs)
+            ]
+        units: list[list[_Run]] = []
+        for s in range(2 * P):
+            i, k = s % P, s // P
+            p, c = seqs[i][k]
+            units.append([(p, s, ROLE_PROMPT, i, 0), (c, s, ROLE_CHOSEN + k, i, len(p))])
+        return units
+
+    def _rows_of_units(self, units: list[list[_Run]]) -> tuple[list[list[int]], int]:
+        """``(unit indices of each row, column count L)``: a row per unit under "pad", else units filled into rows
+        of at most ``max_tokens_per_row`` tokens (one row without a cap); ``L`` is the longest row (at least 1),
+        rounded up to ``pad_to_multiple_of``."""
         sizes = [sum(len(run[0]) for run in u) for u in units]
         if self.packing == "pad":
             rows_of_units = [[j] for j in range(len(units))]
@@ -321,17 +362,23 @@ class PreferenceCollator:
                 current.append(j)
                 used += n
             rows_of_units.append(current)
-        R = len(rows_of_units)
         L = max(1, max(sum(sizes[j] for j in r) for r in rows_of_units))
         if self.pad_to_multiple_of is not None:
             L = int(math.ceil(L / self.pad_to_multiple_of) * self.pad_to_multiple_of)
+        return rows_of_units, L
 
+    def _place(
+        self, units: list[list[_Run]], rows_of_units: list[list[int]], L: int
+    ) -> tuple[dict[str, torch.Tensor], dict[tuple[int, int], int]]:
+        """The ``[R, L]`` int64 ``input_ids``, ``position_ids``, ``token_seq``, ``token_role``, ``token_pair`` of the
+        placed units (-1 / the pad id on padding), and the flat start ``r * L + col`` of every run by
+        ``(seq_id, role)``, to locate every sequence's tokens."""
+        R = len(rows_of_units)
         input_ids = torch.full((R, L), self.pad_token_id, dtype=torch.long)
         position_ids = torch.empty((R, L), dtype=torch.long)
         token_seq = torch.full((R, L), -1, dtype=torch.long)
         token_role = torch.full((R, L), -1, dtype=torch.long)
         token_pair = torch.full((R, L), -1, dtype=torch.long)
-        # flat start of each run, to locate every sequence's view tokens
         run_start: dict[tuple[int, int], int] = {}
         for r, unit_ids in enumerate(rows_of_units):
             col = 0
@@ -350,8 +397,22 @@ class PreferenceCollator:
             if col < L:
                 start = col if self.packing == "pad" else 0
                 position_ids[r, col:] = torch.arange(start, start + L - col)
+        placed = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "token_seq": token_seq,
+            "token_role": token_role,
+            "token_pair": token_pair,
+        }
+        return placed, run_start
 
-        # Scored completion tokens, ordered by (sequence, position).
+    def _scored_tokens(
+        self, seqs: list[_Pair], run_start: dict[tuple[int, int], int], input_ids: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The scored completion tokens, ordered by (sequence, position): ``logp_index`` (flat location of the
+        predicting hidden state), ``logp_labels``, ``logp_seq``, ``logp_pos`` int64 ``[M]``; and the int64 ``[2P]``
+        count of each sequence's scored tokens."""
+        P = len(seqs)
         idx_parts: list[torch.Tensor] = []
         lab_parts: list[torch.Tensor] = []
         lengths = torch.zeros(2 * P, dtype=torch.long)
@@ -382,24 +443,5 @@ class PreferenceCollator:
             logp_pos = torch.arange(logp_seq.numel()) - starts[logp_seq]
         else:
             logp_index = logp_labels = logp_seq = logp_pos = torch.zeros(0, dtype=torch.long)
-
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "attention_mask": (token_seq >= 0).long(),
-            "token_seq": token_seq,
-            "token_role": token_role,
-            "token_pair": token_pair,
-            "logp_index": logp_index,
-            "logp_labels": logp_labels,
-            "logp_seq": logp_seq,
-            "logp_pos": logp_pos,
-            "chosen_lengths": lengths[:P].clone(),
-            "rejected_lengths": lengths[P:].clone(),
-            "num_pairs": P,
-            "packing": self.packing,
-        }
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if all(key in row for row in rows):
-                batch[key] = torch.tensor([float(row[key]) for row in rows], dtype=torch.float32)
-        return batch
+        scored = {"logp_index": logp_index, "logp_labels": logp_labels, "logp_seq": logp_seq, "logp_pos": logp_pos}
+        return scored, lengths

@@ -91,7 +91,19 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("fused head", ("fastdpo.head", "fastdpo.linear_logprobs")),
     ("losses", ("fastdpo.losses",)),
     ("attention and sequence parallelism", ("fastdpo.attention", "fastdpo.ulysses", "fastdpo.sequence_parallel")),
-    ("engine", ("fastdpo.models", "fastdpo.collator", "fastdpo.engine", "fastdpo.ref_cache", "fastdpo.quantize")),
+    (
+        "engine",
+        (
+            "fastdpo.models",
+            "fastdpo.collator",
+            "fastdpo.engine",
+            "fastdpo.engine_inputs",
+            "fastdpo.engine_reference",
+            "fastdpo.engine_loss",
+            "fastdpo.ref_cache",
+            "fastdpo.quantize",
+        ),
+    ),
     (
         "drop-ins",
         (
