@@ -123,7 +123,7 @@ def _logits_layouts(vocab: int, dtype: torch.dtype) -> list[tuple[str, torch.Ten
 
 
 def _logprob_launches() -> Iterator[tuple[Situation, Any]]:
-    from fastdpo.logprobs import _backward_launch, _forward_launch
+    from fastdpo.logprobs import _backward_launch, _forward_launch, _Options, _Saved
 
     for vocab in VOCABS:
         for dtype in FLOATS:
@@ -135,13 +135,13 @@ def _logprob_launches() -> Iterator[tuple[Situation, Any]]:
                     what = f"{str(dtype)[6:]} V={vocab} labels={str(ldt)[6:]} {name}"
                     yield (
                         Situation("token_logprobs forward", what),
-                        _forward_launch(logits3, labels, lse, logp, -100, None),
+                        _forward_launch(logits3, labels, lse, logp, _Options()),
                     )
                     fresh = _meta(*logits3.shape, dtype=dtype)
                     for gname, grad3 in (("in place", logits3), ("fresh grad", fresh)):
                         yield (
                             Situation("token_logprobs backward", f"{what} {gname}"),
-                            _backward_launch(logits3, labels, lse, logp, grad3, -100, None),
+                            _backward_launch(_Saved(logits3, labels, lse), logp, grad3, _Options()),
                         )
 
 

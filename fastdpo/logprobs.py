@@ -16,6 +16,7 @@ importable from here.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,6 +37,26 @@ from fastdpo.segments import check_segments, segment_counts, segment_sum
 
 # Default elements of one torch-path fp32 chunk ([rows, V]): 16 Mi elements = 64 MiB.
 _TORCH_CHUNK_ELEMENTS = 1 << 24
+
+
+class _Options(NamedTuple):
+    """The keywords of :func:`token_logprobs` (:func:`sequence_logprobs` takes them as ``**token_options``), fixed
+    for one call; after :func:`_prepare` ``backend`` is the concrete one (``"triton"`` or ``"torch"``)."""
+
+    ignore_index: int = -100
+    inplace_backward: bool = False
+    validate: bool = True
+    backend: Backend = "auto"
+    block_v: int | None = None
+    chunk_rows: int | None = None
+
+    @classmethod
+    def of(cls, where: str, keywords: dict[str, Any]) -> _Options:
+        """The options of keyword arguments; ``TypeError`` for any other keyword, as for an explicit signature."""
+        unknown = sorted(set(keywords) - set(cls._fields))
+        if unknown:
+            raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}")
+        return cls(**keywords)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -71,55 +92,58 @@ def _vector(t: torch.Tensor) -> int:
     return 16 // t.element_size() if t.stride(-1) == 1 else 1
 
 
+def _row_launch(
+    kernel: Any, logits3: torch.Tensor, args: tuple[Any, ...], align: int, options: _Options
+) -> KernelLaunch:
+    """``kernel[(B * T,)](*args, options.ignore_index)``, one program per row of ``logits3 [B, T, V]``, with the
+    ``BLOCK_V`` / ``num_warps`` of :func:`_triton_config` and ``ALIGN = align`` (elements per vector access)."""
+    B, T, V = logits3.shape
+    block, warps = _triton_config(V, options.block_v)
+    meta = {"BLOCK_V": block, "ALIGN": align}
+    return KernelLaunch(kernel, (B * T,), (*args, options.ignore_index), meta, warps, logits3.device)
+
+
 def _forward_launch(
-    logits3: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    logp: torch.Tensor,
-    ignore_index: int,
-    block_v: int | None,
+    logits3: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, logp: torch.Tensor, options: _Options
 ) -> KernelLaunch:
     """The forward kernel's launch for ``logits3 [B, T, V]`` (any strides) and ``labels [B*T]`` (int32/int64)."""
     from fastdpo.kernels.logprobs import logprobs_fwd_kernel
 
-    B, T, V = logits3.shape
-    block, warps = _triton_config(V, block_v)
     base, offset = aligned_base(logits3)
-    args = (base, offset, labels, lse, logp, T, V, *logits3.stride(), ignore_index)
-    meta = {"BLOCK_V": block, "ALIGN": _vector(logits3)}
-    return KernelLaunch(logprobs_fwd_kernel, (B * T,), args, meta, warps, logits3.device)
+    args = (base, offset, labels, lse, logp, *logits3.shape[1:], *logits3.stride())
+    return _row_launch(logprobs_fwd_kernel, logits3, args, _vector(logits3), options)
 
 
 def _triton_forward(
-    logits3: torch.Tensor, labels: torch.Tensor, ignore_index: int, block_v: int | None
+    logits3: torch.Tensor, labels: torch.Tensor, options: _Options
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits3 [B, T, V]`` (any strides), ``labels [B*T]`` int64 -> ``(lse [B*T] fp32, logp [B*T] fp32)``."""
     n = logits3.shape[0] * logits3.shape[1]
     lse = torch.empty(n, dtype=torch.float32, device=logits3.device)
     logp = torch.empty(n, dtype=torch.float32, device=logits3.device)
-    launch(_forward_launch(logits3, labels, lse, logp, ignore_index, block_v))
+    launch(_forward_launch(logits3, labels, lse, logp, options))
     return lse, logp
 
 
-def _backward_launch(
-    logits3: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    grad_logp: torch.Tensor,
-    grad3: torch.Tensor,
-    ignore_index: int,
-    block_v: int | None,
-) -> KernelLaunch:
-    """The backward kernel's launch writing into ``grad3 [B, T, V]`` (may be ``logits3``)."""
+class _Saved(NamedTuple):
+    """What the forward keeps for the backward: ``logits3 [B, T, V]`` (any strides), ``labels [B*T]`` (int64; int32
+    too for the kernel) and ``lse [B*T]`` (fp32; fp64 for fp64 logits on the torch path)."""
+
+    logits3: torch.Tensor
+    labels: torch.Tensor
+    lse: torch.Tensor
+
+
+def _backward_launch(saved: _Saved, grad_logp: torch.Tensor, grad3: torch.Tensor, options: _Options) -> KernelLaunch:
+    """The backward kernel's launch writing ``grad_logp [B*T]`` times d logp / d logits into ``grad3 [B, T, V]`` (may
+    be ``saved.logits3``)."""
     from fastdpo.kernels.logprobs import logprobs_bwd_kernel
 
-    B, T, V = logits3.shape
-    block, warps = _triton_config(V, block_v)
+    logits3, labels, lse = saved
     (base, offset), (gbase, goffset) = aligned_base(logits3), aligned_base(grad3)
     strides = (*logits3.stride(), *grad3.stride())
-    args = (base, offset, labels, lse, grad_logp, gbase, goffset, T, V, *strides, ignore_index)
-    meta = {"BLOCK_V": block, "ALIGN": min(_vector(logits3), _vector(grad3))}
-    return KernelLaunch(logprobs_bwd_kernel, (B * T,), args, meta, warps, logits3.device)
+    args = (base, offset, labels, lse, grad_logp, gbase, goffset, *logits3.shape[1:], *strides)
+    return _row_launch(logprobs_bwd_kernel, logits3, args, min(_vector(logits3), _vector(grad3)), options)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,9 +169,7 @@ def _row_chunks(tensors: tuple[torch.Tensor, ...], rows: int) -> Iterator[tuple[
         yield r0, tuple(f[r0 : r0 + rows] for f in flats)
 
 
-def _torch_forward(
-    logits3: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk_rows: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_forward(logits3: torch.Tensor, labels: torch.Tensor, options: _Options) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`_triton_forward`; float64 logits give float64 outputs.
 
     A label that is neither ``ignore_index`` nor in ``[0, V)`` (possible with ``validate=False``) gives NaN and is
@@ -157,10 +179,10 @@ def _torch_forward(
     acc = accumulate_dtype(logits3.dtype)
     lse = torch.empty(B * T, dtype=acc, device=logits3.device)
     logp = torch.empty(B * T, dtype=acc, device=logits3.device)
-    for r0, (chunk,) in _row_chunks((logits3,), _chunk_rows(V, chunk_rows)):
+    for r0, (chunk,) in _row_chunks((logits3,), _chunk_rows(V, options.chunk_rows)):
         r1 = r0 + chunk.shape[0]
         lbl = labels[r0:r1]
-        valid = lbl != ignore_index
+        valid = lbl != options.ignore_index
         in_vocab = (lbl >= 0) & (lbl < V)
         x = chunk.to(acc)  # the chunk's fp32 temporary
         row_lse = torch.logsumexp(x, dim=-1)
@@ -170,25 +192,18 @@ def _torch_forward(
     return lse, logp
 
 
-def _torch_backward(
-    logits3: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    grad_logp: torch.Tensor,
-    grad3: torch.Tensor,
-    ignore_index: int,
-    chunk_rows: int | None,
-) -> None:
+def _torch_backward(saved: _Saved, grad_logp: torch.Tensor, grad3: torch.Tensor, options: _Options) -> None:
     """Same contract as the :func:`_backward_launch` kernel: write ``grad_logp[r] * (onehot - softmax)`` of every
-    row into ``grad3 [B, T, V]`` (may be ``logits3``: each chunk is read, then written).
+    row into ``grad3 [B, T, V]`` (may be ``saved.logits3``: each chunk is read, then written).
 
     Rows of ignored or out-of-vocabulary labels get exactly zero gradient.
     """
+    logits3, labels, lse = saved
     V = logits3.shape[2]
-    scored = (labels != ignore_index) & (labels >= 0) & (labels < V)
+    scored = (labels != options.ignore_index) & (labels >= 0) & (labels < V)
     g_all = torch.where(scored, grad_logp.to(lse.dtype), 0.0)
     safe_labels = torch.where(scored, labels, 0)
-    for r0, (chunk, dest) in _row_chunks((logits3, grad3), _chunk_rows(V, chunk_rows)):
+    for r0, (chunk, dest) in _row_chunks((logits3, grad3), _chunk_rows(V, options.chunk_rows)):
         r1 = r0 + chunk.shape[0]
         g = g_all[r0:r1].unsqueeze(1)
         # d = g * (onehot - exp(x - lse)), with one accumulate-dtype temporary per chunk (x - lse promotes to it).
@@ -218,22 +233,13 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        ignore_index: int,
-        inplace_backward: bool,
-        backend: str,
-        block_v: int | None,
-        chunk_rows: int | None,
+        ctx: torch.autograd.function.FunctionCtx, logits: torch.Tensor, labels: torch.Tensor, options: _Options
     ) -> torch.Tensor:
         logits3 = _as_3d(logits)
-        if backend == "triton":
-            lse, logp = _triton_forward(logits3, labels, ignore_index, block_v)
-        else:
-            lse, logp = _torch_forward(logits3, labels, ignore_index, chunk_rows)
+        forward = _triton_forward if options.backend == "triton" else _torch_forward
+        lse, logp = forward(logits3, labels, options)
         ctx.save_for_backward(logits, labels, lse)
-        ctx.config = (ignore_index, inplace_backward, backend, block_v, chunk_rows)
+        ctx.options = options
         ctx.logits_clobbered = False
         return logp
 
@@ -248,22 +254,24 @@ class _TokenLogprobs(torch.autograd.Function):
                 "(several losses sharing one forward, torch.autograd.grad per output)."
             )
         logits, labels, lse = ctx.saved_tensors
-        ignore_index, inplace_backward, backend, block_v, chunk_rows = ctx.config
+        options: _Options = ctx.options
         grad_logits = None
         if ctx.needs_input_grad[0]:
-            ctx.logits_clobbered = inplace_backward
+            ctx.logits_clobbered = options.inplace_backward
             grad_logits = (
-                logits if inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+                logits
+                if options.inplace_backward
+                else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
             )
-            logits3, grad3 = _as_3d(logits), _as_3d(grad_logits)
+            saved, grad3 = _Saved(_as_3d(logits), labels, lse), _as_3d(grad_logits)
             grad_logp = grad_logp.contiguous()
-            if backend == "triton":
-                launch(_backward_launch(logits3, labels, lse, grad_logp, grad3, ignore_index, block_v))
-                if inplace_backward:  # the kernel wrote behind autograd's back: later reads of the old values fail
+            if options.backend == "triton":
+                launch(_backward_launch(saved, grad_logp, grad3, options))
+                if options.inplace_backward:  # the kernel wrote behind autograd's back: later reads of old values fail
                     torch.autograd.graph.increment_version(logits)
             else:
-                _torch_backward(logits3, labels, lse, grad_logp, grad3, ignore_index, chunk_rows)
-        return grad_logits, None, None, None, None, None, None
+                _torch_backward(saved, grad_logp, grad3, options)
+        return grad_logits, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,18 +279,11 @@ class _TokenLogprobs(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _prepare(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int,
-    validate: bool,
-    backend: Backend,
-    inplace_backward: bool = False,
-) -> str:
-    """Check inputs (before any launch) and return the concrete backend."""
+def _prepare(logits: torch.Tensor, labels: torch.Tensor, options: _Options) -> _Options:
+    """Check inputs and options (before any launch); the options with the concrete backend."""
     check_float("logits", logits)
     check_index("labels", labels)
-    check_int("ignore_index", ignore_index)
+    check_int("ignore_index", options.ignore_index)
     check_same_device(logits=logits, labels=labels)
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape [..., V], got {list(logits.shape)}")
@@ -295,33 +296,25 @@ def _prepare(
         raise ValueError(f"empty batch: logits has shape {list(logits.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary dimension (V = 0)")
-    if inplace_backward and logits.requires_grad and logits.is_leaf:
+    if options.inplace_backward and logits.requires_grad and logits.is_leaf:
         raise ValueError(
             "inplace_backward=True would overwrite a leaf tensor (its .grad would alias its data); pass logits "
             "produced by an op (e.g. the lm head's matmul) or use inplace_backward=False"
         )
-    if validate:
-        check_labels(labels, logits.shape[-1], ignore_index)
-    chosen = resolve_backend(backend, logits.device)
+    if options.validate:
+        check_labels(labels, logits.shape[-1], options.ignore_index)
+    chosen = resolve_backend(options.backend, logits.device)
     if logits.dtype == torch.float64:  # the kernels reduce in fp32
         chosen = "torch"
-    return chosen
+    return options._replace(backend=chosen)
 
 
-def _token_logprobs_flat(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int,
-    inplace_backward: bool,
-    backend: str,
-    block_v: int | None,
-    chunk_rows: int | None,
-) -> torch.Tensor:
-    """Checked inputs -> per-token log-probs ``[labels.numel()]``."""
+def _token_logprobs_flat(logits: torch.Tensor, labels: torch.Tensor, options: _Options) -> torch.Tensor:
+    """Checked inputs and prepared options -> per-token log-probs ``[labels.numel()]``."""
     if logits.dim() > 3:  # [..., T, V] -> [-1, T, V] (a view whenever strides allow)
         logits = logits.reshape(-1, *logits.shape[-2:])
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    return _TokenLogprobs.apply(logits, flat_labels, ignore_index, inplace_backward, backend, block_v, chunk_rows)
+    return _TokenLogprobs.apply(logits, flat_labels, options)
 
 
 def token_logprobs(
@@ -355,8 +348,8 @@ def token_logprobs(
     Returns:
         float32 (float64 for float64 logits) of ``labels.shape``; 0 at ignored positions; differentiable wrt logits.
     """
-    chosen = _prepare(logits, labels, ignore_index, validate, backend, inplace_backward)
-    tok = _token_logprobs_flat(logits, labels, ignore_index, inplace_backward, chosen, block_v, chunk_rows)
+    options = _prepare(logits, labels, _Options(ignore_index, inplace_backward, validate, backend, block_v, chunk_rows))
+    tok = _token_logprobs_flat(logits, labels, options)
     if validate:
         warn_nonfinite_output(tok, "logits")
     return tok.view(labels.shape)
@@ -366,15 +359,10 @@ def sequence_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
     average: bool = False,
     segment_ids: torch.Tensor | None = None,
     num_segments: int | None = None,
-    inplace_backward: bool = False,
-    validate: bool = True,
-    backend: Backend = "auto",
-    block_v: int | None = None,
-    chunk_rows: int | None = None,
+    **token_options: Any,
 ) -> torch.Tensor:
     """Per-sequence sums (or means) of label log-probabilities, without materializing ``log_softmax``.
 
@@ -388,39 +376,41 @@ def sequence_logprobs(
         average: divide each sum by its count of non-ignored tokens (clamped to >= 1).
         segment_ids, num_segments: packed layout; ``num_segments`` without ``segment_ids`` is an error, and
             ``num_segments=None`` is refused when ``max(segment_ids) + 1`` exceeds ``N`` (pass it explicitly).
-        validate: as in :func:`token_logprobs`, and also checks that every segment id lies in ``[0, S)``; with
-            ``validate=False`` a token whose segment id lies outside adds to no sequence, and a NaN log-prob (an
+        token_options: the keywords of :func:`token_logprobs` (``ignore_index``, ``inplace_backward``, ``validate``,
+            ``backend``, ``block_v``, ``chunk_rows``; any other keyword is a ``TypeError``). ``inplace_backward=True``
+            clobbers the logits during backward. ``validate`` also checks that every segment id lies in ``[0, S)``;
+            with ``validate=False`` a token whose segment id lies outside adds to no sequence, and a NaN log-prob (an
             out-of-vocabulary label) propagates to its sequence's sum.
-        Others: as in :func:`token_logprobs` (``inplace_backward=True`` clobbers the logits during backward).
 
     Returns:
         ``[B]`` or ``[S]`` float32 (float64 for float64 logits), differentiable wrt ``logits``. Sequences with no
         scored token give 0 and zero gradient.
     """
+    options = _Options.of("sequence_logprobs", token_options)
     if segment_ids is None:
         if isinstance(logits, torch.Tensor) and logits.dim() != 3:
             raise ValueError(f"logits must be [B, T, V] (or [N, V] with segment_ids), got shape {list(logits.shape)}")
     elif isinstance(logits, torch.Tensor) and logits.dim() != 2:
         raise ValueError(f"with segment_ids, logits must be [N, V], got shape {list(logits.shape)}")
-    chosen = _prepare(logits, labels, ignore_index, validate, backend, inplace_backward)
+    options = _prepare(logits, labels, options)
     if segment_ids is not None:
         check_index("segment_ids", segment_ids)
         check_same_device(logits=logits, segment_ids=segment_ids)
-        num_segments = check_segments(segment_ids, labels.shape[0], num_segments, validate=validate)
+        num_segments = check_segments(segment_ids, labels.shape[0], num_segments, validate=options.validate)
     elif num_segments is not None:
         raise ValueError("num_segments is only meaningful together with segment_ids")
 
-    tok = _token_logprobs_flat(logits, labels, ignore_index, inplace_backward, chosen, block_v, chunk_rows)
-    valid = labels != ignore_index
+    tok = _token_logprobs_flat(logits, labels, options)
+    valid = labels != options.ignore_index
     if segment_ids is None:
         out = tok.view(labels.shape).sum(dim=1)  # per-row sums: deterministic, fp32
         if average:
             out = out / valid.sum(dim=1).clamp(min=1).to(out.dtype)
     else:
-        out = segment_sum(tok, segment_ids, num_segments, validate=False, backend=chosen)
+        out = segment_sum(tok, segment_ids, num_segments, validate=False, backend=options.backend)
         if average:
             counts = segment_counts(segment_ids[valid], num_segments)
             out = out / counts.clamp(min=1).to(out.dtype)
-    if validate:
+    if options.validate:
         warn_nonfinite_output(out, "logits")
     return out

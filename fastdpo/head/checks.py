@@ -1,12 +1,18 @@
-"""Input checks of the fused LM head, run before any GEMM or kernel: bad input is a Python exception."""
+"""Input checks of the fused LM head, run before any GEMM or kernel: bad input is a Python exception. The scalar
+options are checked when their :class:`~fastdpo.head.options.HeadOptions` is made; :func:`_check_inputs` checks the
+tensors against each other and (with ``validate``) the label range."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from fastdpo._validation import check_float, check_index, check_labels, check_same_device
+
+if TYPE_CHECKING:
+    from fastdpo.head.options import HeadOptions
 
 
 def _check_positive(name: str, value: float | None, allow_none: bool) -> None:
@@ -21,16 +27,10 @@ def _check_positive(name: str, value: float | None, allow_none: bool) -> None:
 
 
 def _check_inputs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None,
-    softcap: float | None,
-    logit_scale: float,
-    temperature: float,
-    ignore_index: int,
-    validate: bool,
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None, options: HeadOptions
 ) -> None:
+    """``hidden [..., D]``, ``weight [V, D]`` (V >= 1), ``labels`` of ``hidden.shape[:-1]``, ``bias [V]`` | None, on
+    one device; with ``options.validate`` every label ``options.ignore_index`` or in ``[0, V)`` (one sync)."""
     check_float("hidden", hidden)
     check_float("weight", weight)
     check_index("labels", labels)
@@ -50,11 +50,6 @@ def _check_inputs(
             raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {list(bias.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one row (vocabulary size V >= 1)")
-    _check_positive("softcap", softcap, allow_none=True)
-    _check_positive("logit_scale", logit_scale, allow_none=False)
-    _check_positive("temperature", temperature, allow_none=False)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    if validate:
-        check_labels(labels, weight.shape[0], ignore_index)
+    if options.validate:
+        check_labels(labels, weight.shape[0], options.ignore_index)

@@ -35,11 +35,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fastdpo._dispatch import Backend
 from fastdpo._validation import check_index, check_same_device, refuse_double_backward, warn_nonfinite_output
 from fastdpo.head.checks import _check_inputs
-from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight, _within_gather_context
-from fastdpo.head.plan import DEFAULT_KEEP_LOGITS_BYTES, _check_keep_bytes, _legacy_tiles, _plan, _resolve, _Spec
+from fastdpo.head.gather import GatherContext, _enter, _gather_bias, _gather_weight
+from fastdpo.head.options import HeadOptions, _Returns, advertise_head_keywords, head_keywords
+from fastdpo.head.plan import DEFAULT_KEEP_LOGITS_BYTES, _resolve, _Spec
 from fastdpo.head.sweeps import _backward_sweep, _forward_sweep, _Kept
 from fastdpo.head.tiles import _outputs_from_fold
 from fastdpo.segments import check_segments, segment_counts, segment_sum
@@ -63,8 +63,20 @@ class TokenStats(NamedTuple):
     argmax_hit: torch.Tensor | None = None
 
 
+class _Call(NamedTuple):
+    """What one autograd call of the head computes and keeps, fixed for the call: the transform and tiles, the
+    statistics the fold computes, the kept-logits budget (bytes) and the ZeRO-3 gather context (entered again around
+    the backward sweep)."""
+
+    spec: _Spec
+    returns: _Returns
+    keep_bytes: int
+    gather_context: GatherContext | None
+
+
 class _LinearLogprobs(torch.autograd.Function):
-    """The fused head's autograd node.
+    """The fused head's autograd node: ``(h [n, D] compacted, w [V, D], b [V] | None, labels [n] int64, call)`` ->
+    ``(logp [n], *statistics [n] the call returns)``.
 
     Kept logits tiles are an optimisation only: the first backward overwrites them (they become gradient tiles and
     the recompute buffer) and records that it did; any later backward through the same graph (``retain_graph=True``,
@@ -75,29 +87,20 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        h: torch.Tensor,
-        w: torch.Tensor,
-        b: torch.Tensor | None,
-        labels: torch.Tensor,
-        spec: _Spec,
-        stats: bool,
-        argmax: bool,
-        keep_bytes: int,
-        gather_context: GatherContext | None,
+        ctx: Any, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, labels: torch.Tensor, call: _Call
     ):
-        kept = _Kept(keep_bytes)
-        st = _forward_sweep(h, w, b, labels, spec, stats, argmax, kept)
+        kept = _Kept(call.keep_bytes)
+        st = _forward_sweep(h, w, b, labels, call.spec, call.returns.stats, call.returns.argmax_hit, kept)
         lse, logp, entropy, log_sum_p2, mean_logit, hit = _outputs_from_fold(st, labels, w.shape[0])
-        ctx.spec = spec
-        ctx.gather_context = gather_context
+        ctx.spec = call.spec
+        ctx.gather_context = call.gather_context
         ctx.has_bias = b is not None
         # kept logits tiles go through save_for_backward too, so saved-tensor hooks see (and may offload) them
         ctx.kept_keys = list(kept.tiles)
         kept_tiles = [kept.tiles[k] for k in ctx.kept_keys]
         ctx.kept_budget = kept.budget
         ctx.kept_consumed = False
-        if gather_context is not None:
+        if call.gather_context is not None:
             # ZeRO-3: the parameter's storage is only valid inside the context; keep the parameter itself.
             ctx.w_param, ctx.b_param = w, b
             ctx.save_for_backward(h, labels, lse, *kept_tiles)
@@ -137,33 +140,28 @@ class _LinearLogprobs(torch.autograd.Function):
             gh = None if gh is None else gh.to(h.dtype)
             gw = None if gw is None else gw.to(w.dtype)
             gb = None if (gb is None or b is None) else gb.to(b.dtype)
-        return gh, gw, gb, None, None, None, None, None, None
+        return gh, gw, gb, None, None
 
 
-@_within_gather_context
+@advertise_head_keywords(chunk_size=True)
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
     return_entropy: bool = False,
     return_log_sum_p2: bool = False,
     return_mean_logit: bool = False,
     return_argmax_hit: bool = False,
-    token_tile: int | None = None,
-    vocab_tile: int | None = None,
-    validate: bool = True,
-    backend: Backend = "auto",
-    gather_context: GatherContext | None = None,
-    keep_logits_bytes: int | None = None,
-    chunk_size: int | tuple[int, int] | None = None,
+    **head_options: Any,
 ) -> TokenStats:
     """Per-token log-probs (and optional statistics) of ``labels`` under the LM head, without ``[N, V]`` logits.
+
+    ``head_options`` are the keywords below from ``ignore_index`` on, read into one checked
+    :class:`~fastdpo.head.options.HeadOptions` (any other keyword is a ``TypeError``); :func:`linear_sequence_logprobs`,
+    :func:`~fastdpo.head.linear_logprobs_loss_grad_in_forward` and
+    :func:`fastdpo.reference.naive_linear_token_logprobs` read theirs the same way. ``inspect.signature`` shows each.
 
     Args:
         hidden: ``[..., D]`` float (fp16/bf16/fp32/fp64).
@@ -171,8 +169,9 @@ def linear_token_logprobs(
             accumulates; may be an FSDP2 ``DTensor`` — gathered once per call, gradient redistributed by autograd).
         labels: ``[...]`` integer (``hidden.shape[:-1]``), ``ignore_index`` or in ``[0, V)``.
         bias: optional ``[V]``.
-        softcap, logit_scale, temperature: logit transform (module docstring).
         return_*: which statistics to compute (no gradient; see :class:`TokenStats`).
+        ignore_index: label of the positions that are not scored (default -100).
+        softcap, logit_scale, temperature: logit transform (module docstring; defaults ``None``, 1, 1).
         token_tile, vocab_tile: rows and vocabulary columns of one projection tile; ``None`` picks each from the
             shapes and device (:func:`fastdpo.head.plan._plan`).
         validate: ``True`` checks that every label is ``ignore_index`` or in ``[0, V)`` before any kernel runs
@@ -191,46 +190,51 @@ def linear_token_logprobs(
     Returns:
         :class:`TokenStats`; ``logprobs`` fp32 shaped like ``labels``, 0 at ignored positions.
     """
-    token_tile, vocab_tile = _legacy_tiles("linear_token_logprobs", chunk_size, token_tile, vocab_tile, stacklevel=4)
-    _check_inputs(hidden, weight, labels, bias, softcap, logit_scale, temperature, ignore_index, validate)
-    keep_logits_bytes = _check_keep_bytes(keep_logits_bytes, DEFAULT_KEEP_LOGITS_BYTES)
-    resolved = _resolve(backend, hidden)
-    w = _gather_weight(weight)
-    b = _gather_bias(bias)
-    hc, labc, idx = _compact(hidden, labels, ignore_index)
-    w = w.contiguous() if gather_context is None else w
-    tok, voc = _plan(hc.shape[0], weight.shape[0], hidden.device, token_tile=token_tile, vocab_tile=vocab_tile)
-    spec = _Spec(
-        float(logit_scale), None if softcap is None else float(softcap), float(temperature), tok, voc, resolved
-    )
-    stats = return_entropy or return_log_sum_p2 or return_mean_logit
-    wants_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    if wants_grad:
-        outs = _LinearLogprobs.apply(hc, w, b, labc, spec, stats, return_argmax_hit, keep_logits_bytes, gather_context)
-        logp = outs[0]
-        extras = list(outs[1:])
-        entropy = log_sum_p2 = mean_logit = hit = None
-        if stats:
-            entropy, log_sum_p2, mean_logit = extras[0], extras[1], extras[2]
-            extras = extras[3:]
-        if return_argmax_hit:
-            hit = extras[0]
-    else:
-        # reference mode: no autograd node, nothing saved, no gradient work.
-        with torch.no_grad():
-            st = _forward_sweep(hc, w, b, labc, spec, stats, return_argmax_hit, None)
-            _, logp, entropy, log_sum_p2, mean_logit, hit = _outputs_from_fold(st, labc, weight.shape[0])
-    out = TokenStats(
-        _expand(logp, idx, labels.shape, 0.0),  # type: ignore[arg-type]
-        _expand(entropy if return_entropy else None, idx, labels.shape, 0.0),
-        _expand(log_sum_p2 if return_log_sum_p2 else None, idx, labels.shape, 0.0),
-        _expand(mean_logit if return_mean_logit else None, idx, labels.shape, 0.0),
-        _expand(hit, idx, labels.shape, False),
-    )
-    if validate:
-        warn_nonfinite_output(out.logprobs, "hidden states or weight")
+    options, _ = head_keywords("linear_token_logprobs", head_options)
+    returns = _Returns(return_entropy, return_log_sum_p2, return_mean_logit, return_argmax_hit)
+    return _token_stats(hidden, weight, labels, bias, options, returns)
+
+
+def _token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: HeadOptions,
+    returns: _Returns,
+) -> TokenStats:
+    """:func:`linear_token_logprobs` on checked options, inside the options' gather context."""
+    with _enter(options.gather_context):
+        _check_inputs(hidden, weight, labels, bias, options)
+        resolved = _resolve(options.backend, hidden)
+        w = _gather_weight(weight)
+        b = _gather_bias(bias)
+        hc, labc, idx = _compact(hidden, labels, options.ignore_index)
+        w = w.contiguous() if options.gather_context is None else w
+        spec = options.spec(hc.shape[0], weight.shape[0], hidden.device, resolved)
+        wants_grad = torch.is_grad_enabled() and (
+            hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        if wants_grad:
+            call = _Call(spec, returns, options.keep_bytes(DEFAULT_KEEP_LOGITS_BYTES), options.gather_context)
+            outs = iter(_LinearLogprobs.apply(hc, w, b, labc, call))
+            logp = next(outs)
+            entropy, log_sum_p2, mean_logit = (next(outs), next(outs), next(outs)) if returns.stats else (None,) * 3
+            hit = next(outs) if returns.argmax_hit else None
+        else:
+            # reference mode: no autograd node, nothing saved, no gradient work.
+            with torch.no_grad():
+                st = _forward_sweep(hc, w, b, labc, spec, returns.stats, returns.argmax_hit, None)
+                _, logp, entropy, log_sum_p2, mean_logit, hit = _outputs_from_fold(st, labc, weight.shape[0])
+        out = TokenStats(
+            _expand(logp, idx, labels.shape, 0.0),  # type: ignore[arg-type]
+            _expand(entropy if returns.entropy else None, idx, labels.shape, 0.0),
+            _expand(log_sum_p2 if returns.log_sum_p2 else None, idx, labels.shape, 0.0),
+            _expand(mean_logit if returns.mean_logit else None, idx, labels.shape, 0.0),
+            _expand(hit, idx, labels.shape, False),
+        )
+        if options.validate:
+            warn_nonfinite_output(out.logprobs, "hidden states or weight")
     return out
 
 
@@ -259,26 +263,17 @@ def _expand(
     return full.index_copy(0, idx, t).reshape(shape)
 
 
+@advertise_head_keywords(chunk_size=True)
 def linear_sequence_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
+    average: bool = False,
     segment_ids: torch.Tensor | None = None,
     num_segments: int | None = None,
-    average: bool = False,
-    token_tile: int | None = None,
-    vocab_tile: int | None = None,
-    validate: bool = True,
-    backend: Backend = "auto",
-    gather_context: GatherContext | None = None,
-    keep_logits_bytes: int | None = None,
-    chunk_size: int | tuple[int, int] | None = None,
+    **head_options: Any,
 ) -> torch.Tensor:
     """Per-sequence summed (or, with ``average``, mean) label log-probs, fp32, differentiable.
 
@@ -286,12 +281,15 @@ def linear_sequence_logprobs(
     ``segment_ids [N]`` (+ ``num_segments``; ids of ignored positions are not used) -> ``[S]``. A sequence without
     any label has log-prob 0 (and zero gradient). ``num_segments`` without ``segment_ids`` is an error;
     ``num_segments=None`` infers ``max + 1`` over the labelled positions (one sync) and refuses a count above ``N``
-    (a stray id: pass it explicitly). ``validate`` also checks the segment ids of labelled positions (in
-    ``[0, S)``); with ``validate=False`` a token whose id lies outside adds to no sequence, and a NaN log-prob (an
-    out-of-vocabulary label) propagates to its sequence. Other arguments as :func:`linear_token_logprobs`
-    (``chunk_size`` is deprecated there too).
+    (a stray id: pass it explicitly). ``head_options``: the keywords of :func:`linear_token_logprobs` other than the
+    ``return_*`` flags (``ignore_index``, ``softcap``, ``logit_scale``, ``temperature``, ``token_tile``,
+    ``vocab_tile``, ``validate``, ``backend``, ``gather_context``, ``keep_logits_bytes`` and the deprecated
+    ``chunk_size``; any other keyword is a ``TypeError``). ``validate`` also checks the segment ids of labelled
+    positions (in ``[0, S)``); with ``validate=False`` a token whose id lies outside adds to no sequence, and a NaN
+    log-prob (an out-of-vocabulary label) propagates to its sequence.
     """
-    token_tile, vocab_tile = _legacy_tiles("linear_sequence_logprobs", chunk_size, token_tile, vocab_tile)
+    options, _ = head_keywords("linear_sequence_logprobs", head_options)
+    ignore_index = options.ignore_index
     check_index("labels", labels)
     if segment_ids is None:
         if labels.dim() != 2:
@@ -317,29 +315,14 @@ def linear_sequence_logprobs(
                     f"{labels.shape[0]} positions; pass num_segments explicitly (or check segment_ids for a stray id)"
                 )
             num_segments = inferred
-        num_segments = check_segments(seg, seg.shape[0], num_segments, validate=validate)
-    tok = linear_token_logprobs(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        ignore_index=ignore_index,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        temperature=temperature,
-        token_tile=token_tile,
-        vocab_tile=vocab_tile,
-        validate=validate,
-        backend=backend,
-        gather_context=gather_context,
-        keep_logits_bytes=keep_logits_bytes,
-    ).logprobs
+        num_segments = check_segments(seg, seg.shape[0], num_segments, validate=options.validate)
+    tok = _token_stats(hidden, weight, labels, bias, options, _Returns()).logprobs
     if segment_ids is None:
         out = tok.sum(dim=1)
         if average:
             out = out / (labels != ignore_index).sum(dim=1).clamp(min=1).to(out.dtype)
         return out
-    out = segment_sum(tok.index_select(0, sel), seg, num_segments, validate=False, backend=backend)
+    out = segment_sum(tok.index_select(0, sel), seg, num_segments, validate=False, backend=options.backend)
     if average:
         out = out / segment_counts(seg, num_segments).clamp(min=1).to(out.dtype)
     return out

@@ -5,9 +5,8 @@ is gathered by the caller's ``gather_context``, entered around the forward and a
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import torch
 
@@ -49,22 +48,3 @@ def _gather_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
 
 def _enter(gather_context: GatherContext | None) -> contextlib.AbstractContextManager[Any]:
     return gather_context() if gather_context is not None else contextlib.nullcontext()
-
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _within_gather_context(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run ``fn`` inside the context its ``gather_context`` keyword returns (ZeRO-3: the weight holds its full
-    values only there); ``TypeError`` when that keyword is neither ``None`` nor callable."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        gather_context = kwargs.get("gather_context")
-        if gather_context is not None and not callable(gather_context):
-            raise TypeError("gather_context must be a callable returning a context manager")
-        with _enter(gather_context):  # type: ignore[arg-type]
-            return fn(*args, **kwargs)
-
-    return wrapper

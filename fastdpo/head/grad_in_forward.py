@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import torch
 
 from fastdpo._deprecation import renamed
-from fastdpo._dispatch import Backend
 from fastdpo._dtypes import accumulate_dtype
 from fastdpo._validation import (
     check_float,
@@ -27,8 +26,9 @@ from fastdpo._validation import (
     warn_nonfinite_output,
 )
 from fastdpo.head.checks import _check_inputs
-from fastdpo.head.gather import GatherContext, _gather_bias, _gather_weight, _within_gather_context
-from fastdpo.head.plan import DEFAULT_GIF_LOGITS_BYTES, _check_keep_bytes, _check_tiles, _plan, _resolve, _Spec
+from fastdpo.head.gather import _enter, _gather_bias, _gather_weight
+from fastdpo.head.options import advertise_head_keywords, head_keywords
+from fastdpo.head.plan import DEFAULT_GIF_LOGITS_BYTES, _resolve
 from fastdpo.head.sweeps import _backward_sweep, _forward_sweep, _Kept
 from fastdpo.head.tiles import _outputs_from_fold
 from fastdpo.segments import segment_counts, segment_sum
@@ -79,7 +79,7 @@ class _StoredGradLoss(torch.autograd.Function):
         return None, scale(gh), scale(gw), scale(gb), None
 
 
-@_within_gather_context
+@advertise_head_keywords(chunk_size=False)
 def linear_logprobs_loss_grad_in_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -89,23 +89,14 @@ def linear_logprobs_loss_grad_in_forward(
     loss_fn: Callable[..., torch.Tensor],
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
     groups: Sequence[torch.Tensor] | None = None,
     token_weights: torch.Tensor | None = None,
     segment_stats: bool = False,
     segment_log_sum_p2: bool = False,
     chunk_tokens: int | None = None,
-    token_tile: int | None = None,
-    vocab_tile: int | None = None,
-    validate: bool = True,
-    backend: Backend = "auto",
-    gather_context: GatherContext | None = None,
-    keep_logits_bytes: int | None = None,
     chunk_size: int | None = None,
     logits_budget_bytes: int | None = None,
+    **head_options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of per-sequence log-probs with the LM-head gradients formed during the forward (3 GEMMs, not 4).
 
@@ -125,15 +116,15 @@ def linear_logprobs_loss_grad_in_forward(
         chunk_tokens: max labelled tokens per chunk of whole groups (default: as many as ``keep_logits_bytes`` of
             fp32 logits allow; a group larger than that is processed alone and recomputes the logits it could not
             keep).
-        token_tile, vocab_tile: the projection tile inside each chunk, as :func:`linear_token_logprobs`.
-        keep_logits_bytes: logits of one chunk kept from the forward sweep for its backward sweep (default
-            ``DEFAULT_GIF_LOGITS_BYTES``; 0 keeps none and recomputes every tile).
         chunk_size, logits_budget_bytes: deprecated names of ``chunk_tokens`` and ``keep_logits_bytes``
             (``DeprecationWarning``).
-        validate: as :func:`linear_token_logprobs` (label range check, non-finite warning), and also checks that
+        head_options: the keywords of :func:`~fastdpo.head.linear_token_logprobs` other than the ``return_*`` flags
+            and its ``chunk_size`` (any other keyword is a ``TypeError``), with two differences:
+            ``token_tile`` / ``vocab_tile`` are the projection tile inside each chunk, and ``keep_logits_bytes`` the
+            logits of one chunk kept from the forward sweep for its backward sweep (default
+            ``DEFAULT_GIF_LOGITS_BYTES``; 0 keeps none and recomputes every tile). ``validate`` also checks that
             every segment id lies in ``[0, num_segments)`` (one sync); with ``validate=False`` a token whose segment
             id lies outside belongs to no segment (no log-prob, no gradient).
-        Others as :func:`linear_token_logprobs`.
 
     Returns:
         ``(loss, seq_logps)``: ``loss`` a 0-dim fp32 tensor whose backward multiplies the stored gradients by the
@@ -142,100 +133,94 @@ def linear_logprobs_loss_grad_in_forward(
         ``torch.no_grad()`` / ``torch.inference_mode()``, or nothing requires grad) only the loss is computed.
     """
     where = "linear_logprobs_loss_grad_in_forward"
-    chunk_tokens = renamed(where, "chunk_size", chunk_size, "chunk_tokens", chunk_tokens, stacklevel=4)
-    keep_logits_bytes = renamed(
-        where, "logits_budget_bytes", logits_budget_bytes, "keep_logits_bytes", keep_logits_bytes, stacklevel=4
+    chunk_tokens = renamed(where, "chunk_size", chunk_size, "chunk_tokens", chunk_tokens)
+    keep = head_options.pop("keep_logits_bytes", None)
+    head_options["keep_logits_bytes"] = renamed(
+        where, "logits_budget_bytes", logits_budget_bytes, "keep_logits_bytes", keep
     )
-    _check_tiles(token_tile, vocab_tile)
-    _check_inputs(hidden, weight, labels, bias, softcap, logit_scale, temperature, ignore_index, validate)
-    _check_grad_in_forward_inputs(
-        hidden, labels, segment_ids, num_segments, loss_fn, token_weights, chunk_tokens, validate
-    )
-    budget = _check_keep_bytes(keep_logits_bytes, DEFAULT_GIF_LOGITS_BYTES)
-    device = hidden.device
-    resolved = _resolve(backend, hidden)
-    vocab, d = weight.shape[0], weight.shape[1]
-    plan = _plan_groups(groups, num_segments)
-    lab = labels.to(torch.int64)
-    toks = _tokens_by_segment(lab, segment_ids, num_segments, ignore_index)
-    max_tokens = chunk_tokens if chunk_tokens is not None else max(1, budget // (4 * vocab))
-    chunks = _chunk_groups(plan, toks.counts, max_tokens)
+    options, _ = head_keywords(where, head_options)
+    with _enter(options.gather_context):
+        _check_inputs(hidden, weight, labels, bias, options)
+        _check_grad_in_forward_inputs(
+            hidden, labels, segment_ids, num_segments, loss_fn, token_weights, chunk_tokens, options.validate
+        )
+        budget = options.keep_bytes(DEFAULT_GIF_LOGITS_BYTES)
+        device = hidden.device
+        resolved = _resolve(options.backend, hidden)
+        vocab, d = weight.shape[0], weight.shape[1]
+        plan = _plan_groups(groups, num_segments)
+        lab = labels.to(torch.int64)
+        toks = _tokens_by_segment(lab, segment_ids, num_segments, options.ignore_index)
+        max_tokens = chunk_tokens if chunk_tokens is not None else max(1, budget // (4 * vocab))
+        chunks = _chunk_groups(plan, toks.counts, max_tokens)
 
-    need_h = hidden.requires_grad and torch.is_grad_enabled()
-    need_w = weight.requires_grad and torch.is_grad_enabled()
-    need_b = bias is not None and bias.requires_grad and torch.is_grad_enabled()
-    need_grad = need_h or need_w or need_b
-    acc = accumulate_dtype(hidden.dtype)
-    seq_logps = torch.zeros(num_segments, dtype=torch.float32, device=device)
-    total_loss = torch.zeros((), dtype=torch.float32, device=device)
-    grad_h = torch.zeros(hidden.shape[0], d, dtype=acc, device=device) if need_h else None
-    grad_w = torch.zeros(vocab, d, dtype=acc, device=device) if need_w else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
+        need_h = hidden.requires_grad and torch.is_grad_enabled()
+        need_w = weight.requires_grad and torch.is_grad_enabled()
+        need_b = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+        need_grad = need_h or need_w or need_b
+        acc = accumulate_dtype(hidden.dtype)
+        seq_logps = torch.zeros(num_segments, dtype=torch.float32, device=device)
+        total_loss = torch.zeros((), dtype=torch.float32, device=device)
+        grad_h = torch.zeros(hidden.shape[0], d, dtype=acc, device=device) if need_h else None
+        grad_w = torch.zeros(vocab, d, dtype=acc, device=device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
 
-    w_full = _gather_weight(weight)  # DTensor: autograd takes the gradient back to the placement
-    b_full = _gather_bias(bias)
-    with torch.no_grad():
-        w = w_full.detach().contiguous()
-        b = None if b_full is None else b_full.detach()
-        h_all = hidden.detach()
-        for chunk in chunks:
-            seg_list = [s for gi in chunk for s in plan.ids[gi]]
-            rows, local_seg = _chunk_rows(toks, seg_list, device)
-            n = rows.shape[0]
-            hc = h_all.index_select(0, rows).contiguous()
-            labc = lab.index_select(0, rows).contiguous()
-            tok_tile, voc_tile = _plan(n, vocab, device, token_tile=token_tile, vocab_tile=vocab_tile)
-            spec = _Spec(
-                float(logit_scale),
-                None if softcap is None else float(softcap),
-                float(temperature),
-                tok_tile,
-                voc_tile,
-                resolved,
-            )
-            kept = _Kept(budget)
-            st = _forward_sweep(hc, w, b, labc, spec, segment_stats and segment_log_sum_p2, False, kept)
-            lse, logp, _, log_sum_p2, _, _ = _outputs_from_fold(st, labc, vocab)
-            n_seg = len(seg_list)
-            logp = logp.float()
-            wc = None if token_weights is None else token_weights.index_select(0, rows).float()
-            seq_chunk = segment_sum(
-                logp if wc is None else logp * wc, local_seg, n_seg, validate=False, backend=backend
-            )
-            seq_logps[torch.tensor(seg_list, dtype=torch.int64, device=device)] = seq_chunk
-            stats_chunk = None
-            if segment_stats:
-                stats_chunk = SegmentStats(
-                    segment_sum(logp, local_seg, n_seg, validate=False, backend=backend),
-                    None
-                    if log_sum_p2 is None
-                    else segment_sum(log_sum_p2.float(), local_seg, n_seg, validate=False, backend=backend),
+        w_full = _gather_weight(weight)  # DTensor: autograd takes the gradient back to the placement
+        b_full = _gather_bias(bias)
+        with torch.no_grad():
+            w = w_full.detach().contiguous()
+            b = None if b_full is None else b_full.detach()
+            h_all = hidden.detach()
+            for chunk in chunks:
+                seg_list = [s for gi in chunk for s in plan.ids[gi]]
+                rows, local_seg = _chunk_rows(toks, seg_list, device)
+                n = rows.shape[0]
+                hc = h_all.index_select(0, rows).contiguous()
+                labc = lab.index_select(0, rows).contiguous()
+                spec = options.spec(n, vocab, device, resolved)
+                kept = _Kept(budget)
+                st = _forward_sweep(hc, w, b, labc, spec, segment_stats and segment_log_sum_p2, False, kept)
+                lse, logp, _, log_sum_p2, _, _ = _outputs_from_fold(st, labc, vocab)
+                n_seg = len(seg_list)
+                logp = logp.float()
+                wc = None if token_weights is None else token_weights.index_select(0, rows).float()
+                seq_chunk = segment_sum(
+                    logp if wc is None else logp * wc, local_seg, n_seg, validate=False, backend=options.backend
                 )
-            dseq, dplain = _chunk_loss(loss_fn, plan, chunk, seq_chunk, stats_chunk, need_grad, total_loss)
-            if not need_grad or n == 0:
-                continue
-            g = dseq.index_select(0, local_seg)
-            if wc is not None:
-                g = g * wc
-            if stats_chunk is not None:
-                g = g + dplain.index_select(0, local_seg)
-            gh_c, _, _ = _backward_sweep(hc, w, b, labc, lse, g, spec, kept, need_h, need_w, need_b, grad_w, grad_b)
-            if need_h:
-                assert grad_h is not None and gh_c is not None
-                grad_h.index_copy_(0, rows, gh_c)
+                seq_logps[torch.tensor(seg_list, dtype=torch.int64, device=device)] = seq_chunk
+                stats_chunk = None
+                if segment_stats:
+                    stats_chunk = SegmentStats(
+                        segment_sum(logp, local_seg, n_seg, validate=False, backend=options.backend),
+                        None
+                        if log_sum_p2 is None
+                        else segment_sum(log_sum_p2.float(), local_seg, n_seg, validate=False, backend=options.backend),
+                    )
+                dseq, dplain = _chunk_loss(loss_fn, plan, chunk, seq_chunk, stats_chunk, need_grad, total_loss)
+                if not need_grad or n == 0:
+                    continue
+                g = dseq.index_select(0, local_seg)
+                if wc is not None:
+                    g = g * wc
+                if stats_chunk is not None:
+                    g = g + dplain.index_select(0, local_seg)
+                gh_c, _, _ = _backward_sweep(hc, w, b, labc, lse, g, spec, kept, need_h, need_w, need_b, grad_w, grad_b)
+                if need_h:
+                    assert grad_h is not None and gh_c is not None
+                    grad_h.index_copy_(0, rows, gh_c)
 
-    grads = (
-        None if grad_h is None else grad_h.to(hidden.dtype),
-        None if grad_w is None else grad_w.to(w_full.dtype),
-        None if grad_b is None or b_full is None else grad_b.to(b_full.dtype),
-    )
-    if need_grad:
-        loss = _StoredGradLoss.apply(total_loss, hidden, w_full, b_full, grads)
-    else:
-        loss = total_loss
-    if validate:
-        warn_nonfinite_output(seq_logps, "hidden states or weight")
-    return loss, seq_logps
+        grads = (
+            None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(w_full.dtype),
+            None if grad_b is None or b_full is None else grad_b.to(b_full.dtype),
+        )
+        if need_grad:
+            loss = _StoredGradLoss.apply(total_loss, hidden, w_full, b_full, grads)
+        else:
+            loss = total_loss
+        if options.validate:
+            warn_nonfinite_output(seq_logps, "hidden states or weight")
+        return loss, seq_logps
 
 
 def _check_grad_in_forward_inputs(

@@ -21,6 +21,7 @@ from fastdpo.head.tiles import (
     _grad_tile_plain,
     _grad_tile_softcap,
     _grad_tile_triton,
+    _GradRows,
     _LabelTiles,
     _lse_split,
     _mm_acc,
@@ -149,6 +150,7 @@ def _backward_sweep(
     tile_scale: torch.Tensor | None = None  # per-row factor applied to the tile before it is rounded
     hi, r = _lse_split(lse, acc)
     gc = g.contiguous() if triton else g * (spec.scale / spec.temperature)
+    grad_rows = _GradRows(labels, hi, r, gc) if triton else None
     if not triton and tile_is_z:
         # d/dx = -gc * r * E' (see _grad_tile_plain). In full precision the row factor moves onto the [n, D]
         # operands; a half-precision GEMM operand must be the rounded gradient itself (the contract of _mm_acc), so
@@ -173,7 +175,7 @@ def _backward_sweep(
         elif buf is None and tuple(x.shape) == full:
             buf = x
         if triton:
-            G = _grad_tile_triton(x, labels[n0:n1], hi[n0:n1], r[n0:n1], gc[n0:n1], v0, vocab, spec, gemm_dtype)
+            G = _grad_tile_triton(x, grad_rows.rows(n0, n1), v0, vocab, spec, gemm_dtype)  # type: ignore[union-attr]
         elif tile_is_z:
             G = _grad_tile_plain(x, hi[n0:n1], inv_r[n0:n1], hits.get(ti, vj, n0, v0))  # type: ignore[union-attr]
             if tile_scale is not None:

@@ -24,6 +24,8 @@ by 0 while a row has seen only -inf, and such columns get exactly zero gradient.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fastdpo._dtypes import accumulate_dtype
@@ -327,20 +329,23 @@ def _lse_split(lse: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch
     return hi, torch.exp(hi.double() - lse).to(acc)
 
 
-def _grad_launch(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    labels: torch.Tensor,
-    hi: torch.Tensor,
-    r: torch.Tensor,
-    g: torch.Tensor,
-    v0: int,
-    vocab: int,
-    spec: _Spec,
-) -> KernelLaunch:
-    """The logit-gradient kernel's launch: raw fp32 tile ``x [rows, c]`` -> d loss / d x in ``out`` (``x`` itself, or
-    a buffer of the GEMM operand dtype with ``x``'s strides). ``(hi, r)`` is the row's logsumexp split by
-    :func:`_lse_split` (fp32 ``[rows]`` each)."""
+class _GradRows(NamedTuple):
+    """The per-row operands of the logit-gradient kernel, ``[rows]`` each: ``labels`` (int64), the logsumexp split
+    ``(hi, r)`` of :func:`_lse_split` (fp32) and ``g`` = d loss / d logprob (fp32, contiguous)."""
+
+    labels: torch.Tensor
+    hi: torch.Tensor
+    r: torch.Tensor
+    g: torch.Tensor
+
+    def rows(self, n0: int, n1: int) -> _GradRows:
+        """Rows ``n0:n1`` of every operand (views)."""
+        return _GradRows(*(t[n0:n1] for t in self))
+
+
+def _grad_launch(x: torch.Tensor, out: torch.Tensor, rows: _GradRows, v0: int, vocab: int, spec: _Spec) -> KernelLaunch:
+    """The logit-gradient kernel's launch: raw fp32 tile ``x [rows, c]`` (vocabulary columns ``v0:v0 + c``) -> d loss
+    / d x in ``out`` (``x`` itself, or a buffer of the GEMM operand dtype with ``x``'s strides)."""
     from fastdpo.kernels.linear_fold import linear_grad_kernel
 
     if out.stride() != x.stride() or x.stride(1) != 1:
@@ -348,32 +353,24 @@ def _grad_launch(
             f"the logit-gradient kernel needs out with x's strides and unit column stride, got "
             f"{out.stride()} and {x.stride()}"
         )
-    rows, cols = x.shape
+    n, cols = x.shape
     scale, inv_softcap, out_mult = spec.kernel_consts()
-    args = (x, x.stride(0), out, cols, v0, vocab, labels, hi, r, g, scale, inv_softcap, out_mult)
+    args = (x, x.stride(0), out, cols, v0, vocab, *rows, scale, inv_softcap, out_mult)
     constexprs = {
         "HAS_SOFTCAP": spec.softcap is not None,
         "BLOCK_V": min(1024, max(16, next_pow2(cols))),
         "ALIGN": 16 // min(x.element_size(), out.element_size()),
     }
-    return KernelLaunch(linear_grad_kernel, (rows,), args, constexprs, 4, x.device)
+    return KernelLaunch(linear_grad_kernel, (n,), args, constexprs, 4, x.device)
 
 
 def _grad_tile_triton(
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    hi: torch.Tensor,
-    r: torch.Tensor,
-    g: torch.Tensor,
-    v0: int,
-    vocab: int,
-    spec: _Spec,
-    out_dtype: torch.dtype,
+    x: torch.Tensor, rows: _GradRows, v0: int, vocab: int, spec: _Spec, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """d loss / d x of tile ``x`` written straight in ``out_dtype`` (the GEMM operand dtype): in place when that is
     ``x``'s dtype, else into a buffer with ``x``'s strides (same alignment per row: vector loads and stores)."""
     out = x if out_dtype == x.dtype else torch.empty_strided(x.shape, x.stride(), dtype=out_dtype, device=x.device)
-    launch(_grad_launch(x, out, labels, hi, r, g, v0, vocab, spec))
+    launch(_grad_launch(x, out, rows, v0, vocab, spec))
     return out
 
 
