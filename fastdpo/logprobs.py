@@ -16,7 +16,7 @@ importable from here.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import torch
 
@@ -35,8 +35,23 @@ from fastdpo._validation import (
 from fastdpo.reference import naive_sequence_logprobs  # noqa: F401 - moved to fastdpo.reference; old import path
 from fastdpo.segments import check_segments, segment_counts, segment_sum
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 # Default elements of one torch-path fp32 chunk ([rows, V]): 16 Mi elements = 64 MiB.
 _TORCH_CHUNK_ELEMENTS = 1 << 24
+
+
+class TokenLogprobsKeywords(TypedDict, total=False):
+    """The keywords of :func:`token_logprobs` that :func:`sequence_logprobs` takes as ``**token_options``, for type
+    checkers (``Unpack[TokenLogprobsKeywords]``); meaning and defaults are :func:`token_logprobs`'s."""
+
+    ignore_index: int
+    inplace_backward: bool
+    validate: bool
+    backend: Backend
+    block_v: int | None
+    chunk_rows: int | None
 
 
 class _Options(NamedTuple):
@@ -362,7 +377,7 @@ def sequence_logprobs(
     average: bool = False,
     segment_ids: torch.Tensor | None = None,
     num_segments: int | None = None,
-    **token_options: Any,
+    **token_options: Unpack[TokenLogprobsKeywords],
 ) -> torch.Tensor:
     """Per-sequence sums (or means) of label log-probabilities, without materializing ``log_softmax``.
 

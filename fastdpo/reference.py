@@ -31,7 +31,10 @@ from fastdpo._dtypes import accumulate_dtype
 from fastdpo._validation import check_float, check_index, check_same_device
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from fastdpo.head import TokenStats
+    from fastdpo.head.options import TokenStatsKeywords
 
 __all__ = [
     "FP32_SLACK",
@@ -130,7 +133,7 @@ def naive_linear_token_logprobs(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    **keywords: Any,
+    **keywords: Unpack[TokenStatsKeywords],
 ) -> TokenStats:
     """Reference: materialize all logits in the input dtype (``hidden @ weight.T``), ``log_softmax`` in fp32 (fp64
     for fp64), gather. Same arguments and outputs as :func:`fastdpo.head.linear_token_logprobs`: ``keywords`` are its

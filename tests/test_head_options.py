@@ -139,3 +139,31 @@ def test_sequence_logprobs_takes_the_token_keywords() -> None:
     assert not torch.equal(sequence_logprobs(logits, moved, ignore_index=-1), plain)
     with pytest.raises(TypeError, match=r"sequence_logprobs\(\) got an unexpected keyword argument 'block'"):
         sequence_logprobs(logits, labels, block=16)
+
+
+def test_typed_keywords_name_exactly_the_options() -> None:
+    """The ``TypedDict`` s that type the ``**options`` (PEP 692 ``Unpack``) name exactly the keywords each function
+    reads: the options objects' fields, plus ``chunk_size`` and the ``return_*`` flags where the function takes them."""
+    import dataclasses
+    import typing
+
+    from fastdpo.head.options import HeadKeywords, HeadOptionKeywords, TokenStatsKeywords
+    from fastdpo.logprobs import TokenLogprobsKeywords, _Options
+
+    fields = {f.name for f in dataclasses.fields(HeadOptions)}
+    assert set(typing.get_type_hints(HeadOptionKeywords)) == fields == set(HEAD_DEFAULTS)
+    assert set(typing.get_type_hints(HeadKeywords)) == fields | {"chunk_size"}
+    assert set(typing.get_type_hints(TokenStatsKeywords)) == fields | {"chunk_size"} | set(RETURNS)
+    assert set(typing.get_type_hints(TokenLogprobsKeywords)) == set(_Options._fields) == set(TOKEN_DEFAULTS)
+    # each function's ``**options`` is annotated with its TypedDict
+    for fn, typed in [
+        (linear_token_logprobs, "HeadKeywords"),
+        (linear_sequence_logprobs, "HeadKeywords"),
+        (linear_logprobs_loss_grad_in_forward, "HeadOptionKeywords"),
+        (naive_linear_token_logprobs, "TokenStatsKeywords"),
+        (sequence_logprobs, "TokenLogprobsKeywords"),
+    ]:
+        code = fn.__code__  # the real ``**`` parameter (the head's ``__signature__`` lists the keywords instead)
+        assert code.co_flags & inspect.CO_VARKEYWORDS, fn.__name__
+        var_keyword = code.co_varnames[code.co_argcount + code.co_kwonlyargcount]
+        assert fn.__annotations__[var_keyword] == f"Unpack[{typed}]", fn.__name__

@@ -31,7 +31,7 @@ Distributed weights: :mod:`fastdpo.head.gather`.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -43,6 +43,11 @@ from fastdpo.head.plan import DEFAULT_KEEP_LOGITS_BYTES, _resolve, _Spec
 from fastdpo.head.sweeps import _backward_sweep, _forward_sweep, _Kept
 from fastdpo.head.tiles import _outputs_from_fold
 from fastdpo.segments import check_segments, segment_counts, segment_sum
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from fastdpo.head.options import HeadKeywords
 
 __all__ = ["TokenStats", "linear_sequence_logprobs", "linear_token_logprobs"]
 
@@ -154,7 +159,7 @@ def linear_token_logprobs(
     return_log_sum_p2: bool = False,
     return_mean_logit: bool = False,
     return_argmax_hit: bool = False,
-    **head_options: Any,
+    **head_options: Unpack[HeadKeywords],
 ) -> TokenStats:
     """Per-token log-probs (and optional statistics) of ``labels`` under the LM head, without ``[N, V]`` logits.
 
@@ -273,7 +278,7 @@ def linear_sequence_logprobs(
     average: bool = False,
     segment_ids: torch.Tensor | None = None,
     num_segments: int | None = None,
-    **head_options: Any,
+    **head_options: Unpack[HeadKeywords],
 ) -> torch.Tensor:
     """Per-sequence summed (or, with ``average``, mean) label log-probs, fp32, differentiable.
 

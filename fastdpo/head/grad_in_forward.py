@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -32,6 +32,11 @@ from fastdpo.head.plan import DEFAULT_GIF_LOGITS_BYTES, _resolve
 from fastdpo.head.sweeps import _backward_sweep, _forward_sweep, _Kept
 from fastdpo.head.tiles import _outputs_from_fold
 from fastdpo.segments import segment_counts, segment_sum
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from fastdpo.head.options import HeadOptionKeywords
 
 __all__ = ["SegmentStats", "linear_logprobs_loss_grad_in_forward"]
 
@@ -96,7 +101,7 @@ def linear_logprobs_loss_grad_in_forward(
     chunk_tokens: int | None = None,
     chunk_size: int | None = None,
     logits_budget_bytes: int | None = None,
-    **head_options: Any,
+    **head_options: Unpack[HeadOptionKeywords],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of per-sequence log-probs with the LM-head gradients formed during the forward (3 GEMMs, not 4).
 

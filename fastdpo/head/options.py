@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypedDict, TypeVar
 
 import torch
 
@@ -22,7 +22,14 @@ from fastdpo.head.checks import _check_positive
 from fastdpo.head.gather import GatherContext
 from fastdpo.head.plan import _check_keep_bytes, _check_tiles, _legacy_tiles, _plan, _Spec
 
-__all__ = ["HeadOptions", "advertise_head_keywords", "head_keywords"]
+__all__ = [
+    "HeadKeywords",
+    "HeadOptionKeywords",
+    "HeadOptions",
+    "TokenStatsKeywords",
+    "advertise_head_keywords",
+    "head_keywords",
+]
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,39 @@ class _Returns(NamedTuple):
     def stats(self) -> bool:
         """Whether the fold computes the softmax statistics (entropy, ``log sum p^2``, mean logit)."""
         return self.entropy or self.log_sum_p2 or self.mean_logit
+
+
+class HeadOptionKeywords(TypedDict, total=False):
+    """The :class:`HeadOptions` fields as keywords, for type checkers (``**head_options:
+    Unpack[HeadOptionKeywords]``): names and types only; meaning, defaults and checks are :class:`HeadOptions`'s."""
+
+    ignore_index: int
+    softcap: float | None
+    logit_scale: float
+    temperature: float
+    token_tile: int | None
+    vocab_tile: int | None
+    validate: bool
+    backend: Backend
+    gather_context: GatherContext | None
+    keep_logits_bytes: int | None
+
+
+class HeadKeywords(HeadOptionKeywords, total=False):
+    """:class:`HeadOptionKeywords` and the deprecated ``chunk_size``: the ``**head_options`` of
+    :func:`~fastdpo.head.linear_token_logprobs` and :func:`~fastdpo.head.linear_sequence_logprobs`."""
+
+    chunk_size: int | tuple[int, int] | None
+
+
+class TokenStatsKeywords(HeadKeywords, total=False):
+    """:class:`HeadKeywords` and the ``return_*`` flags of :func:`~fastdpo.head.linear_token_logprobs`: the keywords
+    of the naive oracle :func:`fastdpo.reference.naive_linear_token_logprobs`."""
+
+    return_entropy: bool
+    return_log_sum_p2: bool
+    return_mean_logit: bool
+    return_argmax_hit: bool
 
 
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(HeadOptions))
