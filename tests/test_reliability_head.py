@@ -120,9 +120,18 @@ N_TILES = 2 * 4
 KEEP = {"default": None, "partial": 3 * 8 * 16 * 4, "none": 0}
 
 
-def _tiled_head(params: list[torch.Tensor], labels: torch.Tensor, backend: str, **kw: Any) -> Any:
-    """``linear_token_logprobs`` of ``params = [hidden, weight, bias]`` on the :data:`TILES` grid, with ``kw``."""
-    return linear_token_logprobs(params[0], params[1], labels, bias=params[2], **TILES, backend=backend, **kw)
+def _tiled_head(
+    params: list[torch.Tensor],
+    labels: torch.Tensor,
+    backend: str,
+    *,
+    op: Any = linear_token_logprobs,
+    tiles: dict[str, int] = TILES,
+    **kw: Any,
+) -> Any:
+    """The fused-head ``op`` (token or sequence log-probs) of ``params = [hidden, weight, bias]`` on the ``tiles``
+    grid, with ``kw``."""
+    return op(params[0], params[1], labels, bias=params[2], **tiles, backend=backend, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,15 +163,8 @@ def test_head_two_losses_on_one_forward(backend: str) -> None:
     h, w, b, labels, gout = _data(N, D, V, seed=2)
     gout2 = torch.randn(N, generator=torch.Generator().manual_seed(20))
     params = _fp32_leaves(h, w, b)
-    seq = linear_sequence_logprobs(
-        params[0],
-        params[1],
-        labels,
-        bias=params[2],
-        segment_ids=torch.arange(N) % 3,
-        num_segments=3,
-        **TILES,
-        backend=backend,
+    seq = _tiled_head(
+        params, labels, backend, op=linear_sequence_logprobs, segment_ids=torch.arange(N) % 3, num_segments=3
     )
     assert len(_head_node(seq).kept_keys) == N_TILES
     tok_out = _tiled_head(params, labels, backend)
@@ -465,22 +467,13 @@ def test_head_gradient_precision_at_large_logits(backend: str, transform: dict, 
     b[1::2] = b[0:-1:2]
     labels = torch.randint(0, v, (n,), generator=gen)
     gout = (torch.rand(n, generator=gen) * 3.0 + 0.1) * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    z = (h.double() @ w.double().T + b.double()) * transform.get("logit_scale", 1.0) / transform.get("temperature", 1.0)
+    z = explicit_logits(h.double(), w.double(), b.double(), **transform)
     assert z.abs().max() > 1e4 and (z.float().double() == z).all()
     top2 = z.topk(2, dim=1).values
     assert ((top2[:, 0] - top2[:, 1]) < 4).sum() >= 3  # near-ties at the top in several rows
     params = _fp32_leaves(h, w, b)
-    out = linear_token_logprobs(
-        params[0],
-        params[1],
-        labels,
-        bias=params[2],
-        token_tile=16,
-        vocab_tile=64,
-        backend=backend,
-        keep_logits_bytes=KEEP[keep],
-        **transform,
-    ).logprobs
+    tiles = {"token_tile": 16, "vocab_tile": 64}
+    out = _tiled_head(params, labels, backend, tiles=tiles, keep_logits_bytes=KEEP[keep], **transform).logprobs
     (out * gout).sum().backward()
     lp64, ref = _oracle_grads(h, w, b, labels, gout, transform, torch.float64)
     lp32, naive = _oracle_grads(h, w, b, labels, gout, transform, torch.float32)
