@@ -172,6 +172,26 @@ def packed_logits_case(
     return logits, labels, ids, g
 
 
+def ref_scores(lr: torch.Tensor, fdiv: str, alpha: float, fp16: bool = False) -> torch.Tensor:
+    """The f-DPO score ``f'(t)`` at ``t = pi / ref = exp(lr)`` of TRL 1.16's f-divergences, written out from the
+    derivatives (the loss oracles' own, independent of :mod:`fastdpo.losses`): ``reverse_kl`` ``lr``;
+    ``forward_kl`` ``1 - 1/t``; ``js_divergence`` ``log(2t / (t + 1))``; ``alpha_divergence`` ``(t^(alpha-1) - 1) /
+    (alpha - 1)`` (``lr`` at ``alpha = 1``) with the exponent clamped at 80 (11 for float16 inputs, ``fp16``)."""
+    if fdiv == "reverse_kl":
+        return lr
+    if fdiv == "forward_kl":
+        return 1 - 1 / torch.exp(lr)  # f'(t) = 1 - 1/t, t = pi/ref
+    if fdiv == "js_divergence":
+        t = torch.exp(lr)
+        return torch.log(2 * t / (t + 1))  # f'(t) = log(2t/(t+1))
+    if fdiv == "alpha_divergence":
+        if abs(alpha - 1) < 1e-6:
+            return lr
+        e = torch.clamp((alpha - 1) * lr, max=11.0 if fp16 else 80.0)
+        return (torch.exp(e) - 1) / (alpha - 1)
+    raise AssertionError(fdiv)
+
+
 def saved_bytes(fn: Callable[[], Any], exclude: set[int]) -> int:
     """Bytes of distinct storages autograd saves while ``fn`` runs, excluding the storages whose ``data_ptr`` is in
     ``exclude`` (parameters, inputs)."""

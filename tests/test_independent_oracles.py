@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from backends import BACKENDS
-from helpers import STAT_FLAGS, explicit_logits, packed_logits_case
+from helpers import STAT_FLAGS, explicit_logits, packed_logits_case, ref_scores
 
 from fastdpo.losses import LOSS_TYPES
 
@@ -308,16 +308,6 @@ def test_linear_logprobs_loss_grad_in_forward(backend: str, token_weights: bool)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _scores(logratio: torch.Tensor, f_div: str, alpha: float) -> torch.Tensor:
-    if f_div == "reverse_kl":
-        return logratio
-    if f_div == "forward_kl":
-        return 1 - torch.exp(-logratio)
-    if f_div == "js_divergence":
-        return math.log(2) + F.logsigmoid(logratio)
-    return (torch.exp(torch.clamp((alpha - 1) * logratio, max=80.0)) - 1) / (alpha - 1)
-
-
 def losses_md(
     kind: str,
     pc,
@@ -335,7 +325,7 @@ def losses_md(
 ) -> torch.Tensor:
     """Per-pair loss of LOSSES.md (``sft``: the batch scalar), float64."""
     c, r = pc - rc, pr - rr
-    sc, sr = _scores(c, f_div, alpha), _scores(r, f_div, alpha)
+    sc, sr = ref_scores(c, f_div, alpha), ref_scores(r, f_div, alpha)
     d = sc - sr
     lc, lr = len_c.double().clamp(min=1), len_r.double().clamp(min=1)
     ls = F.logsigmoid

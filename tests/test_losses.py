@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import ref_scores
 
 from fastdpo.losses import (
     F_DIVERGENCE_LOSS_TYPES,
@@ -38,22 +39,6 @@ def ls(x: torch.Tensor) -> torch.Tensor:
 
 def sig(x: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1.0 + torch.exp(-x))
-
-
-def ref_scores(lr: torch.Tensor, fdiv: str, alpha: float, fp16: bool = False) -> torch.Tensor:
-    if fdiv == "reverse_kl":
-        return lr
-    if fdiv == "forward_kl":
-        return 1 - 1 / torch.exp(lr)  # f'(t) = 1 - 1/t, t = pi/ref
-    if fdiv == "js_divergence":
-        t = torch.exp(lr)
-        return torch.log(2 * t / (t + 1))  # f'(t) = log(2t/(t+1))
-    if fdiv == "alpha_divergence":
-        if abs(alpha - 1) < 1e-6:
-            return lr
-        e = torch.clamp((alpha - 1) * lr, max=11.0 if fp16 else 80.0)
-        return (torch.exp(e) - 1) / (alpha - 1)
-    raise AssertionError(fdiv)
 
 
 def ref_dpo(pc, pr, rc, rr, *, chosen_token_logps=None, pair_w=None, fp16=False, **options):
