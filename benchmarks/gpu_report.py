@@ -127,54 +127,59 @@ def _s(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def _plain(*keys: str) -> list[Column]:
+    """Columns shown as they are, each headed by its record key."""
+    return [(k, k, _s) for k in keys]
+
+
+def _pass_columns(name: str, ms_fmt: str) -> list[Column]:
+    """A log-prob pass's (``fwd`` / ``bwd``) time, bandwidth and share of the copy bandwidth."""
+    return [
+        (f"{name} ms", f"{name}_ms", _f(ms_fmt)),
+        (f"{name} GB/s", f"{name}_gbps", _f(".0f")),
+        (f"{name} %copy", f"{name}_pct_copy", _f(".1f")),
+    ]
+
+
+EXTRA_MB: Column = ("extra MB", "extra_mb", _f(".0f"))
+CHECK: Column = ("check", "check", _s)
+
 TABLES: dict[str, tuple[str, list[Column]]] = {
     "logprobs": (
         "log-probs from logits (fastdpo.sequence_logprobs), forward and backward; GB/s of the bytes each pass "
         "must move, % of a torch clone of the same logits",
         [
-            ("dtype", "dtype", _s),
-            ("N", "N", _s),
-            ("V", "V", _s),
-            ("fwd ms", "fwd_ms", _f(".3f")),
-            ("fwd GB/s", "fwd_gbps", _f(".0f")),
-            ("fwd %copy", "fwd_pct_copy", _f(".1f")),
-            ("bwd ms", "bwd_ms", _f(".3f")),
-            ("bwd GB/s", "bwd_gbps", _f(".0f")),
-            ("bwd %copy", "bwd_pct_copy", _f(".1f")),
+            *_plain("dtype", "N", "V"),
+            *_pass_columns("fwd", ".3f"),
+            *_pass_columns("bwd", ".3f"),
             ("copy GB/s", "copy_gbps", _f(".0f")),
-            ("extra MB", "extra_mb", _f(".0f")),
-            ("check", "check", _s),
+            EXTRA_MB,
+            CHECK,
         ],
     ),
     "head": (
         "fused LM head, bf16, forward + backward; TFLOP/s of 6*N*D*V, % of torch.mm on the same 3 GEMMs",
         [
-            ("N", "N", _s),
-            ("D", "D", _s),
-            ("V", "V", _s),
-            ("impl", "impl", _s),
-            ("fwd ms", "fwd_ms", _f(".2f")),
-            ("bwd ms", "bwd_ms", _f(".2f")),
-            ("step ms", "step_ms", _f(".2f")),
+            *_plain("N", "D", "V", "impl"),
+            *((f"{name} ms", f"{name}_ms", _f(".2f")) for name in ("fwd", "bwd", "step")),
             ("TFLOP/s", "tflops", _f(".0f")),
             ("% mm", "pct_mm", _f(".1f")),
-            ("extra MB", "extra_mb", _f(".0f")),
-            ("check", "check", _s),
+            EXTRA_MB,
+            CHECK,
         ],
     ),
     "dpo": (
         "one DPO step (reference fwd + policy fwd/bwd + loss), Llama-3.2-1B shape, bf16; tokens/s of the DPO "
         "tokens (prompt+chosen, prompt+rejected per pair)",
         [
-            ("attn", "attn", _s),
-            ("impl", "impl", _s),
+            *_plain("attn", "impl"),
             ("step ms", "step_ms", _f(".1f")),
             ("tokens/s", "tokens_per_s", _f(".0f")),
             ("pairs/s", "pairs_per_s", _f(".2f")),
             ("fed tokens", "fed_tokens", _s),
             ("peak MB", "peak_mb", _f(".0f")),
             ("loss", "loss", _f(".5f")),
-            ("check", "check", _s),
+            CHECK,
         ],
     ),
 }

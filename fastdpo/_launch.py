@@ -4,7 +4,7 @@ Every Triton launch in fastdpo is built as a :class:`KernelLaunch` by a pure fun
 constexprs, ``num_warps``) and run by :func:`launch`, which enters :func:`device_guard` for the tensors' device first:
 a kernel launched on the *current* CUDA device with another device's pointers (a model on ``cuda:1``) would read
 foreign memory. The same descriptions drive the ahead-of-time compile gate and the SASS report
-(``fastdpo.benchmarks.sass_report``), which collect them with :func:`capture_launches` on ``meta`` tensors instead of
+(``fastdpo.benchmarks.sass_specs``), which collect them with :func:`capture_launches` on ``meta`` tensors instead of
 running them, so the gate compiles exactly what the library launches.
 """
 

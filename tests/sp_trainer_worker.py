@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     import datasets
-    from helpers import dpo_config
+    from helpers import dpo_config, dpo_trainer, json_rows
 
     from fastdpo.integrations.trl import FastDPOTrainer
     from fastdpo.tiny import make_model, make_tokenizer
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         per_device_eval_batch_size=args.batch_size,
     )
     cache_dir = out_dir / f"hf_cache-sp{args.sp}"
-    train = datasets.load_dataset("json", data_files=args.data, split="train", cache_dir=str(cache_dir))
-    evals = datasets.load_dataset("json", data_files=args.eval_data, split="train", cache_dir=str(cache_dir))
+    train, evals = json_rows(args.data, cache_dir), json_rows(args.eval_data, cache_dir)
 
     class Recording(FastDPOTrainer):
         def compute_loss(self, model: Any, inputs: Any, *a: Any, **kw: Any) -> Any:
@@ -64,15 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                 self.recorded.append((type(model).__name__, int(inputs["input_ids"].sum())))
             return super().compute_loss(model, inputs, *a, **kw)
 
-    trainer = Recording(
-        model=model,
-        ref_model=ref,
-        args=config,
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=tok,
-        packing="prefix_shared",
-        sequence_parallel_size=args.sp,
+    trainer = dpo_trainer(
+        Recording, tok, model, ref, config, train, evals, packing="prefix_shared", sequence_parallel_size=args.sp
     )
     trainer.recorded = []
     trainer.train()

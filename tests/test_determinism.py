@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 from backends import BACKENDS
-from helpers import STAT_FLAGS, perturbed_reference
+from helpers import STAT_FLAGS, packed_logits_case, perturbed_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # determinism at a fixed thread count, fast on tiny ops
 
@@ -65,6 +65,14 @@ def _grads(out: torch.Tensor, leaves: dict[str, torch.Tensor], seed: int = 7) ->
     return {f"grad_{k}": v for k, v in zip(leaves, grads)}
 
 
+def _loss_outputs(
+    loss: torch.Tensor, leaves: dict[str, torch.Tensor], extras: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A run's outputs: the loss, its gradient wrt each leaf (``grad_<name>``) and ``extras``."""
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return {"loss": loss.detach(), **{f"grad_{k}": g for k, g in zip(leaves, grads)}, **extras}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sequence_logprobs_deterministic(backend: str, dtype: torch.dtype) -> None:
@@ -91,12 +99,9 @@ def test_sequence_logprobs_deterministic(backend: str, dtype: torch.dtype) -> No
 def test_packed_sequence_logprobs_deterministic(backend: str) -> None:
     from fastdpo import sequence_logprobs
 
-    g = torch.Generator().manual_seed(1)
-    n, v, s = 61, 157, 13
-    base = torch.randn(n, v, generator=g) * 3
-    labels = torch.randint(0, v, (n,), generator=g)
-    labels[::7] = -100
-    seg = torch.randint(0, s, (n,), generator=g)  # unsorted segments: a reduction order that atomics would scramble
+    s = 13
+    # unsorted segments: a reduction order that atomics would scramble
+    base, labels, seg, _ = packed_logits_case(1, n=61, v=157, num_ids=s, scale=3.0, ignore_every=7)
 
     def run() -> dict[str, torch.Tensor]:
         x = base.clone().requires_grad_(True)
@@ -175,13 +180,7 @@ def test_preference_loss_deterministic() -> None:
             chosen_lengths=lengths[0],
             rejected_lengths=lengths[1],
         )
-        gc, gr = torch.autograd.grad(loss, [pc, pr])
-        return {
-            "loss": loss.detach(),
-            "grad_c": gc,
-            "grad_r": gr,
-            **{k: torch.as_tensor(v).float() for k, v in metrics.items()},
-        }
+        return _loss_outputs(loss, {"c": pc, "r": pr}, {k: torch.as_tensor(v).float() for k, v in metrics.items()})
 
     _assert_bitwise_repeatable(run)
 
@@ -202,13 +201,9 @@ def test_fused_linear_dpo_loss_deterministic(grad_in_forward: bool) -> None:
     def run() -> dict[str, torch.Tensor]:
         x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
         loss, aux = loss_fn(w, x, target, ref_input=ref_x, ref_weight=w0)
-        gx, gw = torch.autograd.grad(loss, [x, w])
-        return {
-            "loss": loss.detach(),
-            "grad_input": gx,
-            "grad_weight": gw,
-            **{f"aux{i}": a.detach().float() for i, a in enumerate(aux)},
-        }
+        return _loss_outputs(
+            loss, {"input": x, "weight": w}, {f"aux{i}": a.detach().float() for i, a in enumerate(aux)}
+        )
 
     _assert_bitwise_repeatable(run)
 

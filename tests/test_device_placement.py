@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import dpo_config, tiny_trainer
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
@@ -207,33 +208,9 @@ def test_engine_precomputed_reference_on_the_batch_device(engine_parts: Any) -> 
 
 def test_fast_dpo_trainer_step_builds_nothing_off_device(tmp_path: Any) -> None:
     """One ``FastDPOTrainer`` optimizer step (TRL's loop, the engine inside, metrics gathered) under the probe."""
-    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("datasets")
     pytest.importorskip("trl")
-    from trl import DPOConfig
-
-    from fastdpo.integrations.trl import FastDPOTrainer
-
-    tok = make_tokenizer()
-    args = DPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
-        padding_free=True,
-        dataloader_num_workers=0,
-    )
-    trainer = FastDPOTrainer(
-        model=make_model("llama", tok, attn_implementation="eager", seed=0),
-        ref_model=make_model("llama", tok, attn_implementation="eager", seed=1),
-        args=args,
-        train_dataset=datasets.Dataset.from_list(preference_rows(4, seed=2)),
-        processing_class=tok,
-    )
+    trainer = tiny_trainer(dpo_config(tmp_path, max_steps=1, padding_free=True), rows_seed=2)
     with StrayFactoriesToMeta() as mode:
         trainer.train()
     assert mode.hits == []

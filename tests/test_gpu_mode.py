@@ -72,23 +72,28 @@ def _skip_reasons(out: str) -> list[str]:
     return re.findall(r"^SKIPPED \[\d+\] [^:]+:\d+: (.*)$", out, flags=re.M)
 
 
-def test_gpu_mode_without_cuda_skips_every_gpu_test_compiled() -> None:
-    rc, out = _pytest("-m", "gpu", *GPU_FILES)
+MODE_RUNS = {
+    "gpu_mode_without_cuda_skips_every_gpu_test_compiled": (
+        ("-m", "gpu", *GPU_FILES),
+        "fastdpo test mode: gpu (-m gpu); TRITON_INTERPRET=0; kernels: JITFunction; CUDA available: False",
+        gpu_mode.SKIP_NO_CUDA,
+    ),
+    "plain_mode_interprets_and_leaves_gpu_tests_to_the_gpu_mode": (
+        (*GPU_FILES, "-k", "cuda"),  # only the gpu tests match
+        "fastdpo test mode: plain; TRITON_INTERPRET=1; kernels: InterpretedFunction; CUDA available: False",
+        gpu_mode.SKIP_NOT_GPU_MODE,
+    ),
+}
+
+
+@pytest.mark.parametrize("run", list(MODE_RUNS))
+def test_mode_run(run: str) -> None:
+    """A real run in each mode: its header line, every gpu test skipped for the mode's reason, nothing else run."""
+    args, header, reason = MODE_RUNS[run]
+    rc, out = _pytest(*args)
     assert rc == 0, out
-    assert _header(out) == (
-        "fastdpo test mode: gpu (-m gpu); TRITON_INTERPRET=0; kernels: JITFunction; CUDA available: False"
-    ), out
+    assert _header(out) == header, out
     reasons = _skip_reasons(out)
-    assert reasons and set(reasons) == {gpu_mode.SKIP_NO_CUDA}, out
+    assert reasons and set(reasons) == {reason}, out
     (summary,) = re.findall(r"^=+ (.*) in [\d.]+s.* =+$", out, flags=re.M)
     assert re.fullmatch(r"\d+ skipped, \d+ deselected", summary), summary  # nothing passed, failed or errored
-
-
-def test_plain_mode_interprets_and_leaves_gpu_tests_to_the_gpu_mode() -> None:
-    rc, out = _pytest(*GPU_FILES, "-k", "cuda")
-    assert rc == 0, out
-    assert _header(out) == (
-        "fastdpo test mode: plain; TRITON_INTERPRET=1; kernels: InterpretedFunction; CUDA available: False"
-    ), out
-    reasons = _skip_reasons(out)
-    assert reasons and set(reasons) == {gpu_mode.SKIP_NOT_GPU_MODE}, out

@@ -3,9 +3,9 @@
 The other test files compare against library code (``naive_sequence_logprobs``, ``linear_sequence_logprobs`` as the
 grad-in-forward oracle, ...), which shares the library's transform order and conventions: a wrong convention would be
 checked against itself. Here the oracle is only ``torch.log_softmax`` / ``torch.logsigmoid`` of explicitly built
-float64 logits (``z = softcap * tanh(((h @ W.T + b) * scale) / softcap) / temperature``), Python-loop segment sums and
-the LOSSES.md formulas typed in again -- nothing imported from fastdpo but the op under test (and the list of
-loss types it runs over, which ``test_trl.py`` checks against TRL's).
+float64 logits (``z = softcap * tanh(((h @ W.T + b) * scale) / softcap) / temperature``: ``helpers.explicit_logits``,
+test code), Python-loop segment sums and the LOSSES.md formulas typed in again -- nothing imported from fastdpo but the
+op under test (and the list of loss types it runs over, which ``test_trl.py`` checks against TRL's).
 
 Rule (the suite's): ``max|got - f64| <= max|naive - f64| + tol``, the naive path being the same formula evaluated in the
 inputs' dtype (``tol = 2e-6 * max|f64|``, plus one rounding -- ``eps / 2`` of the dtype -- for half-precision
@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from backends import BACKENDS
+from helpers import STAT_FLAGS, explicit_logits, packed_logits_case, ref_scores
 
 from fastdpo.losses import LOSS_TYPES
 
@@ -47,25 +48,6 @@ def check(name: str, got: torch.Tensor, naive: torch.Tensor, ref: torch.Tensor, 
     assert err <= naive_err + (2e-6 + u) * scale, (
         f"{name}: error {err:.3e} > naive {naive_err:.3e} (+tol, scale {scale:.3e})"
     )
-
-
-def logits_of(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    scale: float = 1.0,
-    softcap: float | None = None,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """The documented logit transform, in ``hidden``'s dtype: ``softcap * tanh(x * scale / softcap) / temperature``."""
-    x = hidden @ weight.T
-    if bias is not None:
-        x = x + bias
-    z = x * scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
 
 
 def token_logps_of(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -132,12 +114,9 @@ def test_sequence_and_token_logprobs(backend: str, dtype: torch.dtype) -> None:
 def test_sequence_logprobs_packed_segments(backend: str) -> None:
     from fastdpo import sequence_logprobs
 
-    g = torch.Generator().manual_seed(4)
-    n, v, s = 41, 157, 9
-    logits = torch.randn(n, v, generator=g) * 2
-    labels = torch.randint(0, v, (n,), generator=g)
-    labels[::6] = IGNORE
-    ids = torch.randint(0, s - 1, (n,), generator=g)  # unsorted; segment s - 1 stays empty
+    s = 9
+    # unsorted ids; segment s - 1 stays empty
+    logits, labels, ids, g = packed_logits_case(4, n=41, v=157, num_ids=s - 1, scale=2.0, ignore_every=6)
     up = torch.randn(s, generator=g)
     res = {}
     for kind, x in (("f64", logits.double()), ("naive", logits.clone()), ("op", logits.clone())):
@@ -177,8 +156,8 @@ def test_segment_sum(backend: str) -> None:
 
 TRANSFORMS = {
     "plain": {},
-    "bias+scale+temperature": {"bias": True, "scale": 0.75, "temperature": 1.3},
-    "softcap (Gemma 2)": {"bias": True, "softcap": 5.0, "scale": 1.5, "temperature": 0.8},
+    "bias+scale+temperature": {"bias": True, "logit_scale": 0.75, "temperature": 1.3},
+    "softcap (Gemma 2)": {"bias": True, "softcap": 5.0, "logit_scale": 1.5, "temperature": 0.8},
 }
 
 
@@ -189,7 +168,7 @@ def _head_case(dtype: torch.dtype, seed: int, n: int = 23, d: int = 16, v: int =
     bias = (torch.randn(v, generator=g) * 0.3).to(dtype)
     labels = torch.randint(0, v, (n,), generator=g)
     labels[3:6] = IGNORE
-    labels[7] = int(torch.argmax(logits_of(hidden[7:8].double(), weight.double())))  # one argmax hit at least
+    labels[7] = int(torch.argmax(explicit_logits(hidden[7:8].double(), weight.double())))  # one argmax hit at least
     return hidden, weight, bias, labels
 
 
@@ -209,23 +188,12 @@ def test_linear_token_logprobs(backend: str, dtype: torch.dtype, transform: str)
         leaves = [h, w, b] if use_bias else [h, w]
         if kind == "op":
             stats = linear_token_logprobs(
-                h,
-                w,
-                labels,
-                bias=b if use_bias else None,
-                softcap=opts.get("softcap"),
-                logit_scale=opts.get("scale", 1.0),
-                temperature=opts.get("temperature", 1.0),
-                return_entropy=True,
-                return_log_sum_p2=True,
-                return_mean_logit=True,
-                return_argmax_hit=True,
-                backend=backend,
+                h, w, labels, bias=b if use_bias else None, **opts, **STAT_FLAGS, backend=backend
             )
             out = stats.logprobs
             extra = (stats.entropy, stats.log_sum_p2, stats.mean_logit, stats.argmax_hit)
         else:
-            z = logits_of(h, w, b if use_bias else None, **opts)
+            z = explicit_logits(h, w, b if use_bias else None, **opts)
             out = token_logps_of(z, labels).to(torch.float64 if kind == "f64" else torch.float32)
             logp = torch.log_softmax(z.detach().double() if kind == "f64" else z.detach().float(), dim=-1)
             p, valid = logp.exp(), labels != IGNORE
@@ -248,7 +216,7 @@ def test_linear_token_logprobs(backend: str, dtype: torch.dtype, transform: str)
     check("log sum p^2", lsp2, n_lsp2, r_lsp2)
     check("mean logit", mean_z, n_mean, r_mean)
     # top-1: identical wherever the float64 winner leads the runner-up by more than the naive logit error
-    z64 = logits_of(hidden0.double(), weight0.double(), bias0.double() if use_bias else None, **opts)
+    z64 = explicit_logits(hidden0.double(), weight0.double(), bias0.double() if use_bias else None, **opts)
     top2 = z64.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-2
     assert hit.dtype == torch.bool and torch.equal(hit[clear], r_hit[clear]) and bool(r_hit[7])
@@ -271,7 +239,7 @@ def test_linear_sequence_logprobs(backend: str, average: bool) -> None:
         if kind == "op":
             out = linear_sequence_logprobs(h, w, labels, bias=b, softcap=8.0, average=average, backend=backend)
         else:
-            tok = token_logps_of(logits_of(h, w, b, softcap=8.0), labels)
+            tok = token_logps_of(explicit_logits(h, w, b, softcap=8.0), labels)
             out = tok.sum(-1)
             if average:
                 out = out / (labels != IGNORE).sum(-1).clamp(min=1)
@@ -326,7 +294,7 @@ def test_linear_logprobs_loss_grad_in_forward(backend: str, token_weights: bool)
                 backend=backend,
             )
         else:
-            tok = token_logps_of(logits_of(h, w, b, softcap=6.0, temperature=1.2), labels)
+            tok = token_logps_of(explicit_logits(h, w, b, softcap=6.0, temperature=1.2), labels)
             seq = loop_segment_sum(tok * (weights.to(cast) if weights is not None else 1.0), seg, 2 * P)
             loss = -F.logsigmoid(beta * ((seq[:P] - ref_c) - (seq[P:] - ref_r))).mean()
         loss.backward()
@@ -338,16 +306,6 @@ def test_linear_logprobs_loss_grad_in_forward(backend: str, token_weights: bool)
 # ---------------------------------------------------------------------------------------------------------------
 # preference_loss: LOSSES.md, typed in again
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _scores(logratio: torch.Tensor, f_div: str, alpha: float) -> torch.Tensor:
-    if f_div == "reverse_kl":
-        return logratio
-    if f_div == "forward_kl":
-        return 1 - torch.exp(-logratio)
-    if f_div == "js_divergence":
-        return math.log(2) + F.logsigmoid(logratio)
-    return (torch.exp(torch.clamp((alpha - 1) * logratio, max=80.0)) - 1) / (alpha - 1)
 
 
 def losses_md(
@@ -367,7 +325,7 @@ def losses_md(
 ) -> torch.Tensor:
     """Per-pair loss of LOSSES.md (``sft``: the batch scalar), float64."""
     c, r = pc - rc, pr - rr
-    sc, sr = _scores(c, f_div, alpha), _scores(r, f_div, alpha)
+    sc, sr = ref_scores(c, f_div, alpha), ref_scores(r, f_div, alpha)
     d = sc - sr
     lc, lr = len_c.double().clamp(min=1), len_r.double().clamp(min=1)
     ls = F.logsigmoid
@@ -567,7 +525,7 @@ def _module_oracle(
     nll, chosen / rejected rewards, *extra)."""
     p = x.shape[0] // 2
     counts = (target != IGNORE).sum(-1).clamp(min=1).to(x.dtype)
-    z = logits_of(x, w, bias)
+    z = explicit_logits(x, w, bias)
     sums = token_logps_of(z, target).sum(-1)
     logps = sums / counts if average else sums
     c, r = logps[:p], logps[p:]
@@ -575,7 +533,7 @@ def _module_oracle(
     extra: tuple[torch.Tensor, ...] = ()
     if name == "dpo":
         with torch.no_grad():
-            ref_sums = token_logps_of(logits_of(ref_x, ref_w), target).sum(-1)
+            ref_sums = token_logps_of(explicit_logits(ref_x, ref_w), target).sum(-1)
             ref = ref_sums / counts if average else ref_sums
         rc, rr = c - ref[:p], r - ref[p:]
         pref = -F.logsigmoid(beta * (rc - rr)).mean()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import STAT_FLAGS
+from helpers import STAT_FLAGS, explicit_logits
 
 import fastdpo._launch as launch_mod
 from fastdpo import linear_token_logprobs, token_logprobs
@@ -31,30 +31,13 @@ def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
 
 
-def _explicit_logits(
-    h: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    scale: float = 1.0,
-    softcap: float | None = None,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    z = h @ w.t()
-    if b is not None:
-        z = z + b
-    z = z * scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
-
-
 def _oracle(
     h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, labels: torch.Tensor, gout: torch.Tensor, **transform: Any
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Per-token log-probs and the gradients of ``sum(gout * logp)``: plain autograd through ``log_softmax`` of the
     explicit logits, in the inputs' own dtype (fp32 math for the softmax of half logits, like the models do)."""
     params = [p.detach().clone().requires_grad_(True) if p is not None else None for p in (h, w, b)]
-    z = _explicit_logits(params[0], params[1], params[2], **transform)
+    z = explicit_logits(params[0], params[1], params[2], **transform)
     logsm = torch.log_softmax(z.to(torch.float64 if z.dtype == torch.float64 else torch.float32), dim=-1)
     logp = logsm.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     grads = torch.autograd.grad((logp * gout.to(logp.dtype)).sum(), [p for p in params if p is not None])
@@ -68,7 +51,7 @@ def _oracle(
 
 
 @needs_interpreter
-@pytest.mark.parametrize("transform", [{}, {"scale": 1.3, "temperature": 0.7}])
+@pytest.mark.parametrize("transform", [{}, {"logit_scale": 1.3, "temperature": 0.7}])
 def test_fused_head_whole_masked_tiles_stay_finite(transform: dict) -> None:
     gen = torch.Generator().manual_seed(11)
     n, d, vocab = 7, 16, 64
@@ -83,11 +66,10 @@ def test_fused_head_whole_masked_tiles_stay_finite(transform: dict) -> None:
     allowed = (~masked).nonzero().squeeze(1)
     labels = allowed[torch.randint(0, allowed.numel(), (n,), generator=gen)]
     gout = torch.randn(n, generator=gen)
-    kw = {"logit_scale": transform.get("scale", 1.0), "temperature": transform.get("temperature", 1.0)}
 
     params = [t.clone().requires_grad_(True) for t in (h, w, b)]
     out = linear_token_logprobs(
-        *params[:2], labels, bias=params[2], token_tile=4, vocab_tile=16, backend="triton", **STAT_FLAGS, **kw
+        *params[:2], labels, bias=params[2], token_tile=4, vocab_tile=16, backend="triton", **STAT_FLAGS, **transform
     )
     grads = torch.autograd.grad((out.logprobs * gout).sum(), params)
 
@@ -96,7 +78,7 @@ def test_fused_head_whole_masked_tiles_stay_finite(transform: dict) -> None:
     assert torch.isfinite(out.logprobs).all()
     assert _err(out.logprobs, ref) <= _err(naive, ref) + 2e-5 * max(1.0, ref.abs().max().item())
     with torch.no_grad():  # statistics of the float64 logits; 0 * log 0 = 0 for the masked ids
-        z64 = _explicit_logits(h.double(), w.double(), b.double(), **transform)
+        z64 = explicit_logits(h.double(), w.double(), b.double(), **transform)
         p64 = torch.softmax(z64, dim=-1)
         entropy = torch.special.entr(p64).sum(-1)
         log_sum_p2 = torch.logsumexp(2 * torch.log_softmax(z64, -1), -1)
@@ -280,7 +262,7 @@ def test_fused_head_with_the_cuda_tiles_and_blocks(dtype: torch.dtype, launches:
     naive, naive_grads = _oracle(h, w, None, labels, gout, **transform)
     tol = 2e-5 if dtype == torch.float32 else 2e-3
     assert _err(out.logprobs, ref) <= _err(naive, ref) + tol * max(1.0, ref.abs().max().item())
-    z64 = _explicit_logits(h.double(), w.double(), None, **transform)
+    z64 = explicit_logits(h.double(), w.double(), None, **transform)
     assert torch.equal(out.argmax_hit, z64.argmax(-1) == labels)
     mean64 = z64.mean(-1)
     assert _err(out.mean_logit, mean64) <= tol * max(1.0, mean64.abs().max().item())

@@ -308,10 +308,17 @@ def _pair_setup(seed: int, dtype: torch.dtype = torch.float32):
     return hidden, weight, bias, labels, seg, s, pairs, ref_logps
 
 
+def _grad_in_forward(case: tuple, loss_fn: Any, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear_logprobs_loss_grad_in_forward`` over a :func:`_pair_setup` case (its bias included) with ``kw``."""
+    hidden, weight, bias, labels, seg, s, _, _ = case
+    return linear_logprobs_loss_grad_in_forward(hidden, weight, labels, seg, s, loss_fn, bias=bias, **kw)
+
+
 @pytest.mark.parametrize("transform", TRANSFORMS[:2])
 @pytest.mark.parametrize("chunk_tokens", [None, 12])
 def test_grad_in_forward_matches_recompute(transform, chunk_tokens):
-    hidden, weight, bias, labels, seg, s, pairs, ref_logps = _pair_setup(13)
+    case = _pair_setup(13)
+    hidden, weight, bias, labels, seg, s, pairs, ref_logps = case
     beta = 0.3
 
     def loss_fn(seq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -319,14 +326,9 @@ def test_grad_in_forward_matches_recompute(transform, chunk_tokens):
         return -torch.nn.functional.logsigmoid(beta * margin) / pairs
 
     groups = [torch.tensor([i, pairs + i]) for i in range(pairs - 1)]  # last pair in no group: no loss
-    loss, seq = linear_logprobs_loss_grad_in_forward(
-        hidden,
-        weight,
-        labels,
-        seg,
-        s,
+    loss, seq = _grad_in_forward(
+        case,
         loss_fn,
-        bias=bias,
         groups=groups,
         chunk_tokens=chunk_tokens,
         keep_logits_bytes=None if chunk_tokens is None else 12 * 83 * 4 // 2,  # partially kept chunk logits
@@ -345,25 +347,14 @@ def test_grad_in_forward_matches_recompute(transform, chunk_tokens):
 
 
 def test_grad_in_forward_triton_interpreter():
-    hidden, weight, bias, labels, seg, s, pairs, ref_logps = _pair_setup(14)
+    case = _pair_setup(14)
+    hidden, weight, bias, labels, seg, s, pairs, ref_logps = case
 
     def loss_fn(seq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return (seq - ref_logps[ids]).pow(2).sum()
 
     groups = [torch.tensor([i, pairs + i]) for i in range(pairs)]
-    loss, _ = linear_logprobs_loss_grad_in_forward(
-        hidden,
-        weight,
-        labels,
-        seg,
-        s,
-        loss_fn,
-        bias=bias,
-        groups=groups,
-        chunk_tokens=30,
-        backend="triton",
-        softcap=6.0,
-    )
+    loss, _ = _grad_in_forward(case, loss_fn, groups=groups, chunk_tokens=30, backend="triton", softcap=6.0)
     seq_r = linear_sequence_logprobs(hidden, weight, labels, bias=bias, segment_ids=seg, num_segments=s, softcap=6.0)
     loss_r = sum(loss_fn(seq_r[g], g) for g in groups)
     torch.testing.assert_close(loss.detach(), loss_r.detach(), rtol=1e-5, atol=1e-4)
@@ -378,7 +369,8 @@ def test_grad_in_forward_token_weights_and_segment_stats(backend):
     from fastdpo.head import SegmentStats
     from fastdpo.segments import segment_sum
 
-    hidden, weight, bias, labels, seg, s, pairs, ref_logps = _pair_setup(16)
+    case = _pair_setup(16)
+    hidden, weight, bias, labels, seg, s, pairs, ref_logps = case
     gen = torch.Generator().manual_seed(17)
     tw = torch.where(torch.rand(labels.shape, generator=gen) < 0.5, 1.0, 0.35)
 
@@ -389,14 +381,9 @@ def test_grad_in_forward_token_weights_and_segment_stats(backend):
         return (-wpo * torch.nn.functional.logsigmoid(0.4 * margin) - 0.05 * st.logp_sum[0]) / pairs
 
     groups = [torch.tensor([i, pairs + i]) for i in range(pairs)]
-    loss, seq = linear_logprobs_loss_grad_in_forward(
-        hidden,
-        weight,
-        labels,
-        seg,
-        s,
+    loss, seq = _grad_in_forward(
+        case,
         loss_fn,
-        bias=bias,
         groups=groups,
         token_weights=tw,
         segment_stats=True,
@@ -428,11 +415,8 @@ def test_grad_in_forward_token_weights_and_segment_stats(backend):
 
 
 def test_grad_in_forward_no_grad_is_loss_only():
-    hidden, weight, bias, labels, seg, s, _, _ = _pair_setup(15)
     with torch.no_grad():
-        loss, seq = linear_logprobs_loss_grad_in_forward(
-            hidden, weight, labels, seg, s, lambda x, ids: x.sum(), bias=bias
-        )
+        loss, seq = _grad_in_forward(_pair_setup(15), lambda x, ids: x.sum())
     assert loss.grad_fn is None
     torch.testing.assert_close(loss, seq.sum(), rtol=1e-5, atol=1e-5)
 

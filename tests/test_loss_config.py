@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import dpo_config, tiny_trainer
 
 from fastdpo.collator import PreferenceCollator
 from fastdpo.engine import DPOEngine
@@ -132,41 +133,15 @@ def test_engine_takes_the_config(tok, grad_in_forward: bool) -> None:
 
 def test_trainer_takes_the_config(tmp_path) -> None:
     pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("datasets")
     from trl import DPOConfig
 
-    from fastdpo.integrations.trl import FastDPOTrainer
-
     kw = dict(loss_type=["robust"], label_smoothing=0.2, beta=0.3)
-    tok = make_tokenizer()
 
     def first_loss(args_kw: dict, trainer_kw: dict) -> float:
-        args = DPOConfig(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=4,
-            max_steps=1,
-            logging_steps=1,
-            optim="sgd",
-            learning_rate=0.02,
-            seed=0,
-            report_to="none",
-            save_strategy="no",
-            disable_tqdm=True,
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            dataloader_num_workers=0,
-            **args_kw,
-        )
-        trainer = FastDPOTrainer(
-            model=make_model("llama", tok, attn_implementation="eager", seed=0),
-            ref_model=make_model("llama", tok, attn_implementation="eager", seed=1),
-            args=args,
-            train_dataset=datasets.Dataset.from_list(preference_rows(4, seed=3)),
-            processing_class=tok,
-            **trainer_kw,
-        )
+        # the loss fields left to args_kw: DPOConfig's defaults, not the tiny runs' beta
+        args = dpo_config(tmp_path, max_steps=1, gradient_checkpointing=False, **{"beta": DPOConfig.beta, **args_kw})
+        trainer = tiny_trainer(args, rows_seed=3, **trainer_kw)
         assert trainer._engine().loss_config == PreferenceLossConfig(**kw)
         torch.manual_seed(1234)
         trainer.train()

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Any
 
 import pytest
 import torch
+from helpers import ref_scores
 
 from fastdpo.losses import (
     F_DIVERGENCE_LOSS_TYPES,
@@ -39,43 +41,18 @@ def sig(x: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1.0 + torch.exp(-x))
 
 
-def ref_scores(lr: torch.Tensor, fdiv: str, alpha: float, fp16: bool = False) -> torch.Tensor:
-    if fdiv == "reverse_kl":
-        return lr
-    if fdiv == "forward_kl":
-        return 1 - 1 / torch.exp(lr)  # f'(t) = 1 - 1/t, t = pi/ref
-    if fdiv == "js_divergence":
-        t = torch.exp(lr)
-        return torch.log(2 * t / (t + 1))  # f'(t) = log(2t/(t+1))
-    if fdiv == "alpha_divergence":
-        if abs(alpha - 1) < 1e-6:
-            return lr
-        e = torch.clamp((alpha - 1) * lr, max=11.0 if fp16 else 80.0)
-        return (torch.exp(e) - 1) / (alpha - 1)
-    raise AssertionError(fdiv)
-
-
-def ref_dpo(
-    pc,
-    pr,
-    rc,
-    rr,
-    *,
-    types,
-    weights=None,
-    beta=0.1,
-    eps=0.0,
-    tau=0.05,
-    fdiv="reverse_kl",
-    alpha=0.5,
-    lc=None,
-    lr_=None,
-    chosen_token_logps=None,
-    pair_w=None,
-    fp16=False,
-):
-    """TRL 1.16 loss on float64 per-pair tensors; chosen_token_logps: list of 1-D tensors (for sft)."""
-    weights = weights or [1.0] * len(types)
+def ref_dpo(pc, pr, rc, rr, *, chosen_token_logps=None, pair_w=None, fp16=False, **options):
+    """TRL 1.16 loss on float64 per-pair tensors; ``options``: ``preference_loss``'s loss keywords (``loss_type``,
+    ``loss_weights``, ``beta``, ``label_smoothing``, ``discopop_tau``, ``f_divergence_type``,
+    ``f_alpha_divergence_coef``, ``chosen_lengths``, ``rejected_lengths``), so that one dict drives both;
+    chosen_token_logps: list of 1-D tensors (for sft); pair_w: per-pair weights (WPO); fp16: float16 inputs' clamp."""
+    assert set(options) <= set(ORACLE_DEFAULTS), set(options) - set(ORACLE_DEFAULTS)
+    o = {**ORACLE_DEFAULTS, **options}
+    types = [o["loss_type"]] if isinstance(o["loss_type"], str) else o["loss_type"]
+    weights = o["loss_weights"] or [1.0] * len(types)
+    beta, eps, tau = o["beta"], o["label_smoothing"], o["discopop_tau"]
+    fdiv, alpha = o["f_divergence_type"], o["f_alpha_divergence_coef"]
+    lc, lr_ = (None if x is None else x.to(D64) for x in (o["chosen_lengths"], o["rejected_lengths"]))
     c, r = pc - rc, pr - rr
     sc, sr = ref_scores(c, fdiv, alpha, fp16), ref_scores(r, fdiv, alpha, fp16)
     d = sc - sr
@@ -121,6 +98,21 @@ def ref_dpo(
             per = per * pair_w
         total = total + w * per.mean()
     return total
+
+
+#: the loss keywords :func:`ref_dpo` reads, at TRL's defaults
+ORACLE_DEFAULTS = dict(
+    loss_type="sigmoid",
+    loss_weights=None,
+    beta=0.1,
+    label_smoothing=0.0,
+    discopop_tau=0.05,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=0.5,
+    chosen_lengths=None,
+    rejected_lengths=None,
+)
+QUAD = ("pc", "pr", "rc", "rr")  # the four per-pair sums of make_batch, in preference_loss's order
 
 
 def chosen_sum_grad(tok_leaves: list[torch.Tensor], sums: torch.Tensor) -> torch.Tensor | None:
@@ -169,28 +161,6 @@ def test_loss_types_match_float64_reference(loss_type: str, fdiv: str, alpha: fl
     p = 7
     sums, toks, lc, lr_ = make_batch(p, seed=zlib.crc32(f"{loss_type}/{fdiv}/{alpha}".encode()))
     eps = 0.2 if loss_type in ("exo_pair", "robust", "aot", "aot_unpaired") else 0.0
-    kw = dict(
-        beta=0.3,
-        eps=eps,
-        tau=0.05,
-        fdiv=fdiv,
-        alpha=alpha,
-        lc=lc.to(D64),
-        lr_=lr_.to(D64),
-        chosen_token_logps=toks["pc"],
-    )
-    leaves = {k: v.clone().requires_grad_(True) for k, v in sums.items()}
-    # the chosen sums are built from per-token leaves so that sft's token mean is connected to them
-    tok_leaves = [t.clone().requires_grad_(True) for t in toks["pc"]]
-    leaves["pc"] = torch.stack([t.sum() for t in tok_leaves])
-    leaves["pc"].retain_grad()
-    kw["chosen_token_logps"] = tok_leaves
-    ref = ref_dpo(leaves["pc"], leaves["pr"], leaves["rc"], leaves["rr"], types=[loss_type], **kw)
-    ref.backward()
-    ref_grads = {k: None if v.grad is None else v.grad.clone() for k, v in leaves.items()}
-    ref_grads["pc"] = chosen_sum_grad(tok_leaves, leaves["pc"])
-    rows = lc > 0  # d loss / d sum of an empty completion is not defined by the token-level reference
-
     common = dict(
         loss_type=loss_type,
         beta=0.3,
@@ -201,9 +171,19 @@ def test_loss_types_match_float64_reference(loss_type: str, fdiv: str, alpha: fl
         chosen_lengths=lc,
         rejected_lengths=lr_,
     )
+    leaves = {k: v.clone().requires_grad_(True) for k, v in sums.items()}
+    # the chosen sums are built from per-token leaves so that sft's token mean is connected to them
+    tok_leaves = [t.clone().requires_grad_(True) for t in toks["pc"]]
+    leaves["pc"] = torch.stack([t.sum() for t in tok_leaves])
+    leaves["pc"].retain_grad()
+    ref = ref_dpo(*(leaves[k] for k in QUAD), chosen_token_logps=tok_leaves, **common)
+    ref.backward()
+    ref_grads = {k: None if v.grad is None else v.grad.clone() for k, v in leaves.items()}
+    ref_grads["pc"] = chosen_sum_grad(tok_leaves, leaves["pc"])
+    rows = lc > 0  # d loss / d sum of an empty completion is not defined by the token-level reference
     # float64 in: float64 math, agreement to rounding, gradients by autograd
     ours64 = {k: v.clone().requires_grad_(True) for k, v in sums.items()}
-    loss64, _ = preference_loss(ours64["pc"], ours64["pr"], ours64["rc"], ours64["rr"], **common)
+    loss64, _ = preference_loss(*(ours64[k] for k in QUAD), **common)
     assert loss64.dtype == D64
     loss64.backward()
     torch.testing.assert_close(loss64.detach(), ref.detach(), rtol=1e-10, atol=1e-12)
@@ -215,7 +195,7 @@ def test_loss_types_match_float64_reference(loss_type: str, fdiv: str, alpha: fl
         torch.testing.assert_close(got.grad[sel], ref_grads[k][sel], rtol=1e-9, atol=1e-12)
     # float32 in: float32 out, within float32 rounding of the float64 truth
     ours32 = {k: v.float().requires_grad_(True) for k, v in sums.items()}
-    loss32, _ = preference_loss(ours32["pc"], ours32["pr"], ours32["rc"], ours32["rr"], **common)
+    loss32, _ = preference_loss(*(ours32[k] for k in QUAD), **common)
     assert loss32.dtype == torch.float32
     loss32.backward()
     torch.testing.assert_close(loss32.double(), ref.detach(), rtol=2e-5, atol=2e-6)
@@ -232,42 +212,24 @@ def test_alpha_divergence_clamp_large_logratio_and_fp16() -> None:
     pr, rc, rr = (torch.randn(6, generator=g, dtype=D64) for _ in range(3))
     for dtype, fp16 in ((torch.float32, False), (torch.float16, True)):
         args = [t.to(dtype) for t in (pc, pr, rc, rr)]
-        loss, _ = preference_loss(
-            *args, loss_type="hinge", beta=0.5, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.5
-        )
-        ref = ref_dpo(
-            *[t.double() for t in args], types=["hinge"], beta=0.5, fdiv="alpha_divergence", alpha=1.5, fp16=fp16
-        )
+        opts = dict(loss_type="hinge", beta=0.5, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.5)
+        loss, _ = preference_loss(*args, **opts)
+        ref = ref_dpo(*[t.double() for t in args], fp16=fp16, **opts)
         assert torch.isfinite(loss)
         torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_loss_mixture_weights_average_per_type() -> None:
     sums, toks, lc, lr_ = make_batch(9, seed=11)
-    types, weights = ["sigmoid", "sft", "bco_pair", "ipo"], [0.7, 1.3, 0.25, 0.05]
-    loss, _ = preference_loss(
-        sums["pc"],
-        sums["pr"],
-        sums["rc"],
-        sums["rr"],
-        loss_type=types,
-        loss_weights=weights,
+    opts = dict(
+        loss_type=["sigmoid", "sft", "bco_pair", "ipo"],
+        loss_weights=[0.7, 1.3, 0.25, 0.05],
         beta=0.2,
         chosen_lengths=lc,
         rejected_lengths=lr_,
     )
-    ref = ref_dpo(
-        sums["pc"],
-        sums["pr"],
-        sums["rc"],
-        sums["rr"],
-        types=types,
-        weights=weights,
-        beta=0.2,
-        lc=lc.to(D64),
-        lr_=lr_.to(D64),
-        chosen_token_logps=toks["pc"],
-    )
+    loss, _ = preference_loss(*(sums[k] for k in QUAD), **opts)
+    ref = ref_dpo(*(sums[k] for k in QUAD), chosen_token_logps=toks["pc"], **opts)
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
 
 
@@ -275,7 +237,7 @@ def test_reference_free_dpo_uses_zero_reference() -> None:
     sums, _, _, _ = make_batch(5, seed=2)
     loss, metrics = preference_loss(sums["pc"], sums["pr"], None, None, loss_type="sigmoid", beta=0.1)
     zero = torch.zeros(5, dtype=D64)
-    torch.testing.assert_close(loss, ref_dpo(sums["pc"], sums["pr"], zero, zero, types=["sigmoid"], beta=0.1))
+    torch.testing.assert_close(loss, ref_dpo(sums["pc"], sums["pr"], zero, zero, loss_type="sigmoid", beta=0.1))
     torch.testing.assert_close(metrics["rewards/chosen"], (0.1 * sums["pc"]).mean())
 
 
@@ -337,34 +299,16 @@ def test_wpo_weights_helper_and_loss() -> None:
     chosen_toks = [tok[s][mask[s].bool()] for s in range(p)]
     lsp2_sum = (lsp2 * mask).sum(1)  # per-sequence log-sum-p2 sums
 
+    def loss_of(fn: Any, types: list[str], chosen: torch.Tensor, **kw: Any) -> Any:
+        """``fn`` (the oracle or ``preference_loss``) of ``types`` with ``chosen`` as the policy's chosen sums."""
+        opts = dict(loss_type=types, beta=0.4, chosen_lengths=lc, rejected_lengths=lr_)
+        return fn(chosen, logps[p:], ref_logps[:p], ref_logps[p:], **opts, **kw)
+
     def ref_loss(types: list[str], chosen: torch.Tensor, chosen_token_logps: list[torch.Tensor]) -> torch.Tensor:
-        return ref_dpo(
-            chosen,
-            logps[p:],
-            ref_logps[:p],
-            ref_logps[p:],
-            types=types,
-            beta=0.4,
-            lc=lc.to(D64),
-            lr_=lr_.to(D64),
-            chosen_token_logps=chosen_token_logps,
-            pair_w=ref_w[:p] * ref_w[p:],
-        )
+        return loss_of(ref_dpo, types, chosen, chosen_token_logps=chosen_token_logps, pair_w=ref_w[:p] * ref_w[p:])
 
     def fast_loss(types: list[str], chosen: torch.Tensor, **weights: torch.Tensor) -> torch.Tensor:
-        loss, _ = preference_loss(
-            chosen,
-            logps[p:],
-            ref_logps[:p],
-            ref_logps[p:],
-            loss_type=types,
-            beta=0.4,
-            chosen_lengths=lc,
-            rejected_lengths=lr_,
-            use_weighting=True,
-            **weights,
-        )
-        return loss
+        return loss_of(preference_loss, types, chosen, use_weighting=True, **weights)[0]
 
     for types in (["sigmoid"], ["ipo", "sft"], ["discopop", "apo_down"]):
         ref = ref_loss(types, logps[:p], chosen_toks)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import measure_matches_estimate, saved_bytes
+from helpers import measure_matches_estimate, measured_prefix_shared_step, saved_bytes
 
 from fastdpo import memory as M
 from fastdpo import memory_cli
@@ -209,16 +209,7 @@ def test_prefix_shared_measured_engine_step(monkeypatch):
     """``--measure`` for prefix_shared runs the real engine step (collator, DPOEngine.step, backward, optimizer) in
     its own process; its peak RSS over the baseline matches the estimate (a ~210 MiB step: 2 layers, V 32000)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    step = M.StepConfig(
-        pairs=4,
-        prompt_len=192,
-        completion_len=64,
-        dtype="fp32",
-        optimizer="sgd",
-        reference="precomputed",
-        device="cpu",
-        packing="prefix_shared",
-    )
+    step = measured_prefix_shared_step(pairs=4, prompt_len=192, completion_len=64)
     measure_matches_estimate(step, ["fastdpo"], rel=0.1)
 
 

@@ -27,18 +27,15 @@ from fastdpo.quantize import four_bit_forward_problem, quantize_model, quantized
 
 def _odd_llama(hidden: int = 48, intermediate: int = 72, layers: int = 1, vocab: int = 53) -> torch.nn.Module:
     """A Llama whose projection sizes are not multiples of 32 (k/v: 24 rows, MLP: 72) nor of the 64-block size."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
+    from fastdpo.tiny import tiny_config
+
+    # fastdpo.tiny's 4 heads / 2 KV heads; LlamaConfig's own special ids (no pad id); an MLP width of our choosing
+    config = tiny_config(
+        "llama", vocab, hidden_size=hidden, num_layers=layers, special_ids=(None, 1, 2), tie_word_embeddings=False
     )
+    config.intermediate_size = intermediate
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         model = LlamaForCausalLM(config)

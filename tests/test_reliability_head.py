@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import torch
 from backends import BACKENDS
+from helpers import STAT_FLAGS, explicit_logits
 
 from fastdpo.head import linear_logprobs_loss_grad_in_forward, linear_sequence_logprobs, linear_token_logprobs
 from fastdpo.logprobs import sequence_logprobs, token_logprobs
@@ -44,26 +45,14 @@ TRANSFORMS = {
 
 
 def explicit_logprobs(
-    h: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    labels: torch.Tensor,
-    *,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, labels: torch.Tensor, **transform: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(token log-probs, logits z, log_softmax(z))`` from explicit logits in the inputs' dtype (plain autograd)."""
-    z = h @ w.T
-    if b is not None:
-        z = z + b
-    z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
+    """``(token log-probs, logits z, log_softmax(z))`` from explicit logits in the inputs' dtype (plain autograd);
+    ``transform``: ``logit_scale`` / ``softcap`` / ``temperature`` (:func:`helpers.explicit_logits`). Labels -100
+    give 0."""
+    z = explicit_logits(h, w, b, **transform)
     logsm = torch.log_softmax(z, dim=-1)
-    valid = labels != ignore_index
+    valid = labels != -100
     lp = logsm.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, lp, 0.0), z, logsm
 
@@ -95,6 +84,15 @@ def _oracle_grads(h, w, b, labels, gout, transform, dtype):
     return lp.detach(), list(torch.autograd.grad((lp * gout.to(dtype)).sum(), params))
 
 
+def _oracles(h, w, b, labels, gout, transform) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(float64 oracle, fp32 naive) gradients of ``sum(gout * logp)`` wrt (h, w, b) from explicit logits."""
+    return tuple(_oracle_grads(h, w, b, labels, gout, transform, dtype)[1] for dtype in (torch.float64, torch.float32))
+
+
+def _fp32_leaves(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [_leaf(t, torch.float32) for t in ts]
+
+
 def _assert_within_naive(fast: list[torch.Tensor], naive: list[torch.Tensor], ref: list[torch.Tensor], tol: float):
     for name, a, nv, r in zip(("hidden", "weight", "bias"), fast, naive, ref):
         scale = max(1.0, r.abs().max().item())
@@ -122,6 +120,20 @@ N_TILES = 2 * 4
 KEEP = {"default": None, "partial": 3 * 8 * 16 * 4, "none": 0}
 
 
+def _tiled_head(
+    params: list[torch.Tensor],
+    labels: torch.Tensor,
+    backend: str,
+    *,
+    op: Any = linear_token_logprobs,
+    tiles: dict[str, int] = TILES,
+    **kw: Any,
+) -> Any:
+    """The fused-head ``op`` (token or sequence log-probs) of ``params = [hidden, weight, bias]`` on the ``tiles``
+    grid, with ``kw``."""
+    return op(params[0], params[1], labels, bias=params[2], **tiles, backend=backend, **kw)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # item 1: every backward through one graph gives correct gradients (or a clear error)
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,25 +144,15 @@ KEEP = {"default": None, "partial": 3 * 8 * 16 * 4, "none": 0}
 @pytest.mark.parametrize("transform", ["plain", "softcap"])
 def test_head_retain_graph_twice_gives_twice_the_gradient(backend: str, keep: str, transform: str) -> None:
     h, w, b, labels, gout = _data(N, D, V, seed=1)
-    params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
-    out = linear_token_logprobs(
-        params[0],
-        params[1],
-        labels,
-        bias=params[2],
-        **TILES,
-        backend=backend,
-        keep_logits_bytes=KEEP[keep],
-        **TRANSFORMS[transform],
-    ).logprobs
+    params = _fp32_leaves(h, w, b)
+    out = _tiled_head(params, labels, backend, keep_logits_bytes=KEEP[keep], **TRANSFORMS[transform]).logprobs
     kept = len(_head_node(out).kept_keys)  # the kept-tile path is really exercised: all, some, none of the tiles
     assert {"default": kept == N_TILES, "partial": 0 < kept < N_TILES, "none": kept == 0}[keep], kept
     loss = (out * gout).sum()
     loss.backward(retain_graph=True)
     first = [p.grad.clone() for p in params]
     loss.backward()
-    _, ref = _oracle_grads(h, w, b, labels, gout, TRANSFORMS[transform], torch.float64)
-    _, naive = _oracle_grads(h, w, b, labels, gout, TRANSFORMS[transform], torch.float32)
+    ref, naive = _oracles(h, w, b, labels, gout, TRANSFORMS[transform])
     _assert_within_naive(first, naive, ref, tol=2e-5)
     for p, g1 in zip(params, first):
         torch.testing.assert_close(p.grad, 2 * g1, rtol=1e-6, atol=1e-7)
@@ -160,26 +162,18 @@ def test_head_retain_graph_twice_gives_twice_the_gradient(backend: str, keep: st
 def test_head_two_losses_on_one_forward(backend: str) -> None:
     h, w, b, labels, gout = _data(N, D, V, seed=2)
     gout2 = torch.randn(N, generator=torch.Generator().manual_seed(20))
-    params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
-    seq = linear_sequence_logprobs(
-        params[0],
-        params[1],
-        labels,
-        bias=params[2],
-        segment_ids=torch.arange(N) % 3,
-        num_segments=3,
-        **TILES,
-        backend=backend,
+    params = _fp32_leaves(h, w, b)
+    seq = _tiled_head(
+        params, labels, backend, op=linear_sequence_logprobs, segment_ids=torch.arange(N) % 3, num_segments=3
     )
     assert len(_head_node(seq).kept_keys) == N_TILES
-    tok_out = linear_token_logprobs(params[0], params[1], labels, bias=params[2], **TILES, backend=backend)
+    tok_out = _tiled_head(params, labels, backend)
     # two losses of one forward, each backward separately (the second one reaches the head node again)
     loss_a = (tok_out.logprobs * gout).sum()
     loss_b = (tok_out.logprobs * gout2).sum()
     loss_a.backward(retain_graph=True)
     loss_b.backward()
-    _, ref = _oracle_grads(h, w, b, labels, gout + gout2, {}, torch.float64)
-    _, naive = _oracle_grads(h, w, b, labels, gout + gout2, {}, torch.float32)
+    ref, naive = _oracles(h, w, b, labels, gout + gout2, {})
     _assert_within_naive([p.grad for p in params], naive, ref, tol=2e-5)
     # and the sequence-sum graph: two per-sequence losses
     for p in params:
@@ -187,32 +181,27 @@ def test_head_two_losses_on_one_forward(backend: str) -> None:
     seq[0].backward(retain_graph=True)
     seq[2].backward()
     sel = (torch.arange(N) % 3 != 1).double()
-    _, ref = _oracle_grads(h, w, b, labels, sel, {}, torch.float64)
-    _, naive = _oracle_grads(h, w, b, labels, sel, {}, torch.float32)
+    ref, naive = _oracles(h, w, b, labels, sel, {})
     _assert_within_naive([p.grad for p in params], naive, ref, tol=2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_head_autograd_grad_per_output(backend: str) -> None:
     h, w, b, labels, _ = _data(N, D, V, seed=3, masked=0.0)
-    params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
-    out = linear_token_logprobs(
-        params[0], params[1], labels, bias=params[2], **TILES, backend=backend, **TRANSFORMS["scaled"]
-    ).logprobs
+    params = _fp32_leaves(h, w, b)
+    out = _tiled_head(params, labels, backend, **TRANSFORMS["scaled"]).logprobs
     for i in (0, 7, N - 1):  # one token tile each side of the tile border
         got = torch.autograd.grad(out[i], params, retain_graph=True)
         onehot = torch.zeros(N)
         onehot[i] = 1.0
-        _, ref = _oracle_grads(h, w, b, labels, onehot, TRANSFORMS["scaled"], torch.float64)
-        _, naive = _oracle_grads(h, w, b, labels, onehot, TRANSFORMS["scaled"], torch.float32)
+        ref, naive = _oracles(h, w, b, labels, onehot, TRANSFORMS["scaled"])
         _assert_within_naive(list(got), naive, ref, tol=2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_head_retain_graph_under_offloading_hooks_and_zero3_gather(backend: str) -> None:
     h, w, _, labels, gout = _data(N, D, V, seed=21)
-    _, ref = _oracle_grads(h, w, None, labels, gout, {}, torch.float64)
-    _, naive = _oracle_grads(h, w, None, labels, gout, {}, torch.float32)
+    ref, naive = _oracles(h, w, None, labels, gout, {})
     # saved-tensor hooks that offload (pack a copy, unpack a fresh copy): the kept tiles go through them too
     packed: list[int] = []
 
@@ -220,7 +209,7 @@ def test_head_retain_graph_under_offloading_hooks_and_zero3_gather(backend: str)
         packed.append(t.numel())
         return t.detach().clone()
 
-    hh, ww = _leaf(h, torch.float32), _leaf(w, torch.float32)
+    hh, ww = _fp32_leaves(h, w)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t.clone()):
         out = linear_token_logprobs(hh, ww, labels, **TILES, backend=backend).logprobs
     assert packed.count(8 * 16) >= 1  # full kept tiles were packed
@@ -284,7 +273,7 @@ def _gif_case(seed: int):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_in_forward_retain_graph_twice(backend: str) -> None:
     h, w, b, labels, seg, loss_fn, groups = _gif_case(5)
-    params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
+    params = _fp32_leaves(h, w, b)
     loss, _ = linear_logprobs_loss_grad_in_forward(
         params[0], params[1], labels, seg, 4, loss_fn, bias=params[2], groups=groups, backend=backend
     )
@@ -390,7 +379,6 @@ def test_segment_sum_backward_twice_and_double_backward() -> None:
 
 # V = 70 in tiles of 16: [0, 16) [16, 32) [32, 48) [48, 64) [64, 70)
 MASKS = {"first": (0, 16), "middle": (32, 48), "last_partial": (64, 70), "all_but_label": None}
-STATS = {"return_entropy": True, "return_log_sum_p2": True, "return_mean_logit": True, "return_argmax_hit": True}
 
 
 def _masked_case(mask: str, seed: int):
@@ -426,14 +414,11 @@ def test_head_masked_vocabulary_tile_softcap(backend: str) -> None:
 
 
 def _check_masked(h, w, b, labels, gout, masked, transform, backend, stats) -> None:
-    params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
-    flags = STATS if stats else {}
-    out = linear_token_logprobs(
-        params[0], params[1], labels, bias=params[2], token_tile=8, vocab_tile=16, backend=backend, **transform, **flags
-    )
+    params = _fp32_leaves(h, w, b)
+    out = _tiled_head(params, labels, backend, **transform, **(STAT_FLAGS if stats else {}))
     p64 = [_leaf(t, torch.float64) for t in (h, w, b)]
     lp64, z64, logsm64 = explicit_logprobs(p64[0], p64[1], p64[2], labels, **transform)
-    lp32, _, _ = explicit_logprobs(*[_leaf(t, torch.float32) for t in (h, w, b)], labels, **transform)
+    lp32, _, _ = explicit_logprobs(*_fp32_leaves(h, w, b), labels, **transform)
     assert torch.isfinite(lp64).all()  # the oracle: masked vocabulary, finite log-probs
     assert torch.isfinite(out.logprobs).all(), out.logprobs
     assert _err(out.logprobs, lp64) <= _err(lp32, lp64) + 2e-5 * max(1.0, lp64.abs().max().item())
@@ -482,22 +467,13 @@ def test_head_gradient_precision_at_large_logits(backend: str, transform: dict, 
     b[1::2] = b[0:-1:2]
     labels = torch.randint(0, v, (n,), generator=gen)
     gout = (torch.rand(n, generator=gen) * 3.0 + 0.1) * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    z = (h.double() @ w.double().T + b.double()) * transform.get("logit_scale", 1.0) / transform.get("temperature", 1.0)
+    z = explicit_logits(h.double(), w.double(), b.double(), **transform)
     assert z.abs().max() > 1e4 and (z.float().double() == z).all()
     top2 = z.topk(2, dim=1).values
     assert ((top2[:, 0] - top2[:, 1]) < 4).sum() >= 3  # near-ties at the top in several rows
-    params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
-    out = linear_token_logprobs(
-        params[0],
-        params[1],
-        labels,
-        bias=params[2],
-        token_tile=16,
-        vocab_tile=64,
-        backend=backend,
-        keep_logits_bytes=KEEP[keep],
-        **transform,
-    ).logprobs
+    params = _fp32_leaves(h, w, b)
+    tiles = {"token_tile": 16, "vocab_tile": 64}
+    out = _tiled_head(params, labels, backend, tiles=tiles, keep_logits_bytes=KEEP[keep], **transform).logprobs
     (out * gout).sum().backward()
     lp64, ref = _oracle_grads(h, w, b, labels, gout, transform, torch.float64)
     lp32, naive = _oracle_grads(h, w, b, labels, gout, transform, torch.float32)
@@ -518,7 +494,7 @@ def test_head_precision_with_a_few_large_logit_rows(backend: str) -> None:
     h[[i for i in range(n) if i % 7]] /= 4096.0  # exact power-of-two scaling: small logits in 34 of 40 rows
     labels = torch.randint(0, v, (n,), generator=gen)
     gout = torch.rand(n, generator=gen) + 0.5
-    params = [_leaf(h, torch.float32), _leaf(w, torch.float32)]
+    params = _fp32_leaves(h, w)
     out = linear_token_logprobs(params[0], params[1], labels, token_tile=64, vocab_tile=64, backend=backend).logprobs
     (out * gout).sum().backward()
     lp64, ref = _oracle_grads(h, w, None, labels, gout, {}, torch.float64)
@@ -550,19 +526,10 @@ def _bad_label_case(seed: int):
 @pytest.mark.parametrize("transform", ["plain", "softcap"])
 def test_head_out_of_vocab_label_without_validation(backend: str, transform: str) -> None:
     h, w, b, labels, gout, bad = _bad_label_case(15)
-    params = [_leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)]
+    params = _fp32_leaves(h, w, b)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # validate=False also skips the non-finite warning
-        out = linear_token_logprobs(
-            params[0],
-            params[1],
-            labels,
-            bias=params[2],
-            **TILES,
-            validate=False,
-            backend=backend,
-            **TRANSFORMS[transform],
-        ).logprobs
+        out = _tiled_head(params, labels, backend, validate=False, **TRANSFORMS[transform]).logprobs
     assert torch.isnan(out[bad]).all() and out[0] == 0
     good = ~bad & (labels != -100)
     good_labels = torch.where(good, labels, -100)

@@ -534,22 +534,10 @@ def test_memory_cli_sequence_parallel(capsys: pytest.CaptureFixture[str]) -> Non
 def test_memory_measure_sequence_parallel_within_15_percent(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--measure`` with ``--sequence-parallel 2``: 2 CPU processes run the real engine step; the peak rank's RSS
     over its baseline is within 15% of the per-rank estimate (a ~0.3 GiB step with a 2560-token prefix_shared row)."""
-    from helpers import measure_matches_estimate
-
-    from fastdpo import memory as M
+    from helpers import measure_matches_estimate, measured_prefix_shared_step
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    step = M.StepConfig(
-        pairs=1,
-        prompt_len=1536,
-        completion_len=512,
-        dtype="fp32",
-        optimizer="sgd",
-        reference="precomputed",
-        device="cpu",
-        packing="prefix_shared",
-        sequence_parallel=2,
-    )
+    step = measured_prefix_shared_step(pairs=1, prompt_len=1536, completion_len=512, sequence_parallel=2)
     measured = measure_matches_estimate(step, ["fastdpo"], rel=0.15)["fastdpo"]
     assert len(measured["rank_peaks"]) == 2
 

@@ -26,6 +26,11 @@ FAST = (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _train(out: Path, *args: str, steps: int = 3, batch_size: int = 4) -> int:
+    """``fastdpo train`` into ``out`` for ``steps`` steps of ``batch_size`` pairs with ``args`` and :data:`FAST`."""
+    return main(["--output-dir", str(out), "--steps", str(steps), "--batch-size", str(batch_size), *args, *FAST])
+
+
 def _steps(out: Path) -> list[dict]:
     return [r for r in metrics_records(out) if "loss" in r and "eval_loss" not in r]
 
@@ -57,7 +62,7 @@ def test_lora_adapter_is_trained_saved_and_loads_with_peft(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    assert main(["--output-dir", str(out), "--steps", "3", "--batch-size", "4", "--lora-r", "4", *FAST]) == 0
+    assert _train(out, "--lora-r", "4") == 0
     assert "LoRA r=4" in capsys.readouterr().out
     model_dir = out / "model"
     config = json.loads((model_dir / "adapter_config.json").read_text())
@@ -83,25 +88,7 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(tmp_path, capsys):
     from fastdpo.train import _build_policy, build_parser
 
     out = tmp_path / "qlora"
-    assert (
-        main(
-            [
-                "--output-dir",
-                str(out),
-                "--steps",
-                "3",
-                "--batch-size",
-                "4",
-                "--qlora",
-                "--lora-r",
-                "4",
-                "--lr",
-                "1e-2",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert _train(out, "--qlora", "--lora-r", "4", "--lr", "1e-2") == 0
     assert "QLoRA" in capsys.readouterr().out
     assert json.loads((out / "model" / "adapter_config.json").read_text())["r"] == 4
     assert any(float(v.abs().max()) > 0 for k, v in _weights(out / "model").items() if "lora_B" in k)
@@ -131,10 +118,8 @@ def test_lora_run_resumes_identically(tmp_path):
 def test_grad_accum_equals_the_larger_batch(tmp_path):
     data = _data(tmp_path)
     one, accum = tmp_path / "one", tmp_path / "accum"
-    assert main(["--output-dir", str(one), "--steps", "3", "--batch-size", "4", *data, *FAST]) == 0
-    assert (
-        main(["--output-dir", str(accum), "--steps", "3", "--batch-size", "2", "--grad-accum", "2", *data, *FAST]) == 0
-    )
+    assert _train(one, *data) == 0
+    assert _train(accum, "--grad-accum", "2", *data, batch_size=2) == 0
     for a, b in zip(_steps(one), _steps(accum), strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
@@ -151,10 +136,7 @@ def test_every_packing_gives_the_same_step(tmp_path):
     runs = {}
     for packing in ("pad", "padding_free", "prefix_shared"):
         out = tmp_path / packing
-        assert (
-            main(["--output-dir", str(out), "--steps", "2", "--batch-size", "4", "--packing", packing, *data, *FAST])
-            == 0
-        )
+        assert _train(out, "--packing", packing, *data, steps=2) == 0
         runs[packing] = _steps(out)
     for packing in ("padding_free", "prefix_shared"):
         for a, b in zip(runs["pad"], runs[packing], strict=True):
@@ -172,7 +154,7 @@ def test_loss_type_list_with_weights(tmp_path):
         ("mix", ["--loss-type", "sigmoid", "sft", "--loss-weights", "1.0", "0.25"]),
     ):
         out = tmp_path / name
-        assert main(["--output-dir", str(out), "--steps", "1", "--batch-size", "4", *extra, *data, *FAST]) == 0
+        assert _train(out, *extra, *data, steps=1) == 0
         first[name] = _steps(out)[0]["loss"]
     assert first["mix"] == pytest.approx(first["sigmoid"] + 0.25 * first["sft"], rel=1e-6)
     assert first["sft"] > 1.0  # a real NLL, so the mixture is distinguishable from sigmoid alone
@@ -189,23 +171,9 @@ def test_truncation_mode_reaches_the_collator(tmp_path):
     logps = {}
     for mode in ("keep_end", "keep_start"):
         out = tmp_path / mode
-        args = [
-            "--output-dir",
-            str(out),
-            "--steps",
-            "1",
-            "--batch-size",
-            "4",
-            "--max-length",
-            "12",
-            "--truncation-mode",
-            mode,
-            "--eval-batch-size",
-            "8",
-            *data,
-            *FAST,
-        ]
-        assert main(args) == 0
+        assert (
+            _train(out, "--max-length", "12", "--truncation-mode", mode, "--eval-batch-size", "8", *data, steps=1) == 0
+        )
         logps[mode] = metrics_records(out)[0]["eval_logps/chosen"]
         tok = AutoTokenizer.from_pretrained(out / "reference")
         model = AutoModelForCausalLM.from_pretrained(out / "reference")
@@ -223,24 +191,7 @@ def test_report_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
-    assert (
-        main(
-            [
-                "--output-dir",
-                str(out),
-                "--steps",
-                "3",
-                "--batch-size",
-                "4",
-                "--eval-batches",
-                "1",
-                "--report-to",
-                "tensorboard",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert _train(out, "--eval-batches", "1", "--report-to", "tensorboard") == 0
     events = EventAccumulator(str(out / "runs"))
     events.Reload()
     tags = set(events.Tags()["scalars"])

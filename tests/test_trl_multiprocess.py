@@ -198,23 +198,9 @@ def _check_reload(run: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_ddp_matches_trl(ddp, case):
-    _check_against_trl([r[case] for r in ddp], "ddp", case)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_zero3_matches_trl(zero3, case):
-    _check_against_trl([r[case] for r in zero3], "zero3", case)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_zero2_matches_trl(zero2, case):
-    _check_against_trl([r[case] for r in zero2], "zero2", case)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_fsdp2_matches_trl(fsdp2, case):
-    _check_against_trl([r[case] for r in fsdp2], "fsdp2", case)
+@pytest.mark.parametrize("setup", ["ddp", "zero3", "zero2", "fsdp2"])  # the module-scoped launch fixtures
+def test_setup_matches_trl(setup, case, request):
+    _check_against_trl([r[case] for r in request.getfixturevalue(setup)], setup, case)
 
 
 def test_zero1_matches_trl(zero2):

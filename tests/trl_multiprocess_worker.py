@@ -139,7 +139,7 @@ def _full_params(trainer: Any) -> dict[str, torch.Tensor]:
 
 def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Path, out_dir: Path) -> dict[str, Any]:
     import datasets
-    from helpers import dpo_config
+    from helpers import dpo_config, dpo_trainer, json_rows
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
     from trl import DPOTrainer
@@ -204,28 +204,13 @@ def run_case(setup: str, case: str, trainer_name: str, data: Path, eval_data: Pa
         if with_ref
         else None
     )
-    train = datasets.load_dataset(
-        "json", data_files=str(data), split="train", cache_dir=str(out_dir / f"hf_cache-{setup}-{case}-{trainer_name}")
-    )
+    cache_dir = out_dir / f"hf_cache-{setup}-{case}-{trainer_name}"
+    train = json_rows(data, cache_dir)
     evaluate = case == "ref_model"
-    evals = datasets.load_dataset(
-        "json",
-        data_files=str(eval_data),
-        split="train",
-        cache_dir=str(out_dir / f"hf_cache-{setup}-{case}-{trainer_name}"),
-    )
-    evals = evals if evaluate else None
+    evals = json_rows(eval_data, cache_dir) if evaluate else None
 
     def make_trainer(m: Any, r: Any, args: Any) -> Any:
-        trainer = cls(
-            model=m,
-            ref_model=r,
-            args=args,
-            train_dataset=train,
-            eval_dataset=evals,
-            processing_class=tok,
-            peft_config=peft_config,
-        )
+        trainer = dpo_trainer(cls, tok, m, r, args, train, evals, peft_config=peft_config)
         trainer.recorded_wrapped, trainer.recorded_inputs = [], []
         return trainer
 
