@@ -119,11 +119,44 @@ def make_tokenizer(vocab: int):
     )
 
 
+def llama_config(**fields: Any) -> Any:
+    """A ``LlamaConfig`` of ``fields`` with this benchmark's special token ids (``PAD_ID``, ``BOS_ID``, ``EOS_ID``)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**fields, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+
+
+def perturbed_pair(
+    config: Any,
+    *,
+    seed: int,
+    noise: float,
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(policy, reference)`` Llama models of ``config`` in ``dtype`` on ``device``: the reference drawn with
+    ``torch.manual_seed(seed)``, the policy its copy plus ``noise * N(0, 1)`` per weight (generator seeded
+    ``seed + 1`` on ``device``). The reference is frozen in eval mode, the policy in train mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        ref = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype)
+        policy = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype)
+    policy.load_state_dict(ref.state_dict())
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_((torch.randn(p.shape, generator=gen, device=device) * noise).to(p.dtype))
+    ref.eval().requires_grad_(False)
+    policy.train()
+    return policy, ref
+
+
 def make_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Tiny fp32 Llama policy and reference (the policy is the reference plus a small perturbation)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
+    config = llama_config(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 8 // 3 // 8 * 8,
@@ -131,22 +164,9 @@ def make_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Mod
         num_attention_heads=args.heads,
         num_key_value_heads=max(1, args.heads // 2),
         max_position_embeddings=4 * (args.prompt_len + 2 * args.completion_len),
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(args.seed)
-    ref = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    policy = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    policy.load_state_dict(ref.state_dict())
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-    ref.eval().requires_grad_(False)
-    policy.train()
-    return policy, ref
+    return perturbed_pair(config, seed=args.seed, noise=0.01)
 
 
 # ---------------------------------------------------------------------------------------------------- workers

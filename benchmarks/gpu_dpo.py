@@ -202,31 +202,13 @@ def _completion_logps(model: torch.nn.Module, state: dict[str, Any], device: tor
 
 def _setup_case(ctx: Context, attn: str, d: dict[str, int], state: dict[str, Any]) -> dict[str, Any]:
     """Build reference and policy; the float64 reference log-probs (once) and the naive bf16 ones (per attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fastdpo.benchmarks.engine_step import BOS_ID, EOS_ID, PAD_ID
+    from fastdpo.benchmarks.engine_step import llama_config, perturbed_pair
 
     device = ctx.device
-    config = LlamaConfig(
-        **d,
-        tie_word_embeddings=True,
-        max_position_embeddings=4096,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-    )
-    torch.manual_seed(1234)
-    with torch.device(device):
-        ref = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=DTYPE)
-        policy = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=DTYPE)
-    policy.load_state_dict(ref.state_dict())
-    gen = torch.Generator(device=device).manual_seed(1235)
+    config = llama_config(**d, tie_word_embeddings=True, max_position_embeddings=4096)
+    policy, ref = perturbed_pair(config, seed=1234, noise=NOISE, attn=attn, dtype=DTYPE, device=device)
     with torch.no_grad():
-        for p in policy.parameters():
-            p.add_((torch.randn(p.shape, generator=gen, device=device) * NOISE).to(p.dtype))
         fingerprint = sum(p.double().sum().item() for p in policy.parameters())
-    ref.eval().requires_grad_(False)
-    policy.train()
     rec: dict[str, Any] = {"params": sum(p.numel() for p in policy.parameters()), "weights_fingerprint": fingerprint}
     if "ref64" not in state:
         m64 = copy.deepcopy(policy).to(device="cpu", dtype=torch.float64)
