@@ -200,3 +200,16 @@ def test_every_package_directory_is_installed() -> None:
     found = {".".join(("fastdpo", *p.parent.relative_to(pkg).parts)) for p in pkg.rglob("__init__.py")}
     assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
     assert {"fastdpo.kernels", "fastdpo.benchmarks"} <= listed
+
+
+def test_the_package_is_marked_typed() -> None:
+    """PEP 561: ``fastdpo/py.typed`` exists and is shipped as package data, so type checkers read the installed
+    package's annotations (the ``Unpack[...]``-typed ``**options`` of the public functions among them) instead of
+    treating it as untyped."""
+    import fastdpo
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pkg = Path(fastdpo.__file__).resolve().parent
+    assert (pkg / "py.typed").is_file()
+    package_data = tomllib.loads((pkg.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["fastdpo"]
