@@ -18,13 +18,13 @@ import torch
 from fastdpo._validation import check_float, check_int, check_rows_and_target
 from fastdpo.head.plan import _legacy_tiles
 
-__all__ = ["HEAD_OPTIONS", "FusedHeadModule", "HeadOptions", "RowTokens", "row_logit_sums"]
+__all__ = ["HEAD_OPTIONS", "FusedHeadModule", "FusedHeadKeywords", "RowTokens", "row_logit_sums"]
 
 # The head's options every fused module keeps as attributes of its own name and passes on to the head.
 HEAD_OPTIONS = ("ignore_index", "token_tile", "vocab_tile", "keep_logits_bytes", "validate", "backend")
 
 
-class HeadOptions(TypedDict, total=False):
+class FusedHeadKeywords(TypedDict, total=False):
     """Keyword-only head options of every fused module (defaults: :class:`FusedHeadModule`'s constructor).
 
     ``token_tile`` / ``vocab_tile``: the head's projection tile (``head_chunk_size`` is their deprecated spelling: an
@@ -73,7 +73,7 @@ def row_logit_sums(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 class FusedHeadModule(torch.nn.Module):
-    """Base of the fused modules: the head options (:class:`HeadOptions`) as attributes, the checks of the inputs,
+    """Base of the fused modules: the head options (:class:`FusedHeadKeywords`) as attributes, the checks of the inputs,
     and per-row log-probs through the head.
 
     ``compiled`` and ``chunk_size`` (Liger's rows per chunk) are accepted for signature compatibility only: the head

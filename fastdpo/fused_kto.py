@@ -34,7 +34,7 @@ from fastdpo.losses.kto import kto_sample_losses
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from fastdpo.fused_base import HeadOptions
+    from fastdpo.fused_base import FusedHeadKeywords
 
 __all__ = ["FusedLinearKTOLoss"]
 
@@ -46,7 +46,7 @@ class FusedLinearKTOLoss(FusedHeadModule):
     ref_input [B, T, D] = None, ref_weight [V, D] = None, ref_bias [V] = None, kl = None)`` (note: ``_input`` comes
     first here, as in Liger's KTO module) -> ``(loss, aux)`` as described in :mod:`fastdpo.fused_kto`.
 
-    Keyword-only head options: :class:`fastdpo.fused_base.HeadOptions`.
+    Keyword-only head options: :class:`fastdpo.fused_base.FusedHeadKeywords`.
     """
 
     def __init__(
@@ -57,7 +57,7 @@ class FusedLinearKTOLoss(FusedHeadModule):
         use_ref_model: bool = False,
         average_log_prob: bool = False,
         chunk_size: int = 1,
-        **head_options: Unpack[HeadOptions],
+        **head_options: Unpack[FusedHeadKeywords],
     ) -> None:
         super().__init__(ignore_index, compiled, chunk_size, **head_options)
         self.beta = check_number("beta", beta)

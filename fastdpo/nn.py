@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from fastdpo._validation import check_index, check_same_device
 from fastdpo.dpo_loss import DPOLoss
-from fastdpo.fused_base import FusedHeadModule, HeadOptions, RowTokens, row_logit_sums
+from fastdpo.fused_base import FusedHeadKeywords, FusedHeadModule, RowTokens, row_logit_sums
 from fastdpo.fused_kto import FusedLinearKTOLoss
 from fastdpo.losses import (
     LOSS_TYPES,
@@ -68,8 +68,8 @@ __all__ = [
 ]
 
 
-class PairedHeadOptions(HeadOptions, total=False):
-    """Keyword-only options of the paired fused modules: :class:`~fastdpo.fused_base.HeadOptions` and
+class PairedHeadKeywords(FusedHeadKeywords, total=False):
+    """Keyword-only options of the paired fused modules: :class:`~fastdpo.fused_base.FusedHeadKeywords` and
     ``logit_scale``, ``temperature`` (logits ``(h @ W.T + b) * logit_scale / temperature``), ``grad_in_forward``
     (gradients formed in the forward pass; pair-local losses only; ``keep_logits_bytes`` then bounds the logits one
     chunk of pairs keeps). Defaults: :class:`_FusedLinearPreferenceBase`'s constructor."""
@@ -88,7 +88,7 @@ class _DPOLossKeywords(TypedDict, total=False):
     f_alpha_divergence_coef: float
 
 
-class FusedDPOOptions(PairedHeadOptions, _DPOLossKeywords, total=False):
+class FusedDPOKeywords(PairedHeadKeywords, _DPOLossKeywords, total=False):
     """Keyword-only options of :class:`FusedLinearDPOLoss`."""
 
 
@@ -120,7 +120,7 @@ class _FusedLinearPreferenceBase(FusedHeadModule):
     groups.
 
     Subclasses define :meth:`_pair_terms` — the loss contribution of a subset of pairs given batch totals — and may
-    define :meth:`_extra_outputs`. Keyword-only options: :class:`PairedHeadOptions`.
+    define :meth:`_extra_outputs`. Keyword-only options: :class:`PairedHeadKeywords`.
     """
 
     _init_depth = 2
@@ -137,7 +137,7 @@ class _FusedLinearPreferenceBase(FusedHeadModule):
         logit_scale: float = 1.0,
         temperature: float = 1.0,
         grad_in_forward: bool = False,
-        **head_options: Unpack[HeadOptions],
+        **head_options: Unpack[FusedHeadKeywords],
     ) -> None:
         super().__init__(ignore_index, compiled, chunk_size, **head_options)
         for name, value in (
@@ -360,7 +360,7 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
     ``sft``, which use the rows' target token counts as completion lengths, and ``aot``/``aot_unpaired``), loss
     mixtures (``loss_type`` list + ``loss_weights``) and f-divergences. ``use_ref_model=False``: reference log-probs
     are 0. The positional options are Liger's, with Liger's defaults; the loss options Liger lacks
-    (``loss_weights``, ``f_divergence_type``, ``f_alpha_divergence_coef``) are keywords (:class:`FusedDPOOptions`),
+    (``loss_weights``, ``f_divergence_type``, ``f_alpha_divergence_coef``) are keywords (:class:`FusedDPOKeywords`),
     with the head options. ``loss_config``: a :class:`fastdpo.losses.PreferenceLossConfig` instead of the loss options
     (a loss option given as well must agree with it, one left at its default is not read; WPO and LD-DPO need
     per-token statistics and are refused), kept as ``self.loss_config``.
@@ -381,7 +381,7 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceBase):
         discopop_tau: float = 0.05,
         *,
         loss_config: PreferenceLossConfig | None = None,
-        **options: Unpack[FusedDPOOptions],
+        **options: Unpack[FusedDPOKeywords],
     ) -> None:
         loss_options = {name: options.pop(name) for name in _DPOLossKeywords.__annotations__ if name in options}
         super().__init__(
@@ -469,7 +469,7 @@ class FusedLinearSimPOLoss(_ReferenceFreeBase):
         compiled: bool = True,
         gamma: float = 0.5,
         chunk_size: int = 1,
-        **head_options: Unpack[PairedHeadOptions],
+        **head_options: Unpack[PairedHeadKeywords],
     ) -> None:
         super().__init__(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size, **head_options)
         self.label_smoothing = check_label_smoothing(label_smoothing)
@@ -497,7 +497,7 @@ class FusedLinearCPOLoss(_ReferenceFreeBase):
         compiled: bool = True,
         average_log_prob: bool = False,
         chunk_size: int = 1,
-        **head_options: Unpack[PairedHeadOptions],
+        **head_options: Unpack[PairedHeadKeywords],
     ) -> None:
         super().__init__(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size, **head_options)
         self.label_smoothing = check_label_smoothing(label_smoothing)
@@ -527,7 +527,7 @@ class FusedLinearORPOLoss(_ReferenceFreeBase):
         compute_nll_loss: bool = True,
         compiled: bool = True,
         chunk_size: int = 1,
-        **head_options: Unpack[PairedHeadOptions],
+        **head_options: Unpack[PairedHeadKeywords],
     ) -> None:
         super().__init__(ignore_index, beta, 1.0, compute_nll_loss, compiled, chunk_size, **head_options)
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from fastdpo.engine import DPOEngine
-from fastdpo.fused_base import FusedHeadModule, HeadOptions
+from fastdpo.fused_base import FusedHeadKeywords, FusedHeadModule
 from fastdpo.losses import LossOptions, PreferenceLossConfig, partial_preference_loss, preference_loss
 from fastdpo.losses.paired import PairStatistics
-from fastdpo.nn import DPOLoss, FusedDPOOptions, FusedLinearDPOLoss, PairedHeadOptions, _FusedLinearPreferenceBase
+from fastdpo.nn import DPOLoss, FusedDPOKeywords, FusedLinearDPOLoss, PairedHeadKeywords, _FusedLinearPreferenceBase
 from fastdpo.ref_cache import CacheExpectations, RefLogpCache
 from fastdpo.tiny import make_model, make_tokenizer
 
@@ -65,10 +65,10 @@ def test_head_and_statistics_typed_dicts_match_their_signatures() -> None:
     def keyword_only(fn) -> list[str]:
         return [n for n, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
-    assert keyword_only(FusedHeadModule.__init__) == list(HeadOptions.__annotations__)
-    extra = [n for n in PairedHeadOptions.__annotations__ if n not in HeadOptions.__annotations__]
+    assert keyword_only(FusedHeadModule.__init__) == list(FusedHeadKeywords.__annotations__)
+    extra = [n for n in PairedHeadKeywords.__annotations__ if n not in FusedHeadKeywords.__annotations__]
     assert keyword_only(_FusedLinearPreferenceBase.__init__) == extra
-    dpo_extra = set(FusedDPOOptions.__annotations__) - set(PairedHeadOptions.__annotations__)
+    dpo_extra = set(FusedDPOKeywords.__annotations__) - set(PairedHeadKeywords.__annotations__)
     assert dpo_extra == {"loss_weights", "f_divergence_type", "f_alpha_divergence_coef"} <= set(FIELDS)
     assert list(PairStatistics.__annotations__) == [
         n for n in inspect.signature(preference_loss).parameters if n.endswith(("_lengths", "_sum", "_p2", "_weights"))
