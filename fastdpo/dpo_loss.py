@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastdpo.losses import PreferenceLossConfig, preference_loss
-from fastdpo.losses.paired import check_statistics_names
+from fastdpo.losses.paired import check_statistics_names, sequence_config
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from fastdpo.losses.paired import PairStatistics
 
 __all__ = ["DPOLoss"]
+
+
+def _config_field(name: str) -> property:
+    """A read-only attribute of the module that is the field ``name`` of its ``loss_config``."""
+    return property(lambda self: getattr(self.loss_config, name), doc=f"``loss_config.{name}`` (read-only)")
 
 
 class DPOLoss(torch.nn.Module):
@@ -49,16 +54,19 @@ class DPOLoss(torch.nn.Module):
             if "loss_type" in loss_options:
                 raise TypeError("DPOLoss() got multiple values for argument 'loss_type'")
             loss_options["loss_type"] = loss_type
-        config = PreferenceLossConfig.resolve(loss_config, loss_options, where="DPOLoss()")
-        if config.ld_alpha is not None:
-            raise ValueError(
-                "DPOLoss works on sequence log-probs: apply ld_alpha with fastdpo.losses.ld_logps "
-                "and pass a loss_config without it"
-            )
+        config = sequence_config(PreferenceLossConfig.resolve(loss_config, loss_options, where="DPOLoss()"))
         self.loss_config = config
-        self.loss_types, self.loss_weights = config.loss_type, config.loss_weights
-        self.beta = config.beta
         self.validate = bool(validate)
+
+    # the configuration's fields, read-only (the configuration is fixed at construction)
+    loss_types = _config_field("loss_type")
+    loss_weights = _config_field("loss_weights")
+    beta = _config_field("beta")
+    label_smoothing = _config_field("label_smoothing")
+    f_divergence_type = _config_field("f_divergence_type")
+    f_alpha_divergence_coef = _config_field("f_alpha_divergence_coef")
+    discopop_tau = _config_field("discopop_tau")
+    use_weighting = _config_field("use_weighting")
 
     def forward(
         self,

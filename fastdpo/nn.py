@@ -109,12 +109,6 @@ class _Pairs(NamedTuple):
     num_chosen_tokens: torch.Tensor
 
 
-def _logits_mean(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Mean logit over all positions of ``x [R, T, D]`` and the vocabulary, without logits (fp32, no grad)."""
-    r, t, _ = x.shape
-    return row_logit_sums(x, weight, bias).sum() * scale / max(r * t * weight.shape[0], 1)
-
-
 class _FusedLinearPreferenceBase(FusedHeadModule):
     """Shared machinery of the paired modules: policy/reference head passes, NLL, logits means, grad-in-forward
     groups.
@@ -266,12 +260,14 @@ class _FusedLinearPreferenceBase(FusedHeadModule):
                 nll = -sums[:p].sum() / n_tok if self.compute_nll_loss else torch.zeros((), device=_input.device)
             rc = c - ref_c if ref_c is not None else c
             rr = r - ref_r if ref_r is not None else r
-            scale = self.logit_scale / self.temperature
+            # mean logit of each half over its positions and the vocabulary; one pass over the head weight
+            row_logits = row_logit_sums(_input, lin_weight, bias) * (self.logit_scale / self.temperature)
+            per_half = max(p * _input.shape[1] * lin_weight.shape[0], 1)
             aux = (
                 c,
                 r,
-                _logits_mean(_input[:p], lin_weight, bias, scale),
-                _logits_mean(_input[p:], lin_weight, bias, scale),
+                row_logits[:p].sum() / per_half,
+                row_logits[p:].sum() / per_half,
                 nll,
                 self.beta * rc,
                 self.beta * rr,

@@ -215,7 +215,9 @@ class _Prepared(NamedTuple):
         return dpo_loss_sum(config=config, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens, **self._asdict())
 
 
-def _sequence_config(config: PreferenceLossConfig) -> PreferenceLossConfig:
+def sequence_config(config: PreferenceLossConfig) -> PreferenceLossConfig:
+    """``config``, refused (``ValueError``) when it holds ``ld_alpha``: a loss over sequence log-probs has no tokens to
+    weight."""
     if config.ld_alpha is not None:
         raise ValueError(
             "ld_alpha (LD-DPO) weights per-token log-probs: reduce them with fastdpo.losses.ld_logps (policy and "
@@ -381,7 +383,7 @@ def preference_loss(
             conflicts with ``loss_config``, missing lengths/WPO inputs, empty batch, mismatched shapes or devices.
             TypeError: non-float log-probs, non-integer/float lengths, a keyword that is no loss option.
     """
-    config = _sequence_config(PreferenceLossConfig.resolve(loss_config, loss_options, where="preference_loss()"))
+    config = sequence_config(PreferenceLossConfig.resolve(loss_config, loss_options, where="preference_loss()"))
     arguments = locals()  # the per-batch tensors are the parameters named as PairStatistics' keys
     statistics = PairStatistics(**{name: arguments[name] for name in PairStatistics.__annotations__})
     x = _prepared(config, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, statistics)
@@ -415,7 +417,7 @@ def partial_preference_loss(
     contribution is non-finite. Returns a 0-dim tensor with a grad_fn.
     """
     check_statistics_names(statistics, "partial_preference_loss()")
-    config = _sequence_config(loss_config)
+    config = sequence_config(loss_config)
     if not config.pair_local:
         raise ValueError(
             f"loss_type {list(config.loss_type)} (use_weighting={config.use_weighting}) couples the "
