@@ -167,3 +167,19 @@ def test_typed_keywords_name_exactly_the_options() -> None:
         assert code.co_flags & inspect.CO_VARKEYWORDS, fn.__name__
         var_keyword = code.co_varnames[code.co_argcount + code.co_kwonlyargcount]
         assert fn.__annotations__[var_keyword] == f"Unpack[{typed}]", fn.__name__
+
+
+@pytest.mark.parametrize("fn", [linear_token_logprobs, linear_sequence_logprobs])
+def test_nonfinite_warning_points_at_the_callers_line(fn: Any) -> None:
+    """The NaN/inf warning of both public head functions names the user's line, not the library's (the check runs
+    in their shared ``_token_stats``, one frame deeper than the functions themselves)."""
+    import warnings
+
+    hidden = torch.randn(1, 4, D)
+    hidden[0, 1, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fn(hidden, torch.randn(V, D), torch.randint(0, V, (1, 4)))
+    nonfinite = [w for w in record if "non-finite" in str(w.message)]
+    assert len(nonfinite) == 1 and nonfinite[0].category is RuntimeWarning
+    assert nonfinite[0].filename == __file__

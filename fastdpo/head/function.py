@@ -239,7 +239,7 @@ def _token_stats(
             _expand(hit, idx, labels.shape, False),
         )
         if options.validate:
-            warn_nonfinite_output(out.logprobs, "hidden states or weight")
+            warn_nonfinite_output(out.logprobs, "hidden states or weight", stacklevel=4)
     return out
 
 
