@@ -169,10 +169,10 @@ def _load_without_dropout(source: str, dtype: torch.dtype) -> torch.nn.Module:
     ``disable_dropout`` default)."""
     from transformers import AutoModelForCausalLM
 
+    from fastdpo.models import disable_dropout
+
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    disable_dropout(model)
     return model
 
 

@@ -16,7 +16,7 @@ Every tolerance is derived from the naive same-dtype error against float64 (the 
   noise, whose ratio reached 2.0 on one metric-step here.
 
 Under autocast (and the trainers' mixed precision, which autocasts only the model's forward) the fused head must run
-in the autocast dtype like the model's ``nn.Linear`` head would (``fastdpo.engine._head_operands``): checked by
+in the autocast dtype like the model's ``nn.Linear`` head would (``fastdpo.engine_inputs.head_operands``): checked by
 watching the head's operands.
 """
 

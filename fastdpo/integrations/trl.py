@@ -330,7 +330,7 @@ class FastDPOTrainer(ReferenceMixin, DPOTrainer):
         pairs: list[torch.Tensor] = []
         # Mixed precision (bf16=True / fp16=True): accelerate autocasts only the model's forward, where TRL's lm_head
         # runs; the fused head runs after it, so the step runs under the accelerator's autocast, in which the engine
-        # gives the head the autocast dtype (see fastdpo.engine._head_operands). A no-op without mixed precision.
+        # gives the head the autocast dtype (see fastdpo.engine_inputs.head_operands). A no-op without mixed precision.
         with self.accelerator.autocast():
             loss, metrics = engine.step(batch, policy, **self._metric_gathers(pairs if return_outputs else None))
         self._record_metrics(mode, batch, metrics)
