@@ -139,9 +139,9 @@ class StepConfig:
             raise ValueError(f"pairs_per_row must be positive, got {self.pairs_per_row}")
         if self.pairs_per_row != 1 and self.packing != "prefix_shared":
             raise ValueError("pairs_per_row applies to packing='prefix_shared' only")
-        from fastdpo._validation import check_int  # imports torch: only once a step is configured
-
-        check_int("sequence_parallel", self.sequence_parallel, minimum=1)
+        sp = self.sequence_parallel
+        if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:  # a ValueError, and no torch import here
+            raise ValueError(f"sequence_parallel must be a positive int, got {sp!r}")
 
     @property
     def rows(self) -> int:

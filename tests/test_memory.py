@@ -305,3 +305,21 @@ def test_bad_arguments():
         M.shape_from_config({"hidden_size": 8})
     with pytest.raises(ValueError, match="variant"):
         M.head_bytes("nope", M.load_model("Qwen2.5-0.5B")[0], M.StepConfig())
+
+
+@pytest.mark.parametrize("bad", [0, 2.0, "2", True])
+def test_step_config_refuses_a_bad_sequence_parallel_without_torch(bad: object) -> None:
+    """``sequence_parallel`` must be a positive int (``ValueError``, as the other fields); the estimator stays
+    torch-free: configuring a step in a fresh interpreter imports no torch."""
+    import subprocess
+    import sys
+
+    with pytest.raises(ValueError, match="sequence_parallel must be a positive int"):
+        M.StepConfig(pairs=1, prompt_len=3, completion_len=5, sequence_parallel=bad)
+    code = (
+        "import sys; from fastdpo import memory as M; "
+        "M.StepConfig(pairs=1, prompt_len=3, completion_len=5, sequence_parallel=2); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "False"
