@@ -27,6 +27,7 @@ from fastdpo._validation import (
     check_float,
     check_index,
     check_int,
+    check_keywords,
     check_labels,
     check_same_device,
     refuse_double_backward,
@@ -68,9 +69,7 @@ class _Options(NamedTuple):
     @classmethod
     def of(cls, where: str, keywords: dict[str, Any]) -> _Options:
         """The options of keyword arguments; ``TypeError`` for any other keyword, as for an explicit signature."""
-        unknown = sorted(set(keywords) - set(cls._fields))
-        if unknown:
-            raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}")
+        check_keywords(f"{where}()", keywords, cls._fields, "its keywords")
         return cls(**keywords)
 
 

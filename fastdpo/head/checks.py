@@ -4,12 +4,11 @@ tensors against each other and (with ``validate``) the label range."""
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 
-from fastdpo._validation import check_float, check_index, check_labels, check_same_device
+from fastdpo._validation import check_float, check_index, check_labels, check_number, check_same_device
 
 if TYPE_CHECKING:
     from fastdpo.head.options import HeadOptions
@@ -20,10 +19,7 @@ def _check_positive(name: str, value: float | None, allow_none: bool) -> None:
         if not allow_none:
             raise TypeError(f"{name} must be a number, got None")
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    check_number(name, value, positive=True)
 
 
 def _check_inputs(

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, TypedDict, TypeVar
 import torch
 
 from fastdpo._dispatch import Backend
+from fastdpo._validation import check_int, check_keywords
 from fastdpo.head.checks import _check_positive
 from fastdpo.head.gather import GatherContext
 from fastdpo.head.plan import _check_keep_bytes, _check_tiles, _legacy_tiles, _plan, _Spec
@@ -60,12 +61,11 @@ class HeadOptions:
         _check_positive("softcap", self.softcap, allow_none=True)
         _check_positive("logit_scale", self.logit_scale, allow_none=False)
         _check_positive("temperature", self.temperature, allow_none=False)
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        check_int("ignore_index", self.ignore_index)
         _check_tiles(self.token_tile, self.vocab_tile)
         if self.gather_context is not None and not callable(self.gather_context):
             raise TypeError("gather_context must be a callable returning a context manager")
-        _check_keep_bytes(self.keep_logits_bytes, 0)
+        _check_keep_bytes(self.keep_logits_bytes)
 
     def keep_bytes(self, default: int) -> int:
         """``keep_logits_bytes``, or the mode's ``default`` budget when it is ``None``."""
@@ -134,10 +134,8 @@ def head_keywords(where: str, keywords: dict[str, Any], *, returns: bool = False
     directly): the :class:`HeadOptions` fields, the deprecated ``chunk_size`` (``DeprecationWarning`` pointing at the
     caller of ``where``; see :func:`~fastdpo.head.plan._legacy_tiles`) and, with ``returns``, the ``return_*``
     flags. Any other keyword is a ``TypeError``, as for an explicit signature."""
-    allowed = _OPTION_NAMES | {"chunk_size"} | (set(_RETURN_KEYWORDS) if returns else set())
-    unknown = sorted(set(keywords) - allowed)
-    if unknown:
-        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}")
+    allowed = [*_OPTION_NAMES, "chunk_size", *(_RETURN_KEYWORDS if returns else ())]
+    check_keywords(f"{where}()", keywords, allowed, "its keywords")
     options = {k: v for k, v in keywords.items() if k in _OPTION_NAMES}
     if "chunk_size" in keywords:
         tiles = _legacy_tiles(

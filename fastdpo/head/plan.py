@@ -74,13 +74,10 @@ def _check_tiles(token_tile: int | None, vocab_tile: int | None) -> None:
             raise ValueError(f"{name} must be >= 1, got {value!r}")
 
 
-def _check_keep_bytes(value: int | None, default: int, name: str = "keep_logits_bytes") -> int:
-    """A logits byte budget: ``default`` for ``None``, else an int >= 0 (``ValueError`` otherwise)."""
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
+def _check_keep_bytes(value: int | None) -> None:
+    """``ValueError`` unless the logits byte budget ``keep_logits_bytes`` is ``None`` or an int >= 0."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"keep_logits_bytes must be an int >= 0, got {value!r}")
 
 
 def _legacy_tiles(
