@@ -125,7 +125,7 @@ class TokenStatsKeywords(HeadKeywords, total=False):
     return_argmax_hit: bool
 
 
-_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(HeadOptions))
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(HeadOptions))
 _RETURN_KEYWORDS = {f"return_{name}": name for name in _Returns._fields}
 
 
