@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastdpo import preference_loss
-from fastdpo.losses import LOSS_TYPES, cpo_loss, kto_loss, orpo_loss, simpo_loss
+from fastdpo.losses import LABEL_SMOOTHING_LOSS_TYPES, LOSS_TYPES, cpo_loss, kto_loss, orpo_loss, simpo_loss
 from fastdpo.nn import DPOLoss, FusedLinearCPOLoss, FusedLinearDPOLoss, FusedLinearORPOLoss, FusedLinearSimPOLoss
 
 P = 4
@@ -29,7 +29,7 @@ def _lengths() -> dict[str, torch.Tensor]:
 
 def _smoothing(loss_type: str) -> float:
     """label_smoothing for the loss types that read it (any other type refuses a nonzero value)."""
-    return 0.1 if loss_type in ("exo_pair", "robust", "aot", "aot_unpaired") else 0.0
+    return 0.1 if loss_type in LABEL_SMOOTHING_LOSS_TYPES else 0.0
 
 
 def _run(fn: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[Any, list[warnings.WarningMessage]]:
