@@ -51,6 +51,11 @@ class ArgParser(argparse.ArgumentParser):
             return exc.code if isinstance(exc.code, int) else 2
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (``""`` for an empty one), for a one-line error that quotes it."""
+    return next(iter(str(exc).splitlines()), "")
+
+
 def report(prog: str, exc: BaseException) -> int:
     """Print ``exc`` as ``<prog>: <message>`` on one line of stderr; return 2."""
     print(f"{prog}: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastdpo import train_parallel as tp
-from fastdpo.cli import UsageError
+from fastdpo.cli import UsageError, first_line
 from fastdpo.run_state import (
     CHECKPOINT_NAME,
     LOG_NAME,
@@ -176,7 +176,7 @@ class Run:
             self.optim.optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, RuntimeError, KeyError) as exc:
             raise UsageError(
-                f"--resume: the checkpoint does not fit this run ({str(exc).splitlines()[0]}; same "
+                f"--resume: the checkpoint does not fit this run ({first_line(exc)}; same "
                 "--data, --batch-size and number of processes?)"
             ) from None
         self.optim.scheduler.load_state_dict(checkpoint["scheduler"])

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastdpo import train_parallel as tp
-from fastdpo.cli import UsageError
+from fastdpo.cli import UsageError, first_line
 from fastdpo.data import demo_data_files, read_preference_file, row_texts, split_rows
 from fastdpo.tiny import build_tiny_model, train_tokenizer
 
@@ -78,7 +78,7 @@ def load_data(args: argparse.Namespace) -> tuple[list[dict], list[str], list[dic
 
 def _first_line(exc: BaseException) -> str:
     """``"<type>: <first line of the message>"`` of a loader's exception, for a one-line usage error."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def load_tokenizer(
@@ -210,7 +210,7 @@ def build_policy(
     try:
         policy = get_peft_model(base, config)
     except ValueError as exc:
-        raise UsageError(f"--lora-target-modules {targets}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"--lora-target-modules {targets}: {first_line(exc)}") from None
     for p in policy.parameters():  # the adapter trains in fp32 whatever the base's dtype
         if p.requires_grad and p.dtype != torch.float32 and dtype == torch.float32:
             p.data = p.data.float()

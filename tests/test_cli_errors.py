@@ -339,3 +339,13 @@ def test_real_processes_exit_2_with_one_line(tmp_path: Path) -> None:
         )
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def test_first_line_quotes_one_line_and_survives_an_empty_message() -> None:
+    """The one-line errors quote an exception's first line; an exception without a message (``KeyError()`` from a
+    checkpoint's state dict) gives an empty quote, not an ``IndexError`` traceback."""
+    from fastdpo.cli import first_line
+
+    assert first_line(ValueError("size mismatch\n  details")) == "size mismatch"
+    assert first_line(KeyError()) == ""
+    assert first_line(RuntimeError("")) == ""

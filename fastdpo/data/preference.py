@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from fastdpo.cli import first_line
+
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 TOKENIZED_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
@@ -83,8 +85,7 @@ def read_preference_file(path: str | os.PathLike) -> tuple[list[dict[str, Any]],
                 raw = pq.read_table(path).to_pylist()
             except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
                 raise ValueError(
-                    f"{path}: not a readable Parquet file ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''})"
+                    f"{path}: not a readable Parquet file ({type(exc).__name__}: {first_line(exc)})"
                 ) from None
             wheres = [f"{path} row {i}" for i in range(len(raw))]
         else:
