@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastdpo.losses import PreferenceLossConfig, preference_loss
+from fastdpo.losses.config import config_property
 from fastdpo.losses.paired import check_statistics_names, sequence_config
 
 if TYPE_CHECKING:
@@ -18,11 +19,6 @@ if TYPE_CHECKING:
     from fastdpo.losses.paired import PairStatistics
 
 __all__ = ["DPOLoss"]
-
-
-def _config_field(name: str) -> property:
-    """A read-only attribute of the module that is the field ``name`` of its ``loss_config``."""
-    return property(lambda self: getattr(self.loss_config, name), doc=f"``loss_config.{name}`` (read-only)")
 
 
 class DPOLoss(torch.nn.Module):
@@ -59,14 +55,14 @@ class DPOLoss(torch.nn.Module):
         self.validate = bool(validate)
 
     # the configuration's fields, read-only (the configuration is fixed at construction)
-    loss_types = _config_field("loss_type")
-    loss_weights = _config_field("loss_weights")
-    beta = _config_field("beta")
-    label_smoothing = _config_field("label_smoothing")
-    f_divergence_type = _config_field("f_divergence_type")
-    f_alpha_divergence_coef = _config_field("f_alpha_divergence_coef")
-    discopop_tau = _config_field("discopop_tau")
-    use_weighting = _config_field("use_weighting")
+    loss_types = config_property("loss_type")
+    loss_weights = config_property("loss_weights")
+    beta = config_property("beta")
+    label_smoothing = config_property("label_smoothing")
+    f_divergence_type = config_property("f_divergence_type")
+    f_alpha_divergence_coef = config_property("f_alpha_divergence_coef")
+    discopop_tau = config_property("discopop_tau")
+    use_weighting = config_property("use_weighting")
 
     def forward(
         self,

@@ -64,7 +64,7 @@ from fastdpo.engine_reference import (
     reference_fingerprint,
 )
 from fastdpo.losses import dpo_metrics, ld_logps
-from fastdpo.losses.config import PreferenceLossConfig
+from fastdpo.losses.config import PreferenceLossConfig, config_property
 from fastdpo.models import LMParts, enable_gradient_checkpointing, resolve_lm, unwrap_ddp
 from fastdpo.models import disable_dropout as _disable_dropout
 from fastdpo.ref_cache import RefLogpCache
@@ -168,10 +168,6 @@ class DPOEngine:
         self.loss_config = config
         # the engine applies ld_alpha to the token log-probs; the loss sees the resulting sequence log-probs
         self._sequence_loss_config = config.replace(ld_alpha=None)
-        self.loss_types, self.loss_weights = config.loss_type, config.loss_weights
-        self.beta = config.beta
-        self.use_weighting = config.use_weighting
-        self.ld_alpha = config.ld_alpha
         self.temperature = float(temperature)
         self.attn_impl = attn_impl
         self.grad_in_forward = bool(grad_in_forward)
@@ -199,6 +195,13 @@ class DPOEngine:
             enable_gradient_checkpointing(unwrap_ddp(model))
 
     # ------------------------------------------------------------------------------------------------------------
+    # the loss configuration's fields, read-only
+    loss_types = config_property("loss_type")
+    loss_weights = config_property("loss_weights")
+    beta = config_property("beta")  # the metrics' reward scale
+    use_weighting = config_property("use_weighting")  # WPO: the head also returns log sum p^2
+    ld_alpha = config_property("ld_alpha")  # LD-DPO, applied by the engine to the token log-probs
+
     @property
     def ref_settings(self) -> dict[str, float | None]:
         """The engine settings that change reference log-probs (stamped into a reference cache)."""

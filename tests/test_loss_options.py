@@ -182,3 +182,29 @@ def test_options_and_config_give_the_same_loss() -> None:
     by_cfg, _ = preference_loss(*args, loss_config=PreferenceLossConfig(**kw), **lengths)
     module, _ = DPOLoss(kw.pop("loss_type"), **kw)(*args, **lengths)
     assert torch.equal(by_kw, by_cfg) and torch.equal(module, by_kw)
+
+
+def test_modules_and_engine_read_their_options_from_the_one_config(models) -> None:
+    """``DPOLoss`` and ``DPOEngine`` expose the configuration's fields as read-only attributes over ``loss_config``
+    (one source of truth: no copy can drift from what the loss uses)."""
+    config = PreferenceLossConfig(["exo_pair", "sft"], [1.0, 0.5], beta=0.3, label_smoothing=0.2)
+    loss = DPOLoss(loss_config=config)
+    fields = {
+        "loss_types": config.loss_type,
+        "loss_weights": config.loss_weights,
+        "beta": 0.3,
+        "label_smoothing": 0.2,
+        "f_divergence_type": config.f_divergence_type,
+        "f_alpha_divergence_coef": config.f_alpha_divergence_coef,
+        "discopop_tau": config.discopop_tau,
+        "use_weighting": False,
+    }
+    assert {name: getattr(loss, name) for name in fields} == fields
+    policy, ref = models
+    engine = DPOEngine(policy, ref, loss_config=config.replace(ld_alpha=0.5))
+    engine_fields = {"loss_types": config.loss_type, "loss_weights": config.loss_weights, "beta": 0.3}
+    assert {name: getattr(engine, name) for name in engine_fields} == engine_fields
+    assert engine.use_weighting is False and engine.ld_alpha == 0.5
+    for owner in (loss, engine):
+        with pytest.raises(AttributeError):
+            owner.beta = 1.0

@@ -226,6 +226,12 @@ class PreferenceLossConfig:
         return loss_config
 
 
+def config_property(name: str) -> property:
+    """A read-only attribute that is the field ``name`` of the owner's ``loss_config`` (the modules and the engine
+    keep one :class:`PreferenceLossConfig`, not copies of its fields)."""
+    return property(lambda self: getattr(self.loss_config, name), doc=f"``loss_config.{name}`` (read-only)")
+
+
 class LossOptions(TypedDict, total=False):
     """The fields of :class:`PreferenceLossConfig` as keywords (``**loss_options: Unpack[LossOptions]``): names and
     types only; the options' meaning, defaults and checks are the config's."""
