@@ -77,7 +77,7 @@ from fastdpo.run_state import (
     load_resumable,
     remove_run,
 )
-from fastdpo.train_args import _check_args, build_parser
+from fastdpo.train_args import _check_args, build_parser, lora_rank_alpha, uses_lora
 from fastdpo.train_loop import EVAL_SHOW, SHOW, NonFiniteError, Reporter, Run, format_record
 from fastdpo.train_setup import build_collator, build_engine, build_optimizer, load_data, load_tokenizer
 from fastdpo.train_setup import build_policy as _build_policy
@@ -223,7 +223,7 @@ def _setup(
             shutil.rmtree(ref_dir, ignore_errors=True)
             os.replace(staged_ref, ref_dir)
     tp.barrier(world)
-    lora = args.lora_r is not None or args.qlora
+    lora = uses_lora(args)
     if lora:  # where the saved adapter's base lives: --model, or the initial tiny model under reference/
         base_path = Path(args.model) if args.model is not None else ref_dir
         policy.peft_config["default"].base_model_name_or_path = str(base_path.resolve())
@@ -379,8 +379,8 @@ def _card_settings(run: Run) -> dict[str, Any]:
         "seed": args.seed,
     }
     if run.lora:
-        r = args.lora_r or 16
-        settings.update({"lora_r": r, "lora_alpha": args.lora_alpha or 2 * r, "qlora": args.qlora})
+        r, alpha = lora_rank_alpha(args)
+        settings.update({"lora_r": r, "lora_alpha": alpha, "qlora": args.qlora})
     return settings
 
 

@@ -159,6 +159,17 @@ def build_parser() -> ArgParser:
     return p
 
 
+def uses_lora(args: argparse.Namespace) -> bool:
+    """Whether the run trains a LoRA adapter: ``--lora-r`` or ``--qlora`` given."""
+    return args.lora_r is not None or args.qlora
+
+
+def lora_rank_alpha(args: argparse.Namespace) -> tuple[int, int]:
+    """The adapter's ``(r, lora_alpha)``: ``--lora-r`` (default 16) and ``--lora-alpha`` (default ``2 r``)."""
+    r = args.lora_r or 16
+    return r, args.lora_alpha or 2 * r
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Argument combinations argparse cannot check (one-line usage errors naming the flags)."""
     if args.resume and args.overwrite:
@@ -170,7 +181,7 @@ def _check_args(args: argparse.Namespace) -> None:
             f"--loss-weights: {len(args.loss_weights)} weight(s) for {len(args.loss_type)} --loss-type "
             f"value(s) ({' '.join(args.loss_type)}); give one weight per loss type"
         )
-    lora = args.lora_r is not None or args.qlora
+    lora = uses_lora(args)
     if not lora:
         for flag, value in (
             ("--lora-alpha", args.lora_alpha),

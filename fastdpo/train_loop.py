@@ -36,6 +36,7 @@ from fastdpo.run_state import (
     save_checkpoint,
     set_rng_state,
 )
+from fastdpo.train_args import uses_lora
 from fastdpo.train_setup import Optimization, load_trainable_state, trainable_state
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ class Run:
 
     @property
     def lora(self) -> bool:
-        return self.args.lora_r is not None or self.args.qlora
+        return uses_lora(self.args)
 
     @property
     def amp(self) -> torch.dtype | None:

@@ -23,6 +23,7 @@ from fastdpo import train_parallel as tp
 from fastdpo.cli import UsageError, first_line
 from fastdpo.data import demo_data_files, read_preference_file, row_texts, split_rows
 from fastdpo.tiny import build_tiny_model, train_tokenizer
+from fastdpo.train_args import lora_rank_alpha, uses_lora
 
 if TYPE_CHECKING:
     from fastdpo.collator import PreferenceCollator
@@ -185,7 +186,7 @@ def build_policy(
         base = _load_without_dropout(source, dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--model {source}: cannot load the model ({_first_line(exc)})") from None
-    if args.lora_r is None and not args.qlora:
+    if not uses_lora(args):
         ref_model = _load_without_dropout(source, dtype)
         ref_model.to(device).eval().requires_grad_(False)
         return base.to(device).train(), ref_model, "model"
@@ -198,14 +199,10 @@ def build_policy(
     else:
         base = base.to(device)
     base.requires_grad_(False)
-    r = args.lora_r or 16
+    r, alpha = lora_rank_alpha(args)
     targets = args.lora_target_modules or "all-linear"
     config = LoraConfig(
-        r=r,
-        lora_alpha=args.lora_alpha or 2 * r,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
+        r=r, lora_alpha=alpha, lora_dropout=args.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
     )
     try:
         policy = get_peft_model(base, config)
