@@ -2,11 +2,11 @@
 
 Two copies of the same seeded tiny Llama (1 layer, hidden 32: the run takes seconds) are trained side by side in fp32
 on the same batches with the same optimizer: one through :class:`fastdpo.DPOEngine` (backbone -> completion hidden
-states -> fused head -> ``preference_loss``), the other the naive way written out here (full ``[R, L, V]`` logits
-from the model's own forward, ``log_softmax``, gather, masked per-sequence sums, the sigmoid DPO formula), both
-against the same frozen reference model. The reference log-probs are computed once per batch on each side — by the
-engine's ``precompute_reference`` into a :class:`~fastdpo.ref_cache.RefLogpCache` (``reference="precomputed"``), and
-by the naive path for the naive run. Their loss curves must agree within 1e-3 at every step, and training must
+states -> fused head -> ``preference_loss``), the other the naive way (:mod:`fastdpo.reference`: full ``[R, L, V]``
+logits from the model's own forward, ``log_softmax``, gather, masked per-sequence sums, the sigmoid DPO formula),
+both against the same frozen reference model. The reference log-probs are computed once per batch on each side — by
+the engine's ``precompute_reference`` into a :class:`~fastdpo.ref_cache.RefLogpCache` (``reference="precomputed"``),
+and by the naive path for the naive run. Their loss curves must agree within 1e-3 at every step, and training must
 actually move the loss.
 
 The naive path takes token ids, masks and positions from the collated batch but derives which tokens are scored (and

@@ -21,7 +21,7 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from fastdpo import quantize as models
+from fastdpo import quantize
 from fastdpo.quantize import four_bit_forward_problem, quantize_model, quantized_linear
 
 
@@ -111,7 +111,7 @@ def test_quantize_model_refuses_a_wrong_four_bit_cpu_path(monkeypatch: pytest.Mo
     """If the layers quantize_model builds would take bitsandbytes' repacking bf16 path, it raises instead of
     returning a reference that computes something else (the real bitsandbytes path, re-enabled)."""
     _needs_avx512bf16()
-    real = models.quantized_linear
+    real = quantize.quantized_linear
 
     def bnb_default(*args, **kwargs):
         layer = real(*args, **kwargs)
@@ -119,13 +119,13 @@ def test_quantize_model_refuses_a_wrong_four_bit_cpu_path(monkeypatch: pytest.Mo
             layer.support_avx512bf16_for_cpu = True
         return layer
 
-    monkeypatch.setattr(models, "quantized_linear", bnb_default)
-    models._cpu_4bit_problem.cache_clear()
+    monkeypatch.setattr(quantize, "quantized_linear", bnb_default)
+    quantize._cpu_4bit_problem.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="refusing a 4-bit reference on CPU: bitsandbytes"):
             quantize_model(_odd_llama(hidden=64, intermediate=128), 4)
     finally:
-        models._cpu_4bit_problem.cache_clear()
+        quantize._cpu_4bit_problem.cache_clear()
 
 
 def _reachable_bytes(module: torch.nn.Module) -> dict[str, int]:
@@ -208,6 +208,7 @@ def test_quantization_happens_from_cpu_data(bits: int, monkeypatch: pytest.Monke
         out = real_to(self, *args, **kwargs)
         return out
 
+    quantize_model(_odd_llama(), bits)  # runs the cached 4-bit CPU probe now, so only the 7 layers' moves are recorded
     monkeypatch.setattr(param_cls, "to", recording_to)
     model = _odd_llama()
     q = quantize_model(model, bits)

@@ -85,7 +85,8 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    from fastdpo.train import _build_policy, build_parser
+    from fastdpo.train import build_parser
+    from fastdpo.train_setup import build_policy
 
     out = tmp_path / "qlora"
     assert _train(out, "--qlora", "--lora-r", "4", "--lr", "1e-2") == 0
@@ -94,7 +95,7 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(tmp_path, capsys):
     assert any(float(v.abs().max()) > 0 for k, v in _weights(out / "model").items() if "lora_B" in k)
     # the policy built for --qlora: LoRA layers whose base layers are bitsandbytes 4-bit, frozen
     args = build_parser().parse_args(["--qlora", "--lora-r", "4"])
-    policy, ref_model, reference = _build_policy(args, str(out / "reference"), torch.float32, torch.device("cpu"))
+    policy, ref_model, reference = build_policy(args, str(out / "reference"), torch.float32, torch.device("cpu"))
     four_bit = [m for m in policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and ref_model is None and reference == "adapter"
     assert all(not p.requires_grad for m in four_bit for p in m.parameters())
