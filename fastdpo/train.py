@@ -79,8 +79,7 @@ from fastdpo.run_state import (
 )
 from fastdpo.train_args import _check_args, build_parser, lora_rank_alpha, uses_lora
 from fastdpo.train_loop import EVAL_SHOW, SHOW, NonFiniteError, Reporter, Run, format_record
-from fastdpo.train_setup import build_collator, build_engine, build_optimizer, load_data, load_tokenizer
-from fastdpo.train_setup import build_policy as _build_policy
+from fastdpo.train_setup import build_collator, build_engine, build_optimizer, build_policy, load_data, load_tokenizer
 
 __all__ = ["build_parser", "main"]
 
@@ -203,7 +202,7 @@ def _setup(
     torch.manual_seed(args.seed)
     train_rows, train_where, eval_rows, eval_where, data_desc = load_data(args)
     tokenizer, ref_source, staged_ref = load_tokenizer(args, out, train_rows, device, world, staged)
-    policy, ref_model, reference = _build_policy(args, ref_source, dtype, device)
+    policy, ref_model, reference = build_policy(args, ref_source, dtype, device)
     engine = build_engine(args, policy, ref_model, reference)
     collator = build_collator(args, tokenizer)
     # tokenize once up front (collating pre-tokenized rows gives the same batches, minus per-step tokenization)
